@@ -1,0 +1,1150 @@
+//! The signed membership log: who belongs to the mesh, in which role, and who may change that.
+//!
+//! The log is a set of [`SignedEntry`]s held in one Automerge document, each under the hex of
+//! its own BLAKE3 hash, so a replayed entry lands on the same key and changes nothing. Each entry
+//! names the entries its signer had seen (`parents`), which makes the log a causal graph.
+//!
+//! [`MembershipView::evaluate`] is a pure function of that set, so every replica holding the
+//! same entries computes the same members. The rules:
+//!
+//! 1. The genesis entry has no parents and is signed by the creator, whose key and nonce
+//!    derive the mesh ID; the creator is the first admin.
+//! 2. Entries are applied in a deterministic topological order (parents first, then by hash).
+//!    An entry counts only if its signer is an admin at that point; anything signed by an
+//!    unknown, removed or non-admin key is ignored, with the reason kept in
+//!    [`MembershipView::ignored`].
+//! 3. A removal (or demotion) beats what is concurrent with it: an `Add` of the same device
+//!    that neither precedes nor follows the removal causally is ignored, and so is anything the
+//!    removed (demoted) device signed concurrently with it. A re-add that causally follows the
+//!    removal is honoured.
+//! 4. The last admin cannot be removed or demoted, and a storage peer cannot be an admin.
+//! 5. Every counted removal starts a new mesh-key epoch.
+//!
+//! Entries reach the document only through [`MembershipLog::append`] (which signs) or
+//! [`MembershipLog::apply`], which refuses any change holding anything but well-formed,
+//! correctly signed entries of this mesh under their own hash.
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use automerge::{transaction::Transactable, ActorId, AutoCommit, ChangeHash, ReadDoc, ROOT};
+use serde::{Deserialize, Serialize};
+
+use crate::id::{DeviceId, Epoch, MeshId};
+use crate::keys::{verify, DeviceKeys, KemPublicKey, Signature, WrappedKey};
+
+const SIGNING_CONTEXT: &str = "meshsync membership entry v1";
+/// Entries larger than this are refused: a membership entry is small (keys and a name).
+const MAX_ENTRY_BYTES: usize = 64 * 1024;
+
+/// What a member may do.
+#[derive(Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, Debug, PartialOrd, Ord)]
+pub enum Role {
+    /// A full device: holds the mesh key, reads and writes folders.
+    Device,
+    /// Holds the mesh key and reads, but others refuse its signed changes.
+    ReadOnly,
+    /// Stores and serves ciphertext; never holds a mesh key.
+    Storage,
+}
+
+impl Role {
+    pub fn holds_mesh_key(self) -> bool {
+        matches!(self, Role::Device | Role::ReadOnly)
+    }
+}
+
+impl std::fmt::Display for Role {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Role::Device => "device",
+            Role::ReadOnly => "read-only",
+            Role::Storage => "storage",
+        })
+    }
+}
+
+impl std::str::FromStr for Role {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "device" => Ok(Role::Device),
+            "read-only" | "readonly" => Ok(Role::ReadOnly),
+            "storage" => Ok(Role::Storage),
+            other => Err(format!(
+                "unknown role {other:?}: use device, read-only or storage"
+            )),
+        }
+    }
+}
+
+/// What an entry does.
+#[derive(Clone, PartialEq, Eq, Serialize, Deserialize, Debug)]
+pub enum Action {
+    /// Creates the mesh; the signer becomes its first admin and a full device.
+    Genesis {
+        nonce: [u8; 16],
+        name: String,
+        kem: KemPublicKey,
+        /// The epoch-0 mesh key, wrapped to the creator.
+        wrapped: Option<WrappedKey>,
+    },
+    Add {
+        device: DeviceId,
+        role: Role,
+        name: String,
+        kem: Option<KemPublicKey>,
+        /// The current mesh key wrapped to the new device (full devices only).
+        wrapped: Option<WrappedKey>,
+    },
+    /// Removes a device and starts a new epoch, whose key is wrapped to every remaining device.
+    Remove {
+        device: DeviceId,
+        wraps: Vec<WrappedKey>,
+    },
+    SetRole {
+        device: DeviceId,
+        role: Role,
+    },
+    SetAdmin {
+        device: DeviceId,
+        admin: bool,
+    },
+}
+
+/// One membership change, before signing.
+#[derive(Clone, PartialEq, Eq, Serialize, Deserialize, Debug)]
+pub struct Entry {
+    pub mesh: MeshId,
+    pub parents: Vec<EntryHash>,
+    pub signer: DeviceId,
+    /// Unix seconds when it was signed; informational only.
+    pub time: u64,
+    pub action: Action,
+}
+
+/// An entry with its signer's signature over its encoding.
+#[derive(Clone, PartialEq, Eq, Serialize, Deserialize, Debug)]
+pub struct SignedEntry {
+    entry: Vec<u8>,
+    signature: Signature,
+}
+
+/// The BLAKE3 hash of an encoded [`SignedEntry`]; its key in the log.
+#[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+pub struct EntryHash(pub [u8; 32]);
+
+impl EntryHash {
+    fn of(encoded: &[u8]) -> Self {
+        EntryHash(*blake3::hash(encoded).as_bytes())
+    }
+
+    pub fn to_hex(self) -> String {
+        data_encoding::HEXLOWER.encode(&self.0)
+    }
+}
+
+impl std::fmt::Debug for EntryHash {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "EntryHash({})", &self.to_hex()[..12])
+    }
+}
+
+/// Why a membership operation or an incoming change was refused.
+#[derive(Debug, thiserror::Error)]
+pub enum MembershipError {
+    #[error("membership change could not be decoded: {0}")]
+    Malformed(String),
+    #[error("membership change holds an entry with a bad signature (signer {0:?})")]
+    BadSignature(DeviceId),
+    #[error("membership change holds an entry for another mesh ({0})")]
+    WrongMesh(MeshId),
+    #[error("membership change does something other than add entries: {0}")]
+    ForbiddenOp(String),
+    #[error("this device is not an admin of the mesh; ask an admin to run this")]
+    NotAdmin,
+    #[error("the membership document is damaged: {0}")]
+    Document(#[from] automerge::AutomergeError),
+    #[error("the saved membership log belongs to mesh {found}, not {expected}")]
+    SavedForOtherMesh { expected: MeshId, found: MeshId },
+    #[error("the membership log has no valid genesis entry for mesh {0}")]
+    NoGenesis(MeshId),
+}
+
+impl SignedEntry {
+    fn sign(keys: &DeviceKeys, entry: &Entry) -> Self {
+        let bytes = postcard::to_stdvec(entry).expect("entries always encode");
+        let signature = keys.sign(SIGNING_CONTEXT, &bytes);
+        SignedEntry {
+            entry: bytes,
+            signature,
+        }
+    }
+
+    fn encode(&self) -> Vec<u8> {
+        postcard::to_stdvec(self).expect("entries always encode")
+    }
+
+    /// Decodes and checks the signature; does not judge authority (that needs the whole log).
+    fn decode_verified(bytes: &[u8], mesh: &MeshId) -> Result<Entry, MembershipError> {
+        if bytes.len() > MAX_ENTRY_BYTES {
+            return Err(MembershipError::Malformed(format!(
+                "entry of {} bytes",
+                bytes.len()
+            )));
+        }
+        let signed: SignedEntry =
+            postcard::from_bytes(bytes).map_err(|e| MembershipError::Malformed(e.to_string()))?;
+        let entry: Entry = postcard::from_bytes(&signed.entry)
+            .map_err(|e| MembershipError::Malformed(e.to_string()))?;
+        if entry.mesh != *mesh {
+            return Err(MembershipError::WrongMesh(entry.mesh));
+        }
+        verify(
+            &entry.signer,
+            SIGNING_CONTEXT,
+            &signed.entry,
+            &signed.signature,
+        )
+        .map_err(|_| MembershipError::BadSignature(entry.signer))?;
+        Ok(entry)
+    }
+}
+
+impl MeshId {
+    /// The mesh ID that a genesis entry by `creator` with `nonce` must carry.
+    pub fn for_genesis(creator: &DeviceId, nonce: &[u8; 16]) -> MeshId {
+        let mut hasher = blake3::Hasher::new_derive_key("meshsync 2026-11 mesh id");
+        hasher.update(creator.as_bytes());
+        hasher.update(nonce);
+        let mut id = [0u8; 16];
+        id.copy_from_slice(&hasher.finalize().as_bytes()[..16]);
+        MeshId::from_bytes(id)
+    }
+}
+
+/// A member as the log says it is now.
+#[derive(Clone, PartialEq, Eq, Debug, Serialize)]
+pub struct Member {
+    pub device: DeviceId,
+    pub name: String,
+    pub role: Role,
+    pub admin: bool,
+    pub kem: Option<KemPublicKey>,
+}
+
+/// Why an entry did not count.
+#[derive(Clone, PartialEq, Eq, Debug)]
+pub enum Ignored {
+    NotAdmin(DeviceId),
+    RemovalBeatsConcurrentAdd,
+    SignedConcurrentlyWithOwnRemoval(DeviceId),
+    NotAMember(DeviceId),
+    AlreadyMember(DeviceId),
+    LastAdmin,
+    StorageCannotBeAdmin,
+    BadGenesis,
+    MissingParents,
+}
+
+/// The members of the mesh as computed from one set of entries.
+#[derive(Clone, Debug, Default)]
+pub struct MembershipView {
+    pub members: BTreeMap<DeviceId, Member>,
+    /// Removed devices and the epoch their removal started.
+    pub removed: BTreeMap<DeviceId, Epoch>,
+    /// The current mesh-key epoch.
+    pub epoch: Epoch,
+    pub ignored: BTreeMap<EntryHash, Ignored>,
+    /// Wrapped mesh keys from counted entries.
+    pub wraps: Vec<WrappedKey>,
+}
+
+impl MembershipView {
+    pub fn is_member(&self, device: &DeviceId) -> bool {
+        self.members.contains_key(device)
+    }
+
+    pub fn is_admin(&self, device: &DeviceId) -> bool {
+        self.members.get(device).is_some_and(|m| m.admin)
+    }
+
+    /// Whether `device` may sign file records made in `epoch`: a full device now, or one that
+    /// was a full device then and was removed only later.
+    pub fn may_write(&self, device: &DeviceId, epoch: Epoch) -> bool {
+        match self.members.get(device) {
+            Some(member) => member.role == Role::Device,
+            None => self.removed.get(device).is_some_and(|&at| epoch < at),
+        }
+    }
+
+    /// Mesh keys wrapped to `device`, newest epoch last.
+    pub fn wraps_for(&self, device: &DeviceId) -> Vec<&WrappedKey> {
+        let mut wraps: Vec<&WrappedKey> = self
+            .wraps
+            .iter()
+            .filter(|w| w.recipient == *device)
+            .collect();
+        wraps.sort_by_key(|w| w.epoch);
+        wraps
+    }
+
+    /// Computes the view from a set of verified entries. Pure: same entries, same view.
+    pub fn evaluate(mesh: &MeshId, entries: &BTreeMap<EntryHash, Entry>) -> MembershipView {
+        let graph = Graph::new(entries);
+        let mut excluded: BTreeMap<usize, Ignored> = BTreeMap::new();
+        // Exclusions depend on which removals count, which depends on exclusions: iterate to a
+        // fixed point. The bound keeps a pathological log from looping; the result stays a
+        // pure function of the entries either way.
+        let mut view = MembershipView::default();
+        for _ in 0..(8 + entries.len()) {
+            let (next_view, revocations) = graph.run(mesh, &excluded);
+            view = next_view;
+            let next_excluded = graph.exclusions(&revocations);
+            if next_excluded == excluded {
+                break;
+            }
+            excluded = next_excluded;
+        }
+        for (i, why) in excluded {
+            view.ignored.insert(graph.hashes[i], why);
+        }
+        for &i in &graph.orphans {
+            view.ignored
+                .insert(graph.hashes[i], Ignored::MissingParents);
+        }
+        view
+    }
+}
+
+/// A counted removal or demotion of `device` by entry `at`.
+struct Revocation {
+    at: usize,
+    device: DeviceId,
+}
+
+/// The entries in a deterministic topological order, with ancestor sets.
+struct Graph<'a> {
+    hashes: Vec<EntryHash>,
+    entries: Vec<&'a Entry>,
+    /// ancestors[i]: bitset over positions of every entry that `i` causally follows.
+    ancestors: Vec<Vec<u64>>,
+    /// Entries with a parent that is not in the log (or depends on such): never counted.
+    orphans: Vec<usize>,
+}
+
+impl<'a> Graph<'a> {
+    fn new(all: &'a BTreeMap<EntryHash, Entry>) -> Self {
+        // Kahn's algorithm; the ready set is ordered by hash, so the order is deterministic.
+        let mut waiting: BTreeMap<EntryHash, usize> = BTreeMap::new();
+        let mut children: BTreeMap<EntryHash, Vec<EntryHash>> = BTreeMap::new();
+        let mut ready: BTreeSet<EntryHash> = BTreeSet::new();
+        for (hash, entry) in all {
+            let parents: BTreeSet<&EntryHash> = entry.parents.iter().collect();
+            waiting.insert(*hash, parents.len());
+            for parent in &parents {
+                children.entry(**parent).or_default().push(*hash);
+            }
+            if parents.is_empty() {
+                ready.insert(*hash);
+            }
+        }
+        let mut order = Vec::with_capacity(all.len());
+        while let Some(hash) = ready.pop_first() {
+            order.push(hash);
+            for child in children.get(&hash).into_iter().flatten() {
+                let left = waiting.get_mut(child).expect("child was registered");
+                *left -= 1;
+                if *left == 0 {
+                    ready.insert(*child);
+                }
+            }
+        }
+        let placed: BTreeSet<EntryHash> = order.iter().copied().collect();
+        let mut orphan_hashes: Vec<EntryHash> = all
+            .keys()
+            .filter(|h| !placed.contains(h))
+            .copied()
+            .collect();
+        let position: BTreeMap<EntryHash, usize> =
+            order.iter().enumerate().map(|(i, h)| (*h, i)).collect();
+        let words = order.len().div_ceil(64);
+        let mut ancestors: Vec<Vec<u64>> = Vec::with_capacity(order.len());
+        for hash in &order {
+            let mut set = vec![0u64; words];
+            for parent in &all[hash].parents {
+                let p = position[parent];
+                set[p / 64] |= 1 << (p % 64);
+                for (word, parent_word) in set.iter_mut().zip(&ancestors[p]) {
+                    *word |= parent_word;
+                }
+            }
+            ancestors.push(set);
+        }
+        let entries: Vec<&Entry> = order.iter().map(|h| &all[h]).collect();
+        let mut hashes = order;
+        let first_orphan = hashes.len();
+        hashes.append(&mut orphan_hashes);
+        Graph {
+            orphans: (first_orphan..hashes.len()).collect(),
+            hashes,
+            entries,
+            ancestors,
+        }
+    }
+
+    fn precedes(&self, a: usize, b: usize) -> bool {
+        self.ancestors[b][a / 64] & (1 << (a % 64)) != 0
+    }
+
+    fn concurrent(&self, a: usize, b: usize) -> bool {
+        a != b && !self.precedes(a, b) && !self.precedes(b, a)
+    }
+
+    /// Entries that a counted revocation knocks out (rule 3).
+    fn exclusions(&self, revocations: &[Revocation]) -> BTreeMap<usize, Ignored> {
+        let mut excluded = BTreeMap::new();
+        for revocation in revocations {
+            for (i, entry) in self.entries.iter().enumerate() {
+                if !self.concurrent(i, revocation.at) {
+                    continue;
+                }
+                let re_adds = matches!(entry.action, Action::Add { device, .. } if device == revocation.device)
+                    && matches!(self.entries[revocation.at].action, Action::Remove { .. });
+                if re_adds {
+                    excluded.insert(i, Ignored::RemovalBeatsConcurrentAdd);
+                } else if entry.signer == revocation.device {
+                    excluded.insert(
+                        i,
+                        Ignored::SignedConcurrentlyWithOwnRemoval(revocation.device),
+                    );
+                }
+            }
+        }
+        excluded
+    }
+
+    /// One pass in order over the entries not excluded: the view and the counted revocations.
+    fn run(
+        &self,
+        mesh: &MeshId,
+        excluded: &BTreeMap<usize, Ignored>,
+    ) -> (MembershipView, Vec<Revocation>) {
+        let mut view = MembershipView::default();
+        let mut revocations = Vec::new();
+        let mut have_genesis = false;
+        for (i, entry) in self.entries.iter().enumerate() {
+            if excluded.contains_key(&i) {
+                continue;
+            }
+            let hash = self.hashes[i];
+            let signer = entry.signer;
+            if let Action::Genesis {
+                nonce,
+                name,
+                kem,
+                wrapped,
+            } = &entry.action
+            {
+                if have_genesis
+                    || !entry.parents.is_empty()
+                    || MeshId::for_genesis(&signer, nonce) != *mesh
+                {
+                    view.ignored.insert(hash, Ignored::BadGenesis);
+                    continue;
+                }
+                have_genesis = true;
+                view.members.insert(
+                    signer,
+                    Member {
+                        device: signer,
+                        name: name.clone(),
+                        role: Role::Device,
+                        admin: true,
+                        kem: Some(*kem),
+                    },
+                );
+                view.wraps.extend(wrapped.iter().cloned());
+                continue;
+            }
+            if !view.is_admin(&signer) {
+                view.ignored.insert(hash, Ignored::NotAdmin(signer));
+                continue;
+            }
+            let admins = view.members.values().filter(|m| m.admin).count();
+            match &entry.action {
+                Action::Genesis { .. } => unreachable!("handled above"),
+                Action::Add {
+                    device,
+                    role,
+                    name,
+                    kem,
+                    wrapped,
+                } => {
+                    if view.is_member(device) {
+                        view.ignored.insert(hash, Ignored::AlreadyMember(*device));
+                        continue;
+                    }
+                    view.removed.remove(device);
+                    view.members.insert(
+                        *device,
+                        Member {
+                            device: *device,
+                            name: name.clone(),
+                            role: *role,
+                            admin: false,
+                            kem: *kem,
+                        },
+                    );
+                    view.wraps.extend(wrapped.iter().cloned());
+                }
+                Action::Remove { device, wraps } => {
+                    let Some(member) = view.members.get(device) else {
+                        // Already gone, but still an admin's removal: it beats whatever is
+                        // concurrent with it (rule 3), which keeps the evaluation stable.
+                        if view.removed.contains_key(device) {
+                            revocations.push(Revocation {
+                                at: i,
+                                device: *device,
+                            });
+                        }
+                        view.ignored.insert(hash, Ignored::NotAMember(*device));
+                        continue;
+                    };
+                    if member.admin && admins == 1 {
+                        view.ignored.insert(hash, Ignored::LastAdmin);
+                        continue;
+                    }
+                    view.members.remove(device);
+                    view.epoch = Epoch(view.epoch.0 + 1);
+                    view.removed.insert(*device, view.epoch);
+                    view.wraps.extend(wraps.iter().cloned());
+                    revocations.push(Revocation {
+                        at: i,
+                        device: *device,
+                    });
+                }
+                Action::SetRole { device, role } => {
+                    let Some(member) = view.members.get_mut(device) else {
+                        view.ignored.insert(hash, Ignored::NotAMember(*device));
+                        continue;
+                    };
+                    if member.admin && *role == Role::Storage {
+                        view.ignored.insert(hash, Ignored::StorageCannotBeAdmin);
+                        continue;
+                    }
+                    member.role = *role;
+                }
+                Action::SetAdmin { device, admin } => {
+                    let Some(member) = view.members.get_mut(device) else {
+                        view.ignored.insert(hash, Ignored::NotAMember(*device));
+                        continue;
+                    };
+                    if *admin && member.role == Role::Storage {
+                        view.ignored.insert(hash, Ignored::StorageCannotBeAdmin);
+                        continue;
+                    }
+                    if !*admin && member.admin && admins == 1 {
+                        view.ignored.insert(hash, Ignored::LastAdmin);
+                        continue;
+                    }
+                    let demoted = member.admin && !*admin;
+                    member.admin = *admin;
+                    if demoted {
+                        revocations.push(Revocation {
+                            at: i,
+                            device: *device,
+                        });
+                    }
+                }
+            }
+        }
+        (view, revocations)
+    }
+}
+
+/// The membership log of one mesh: its Automerge document, the verified entries it holds, and
+/// the view computed from them.
+pub struct MembershipLog {
+    mesh: MeshId,
+    doc: AutoCommit,
+    entries: BTreeMap<EntryHash, Entry>,
+    view: MembershipView,
+}
+
+impl MembershipLog {
+    /// Creates a new mesh with `creator` as its first admin. Returns the log and the mesh ID.
+    pub fn create(creator: &DeviceKeys, name: &str, epoch0: &crate::MeshKey) -> (Self, MeshId) {
+        let nonce: [u8; 16] = crate::random_bytes();
+        let mesh = MeshId::for_genesis(&creator.device_id(), &nonce);
+        let wrapped = epoch0
+            .wrap_for(&mesh, &creator.device_id(), &creator.kem_public())
+            .ok();
+        let mut log = MembershipLog::empty(mesh);
+        log.insert(
+            creator,
+            Entry {
+                mesh,
+                parents: vec![],
+                signer: creator.device_id(),
+                time: unix_now(),
+                action: Action::Genesis {
+                    nonce,
+                    name: name.to_string(),
+                    kem: creator.kem_public(),
+                    wrapped,
+                },
+            },
+        );
+        (log, mesh)
+    }
+
+    /// An empty log for `mesh`, to be filled by [`MembershipLog::apply`] (a joining device).
+    pub fn empty(mesh: MeshId) -> Self {
+        MembershipLog {
+            mesh,
+            doc: AutoCommit::new().with_actor(ActorId::random()),
+            entries: BTreeMap::new(),
+            view: MembershipView::default(),
+        }
+    }
+
+    /// Loads a saved log, re-verifying every entry in it.
+    pub fn load(mesh: MeshId, saved: &[u8]) -> Result<Self, MembershipError> {
+        let doc = AutoCommit::load(saved)?.with_actor(ActorId::random());
+        let mut log = MembershipLog {
+            mesh,
+            doc,
+            entries: BTreeMap::new(),
+            view: MembershipView::default(),
+        };
+        for key in log.doc.keys(ROOT).collect::<Vec<_>>() {
+            let Some((automerge::Value::Scalar(value), _)) = log.doc.get(ROOT, &key)? else {
+                return Err(MembershipError::Malformed(format!(
+                    "entry {key} is not bytes"
+                )));
+            };
+            let automerge::ScalarValue::Bytes(bytes) = value.as_ref() else {
+                return Err(MembershipError::Malformed(format!(
+                    "entry {key} is not bytes"
+                )));
+            };
+            let entry = match SignedEntry::decode_verified(bytes, &mesh) {
+                Err(MembershipError::WrongMesh(found)) => {
+                    return Err(MembershipError::SavedForOtherMesh {
+                        expected: mesh,
+                        found,
+                    })
+                }
+                other => other?,
+            };
+            log.entries.insert(EntryHash::of(bytes), entry);
+        }
+        log.view = MembershipView::evaluate(&mesh, &log.entries);
+        Ok(log)
+    }
+
+    pub fn save(&mut self) -> Vec<u8> {
+        self.doc.save()
+    }
+
+    pub fn mesh(&self) -> MeshId {
+        self.mesh
+    }
+
+    pub fn view(&self) -> &MembershipView {
+        &self.view
+    }
+
+    pub fn len(&self) -> usize {
+        self.entries.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.entries.is_empty()
+    }
+
+    pub fn heads(&mut self) -> Vec<ChangeHash> {
+        self.doc.get_heads()
+    }
+
+    /// Encoded Automerge changes the holder of `heads` lacks (all of them for `&[]`).
+    pub fn changes_since(&mut self, heads: &[ChangeHash]) -> Vec<Vec<u8>> {
+        self.doc
+            .get_changes(heads)
+            .into_iter()
+            .map(|c| c.raw_bytes().to_vec())
+            .collect()
+    }
+
+    /// Signs `action` as `signer` and adds it, if `signer` is an admin now.
+    pub fn append(
+        &mut self,
+        signer: &DeviceKeys,
+        action: Action,
+    ) -> Result<EntryHash, MembershipError> {
+        if !self.view.is_admin(&signer.device_id()) {
+            return Err(MembershipError::NotAdmin);
+        }
+        Ok(self.append_unchecked(signer, action))
+    }
+
+    /// Signs and adds an entry without asking whether the signer may; the evaluation still
+    /// decides whether it counts. For tests of exactly that.
+    #[doc(hidden)]
+    pub fn append_unchecked(&mut self, signer: &DeviceKeys, action: Action) -> EntryHash {
+        let entry = Entry {
+            mesh: self.mesh,
+            parents: self.frontier(),
+            signer: signer.device_id(),
+            time: unix_now(),
+            action,
+        };
+        self.insert(signer, entry)
+    }
+
+    fn insert(&mut self, signer: &DeviceKeys, entry: Entry) -> EntryHash {
+        let encoded = SignedEntry::sign(signer, &entry).encode();
+        let hash = EntryHash::of(&encoded);
+        self.doc
+            .put(ROOT, hash.to_hex(), encoded)
+            .expect("putting into the root map cannot fail");
+        self.doc.commit();
+        self.entries.insert(hash, entry);
+        self.view = MembershipView::evaluate(&self.mesh, &self.entries);
+        hash
+    }
+
+    /// The entries no other entry names as a parent: what a new entry follows.
+    fn frontier(&self) -> Vec<EntryHash> {
+        let named: BTreeSet<&EntryHash> = self.entries.values().flat_map(|e| &e.parents).collect();
+        self.entries
+            .keys()
+            .filter(|h| !named.contains(h))
+            .copied()
+            .collect()
+    }
+
+    /// Applies changes from a peer, after checking each of them: every operation must put a
+    /// well-formed, correctly signed entry of this mesh under its own hash. One bad change
+    /// refuses the whole batch and leaves the log untouched.
+    pub fn apply(&mut self, changes: &[Vec<u8>]) -> Result<usize, MembershipError> {
+        let mut decoded = Vec::with_capacity(changes.len());
+        let mut new_entries = Vec::new();
+        for raw in changes {
+            let change = automerge::Change::from_bytes(raw.clone())
+                .map_err(|e| MembershipError::Malformed(e.to_string()))?;
+            for op in change.decode().operations {
+                let forbidden = |what: &str| MembershipError::ForbiddenOp(what.to_string());
+                if op.obj != automerge::legacy::ObjectId::Root || op.insert {
+                    return Err(forbidden("operation outside the entry map"));
+                }
+                let automerge::legacy::Key::Map(key) = &op.key else {
+                    return Err(forbidden("list operation"));
+                };
+                let automerge::legacy::OpType::Put(automerge::ScalarValue::Bytes(bytes)) =
+                    &op.action
+                else {
+                    return Err(forbidden("an operation other than adding an entry"));
+                };
+                let hash = EntryHash::of(bytes);
+                if hash.to_hex() != key.as_str() {
+                    return Err(forbidden("entry stored under a key that is not its hash"));
+                }
+                new_entries.push((hash, SignedEntry::decode_verified(bytes, &self.mesh)?));
+            }
+            decoded.push(change);
+        }
+        let before = self.entries.len();
+        self.doc.apply_changes(decoded)?;
+        for (hash, entry) in new_entries {
+            self.entries.insert(hash, entry);
+        }
+        self.view = MembershipView::evaluate(&self.mesh, &self.entries);
+        Ok(self.entries.len() - before)
+    }
+
+    /// The verified entries, by hash (for inspection and tests).
+    pub fn entries(&self) -> &BTreeMap<EntryHash, Entry> {
+        &self.entries
+    }
+}
+
+fn unix_now() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::MeshKey;
+
+    struct Mesh {
+        admin: DeviceKeys,
+        log: MembershipLog,
+    }
+
+    fn mesh() -> Mesh {
+        let admin = DeviceKeys::generate();
+        let (log, _) = MembershipLog::create(&admin, "admin", &MeshKey::generate(Epoch(0)));
+        Mesh { admin, log }
+    }
+
+    fn add(device: &DeviceKeys, role: Role) -> Action {
+        Action::Add {
+            device: device.device_id(),
+            role,
+            name: "dev".into(),
+            kem: Some(device.kem_public()),
+            wrapped: None,
+        }
+    }
+
+    fn fork(log: &mut MembershipLog) -> MembershipLog {
+        let mut copy = MembershipLog::empty(log.mesh());
+        copy.apply(&log.changes_since(&[])).unwrap();
+        copy
+    }
+
+    fn deliver(from: &mut MembershipLog, to: &mut MembershipLog) {
+        let heads = to.heads();
+        to.apply(&from.changes_since(&heads)).unwrap();
+    }
+
+    fn sync(a: &mut MembershipLog, b: &mut MembershipLog) {
+        let to_b = a.changes_since(&b.heads());
+        let to_a = b.changes_since(&a.heads());
+        b.apply(&to_b).unwrap();
+        a.apply(&to_a).unwrap();
+    }
+
+    #[test]
+    fn creator_is_admin_and_adds_and_removes_devices() {
+        let mut m = mesh();
+        let laptop = DeviceKeys::generate();
+        m.log.append(&m.admin, add(&laptop, Role::Device)).unwrap();
+        assert!(m.log.view().is_member(&laptop.device_id()));
+        assert!(!m.log.view().is_admin(&laptop.device_id()));
+        m.log
+            .append(
+                &m.admin,
+                Action::Remove {
+                    device: laptop.device_id(),
+                    wraps: vec![],
+                },
+            )
+            .unwrap();
+        assert!(!m.log.view().is_member(&laptop.device_id()));
+        assert_eq!(m.log.view().epoch, Epoch(1));
+        assert_eq!(m.log.view().removed[&laptop.device_id()], Epoch(1));
+        let saved = m.log.save();
+        let loaded = MembershipLog::load(m.log.mesh(), &saved).unwrap();
+        assert_eq!(loaded.view().members, m.log.view().members);
+    }
+
+    #[test]
+    fn non_admin_cannot_add_a_member() {
+        let mut m = mesh();
+        let laptop = DeviceKeys::generate();
+        let stranger = DeviceKeys::generate();
+        m.log.append(&m.admin, add(&laptop, Role::Device)).unwrap();
+        assert!(matches!(
+            m.log.append(&laptop, add(&stranger, Role::Device)),
+            Err(MembershipError::NotAdmin)
+        ));
+        // Signed by the non-admin and delivered anyway: it is kept but does not count.
+        let mut other = fork(&mut m.log);
+        let hash = other.append_unchecked(&laptop, add(&stranger, Role::Device));
+        deliver(&mut other, &mut m.log);
+        assert!(!m.log.view().is_member(&stranger.device_id()));
+        assert_eq!(
+            m.log.view().ignored.get(&hash),
+            Some(&Ignored::NotAdmin(laptop.device_id()))
+        );
+    }
+
+    #[test]
+    fn unknown_signer_is_ignored() {
+        let mut m = mesh();
+        let stranger = DeviceKeys::generate();
+        let mut other = fork(&mut m.log);
+        other.append_unchecked(&stranger, add(&stranger, Role::Device));
+        deliver(&mut other, &mut m.log);
+        assert!(!m.log.view().is_member(&stranger.device_id()));
+        assert_eq!(m.log.view().members.len(), 1);
+    }
+
+    #[test]
+    fn forged_signature_is_refused_at_the_door() {
+        let mut m = mesh();
+        let victim = DeviceKeys::generate();
+        let mut other = fork(&mut m.log);
+        // Forge: an entry claiming the admin as signer, signed by someone else.
+        let forger = DeviceKeys::generate();
+        let entry = Entry {
+            mesh: other.mesh(),
+            parents: other.frontier(),
+            signer: m.admin.device_id(),
+            time: 0,
+            action: add(&victim, Role::Device),
+        };
+        let bytes = postcard::to_stdvec(&entry).unwrap();
+        let forged = SignedEntry {
+            signature: forger.sign(SIGNING_CONTEXT, &bytes),
+            entry: bytes,
+        }
+        .encode();
+        other
+            .doc
+            .put(ROOT, EntryHash::of(&forged).to_hex(), forged)
+            .unwrap();
+        other.doc.commit();
+        let before = m.log.heads();
+        let result = m.log.apply(
+            &other
+                .doc
+                .get_changes(&before)
+                .iter()
+                .map(|c| c.raw_bytes().to_vec())
+                .collect::<Vec<_>>(),
+        );
+        assert!(matches!(result, Err(MembershipError::BadSignature(_))));
+        assert_eq!(m.log.heads(), before, "nothing was applied");
+        assert!(!m.log.view().is_member(&victim.device_id()));
+    }
+
+    #[test]
+    fn wrong_mesh_is_refused() {
+        let mut m = mesh();
+        let mut elsewhere = self::mesh();
+        let laptop = DeviceKeys::generate();
+        elsewhere
+            .log
+            .append(&elsewhere.admin, add(&laptop, Role::Device))
+            .unwrap();
+        let changes = elsewhere.log.changes_since(&[]);
+        assert!(matches!(
+            m.log.apply(&changes),
+            Err(MembershipError::WrongMesh(_))
+        ));
+        assert!(!m.log.view().is_member(&laptop.device_id()));
+    }
+
+    #[test]
+    fn removed_signer_is_ignored_after_and_concurrently_with_removal() {
+        let mut m = mesh();
+        let second_admin = DeviceKeys::generate();
+        let newcomer = DeviceKeys::generate();
+        let late = DeviceKeys::generate();
+        m.log
+            .append(&m.admin, add(&second_admin, Role::Device))
+            .unwrap();
+        m.log
+            .append(
+                &m.admin,
+                Action::SetAdmin {
+                    device: second_admin.device_id(),
+                    admin: true,
+                },
+            )
+            .unwrap();
+        let mut theirs = fork(&mut m.log);
+        // Concurrently: the admin removes the second admin, who adds a newcomer.
+        m.log
+            .append(
+                &m.admin,
+                Action::Remove {
+                    device: second_admin.device_id(),
+                    wraps: vec![],
+                },
+            )
+            .unwrap();
+        theirs
+            .append(&second_admin, add(&newcomer, Role::Device))
+            .unwrap();
+        sync(&mut m.log, &mut theirs);
+        for log in [&m.log, &theirs] {
+            assert!(!log.view().is_member(&second_admin.device_id()));
+            assert!(!log.view().is_member(&newcomer.device_id()));
+        }
+        // After seeing its own removal, the removed device still signs: ignored too.
+        let hash = theirs.append_unchecked(&second_admin, add(&late, Role::Device));
+        sync(&mut m.log, &mut theirs);
+        assert!(!m.log.view().is_member(&late.device_id()));
+        assert_eq!(
+            m.log.view().ignored.get(&hash),
+            Some(&Ignored::NotAdmin(second_admin.device_id()))
+        );
+    }
+
+    #[test]
+    fn removal_beats_concurrent_re_add_but_not_a_later_one() {
+        let mut m = mesh();
+        let other_admin = DeviceKeys::generate();
+        let laptop = DeviceKeys::generate();
+        m.log
+            .append(&m.admin, add(&other_admin, Role::Device))
+            .unwrap();
+        m.log
+            .append(
+                &m.admin,
+                Action::SetAdmin {
+                    device: other_admin.device_id(),
+                    admin: true,
+                },
+            )
+            .unwrap();
+        m.log.append(&m.admin, add(&laptop, Role::Device)).unwrap();
+        let mut theirs = fork(&mut m.log);
+        // The other admin removes and at once re-adds the laptop (re-add follows removal),
+        // while the first admin removes it concurrently.
+        theirs
+            .append(
+                &other_admin,
+                Action::Remove {
+                    device: laptop.device_id(),
+                    wraps: vec![],
+                },
+            )
+            .unwrap();
+        m.log
+            .append(
+                &m.admin,
+                Action::Remove {
+                    device: laptop.device_id(),
+                    wraps: vec![],
+                },
+            )
+            .unwrap();
+        let re_add = theirs
+            .append(&other_admin, add(&laptop, Role::Device))
+            .unwrap();
+        sync(&mut m.log, &mut theirs);
+        assert!(!m.log.view().is_member(&laptop.device_id()));
+        assert_eq!(
+            m.log.view().ignored.get(&re_add),
+            Some(&Ignored::RemovalBeatsConcurrentAdd)
+        );
+        assert_eq!(m.log.view().members, theirs.view().members);
+        // A re-add made after seeing every removal counts.
+        theirs
+            .append(&other_admin, add(&laptop, Role::Device))
+            .unwrap();
+        sync(&mut m.log, &mut theirs);
+        assert!(m.log.view().is_member(&laptop.device_id()));
+    }
+
+    #[test]
+    fn replayed_entries_change_nothing() {
+        let mut m = mesh();
+        let laptop = DeviceKeys::generate();
+        let old_add = m.log.append(&m.admin, add(&laptop, Role::Device)).unwrap();
+        let all = m.log.changes_since(&[]);
+        m.log
+            .append(
+                &m.admin,
+                Action::Remove {
+                    device: laptop.device_id(),
+                    wraps: vec![],
+                },
+            )
+            .unwrap();
+        let heads = m.log.heads();
+        let view = m.log.view().clone();
+        // The same changes again, in any order.
+        let mut again = all.clone();
+        again.reverse();
+        assert_eq!(m.log.apply(&again).unwrap(), 0);
+        assert_eq!(m.log.heads(), heads);
+        // The old "add" entry re-put by another replica under its key: same set, same view.
+        let mut replayer = fork(&mut m.log);
+        let bytes = match replayer.doc.get(ROOT, old_add.to_hex()).unwrap() {
+            Some((automerge::Value::Scalar(v), _)) => match v.as_ref() {
+                automerge::ScalarValue::Bytes(b) => b.clone(),
+                _ => unreachable!(),
+            },
+            _ => unreachable!(),
+        };
+        replayer.doc.put(ROOT, old_add.to_hex(), bytes).unwrap();
+        replayer.doc.commit();
+        m.log.apply(&replayer.changes_since(&heads)).unwrap();
+        assert_eq!(m.log.len(), 3);
+        assert_eq!(m.log.view().members, view.members);
+        assert!(!m.log.view().is_member(&laptop.device_id()));
+    }
+
+    #[test]
+    fn last_admin_stays_and_storage_cannot_be_admin() {
+        let mut m = mesh();
+        let nas = DeviceKeys::generate();
+        m.log.append(&m.admin, add(&nas, Role::Storage)).unwrap();
+        m.log
+            .append(
+                &m.admin,
+                Action::SetAdmin {
+                    device: nas.device_id(),
+                    admin: true,
+                },
+            )
+            .unwrap();
+        assert!(!m.log.view().is_admin(&nas.device_id()));
+        m.log
+            .append(
+                &m.admin,
+                Action::Remove {
+                    device: m.admin.device_id(),
+                    wraps: vec![],
+                },
+            )
+            .unwrap();
+        assert!(m.log.view().is_admin(&m.admin.device_id()));
+    }
+
+    #[test]
+    fn a_second_genesis_cannot_take_over() {
+        let mut m = mesh();
+        let attacker = DeviceKeys::generate();
+        let mut other = fork(&mut m.log);
+        other.insert(
+            &attacker,
+            Entry {
+                mesh: other.mesh(),
+                parents: vec![],
+                signer: attacker.device_id(),
+                time: 0,
+                action: Action::Genesis {
+                    nonce: [0; 16],
+                    name: "evil".into(),
+                    kem: attacker.kem_public(),
+                    wrapped: None,
+                },
+            },
+        );
+        deliver(&mut other, &mut m.log);
+        assert!(!m.log.view().is_member(&attacker.device_id()));
+        assert!(m.log.view().is_admin(&m.admin.device_id()));
+    }
+
+    #[test]
+    fn garbage_changes_are_refused_without_panic() {
+        let mut m = mesh();
+        for bytes in [vec![], vec![0u8; 10], vec![0x85, 0x6f, 0x4a, 0x83, 1, 2, 3]] {
+            assert!(m.log.apply(&[bytes]).is_err());
+        }
+        // A change that deletes an entry.
+        let mut other = fork(&mut m.log);
+        let key = other.entries.keys().next().unwrap().to_hex();
+        other.doc.delete(ROOT, key).unwrap();
+        other.doc.commit();
+        assert!(matches!(
+            {
+                let heads = m.log.heads();
+                m.log.apply(&other.changes_since(&heads))
+            },
+            Err(MembershipError::ForbiddenOp(_))
+        ));
+    }
+}
