@@ -569,6 +569,8 @@ pub struct MembershipLog {
     mesh: MeshId,
     doc: AutoCommit,
     entries: BTreeMap<EntryHash, Entry>,
+    /// Verified entries whose Automerge change waits for its dependencies.
+    pending: BTreeMap<EntryHash, Entry>,
     view: MembershipView,
 }
 
@@ -605,6 +607,7 @@ impl MembershipLog {
             mesh,
             doc: AutoCommit::new().with_actor(ActorId::random()),
             entries: BTreeMap::new(),
+            pending: BTreeMap::new(),
             view: MembershipView::default(),
         }
     }
@@ -616,6 +619,7 @@ impl MembershipLog {
             mesh,
             doc,
             entries: BTreeMap::new(),
+            pending: BTreeMap::new(),
             view: MembershipView::default(),
         };
         for key in log.doc.keys(ROOT).collect::<Vec<_>>() {
@@ -757,8 +761,19 @@ impl MembershipLog {
         }
         let before = self.entries.len();
         self.doc.apply_changes(decoded)?;
-        for (hash, entry) in new_entries {
-            self.entries.insert(hash, entry);
+        // A change whose dependencies have not arrived waits inside Automerge; its entries
+        // count only once the document holds them.
+        self.pending.extend(new_entries);
+        let arrived: Vec<EntryHash> = self
+            .pending
+            .keys()
+            .filter(|h| matches!(self.doc.get(ROOT, h.to_hex()), Ok(Some(_))))
+            .copied()
+            .collect();
+        for hash in arrived {
+            if let Some(entry) = self.pending.remove(&hash) {
+                self.entries.insert(hash, entry);
+            }
         }
         self.view = MembershipView::evaluate(&self.mesh, &self.entries);
         Ok(self.entries.len() - before)
