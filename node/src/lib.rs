@@ -1,1 +1,8 @@
-//! placeholder
+//! The meshsync node: the `meshsync` command-line tool and, in later steps, the daemon that
+//! wires the replicated state ([`meshsync_crdt`]) and the transport to the file system.
+//!
+//! - [`home`]: the node's home directory — key files (mode 0600), config.
+//! - [`cli`]: the command-line interface.
+
+pub mod cli;
+pub mod home;

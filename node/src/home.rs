@@ -1,0 +1,267 @@
+//! A node's home directory: its key files, its config, and (later) its database.
+//!
+//! ```text
+//! HOME/                 mode 0700
+//!   config.toml         commented settings (device name, role)
+//!   keys/               mode 0700
+//!     ed25519.key       signing seed: the device's identity (mode 0600)
+//!     x25519.key        key-wrapping seed: receives mesh keys (mode 0600)
+//! ```
+//!
+//! Key files are written atomically (temp file, fsync, rename) with mode 0600 and refused on
+//! load if the group or others can read them.
+
+use std::fs;
+use std::io::Write;
+use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+
+use meshsync_crdt::{DeviceId, DeviceKeys, Role};
+use serde::Deserialize;
+use zeroize::Zeroizing;
+
+const SIGNING_KEY_FILE: &str = "keys/ed25519.key";
+const KEM_KEY_FILE: &str = "keys/x25519.key";
+const CONFIG_FILE: &str = "config.toml";
+
+/// Why a home could not be used. Each says what to do about it.
+#[derive(Debug, thiserror::Error)]
+pub enum HomeError {
+    #[error("no meshsync device in {0}: run `meshsync init` first, or pass --home DIR / set MESHSYNC_HOME")]
+    NotInitialised(PathBuf),
+    #[error("{path} already holds device {device}; nothing was changed. Use another --home to make a second device")]
+    AlreadyInitialised { path: PathBuf, device: DeviceId },
+    #[error("key file {path} can be read by other users (mode {mode:03o}); run `chmod 600 {path}` and try again")]
+    LooseKeyPermissions { path: PathBuf, mode: u32 },
+    #[error("key file {path} is damaged ({reason}); restore it from a backup, or make a new device with `meshsync init` in an empty home")]
+    BadKeyFile { path: PathBuf, reason: String },
+    #[error("config file {path} is invalid: {reason}")]
+    BadConfig { path: PathBuf, reason: String },
+    #[error("{path}: {source}")]
+    Io {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("no home directory could be found for this user; pass --home DIR or set MESHSYNC_HOME")]
+    NoDefaultHome,
+}
+
+fn io(path: &Path) -> impl FnOnce(std::io::Error) -> HomeError + '_ {
+    move |source| HomeError::Io {
+        path: path.to_path_buf(),
+        source,
+    }
+}
+
+/// Settings from `config.toml`.
+#[derive(Debug, Clone, Deserialize)]
+pub struct Config {
+    pub name: String,
+    #[serde(default = "default_role")]
+    pub role: String,
+}
+
+fn default_role() -> String {
+    "device".into()
+}
+
+impl Config {
+    pub fn role(&self) -> Result<Role, String> {
+        self.role.parse()
+    }
+}
+
+/// A node's home directory.
+#[derive(Debug, Clone)]
+pub struct Home {
+    path: PathBuf,
+}
+
+impl Home {
+    /// The home at `path`, or else the platform's data directory for meshsync.
+    pub fn locate(path: Option<PathBuf>) -> Result<Home, HomeError> {
+        let path = match path {
+            Some(path) => path,
+            None => directories::ProjectDirs::from("", "", "meshsync")
+                .ok_or(HomeError::NoDefaultHome)?
+                .data_dir()
+                .to_path_buf(),
+        };
+        Ok(Home { path })
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    pub fn is_initialised(&self) -> bool {
+        self.path.join(SIGNING_KEY_FILE).exists()
+    }
+
+    /// Creates a new device here: key pairs and config. Refuses if a device is already here.
+    pub fn init(&self, name: &str, role: Role) -> Result<DeviceKeys, HomeError> {
+        if self.is_initialised() {
+            let device = self.load_keys()?.device_id();
+            return Err(HomeError::AlreadyInitialised {
+                path: self.path.clone(),
+                device,
+            });
+        }
+        create_private_dir(&self.path)?;
+        create_private_dir(&self.path.join("keys"))?;
+        let keys = DeviceKeys::generate();
+        write_private(
+            &self.path.join(KEM_KEY_FILE),
+            &key_file_text("X25519 key-wrapping seed", &keys.kem_seed()),
+        )?;
+        let config = format!(
+            "# meshsync device settings. Edit while the daemon is stopped.\n\
+             \n\
+             # The name other devices show for this one.\n\
+             name = {name:?}\n\
+             \n\
+             # device: a full member that reads and writes folders.\n\
+             # storage: holds only ciphertext for the mesh (set by `meshsync init --storage`).\n\
+             role = \"{role}\"\n"
+        );
+        write_private(&self.path.join(CONFIG_FILE), &Zeroizing::new(config))?;
+        // The signing key goes last: its presence is what marks the home as initialised.
+        write_private(
+            &self.path.join(SIGNING_KEY_FILE),
+            &key_file_text("Ed25519 signing seed (the device identity)", &keys.signing_seed()),
+        )?;
+        Ok(keys)
+    }
+
+    /// Loads the device's keys, refusing key files that others can read.
+    pub fn load_keys(&self) -> Result<DeviceKeys, HomeError> {
+        if !self.is_initialised() {
+            return Err(HomeError::NotInitialised(self.path.clone()));
+        }
+        let signing = read_key_file(&self.path.join(SIGNING_KEY_FILE))?;
+        let kem = read_key_file(&self.path.join(KEM_KEY_FILE))?;
+        Ok(DeviceKeys::from_seeds(signing, kem))
+    }
+
+    pub fn config(&self) -> Result<Config, HomeError> {
+        let path = self.path.join(CONFIG_FILE);
+        let text = fs::read_to_string(&path).map_err(io(&path))?;
+        let config: Config = toml::from_str(&text).map_err(|e| HomeError::BadConfig {
+            path: path.clone(),
+            reason: e.to_string(),
+        })?;
+        config
+            .role()
+            .map_err(|reason| HomeError::BadConfig { path, reason })?;
+        Ok(config)
+    }
+}
+
+fn create_private_dir(path: &Path) -> Result<(), HomeError> {
+    fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(path)
+        .map_err(io(path))
+}
+
+fn key_file_text(what: &str, seed: &[u8; 32]) -> Zeroizing<String> {
+    Zeroizing::new(format!(
+        "# meshsync {what}. Secret: never share or sync this file.\n{}\n",
+        data_encoding::HEXLOWER.encode(seed)
+    ))
+}
+
+/// Writes `text` to `path` with mode 0600: temp file, fsync, rename, fsync of the directory.
+fn write_private(path: &Path, text: &str) -> Result<(), HomeError> {
+    let dir = path.parent().unwrap_or(Path::new("."));
+    let tmp = dir.join(format!(
+        ".meshsync-tmp-{}",
+        path.file_name().and_then(|n| n.to_str()).unwrap_or("file")
+    ));
+    let _ = fs::remove_file(&tmp);
+    let mut file = fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(&tmp)
+        .map_err(io(&tmp))?;
+    file.write_all(text.as_bytes()).map_err(io(&tmp))?;
+    file.sync_all().map_err(io(&tmp))?;
+    fs::rename(&tmp, path).map_err(io(path))?;
+    fs::File::open(dir)
+        .and_then(|d| d.sync_all())
+        .map_err(io(dir))
+}
+
+fn read_key_file(path: &Path) -> Result<Zeroizing<[u8; 32]>, HomeError> {
+    let meta = fs::metadata(path).map_err(io(path))?;
+    let mode = meta.permissions().mode() & 0o777;
+    if mode & 0o077 != 0 {
+        return Err(HomeError::LooseKeyPermissions {
+            path: path.to_path_buf(),
+            mode,
+        });
+    }
+    let bad = |reason: &str| HomeError::BadKeyFile {
+        path: path.to_path_buf(),
+        reason: reason.to_string(),
+    };
+    let text = Zeroizing::new(fs::read_to_string(path).map_err(io(path))?);
+    let line = text
+        .lines()
+        .map(str::trim)
+        .find(|l| !l.is_empty() && !l.starts_with('#'))
+        .ok_or_else(|| bad("no key in it"))?;
+    let bytes = Zeroizing::new(
+        data_encoding::HEXLOWER_PERMISSIVE
+            .decode(line.as_bytes())
+            .map_err(|_| bad("the key is not hexadecimal"))?,
+    );
+    let seed: [u8; 32] = bytes
+        .as_slice()
+        .try_into()
+        .map_err(|_| bad("the key is not 32 bytes"))?;
+    Ok(Zeroizing::new(seed))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn init_writes_private_files_and_loads_the_same_keys() {
+        let dir = tempfile::tempdir().unwrap();
+        let home = Home::locate(Some(dir.path().join("h"))).unwrap();
+        let keys = home.init("laptop", Role::Device).unwrap();
+        for file in [SIGNING_KEY_FILE, KEM_KEY_FILE, CONFIG_FILE] {
+            let mode = fs::metadata(home.path().join(file)).unwrap().permissions().mode();
+            assert_eq!(mode & 0o777, 0o600, "{file}");
+        }
+        let mode = fs::metadata(home.path()).unwrap().permissions().mode();
+        assert_eq!(mode & 0o777, 0o700);
+        assert_eq!(home.load_keys().unwrap().device_id(), keys.device_id());
+        assert_eq!(home.config().unwrap().name, "laptop");
+        assert!(matches!(
+            home.init("again", Role::Device),
+            Err(HomeError::AlreadyInitialised { .. })
+        ));
+        assert_eq!(home.load_keys().unwrap().device_id(), keys.device_id());
+    }
+
+    #[test]
+    fn loose_or_damaged_key_files_are_refused_with_advice() {
+        let dir = tempfile::tempdir().unwrap();
+        let home = Home::locate(Some(dir.path().to_path_buf())).unwrap();
+        home.init("x", Role::Device).unwrap();
+        let key = home.path().join(SIGNING_KEY_FILE);
+        fs::set_permissions(&key, fs::Permissions::from_mode(0o640)).unwrap();
+        let err = home.load_keys().unwrap_err().to_string();
+        assert!(err.contains("chmod 600") && err.contains("ed25519.key"), "{err}");
+        fs::set_permissions(&key, fs::Permissions::from_mode(0o600)).unwrap();
+        fs::write(&key, "# x\nnot hex\n").unwrap();
+        assert!(matches!(home.load_keys(), Err(HomeError::BadKeyFile { .. })));
+        let empty = Home::locate(Some(dir.path().join("none"))).unwrap();
+        assert!(matches!(empty.load_keys(), Err(HomeError::NotInitialised(_))));
+    }
+}
