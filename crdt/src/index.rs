@@ -283,6 +283,19 @@ pub fn validate_path(path: &str) -> Result<(), IndexError> {
     }
 }
 
+/// The Automerge actor a device writes its index changes as.
+///
+/// A device keeps one actor for as long as its database lives: the first change from an actor
+/// that a shard has never seen costs that shard a re-encoding (and memory), so a fresh random
+/// actor per start would make every restart expensive for every peer. `incarnation` must change
+/// whenever the database is lost or restored from a backup, so that a device never reuses
+/// sequence numbers its peers already hold.
+pub fn actor_for(device: &DeviceId, incarnation: u32) -> ActorId {
+    let mut bytes = device.as_bytes().to_vec();
+    bytes.extend_from_slice(&incarnation.to_be_bytes());
+    ActorId::from(bytes)
+}
+
 /// The shard a path of `folder` lives in.
 pub fn shard_of(folder: &FolderId, path: &str) -> u16 {
     let mut hasher = blake3::Hasher::new();
@@ -315,6 +328,15 @@ impl FolderIndex {
             actor: ActorId::random(),
             shards: BTreeMap::new(),
         }
+    }
+
+    /// Makes this replica write as `actor` (see [`actor_for`]).
+    pub fn with_actor(mut self, actor: ActorId) -> Self {
+        for shard in self.shards.values_mut() {
+            shard.doc.set_actor(actor.clone());
+        }
+        self.actor = actor;
+        self
     }
 
     pub fn folder(&self) -> &FolderId {
@@ -559,9 +581,9 @@ impl FolderIndex {
             .collect::<Result<_, _>>()?;
 
         // A put must outrank every current value it replaces: no rollback by replaying.
-        for admitted in &decoded {
+        decoded.par_iter().try_for_each(|admitted| {
             let Some(shard) = self.shards.get(&admitted.shard) else {
-                continue;
+                return Ok(());
             };
             for (path, record, preds) in &admitted.puts {
                 for (value, id) in shard.doc.get_all(ROOT, path.as_str())? {
@@ -583,7 +605,8 @@ impl FolderIndex {
                     }
                 }
             }
-        }
+            Ok(())
+        })?;
 
         let mut report = ApplyReport::default();
         let mut by_shard: BTreeMap<u16, Vec<automerge::Change>> = BTreeMap::new();

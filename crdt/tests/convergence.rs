@@ -6,21 +6,31 @@ use std::collections::BTreeMap;
 
 use meshsync_crdt::index::FileUpdate;
 use meshsync_crdt::{
-    Action, ChunkListHash, DeviceKeys, Epoch, FileKind, FolderId, FolderIndex, MeshKey,
-    MembershipLog, Role,
+    Action, ChunkListHash, DeviceKeys, Epoch, FileKind, FolderId, FolderIndex, MembershipLog,
+    MeshKey, Role,
 };
 use proptest::prelude::*;
 
 #[derive(Clone, Debug)]
 enum Op {
     /// Replica writes `content` to one of a few paths (content 0 means delete).
-    Write { replica: usize, path: u8, content: u8 },
+    Write {
+        replica: usize,
+        path: u8,
+        content: u8,
+    },
     /// The admin (replica 0) adds or removes one of a few outside devices.
     Membership { add: bool, device: usize },
     /// The admin removes one of the other replicas.
     RemoveReplica { replica: usize },
     /// Changes from one replica to another, shuffled by `seed`, some sent twice.
-    Deliver { from: usize, to: usize, seed: u64, pieces: u8, duplicate: bool },
+    Deliver {
+        from: usize,
+        to: usize,
+        seed: u64,
+        pieces: u8,
+        duplicate: bool,
+    },
 }
 
 fn op(replicas: usize) -> impl Strategy<Value = Op> {
@@ -42,12 +52,21 @@ struct Replica {
 
 fn shuffle<T>(items: &mut [T], mut seed: u64) {
     for i in (1..items.len()).rev() {
-        seed = seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+        seed = seed
+            .wrapping_mul(6364136223846793005)
+            .wrapping_add(1442695040888963407);
         items.swap(i, (seed >> 33) as usize % (i + 1));
     }
 }
 
-fn deliver(replicas: &mut [Replica], from: usize, to: usize, seed: u64, pieces: u8, duplicate: bool) {
+fn deliver(
+    replicas: &mut [Replica],
+    from: usize,
+    to: usize,
+    seed: u64,
+    pieces: u8,
+    duplicate: bool,
+) {
     if from == to {
         return;
     }
@@ -71,7 +90,10 @@ fn deliver(replicas: &mut [Replica], from: usize, to: usize, seed: u64, pieces: 
     let target = &mut replicas[to];
     // Membership first, as the node does: a record's author must be known to be admitted.
     for piece in log_changes.chunks(log_changes.len().div_ceil(pieces as usize).max(1)) {
-        target.log.apply(piece).expect("membership change from a replica is admitted");
+        target
+            .log
+            .apply(piece)
+            .expect("membership change from a replica is admitted");
     }
     let view = target.log.view().clone();
     for piece in index_changes.chunks(index_changes.len().div_ceil(pieces as usize).max(1)) {
@@ -117,7 +139,11 @@ fn run(replica_count: usize, ops: Vec<Op>) {
 
     for op in ops {
         match op {
-            Op::Write { replica, path, content } => {
+            Op::Write {
+                replica,
+                path,
+                content,
+            } => {
                 let r = &mut replicas[replica];
                 let me = r.keys.device_id();
                 if !r.log.view().is_member(&me) {
@@ -147,18 +173,31 @@ fn run(replica_count: usize, ops: Vec<Op>) {
                         wrapped: None,
                     }
                 } else {
-                    Action::Remove { device: outsider.device_id(), wraps: vec![] }
+                    Action::Remove {
+                        device: outsider.device_id(),
+                        wraps: vec![],
+                    }
                 };
                 let _ = r.log.append(&r.keys, action);
             }
             Op::RemoveReplica { replica } => {
                 let device = replicas[replica].keys.device_id();
                 let r = &mut replicas[0];
-                let _ = r.log.append(&r.keys, Action::Remove { device, wraps: vec![] });
+                let _ = r.log.append(
+                    &r.keys,
+                    Action::Remove {
+                        device,
+                        wraps: vec![],
+                    },
+                );
             }
-            Op::Deliver { from, to, seed, pieces, duplicate } => {
-                deliver(&mut replicas, from, to, seed, pieces, duplicate)
-            }
+            Op::Deliver {
+                from,
+                to,
+                seed,
+                pieces,
+                duplicate,
+            } => deliver(&mut replicas, from, to, seed, pieces, duplicate),
         }
     }
 

@@ -51,14 +51,17 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
             println!("Created device {name:?} in {}", home.path().display());
             println!("Device ID: {}", keys.device_id());
         }
-        Command::Id { device: Some(text), .. } => {
-            let device: DeviceId = text
-                .parse()
-                .with_context(|| format!("checking {text:?}"))?;
+        Command::Id {
+            device: Some(text), ..
+        } => {
+            let device: DeviceId = text.parse().with_context(|| format!("checking {text:?}"))?;
             println!("{device} is well-formed");
             println!("peer ID: {}", device.to_peer_id());
         }
-        Command::Id { device: None, peer_id } => {
+        Command::Id {
+            device: None,
+            peer_id,
+        } => {
             let keys = home.load_keys()?;
             println!("{}", keys.device_id());
             if peer_id {

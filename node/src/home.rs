@@ -42,7 +42,9 @@ pub enum HomeError {
         path: PathBuf,
         source: std::io::Error,
     },
-    #[error("no home directory could be found for this user; pass --home DIR or set MESHSYNC_HOME")]
+    #[error(
+        "no home directory could be found for this user; pass --home DIR or set MESHSYNC_HOME"
+    )]
     NoDefaultHome,
 }
 
@@ -128,7 +130,10 @@ impl Home {
         // The signing key goes last: its presence is what marks the home as initialised.
         write_private(
             &self.path.join(SIGNING_KEY_FILE),
-            &key_file_text("Ed25519 signing seed (the device identity)", &keys.signing_seed()),
+            &key_file_text(
+                "Ed25519 signing seed (the device identity)",
+                &keys.signing_seed(),
+            ),
         )?;
         Ok(keys)
     }
@@ -235,7 +240,10 @@ mod tests {
         let home = Home::locate(Some(dir.path().join("h"))).unwrap();
         let keys = home.init("laptop", Role::Device).unwrap();
         for file in [SIGNING_KEY_FILE, KEM_KEY_FILE, CONFIG_FILE] {
-            let mode = fs::metadata(home.path().join(file)).unwrap().permissions().mode();
+            let mode = fs::metadata(home.path().join(file))
+                .unwrap()
+                .permissions()
+                .mode();
             assert_eq!(mode & 0o777, 0o600, "{file}");
         }
         let mode = fs::metadata(home.path()).unwrap().permissions().mode();
@@ -257,11 +265,20 @@ mod tests {
         let key = home.path().join(SIGNING_KEY_FILE);
         fs::set_permissions(&key, fs::Permissions::from_mode(0o640)).unwrap();
         let err = home.load_keys().unwrap_err().to_string();
-        assert!(err.contains("chmod 600") && err.contains("ed25519.key"), "{err}");
+        assert!(
+            err.contains("chmod 600") && err.contains("ed25519.key"),
+            "{err}"
+        );
         fs::set_permissions(&key, fs::Permissions::from_mode(0o600)).unwrap();
         fs::write(&key, "# x\nnot hex\n").unwrap();
-        assert!(matches!(home.load_keys(), Err(HomeError::BadKeyFile { .. })));
+        assert!(matches!(
+            home.load_keys(),
+            Err(HomeError::BadKeyFile { .. })
+        ));
         let empty = Home::locate(Some(dir.path().join("none"))).unwrap();
-        assert!(matches!(empty.load_keys(), Err(HomeError::NotInitialised(_))));
+        assert!(matches!(
+            empty.load_keys(),
+            Err(HomeError::NotInitialised(_))
+        ));
     }
 }

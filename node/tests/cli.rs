@@ -34,7 +34,11 @@ fn init_then_id_prints_a_checkable_device_id() {
     let own = text(&meshsync(&home, &["id", "--peer-id"]).stdout);
     let checked = meshsync(&home, &["id", &id]);
     assert!(checked.status.success());
-    let peer_line = |s: &str| s.lines().find(|l| l.starts_with("peer ID")).map(str::to_string);
+    let peer_line = |s: &str| {
+        s.lines()
+            .find(|l| l.starts_with("peer ID"))
+            .map(str::to_string)
+    };
     assert_eq!(peer_line(&own), peer_line(&text(&checked.stdout)));
     assert!(peer_line(&own).unwrap().contains("12D3KooW"));
 
@@ -62,7 +66,10 @@ fn loose_key_permissions_are_refused_with_the_fix() {
     let out = meshsync(&home, &["id"]);
     assert!(!out.status.success());
     let err = text(&out.stderr);
-    assert!(err.contains(&format!("chmod 600 {}", key.display())), "{err}");
+    assert!(
+        err.contains(&format!("chmod 600 {}", key.display())),
+        "{err}"
+    );
     assert!(out.stdout.is_empty());
 }
 
@@ -77,9 +84,17 @@ fn mistyped_and_malformed_ids_are_named_as_such() {
     let typo: String = typo.into_iter().collect();
     let out = meshsync(&home, &["id", &typo]);
     assert!(!out.status.success());
-    assert!(text(&out.stderr).contains("mistyped"), "{}", text(&out.stderr));
+    assert!(
+        text(&out.stderr).contains("mistyped"),
+        "{}",
+        text(&out.stderr)
+    );
     let out = meshsync(&home, &["id", "HELLO"]);
-    assert!(text(&out.stderr).contains("56 letters"), "{}", text(&out.stderr));
+    assert!(
+        text(&out.stderr).contains("56 letters"),
+        "{}",
+        text(&out.stderr)
+    );
 }
 
 #[test]
@@ -88,5 +103,8 @@ fn commands_on_a_missing_home_say_to_run_init() {
     let out = meshsync(&dir.path().join("nothing-here"), &["id"]);
     assert!(!out.status.success());
     assert!(text(&out.stderr).contains("meshsync init"));
-    assert!(!dir.path().join("nothing-here").exists(), "a failed command creates nothing");
+    assert!(
+        !dir.path().join("nothing-here").exists(),
+        "a failed command creates nothing"
+    );
 }
