@@ -36,12 +36,23 @@ pub enum Command {
         #[arg(long)]
         peer_id: bool,
     },
+    /// Show meshsync at work on this machine: two devices in temporary homes form a mesh and
+    /// exchange signed, verified index changes.
+    Demo {
+        /// Where to put the demo's homes and sample folder (default: a new temporary folder).
+        #[arg(long)]
+        dir: Option<PathBuf>,
+    },
 }
 
 /// Runs one parsed command.
 pub fn run(cli: Cli) -> anyhow::Result<()> {
+    if let Command::Demo { dir } = &cli.command {
+        return crate::demo::run(dir.as_deref());
+    }
     let home = Home::locate(cli.home)?;
     match cli.command {
+        Command::Demo { .. } => unreachable!("handled above"),
         Command::Init { name } => {
             let name = match name {
                 Some(name) => name,

@@ -3,6 +3,8 @@
 //!
 //! - [`home`]: the node's home directory — key files (mode 0600), config.
 //! - [`cli`]: the command-line interface.
+//! - [`demo`]: `meshsync demo`, the foundation at work on one machine.
 
 pub mod cli;
+pub mod demo;
 pub mod home;

@@ -1,1 +1,1 @@
-//! placeholder
+//! Placeholder: see the open issues.
