@@ -260,6 +260,20 @@ impl FromStr for FolderId {
     }
 }
 
+/// A chunk's name: the keyed BLAKE3 hash of its plaintext under the mesh's chunk-ID key.
+#[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+pub struct ChunkId(pub [u8; 32]);
+
+impl fmt::Debug for ChunkId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "ChunkId({})",
+            data_encoding::HEXLOWER.encode(&self.0[..6])
+        )
+    }
+}
+
 /// A mesh-key epoch. Epoch 0 starts with the mesh; every removal of a device starts the next.
 #[derive(
     Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize, Debug, Default,

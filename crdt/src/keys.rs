@@ -103,6 +103,14 @@ impl DeviceKeys {
         KemPublicKey(bytes)
     }
 
+    /// The raw X25519 private key, for the pairing handshake (Noise `XXpsk3`), whose static
+    /// key is this same key: pairing proves possession of the key that will receive mesh keys.
+    pub fn kem_secret(&self) -> Zeroizing<[u8; 32]> {
+        let mut secret = Zeroizing::new([0u8; 32]);
+        secret.copy_from_slice(&self.kem_private().to_bytes());
+        secret
+    }
+
     fn kem_private(&self) -> <Kem as hpke::Kem>::PrivateKey {
         Kem::derive_keypair(&self.kem_seed[..]).0
     }

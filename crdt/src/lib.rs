@@ -21,7 +21,7 @@ pub mod keys;
 pub mod membership;
 pub mod sealed;
 
-pub use id::{DeviceId, DeviceIdError, Epoch, FolderId, IdError, MeshId};
+pub use id::{ChunkId, DeviceId, DeviceIdError, Epoch, FolderId, IdError, MeshId};
 pub use index::{ChunkListHash, FileKind, FileRecord, FolderIndex, IndexError, PathState};
 pub use keys::{DeviceKeys, KemPublicKey, KeyError, MeshKey, Signature, WrappedKey};
 pub use membership::{Action, Member, MembershipError, MembershipLog, MembershipView, Role};

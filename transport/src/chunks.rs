@@ -1,0 +1,345 @@
+//! `/meshsync/chunks/1`: have/want and bulk chunk transfer.
+//!
+//! The client sends `Want` frames of up to [`BATCH`] chunk IDs and keeps two batches in flight
+//! per stream, so the server always has the next batch queued while it streams the current one.
+//! The server answers every wanted ID in order with one frame: `[status][id][data]`, status 0
+//! for a chunk and 1 for "I don't have it".
+//!
+//! [`fetch`] spreads the wanted chunks over several peers at once (one worker and stream per
+//! peer, drawing batches from a shared queue), hands each received chunk to a bounded channel
+//! (so a slow consumer slows the transfer rather than filling memory), and survives dropped
+//! connections: unanswered IDs go back to the queue and the worker reconnects. The transport
+//! never looks inside a chunk: the receiver authenticates it (AEAD) and may ask again.
+
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use futures::{AsyncWriteExt, StreamExt};
+use libp2p::{PeerId, StreamProtocol};
+use meshsync_crdt::ChunkId;
+use serde::{Deserialize, Serialize};
+use tokio::sync::mpsc;
+
+use crate::frame::{self, FrameError};
+use crate::Allowed;
+
+pub const PROTOCOL: StreamProtocol = StreamProtocol::new("/meshsync/chunks/1");
+/// Chunk IDs per `Want` frame.
+pub const BATCH: usize = 64;
+/// The largest chunk served or accepted (FastCDC chunks are far smaller).
+pub const MAX_CHUNK: usize = 4 * 1024 * 1024;
+const MAX_WANT_FRAME: usize = 16 + BATCH * 33;
+const IDLE: Duration = Duration::from_secs(60);
+const REPLY: Duration = Duration::from_secs(30);
+const RECONNECTS: usize = 5;
+
+const HAVE: u8 = 0;
+const MISSING: u8 = 1;
+
+/// A batch of wanted chunk IDs.
+#[derive(Serialize, Deserialize, Debug)]
+pub struct Want {
+    pub ids: Vec<ChunkId>,
+}
+
+/// Where a node's chunks come from when it serves them. Called on a blocking thread.
+pub trait ChunkSource: Send + Sync + 'static {
+    fn get(&self, id: &ChunkId) -> Option<Vec<u8>>;
+}
+
+/// A chunk as received, not yet authenticated.
+#[derive(Debug)]
+pub struct Fetched {
+    pub peer: PeerId,
+    pub id: ChunkId,
+    pub data: Vec<u8>,
+}
+
+/// What a [`fetch`] achieved.
+#[derive(Debug, Default)]
+pub struct FetchReport {
+    pub received: usize,
+    pub bytes: u64,
+    /// IDs that no peer had, or that could not be fetched before every peer failed.
+    pub missing: Vec<ChunkId>,
+    /// Streams that broke and were resumed.
+    pub reconnects: usize,
+}
+
+/// Splits a response frame into status, ID and data.
+pub fn decode_response_header(frame: &[u8]) -> Result<(u8, ChunkId, &[u8]), FrameError> {
+    if frame.len() < 33 {
+        return Err(FrameError::Malformed(
+            "chunk response shorter than its header".into(),
+        ));
+    }
+    let status = frame[0];
+    if status != HAVE && status != MISSING {
+        return Err(FrameError::Malformed(format!(
+            "unknown chunk status {status}"
+        )));
+    }
+    let mut id = [0u8; 32];
+    id.copy_from_slice(&frame[1..33]);
+    Ok((status, ChunkId(id), &frame[33..]))
+}
+
+/// Serves chunks from `source` on every incoming stream from an allowed peer.
+pub async fn serve(
+    mut incoming: libp2p_stream::IncomingStreams,
+    source: Arc<dyn ChunkSource>,
+    allowed: Allowed,
+) {
+    while let Some((peer, stream)) = incoming.next().await {
+        if !allowed.contains(&peer) {
+            tracing::warn!(%peer, "chunk stream from a non-member refused");
+            continue;
+        }
+        let source = source.clone();
+        tokio::spawn(async move {
+            if let Err(error) = serve_stream(stream, source).await {
+                tracing::info!(%peer, %error, "chunk stream closed");
+            }
+        });
+    }
+}
+
+async fn serve_stream(
+    mut stream: libp2p::Stream,
+    source: Arc<dyn ChunkSource>,
+) -> Result<(), FrameError> {
+    while let Some(bytes) = frame::read_frame(&mut stream, MAX_WANT_FRAME, IDLE).await? {
+        let want: Want = frame::decode(&bytes)?;
+        if want.ids.len() > BATCH {
+            return Err(FrameError::Malformed(format!(
+                "want of {} IDs (limit {BATCH})",
+                want.ids.len()
+            )));
+        }
+        let source = source.clone();
+        let found = tokio::task::spawn_blocking(move || {
+            want.ids
+                .into_iter()
+                .map(|id| {
+                    let data = source.get(&id).filter(|d| d.len() <= MAX_CHUNK);
+                    (id, data)
+                })
+                .collect::<Vec<_>>()
+        })
+        .await
+        .map_err(|e| FrameError::Io(std::io::Error::other(e)))?;
+        for (id, data) in found {
+            let (status, data) = match &data {
+                Some(data) => (HAVE, data.as_slice()),
+                None => (MISSING, &[][..]),
+            };
+            let len = (33 + data.len()) as u32;
+            stream.write_all(&len.to_be_bytes()).await?;
+            stream.write_all(&[status]).await?;
+            stream.write_all(&id.0).await?;
+            stream.write_all(data).await?;
+        }
+        stream.flush().await?;
+    }
+    Ok(())
+}
+
+struct Shared {
+    queue: VecDeque<ChunkId>,
+    /// Which peers said they lack an ID.
+    lacking: BTreeMap<ChunkId, BTreeSet<PeerId>>,
+    missing: Vec<ChunkId>,
+    report: FetchReport,
+}
+
+/// Fetches `wants` from `peers` at once, sending each chunk to `sink` as it arrives.
+pub async fn fetch(
+    transport: &crate::Transport,
+    peers: Vec<PeerId>,
+    wants: Vec<ChunkId>,
+    sink: mpsc::Sender<Fetched>,
+) -> FetchReport {
+    let peers: Vec<PeerId> = peers
+        .into_iter()
+        .collect::<BTreeSet<_>>()
+        .into_iter()
+        .collect();
+    let shared = Arc::new(Mutex::new(Shared {
+        queue: wants.into_iter().collect(),
+        lacking: BTreeMap::new(),
+        missing: Vec::new(),
+        report: FetchReport::default(),
+    }));
+    if peers.is_empty() {
+        let mut s = shared.lock().expect("fetch state lock");
+        let all: Vec<ChunkId> = s.queue.drain(..).collect();
+        s.report.missing = all;
+        return std::mem::take(&mut s.report);
+    }
+    // Workers stop when the queue is empty; one that fails puts its IDs back, so go round
+    // again while work remains and some peer is still reachable.
+    for _ in 0..RECONNECTS {
+        let workers: Vec<_> = peers
+            .iter()
+            .map(|&peer| {
+                tokio::spawn(worker(
+                    transport.clone(),
+                    peer,
+                    peers.len(),
+                    shared.clone(),
+                    sink.clone(),
+                ))
+            })
+            .collect();
+        let mut any_alive = false;
+        for worker in workers {
+            any_alive |= matches!(worker.await, Ok(true));
+        }
+        let empty = shared.lock().expect("fetch state lock").queue.is_empty();
+        if empty || !any_alive {
+            break;
+        }
+    }
+    let mut s = shared.lock().expect("fetch state lock");
+    let mut missing = std::mem::take(&mut s.missing);
+    missing.extend(s.queue.drain(..));
+    s.report.missing = missing;
+    std::mem::take(&mut s.report)
+}
+
+/// Takes up to [`BATCH`] IDs this peer has not said it lacks.
+fn take_batch(shared: &Mutex<Shared>, peer: &PeerId, peer_count: usize) -> Vec<ChunkId> {
+    let mut s = shared.lock().expect("fetch state lock");
+    let mut batch = Vec::with_capacity(BATCH);
+    let mut skipped = Vec::new();
+    while batch.len() < BATCH {
+        let Some(id) = s.queue.pop_front() else { break };
+        let lacking = s.lacking.get(&id);
+        if lacking.is_some_and(|l| l.len() >= peer_count) {
+            s.missing.push(id);
+        } else if lacking.is_some_and(|l| l.contains(peer)) {
+            skipped.push(id);
+        } else {
+            batch.push(id);
+        }
+    }
+    let stuck = batch.is_empty() && !skipped.is_empty();
+    for id in skipped {
+        s.queue.push_back(id);
+    }
+    if stuck {
+        // Only IDs this peer lacks are left; others will take them.
+        return Vec::new();
+    }
+    batch
+}
+
+fn give_back(shared: &Mutex<Shared>, ids: impl IntoIterator<Item = ChunkId>) {
+    let mut s = shared.lock().expect("fetch state lock");
+    for id in ids {
+        s.queue.push_front(id);
+    }
+}
+
+/// One peer's share of a fetch. Returns whether the peer stayed reachable.
+async fn worker(
+    transport: crate::Transport,
+    peer: PeerId,
+    peer_count: usize,
+    shared: Arc<Mutex<Shared>>,
+    sink: mpsc::Sender<Fetched>,
+) -> bool {
+    let mut failures = 0;
+    let mut control = transport.control();
+    loop {
+        // After a dropped connection, redial at the addresses that worked before.
+        transport.dial_peer(peer, Vec::new()).await;
+        let opened = tokio::time::timeout(REPLY, control.open_stream(peer, PROTOCOL)).await;
+        let opened = opened.unwrap_or_else(|_| {
+            Err(libp2p_stream::OpenStreamError::Io(std::io::Error::other(
+                "timed out",
+            )))
+        });
+        let mut stream = match opened {
+            Ok(stream) => stream,
+            Err(error) => {
+                failures += 1;
+                tracing::info!(%peer, %error, "cannot open chunk stream");
+                if failures >= RECONNECTS {
+                    return false;
+                }
+                tokio::time::sleep(Duration::from_millis(100 * failures as u64)).await;
+                continue;
+            }
+        };
+        let mut in_flight: VecDeque<Vec<ChunkId>> = VecDeque::new();
+        let result: Result<(), FrameError> = async {
+            loop {
+                while in_flight.len() < 2 {
+                    let batch = take_batch(&shared, &peer, peer_count);
+                    if batch.is_empty() {
+                        break;
+                    }
+                    let frame = frame::encode(&Want { ids: batch.clone() });
+                    in_flight.push_back(batch);
+                    frame::write_frame(&mut stream, &frame).await?;
+                }
+                let Some(batch) = in_flight.front_mut() else {
+                    return Ok(());
+                };
+                while !batch.is_empty() {
+                    let bytes = frame::read_frame(&mut stream, 33 + MAX_CHUNK, REPLY)
+                        .await?
+                        .ok_or(FrameError::Closed)?;
+                    let (status, id, data) = decode_response_header(&bytes)?;
+                    if batch.first() != Some(&id) {
+                        return Err(FrameError::Malformed("chunk answered out of order".into()));
+                    }
+                    batch.remove(0);
+                    if status == MISSING {
+                        let mut s = shared.lock().expect("fetch state lock");
+                        s.lacking.entry(id).or_default().insert(peer);
+                        s.queue.push_back(id);
+                        continue;
+                    }
+                    {
+                        let mut s = shared.lock().expect("fetch state lock");
+                        s.report.received += 1;
+                        s.report.bytes += data.len() as u64;
+                    }
+                    transport
+                        .counters(&peer)
+                        .bytes_in
+                        .fetch_add(bytes.len() as u64 + 4, std::sync::atomic::Ordering::Relaxed);
+                    let fetched = Fetched {
+                        peer,
+                        id,
+                        data: data.to_vec(),
+                    };
+                    if sink.send(fetched).await.is_err() {
+                        return Ok(()); // the consumer is gone: nothing more to do
+                    }
+                }
+                in_flight.pop_front();
+            }
+        }
+        .await;
+        match result {
+            Ok(()) => {
+                let _ = stream.close().await;
+                return true;
+            }
+            Err(error) => {
+                tracing::info!(%peer, %error, "chunk stream broke; resuming");
+                give_back(&shared, in_flight.into_iter().flatten());
+                shared.lock().expect("fetch state lock").report.reconnects += 1;
+                failures += 1;
+                if failures >= RECONNECTS {
+                    return false;
+                }
+                tokio::time::sleep(Duration::from_millis(100 * failures as u64)).await;
+            }
+        }
+    }
+}

@@ -1,0 +1,291 @@
+//! Real libp2p nodes on loopback (and in memory): members connect and exchange state over TCP
+//! and QUIC; strangers and removed members get nothing through; a chunk transfer survives a
+//! killed connection; invites work once.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use libp2p::{Multiaddr, PeerId};
+use meshsync_crdt::{ChunkId, DeviceKeys, MeshId, Role};
+use meshsync_transport::chunks::{self, ChunkSource, Fetched};
+use meshsync_transport::pair::{self, Inviter, PairError};
+use meshsync_transport::{rpc, Config, Event, Transport};
+use tokio::sync::mpsc;
+
+fn node(keys: &DeviceKeys) -> Transport {
+    Transport::start(Config::tcp_and_quic(keys.libp2p_keypair(), "127.0.0.1")).unwrap()
+}
+
+fn peer(keys: &DeviceKeys) -> PeerId {
+    keys.device_id().to_peer_id()
+}
+
+async fn addr(t: &Transport, quic: bool) -> Multiaddr {
+    t.wait_listening().await;
+    t.listen_addrs()
+        .await
+        .into_iter()
+        .find(|a| a.to_string().contains("quic") == quic)
+        .expect("listening")
+}
+
+fn echo_upper(t: &Transport) {
+    rpc::serve(t, rpc::DOC, |_peer, request| async move {
+        Some(request.to_ascii_uppercase())
+    })
+    .unwrap();
+}
+
+#[tokio::test]
+async fn members_exchange_state_over_tcp_and_quic() {
+    for quic in [false, true] {
+        let (ka, kb) = (DeviceKeys::generate(), DeviceKeys::generate());
+        let (a, b) = (node(&ka), node(&kb));
+        a.set_allowed([peer(&kb)]).await;
+        b.set_allowed([peer(&ka)]).await;
+        echo_upper(&a);
+        b.dial(addr(&a, quic).await).await.unwrap();
+        assert!(
+            b.wait_connected(peer(&ka), Duration::from_secs(10)).await,
+            "quic={quic}"
+        );
+        let reply = rpc::request(&b, peer(&ka), rpc::DOC, b"heads please")
+            .await
+            .unwrap();
+        assert_eq!(reply, b"HEADS PLEASE");
+        let traffic = b.traffic();
+        assert!(traffic[&peer(&ka)].0 > 0 && traffic[&peer(&ka)].1 > 0);
+    }
+}
+
+#[tokio::test]
+async fn in_memory_transport_connects_real_nodes() {
+    let (ka, kb) = (DeviceKeys::generate(), DeviceKeys::generate());
+    let a = Transport::start(Config::memory(ka.libp2p_keypair())).unwrap();
+    let b = Transport::start(Config::memory(kb.libp2p_keypair())).unwrap();
+    a.set_allowed([peer(&kb)]).await;
+    b.set_allowed([peer(&ka)]).await;
+    echo_upper(&a);
+    let addrs = a.wait_listening().await;
+    b.dial(addrs[0].clone()).await.unwrap();
+    assert!(b.wait_connected(peer(&ka), Duration::from_secs(5)).await);
+    assert_eq!(
+        rpc::request(&b, peer(&ka), rpc::DOC, b"x").await.unwrap(),
+        b"X"
+    );
+}
+
+#[tokio::test]
+async fn a_stranger_with_a_valid_key_gets_no_protocol_through() {
+    let (ka, kc) = (DeviceKeys::generate(), DeviceKeys::generate());
+    let (a, stranger) = (node(&ka), node(&kc));
+    let mut events = a.subscribe();
+    echo_upper(&a);
+    // The stranger would happily talk to A; A has never heard of it.
+    stranger.set_allowed([peer(&ka)]).await;
+    stranger.dial(addr(&a, false).await).await.unwrap();
+    let refused = tokio::time::timeout(Duration::from_secs(10), async {
+        loop {
+            if let Ok(Event::Refused { peer: p, .. }) = events.recv().await {
+                return p;
+            }
+        }
+    })
+    .await
+    .expect("A reports the refusal");
+    assert_eq!(refused, peer(&kc));
+    assert!(rpc::request(&stranger, peer(&ka), rpc::DOC, b"hello")
+        .await
+        .is_err());
+    assert!(!a.connected().await.iter().any(|(p, _)| *p == peer(&kc)));
+}
+
+#[tokio::test]
+async fn a_removed_member_is_cut_off_and_cannot_come_back() {
+    let (ka, kb) = (DeviceKeys::generate(), DeviceKeys::generate());
+    let (a, b) = (node(&ka), node(&kb));
+    a.set_allowed([peer(&kb)]).await;
+    b.set_allowed([peer(&ka)]).await;
+    echo_upper(&a);
+    let a_addr = addr(&a, false).await;
+    b.dial(a_addr.clone()).await.unwrap();
+    assert!(b.wait_connected(peer(&ka), Duration::from_secs(10)).await);
+    a.set_allowed(Vec::<PeerId>::new()).await;
+    let gone = async {
+        while b.connected().await.iter().any(|(p, _)| *p == peer(&ka)) {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    };
+    tokio::time::timeout(Duration::from_secs(10), gone)
+        .await
+        .expect("B is disconnected");
+    b.dial(a_addr).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(rpc::request(&b, peer(&ka), rpc::DOC, b"again")
+        .await
+        .is_err());
+}
+
+struct MemorySource(HashMap<ChunkId, Vec<u8>>);
+
+impl ChunkSource for MemorySource {
+    fn get(&self, id: &ChunkId) -> Option<Vec<u8>> {
+        self.0.get(id).cloned()
+    }
+}
+
+fn chunks(count: usize, size: usize, seed: u8) -> HashMap<ChunkId, Vec<u8>> {
+    (0..count)
+        .map(|i| {
+            let mut data = vec![0u8; size];
+            let mut xof = blake3::Hasher::new()
+                .update(&[seed])
+                .update(&i.to_le_bytes())
+                .finalize_xof();
+            xof.fill(&mut data);
+            (ChunkId(*blake3::hash(&data).as_bytes()), data)
+        })
+        .collect()
+}
+
+#[tokio::test]
+async fn a_transfer_from_two_peers_resumes_after_its_connection_is_killed() {
+    let (ka, kb, kc) = (
+        DeviceKeys::generate(),
+        DeviceKeys::generate(),
+        DeviceKeys::generate(),
+    );
+    let (a, b, c) = (node(&ka), node(&kb), node(&kc));
+    for (t, others) in [(&a, [&kb, &kc]), (&b, [&ka, &kc]), (&c, [&ka, &kb])] {
+        t.set_allowed(others.iter().map(|k| peer(k))).await;
+    }
+    let data = chunks(400, 128 * 1024, 1); // 50 MiB
+    let source: Arc<dyn ChunkSource> = Arc::new(MemorySource(data.clone()));
+    for server in [&a, &b] {
+        let incoming = server.control().accept(chunks::PROTOCOL).unwrap();
+        tokio::spawn(chunks::serve(
+            incoming,
+            source.clone(),
+            server.allowed().clone(),
+        ));
+    }
+    c.dial(addr(&a, false).await).await.unwrap();
+    c.dial(addr(&b, true).await).await.unwrap();
+    assert!(c.wait_connected(peer(&ka), Duration::from_secs(10)).await);
+    assert!(c.wait_connected(peer(&kb), Duration::from_secs(10)).await);
+
+    let mut wants: Vec<ChunkId> = data.keys().copied().collect();
+    wants.push(ChunkId([9; 32])); // nobody has this one
+    let (sink, mut received) = mpsc::channel::<Fetched>(8);
+    let fetcher = c.clone();
+    let peers = vec![peer(&ka), peer(&kb)];
+    let task = tokio::spawn(async move { chunks::fetch(&fetcher, peers, wants, sink).await });
+    let mut got: HashMap<ChunkId, PeerId> = HashMap::new();
+    let mut killed = false;
+    while let Some(fetched) = received.recv().await {
+        assert_eq!(
+            blake3::hash(&fetched.data).as_bytes(),
+            &fetched.id.0,
+            "chunk intact"
+        );
+        got.insert(fetched.id, fetched.peer);
+        if got.len() == 60 && !killed {
+            // Kill both connections mid-transfer.
+            c.disconnect(peer(&ka)).await;
+            c.disconnect(peer(&kb)).await;
+            killed = true;
+        }
+    }
+    let report = task.await.unwrap();
+    assert!(killed);
+    assert_eq!(got.len(), 400, "every chunk arrived: {report:?}");
+    assert_eq!(report.missing, vec![ChunkId([9; 32])]);
+    assert!(report.reconnects >= 1, "{report:?}");
+    assert!(got.values().any(|p| *p == peer(&ka)) && got.values().any(|p| *p == peer(&kb)));
+}
+
+#[tokio::test]
+async fn an_invite_works_once_and_wrong_or_expired_codes_change_nothing() {
+    let (inviter_keys, joiner_keys, other_keys) = (
+        DeviceKeys::generate(),
+        DeviceKeys::generate(),
+        DeviceKeys::generate(),
+    );
+    let mesh = MeshId::random();
+    let joined = Arc::new(std::sync::Mutex::new(Vec::new()));
+    let seen = joined.clone();
+    let inviter = Inviter::start(
+        &inviter_keys,
+        mesh,
+        Role::Device,
+        Duration::from_secs(600),
+        "127.0.0.1",
+        move |joiner| {
+            seen.lock().unwrap().push(joiner.clone());
+            Ok(format!("welcome {}", joiner.name).into_bytes())
+        },
+    )
+    .await
+    .unwrap();
+    let code = inviter.invite.code();
+
+    // A wrong secret: same everything, other code.
+    let mut forged = pair::Invite::parse(&code).unwrap();
+    let other = Inviter::start(
+        &other_keys,
+        mesh,
+        Role::Device,
+        Duration::from_secs(600),
+        "127.0.0.1",
+        |_| Ok(vec![]),
+    )
+    .await
+    .unwrap();
+    let mut wrong = pair::Invite::parse(&other.invite.code()).unwrap();
+    wrong.inviter = forged.inviter;
+    wrong.addrs = forged.addrs.clone();
+    wrong.mesh = forged.mesh;
+    assert!(matches!(
+        pair::join(&joiner_keys, "laptop", &wrong.code()).await,
+        Err(PairError::Handshake)
+    ));
+    assert!(
+        joined.lock().unwrap().is_empty(),
+        "a wrong code changes nothing"
+    );
+
+    assert!(matches!(
+        pair::join(&joiner_keys, "laptop", "hello").await,
+        Err(PairError::NotAnInvite)
+    ));
+    let mut damaged = code.clone();
+    damaged.truncate(code.len() - 3);
+    assert!(matches!(
+        pair::join(&joiner_keys, "laptop", &damaged).await,
+        Err(PairError::Damaged)
+    ));
+    forged.expires = 1;
+    assert!(matches!(
+        pair::join(&joiner_keys, "laptop", &forged.code()).await,
+        Err(PairError::Damaged | PairError::Expired)
+    ));
+
+    let (invite, payload) = pair::join(&joiner_keys, "laptop", &code).await.unwrap();
+    assert_eq!(payload, b"welcome laptop");
+    assert_eq!(invite.mesh, mesh);
+    {
+        let joined = joined.lock().unwrap();
+        assert_eq!(joined.len(), 1);
+        assert_eq!(joined[0].device, joiner_keys.device_id());
+        assert_eq!(
+            joined[0].kem,
+            joiner_keys.kem_public(),
+            "the handshake proved the wrapping key"
+        );
+    }
+    assert!(inviter.used());
+    // Used once: refused.
+    assert!(pair::join(&other_keys, "thief", &code).await.is_err());
+    assert_eq!(joined.lock().unwrap().len(), 1);
+}
