@@ -289,3 +289,64 @@ async fn an_invite_works_once_and_wrong_or_expired_codes_change_nothing() {
     assert!(pair::join(&other_keys, "thief", &code).await.is_err());
     assert_eq!(joined.lock().unwrap().len(), 1);
 }
+
+#[tokio::test]
+async fn members_introduced_by_a_common_peer_find_each_other() {
+    let (ka, kb, kc) = (DeviceKeys::generate(), DeviceKeys::generate(), DeviceKeys::generate());
+    let (a, b, c) = (node(&ka), node(&kb), node(&kc));
+    for (t, others) in [(&a, [&kb, &kc]), (&b, [&ka, &kc]), (&c, [&ka, &kb])] {
+        t.set_allowed(others.iter().map(|k| peer(k))).await;
+    }
+    // B and C know only A's address (as after pairing with A).
+    let a_addr = addr(&a, false).await;
+    b.dial(a_addr.clone()).await.unwrap();
+    c.dial(a_addr).await.unwrap();
+    assert!(
+        b.wait_connected(peer(&kc), Duration::from_secs(15)).await,
+        "B found C through A's peer list"
+    );
+}
+
+#[tokio::test]
+async fn replicated_state_travels_over_doc_protocol() {
+    use meshsync_crdt::{Action, Epoch, MeshKey, MembershipLog};
+    let (ka, kb) = (DeviceKeys::generate(), DeviceKeys::generate());
+    let (mut log, mesh) = MembershipLog::create(&ka, "a", &MeshKey::generate(Epoch(0)));
+    log.append(
+        &ka,
+        Action::Add {
+            device: kb.device_id(),
+            role: Role::Device,
+            name: "b".into(),
+            kem: Some(kb.kem_public()),
+            wrapped: None,
+        },
+    )
+    .unwrap();
+    let log = Arc::new(tokio::sync::Mutex::new(log));
+    let (a, b) = (node(&ka), node(&kb));
+    a.set_allowed([peer(&kb)]).await;
+    b.set_allowed([peer(&ka)]).await;
+    let served = log.clone();
+    rpc::serve(&a, rpc::DOC, move |_peer, request| {
+        let served = served.clone();
+        async move {
+            // The request: the heads the asker has; the reply: the changes it lacks.
+            let heads: Vec<Vec<u8>> = postcard::from_bytes(&request).ok()?;
+            let heads: Vec<automerge::ChangeHash> =
+                heads.iter().filter_map(|h| h.as_slice().try_into().ok()).collect();
+            let changes = served.lock().await.changes_since(&heads);
+            Some(postcard::to_stdvec(&changes).unwrap())
+        }
+    })
+    .unwrap();
+    b.dial(addr(&a, true).await).await.unwrap();
+    assert!(b.wait_connected(peer(&ka), Duration::from_secs(10)).await);
+    let mut replica = MembershipLog::empty(mesh);
+    let request = postcard::to_stdvec(&Vec::<Vec<u8>>::new()).unwrap();
+    let reply = rpc::request(&b, peer(&ka), rpc::DOC, &request).await.unwrap();
+    let changes: Vec<Vec<u8>> = postcard::from_bytes(&reply).unwrap();
+    replica.apply(&changes).unwrap();
+    assert!(replica.view().is_member(&kb.device_id()));
+    assert_eq!(replica.view().members, log.lock().await.view().members);
+}
