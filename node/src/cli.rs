@@ -36,6 +36,11 @@ pub enum Command {
         #[arg(long)]
         peer_id: bool,
     },
+    /// Manage static peer addresses (dialed besides the devices found on the LAN).
+    Peer {
+        #[command(subcommand)]
+        action: PeerAction,
+    },
     /// Show meshsync at work on this machine: two devices in temporary homes form a mesh and
     /// exchange signed, verified index changes.
     Demo {
@@ -43,6 +48,16 @@ pub enum Command {
         #[arg(long)]
         dir: Option<PathBuf>,
     },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum PeerAction {
+    /// Add an address, e.g. /ip4/192.168.1.20/tcp/22000 or /ip4/192.168.1.20/udp/22000/quic-v1.
+    Add { addr: String },
+    /// List the static addresses.
+    List,
+    /// Remove an address.
+    Remove { addr: String },
 }
 
 /// Runs one parsed command.
@@ -53,6 +68,22 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
     let home = Home::locate(cli.home)?;
     match cli.command {
         Command::Demo { .. } => unreachable!("handled above"),
+        Command::Peer { action } => match action {
+            PeerAction::Add { addr } => {
+                let addr = home.add_peer(&addr)?;
+                println!("added {addr}");
+            }
+            PeerAction::Remove { addr } => {
+                let addr = home.remove_peer(&addr)?;
+                println!("removed {addr}");
+            }
+            PeerAction::List => {
+                home.load_keys()?;
+                for peer in home.config()?.peers {
+                    println!("{peer}");
+                }
+            }
+        },
         Command::Init { name } => {
             let name = match name {
                 Some(name) => name,

@@ -46,6 +46,8 @@ pub enum HomeError {
         "no home directory could be found for this user; pass --home DIR or set MESHSYNC_HOME"
     )]
     NoDefaultHome,
+    #[error(transparent)]
+    PeerAddr(#[from] PeerAddrError),
 }
 
 fn io(path: &Path) -> impl FnOnce(std::io::Error) -> HomeError + '_ {
@@ -61,6 +63,9 @@ pub struct Config {
     pub name: String,
     #[serde(default = "default_role")]
     pub role: String,
+    /// Static peer addresses (multiaddrs) to dial besides those found by mDNS.
+    #[serde(default)]
+    pub peers: Vec<String>,
 }
 
 fn default_role() -> String {
@@ -124,7 +129,11 @@ impl Home {
              \n\
              # device: a full member that reads and writes folders.\n\
              # storage: holds only ciphertext for the mesh (set by `meshsync init --storage`).\n\
-             role = \"{role}\"\n"
+             role = \"{role}\"\n\
+             \n\
+             # Addresses of other devices to dial, besides those found on the LAN by mDNS.\n\
+             # Managed with `meshsync peer add|list|remove`, e.g. \"/ip4/192.168.1.20/tcp/22000\".\n\
+             peers = []\n"
         );
         write_private(&self.path.join(CONFIG_FILE), &Zeroizing::new(config))?;
         // The signing key goes last: its presence is what marks the home as initialised.
@@ -159,6 +168,99 @@ impl Home {
             .role()
             .map_err(|reason| HomeError::BadConfig { path, reason })?;
         Ok(config)
+    }
+}
+
+/// Why a static peer address was refused.
+#[derive(Debug, thiserror::Error)]
+pub enum PeerAddrError {
+    #[error("{0:?} is not a multiaddr; write it like /ip4/192.168.1.20/tcp/22000 or /ip4/192.168.1.20/udp/22000/quic-v1")]
+    Syntax(String),
+    #[error(
+        "{0:?} must name an IP address (or DNS name) and a TCP port or a QUIC (udp/…/quic-v1) port"
+    )]
+    Incomplete(String),
+    #[error("{0:?} is not in the peer list (see `meshsync peer list`)")]
+    NotListed(String),
+    #[error("{0:?} is already in the peer list")]
+    Duplicate(String),
+}
+
+/// Parses and checks a static peer address: an IP (or DNS name) plus TCP or QUIC.
+pub fn parse_peer_addr(text: &str) -> Result<String, PeerAddrError> {
+    use meshsync_transport::Multiaddr;
+    let addr: Multiaddr = text
+        .trim()
+        .parse()
+        .map_err(|_| PeerAddrError::Syntax(text.to_string()))?;
+    let parts: Vec<String> = addr.iter().map(|p| p.tag().to_string()).collect();
+    let host = matches!(
+        parts.first().map(String::as_str),
+        Some("ip4" | "ip6" | "dns" | "dns4" | "dns6")
+    );
+    let tcp = parts.len() >= 2 && parts[1] == "tcp";
+    let quic = parts.len() >= 3 && parts[1] == "udp" && parts[2] == "quic-v1";
+    let extra_ok = parts
+        .iter()
+        .skip(if quic { 3 } else { 2 })
+        .all(|p| p == "p2p");
+    if !(host && (tcp || quic) && extra_ok) {
+        return Err(PeerAddrError::Incomplete(text.to_string()));
+    }
+    Ok(addr.to_string())
+}
+
+impl Home {
+    /// Adds a static peer address to `config.toml`, keeping its comments.
+    pub fn add_peer(&self, text: &str) -> Result<String, HomeError> {
+        let addr = parse_peer_addr(text)?;
+        self.edit_peers(|peers| {
+            if peers.contains(&addr) {
+                return Err(PeerAddrError::Duplicate(addr.clone()));
+            }
+            peers.push(addr.clone());
+            Ok(())
+        })?;
+        Ok(addr)
+    }
+
+    /// Removes a static peer address from `config.toml`.
+    pub fn remove_peer(&self, text: &str) -> Result<String, HomeError> {
+        let addr = parse_peer_addr(text).unwrap_or_else(|_| text.trim().to_string());
+        self.edit_peers(|peers| {
+            let before = peers.len();
+            peers.retain(|p| *p != addr);
+            if peers.len() == before {
+                return Err(PeerAddrError::NotListed(addr.clone()));
+            }
+            Ok(())
+        })?;
+        Ok(addr)
+    }
+
+    fn edit_peers(
+        &self,
+        change: impl FnOnce(&mut Vec<String>) -> Result<(), PeerAddrError>,
+    ) -> Result<(), HomeError> {
+        if !self.is_initialised() {
+            return Err(HomeError::NotInitialised(self.path.clone()));
+        }
+        let path = self.path.join(CONFIG_FILE);
+        let text = fs::read_to_string(&path).map_err(io(&path))?;
+        let mut doc: toml_edit::DocumentMut =
+            text.parse()
+                .map_err(|e: toml_edit::TomlError| HomeError::BadConfig {
+                    path: path.clone(),
+                    reason: e.to_string(),
+                })?;
+        let mut peers: Vec<String> = self.config()?.peers;
+        change(&mut peers)?;
+        let mut array = toml_edit::Array::new();
+        for peer in &peers {
+            array.push(peer.as_str());
+        }
+        doc["peers"] = toml_edit::value(array);
+        write_private(&path, &doc.to_string())
     }
 }
 
@@ -255,6 +357,50 @@ mod tests {
             Err(HomeError::AlreadyInitialised { .. })
         ));
         assert_eq!(home.load_keys().unwrap().device_id(), keys.device_id());
+    }
+
+    #[test]
+    fn static_peers_are_checked_and_kept_in_the_commented_config() {
+        let dir = tempfile::tempdir().unwrap();
+        let home = Home::locate(Some(dir.path().to_path_buf())).unwrap();
+        assert!(matches!(
+            home.add_peer("/ip4/10.0.0.2/tcp/1"),
+            Err(HomeError::NotInitialised(_))
+        ));
+        home.init("x", Role::Device).unwrap();
+        home.add_peer("/ip4/10.0.0.2/tcp/22000").unwrap();
+        home.add_peer(" /ip4/10.0.0.3/udp/22000/quic-v1 ").unwrap();
+        for bad in [
+            "nonsense",
+            "/ip4/10.0.0.2",
+            "/ip4/10.0.0.2/udp/5",
+            "/ip4/10.0.0.2/tcp/1/p2p-circuit",
+        ] {
+            assert!(
+                matches!(home.add_peer(bad), Err(HomeError::PeerAddr(_))),
+                "{bad}"
+            );
+        }
+        assert!(matches!(
+            home.add_peer("/ip4/10.0.0.2/tcp/22000"),
+            Err(HomeError::PeerAddr(PeerAddrError::Duplicate(_)))
+        ));
+        home.remove_peer("/ip4/10.0.0.2/tcp/22000").unwrap();
+        assert!(home.remove_peer("/ip4/10.0.0.2/tcp/22000").is_err());
+        assert_eq!(
+            home.config().unwrap().peers,
+            vec!["/ip4/10.0.0.3/udp/22000/quic-v1"]
+        );
+        let text = fs::read_to_string(home.path().join(CONFIG_FILE)).unwrap();
+        assert!(
+            text.contains("# The name other devices show"),
+            "comments kept"
+        );
+        let mode = fs::metadata(home.path().join(CONFIG_FILE))
+            .unwrap()
+            .permissions()
+            .mode();
+        assert_eq!(mode & 0o777, 0o600);
     }
 
     #[test]

@@ -11,7 +11,9 @@ use meshsync_transport::{Config, Transport};
 use zeroize::Zeroizing;
 
 fn keys(hex: &str) -> DeviceKeys {
-    let bytes = data_encoding::HEXLOWER.decode(hex.as_bytes()).expect("hex seed");
+    let bytes = data_encoding::HEXLOWER
+        .decode(hex.as_bytes())
+        .expect("hex seed");
     let seed: [u8; 32] = bytes.try_into().expect("32-byte seed");
     DeviceKeys::from_seeds(Zeroizing::new(seed), Zeroizing::new(seed))
 }
@@ -19,14 +21,21 @@ fn keys(hex: &str) -> DeviceKeys {
 #[tokio::main]
 async fn main() {
     let args: Vec<String> = std::env::args().collect();
-    let (me, other, seconds) = (keys(&args[1]), keys(&args[2]), args[3].parse::<u64>().unwrap_or(20));
+    let (me, other, seconds) = (
+        keys(&args[1]),
+        keys(&args[2]),
+        args[3].parse::<u64>().unwrap_or(20),
+    );
     let mut config = Config::tcp_and_quic(me.libp2p_keypair(), "0.0.0.0");
     config.mdns = true;
     config.peer_exchange = false;
     let transport = Transport::start(config).expect("transport starts");
     let other = other.device_id().to_peer_id();
     transport.set_allowed([other]).await;
-    if transport.wait_connected(other, Duration::from_secs(seconds)).await {
+    if transport
+        .wait_connected(other, Duration::from_secs(seconds))
+        .await
+    {
         println!("connected to {other} found by mDNS");
     } else {
         println!("no connection to {other}");

@@ -292,7 +292,10 @@ async fn worker(
                     let bytes = frame::read_frame(&mut stream, 33 + MAX_CHUNK, REPLY)
                         .await?
                         .ok_or(FrameError::Closed)?;
-                    let (status, id, data) = decode_response_header(&bytes)?;
+                    let (status, id, data_len) = {
+                        let (status, id, data) = decode_response_header(&bytes)?;
+                        (status, id, data.len())
+                    };
                     if batch.first() != Some(&id) {
                         return Err(FrameError::Malformed("chunk answered out of order".into()));
                     }
@@ -306,17 +309,16 @@ async fn worker(
                     {
                         let mut s = shared.lock().expect("fetch state lock");
                         s.report.received += 1;
-                        s.report.bytes += data.len() as u64;
+                        s.report.bytes += data_len as u64;
                     }
                     transport
                         .counters(&peer)
                         .bytes_in
                         .fetch_add(bytes.len() as u64 + 4, std::sync::atomic::Ordering::Relaxed);
-                    let fetched = Fetched {
-                        peer,
-                        id,
-                        data: data.to_vec(),
-                    };
+                    // Reuse the frame's buffer for the chunk rather than copying it out.
+                    let mut data = bytes;
+                    data.drain(..33);
+                    let fetched = Fetched { peer, id, data };
                     if sink.send(fetched).await.is_err() {
                         return Ok(()); // the consumer is gone: nothing more to do
                     }

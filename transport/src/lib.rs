@@ -37,11 +37,12 @@ use std::time::Duration;
 use futures::StreamExt;
 use libp2p::swarm::behaviour::toggle::Toggle;
 use libp2p::swarm::{NetworkBehaviour, SwarmEvent};
-use libp2p::{identify, mdns, noise, tcp, yamux, Multiaddr, PeerId, Swarm};
+use libp2p::{identify, mdns, noise, tcp, yamux, Swarm};
 use meshsync_crdt::DeviceId;
 use tokio::sync::{mpsc, oneshot};
 
 pub use gate::Allowed;
+pub use libp2p::{Multiaddr, PeerId};
 
 /// Why the transport could not start or do what was asked.
 #[derive(Debug, thiserror::Error)]

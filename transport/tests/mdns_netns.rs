@@ -18,7 +18,10 @@ impl Drop for Namespaces {
 }
 
 fn ip(args: &[&str]) {
-    let status = Command::new("ip").args(args).status().expect("iproute2 is installed");
+    let status = Command::new("ip")
+        .args(args)
+        .status()
+        .expect("iproute2 is installed");
     assert!(status.success(), "ip {args:?} failed");
 }
 

@@ -292,7 +292,11 @@ async fn an_invite_works_once_and_wrong_or_expired_codes_change_nothing() {
 
 #[tokio::test]
 async fn members_introduced_by_a_common_peer_find_each_other() {
-    let (ka, kb, kc) = (DeviceKeys::generate(), DeviceKeys::generate(), DeviceKeys::generate());
+    let (ka, kb, kc) = (
+        DeviceKeys::generate(),
+        DeviceKeys::generate(),
+        DeviceKeys::generate(),
+    );
     let (a, b, c) = (node(&ka), node(&kb), node(&kc));
     for (t, others) in [(&a, [&kb, &kc]), (&b, [&ka, &kc]), (&c, [&ka, &kb])] {
         t.set_allowed(others.iter().map(|k| peer(k))).await;
@@ -309,7 +313,7 @@ async fn members_introduced_by_a_common_peer_find_each_other() {
 
 #[tokio::test]
 async fn replicated_state_travels_over_doc_protocol() {
-    use meshsync_crdt::{Action, Epoch, MeshKey, MembershipLog};
+    use meshsync_crdt::{Action, Epoch, MembershipLog, MeshKey};
     let (ka, kb) = (DeviceKeys::generate(), DeviceKeys::generate());
     let (mut log, mesh) = MembershipLog::create(&ka, "a", &MeshKey::generate(Epoch(0)));
     log.append(
@@ -333,8 +337,10 @@ async fn replicated_state_travels_over_doc_protocol() {
         async move {
             // The request: the heads the asker has; the reply: the changes it lacks.
             let heads: Vec<Vec<u8>> = postcard::from_bytes(&request).ok()?;
-            let heads: Vec<automerge::ChangeHash> =
-                heads.iter().filter_map(|h| h.as_slice().try_into().ok()).collect();
+            let heads: Vec<automerge::ChangeHash> = heads
+                .iter()
+                .filter_map(|h| h.as_slice().try_into().ok())
+                .collect();
             let changes = served.lock().await.changes_since(&heads);
             Some(postcard::to_stdvec(&changes).unwrap())
         }
@@ -344,7 +350,9 @@ async fn replicated_state_travels_over_doc_protocol() {
     assert!(b.wait_connected(peer(&ka), Duration::from_secs(10)).await);
     let mut replica = MembershipLog::empty(mesh);
     let request = postcard::to_stdvec(&Vec::<Vec<u8>>::new()).unwrap();
-    let reply = rpc::request(&b, peer(&ka), rpc::DOC, &request).await.unwrap();
+    let reply = rpc::request(&b, peer(&ka), rpc::DOC, &request)
+        .await
+        .unwrap();
     let changes: Vec<Vec<u8>> = postcard::from_bytes(&reply).unwrap();
     replica.apply(&changes).unwrap();
     assert!(replica.view().is_member(&kb.device_id()));
