@@ -44,8 +44,9 @@ pub struct Want {
 }
 
 /// Where a node's chunks come from when it serves them. Called on a blocking thread.
+/// `Bytes`, so that a store holding chunks in memory (or mapped) can hand them out uncopied.
 pub trait ChunkSource: Send + Sync + 'static {
-    fn get(&self, id: &ChunkId) -> Option<Vec<u8>>;
+    fn get(&self, id: &ChunkId) -> Option<bytes::Bytes>;
 }
 
 /// A chunk as received, not yet authenticated.
@@ -83,6 +84,37 @@ pub fn decode_response_header(frame: &[u8]) -> Result<(u8, ChunkId, &[u8]), Fram
     let mut id = [0u8; 32];
     id.copy_from_slice(&frame[1..33]);
     Ok((status, ChunkId(id), &frame[33..]))
+}
+
+/// Reads one answer: header, then the chunk straight into its own buffer (no zeroing, no
+/// copy), refusing an oversized length before reading it.
+async fn read_response(stream: &mut libp2p::Stream) -> Result<(u8, ChunkId, Vec<u8>), FrameError> {
+    use futures::AsyncReadExt;
+    let mut header = [0u8; 37];
+    stream
+        .read_exact(&mut header)
+        .await
+        .map_err(|e| match e.kind() {
+            std::io::ErrorKind::UnexpectedEof => FrameError::Closed,
+            _ => FrameError::Io(e),
+        })?;
+    let len = u32::from_be_bytes([header[0], header[1], header[2], header[3]]) as usize;
+    if !(33..=33 + MAX_CHUNK).contains(&len) {
+        return Err(FrameError::TooLarge {
+            len,
+            limit: 33 + MAX_CHUNK,
+        });
+    }
+    let (status, id, _) = decode_response_header(&header[4..])?;
+    let mut data = Vec::with_capacity(len - 33);
+    let got = stream
+        .take((len - 33) as u64)
+        .read_to_end(&mut data)
+        .await?;
+    if got != len - 33 {
+        return Err(FrameError::Closed);
+    }
+    Ok((status, id, data))
 }
 
 /// Serves chunks from `source` on every incoming stream from an allowed peer.
@@ -131,13 +163,14 @@ async fn serve_stream(
         .map_err(|e| FrameError::Io(std::io::Error::other(e)))?;
         for (id, data) in found {
             let (status, data) = match &data {
-                Some(data) => (HAVE, data.as_slice()),
+                Some(data) => (HAVE, &data[..]),
                 None => (MISSING, &[][..]),
             };
-            let len = (33 + data.len()) as u32;
-            stream.write_all(&len.to_be_bytes()).await?;
-            stream.write_all(&[status]).await?;
-            stream.write_all(&id.0).await?;
+            let mut header = [0u8; 37];
+            header[..4].copy_from_slice(&((33 + data.len()) as u32).to_be_bytes());
+            header[4] = status;
+            header[5..].copy_from_slice(&id.0);
+            stream.write_all(&header).await?;
             stream.write_all(data).await?;
         }
         stream.flush().await?;
@@ -289,13 +322,10 @@ async fn worker(
                     return Ok(());
                 };
                 while !batch.is_empty() {
-                    let bytes = frame::read_frame(&mut stream, 33 + MAX_CHUNK, REPLY)
-                        .await?
-                        .ok_or(FrameError::Closed)?;
-                    let (status, id, data_len) = {
-                        let (status, id, data) = decode_response_header(&bytes)?;
-                        (status, id, data.len())
-                    };
+                    let (status, id, data) =
+                        tokio::time::timeout(REPLY, read_response(&mut stream))
+                            .await
+                            .map_err(|_| FrameError::Timeout(REPLY))??;
                     if batch.first() != Some(&id) {
                         return Err(FrameError::Malformed("chunk answered out of order".into()));
                     }
@@ -309,15 +339,12 @@ async fn worker(
                     {
                         let mut s = shared.lock().expect("fetch state lock");
                         s.report.received += 1;
-                        s.report.bytes += data_len as u64;
+                        s.report.bytes += data.len() as u64;
                     }
                     transport
                         .counters(&peer)
                         .bytes_in
-                        .fetch_add(bytes.len() as u64 + 4, std::sync::atomic::Ordering::Relaxed);
-                    // Reuse the frame's buffer for the chunk rather than copying it out.
-                    let mut data = bytes;
-                    data.drain(..33);
+                        .fetch_add(data.len() as u64 + 37, std::sync::atomic::Ordering::Relaxed);
                     let fetched = Fetched { peer, id, data };
                     if sink.send(fetched).await.is_err() {
                         return Ok(()); // the consumer is gone: nothing more to do

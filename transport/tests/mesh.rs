@@ -127,10 +127,10 @@ async fn a_removed_member_is_cut_off_and_cannot_come_back() {
         .is_err());
 }
 
-struct MemorySource(HashMap<ChunkId, Vec<u8>>);
+struct MemorySource(HashMap<ChunkId, bytes::Bytes>);
 
 impl ChunkSource for MemorySource {
-    fn get(&self, id: &ChunkId) -> Option<Vec<u8>> {
+    fn get(&self, id: &ChunkId) -> Option<bytes::Bytes> {
         self.0.get(id).cloned()
     }
 }
@@ -161,7 +161,11 @@ async fn a_transfer_from_two_peers_resumes_after_its_connection_is_killed() {
         t.set_allowed(others.iter().map(|k| peer(k))).await;
     }
     let data = chunks(400, 128 * 1024, 1); // 50 MiB
-    let source: Arc<dyn ChunkSource> = Arc::new(MemorySource(data.clone()));
+    let source: Arc<dyn ChunkSource> = Arc::new(MemorySource(
+        data.iter()
+            .map(|(k, v)| (*k, bytes::Bytes::from(v.clone())))
+            .collect(),
+    ));
     for server in [&a, &b] {
         let incoming = server.control().accept(chunks::PROTOCOL).unwrap();
         tokio::spawn(chunks::serve(
