@@ -30,6 +30,24 @@ async fn addr(t: &Transport, quic: bool) -> Multiaddr {
         .expect("listening")
 }
 
+/// Three nodes, each allowing the other two.
+async fn three_members() -> [(DeviceKeys, Transport); 3] {
+    let keys: [DeviceKeys; 3] = std::array::from_fn(|_| DeviceKeys::generate());
+    let ids: Vec<PeerId> = keys.iter().map(peer).collect();
+    let nodes: Vec<Transport> = keys.iter().map(node).collect();
+    for (i, t) in nodes.iter().enumerate() {
+        t.set_allowed(
+            ids.iter()
+                .enumerate()
+                .filter(|(j, _)| *j != i)
+                .map(|(_, p)| *p),
+        )
+        .await;
+    }
+    let mut nodes = nodes.into_iter();
+    keys.map(|k| (k, nodes.next().expect("three nodes")))
+}
+
 fn echo_upper(t: &Transport) {
     rpc::serve(t, rpc::DOC, |_peer, request| async move {
         Some(request.to_ascii_uppercase())
@@ -151,15 +169,7 @@ fn chunks(count: usize, size: usize, seed: u8) -> HashMap<ChunkId, Vec<u8>> {
 
 #[tokio::test]
 async fn a_transfer_from_two_peers_resumes_after_its_connection_is_killed() {
-    let (ka, kb, kc) = (
-        DeviceKeys::generate(),
-        DeviceKeys::generate(),
-        DeviceKeys::generate(),
-    );
-    let (a, b, c) = (node(&ka), node(&kb), node(&kc));
-    for (t, others) in [(&a, [&kb, &kc]), (&b, [&ka, &kc]), (&c, [&ka, &kb])] {
-        t.set_allowed(others.iter().map(|k| peer(k))).await;
-    }
+    let [(ka, a), (kb, b), (_kc, c)] = three_members().await;
     let data = chunks(400, 128 * 1024, 1); // 50 MiB
     let source: Arc<dyn ChunkSource> = Arc::new(MemorySource(
         data.iter()
@@ -296,15 +306,7 @@ async fn an_invite_works_once_and_wrong_or_expired_codes_change_nothing() {
 
 #[tokio::test]
 async fn members_introduced_by_a_common_peer_find_each_other() {
-    let (ka, kb, kc) = (
-        DeviceKeys::generate(),
-        DeviceKeys::generate(),
-        DeviceKeys::generate(),
-    );
-    let (a, b, c) = (node(&ka), node(&kb), node(&kc));
-    for (t, others) in [(&a, [&kb, &kc]), (&b, [&ka, &kc]), (&c, [&ka, &kb])] {
-        t.set_allowed(others.iter().map(|k| peer(k))).await;
-    }
+    let [(_ka, a), (_kb, b), (kc, c)] = three_members().await;
     // B and C know only A's address (as after pairing with A).
     let a_addr = addr(&a, false).await;
     b.dial(a_addr.clone()).await.unwrap();
