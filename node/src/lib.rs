@@ -4,7 +4,11 @@
 //! - [`home`]: the node's home directory — key files (mode 0600), config.
 //! - [`cli`]: the command-line interface.
 //! - [`demo`]: `meshsync demo`, the foundation at work on one machine.
+//! - [`content`]: FastCDC chunking, keyed-BLAKE3 chunk IDs, AES-256-GCM sealing of chunks.
+//! - [`store`]: the chunk store: pack files indexed by redb, one fsync and commit per batch.
 
 pub mod cli;
+pub mod content;
 pub mod demo;
 pub mod home;
+pub mod store;
