@@ -634,6 +634,11 @@ impl FolderIndex {
         Ok(report)
     }
 
+    /// One shard, saved, if it exists.
+    pub fn save_shard(&mut self, shard: u16) -> Option<Vec<u8>> {
+        self.shards.get_mut(&shard).map(|s| s.doc.save())
+    }
+
     /// Every non-empty shard, saved (compressed, with history).
     pub fn save(&mut self) -> Vec<(u16, Vec<u8>)> {
         self.shards

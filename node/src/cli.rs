@@ -6,6 +6,7 @@ use anyhow::Context;
 use clap::{Parser, Subcommand};
 use meshsync_crdt::{DeviceId, Role};
 
+use crate::control;
 use crate::home::Home;
 
 /// Keep folders in sync across your own devices, end-to-end encrypted, with nobody in the middle.
@@ -36,6 +37,35 @@ pub enum Command {
         #[arg(long)]
         peer_id: bool,
     },
+    /// Run the daemon in the foreground: sync this device's folders with the mesh.
+    Up {
+        /// Addresses to listen on (default: TCP and QUIC on all interfaces, port 22000).
+        #[arg(long = "listen", value_name = "MULTIADDR")]
+        listen: Vec<String>,
+    },
+    /// Print a one-time invite code for another device (the last line of output).
+    Invite {
+        /// device, read-only or storage.
+        #[arg(long, default_value = "device")]
+        role: String,
+        /// How long the code stays valid, e.g. 10m, 1h, 600s.
+        #[arg(long, default_value = "1h")]
+        expires: String,
+    },
+    /// Join the mesh of an invite code (with or without this home's daemon running).
+    Join { code: String },
+    /// Manage synced folders.
+    Folder {
+        #[command(subcommand)]
+        action: FolderAction,
+    },
+    /// Show this device, its peers and its folders.
+    Status {
+        #[arg(long)]
+        json: bool,
+    },
+    /// Ask the daemon to rescan now.
+    Scan { folder: Option<String> },
     /// Manage static peer addresses (dialed besides the devices found on the LAN).
     Peer {
         #[command(subcommand)]
@@ -48,6 +78,18 @@ pub enum Command {
         #[arg(long)]
         dir: Option<PathBuf>,
     },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum FolderAction {
+    /// Sync PATH; with --id, join that existing folder of the mesh.
+    Add {
+        path: PathBuf,
+        #[arg(long)]
+        id: Option<String>,
+    },
+    /// List synced folders.
+    List,
 }
 
 #[derive(Debug, Subcommand)]
@@ -68,6 +110,48 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
     let home = Home::locate(cli.home)?;
     match cli.command {
         Command::Demo { .. } => unreachable!("handled above"),
+        Command::Up { listen } => runtime()?.block_on(up(home, listen))?,
+        Command::Invite { role, expires } => {
+            let expires_secs = parse_duration(&expires)?;
+            let reply = runtime()?.block_on(require_daemon(
+                &home,
+                &control::Request::Invite { role, expires_secs },
+            ))?;
+            println!("Give this code to the new device; it works once, for {expires}:");
+            println!("{}", reply["code"].as_str().unwrap_or_default());
+        }
+        Command::Join { code } => runtime()?.block_on(join_mesh(home, code))?,
+        Command::Folder { action } => {
+            let request = match action {
+                FolderAction::Add { path, id } => control::Request::FolderAdd { path, id },
+                FolderAction::List => control::Request::FolderList,
+            };
+            let reply = runtime()?.block_on(require_daemon(&home, &request))?;
+            match reply {
+                serde_json::Value::Array(list) => {
+                    for f in list {
+                        println!(
+                            "{}  {}",
+                            f["id"].as_str().unwrap_or(""),
+                            f["path"].as_str().unwrap_or("")
+                        );
+                    }
+                }
+                other => println!("folder {} added", other["id"].as_str().unwrap_or("")),
+            }
+        }
+        Command::Status { json } => {
+            let status = runtime()?.block_on(require_daemon(&home, &control::Request::Status))?;
+            if json {
+                println!("{status}");
+            } else {
+                print_status(&status);
+            }
+        }
+        Command::Scan { folder } => {
+            runtime()?.block_on(require_daemon(&home, &control::Request::Scan { folder }))?;
+            println!("scanned");
+        }
         Command::Peer { action } => match action {
             PeerAction::Add { addr } => {
                 let addr = home.add_peer(&addr)?;
@@ -112,6 +196,140 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         }
     }
     Ok(())
+}
+
+fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
+    Ok(tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?)
+}
+
+async fn require_daemon(
+    home: &Home,
+    request: &control::Request,
+) -> anyhow::Result<serde_json::Value> {
+    home.load_keys()?;
+    control::call(home.path(), request).await?.ok_or_else(|| {
+        anyhow::anyhow!(
+            "no daemon is running for {}; start it with `meshsync --home {} up`",
+            home.path().display(),
+            home.path().display()
+        )
+    })
+}
+
+async fn up(home: Home, listen: Vec<String>) -> anyhow::Result<()> {
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .with_writer(std::io::stderr)
+        .try_init();
+    let listen = listen
+        .iter()
+        .map(|a| {
+            a.parse()
+                .with_context(|| format!("{a:?} is not a multiaddr"))
+        })
+        .collect::<anyhow::Result<Vec<_>>>()?;
+    let path = home.path().to_path_buf();
+    let node = crate::daemon::start(home, listen).await?;
+    {
+        let n = node.lock().await;
+        let addrs = n.transport().wait_listening().await;
+        println!("meshsync is up: device {}", n.keys().device_id());
+        for addr in addrs {
+            println!("listening on {addr}");
+        }
+    }
+    let control = tokio::spawn(control::serve(node.clone(), path.clone()));
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        _ = term.recv() => {}
+        result = control => { result??; }
+    }
+    let _ = std::fs::remove_file(control::socket_path(&path));
+    println!("meshsync stopped");
+    Ok(())
+}
+
+async fn join_mesh(home: Home, code: String) -> anyhow::Result<()> {
+    home.load_keys()?;
+    if let Some(reply) =
+        control::call(home.path(), &control::Request::Join { code: code.clone() }).await?
+    {
+        println!("joined mesh {}", reply["mesh"].as_str().unwrap_or(""));
+        return Ok(());
+    }
+    let keys = home.load_keys()?;
+    let state = crate::state::State::open(home.path())?;
+    let (mesh, _) = crate::daemon::join(&home, &state, &keys, &code).await?;
+    println!("joined mesh {mesh}; start the daemon with `meshsync up`");
+    Ok(())
+}
+
+fn parse_duration(text: &str) -> anyhow::Result<u64> {
+    let text = text.trim();
+    let (number, unit) = text.split_at(
+        text.find(|c: char| !c.is_ascii_digit())
+            .unwrap_or(text.len()),
+    );
+    let n: u64 = number
+        .parse()
+        .with_context(|| format!("{text:?} is not a duration like 10m, 1h or 600s"))?;
+    let secs = match unit {
+        "" | "s" => n,
+        "m" => n * 60,
+        "h" => n * 3600,
+        "d" => n * 86400,
+        _ => anyhow::bail!("{text:?} is not a duration like 10m, 1h or 600s"),
+    };
+    if secs == 0 {
+        anyhow::bail!("an invite must be valid for some time");
+    }
+    Ok(secs)
+}
+
+fn print_status(status: &serde_json::Value) {
+    println!("device {}", status["device_id"].as_str().unwrap_or(""));
+    for addr in status["listen"].as_array().into_iter().flatten() {
+        println!("  listening on {}", addr.as_str().unwrap_or(""));
+    }
+    println!("peers:");
+    for p in status["peers"].as_array().into_iter().flatten() {
+        println!(
+            "  {} {:<12} {:<8} {}  in {} B, out {} B",
+            p["id"].as_str().unwrap_or(""),
+            p["name"].as_str().unwrap_or(""),
+            p["role"].as_str().unwrap_or(""),
+            if p["connected"].as_bool() == Some(true) {
+                "connected"
+            } else {
+                "offline"
+            },
+            p["bytes_in"],
+            p["bytes_out"]
+        );
+    }
+    println!("folders:");
+    for f in status["folders"].as_array().into_iter().flatten() {
+        println!(
+            "  {} {}  {}  {} files, need {} files ({} B), {} conflicts",
+            f["id"].as_str().unwrap_or(""),
+            f["path"].as_str().unwrap_or(""),
+            if f["in_sync"].as_bool() == Some(true) {
+                "in sync"
+            } else {
+                "syncing"
+            },
+            f["local_files"],
+            f["need_files"],
+            f["need_bytes"],
+            f["conflicts"]
+        );
+    }
 }
 
 fn host_name() -> String {

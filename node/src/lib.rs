@@ -5,10 +5,16 @@
 //! - [`cli`]: the command-line interface.
 //! - [`demo`]: `meshsync demo`, the foundation at work on one machine.
 //! - [`content`]: FastCDC chunking, keyed-BLAKE3 chunk IDs, AES-256-GCM sealing of chunks.
+//! - [`daemon`]: `meshsync up`: scanning, pull/push of signed changes, materialising files.
+//! - [`control`]: the Unix control socket between the CLI and the daemon.
+//! - [`state`]: the node's redb state (mesh, membership, folders, index shards, local files).
 //! - [`store`]: the chunk store: pack files indexed by redb, one fsync and commit per batch.
 
 pub mod cli;
 pub mod content;
+pub mod control;
+pub mod daemon;
 pub mod demo;
 pub mod home;
+pub mod state;
 pub mod store;

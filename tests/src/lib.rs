@@ -44,3 +44,64 @@ pub fn meshsync_ok(home: &Path, args: &[&str]) -> String {
     );
     String::from_utf8_lossy(&out.stdout).into_owned()
 }
+
+/// A `meshsync up` process in its own home, on loopback; stopped (SIGKILL) when dropped.
+pub struct Daemon {
+    pub home: std::path::PathBuf,
+    child: std::process::Child,
+}
+
+impl Daemon {
+    /// Starts the daemon and waits until its control socket answers.
+    pub fn start(home: &Path) -> Daemon {
+        let log = std::fs::File::create(home.join("daemon.log")).expect("daemon log");
+        let child = Command::new(meshsync_bin())
+            .arg("--home")
+            .arg(home)
+            .args(["up", "--listen", "/ip4/127.0.0.1/tcp/0"])
+            .env_remove("MESHSYNC_HOME")
+            .env("RUST_LOG", "info")
+            .stdout(std::process::Stdio::null())
+            .stderr(log)
+            .spawn()
+            .expect("meshsync up starts");
+        let daemon = Daemon {
+            home: home.to_path_buf(),
+            child,
+        };
+        let ready = wait_until(std::time::Duration::from_secs(20), || {
+            meshsync(home, &["status", "--json"]).status.success()
+        });
+        assert!(ready, "daemon in {} did not come up", home.display());
+        daemon
+    }
+
+    /// `meshsync status --json` as a value.
+    pub fn status(&self) -> serde_json::Value {
+        serde_json::from_str(&meshsync_ok(&self.home, &["status", "--json"]))
+            .expect("status is JSON")
+    }
+
+    pub fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// Polls `check` every 50 ms until it holds or `timeout` passes.
+pub fn wait_until(timeout: std::time::Duration, mut check: impl FnMut() -> bool) -> bool {
+    let deadline = std::time::Instant::now() + timeout;
+    while std::time::Instant::now() < deadline {
+        if check() {
+            return true;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    check()
+}

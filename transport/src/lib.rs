@@ -402,6 +402,8 @@ async fn run_swarm(
     allowed: Allowed,
 ) {
     let mut announced: HashMap<PeerId, Vec<Multiaddr>> = HashMap::new();
+    // The concrete addresses being listened on (0.0.0.0 expanded to each interface).
+    let mut listening: Vec<Multiaddr> = Vec::new();
     // Addresses that worked or were announced, kept across disconnections for redials.
     let mut known: HashMap<PeerId, Vec<Multiaddr>> = HashMap::new();
     loop {
@@ -432,13 +434,16 @@ async fn run_swarm(
                         let _ = reply.send(peers);
                     }
                     Command::ListenAddrs(reply) => {
-                        let _ = reply.send(swarm.listeners().cloned().collect());
+                        let _ = reply.send(listening.clone());
                     }
                 }
             }
             event = swarm.select_next_some() => match event {
                 SwarmEvent::NewListenAddr { address, .. } => {
                     tracing::info!(%address, "listening");
+                    if !listening.contains(&address) {
+                        listening.push(address.clone());
+                    }
                     let _ = events.send(Event::Listening { addr: address });
                 }
                 SwarmEvent::ConnectionEstablished { peer_id, endpoint, .. } => {
@@ -481,6 +486,9 @@ async fn run_swarm(
                             let _ = swarm.dial(opts);
                         }
                     }
+                }
+                SwarmEvent::ExpiredListenAddr { address, .. } => {
+                    listening.retain(|a| *a != address);
                 }
                 SwarmEvent::IncomingConnectionError { error, send_back_addr, .. } => {
                     tracing::debug!(%send_back_addr, %error, "incoming connection failed");

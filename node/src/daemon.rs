@@ -1,0 +1,1163 @@
+//! `meshsync up`: the daemon. It owns the home's state database, runs the transport, answers
+//! the CLI on a Unix control socket, and keeps the folders in sync:
+//!
+//! - **scan**: walk a folder, chunk what changed (size or mtime differ from the last scan),
+//!   sign new index records, persist, push the changes to connected members;
+//! - **pull/push** (`/meshsync/doc/1`): membership and index changes since the other side's
+//!   heads; every change is admitted by `meshsync-crdt` (signatures, authority) first;
+//! - **materialise**: for each path whose winning record differs from the local copy, fetch the
+//!   chunk list and the missing chunks (from every connected member), open and check each
+//!   chunk, write a temp file in the same folder, fsync, rename into place, set mode and mtime.
+//!
+//! Chunks are served from the synced files themselves (no second copy): the node remembers
+//! where each chunk of each current file lies, re-checks its ID when reading, and seals it.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex as StdMutex};
+use std::time::Duration;
+
+use anyhow::Context;
+use meshsync_crdt::index::{shard_of, FileUpdate, ShardChange};
+use meshsync_crdt::{
+    ChunkId, ChunkListHash, DeviceKeys, Epoch, FileKind, FolderId, FolderIndex, MembershipLog,
+    MeshId, MeshKey,
+};
+use meshsync_transport::chunks::{self, ChunkSource, Fetched};
+use meshsync_transport::{rpc, Config, Multiaddr, PeerId, Transport};
+use serde::{Deserialize, Serialize};
+use tokio::sync::Mutex;
+
+use crate::content::{self, ChunkRef};
+use crate::home::Home;
+use crate::state::{Batch, LocalFile, State};
+
+const MARKER: &str = ".meshsync-folder";
+const DEFAULT_PORT: u16 = 22000;
+
+type Heads = Vec<[u8; 32]>;
+/// A chunk list on the wire: (chunk ID, offset, length) per chunk.
+type WireList = Vec<(ChunkId, u64, u32)>;
+
+#[derive(Serialize, Deserialize, Debug)]
+enum SyncRequest {
+    Pull {
+        membership: Heads,
+        folders: Vec<(FolderId, BTreeMap<u16, Heads>)>,
+    },
+    Push(SyncChanges),
+    ChunkLists(Vec<ChunkListHash>),
+}
+
+#[derive(Serialize, Deserialize, Debug, Default)]
+struct SyncChanges {
+    membership: Vec<Vec<u8>>,
+    folders: Vec<(FolderId, Vec<ShardChange>)>,
+}
+
+#[derive(Serialize, Deserialize, Debug)]
+enum SyncReply {
+    Changes(SyncChanges),
+    Ok,
+    ChunkLists(Vec<(ChunkListHash, WireList)>),
+    Refused(String),
+}
+
+/// What the inviter sends a joiner after a successful handshake.
+#[derive(Serialize, Deserialize, Debug)]
+pub struct JoinPayload {
+    pub mesh: MeshId,
+    pub membership: Vec<Vec<u8>>,
+    pub inviter_addrs: Vec<String>,
+}
+
+fn to_heads(hashes: &[automerge::ChangeHash]) -> Heads {
+    hashes.iter().map(|h| h.0).collect()
+}
+
+fn from_heads(heads: &Heads) -> Vec<automerge::ChangeHash> {
+    heads.iter().map(|h| automerge::ChangeHash(*h)).collect()
+}
+
+struct Folder {
+    path: PathBuf,
+    index: FolderIndex,
+    local: BTreeMap<String, LocalFile>,
+}
+
+/// Where the chunks of current files lie on disk, for serving them.
+#[derive(Default)]
+struct ChunkMap {
+    locations: HashMap<ChunkId, (PathBuf, u64, u32)>,
+}
+
+struct Served {
+    map: Arc<StdMutex<ChunkMap>>,
+    key: Arc<StdMutex<Option<MeshKey>>>,
+}
+
+impl ChunkSource for Served {
+    fn get(&self, id: &ChunkId) -> Option<bytes::Bytes> {
+        use std::os::unix::fs::FileExt;
+        let (path, offset, len) = self.map.lock().ok()?.locations.get(id).cloned()?;
+        let key = self.key.lock().ok()?.clone()?;
+        let file = std::fs::File::open(&path).ok()?;
+        let mut plain = vec![0u8; len as usize];
+        file.read_exact_at(&mut plain, offset).ok()?;
+        // The file may have changed since it was scanned: serve only what still matches.
+        if content::chunk_id(&key.chunk_id_key(), &plain) != *id {
+            return None;
+        }
+        Some(content::seal_chunk(&key.chunk_key(), key.epoch(), id, &plain).into())
+    }
+}
+
+/// The running node.
+pub struct Node {
+    home: Home,
+    keys: Arc<DeviceKeys>,
+    state: State,
+    log: MembershipLog,
+    key: Arc<StdMutex<Option<MeshKey>>>,
+    folders: BTreeMap<FolderId, Folder>,
+    chunk_map: Arc<StdMutex<ChunkMap>>,
+    transport: Transport,
+}
+
+pub type Shared = Arc<Mutex<Node>>;
+
+fn unix_nanos(time: std::time::SystemTime) -> i64 {
+    time.duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_nanos() as i64)
+        .unwrap_or(0)
+}
+
+/// Opens the home's state, creating a new mesh (this device its first admin) if it has none.
+pub fn open_state(home: &Home, keys: &DeviceKeys) -> anyhow::Result<(State, MembershipLog)> {
+    let state = State::open(home.path())?;
+    let loaded = state.load()?;
+    let log = match (loaded.mesh, loaded.membership) {
+        (Some(mesh), Some(bytes)) => MembershipLog::load(mesh, &bytes)
+            .with_context(|| format!("loading the membership log of mesh {mesh}"))?,
+        _ => {
+            let name = home.config()?.name;
+            let (mut log, mesh) = MembershipLog::create(keys, &name, &MeshKey::generate(Epoch(0)));
+            state.commit(Batch {
+                mesh: Some(mesh),
+                membership: Some(log.save()),
+                ..Batch::default()
+            })?;
+            log
+        }
+    };
+    Ok((state, log))
+}
+
+fn current_key(log: &MembershipLog, keys: &DeviceKeys) -> Option<MeshKey> {
+    let me = keys.device_id();
+    log.view()
+        .wraps_for(&me)
+        .last()
+        .and_then(|w| w.unwrap_with(&log.mesh(), keys).ok())
+}
+
+/// Joins the mesh of an invite code, writing the result into the state. Works with the daemon
+/// stopped (the CLI calls it) or running (the daemon calls it).
+pub async fn join(
+    home: &Home,
+    state: &State,
+    keys: &DeviceKeys,
+    code: &str,
+) -> anyhow::Result<(MeshId, Vec<String>)> {
+    let loaded = state.load()?;
+    if !loaded.folders.is_empty() {
+        anyhow::bail!("this device already syncs folders in its own mesh; join with a fresh home (--home) instead");
+    }
+    let name = home.config()?.name;
+    let (invite, payload) = meshsync_transport::pair::join(keys, &name, code).await?;
+    let payload: JoinPayload =
+        postcard::from_bytes(&payload).context("the inviter sent an unreadable reply")?;
+    if payload.mesh != invite.mesh {
+        anyhow::bail!("the inviter answered for another mesh");
+    }
+    let mut log = MembershipLog::empty(payload.mesh);
+    log.apply(&payload.membership)
+        .context("the inviter's membership log does not verify")?;
+    if !log.view().is_member(&keys.device_id()) {
+        anyhow::bail!("the inviter did not add this device");
+    }
+    state.commit(Batch {
+        mesh: Some(payload.mesh),
+        membership: Some(log.save()),
+        meta: vec![(
+            "peer_addrs".into(),
+            postcard::to_stdvec(&payload.inviter_addrs)?,
+        )],
+        ..Batch::default()
+    })?;
+    Ok((payload.mesh, payload.inviter_addrs))
+}
+
+/// Starts the node: state, transport, protocol handlers. Returns the shared handle.
+pub async fn start(home: Home, listen: Vec<Multiaddr>) -> anyhow::Result<Shared> {
+    let keys = Arc::new(home.load_keys()?);
+    let config = home.config()?;
+    let (state, log) = open_state(&home, &keys)?;
+    let loaded = state.load()?;
+    let key = Arc::new(StdMutex::new(current_key(&log, &keys)));
+    let chunk_map = Arc::new(StdMutex::new(ChunkMap::default()));
+    let mut folders = BTreeMap::new();
+    for (id, path) in loaded.folders {
+        let shards = loaded.shards.get(&id).cloned().unwrap_or_default();
+        let index = FolderIndex::load(log.mesh(), id.clone(), shards)?
+            .with_actor(meshsync_crdt::index::actor_for(&keys.device_id(), 0));
+        let local = loaded.local.get(&id).cloned().unwrap_or_default();
+        {
+            let mut map = chunk_map.lock().expect("chunk map lock");
+            for (rel, file) in &local {
+                for (chunk, offset, len) in &file.chunks {
+                    map.locations
+                        .insert(*chunk, (path.join(rel), *offset, *len));
+                }
+            }
+        }
+        folders.insert(id, Folder { path, index, local });
+    }
+
+    let transport = start_transport(&keys, listen).await?;
+    let members: Vec<PeerId> = log
+        .view()
+        .members
+        .keys()
+        .filter(|d| **d != keys.device_id())
+        .map(|d| d.to_peer_id())
+        .collect();
+    transport.set_allowed(members).await;
+    let mut dial: Vec<String> = config.peers.clone();
+    if let Some(bytes) = state.meta("peer_addrs")? {
+        dial.extend(postcard::from_bytes::<Vec<String>>(&bytes).unwrap_or_default());
+    }
+    for addr in dial {
+        if let Ok(addr) = addr.parse::<Multiaddr>() {
+            if let Err(error) = transport.dial(addr.clone()).await {
+                tracing::warn!(%addr, %error, "cannot dial static peer");
+            }
+        }
+    }
+
+    let node = Arc::new(Mutex::new(Node {
+        home,
+        keys,
+        state,
+        log,
+        key: key.clone(),
+        folders,
+        chunk_map: chunk_map.clone(),
+        transport: transport.clone(),
+    }));
+
+    let incoming = transport
+        .control()
+        .accept(chunks::PROTOCOL)
+        .map_err(|_| anyhow::anyhow!("chunk protocol already registered"))?;
+    tokio::spawn(chunks::serve(
+        incoming,
+        Arc::new(Served {
+            map: chunk_map,
+            key,
+        }),
+        transport.allowed().clone(),
+    ));
+    let handler_node = node.clone();
+    rpc::serve(&transport, rpc::DOC, move |peer, request| {
+        let node = handler_node.clone();
+        async move {
+            let request: SyncRequest = postcard::from_bytes(&request).ok()?;
+            let reply = handle(&node, peer, request).await;
+            postcard::to_stdvec(&reply).ok()
+        }
+    })?;
+
+    // Pull from every connected member now and then, and rescan folders.
+    let looping = node.clone();
+    tokio::spawn(async move {
+        let mut tick = 0u64;
+        loop {
+            tokio::time::sleep(Duration::from_millis(500)).await;
+            tick += 1;
+            if tick.is_multiple_of(4) {
+                if let Err(error) = scan_all(&looping).await {
+                    tracing::warn!(%error, "scan failed");
+                }
+            }
+            let peers: Vec<PeerId> = {
+                let n = looping.lock().await;
+                n.transport
+                    .connected()
+                    .await
+                    .into_iter()
+                    .map(|(p, _)| p)
+                    .collect()
+            };
+            for peer in peers {
+                if let Err(error) = pull(&looping, peer).await {
+                    tracing::info!(%peer, %error, "pull failed");
+                }
+            }
+        }
+    });
+    Ok(node)
+}
+
+async fn start_transport(keys: &DeviceKeys, listen: Vec<Multiaddr>) -> anyhow::Result<Transport> {
+    let mut config = Config::tcp_and_quic(keys.libp2p_keypair(), "0.0.0.0");
+    config.mdns = true;
+    if !listen.is_empty() {
+        config.listen = listen;
+        return Ok(Transport::start(config)?);
+    }
+    config.listen = vec![
+        format!("/ip4/0.0.0.0/tcp/{DEFAULT_PORT}").parse()?,
+        format!("/ip4/0.0.0.0/udp/{DEFAULT_PORT}/quic-v1").parse()?,
+    ];
+    match Transport::start(config) {
+        Ok(t) => Ok(t),
+        Err(error) => {
+            tracing::warn!(%error, "default port {DEFAULT_PORT} taken; using any free port");
+            let mut config = Config::tcp_and_quic(keys.libp2p_keypair(), "0.0.0.0");
+            config.mdns = true;
+            Ok(Transport::start(config)?)
+        }
+    }
+}
+
+async fn handle(node: &Shared, peer: PeerId, request: SyncRequest) -> SyncReply {
+    match request {
+        SyncRequest::Pull {
+            membership,
+            folders,
+        } => {
+            let mut n = node.lock().await;
+            let mut changes = SyncChanges {
+                membership: n.log.changes_since(&from_heads(&membership)),
+                ..SyncChanges::default()
+            };
+            for (id, heads) in folders {
+                if let Some(folder) = n.folders.get_mut(&id) {
+                    let heads = heads.iter().map(|(s, h)| (*s, from_heads(h))).collect();
+                    changes
+                        .folders
+                        .push((id, folder.index.changes_since(&heads)));
+                }
+            }
+            SyncReply::Changes(changes)
+        }
+        SyncRequest::Push(changes) => match apply_changes(node, peer, changes).await {
+            Ok(()) => SyncReply::Ok,
+            Err(error) => {
+                tracing::warn!(%peer, %error, "refused pushed changes");
+                SyncReply::Refused(error.to_string())
+            }
+        },
+        SyncRequest::ChunkLists(hashes) => {
+            let n = node.lock().await;
+            let mut out = Vec::new();
+            for hash in hashes.into_iter().take(10_000) {
+                if let Ok(Some(list)) = n.state.chunk_list(&hash) {
+                    out.push((hash, list.iter().map(|c| (c.id, c.offset, c.len)).collect()));
+                }
+            }
+            SyncReply::ChunkLists(out)
+        }
+    }
+}
+
+async fn request(
+    transport: &Transport,
+    peer: PeerId,
+    request: &SyncRequest,
+) -> anyhow::Result<SyncReply> {
+    let bytes = rpc::request(transport, peer, rpc::DOC, &postcard::to_stdvec(request)?).await?;
+    Ok(postcard::from_bytes(&bytes)?)
+}
+
+async fn pull(node: &Shared, peer: PeerId) -> anyhow::Result<()> {
+    let (transport, req) = {
+        let mut n = node.lock().await;
+        let membership = to_heads(&n.log.heads());
+        let folders = n
+            .folders
+            .iter_mut()
+            .map(|(id, f)| {
+                let heads = f
+                    .index
+                    .heads()
+                    .into_iter()
+                    .map(|(s, h)| (s, to_heads(&h)))
+                    .collect();
+                (id.clone(), heads)
+            })
+            .collect();
+        (
+            n.transport.clone(),
+            SyncRequest::Pull {
+                membership,
+                folders,
+            },
+        )
+    };
+    match request(&transport, peer, &req).await? {
+        SyncReply::Changes(changes) => apply_changes(node, peer, changes).await,
+        SyncReply::Refused(reason) => anyhow::bail!("peer refused: {reason}"),
+        _ => anyhow::bail!("unexpected reply"),
+    }
+}
+
+/// Admits changes from `peer`, persists them, and materialises what changed.
+async fn apply_changes(node: &Shared, peer: PeerId, changes: SyncChanges) -> anyhow::Result<()> {
+    let mut changed: Vec<(FolderId, BTreeSet<String>)> = Vec::new();
+    {
+        let mut n = node.lock().await;
+        let n = &mut *n;
+        let mut batch = Batch::default();
+        if !changes.membership.is_empty() && n.log.apply(&changes.membership)? > 0 {
+            batch.membership = Some(n.log.save());
+            let me = n.keys.device_id();
+            let members: Vec<PeerId> = n
+                .log
+                .view()
+                .members
+                .keys()
+                .filter(|d| **d != me)
+                .map(|d| d.to_peer_id())
+                .collect();
+            n.transport.set_allowed(members).await;
+            *n.key.lock().expect("key lock") = current_key(&n.log, &n.keys);
+        }
+        let view = n.log.view().clone();
+        for (id, folder_changes) in changes.folders {
+            let Some(folder) = n.folders.get_mut(&id) else {
+                continue;
+            };
+            if folder_changes.is_empty() {
+                continue;
+            }
+            let report = folder.index.apply(&view, folder_changes)?;
+            let shards: BTreeSet<u16> = report.paths.iter().map(|p| shard_of(&id, p)).collect();
+            for shard in shards {
+                if let Some(bytes) = folder.index.save_shard(shard) {
+                    batch.shards.push((id.clone(), shard, bytes));
+                }
+            }
+            changed.push((id, report.paths));
+        }
+        n.state.commit(batch)?;
+    }
+    for (folder, paths) in changed {
+        materialise(node, peer, &folder, paths).await?;
+    }
+    Ok(())
+}
+
+/// Brings the files at `paths` in line with the index.
+async fn materialise(
+    node: &Shared,
+    from: PeerId,
+    folder: &FolderId,
+    paths: BTreeSet<String>,
+) -> anyhow::Result<()> {
+    // What to do, decided under the lock.
+    let (root, transport, work) = {
+        let n = node.lock().await;
+        let Some(f) = n.folders.get(folder) else {
+            return Ok(());
+        };
+        let mut work = Vec::new();
+        for path in paths {
+            let Some(state) = f.index.get(&path) else {
+                continue;
+            };
+            let w = state.winner;
+            let local = f.local.get(&path);
+            if local.is_some_and(|l| l.version == w.version && l.list_hash == w.chunks) {
+                continue;
+            }
+            if local.is_none() && w.deleted {
+                continue;
+            }
+            work.push(w);
+        }
+        (f.path.clone(), n.transport.clone(), work)
+    };
+    if work.is_empty() {
+        return Ok(());
+    }
+    // Chunk lists of the files to write.
+    let wanted: Vec<ChunkListHash> = work
+        .iter()
+        .filter(|w| !w.deleted && w.kind == FileKind::File)
+        .map(|w| w.chunks)
+        .collect();
+    let mut lists: HashMap<ChunkListHash, Vec<ChunkRef>> = HashMap::new();
+    if !wanted.is_empty() {
+        if let SyncReply::ChunkLists(got) =
+            request(&transport, from, &SyncRequest::ChunkLists(wanted)).await?
+        {
+            for (hash, list) in got {
+                let refs: Vec<ChunkRef> = list
+                    .into_iter()
+                    .map(|(id, offset, len)| ChunkRef { id, offset, len })
+                    .collect();
+                if content::chunk_list_hash(&refs) == hash {
+                    lists.insert(hash, refs);
+                } else {
+                    tracing::warn!(peer = %from, "chunk list does not match its hash; ignored");
+                }
+            }
+        }
+    }
+    // Chunks we do not hold in any current local file.
+    let (key, have) = {
+        let n = node.lock().await;
+        let key = n.key.lock().expect("key lock").clone();
+        let map = n.chunk_map.lock().expect("chunk map lock");
+        let have: HashMap<ChunkId, (PathBuf, u64, u32)> = lists
+            .values()
+            .flatten()
+            .filter_map(|c| map.locations.get(&c.id).map(|l| (c.id, l.clone())))
+            .collect();
+        (key, have)
+    };
+    let key = key.context("this device holds no mesh key yet")?;
+    let missing: Vec<ChunkId> = lists
+        .values()
+        .flatten()
+        .map(|c| c.id)
+        .filter(|id| !have.contains_key(id))
+        .collect::<BTreeSet<_>>()
+        .into_iter()
+        .collect();
+    let mut fetched: HashMap<ChunkId, Vec<u8>> = HashMap::new();
+    if !missing.is_empty() {
+        let peers: Vec<PeerId> = transport
+            .connected()
+            .await
+            .into_iter()
+            .map(|(p, _)| p)
+            .collect();
+        let (sink, mut rx) = tokio::sync::mpsc::channel::<Fetched>(64);
+        let fetcher = transport.clone();
+        let task = tokio::spawn(async move { chunks::fetch(&fetcher, peers, missing, sink).await });
+        while let Some(chunk) = rx.recv().await {
+            match content::open_chunk(
+                &key.chunk_key(),
+                &key.chunk_id_key(),
+                key.epoch(),
+                &chunk.id,
+                chunk.data,
+            ) {
+                Ok(plain) => {
+                    fetched.insert(chunk.id, plain);
+                }
+                Err(error) => tracing::warn!(peer = %chunk.peer, %error, "bad chunk refused"),
+            }
+        }
+        let report = task.await?;
+        if !report.missing.is_empty() {
+            tracing::warn!(
+                missing = report.missing.len(),
+                "some chunks are not available yet"
+            );
+        }
+    }
+    // Write each file: temp file in the same folder, fsync, rename.
+    let mut batch = Batch::default();
+    let mut updates: Vec<(String, Option<LocalFile>)> = Vec::new();
+    for w in work {
+        let target = root.join(&w.path);
+        if w.deleted {
+            if target.is_dir() {
+                let _ = std::fs::remove_dir(&target);
+            } else {
+                let _ = std::fs::remove_file(&target);
+            }
+            updates.push((w.path.clone(), None));
+            continue;
+        }
+        if w.kind == FileKind::Directory {
+            std::fs::create_dir_all(&target)?;
+            updates.push((
+                w.path.clone(),
+                Some(LocalFile {
+                    kind: FileKind::Directory,
+                    size: 0,
+                    mtime_ns: 0,
+                    mode: w.mode,
+                    chunks: vec![],
+                    version: w.version,
+                    list_hash: w.chunks,
+                }),
+            ));
+            continue;
+        }
+        let Some(list) = lists.get(&w.chunks) else {
+            continue;
+        };
+        let complete = list
+            .iter()
+            .all(|c| fetched.contains_key(&c.id) || have.contains_key(&c.id));
+        if !complete {
+            continue; // retried on the next pull
+        }
+        let written = write_file(&target, list, &fetched, &have, w.mode, w.mtime_ns)?;
+        updates.push((
+            w.path.clone(),
+            Some(LocalFile {
+                kind: FileKind::File,
+                size: written.0,
+                mtime_ns: written.1,
+                mode: w.mode,
+                chunks: list.iter().map(|c| (c.id, c.offset, c.len)).collect(),
+                version: w.version,
+                list_hash: w.chunks,
+            }),
+        ));
+        batch.lists.push((w.chunks, list.clone()));
+    }
+    let mut n = node.lock().await;
+    let n = &mut *n;
+    let Some(f) = n.folders.get_mut(folder) else {
+        return Ok(());
+    };
+    let mut map = n.chunk_map.lock().expect("chunk map lock");
+    for (path, file) in updates {
+        match &file {
+            Some(file) => {
+                for (id, offset, len) in &file.chunks {
+                    map.locations.insert(*id, (root.join(&path), *offset, *len));
+                }
+                f.local.insert(path.clone(), file.clone());
+            }
+            None => {
+                f.local.remove(&path);
+            }
+        }
+        batch.local.push((folder.clone(), path, file));
+    }
+    drop(map);
+    n.state.commit(batch)?;
+    Ok(())
+}
+
+/// Writes `list` to `target` through a temp file; returns (size, mtime_ns) as on disk.
+fn write_file(
+    target: &Path,
+    list: &[ChunkRef],
+    fetched: &HashMap<ChunkId, Vec<u8>>,
+    have: &HashMap<ChunkId, (PathBuf, u64, u32)>,
+    mode: u32,
+    mtime_ns: i64,
+) -> anyhow::Result<(u64, i64)> {
+    use std::io::Write;
+    use std::os::unix::fs::FileExt;
+    let dir = target.parent().context("file has no parent folder")?;
+    std::fs::create_dir_all(dir)?;
+    let name = target
+        .file_name()
+        .and_then(|n| n.to_str())
+        .unwrap_or("file");
+    let tmp = dir.join(format!(".meshsync-tmp-{}-{name}", std::process::id()));
+    let mut out =
+        std::fs::File::create(&tmp).with_context(|| format!("creating {}", tmp.display()))?;
+    let mut size = 0u64;
+    for chunk in list {
+        let data = match fetched.get(&chunk.id) {
+            Some(data) => data.clone(),
+            None => {
+                let (path, offset, len) = have.get(&chunk.id).context("chunk vanished")?;
+                let mut data = vec![0u8; *len as usize];
+                std::fs::File::open(path)?.read_exact_at(&mut data, *offset)?;
+                data
+            }
+        };
+        out.write_all(&data)?;
+        size += data.len() as u64;
+    }
+    out.sync_all()?;
+    drop(out);
+    std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(mode & 0o7777))?;
+    let mtime = std::time::UNIX_EPOCH + Duration::from_nanos(mtime_ns.max(0) as u64);
+    std::fs::File::options()
+        .write(true)
+        .open(&tmp)?
+        .set_modified(mtime)?;
+    std::fs::rename(&tmp, target)?;
+    std::fs::File::open(dir)?.sync_all()?;
+    let meta = std::fs::metadata(target)?;
+    Ok((size, meta.modified().map(unix_nanos).unwrap_or(mtime_ns)))
+}
+
+/// Rescans every folder.
+pub async fn scan_all(node: &Shared) -> anyhow::Result<()> {
+    let ids: Vec<FolderId> = node.lock().await.folders.keys().cloned().collect();
+    for id in ids {
+        scan(node, &id).await?;
+    }
+    Ok(())
+}
+
+/// One scanned path's new state.
+struct Scanned {
+    path: String,
+    file: Option<LocalFile>,
+    refs: Vec<ChunkRef>,
+}
+
+/// Rescans one folder, records what changed, and pushes it to connected members.
+pub async fn scan(node: &Shared, id: &FolderId) -> anyhow::Result<usize> {
+    let (root, local, key) = {
+        let n = node.lock().await;
+        let f = n
+            .folders
+            .get(id)
+            .with_context(|| format!("no folder {id}"))?;
+        let key = n.key.lock().expect("key lock").clone();
+        (f.path.clone(), f.local.clone(), key)
+    };
+    let key = key.context("this device holds no mesh key yet")?;
+    if !root.join(MARKER).exists() {
+        anyhow::bail!(
+            "{} has no {MARKER} marker: is the disk mounted? Not scanning, so nothing is deleted",
+            root.display()
+        );
+    }
+    let id_key = key.chunk_id_key();
+    let scanned = tokio::task::spawn_blocking(move || scan_tree(&root, &local, &id_key)).await??;
+    if scanned.is_empty() {
+        return Ok(0);
+    }
+    let count = scanned.len();
+    let mut n = node.lock().await;
+    let n = &mut *n;
+    let epoch = n.log.view().epoch;
+    let keys = n.keys.clone();
+    let f = n
+        .folders
+        .get_mut(id)
+        .context("folder removed while scanning")?;
+    let updates: Vec<FileUpdate> = scanned
+        .iter()
+        .map(|s| match &s.file {
+            Some(file) => FileUpdate {
+                path: s.path.clone(),
+                kind: file.kind,
+                size: file.size,
+                mode: file.mode,
+                mtime_ns: file.mtime_ns,
+                deleted: false,
+                chunks: file.list_hash,
+            },
+            None => FileUpdate {
+                path: s.path.clone(),
+                kind: f
+                    .local
+                    .get(&s.path)
+                    .map(|l| l.kind)
+                    .unwrap_or(FileKind::File),
+                size: 0,
+                mode: 0,
+                mtime_ns: unix_nanos(std::time::SystemTime::now()),
+                deleted: true,
+                chunks: ChunkListHash::default(),
+            },
+        })
+        .collect();
+    let records = f.index.write(&keys, epoch, updates)?;
+    let mut batch = Batch::default();
+    let mut map = n.chunk_map.lock().expect("chunk map lock");
+    for (scan, record) in scanned.into_iter().zip(&records) {
+        match scan.file {
+            Some(mut file) => {
+                file.version = record.version;
+                for c in &scan.refs {
+                    map.locations
+                        .insert(c.id, (f.path.join(&scan.path), c.offset, c.len));
+                }
+                batch.lists.push((file.list_hash, scan.refs));
+                f.local.insert(scan.path.clone(), file.clone());
+                batch.local.push((id.clone(), scan.path, Some(file)));
+            }
+            None => {
+                f.local.remove(&scan.path);
+                batch.local.push((id.clone(), scan.path, None));
+            }
+        }
+    }
+    drop(map);
+    let shards: BTreeSet<u16> = records.iter().map(|r| shard_of(id, &r.path)).collect();
+    for shard in shards {
+        if let Some(bytes) = f.index.save_shard(shard) {
+            batch.shards.push((id.clone(), shard, bytes));
+        }
+    }
+    let changes = f.index.take_local_changes();
+    n.state.commit(batch)?;
+    let transport = n.transport.clone();
+    let push = SyncRequest::Push(SyncChanges {
+        membership: vec![],
+        folders: vec![(id.clone(), changes)],
+    });
+    tokio::spawn(async move {
+        for (peer, _) in transport.connected().await {
+            if let Err(error) = request(&transport, peer, &push).await {
+                tracing::info!(%peer, %error, "push failed; the peer will pull");
+            }
+        }
+    });
+    Ok(count)
+}
+
+fn scan_tree(
+    root: &Path,
+    local: &BTreeMap<String, LocalFile>,
+    id_key: &meshsync_crdt::keys::ChunkIdKey,
+) -> anyhow::Result<Vec<Scanned>> {
+    use std::os::unix::fs::MetadataExt;
+    let mut out = Vec::new();
+    let mut seen = BTreeSet::new();
+    let mut stack = vec![root.to_path_buf()];
+    while let Some(dir) = stack.pop() {
+        for entry in
+            std::fs::read_dir(&dir).with_context(|| format!("reading {}", dir.display()))?
+        {
+            let entry = entry?;
+            let name = entry.file_name();
+            let Some(name) = name.to_str() else { continue };
+            if name.starts_with(".meshsync") {
+                continue;
+            }
+            let path = entry.path();
+            let rel = path.strip_prefix(root)?.to_string_lossy().to_string();
+            let meta = std::fs::symlink_metadata(&path)?;
+            seen.insert(rel.clone());
+            let mode = meta.mode() & 0o7777;
+            if meta.is_dir() {
+                stack.push(path.clone());
+                if local
+                    .get(&rel)
+                    .is_none_or(|l| l.kind != FileKind::Directory)
+                {
+                    out.push(Scanned {
+                        path: rel,
+                        file: Some(LocalFile {
+                            kind: FileKind::Directory,
+                            size: 0,
+                            mtime_ns: 0,
+                            mode,
+                            chunks: vec![],
+                            version: 0,
+                            list_hash: ChunkListHash::default(),
+                        }),
+                        refs: vec![],
+                    });
+                }
+                continue;
+            }
+            if !meta.is_file() {
+                continue; // symlinks and special files: not yet
+            }
+            let mtime_ns = meta.modified().map(unix_nanos).unwrap_or(0);
+            if let Some(l) = local.get(&rel) {
+                if l.kind == FileKind::File
+                    && l.size == meta.len()
+                    && l.mtime_ns == mtime_ns
+                    && l.mode == mode
+                {
+                    continue;
+                }
+            }
+            let file = std::fs::File::open(&path)?;
+            let refs = content::chunk_stream(std::io::BufReader::new(file), id_key, |_, _| {})?;
+            let size = refs.iter().map(|c| u64::from(c.len)).sum();
+            out.push(Scanned {
+                path: rel,
+                file: Some(LocalFile {
+                    kind: FileKind::File,
+                    size,
+                    mtime_ns,
+                    mode,
+                    chunks: refs.iter().map(|c| (c.id, c.offset, c.len)).collect(),
+                    version: 0,
+                    list_hash: content::chunk_list_hash(&refs),
+                }),
+                refs,
+            });
+        }
+    }
+    for (rel, _) in local.iter().filter(|(rel, _)| !seen.contains(*rel)) {
+        out.push(Scanned {
+            path: rel.clone(),
+            file: None,
+            refs: vec![],
+        });
+    }
+    Ok(out)
+}
+
+impl Node {
+    /// Adds a folder: `id` joins an existing mesh folder or creates a new one.
+    pub fn add_folder(&mut self, path: &Path, id: Option<FolderId>) -> anyhow::Result<FolderId> {
+        let path = std::fs::canonicalize(path)
+            .with_context(|| format!("{} does not exist", path.display()))?;
+        if !path.is_dir() {
+            anyhow::bail!("{} is not a folder", path.display());
+        }
+        let probe = path.join(".meshsync-probe");
+        std::fs::write(&probe, b"")
+            .with_context(|| format!("{} is not writable", path.display()))?;
+        let _ = std::fs::remove_file(&probe);
+        if self.folders.values().any(|f| f.path == path) {
+            anyhow::bail!("{} is already synced", path.display());
+        }
+        let id = id.unwrap_or_else(FolderId::random);
+        if self.folders.contains_key(&id) {
+            anyhow::bail!("folder {id} is already on this device");
+        }
+        std::fs::write(path.join(MARKER), format!("meshsync folder {id}\n"))?;
+        let index = FolderIndex::new(self.log.mesh(), id.clone())
+            .with_actor(meshsync_crdt::index::actor_for(&self.keys.device_id(), 0));
+        self.state.commit(Batch {
+            folders: vec![(id.clone(), path.clone())],
+            ..Batch::default()
+        })?;
+        self.folders.insert(
+            id.clone(),
+            Folder {
+                path,
+                index,
+                local: BTreeMap::new(),
+            },
+        );
+        Ok(id)
+    }
+
+    pub fn folder_list(&self) -> Vec<(FolderId, PathBuf)> {
+        self.folders
+            .iter()
+            .map(|(id, f)| (id.clone(), f.path.clone()))
+            .collect()
+    }
+
+    pub fn transport(&self) -> &Transport {
+        &self.transport
+    }
+
+    pub fn keys(&self) -> &DeviceKeys {
+        &self.keys
+    }
+
+    pub fn home(&self) -> &Home {
+        &self.home
+    }
+
+    pub fn state(&self) -> &State {
+        &self.state
+    }
+
+    /// The status report of `meshsync status --json`.
+    pub async fn status(&self) -> serde_json::Value {
+        let connected: BTreeSet<PeerId> = self
+            .transport
+            .connected()
+            .await
+            .into_iter()
+            .map(|(p, _)| p)
+            .collect();
+        let traffic = self.transport.traffic();
+        let me = self.keys.device_id();
+        let peers: Vec<serde_json::Value> = self
+            .log
+            .view()
+            .members
+            .values()
+            .filter(|m| m.device != me)
+            .map(|m| {
+                let peer = m.device.to_peer_id();
+                let (bytes_in, bytes_out) = traffic.get(&peer).copied().unwrap_or((0, 0));
+                serde_json::json!({
+                    "id": m.device.to_string(),
+                    "name": m.name,
+                    "role": m.role.to_string(),
+                    "connected": connected.contains(&peer),
+                    "bytes_in": bytes_in,
+                    "bytes_out": bytes_out,
+                })
+            })
+            .collect();
+        let folders: Vec<serde_json::Value> = self
+            .folders
+            .iter()
+            .map(|(id, f)| {
+                let mut need_files = 0u64;
+                let mut need_bytes = 0u64;
+                let mut conflicts = 0u64;
+                for (path, state) in f.index.iter() {
+                    if !state.losers.is_empty() {
+                        conflicts += 1;
+                    }
+                    let w = &state.winner;
+                    let local = f.local.get(&path);
+                    let synced = match local {
+                        Some(l) => l.version == w.version && l.list_hash == w.chunks,
+                        None => w.deleted,
+                    };
+                    if !synced {
+                        need_files += 1;
+                        need_bytes += w.size;
+                    }
+                }
+                serde_json::json!({
+                    "id": id.to_string(),
+                    "path": f.path.display().to_string(),
+                    "in_sync": need_files == 0,
+                    "need_files": need_files,
+                    "need_bytes": need_bytes,
+                    "local_files": f.local.values().filter(|l| l.kind == FileKind::File).count(),
+                    "conflicts": conflicts,
+                })
+            })
+            .collect();
+        serde_json::json!({
+            "device_id": me.to_string(),
+            "mesh_id": self.log.mesh().to_string(),
+            "listen": self.transport.listen_addrs().await.iter().map(|a| a.to_string()).collect::<Vec<_>>(),
+            "peers": peers,
+            "folders": folders,
+        })
+    }
+
+    /// Starts an invite: a pairing endpoint whose join adds the device to the log (signed by
+    /// this admin) and wraps the mesh key to it.
+    pub async fn invite(
+        node: &Shared,
+        role: meshsync_crdt::Role,
+        valid_for: Duration,
+    ) -> anyhow::Result<String> {
+        let (keys, mesh, addrs) = {
+            let n = node.lock().await;
+            if !n.log.view().is_admin(&n.keys.device_id()) {
+                anyhow::bail!("only an admin device can invite; this device is not an admin");
+            }
+            let addrs: Vec<String> = n
+                .transport
+                .listen_addrs()
+                .await
+                .iter()
+                .map(|a| a.to_string())
+                .collect();
+            (n.keys.clone(), n.log.mesh(), addrs)
+        };
+        let joined = node.clone();
+        let handle = tokio::runtime::Handle::current();
+        let inviter = meshsync_transport::pair::Inviter::start(
+            &keys,
+            mesh,
+            role,
+            valid_for,
+            "0.0.0.0",
+            move |joiner| {
+                let node = joined.clone();
+                let addrs = addrs.clone();
+                tokio::task::block_in_place(|| {
+                    handle.block_on(async move {
+                        let mut n = node.lock().await;
+                        let n = &mut *n;
+                        let key = n.key.lock().map_err(|e| e.to_string())?.clone();
+                        let wrapped = match (joiner.role.holds_mesh_key(), &key) {
+                            (true, Some(key)) => Some(
+                                key.wrap_for(&n.log.mesh(), &joiner.device, &joiner.kem)
+                                    .map_err(|e| e.to_string())?,
+                            ),
+                            _ => None,
+                        };
+                        n.log
+                            .append(
+                                &n.keys,
+                                meshsync_crdt::Action::Add {
+                                    device: joiner.device,
+                                    role: joiner.role,
+                                    name: joiner.name.clone(),
+                                    kem: Some(joiner.kem),
+                                    wrapped,
+                                },
+                            )
+                            .map_err(|e| e.to_string())?;
+                        n.state
+                            .commit(Batch {
+                                membership: Some(n.log.save()),
+                                ..Batch::default()
+                            })
+                            .map_err(|e| e.to_string())?;
+                        let me = n.keys.device_id();
+                        let members: Vec<PeerId> = n
+                            .log
+                            .view()
+                            .members
+                            .keys()
+                            .filter(|d| **d != me)
+                            .map(|d| d.to_peer_id())
+                            .collect();
+                        n.transport.set_allowed(members).await;
+                        let payload = JoinPayload {
+                            mesh: n.log.mesh(),
+                            membership: n.log.changes_since(&[]),
+                            inviter_addrs: addrs,
+                        };
+                        postcard::to_stdvec(&payload).map_err(|e| e.to_string())
+                    })
+                })
+            },
+        )
+        .await?;
+        let code = inviter.invite.code();
+        // Keep the pairing endpoint alive until it is used or expires.
+        tokio::spawn(async move {
+            let deadline = tokio::time::Instant::now() + valid_for;
+            while !inviter.used() && tokio::time::Instant::now() < deadline {
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+            drop(inviter);
+        });
+        Ok(code)
+    }
+
+    /// Applies a join made through the running daemon: reload the log and dial the inviter.
+    pub async fn joined(node: &Shared, mesh: MeshId, addrs: Vec<String>) -> anyhow::Result<()> {
+        let mut n = node.lock().await;
+        let bytes = n
+            .state
+            .load()?
+            .membership
+            .context("no membership after joining")?;
+        n.log = MembershipLog::load(mesh, &bytes)?;
+        let keys = n.keys.clone();
+        *n.key.lock().expect("key lock") = current_key(&n.log, &keys);
+        let me = keys.device_id();
+        let members: Vec<PeerId> = n
+            .log
+            .view()
+            .members
+            .keys()
+            .filter(|d| **d != me)
+            .map(|d| d.to_peer_id())
+            .collect();
+        n.transport.set_allowed(members).await;
+        for addr in addrs {
+            if let Ok(addr) = addr.parse::<Multiaddr>() {
+                let _ = n.transport.dial(addr).await;
+            }
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,258 @@
+//! The node's persisted state in one redb database (`HOME/state.redb`): which mesh it belongs
+//! to, the membership log, its folders, each folder's index shards, chunk lists, what each
+//! synced file looked like when last scanned or written, and peers' addresses.
+//!
+//! Everything a batch changes is written in one transaction, so a crash leaves the state as it
+//! was before or after the batch, never between.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+use meshsync_crdt::{ChunkListHash, FolderId, MeshId};
+use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
+use serde::{Deserialize, Serialize};
+
+use crate::content::ChunkRef;
+
+const META: TableDefinition<&str, &[u8]> = TableDefinition::new("meta");
+const FOLDERS: TableDefinition<&str, &str> = TableDefinition::new("folders");
+const SHARDS: TableDefinition<(&str, u16), &[u8]> = TableDefinition::new("shards");
+const LISTS: TableDefinition<&[u8], &[u8]> = TableDefinition::new("chunk_lists");
+const LOCAL: TableDefinition<(&str, &str), &[u8]> = TableDefinition::new("local_files");
+
+/// Why the state database failed.
+#[derive(Debug, thiserror::Error)]
+#[error("state database {path}: {reason}")]
+pub struct StateError {
+    pub path: PathBuf,
+    pub reason: String,
+}
+
+/// What a synced path looked like when this node last scanned or wrote it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LocalFile {
+    pub kind: meshsync_crdt::FileKind,
+    pub size: u64,
+    pub mtime_ns: i64,
+    pub mode: u32,
+    pub chunks: Vec<(meshsync_crdt::ChunkId, u64, u32)>,
+    /// The index version this local copy corresponds to.
+    pub version: u64,
+    pub list_hash: ChunkListHash,
+}
+
+impl LocalFile {
+    pub fn chunk_refs(&self) -> Vec<ChunkRef> {
+        self.chunks
+            .iter()
+            .map(|(id, offset, len)| ChunkRef {
+                id: *id,
+                offset: *offset,
+                len: *len,
+            })
+            .collect()
+    }
+}
+
+/// One batch of changes to persist together.
+#[derive(Default)]
+pub struct Batch {
+    pub mesh: Option<MeshId>,
+    pub membership: Option<Vec<u8>>,
+    pub folders: Vec<(FolderId, PathBuf)>,
+    pub shards: Vec<(FolderId, u16, Vec<u8>)>,
+    pub lists: Vec<(ChunkListHash, Vec<ChunkRef>)>,
+    pub local: Vec<(FolderId, String, Option<LocalFile>)>,
+    pub meta: Vec<(String, Vec<u8>)>,
+}
+
+/// Everything loaded at start.
+pub struct Loaded {
+    pub mesh: Option<MeshId>,
+    pub membership: Option<Vec<u8>>,
+    pub folders: BTreeMap<FolderId, PathBuf>,
+    pub shards: BTreeMap<FolderId, Vec<(u16, Vec<u8>)>>,
+    pub local: BTreeMap<FolderId, BTreeMap<String, LocalFile>>,
+}
+
+pub struct State {
+    path: PathBuf,
+    db: Database,
+}
+
+impl State {
+    pub fn open(home: &Path) -> Result<State, StateError> {
+        let path = home.join("state.redb");
+        let db = Database::create(&path).map_err(|e| StateError {
+            path: path.clone(),
+            reason: format!("{e} (is another `meshsync up` running on this home?)"),
+        })?;
+        let state = State { path, db };
+        let txn = state.db.begin_write().map_err(|e| state.err(e))?;
+        {
+            txn.open_table(META).map_err(|e| state.err(e))?;
+            txn.open_table(FOLDERS).map_err(|e| state.err(e))?;
+            txn.open_table(SHARDS).map_err(|e| state.err(e))?;
+            txn.open_table(LISTS).map_err(|e| state.err(e))?;
+            txn.open_table(LOCAL).map_err(|e| state.err(e))?;
+        }
+        txn.commit().map_err(|e| state.err(e))?;
+        Ok(state)
+    }
+
+    fn err(&self, e: impl std::fmt::Display) -> StateError {
+        StateError {
+            path: self.path.clone(),
+            reason: e.to_string(),
+        }
+    }
+
+    pub fn load(&self) -> Result<Loaded, StateError> {
+        let e = |x: &dyn std::fmt::Display| self.err(x);
+        let txn = self.db.begin_read().map_err(|x| e(&x))?;
+        let meta = txn.open_table(META).map_err(|x| e(&x))?;
+        let mesh = match meta.get("mesh").map_err(|x| e(&x))? {
+            Some(v) => {
+                let bytes: [u8; 16] = v.value().try_into().map_err(|_| e(&"bad mesh id"))?;
+                Some(MeshId::from_bytes(bytes))
+            }
+            None => None,
+        };
+        let membership = meta
+            .get("membership")
+            .map_err(|x| e(&x))?
+            .map(|v| v.value().to_vec());
+        let mut folders = BTreeMap::new();
+        for row in txn
+            .open_table(FOLDERS)
+            .map_err(|x| e(&x))?
+            .iter()
+            .map_err(|x| e(&x))?
+        {
+            let (id, path) = row.map_err(|x| e(&x))?;
+            let id = FolderId::new(id.value()).map_err(|x| e(&x))?;
+            folders.insert(id, PathBuf::from(path.value()));
+        }
+        let mut shards: BTreeMap<FolderId, Vec<(u16, Vec<u8>)>> = BTreeMap::new();
+        for row in txn
+            .open_table(SHARDS)
+            .map_err(|x| e(&x))?
+            .iter()
+            .map_err(|x| e(&x))?
+        {
+            let (key, bytes) = row.map_err(|x| e(&x))?;
+            let (folder, shard) = key.value();
+            let folder = FolderId::new(folder).map_err(|x| e(&x))?;
+            shards
+                .entry(folder)
+                .or_default()
+                .push((shard, bytes.value().to_vec()));
+        }
+        let mut local: BTreeMap<FolderId, BTreeMap<String, LocalFile>> = BTreeMap::new();
+        for row in txn
+            .open_table(LOCAL)
+            .map_err(|x| e(&x))?
+            .iter()
+            .map_err(|x| e(&x))?
+        {
+            let (key, bytes) = row.map_err(|x| e(&x))?;
+            let (folder, path) = key.value();
+            let folder = FolderId::new(folder).map_err(|x| e(&x))?;
+            let file: LocalFile = postcard::from_bytes(bytes.value()).map_err(|x| e(&x))?;
+            local
+                .entry(folder)
+                .or_default()
+                .insert(path.to_string(), file);
+        }
+        Ok(Loaded {
+            mesh,
+            membership,
+            folders,
+            shards,
+            local,
+        })
+    }
+
+    pub fn chunk_list(&self, hash: &ChunkListHash) -> Result<Option<Vec<ChunkRef>>, StateError> {
+        let txn = self.db.begin_read().map_err(|e| self.err(e))?;
+        let table = txn.open_table(LISTS).map_err(|e| self.err(e))?;
+        let Some(bytes) = table.get(&hash.0[..]).map_err(|e| self.err(e))? else {
+            return Ok(None);
+        };
+        let list: Vec<(meshsync_crdt::ChunkId, u64, u32)> =
+            postcard::from_bytes(bytes.value()).map_err(|e| self.err(e))?;
+        Ok(Some(
+            list.into_iter()
+                .map(|(id, offset, len)| ChunkRef { id, offset, len })
+                .collect(),
+        ))
+    }
+
+    pub fn meta(&self, key: &str) -> Result<Option<Vec<u8>>, StateError> {
+        let txn = self.db.begin_read().map_err(|e| self.err(e))?;
+        let table = txn.open_table(META).map_err(|e| self.err(e))?;
+        Ok(table
+            .get(key)
+            .map_err(|e| self.err(e))?
+            .map(|v| v.value().to_vec()))
+    }
+
+    /// Writes a batch in one transaction.
+    pub fn commit(&self, batch: Batch) -> Result<(), StateError> {
+        let txn = self.db.begin_write().map_err(|e| self.err(e))?;
+        {
+            let mut meta = txn.open_table(META).map_err(|e| self.err(e))?;
+            if let Some(mesh) = batch.mesh {
+                meta.insert("mesh", &mesh.as_bytes()[..])
+                    .map_err(|e| self.err(e))?;
+            }
+            if let Some(log) = &batch.membership {
+                meta.insert("membership", &log[..])
+                    .map_err(|e| self.err(e))?;
+            }
+            for (key, value) in &batch.meta {
+                meta.insert(key.as_str(), &value[..])
+                    .map_err(|e| self.err(e))?;
+            }
+            let mut folders = txn.open_table(FOLDERS).map_err(|e| self.err(e))?;
+            for (id, path) in &batch.folders {
+                let path = path.to_string_lossy();
+                folders
+                    .insert(id.as_str(), path.as_ref())
+                    .map_err(|e| self.err(e))?;
+            }
+            let mut shards = txn.open_table(SHARDS).map_err(|e| self.err(e))?;
+            for (folder, shard, bytes) in &batch.shards {
+                shards
+                    .insert((folder.as_str(), *shard), &bytes[..])
+                    .map_err(|e| self.err(e))?;
+            }
+            let mut lists = txn.open_table(LISTS).map_err(|e| self.err(e))?;
+            for (hash, list) in &batch.lists {
+                let encoded: Vec<(meshsync_crdt::ChunkId, u64, u32)> =
+                    list.iter().map(|c| (c.id, c.offset, c.len)).collect();
+                let bytes = postcard::to_stdvec(&encoded).map_err(|e| self.err(e))?;
+                lists
+                    .insert(&hash.0[..], &bytes[..])
+                    .map_err(|e| self.err(e))?;
+            }
+            let mut local = txn.open_table(LOCAL).map_err(|e| self.err(e))?;
+            for (folder, path, file) in &batch.local {
+                match file {
+                    Some(file) => {
+                        let bytes = postcard::to_stdvec(file).map_err(|e| self.err(e))?;
+                        local
+                            .insert((folder.as_str(), path.as_str()), &bytes[..])
+                            .map_err(|e| self.err(e))?;
+                    }
+                    None => {
+                        local
+                            .remove((folder.as_str(), path.as_str()))
+                            .map_err(|e| self.err(e))?;
+                    }
+                }
+            }
+        }
+        txn.commit().map_err(|e| self.err(e))
+    }
+}
