@@ -42,6 +42,9 @@ pub enum Command {
         /// Addresses to listen on (default: TCP and QUIC on all interfaces, port 22000).
         #[arg(long = "listen", value_name = "MULTIADDR")]
         listen: Vec<String>,
+        /// Do not announce or look for devices on the LAN by mDNS (static peers only).
+        #[arg(long)]
+        no_mdns: bool,
     },
     /// Print a one-time invite code for another device (the last line of output).
     Invite {
@@ -66,6 +69,16 @@ pub enum Command {
     },
     /// Ask the daemon to rescan now.
     Scan { folder: Option<String> },
+    /// List the mesh's devices.
+    Devices {
+        #[arg(long)]
+        json: bool,
+    },
+    /// List concurrent edits kept as conflict copies.
+    Conflicts {
+        #[arg(long)]
+        json: bool,
+    },
     /// Manage static peer addresses (dialed besides the devices found on the LAN).
     Peer {
         #[command(subcommand)]
@@ -90,6 +103,8 @@ pub enum FolderAction {
     },
     /// List synced folders.
     List,
+    /// Stop syncing a folder on this device (its files stay).
+    Remove { id: String },
 }
 
 #[derive(Debug, Subcommand)]
@@ -110,7 +125,7 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
     let home = Home::locate(cli.home)?;
     match cli.command {
         Command::Demo { .. } => unreachable!("handled above"),
-        Command::Up { listen } => runtime()?.block_on(up(home, listen))?,
+        Command::Up { listen, no_mdns } => runtime()?.block_on(up(home, listen, !no_mdns))?,
         Command::Invite { role, expires } => {
             let expires_secs = parse_duration(&expires)?;
             let reply = runtime()?.block_on(require_daemon(
@@ -125,6 +140,7 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
             let request = match action {
                 FolderAction::Add { path, id } => control::Request::FolderAdd { path, id },
                 FolderAction::List => control::Request::FolderList,
+                FolderAction::Remove { id } => control::Request::FolderRemove { id },
             };
             let reply = runtime()?.block_on(require_daemon(&home, &request))?;
             match reply {
@@ -137,6 +153,11 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
                         );
                     }
                 }
+                other if other.get("path").is_some() => println!(
+                    "folder {} removed; its files stay in {}",
+                    other["id"].as_str().unwrap_or(""),
+                    other["path"].as_str().unwrap_or("")
+                ),
                 other => println!("folder {} added", other["id"].as_str().unwrap_or("")),
             }
         }
@@ -146,6 +167,52 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
                 println!("{status}");
             } else {
                 print_status(&status);
+            }
+        }
+        Command::Devices { json } => {
+            let list = runtime()?.block_on(require_daemon(&home, &control::Request::Devices))?;
+            if json {
+                println!("{list}");
+            } else {
+                for d in list.as_array().into_iter().flatten() {
+                    println!(
+                        "{} {:<12} {:<9}{}{}",
+                        d["id"].as_str().unwrap_or(""),
+                        d["name"].as_str().unwrap_or(""),
+                        d["role"].as_str().unwrap_or(""),
+                        if d["admin"].as_bool() == Some(true) {
+                            " admin"
+                        } else {
+                            ""
+                        },
+                        if d["this_device"].as_bool() == Some(true) {
+                            " (this device)"
+                        } else if d["connected"].as_bool() == Some(true) {
+                            " connected"
+                        } else {
+                            " offline"
+                        }
+                    );
+                }
+            }
+        }
+        Command::Conflicts { json } => {
+            let list = runtime()?.block_on(require_daemon(&home, &control::Request::Conflicts))?;
+            if json {
+                println!("{list}");
+            } else if list.as_array().is_none_or(|l| l.is_empty()) {
+                println!("no conflicts");
+            } else {
+                for c in list.as_array().into_iter().flatten() {
+                    for copy in c["copies"].as_array().into_iter().flatten() {
+                        println!(
+                            "{}/{}: other version kept as {}",
+                            c["folder"].as_str().unwrap_or(""),
+                            c["path"].as_str().unwrap_or(""),
+                            copy["copy"].as_str().unwrap_or("")
+                        );
+                    }
+                }
             }
         }
         Command::Scan { folder } => {
@@ -218,7 +285,7 @@ async fn require_daemon(
     })
 }
 
-async fn up(home: Home, listen: Vec<String>) -> anyhow::Result<()> {
+async fn up(home: Home, listen: Vec<String>, mdns: bool) -> anyhow::Result<()> {
     let _ = tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env()
@@ -234,7 +301,7 @@ async fn up(home: Home, listen: Vec<String>) -> anyhow::Result<()> {
         })
         .collect::<anyhow::Result<Vec<_>>>()?;
     let path = home.path().to_path_buf();
-    let node = crate::daemon::start(home, listen).await?;
+    let node = crate::daemon::start(home, listen, mdns).await?;
     {
         let n = node.lock().await;
         let addrs = n.transport().wait_listening().await;

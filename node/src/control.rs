@@ -17,7 +17,10 @@ pub enum Request {
     Join { code: String },
     FolderAdd { path: PathBuf, id: Option<String> },
     FolderList,
+    FolderRemove { id: String },
     Scan { folder: Option<String> },
+    Devices,
+    Conflicts,
 }
 
 /// The daemon's answer.
@@ -96,6 +99,13 @@ async fn handle(node: &Shared, request: Request) -> anyhow::Result<serde_json::V
                 .map(|(id, path)| serde_json::json!({"id": id.to_string(), "path": path.display().to_string()}))
                 .collect::<Vec<_>>()))
         }
+        Request::FolderRemove { id } => {
+            let id = meshsync_crdt::FolderId::new(&id)?;
+            let path = node.lock().await.remove_folder(&id)?;
+            Ok(serde_json::json!({ "id": id.to_string(), "path": path.display().to_string() }))
+        }
+        Request::Devices => Ok(node.lock().await.devices().await),
+        Request::Conflicts => Ok(node.lock().await.conflicts()),
         Request::Scan { folder } => {
             match folder {
                 Some(id) => {

@@ -21,8 +21,8 @@ use std::time::Duration;
 use anyhow::Context;
 use meshsync_crdt::index::{shard_of, FileUpdate, ShardChange};
 use meshsync_crdt::{
-    ChunkId, ChunkListHash, DeviceKeys, Epoch, FileKind, FolderId, FolderIndex, MembershipLog,
-    MeshId, MeshKey,
+    ChunkId, ChunkListHash, DeviceKeys, Epoch, FileKind, FileRecord, FolderId, FolderIndex,
+    MembershipLog, MeshId, MeshKey,
 };
 use meshsync_transport::chunks::{self, ChunkSource, Fetched};
 use meshsync_transport::{rpc, Config, Multiaddr, PeerId, Transport};
@@ -37,6 +37,9 @@ const MARKER: &str = ".meshsync-folder";
 const DEFAULT_PORT: u16 = 22000;
 
 type Heads = Vec<[u8; 32]>;
+/// One path to bring in line: (relative path, version to write, is a conflict copy, the
+/// (size, mtime) this node last saw there).
+type Work = (String, FileRecord, bool, Option<(u64, i64)>);
 /// A chunk list on the wire: (chunk ID, offset, length) per chunk.
 type WireList = Vec<(ChunkId, u64, u32)>;
 
@@ -123,6 +126,12 @@ pub struct Node {
     folders: BTreeMap<FolderId, Folder>,
     chunk_map: Arc<StdMutex<ChunkMap>>,
     transport: Transport,
+    /// Folder watchers (kept alive) and where they report.
+    watchers: Vec<notify::RecommendedWatcher>,
+    changes: tokio::sync::mpsc::UnboundedSender<FolderId>,
+    materialising: Arc<Mutex<()>>,
+    /// The IP the pairing endpoint listens on: the daemon's own (loopback when it is).
+    pair_ip: String,
 }
 
 pub type Shared = Arc<Mutex<Node>>;
@@ -200,7 +209,7 @@ pub async fn join(
 }
 
 /// Starts the node: state, transport, protocol handlers. Returns the shared handle.
-pub async fn start(home: Home, listen: Vec<Multiaddr>) -> anyhow::Result<Shared> {
+pub async fn start(home: Home, listen: Vec<Multiaddr>, mdns: bool) -> anyhow::Result<Shared> {
     let keys = Arc::new(home.load_keys()?);
     let config = home.config()?;
     let (state, log) = open_state(&home, &keys)?;
@@ -225,7 +234,15 @@ pub async fn start(home: Home, listen: Vec<Multiaddr>) -> anyhow::Result<Shared>
         folders.insert(id, Folder { path, index, local });
     }
 
-    let transport = start_transport(&keys, listen).await?;
+    let pair_ip = listen
+        .iter()
+        .flat_map(|a| a.iter())
+        .find_map(|p| match p {
+            meshsync_transport::Protocol::Ip4(ip) => Some(ip.to_string()),
+            _ => None,
+        })
+        .unwrap_or_else(|| "0.0.0.0".to_string());
+    let transport = start_transport(&keys, listen, mdns).await?;
     let members: Vec<PeerId> = log
         .view()
         .members
@@ -246,6 +263,7 @@ pub async fn start(home: Home, listen: Vec<Multiaddr>) -> anyhow::Result<Shared>
         }
     }
 
+    let (changes, mut changed) = tokio::sync::mpsc::unbounded_channel::<FolderId>();
     let node = Arc::new(Mutex::new(Node {
         home,
         keys,
@@ -255,7 +273,44 @@ pub async fn start(home: Home, listen: Vec<Multiaddr>) -> anyhow::Result<Shared>
         folders,
         chunk_map: chunk_map.clone(),
         transport: transport.clone(),
+        watchers: Vec::new(),
+        changes,
+        materialising: Arc::new(Mutex::new(())),
+        pair_ip,
     }));
+    {
+        let mut n = node.lock().await;
+        let folders: Vec<(FolderId, PathBuf)> = n.folder_list();
+        for (id, path) in folders {
+            n.watch(&id, &path);
+        }
+    }
+    // Debounce: a folder is rescanned once its changes settle for 50 ms (at most 500 ms late).
+    let watched = node.clone();
+    tokio::spawn(async move {
+        while let Some(first) = changed.recv().await {
+            let mut pending: BTreeSet<FolderId> = BTreeSet::from([first]);
+            let deadline = tokio::time::Instant::now() + Duration::from_millis(500);
+            loop {
+                let quiet = tokio::time::sleep(Duration::from_millis(50));
+                tokio::select! {
+                    more = changed.recv() => match more {
+                        Some(id) => { pending.insert(id); }
+                        None => return,
+                    },
+                    _ = quiet => break,
+                }
+                if tokio::time::Instant::now() >= deadline {
+                    break;
+                }
+            }
+            for id in pending {
+                if let Err(error) = scan(&watched, &id).await {
+                    tracing::warn!(folder = %id, %error, "scan after change failed");
+                }
+            }
+        }
+    });
 
     let incoming = transport
         .control()
@@ -300,9 +355,19 @@ pub async fn start(home: Home, listen: Vec<Multiaddr>) -> anyhow::Result<Shared>
                     .map(|(p, _)| p)
                     .collect()
             };
-            for peer in peers {
-                if let Err(error) = pull(&looping, peer).await {
+            for peer in &peers {
+                if let Err(error) = pull(&looping, *peer).await {
                     tracing::info!(%peer, %error, "pull failed");
+                }
+            }
+            // Whatever the index wants that is not on disk yet (after a restart, or chunks
+            // that were unavailable before) is retried.
+            if let (Some(peer), true) = (peers.first(), tick.is_multiple_of(2)) {
+                let needs = looping.lock().await.needs();
+                for (folder, paths) in needs {
+                    if let Err(error) = materialise(&looping, *peer, &folder, paths).await {
+                        tracing::info!(%folder, %error, "catching up failed");
+                    }
                 }
             }
         }
@@ -310,9 +375,13 @@ pub async fn start(home: Home, listen: Vec<Multiaddr>) -> anyhow::Result<Shared>
     Ok(node)
 }
 
-async fn start_transport(keys: &DeviceKeys, listen: Vec<Multiaddr>) -> anyhow::Result<Transport> {
+async fn start_transport(
+    keys: &DeviceKeys,
+    listen: Vec<Multiaddr>,
+    mdns: bool,
+) -> anyhow::Result<Transport> {
     let mut config = Config::tcp_and_quic(keys.libp2p_keypair(), "0.0.0.0");
-    config.mdns = true;
+    config.mdns = mdns;
     if !listen.is_empty() {
         config.listen = listen;
         return Ok(Transport::start(config)?);
@@ -326,7 +395,7 @@ async fn start_transport(keys: &DeviceKeys, listen: Vec<Multiaddr>) -> anyhow::R
         Err(error) => {
             tracing::warn!(%error, "default port {DEFAULT_PORT} taken; using any free port");
             let mut config = Config::tcp_and_quic(keys.libp2p_keypair(), "0.0.0.0");
-            config.mdns = true;
+            config.mdns = mdns;
             Ok(Transport::start(config)?)
         }
     }
@@ -460,8 +529,20 @@ async fn apply_changes(node: &Shared, peer: PeerId, changes: SyncChanges) -> any
     Ok(())
 }
 
-/// Brings the files at `paths` in line with the index.
+/// Brings the files at `paths` in line with the index; one at a time per node, so a catch-up
+/// never fetches what a pull is already fetching.
 async fn materialise(
+    node: &Shared,
+    from: PeerId,
+    folder: &FolderId,
+    paths: BTreeSet<String>,
+) -> anyhow::Result<()> {
+    let gate = node.lock().await.materialising.clone();
+    let _one_at_a_time = gate.lock().await;
+    materialise_now(node, from, folder, paths).await
+}
+
+async fn materialise_now(
     node: &Shared,
     from: PeerId,
     folder: &FolderId,
@@ -473,21 +554,48 @@ async fn materialise(
         let Some(f) = n.folders.get(folder) else {
             return Ok(());
         };
-        let mut work = Vec::new();
+        // Conflict copies first (a loser may be the file about to be overwritten), then
+        // writes in path order (folders before their files), then deletes deepest first, so a
+        // rename's new file is written from the old one's chunks before the old one goes.
+        let mut copies = Vec::new();
+        let mut writes = Vec::new();
+        let mut deletes = Vec::new();
         for path in paths {
             let Some(state) = f.index.get(&path) else {
                 continue;
             };
+            for loser in &state.losers {
+                if loser.deleted || loser.kind != FileKind::File {
+                    continue;
+                }
+                let name = conflict_name(&path, loser);
+                if !f.local.contains_key(&name) && !f.path.join(&name).exists() {
+                    copies.push((name, loser.clone()));
+                }
+            }
             let w = state.winner;
             let local = f.local.get(&path);
             if local.is_some_and(|l| l.version == w.version && l.list_hash == w.chunks) {
                 continue;
             }
-            if local.is_none() && w.deleted {
-                continue;
+            if w.deleted {
+                if local.is_some() {
+                    deletes.push((path, w));
+                }
+            } else {
+                writes.push((path, w));
             }
-            work.push(w);
         }
+        deletes.reverse();
+        let local_of = |p: &str| f.local.get(p).map(|l| (l.size, l.mtime_ns));
+        let work: Vec<Work> = copies
+            .into_iter()
+            .map(|(p, r)| (p, r, true, None))
+            .chain(writes.into_iter().chain(deletes).map(|(p, r)| {
+                let before = local_of(&p);
+                (p, r, false, before)
+            }))
+            .collect();
         (f.path.clone(), n.transport.clone(), work)
     };
     if work.is_empty() {
@@ -496,10 +604,24 @@ async fn materialise(
     // Chunk lists of the files to write.
     let wanted: Vec<ChunkListHash> = work
         .iter()
-        .filter(|w| !w.deleted && w.kind == FileKind::File)
-        .map(|w| w.chunks)
+        .filter(|(_, w, _, _)| !w.deleted && w.kind == FileKind::File)
+        .map(|(_, w, _, _)| w.chunks)
+        .collect::<BTreeSet<_>>()
+        .into_iter()
         .collect();
     let mut lists: HashMap<ChunkListHash, Vec<ChunkRef>> = HashMap::new();
+    {
+        let n = node.lock().await;
+        for hash in &wanted {
+            if let Ok(Some(list)) = n.state.chunk_list(hash) {
+                lists.insert(*hash, list);
+            }
+        }
+    }
+    let wanted: Vec<ChunkListHash> = wanted
+        .into_iter()
+        .filter(|h| !lists.contains_key(h))
+        .collect();
     if !wanted.is_empty() {
         if let SyncReply::ChunkLists(got) =
             request(&transport, from, &SyncRequest::ChunkLists(wanted)).await?
@@ -574,21 +696,25 @@ async fn materialise(
     // Write each file: temp file in the same folder, fsync, rename.
     let mut batch = Batch::default();
     let mut updates: Vec<(String, Option<LocalFile>)> = Vec::new();
-    for w in work {
-        let target = root.join(&w.path);
+    let me = node.lock().await.keys.device_id();
+    for (rel, w, conflict_copy, before) in work {
+        let target = root.join(&rel);
+        if !conflict_copy && !keep_local_edit(&root, &rel, before, &w, &key, &me)? {
+            continue;
+        }
         if w.deleted {
             if target.is_dir() {
                 let _ = std::fs::remove_dir(&target);
             } else {
                 let _ = std::fs::remove_file(&target);
             }
-            updates.push((w.path.clone(), None));
+            updates.push((rel.clone(), None));
             continue;
         }
         if w.kind == FileKind::Directory {
             std::fs::create_dir_all(&target)?;
             updates.push((
-                w.path.clone(),
+                rel.clone(),
                 Some(LocalFile {
                     kind: FileKind::Directory,
                     size: 0,
@@ -611,8 +737,14 @@ async fn materialise(
             continue; // retried on the next pull
         }
         let written = write_file(&target, list, &fetched, &have, w.mode, w.mtime_ns)?;
+        batch.lists.push((w.chunks, list.clone()));
+        if conflict_copy {
+            // A plain new file from here on: the next scan records and syncs it.
+            tracing::warn!(path = %rel, "concurrent edit kept as a conflict copy");
+            continue;
+        }
         updates.push((
-            w.path.clone(),
+            rel.clone(),
             Some(LocalFile {
                 kind: FileKind::File,
                 size: written.0,
@@ -648,6 +780,92 @@ async fn materialise(
     drop(map);
     n.state.commit(batch)?;
     Ok(())
+}
+
+/// Before the index's version replaces or deletes `rel`, checks that the file on disk is still
+/// what this node last scanned or wrote. If it was edited since (and not yet scanned), the edit
+/// is concurrent with the incoming version: it is moved aside as a conflict copy, so nothing is
+/// lost, or — for a delete — the file is kept. Returns whether to go ahead.
+fn keep_local_edit(
+    root: &Path,
+    rel: &str,
+    before: Option<(u64, i64)>,
+    incoming: &FileRecord,
+    key: &MeshKey,
+    me: &meshsync_crdt::DeviceId,
+) -> anyhow::Result<bool> {
+    let target = root.join(rel);
+    let Ok(meta) = std::fs::symlink_metadata(&target) else {
+        return Ok(true);
+    };
+    if !meta.is_file() {
+        return Ok(true);
+    }
+    let mtime_ns = meta.modified().map(unix_nanos).unwrap_or(0);
+    if before == Some((meta.len(), mtime_ns)) {
+        return Ok(true);
+    }
+    let file = std::fs::File::open(&target)?;
+    let refs = content::chunk_stream(
+        std::io::BufReader::new(file),
+        &key.chunk_id_key(),
+        |_, _| {},
+    )?;
+    if !incoming.deleted && content::chunk_list_hash(&refs) == incoming.chunks {
+        return Ok(true); // the same edit made here: no conflict
+    }
+    if incoming.deleted {
+        tracing::warn!(path = rel, "deleted elsewhere but edited here: keeping it");
+        return Ok(false);
+    }
+    let copy = conflict_name_for(rel, mtime_ns, me);
+    std::fs::rename(&target, root.join(&copy))?;
+    tracing::warn!(path = rel, copy = %copy, "edited here and elsewhere at once: local version kept as a conflict copy");
+    Ok(true)
+}
+
+/// `name.sync-conflict-YYYYMMDD-HHMMSS-DEVICE.ext` for a losing version of `path`.
+pub fn conflict_name(path: &str, loser: &FileRecord) -> String {
+    conflict_name_for(path, loser.mtime_ns, &loser.author)
+}
+
+/// The conflict-copy name of a version of `path` modified at `mtime_ns` by `device`.
+pub fn conflict_name_for(path: &str, mtime_ns: i64, device: &meshsync_crdt::DeviceId) -> String {
+    let secs = mtime_ns.div_euclid(1_000_000_000);
+    let (days, rem) = (secs.div_euclid(86_400), secs.rem_euclid(86_400));
+    let (y, m, d) = civil_from_days(days);
+    let stamp = format!(
+        "{y:04}{m:02}{d:02}-{:02}{:02}{:02}",
+        rem / 3600,
+        (rem / 60) % 60,
+        rem % 60
+    );
+    let device = device.short();
+    let (dir, file) = match path.rfind('/') {
+        Some(i) => (&path[..=i], &path[i + 1..]),
+        None => ("", path),
+    };
+    match file.rfind('.') {
+        Some(i) if i > 0 => format!(
+            "{dir}{}.sync-conflict-{stamp}-{device}{}",
+            &file[..i],
+            &file[i..]
+        ),
+        _ => format!("{dir}{file}.sync-conflict-{stamp}-{device}"),
+    }
+}
+
+/// Days since 1970-01-01 to (year, month, day), proleptic Gregorian (H. Hinnant's algorithm).
+fn civil_from_days(z: i64) -> (i64, u32, u32) {
+    let z = z + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z.rem_euclid(146_097);
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = (doy - (153 * mp + 2) / 5 + 1) as u32;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 } as u32;
+    (yoe + era * 400 + i64::from(m <= 2), m, d)
 }
 
 /// Writes `list` to `target` through a temp file; returns (size, mtime_ns) as on disk.
@@ -773,6 +991,39 @@ pub async fn scan(node: &Shared, id: &FolderId) -> anyhow::Result<usize> {
             },
         })
         .collect();
+    // A file whose content already is the index's winner (we just wrote it, or a peer made
+    // the same edit) needs no new record: only the local state is updated.
+    let mut same = Vec::new();
+    let mut kept_updates = Vec::new();
+    let mut kept_scanned = Vec::new();
+    for (update, scan) in updates.into_iter().zip(scanned) {
+        let current = f.index.get(&update.path).map(|s| s.winner);
+        let base = f.local.get(&update.path).map(|l| l.version).unwrap_or(0);
+        if current
+            .as_ref()
+            .is_some_and(|w| w.version > base && scan.file.is_some() && base > 0)
+        {
+            // A newer version waits to be written here; writing it will keep this edit as a
+            // conflict copy. Recording the edit now would silently supersede that version.
+            continue;
+        }
+        match (&current, &scan.file) {
+            (Some(w), Some(file))
+                if !w.deleted
+                    && w.chunks == file.list_hash
+                    && w.mode == file.mode
+                    && w.kind == file.kind =>
+            {
+                same.push((scan, w.version));
+            }
+            (Some(w), None) if w.deleted => same.push((scan, w.version)),
+            _ => {
+                kept_updates.push(update);
+                kept_scanned.push(scan);
+            }
+        }
+    }
+    let (updates, scanned) = (kept_updates, kept_scanned);
     let records = f.index.write(&keys, epoch, updates)?;
     let mut batch = Batch::default();
     let mut map = n.chunk_map.lock().expect("chunk map lock");
@@ -794,6 +1045,23 @@ pub async fn scan(node: &Shared, id: &FolderId) -> anyhow::Result<usize> {
             }
         }
     }
+    for (scan, version) in same {
+        match scan.file {
+            Some(mut file) => {
+                file.version = version;
+                for c in &scan.refs {
+                    map.locations
+                        .insert(c.id, (f.path.join(&scan.path), c.offset, c.len));
+                }
+                f.local.insert(scan.path.clone(), file.clone());
+                batch.local.push((id.clone(), scan.path, Some(file)));
+            }
+            None => {
+                f.local.remove(&scan.path);
+                batch.local.push((id.clone(), scan.path, None));
+            }
+        }
+    }
     drop(map);
     let shards: BTreeSet<u16> = records.iter().map(|r| shard_of(id, &r.path)).collect();
     for shard in shards {
@@ -803,6 +1071,9 @@ pub async fn scan(node: &Shared, id: &FolderId) -> anyhow::Result<usize> {
     }
     let changes = f.index.take_local_changes();
     n.state.commit(batch)?;
+    if changes.is_empty() {
+        return Ok(count);
+    }
     let transport = n.transport.clone();
     let push = SyncRequest::Push(SyncChanges {
         membership: vec![],
@@ -931,6 +1202,7 @@ impl Node {
             folders: vec![(id.clone(), path.clone())],
             ..Batch::default()
         })?;
+        self.watch(&id, &path);
         self.folders.insert(
             id.clone(),
             Folder {
@@ -940,6 +1212,54 @@ impl Node {
             },
         );
         Ok(id)
+    }
+
+    /// Watches a folder; changes outside `.meshsync*` files trigger a debounced rescan.
+    fn watch(&mut self, id: &FolderId, path: &Path) {
+        use notify::Watcher;
+        let tx = self.changes.clone();
+        let id = id.clone();
+        let handler = move |event: notify::Result<notify::Event>| {
+            let Ok(event) = event else { return };
+            let ours = event.paths.iter().all(|p| {
+                p.components()
+                    .any(|c| c.as_os_str().to_string_lossy().starts_with(".meshsync"))
+            });
+            if !ours && !matches!(event.kind, notify::EventKind::Access(_)) {
+                let _ = tx.send(id.clone());
+            }
+        };
+        match notify::recommended_watcher(handler) {
+            Ok(mut watcher) => match watcher.watch(path, notify::RecursiveMode::Recursive) {
+                Ok(()) => self.watchers.push(watcher),
+                Err(error) => {
+                    tracing::warn!(path = %path.display(), %error, "cannot watch; relying on periodic scans")
+                }
+            },
+            Err(error) => tracing::warn!(%error, "no file watcher; relying on periodic scans"),
+        }
+    }
+
+    /// Paths whose winning version is not on disk here yet.
+    fn needs(&self) -> Vec<(FolderId, BTreeSet<String>)> {
+        self.folders
+            .iter()
+            .filter_map(|(id, f)| {
+                let paths: BTreeSet<String> = f
+                    .index
+                    .iter()
+                    .filter(|(path, state)| {
+                        let w = &state.winner;
+                        match f.local.get(path) {
+                            Some(l) => !(l.version == w.version && l.list_hash == w.chunks),
+                            None => !w.deleted,
+                        }
+                    })
+                    .map(|(path, _)| path)
+                    .collect();
+                (!paths.is_empty()).then(|| (id.clone(), paths))
+            })
+            .collect()
     }
 
     pub fn folder_list(&self) -> Vec<(FolderId, PathBuf)> {
@@ -963,6 +1283,64 @@ impl Node {
 
     pub fn state(&self) -> &State {
         &self.state
+    }
+
+    /// Members of the mesh, for `meshsync devices`.
+    pub async fn devices(&self) -> serde_json::Value {
+        let connected: BTreeSet<PeerId> = self
+            .transport
+            .connected()
+            .await
+            .into_iter()
+            .map(|(p, _)| p)
+            .collect();
+        let me = self.keys.device_id();
+        let view = self.log.view();
+        serde_json::json!(view
+            .members
+            .values()
+            .map(|m| serde_json::json!({
+                "id": m.device.to_string(),
+                "name": m.name,
+                "role": m.role.to_string(),
+                "admin": m.admin,
+                "this_device": m.device == me,
+                "connected": m.device == me || connected.contains(&m.device.to_peer_id()),
+            }))
+            .collect::<Vec<_>>())
+    }
+
+    /// Open conflicts, for `meshsync conflicts`.
+    pub fn conflicts(&self) -> serde_json::Value {
+        let mut out = Vec::new();
+        for (id, f) in &self.folders {
+            for state in f.index.conflicts() {
+                let path = state.winner.path.clone();
+                out.push(serde_json::json!({
+                    "folder": id.to_string(),
+                    "path": path,
+                    "winner": { "author": state.winner.author.to_string(), "size": state.winner.size },
+                    "copies": state.losers.iter().map(|l| serde_json::json!({
+                        "author": l.author.to_string(),
+                        "size": l.size,
+                        "copy": conflict_name(&path, l),
+                    })).collect::<Vec<_>>(),
+                }));
+            }
+        }
+        serde_json::json!(out)
+    }
+
+    /// Stops syncing a folder on this device (its files stay where they are).
+    pub fn remove_folder(&mut self, id: &FolderId) -> anyhow::Result<PathBuf> {
+        let folder = self.folders.remove(id).with_context(|| {
+            format!("no folder {id} on this device (see `meshsync folder list`)")
+        })?;
+        self.state.remove_folder(id)?;
+        let mut map = self.chunk_map.lock().expect("chunk map lock");
+        map.locations
+            .retain(|_, (path, _, _)| !path.starts_with(&folder.path));
+        Ok(folder.path)
     }
 
     /// The status report of `meshsync status --json`.
@@ -1044,7 +1422,7 @@ impl Node {
         role: meshsync_crdt::Role,
         valid_for: Duration,
     ) -> anyhow::Result<String> {
-        let (keys, mesh, addrs) = {
+        let (keys, mesh, addrs, pair_ip) = {
             let n = node.lock().await;
             if !n.log.view().is_admin(&n.keys.device_id()) {
                 anyhow::bail!("only an admin device can invite; this device is not an admin");
@@ -1056,7 +1434,7 @@ impl Node {
                 .iter()
                 .map(|a| a.to_string())
                 .collect();
-            (n.keys.clone(), n.log.mesh(), addrs)
+            (n.keys.clone(), n.log.mesh(), addrs, n.pair_ip.clone())
         };
         let joined = node.clone();
         let handle = tokio::runtime::Handle::current();
@@ -1065,7 +1443,7 @@ impl Node {
             mesh,
             role,
             valid_for,
-            "0.0.0.0",
+            &pair_ip,
             move |joiner| {
                 let node = joined.clone();
                 let addrs = addrs.clone();

@@ -197,6 +197,33 @@ impl State {
             .map(|v| v.value().to_vec()))
     }
 
+    /// Forgets a folder: its path, shards and local file states.
+    pub fn remove_folder(&self, id: &FolderId) -> Result<(), StateError> {
+        let txn = self.db.begin_write().map_err(|e| self.err(e))?;
+        {
+            let mut folders = txn.open_table(FOLDERS).map_err(|e| self.err(e))?;
+            folders.remove(id.as_str()).map_err(|e| self.err(e))?;
+            let mut shards = txn.open_table(SHARDS).map_err(|e| self.err(e))?;
+            shards
+                .retain_in((id.as_str(), 0)..=(id.as_str(), u16::MAX), |_, _| false)
+                .map_err(|e| self.err(e))?;
+            let mut local = txn.open_table(LOCAL).map_err(|e| self.err(e))?;
+            let keys: Vec<String> = local
+                .iter()
+                .map_err(|e| self.err(e))?
+                .filter_map(|row| row.ok())
+                .filter(|(k, _)| k.value().0 == id.as_str())
+                .map(|(k, _)| k.value().1.to_string())
+                .collect();
+            for path in keys {
+                local
+                    .remove((id.as_str(), path.as_str()))
+                    .map_err(|e| self.err(e))?;
+            }
+        }
+        txn.commit().map_err(|e| self.err(e))
+    }
+
     /// Writes a batch in one transaction.
     pub fn commit(&self, batch: Batch) -> Result<(), StateError> {
         let txn = self.db.begin_write().map_err(|e| self.err(e))?;

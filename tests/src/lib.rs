@@ -58,7 +58,8 @@ impl Daemon {
         let child = Command::new(meshsync_bin())
             .arg("--home")
             .arg(home)
-            .args(["up", "--listen", "/ip4/127.0.0.1/tcp/0"])
+            // Loopback only, and no mDNS: tests send nothing beyond this machine.
+            .args(["up", "--listen", "/ip4/127.0.0.1/tcp/0", "--no-mdns"])
             .env_remove("MESHSYNC_HOME")
             .env("RUST_LOG", "info")
             .stdout(std::process::Stdio::null())

@@ -42,6 +42,7 @@ use meshsync_crdt::DeviceId;
 use tokio::sync::{mpsc, oneshot};
 
 pub use gate::Allowed;
+pub use libp2p::multiaddr::Protocol;
 pub use libp2p::{Multiaddr, PeerId};
 
 /// Why the transport could not start or do what was asked.

@@ -1,0 +1,253 @@
+//! More of what two real daemons must get right: the watcher (no `scan` needed), an insert in
+//! the middle of a big file sends only nearby chunks, renames send no content, 2,000 small
+//! files, the executable bit, concurrent edits kept as conflict copies on both sides, a daemon
+//! killed mid-transfer finishing after restart with no partial file ever in place, and a
+//! stranger daemon getting nothing.
+
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use meshsync_tests::{meshsync, meshsync_ok, wait_until, Daemon};
+
+const LONG: Duration = Duration::from_secs(60);
+
+fn random(len: usize, seed: u64) -> Vec<u8> {
+    let mut x = seed | 1;
+    (0..len)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x as u8
+        })
+        .collect()
+}
+
+fn same(a: &Path, b: &Path) -> bool {
+    matches!((std::fs::read(a), std::fs::read(b)), (Ok(x), Ok(y)) if x == y)
+}
+
+struct Pair {
+    _dir: tempfile::TempDir,
+    a: Daemon,
+    b: Daemon,
+    fa: PathBuf,
+    fb: PathBuf,
+}
+
+fn pair() -> Pair {
+    let dir = tempfile::tempdir().unwrap();
+    let (ha, hb) = (dir.path().join("a"), dir.path().join("b"));
+    let (fa, fb) = (dir.path().join("A"), dir.path().join("B"));
+    std::fs::create_dir_all(&fa).unwrap();
+    std::fs::create_dir_all(&fb).unwrap();
+    meshsync_ok(&ha, &["init", "--name", "alice"]);
+    meshsync_ok(&hb, &["init", "--name", "bob"]);
+    let a = Daemon::start(&ha);
+    meshsync_ok(
+        &ha,
+        &["folder", "add", fa.to_str().unwrap(), "--id", "docs"],
+    );
+    let code = meshsync_ok(&ha, &["invite"])
+        .lines()
+        .last()
+        .unwrap()
+        .trim()
+        .to_string();
+    meshsync_ok(&hb, &["join", &code]);
+    let b = Daemon::start(&hb);
+    meshsync_ok(
+        &hb,
+        &["folder", "add", fb.to_str().unwrap(), "--id", "docs"],
+    );
+    assert!(wait_until(LONG, || b.status()["peers"][0]["connected"] == true));
+    Pair {
+        _dir: dir,
+        a,
+        b,
+        fa,
+        fb,
+    }
+}
+
+fn bytes_in(d: &Daemon) -> u64 {
+    d.status()["peers"][0]["bytes_in"].as_u64().unwrap_or(0)
+}
+
+#[test]
+fn watcher_inserts_renames_small_files_and_modes() {
+    let p = pair();
+    // The watcher notices a saved file without `meshsync scan`.
+    std::fs::write(p.fa.join("watched.txt"), b"no scan needed").unwrap();
+    assert!(wait_until(LONG, || same(
+        &p.fa.join("watched.txt"),
+        &p.fb.join("watched.txt")
+    )));
+
+    // 32 MiB file, then 1 KiB inserted in the middle: only nearby chunks cross the wire.
+    let big = random(32 << 20, 7);
+    std::fs::write(p.fa.join("big.bin"), &big).unwrap();
+    assert!(wait_until(LONG, || same(
+        &p.fa.join("big.bin"),
+        &p.fb.join("big.bin")
+    )));
+    let before = bytes_in(&p.b);
+    let mut edited = big.clone();
+    edited.splice(16 << 20..16 << 20, random(1024, 9));
+    std::fs::write(p.fa.join("big.bin"), &edited).unwrap();
+    assert!(wait_until(LONG, || same(
+        &p.fa.join("big.bin"),
+        &p.fb.join("big.bin")
+    )));
+    let sent = bytes_in(&p.b) - before;
+    assert!(sent < 1 << 20, "a 1 KiB insert sent {sent} bytes");
+
+    // A rename sends no content.
+    let before = bytes_in(&p.b);
+    std::fs::rename(p.fa.join("big.bin"), p.fa.join("moved.bin")).unwrap();
+    assert!(wait_until(LONG, || same(
+        &p.fa.join("moved.bin"),
+        &p.fb.join("moved.bin")
+    )));
+    assert!(wait_until(LONG, || !p.fb.join("big.bin").exists()));
+    let sent = bytes_in(&p.b) - before;
+    assert!(sent < 256 << 10, "a rename sent {sent} bytes");
+
+    // 2,000 small files in nested folders, and an executable.
+    for i in 0..2000 {
+        let dir = p.fa.join(format!("many/{:02}", i % 20));
+        std::fs::create_dir_all(&dir).unwrap();
+        std::fs::write(
+            dir.join(format!("f{i}.txt")),
+            random(100 + i % 3000, i as u64 + 11),
+        )
+        .unwrap();
+    }
+    std::fs::write(p.fa.join("run.sh"), b"#!/bin/sh\necho hi\n").unwrap();
+    std::fs::set_permissions(p.fa.join("run.sh"), std::fs::Permissions::from_mode(0o755)).unwrap();
+    std::fs::create_dir_all(p.fa.join("empty/dir")).unwrap();
+    meshsync_ok(&p.a.home, &["scan"]);
+    assert!(wait_until(LONG, || same(
+        &p.fa.join("many/19/f1999.txt"),
+        &p.fb.join("many/19/f1999.txt")
+    )));
+    assert!(wait_until(LONG, || p.b.status()["folders"][0]["in_sync"] == true));
+    for i in (0..2000).step_by(97) {
+        let rel = format!("many/{:02}/f{i}.txt", i % 20);
+        assert!(same(&p.fa.join(&rel), &p.fb.join(&rel)), "{rel}");
+    }
+    assert!(wait_until(LONG, || std::fs::metadata(p.fb.join("run.sh"))
+        .is_ok_and(|m| m.permissions().mode() & 0o777 == 0o755)));
+    assert!(wait_until(LONG, || p.fb.join("empty/dir").is_dir()));
+}
+
+#[test]
+fn concurrent_edits_keep_both_versions_on_both_sides() {
+    let mut p = pair();
+    std::fs::write(p.fa.join("notes.txt"), b"base").unwrap();
+    assert!(wait_until(LONG, || same(
+        &p.fa.join("notes.txt"),
+        &p.fb.join("notes.txt")
+    )));
+    // Stop B, edit on both sides, bring B back.
+    let hb = p.b.home.clone();
+    p.b.kill();
+    std::fs::write(p.fa.join("notes.txt"), b"alice's version").unwrap();
+    meshsync_ok(&p.a.home, &["scan"]);
+    std::fs::write(p.fb.join("notes.txt"), b"bob's version, longer").unwrap();
+    p.b = Daemon::start(&hb);
+    meshsync_ok(&hb, &["scan"]);
+    let copies = |dir: &Path| -> Vec<String> {
+        std::fs::read_dir(dir)
+            .unwrap()
+            .flatten()
+            .map(|e| e.file_name().to_string_lossy().to_string())
+            .filter(|n| n.contains(".sync-conflict-"))
+            .collect()
+    };
+    assert!(
+        wait_until(LONG, || copies(&p.fa).len() == 1
+            && copies(&p.fb).len() == 1),
+        "{:?} {:?}",
+        copies(&p.fa),
+        copies(&p.fb)
+    );
+    assert!(wait_until(LONG, || same(
+        &p.fa.join("notes.txt"),
+        &p.fb.join("notes.txt")
+    )));
+    let copy = &copies(&p.fa)[0];
+    assert!(
+        copy.starts_with("notes.sync-conflict-") && copy.ends_with(".txt"),
+        "{copy}"
+    );
+    assert!(wait_until(LONG, || same(
+        &p.fa.join(copy),
+        &p.fb.join(copy)
+    )));
+    let versions = [
+        std::fs::read(p.fa.join("notes.txt")).unwrap(),
+        std::fs::read(p.fa.join(copy)).unwrap(),
+    ];
+    assert!(
+        versions.contains(&b"alice's version".to_vec())
+            && versions.contains(&b"bob's version, longer".to_vec())
+    );
+    let listed = meshsync_ok(&p.a.home, &["conflicts", "--json"]);
+    assert!(listed.contains("notes.txt"), "{listed}");
+}
+
+#[test]
+fn a_killed_daemon_finishes_after_restart_and_never_shows_a_partial_file() {
+    let mut p = pair();
+    let hb = p.b.home.clone();
+    let data = random(96 << 20, 3);
+    std::fs::write(p.fa.join("large.bin"), &data).unwrap();
+    meshsync_ok(&p.a.home, &["scan"]);
+    // Kill B as soon as the transfer is under way.
+    assert!(wait_until(LONG, || bytes_in(&p.b) > 1 << 20));
+    p.b.kill();
+    if let Ok(meta) = std::fs::metadata(p.fb.join("large.bin")) {
+        assert_eq!(
+            meta.len(),
+            data.len() as u64,
+            "a partial file under the final name"
+        );
+    }
+    p.b = Daemon::start(&hb);
+    assert!(wait_until(LONG, || std::fs::read(p.fb.join("large.bin"))
+        .is_ok_and(|d| d == data)));
+}
+
+#[test]
+fn a_stranger_daemon_gets_nothing() {
+    let p = pair();
+    std::fs::write(p.fa.join("secret.txt"), b"members only").unwrap();
+    meshsync_ok(&p.a.home, &["scan"]);
+    let dir = tempfile::tempdir().unwrap();
+    let (hs, fs) = (dir.path().join("s"), dir.path().join("S"));
+    std::fs::create_dir_all(&fs).unwrap();
+    meshsync_ok(&hs, &["init", "--name", "mallory"]);
+    let listen = p.a.status()["listen"][0].as_str().unwrap().to_string();
+    meshsync_ok(&hs, &["peer", "add", &listen]);
+    let s = Daemon::start(&hs);
+    meshsync_ok(
+        &hs,
+        &["folder", "add", fs.to_str().unwrap(), "--id", "docs"],
+    );
+    std::thread::sleep(Duration::from_secs(3));
+    assert!(!fs.join("secret.txt").exists());
+    assert!(s.status()["peers"].as_array().unwrap().is_empty());
+    // Both doors refuse after the handshake (whichever closes first is a race, so either
+    // log may carry it); A's mesh never lists the stranger.
+    let logs = std::fs::read_to_string(p.a.home.join("daemon.log")).unwrap()
+        + &std::fs::read_to_string(hs.join("daemon.log")).unwrap();
+    assert!(logs.contains("refused a connection from a non-member"));
+    let devices = meshsync_ok(&p.a.home, &["devices", "--json"]);
+    assert!(
+        !devices.contains("mallory") && devices.contains("bob"),
+        "{devices}"
+    );
+    assert!(!meshsync(&hs, &["conflicts"]).stdout.is_empty());
+}
