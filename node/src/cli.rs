@@ -84,8 +84,8 @@ pub enum Command {
         #[command(subcommand)]
         action: PeerAction,
     },
-    /// Show meshsync at work on this machine: two devices in temporary homes form a mesh and
-    /// exchange signed, verified index changes.
+    /// Show meshsync at work on this machine: two real daemons in temporary homes pair and
+    /// keep a folder in sync over loopback.
     Demo {
         /// Where to put the demo's homes and sample folder (default: a new temporary folder).
         #[arg(long)]
@@ -120,7 +120,7 @@ pub enum PeerAction {
 /// Runs one parsed command.
 pub fn run(cli: Cli) -> anyhow::Result<()> {
     if let Command::Demo { dir } = &cli.command {
-        return crate::demo::run(dir.as_deref());
+        return crate::demo::run_demo(dir.as_deref());
     }
     let home = Home::locate(cli.home)?;
     match cli.command {

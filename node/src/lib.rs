@@ -3,7 +3,7 @@
 //!
 //! - [`home`]: the node's home directory — key files (mode 0600), config.
 //! - [`cli`]: the command-line interface.
-//! - [`demo`]: `meshsync demo`, the foundation at work on one machine.
+//! - [`demo`]: `meshsync demo`, two real daemons pairing and syncing on one machine.
 //! - [`content`]: FastCDC chunking, keyed-BLAKE3 chunk IDs, AES-256-GCM sealing of chunks.
 //! - [`daemon`]: `meshsync up`: scanning, pull/push of signed changes, materialising files.
 //! - [`control`]: the Unix control socket between the CLI and the daemon.
