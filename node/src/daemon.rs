@@ -529,6 +529,13 @@ async fn apply_changes(node: &Shared, peer: PeerId, changes: SyncChanges) -> any
     Ok(())
 }
 
+/// A file being assembled: its temp file, final size, and how many chunks it still lacks.
+struct Pending {
+    tmp: PathBuf,
+    size: u64,
+    left: usize,
+}
+
 /// Brings the files at `paths` in line with the index; one at a time per node, so a catch-up
 /// never fetches what a pull is already fetching.
 async fn materialise(
@@ -652,15 +659,57 @@ async fn materialise_now(
         (key, have)
     };
     let key = key.context("this device holds no mesh key yet")?;
-    let missing: Vec<ChunkId> = lists
-        .values()
-        .flatten()
-        .map(|c| c.id)
-        .filter(|id| !have.contains_key(id))
-        .collect::<BTreeSet<_>>()
-        .into_iter()
-        .collect();
-    let mut fetched: HashMap<ChunkId, Vec<u8>> = HashMap::new();
+    // Every file to write gets a temp file now, filled with the chunks this node already has
+    // (read from current local files before anything is renamed or deleted, and re-checked);
+    // fetched chunks are written into place as they arrive, so memory holds only what is in
+    // flight, never whole files.
+    let mut pending: HashMap<usize, Pending> = HashMap::new();
+    let mut wanted_at: HashMap<ChunkId, Vec<(usize, u64)>> = HashMap::new();
+    let id_key = key.chunk_id_key();
+    for (i, (rel, w, _, _)) in work.iter().enumerate() {
+        if w.deleted || w.kind != FileKind::File {
+            continue;
+        }
+        let Some(list) = lists.get(&w.chunks) else {
+            continue;
+        };
+        let target = root.join(rel);
+        let dir = target.parent().context("file has no parent folder")?;
+        std::fs::create_dir_all(dir)?;
+        let name = target
+            .file_name()
+            .and_then(|n| n.to_str())
+            .unwrap_or("file");
+        let tmp = dir.join(format!(".meshsync-tmp-{}-{i}-{name}", std::process::id()));
+        let size: u64 = list.iter().map(|c| u64::from(c.len)).sum();
+        let file =
+            std::fs::File::create(&tmp).with_context(|| format!("creating {}", tmp.display()))?;
+        file.set_len(size)?;
+        let mut left = 0usize;
+        for c in list {
+            let local = have.get(&c.id).and_then(|(src, offset, len)| {
+                use std::os::unix::fs::FileExt;
+                let mut data = vec![0u8; *len as usize];
+                std::fs::File::open(src)
+                    .ok()?
+                    .read_exact_at(&mut data, *offset)
+                    .ok()?;
+                (content::chunk_id(&id_key, &data) == c.id).then_some(data)
+            });
+            match local {
+                Some(data) => {
+                    use std::os::unix::fs::FileExt;
+                    file.write_all_at(&data, c.offset)?;
+                }
+                None => {
+                    wanted_at.entry(c.id).or_default().push((i, c.offset));
+                    left += 1;
+                }
+            }
+        }
+        pending.insert(i, Pending { tmp, size, left });
+    }
+    let missing: Vec<ChunkId> = wanted_at.keys().copied().collect();
     if !missing.is_empty() {
         let peers: Vec<PeerId> = transport
             .connected()
@@ -672,17 +721,28 @@ async fn materialise_now(
         let fetcher = transport.clone();
         let task = tokio::spawn(async move { chunks::fetch(&fetcher, peers, missing, sink).await });
         while let Some(chunk) = rx.recv().await {
-            match content::open_chunk(
+            let plain = match content::open_chunk(
                 &key.chunk_key(),
-                &key.chunk_id_key(),
+                &id_key,
                 key.epoch(),
                 &chunk.id,
                 chunk.data,
             ) {
-                Ok(plain) => {
-                    fetched.insert(chunk.id, plain);
+                Ok(plain) => plain,
+                Err(error) => {
+                    tracing::warn!(peer = %chunk.peer, %error, "bad chunk refused");
+                    continue;
                 }
-                Err(error) => tracing::warn!(peer = %chunk.peer, %error, "bad chunk refused"),
+            };
+            for (i, offset) in wanted_at.remove(&chunk.id).unwrap_or_default() {
+                use std::os::unix::fs::FileExt;
+                if let Some(p) = pending.get_mut(&i) {
+                    std::fs::OpenOptions::new()
+                        .write(true)
+                        .open(&p.tmp)?
+                        .write_all_at(&plain, offset)?;
+                    p.left -= 1;
+                }
             }
         }
         let report = task.await?;
@@ -693,13 +753,25 @@ async fn materialise_now(
             );
         }
     }
-    // Write each file: temp file in the same folder, fsync, rename.
+    // One flush of the file system for the whole batch, instead of one fsync per file.
+    if pending.values().any(|p| p.left == 0) {
+        let dir = std::fs::File::open(&root)?;
+        // SAFETY: syncfs only reads the descriptor, which `dir` keeps open for the call.
+        if unsafe { libc::syncfs(std::os::fd::AsRawFd::as_raw_fd(&dir)) } != 0 {
+            return Err(std::io::Error::last_os_error()).context("flushing written files");
+        }
+    }
     let mut batch = Batch::default();
     let mut updates: Vec<(String, Option<LocalFile>)> = Vec::new();
+    let mut touched_dirs: BTreeSet<PathBuf> = BTreeSet::new();
     let me = node.lock().await.keys.device_id();
-    for (rel, w, conflict_copy, before) in work {
+    for (i, (rel, w, conflict_copy, before)) in work.into_iter().enumerate() {
         let target = root.join(&rel);
+        let prepared = pending.remove(&i);
         if !conflict_copy && !keep_local_edit(&root, &rel, before, &w, &key, &me)? {
+            if let Some(p) = prepared {
+                let _ = std::fs::remove_file(&p.tmp);
+            }
             continue;
         }
         if w.deleted {
@@ -727,35 +799,51 @@ async fn materialise_now(
             ));
             continue;
         }
-        let Some(list) = lists.get(&w.chunks) else {
+        let (Some(p), Some(list)) = (prepared, lists.get(&w.chunks)) else {
             continue;
         };
-        let complete = list
-            .iter()
-            .all(|c| fetched.contains_key(&c.id) || have.contains_key(&c.id));
-        if !complete {
-            continue; // retried on the next pull
+        if p.left > 0 {
+            let _ = std::fs::remove_file(&p.tmp);
+            continue; // retried on a later pull
         }
-        let written = write_file(&target, list, &fetched, &have, w.mode, w.mtime_ns)?;
+        std::fs::set_permissions(&p.tmp, std::fs::Permissions::from_mode(w.mode & 0o7777))?;
+        let mtime = std::time::UNIX_EPOCH + Duration::from_nanos(w.mtime_ns.max(0) as u64);
+        std::fs::File::options()
+            .write(true)
+            .open(&p.tmp)?
+            .set_modified(mtime)?;
+        std::fs::rename(&p.tmp, &target)?;
+        if let Some(dir) = target.parent() {
+            touched_dirs.insert(dir.to_path_buf());
+        }
         batch.lists.push((w.chunks, list.clone()));
         if conflict_copy {
             // A plain new file from here on: the next scan records and syncs it.
             tracing::warn!(path = %rel, "concurrent edit kept as a conflict copy");
             continue;
         }
+        let mtime_ns = std::fs::metadata(&target)?
+            .modified()
+            .map(unix_nanos)
+            .unwrap_or(w.mtime_ns);
         updates.push((
             rel.clone(),
             Some(LocalFile {
                 kind: FileKind::File,
-                size: written.0,
-                mtime_ns: written.1,
+                size: p.size,
+                mtime_ns,
                 mode: w.mode,
                 chunks: list.iter().map(|c| (c.id, c.offset, c.len)).collect(),
                 version: w.version,
                 list_hash: w.chunks,
             }),
         ));
-        batch.lists.push((w.chunks, list.clone()));
+    }
+    for p in pending.values() {
+        let _ = std::fs::remove_file(&p.tmp);
+    }
+    for dir in touched_dirs {
+        std::fs::File::open(&dir)?.sync_all()?;
     }
     let mut n = node.lock().await;
     let n = &mut *n;
@@ -866,54 +954,6 @@ fn civil_from_days(z: i64) -> (i64, u32, u32) {
     let d = (doy - (153 * mp + 2) / 5 + 1) as u32;
     let m = if mp < 10 { mp + 3 } else { mp - 9 } as u32;
     (yoe + era * 400 + i64::from(m <= 2), m, d)
-}
-
-/// Writes `list` to `target` through a temp file; returns (size, mtime_ns) as on disk.
-fn write_file(
-    target: &Path,
-    list: &[ChunkRef],
-    fetched: &HashMap<ChunkId, Vec<u8>>,
-    have: &HashMap<ChunkId, (PathBuf, u64, u32)>,
-    mode: u32,
-    mtime_ns: i64,
-) -> anyhow::Result<(u64, i64)> {
-    use std::io::Write;
-    use std::os::unix::fs::FileExt;
-    let dir = target.parent().context("file has no parent folder")?;
-    std::fs::create_dir_all(dir)?;
-    let name = target
-        .file_name()
-        .and_then(|n| n.to_str())
-        .unwrap_or("file");
-    let tmp = dir.join(format!(".meshsync-tmp-{}-{name}", std::process::id()));
-    let mut out =
-        std::fs::File::create(&tmp).with_context(|| format!("creating {}", tmp.display()))?;
-    let mut size = 0u64;
-    for chunk in list {
-        let data = match fetched.get(&chunk.id) {
-            Some(data) => data.clone(),
-            None => {
-                let (path, offset, len) = have.get(&chunk.id).context("chunk vanished")?;
-                let mut data = vec![0u8; *len as usize];
-                std::fs::File::open(path)?.read_exact_at(&mut data, *offset)?;
-                data
-            }
-        };
-        out.write_all(&data)?;
-        size += data.len() as u64;
-    }
-    out.sync_all()?;
-    drop(out);
-    std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(mode & 0o7777))?;
-    let mtime = std::time::UNIX_EPOCH + Duration::from_nanos(mtime_ns.max(0) as u64);
-    std::fs::File::options()
-        .write(true)
-        .open(&tmp)?
-        .set_modified(mtime)?;
-    std::fs::rename(&tmp, target)?;
-    std::fs::File::open(dir)?.sync_all()?;
-    let meta = std::fs::metadata(target)?;
-    Ok((size, meta.modified().map(unix_nanos).unwrap_or(mtime_ns)))
 }
 
 /// Rescans every folder.

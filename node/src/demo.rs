@@ -96,31 +96,65 @@ pub fn run_demo(dir: Option<&Path>) -> anyhow::Result<()> {
     let _laptop_daemon = start(&laptop)?;
     std::fs::write(laptop_docs.join("notes.txt"), "things to sync\n")?;
     std::fs::create_dir_all(laptop_docs.join("photos/2026"))?;
-    let photo: Vec<u8> = (0..3_000_000u32).map(|i| (i.wrapping_mul(2_654_435_761) >> 7) as u8).collect();
+    let photo: Vec<u8> = (0..3_000_000u32)
+        .map(|i| (i.wrapping_mul(2_654_435_761) >> 7) as u8)
+        .collect();
     std::fs::write(laptop_docs.join("photos/2026/beach.raw"), &photo)?;
-    run(&laptop, &["folder", "add", laptop_docs.to_str().context("path")?, "--id", "docs"])?;
+    run(
+        &laptop,
+        &[
+            "folder",
+            "add",
+            laptop_docs.to_str().context("path")?,
+            "--id",
+            "docs",
+        ],
+    )?;
     println!("  {} is folder \"docs\"", laptop_docs.display());
 
     step("The laptop invites the desktop; the desktop joins with the one-time code");
     let invite = run(&laptop, &["invite", "--expires", "10m"])?;
-    let code = invite.lines().last().context("an invite code")?.trim().to_string();
+    let code = invite
+        .lines()
+        .last()
+        .context("an invite code")?
+        .trim()
+        .to_string();
     println!("  code: {}…", &code[..code.len().min(48)]);
     println!("  {}", run(&desktop, &["join", &code])?.trim());
 
     step("The desktop starts its daemon and joins the folder");
     let _desktop_daemon = start(&desktop)?;
-    run(&desktop, &["folder", "add", desktop_docs.to_str().context("path")?, "--id", "docs"])?;
+    run(
+        &desktop,
+        &[
+            "folder",
+            "add",
+            desktop_docs.to_str().context("path")?,
+            "--id",
+            "docs",
+        ],
+    )?;
     let took = wait(Duration::from_secs(60), || {
         std::fs::read(desktop_docs.join("photos/2026/beach.raw")).is_ok_and(|d| d == photo)
     })?;
-    println!("  the desktop has every file after {:.2} s (signed, verified, encrypted in flight)", took.as_secs_f64());
+    println!(
+        "  the desktop has every file after {:.2} s (signed, verified, encrypted in flight)",
+        took.as_secs_f64()
+    );
 
     step("An edit on the desktop reaches the laptop");
-    std::fs::write(desktop_docs.join("notes.txt"), "things to sync\nand an edit from the desktop\n")?;
+    std::fs::write(
+        desktop_docs.join("notes.txt"),
+        "things to sync\nand an edit from the desktop\n",
+    )?;
     let took = wait(Duration::from_secs(30), || {
         std::fs::read_to_string(laptop_docs.join("notes.txt")).is_ok_and(|t| t.contains("desktop"))
     })?;
-    println!("  seen by the watcher and synced in {:.0} ms", took.as_secs_f64() * 1000.0);
+    println!(
+        "  seen by the watcher and synced in {:.0} ms",
+        took.as_secs_f64() * 1000.0
+    );
 
     step("meshsync status on the desktop");
     print!("{}", run(&desktop, &["status"])?);
