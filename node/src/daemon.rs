@@ -231,6 +231,7 @@ pub async fn start(home: Home, listen: Vec<Multiaddr>, mdns: bool) -> anyhow::Re
                 }
             }
         }
+        remove_temp_files(&path);
         folders.insert(id, Folder { path, index, local });
     }
 
@@ -527,6 +528,23 @@ async fn apply_changes(node: &Shared, peer: PeerId, changes: SyncChanges) -> any
         materialise(node, peer, &folder, paths).await?;
     }
     Ok(())
+}
+
+/// Removes temp files left by a daemon that was killed while writing (they never carry a
+/// final name, so nothing is lost).
+fn remove_temp_files(dir: &Path) {
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return;
+    };
+    for entry in entries.flatten() {
+        let path = entry.path();
+        let name = entry.file_name();
+        if name.to_string_lossy().starts_with(".meshsync-tmp-") {
+            let _ = std::fs::remove_file(&path);
+        } else if entry.file_type().is_ok_and(|t| t.is_dir()) {
+            remove_temp_files(&path);
+        }
+    }
 }
 
 /// A file being assembled: its temp file, final size, and how many chunks it still lacks.
@@ -943,6 +961,17 @@ pub fn conflict_name_for(path: &str, mtime_ns: i64, device: &meshsync_crdt::Devi
     }
 }
 
+/// The path a conflict copy was made from (`a/b.sync-conflict-…-DEV.txt` → `a/b.txt`).
+fn original_of_conflict(copy: &str) -> String {
+    let Some(start) = copy.find(".sync-conflict-") else {
+        return copy.to_string();
+    };
+    let rest = &copy[start + ".sync-conflict-".len()..];
+    // YYYYMMDD-HHMMSS-DEVICE (7 characters), then the extension if any.
+    let ext = rest.get(23..).unwrap_or("");
+    format!("{}{ext}", &copy[..start])
+}
+
 /// Days since 1970-01-01 to (year, month, day), proleptic Gregorian (H. Hinnant's algorithm).
 fn civil_from_days(z: i64) -> (i64, u32, u32) {
     let z = z + 719_468;
@@ -991,7 +1020,16 @@ pub async fn scan(node: &Shared, id: &FolderId) -> anyhow::Result<usize> {
         );
     }
     let id_key = key.chunk_id_key();
-    let scanned = tokio::task::spawn_blocking(move || scan_tree(&root, &local, &id_key)).await??;
+    let (scanned, unsettled) =
+        tokio::task::spawn_blocking(move || scan_tree(&root, &local, &id_key)).await??;
+    if unsettled {
+        let n = node.lock().await;
+        let (changes, id) = (n.changes.clone(), id.clone());
+        tokio::spawn(async move {
+            tokio::time::sleep(SETTLE).await;
+            let _ = changes.send(id);
+        });
+    }
     if scanned.is_empty() {
         return Ok(0);
     }
@@ -1129,12 +1167,19 @@ pub async fn scan(node: &Shared, id: &FolderId) -> anyhow::Result<usize> {
     Ok(count)
 }
 
+/// Files modified more recently than this are still being written: they wait for a rescan.
+const SETTLE: Duration = Duration::from_millis(60);
+
+/// Walks `root`; returns what changed since `local`, and whether some file was left for later
+/// because it is still being written.
 fn scan_tree(
     root: &Path,
     local: &BTreeMap<String, LocalFile>,
     id_key: &meshsync_crdt::keys::ChunkIdKey,
-) -> anyhow::Result<Vec<Scanned>> {
+) -> anyhow::Result<(Vec<Scanned>, bool)> {
     use std::os::unix::fs::MetadataExt;
+    let now = std::time::SystemTime::now();
+    let mut unsettled = false;
     let mut out = Vec::new();
     let mut seen = BTreeSet::new();
     let mut stack = vec![root.to_path_buf()];
@@ -1179,6 +1224,12 @@ fn scan_tree(
                 continue; // symlinks and special files: not yet
             }
             let mtime_ns = meta.modified().map(unix_nanos).unwrap_or(0);
+            let modified = meta.modified().unwrap_or(std::time::UNIX_EPOCH);
+            if now.duration_since(modified).is_ok_and(|age| age < SETTLE) {
+                // Still being written: recording it now would publish a torn version.
+                unsettled = true;
+                continue;
+            }
             if let Some(l) = local.get(&rel) {
                 if l.kind == FileKind::File
                     && l.size == meta.len()
@@ -1213,7 +1264,7 @@ fn scan_tree(
             refs: vec![],
         });
     }
-    Ok(out)
+    Ok((out, unsettled))
 }
 
 impl Node {
@@ -1350,25 +1401,45 @@ impl Node {
             .collect::<Vec<_>>())
     }
 
-    /// Open conflicts, for `meshsync conflicts`.
+    /// Conflict copies, for `meshsync conflicts`: those the index calls for (concurrent
+    /// records) and those on disk (including local edits moved aside), one entry per copy.
     pub fn conflicts(&self) -> serde_json::Value {
-        let mut out = Vec::new();
+        let mut out: BTreeMap<(String, String), serde_json::Value> = BTreeMap::new();
         for (id, f) in &self.folders {
             for state in f.index.conflicts() {
                 let path = state.winner.path.clone();
-                out.push(serde_json::json!({
-                    "folder": id.to_string(),
-                    "path": path,
-                    "winner": { "author": state.winner.author.to_string(), "size": state.winner.size },
-                    "copies": state.losers.iter().map(|l| serde_json::json!({
-                        "author": l.author.to_string(),
-                        "size": l.size,
-                        "copy": conflict_name(&path, l),
-                    })).collect::<Vec<_>>(),
-                }));
+                for loser in &state.losers {
+                    let copy = conflict_name(&path, loser);
+                    out.insert(
+                        (id.to_string(), copy.clone()),
+                        serde_json::json!({
+                            "folder": id.to_string(),
+                            "path": path,
+                            "copy": copy,
+                            "author": loser.author.to_string(),
+                            "on_disk": f.path.join(&copy).exists(),
+                        }),
+                    );
+                }
+            }
+            for rel in f.local.keys().filter(|p| p.contains(".sync-conflict-")) {
+                let key = (id.to_string(), rel.clone());
+                if out.contains_key(&key) {
+                    continue;
+                }
+                let original = original_of_conflict(rel);
+                out.insert(
+                    key,
+                    serde_json::json!({
+                        "folder": id.to_string(),
+                        "path": original,
+                        "copy": rel,
+                        "on_disk": true,
+                    }),
+                );
             }
         }
-        serde_json::json!(out)
+        serde_json::json!(out.into_values().collect::<Vec<_>>())
     }
 
     /// Stops syncing a folder on this device (its files stay where they are).
@@ -1577,5 +1648,34 @@ impl Node {
             }
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn conflict_names_follow_the_syncthing_pattern_and_map_back() {
+        let device = DeviceKeys::generate().device_id();
+        // 2026-11-28 01:02:03 UTC
+        let mtime = 1_795_827_723_000_000_000;
+        let name = conflict_name_for("docs/report.final.pdf", mtime, &device);
+        assert_eq!(
+            name,
+            format!(
+                "docs/report.final.sync-conflict-20261128-010203-{}.pdf",
+                device.short()
+            )
+        );
+        assert_eq!(original_of_conflict(&name), "docs/report.final.pdf");
+        let bare = conflict_name_for("Makefile", mtime, &device);
+        assert_eq!(
+            bare,
+            format!("Makefile.sync-conflict-20261128-010203-{}", device.short())
+        );
+        assert_eq!(original_of_conflict(&bare), "Makefile");
+        assert_eq!(civil_from_days(0), (1970, 1, 1));
+        assert_eq!(civil_from_days(-1), (1969, 12, 31));
     }
 }

@@ -194,8 +194,14 @@ fn concurrent_edits_keep_both_versions_on_both_sides() {
         versions.contains(&b"alice's version".to_vec())
             && versions.contains(&b"bob's version, longer".to_vec())
     );
-    let listed = meshsync_ok(&p.a.home, &["conflicts", "--json"]);
-    assert!(listed.contains("notes.txt"), "{listed}");
+    assert!(wait_until(LONG, || meshsync_ok(
+        &p.a.home,
+        &["conflicts", "--json"]
+    )
+    .contains(copy.as_str())));
+    let listed: serde_json::Value =
+        serde_json::from_str(&meshsync_ok(&p.b.home, &["conflicts", "--json"])).unwrap();
+    assert_eq!(listed[0]["path"], "notes.txt", "{listed}");
 }
 
 #[test]
