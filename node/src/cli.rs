@@ -68,7 +68,12 @@ pub enum Command {
         json: bool,
     },
     /// Ask the daemon to rescan now.
-    Scan { folder: Option<String> },
+    Scan {
+        folder: Option<String>,
+        /// Confirm a mass delete that the guard held back (more than half of a folder).
+        #[arg(long)]
+        allow_deletes: bool,
+    },
     /// List the mesh's devices.
     Devices {
         #[arg(long)]
@@ -215,8 +220,17 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
                 }
             }
         }
-        Command::Scan { folder } => {
-            runtime()?.block_on(require_daemon(&home, &control::Request::Scan { folder }))?;
+        Command::Scan {
+            folder,
+            allow_deletes,
+        } => {
+            runtime()?.block_on(require_daemon(
+                &home,
+                &control::Request::Scan {
+                    folder,
+                    allow_deletes,
+                },
+            ))?;
             println!("scanned");
         }
         Command::Peer { action } => match action {
@@ -383,7 +397,7 @@ fn print_status(status: &serde_json::Value) {
     println!("folders:");
     for f in status["folders"].as_array().into_iter().flatten() {
         println!(
-            "  {} {}  {}  {} files, need {} files ({} B), {} conflicts",
+            "  {} {}  {}  {} files, need {} files ({} B), {} conflicts{}",
             f["id"].as_str().unwrap_or(""),
             f["path"].as_str().unwrap_or(""),
             if f["in_sync"].as_bool() == Some(true) {
@@ -394,7 +408,14 @@ fn print_status(status: &serde_json::Value) {
             f["local_files"],
             f["need_files"],
             f["need_bytes"],
-            f["conflicts"]
+            f["conflicts"],
+            match f["held_deletes"].as_u64() {
+                Some(n) if n > 0 => format!(
+                    "; {n} deletions held back (run `meshsync scan --allow-deletes {}` if intended)",
+                    f["id"].as_str().unwrap_or("")
+                ),
+                _ => String::new(),
+            }
         );
     }
 }

@@ -13,12 +13,26 @@ use crate::daemon::{self, Node, Shared};
 #[derive(Serialize, Deserialize, Debug)]
 pub enum Request {
     Status,
-    Invite { role: String, expires_secs: u64 },
-    Join { code: String },
-    FolderAdd { path: PathBuf, id: Option<String> },
+    Invite {
+        role: String,
+        expires_secs: u64,
+    },
+    Join {
+        code: String,
+    },
+    FolderAdd {
+        path: PathBuf,
+        id: Option<String>,
+    },
     FolderList,
-    FolderRemove { id: String },
-    Scan { folder: Option<String> },
+    FolderRemove {
+        id: String,
+    },
+    Scan {
+        folder: Option<String>,
+        #[serde(default)]
+        allow_deletes: bool,
+    },
     Devices,
     Conflicts,
 }
@@ -106,7 +120,10 @@ async fn handle(node: &Shared, request: Request) -> anyhow::Result<serde_json::V
         }
         Request::Devices => Ok(node.lock().await.devices().await),
         Request::Conflicts => Ok(node.lock().await.conflicts()),
-        Request::Scan { folder } => {
+        Request::Scan {
+            folder,
+            allow_deletes,
+        } => {
             match folder {
                 Some(id) => {
                     let id = meshsync_crdt::FolderId::new(&id)?;
@@ -119,7 +136,19 @@ async fn handle(node: &Shared, request: Request) -> anyhow::Result<serde_json::V
                     if !known {
                         anyhow::bail!("no folder {id} on this device (see `meshsync folder list`)");
                     }
-                    daemon::scan(node, &id).await?;
+                    daemon::scan_with(node, &id, allow_deletes).await?;
+                }
+                None if allow_deletes => {
+                    let ids: Vec<_> = node
+                        .lock()
+                        .await
+                        .folder_list()
+                        .into_iter()
+                        .map(|(f, _)| f)
+                        .collect();
+                    for id in ids {
+                        daemon::scan_with(node, &id, true).await?;
+                    }
                 }
                 None => daemon::scan_all(node).await?,
             }

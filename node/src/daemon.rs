@@ -87,6 +87,8 @@ struct Folder {
     path: PathBuf,
     index: FolderIndex,
     local: BTreeMap<String, LocalFile>,
+    /// Deletions the mass-delete guard is holding back.
+    held_deletes: usize,
 }
 
 /// Where the chunks of current files lie on disk, for serving them.
@@ -232,7 +234,15 @@ pub async fn start(home: Home, listen: Vec<Multiaddr>, mdns: bool) -> anyhow::Re
             }
         }
         remove_temp_files(&path);
-        folders.insert(id, Folder { path, index, local });
+        folders.insert(
+            id,
+            Folder {
+                path,
+                index,
+                local,
+                held_deletes: 0,
+            },
+        );
     }
 
     let pair_ip = listen
@@ -323,7 +333,7 @@ pub async fn start(home: Home, listen: Vec<Multiaddr>, mdns: bool) -> anyhow::Re
             map: chunk_map,
             key,
         }),
-        transport.allowed().clone(),
+        transport.clone(),
     ));
     let handler_node = node.clone();
     rpc::serve(&transport, rpc::DOC, move |peer, request| {
@@ -1003,6 +1013,20 @@ struct Scanned {
 
 /// Rescans one folder, records what changed, and pushes it to connected members.
 pub async fn scan(node: &Shared, id: &FolderId) -> anyhow::Result<usize> {
+    scan_with(node, id, false).await
+}
+
+/// A scan that would delete at least this many files, and more than half of the folder, is
+/// held back until the user confirms (`meshsync scan --allow-deletes`): an emptied or
+/// half-unmounted folder must not wipe every other device.
+const MASS_DELETE_MIN: usize = 10;
+
+/// [`scan`], optionally confirming a mass delete the guard held back.
+pub async fn scan_with(
+    node: &Shared,
+    id: &FolderId,
+    allow_mass_delete: bool,
+) -> anyhow::Result<usize> {
     let (root, local, key) = {
         let n = node.lock().await;
         let f = n
@@ -1029,6 +1053,32 @@ pub async fn scan(node: &Shared, id: &FolderId) -> anyhow::Result<usize> {
             tokio::time::sleep(SETTLE).await;
             let _ = changes.send(id);
         });
+    }
+    let files_here = {
+        let n = node.lock().await;
+        n.folders
+            .get(id)
+            .map(|f| {
+                f.local
+                    .values()
+                    .filter(|l| l.kind == FileKind::File)
+                    .count()
+            })
+            .unwrap_or(0)
+    };
+    let deletes = scanned.iter().filter(|s| s.file.is_none()).count();
+    let held = deletes >= MASS_DELETE_MIN && deletes * 2 > files_here && !allow_mass_delete;
+    let scanned: Vec<Scanned> = if held {
+        tracing::warn!(folder = %id, deletes, files_here, "mass delete held back; run `meshsync scan --allow-deletes {id}` if it is intended");
+        scanned.into_iter().filter(|s| s.file.is_some()).collect()
+    } else {
+        scanned
+    };
+    {
+        let mut n = node.lock().await;
+        if let Some(f) = n.folders.get_mut(id) {
+            f.held_deletes = if held { deletes } else { 0 };
+        }
     }
     if scanned.is_empty() {
         return Ok(0);
@@ -1168,7 +1218,7 @@ pub async fn scan(node: &Shared, id: &FolderId) -> anyhow::Result<usize> {
 }
 
 /// Files modified more recently than this are still being written: they wait for a rescan.
-const SETTLE: Duration = Duration::from_millis(60);
+const SETTLE: Duration = Duration::from_millis(40);
 
 /// Walks `root`; returns what changed since `local`, and whether some file was left for later
 /// because it is still being written.
@@ -1300,6 +1350,7 @@ impl Node {
                 path,
                 index,
                 local: BTreeMap::new(),
+                held_deletes: 0,
             },
         );
         Ok(id)
@@ -1514,6 +1565,7 @@ impl Node {
                     "need_bytes": need_bytes,
                     "local_files": f.local.values().filter(|l| l.kind == FileKind::File).count(),
                     "conflicts": conflicts,
+                    "held_deletes": f.held_deletes,
                 })
             })
             .collect();

@@ -257,3 +257,39 @@ fn a_stranger_daemon_gets_nothing() {
     );
     assert!(!meshsync(&hs, &["conflicts"]).stdout.is_empty());
 }
+
+#[test]
+fn a_mass_delete_waits_for_confirmation_and_a_missing_marker_deletes_nothing() {
+    let p = pair();
+    for i in 0..30 {
+        std::fs::write(p.fa.join(format!("keep{i}.txt")), format!("file {i}")).unwrap();
+    }
+    meshsync_ok(&p.a.home, &["scan"]);
+    assert!(wait_until(LONG, || p.fb.join("keep29.txt").exists()
+        && p.b.status()["folders"][0]["in_sync"] == true));
+    // Most files vanish on A (an unmounted disk looks like this): held back.
+    for i in 0..25 {
+        std::fs::remove_file(p.fa.join(format!("keep{i}.txt"))).unwrap();
+    }
+    meshsync_ok(&p.a.home, &["scan"]);
+    assert!(wait_until(LONG, || p.a.status()["folders"][0]
+        ["held_deletes"]
+        == 25));
+    std::thread::sleep(Duration::from_secs(1));
+    assert!(
+        p.fb.join("keep0.txt").exists(),
+        "nothing deleted on B before confirmation"
+    );
+    assert!(meshsync_ok(&p.a.home, &["status"]).contains("--allow-deletes"));
+    meshsync_ok(&p.a.home, &["scan", "--allow-deletes", "docs"]);
+    assert!(wait_until(LONG, || !p.fb.join("keep0.txt").exists()));
+    assert!(p.fb.join("keep29.txt").exists());
+
+    // Without its marker the folder is not scanned at all, so nothing is deleted.
+    std::fs::remove_file(p.fa.join(".meshsync-folder")).unwrap();
+    std::fs::remove_file(p.fa.join("keep29.txt")).unwrap();
+    let out = meshsync(&p.a.home, &["scan", "docs"]);
+    assert!(String::from_utf8_lossy(&out.stderr).contains("is the disk mounted"));
+    std::thread::sleep(Duration::from_secs(1));
+    assert!(p.fb.join("keep29.txt").exists());
+}

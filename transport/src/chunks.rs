@@ -22,7 +22,6 @@ use serde::{Deserialize, Serialize};
 use tokio::sync::mpsc;
 
 use crate::frame::{self, FrameError};
-use crate::Allowed;
 
 pub const PROTOCOL: StreamProtocol = StreamProtocol::new("/meshsync/chunks/1");
 /// Chunk IDs per `Want` frame.
@@ -121,16 +120,17 @@ async fn read_response(stream: &mut libp2p::Stream) -> Result<(u8, ChunkId, Vec<
 pub async fn serve(
     mut incoming: libp2p_stream::IncomingStreams,
     source: Arc<dyn ChunkSource>,
-    allowed: Allowed,
+    transport: crate::Transport,
 ) {
     while let Some((peer, stream)) = incoming.next().await {
-        if !allowed.contains(&peer) {
+        if !transport.allowed().contains(&peer) {
             tracing::warn!(%peer, "chunk stream from a non-member refused");
             continue;
         }
         let source = source.clone();
+        let counters = transport.counters(&peer);
         tokio::spawn(async move {
-            if let Err(error) = serve_stream(stream, source).await {
+            if let Err(error) = serve_stream(stream, source, counters).await {
                 tracing::info!(%peer, %error, "chunk stream closed");
             }
         });
@@ -140,6 +140,7 @@ pub async fn serve(
 async fn serve_stream(
     mut stream: libp2p::Stream,
     source: Arc<dyn ChunkSource>,
+    counters: Arc<crate::Counters>,
 ) -> Result<(), FrameError> {
     while let Some(bytes) = frame::read_frame(&mut stream, MAX_WANT_FRAME, IDLE).await? {
         let want: Want = frame::decode(&bytes)?;
@@ -172,6 +173,10 @@ async fn serve_stream(
             header[5..].copy_from_slice(&id.0);
             stream.write_all(&header).await?;
             stream.write_all(data).await?;
+            counters.bytes_out.fetch_add(
+                (header.len() + data.len()) as u64,
+                std::sync::atomic::Ordering::Relaxed,
+            );
         }
         stream.flush().await?;
     }

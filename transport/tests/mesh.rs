@@ -178,11 +178,7 @@ async fn a_transfer_from_two_peers_resumes_after_its_connection_is_killed() {
     ));
     for server in [&a, &b] {
         let incoming = server.control().accept(chunks::PROTOCOL).unwrap();
-        tokio::spawn(chunks::serve(
-            incoming,
-            source.clone(),
-            server.allowed().clone(),
-        ));
+        tokio::spawn(chunks::serve(incoming, source.clone(), (*server).clone()));
     }
     c.dial(addr(&a, false).await).await.unwrap();
     c.dial(addr(&b, true).await).await.unwrap();
