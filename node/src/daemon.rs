@@ -1291,7 +1291,17 @@ fn scan_tree(
             }
             let file = std::fs::File::open(&path)?;
             let refs = content::chunk_stream(std::io::BufReader::new(file), id_key, |_, _| {})?;
-            let size = refs.iter().map(|c| u64::from(c.len)).sum();
+            let size: u64 = refs.iter().map(|c| u64::from(c.len)).sum();
+            // A write in progress can keep mtime still while the size grows: if the file is
+            // not exactly what it was when we started reading, it is not settled yet.
+            let after = std::fs::symlink_metadata(&path)?;
+            if after.len() != meta.len()
+                || size != meta.len()
+                || after.modified().ok() != meta.modified().ok()
+            {
+                unsettled = true;
+                continue;
+            }
             out.push(Scanned {
                 path: rel,
                 file: Some(LocalFile {
