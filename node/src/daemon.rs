@@ -95,6 +95,32 @@ struct Folder {
 #[derive(Default)]
 struct ChunkMap {
     locations: HashMap<ChunkId, (PathBuf, u64, u32)>,
+    /// Symlink targets, served from memory (reading the link's path would follow it).
+    links: HashMap<ChunkId, Vec<u8>>,
+}
+
+impl ChunkMap {
+    /// Records where the chunks of a current local file (or link) can be read from.
+    fn remember(&mut self, kind: FileKind, path: PathBuf, chunks: &[(ChunkId, u64, u32)]) {
+        if kind == FileKind::Symlink {
+            use std::os::unix::ffi::OsStrExt;
+            let Ok(target) = std::fs::read_link(&path) else {
+                return;
+            };
+            let bytes = target.as_os_str().as_bytes();
+            for (id, offset, len) in chunks {
+                if let Some(part) =
+                    bytes.get(*offset as usize..(*offset + u64::from(*len)) as usize)
+                {
+                    self.links.insert(*id, part.to_vec());
+                }
+            }
+            return;
+        }
+        for (id, offset, len) in chunks {
+            self.locations.insert(*id, (path.clone(), *offset, *len));
+        }
+    }
 }
 
 struct Served {
@@ -105,8 +131,11 @@ struct Served {
 impl ChunkSource for Served {
     fn get(&self, id: &ChunkId) -> Option<bytes::Bytes> {
         use std::os::unix::fs::FileExt;
-        let (path, offset, len) = self.map.lock().ok()?.locations.get(id).cloned()?;
         let key = self.key.lock().ok()?.clone()?;
+        if let Some(target) = self.map.lock().ok()?.links.get(id).cloned() {
+            return Some(content::seal_chunk(&key.chunk_key(), key.epoch(), id, &target).into());
+        }
+        let (path, offset, len) = self.map.lock().ok()?.locations.get(id).cloned()?;
         let file = std::fs::File::open(&path).ok()?;
         let mut plain = vec![0u8; len as usize];
         file.read_exact_at(&mut plain, offset).ok()?;
@@ -227,10 +256,7 @@ pub async fn start(home: Home, listen: Vec<Multiaddr>, mdns: bool) -> anyhow::Re
         {
             let mut map = chunk_map.lock().expect("chunk map lock");
             for (rel, file) in &local {
-                for (chunk, offset, len) in &file.chunks {
-                    map.locations
-                        .insert(*chunk, (path.join(rel), *offset, *len));
-                }
+                map.remember(file.kind, path.join(rel), &file.chunks);
             }
         }
         remove_temp_files(&path);
@@ -377,7 +403,7 @@ pub async fn start(home: Home, listen: Vec<Multiaddr>, mdns: bool) -> anyhow::Re
                 let needs = looping.lock().await.needs();
                 for (folder, paths) in needs {
                     if let Err(error) = materialise(&looping, *peer, &folder, paths).await {
-                        tracing::info!(%folder, %error, "catching up failed");
+                        tracing::info!(%folder, error = format!("{error:#}"), "catching up failed");
                     }
                 }
             }
@@ -436,7 +462,7 @@ async fn handle(node: &Shared, peer: PeerId, request: SyncRequest) -> SyncReply 
         SyncRequest::Push(changes) => match apply_changes(node, peer, changes).await {
             Ok(()) => SyncReply::Ok,
             Err(error) => {
-                tracing::warn!(%peer, %error, "refused pushed changes");
+                tracing::warn!(%peer, error = format!("{error:#}"), "refused pushed changes");
                 SyncReply::Refused(error.to_string())
             }
         },
@@ -562,6 +588,8 @@ struct Pending {
     tmp: PathBuf,
     size: u64,
     left: usize,
+    /// For a symlink: its target, assembled in memory (it is never a file on disk).
+    link: Option<Vec<u8>>,
 }
 
 /// Brings the files at `paths` in line with the index; one at a time per node, so a catch-up
@@ -639,7 +667,7 @@ async fn materialise_now(
     // Chunk lists of the files to write.
     let wanted: Vec<ChunkListHash> = work
         .iter()
-        .filter(|(_, w, _, _)| !w.deleted && w.kind == FileKind::File)
+        .filter(|(_, w, _, _)| !w.deleted && w.kind != FileKind::Directory)
         .map(|(_, w, _, _)| w.chunks)
         .collect::<BTreeSet<_>>()
         .into_iter()
@@ -684,8 +712,14 @@ async fn materialise_now(
             .flatten()
             .filter_map(|c| map.locations.get(&c.id).map(|l| (c.id, l.clone())))
             .collect();
-        (key, have)
+        let have_links: HashMap<ChunkId, Vec<u8>> = lists
+            .values()
+            .flatten()
+            .filter_map(|c| map.links.get(&c.id).map(|l| (c.id, l.clone())))
+            .collect();
+        (key, (have, have_links))
     };
+    let (have, have_links) = have;
     let key = key.context("this device holds no mesh key yet")?;
     // Every file to write gets a temp file now, filled with the chunks this node already has
     // (read from current local files before anything is renamed or deleted, and re-checked);
@@ -695,13 +729,48 @@ async fn materialise_now(
     let mut wanted_at: HashMap<ChunkId, Vec<(usize, u64)>> = HashMap::new();
     let id_key = key.chunk_id_key();
     for (i, (rel, w, _, _)) in work.iter().enumerate() {
-        if w.deleted || w.kind != FileKind::File {
+        if w.deleted || w.kind == FileKind::Directory {
             continue;
         }
         let Some(list) = lists.get(&w.chunks) else {
             continue;
         };
         let target = root.join(rel);
+        if w.kind == FileKind::Symlink {
+            let size: u64 = list.iter().map(|c| u64::from(c.len)).sum();
+            let mut link = vec![0u8; size as usize];
+            let mut left = 0;
+            for c in list {
+                let at = c.offset as usize..(c.offset + u64::from(c.len)) as usize;
+                match (have_links.get(&c.id), link.get_mut(at)) {
+                    (Some(data), Some(slot)) if data.len() == slot.len() => {
+                        slot.copy_from_slice(data)
+                    }
+                    _ => {
+                        wanted_at.entry(c.id).or_default().push((i, c.offset));
+                        left += 1;
+                    }
+                }
+            }
+            let name = target
+                .file_name()
+                .and_then(|n| n.to_str())
+                .unwrap_or("link");
+            let tmp = target
+                .parent()
+                .context("link has no parent folder")?
+                .join(format!(".meshsync-tmp-{}-{i}-{name}", std::process::id()));
+            pending.insert(
+                i,
+                Pending {
+                    tmp,
+                    size,
+                    left,
+                    link: Some(link),
+                },
+            );
+            continue;
+        }
         let dir = target.parent().context("file has no parent folder")?;
         std::fs::create_dir_all(dir)?;
         let name = target
@@ -735,7 +804,15 @@ async fn materialise_now(
                 }
             }
         }
-        pending.insert(i, Pending { tmp, size, left });
+        pending.insert(
+            i,
+            Pending {
+                tmp,
+                size,
+                left,
+                link: None,
+            },
+        );
     }
     let missing: Vec<ChunkId> = wanted_at.keys().copied().collect();
     if !missing.is_empty() {
@@ -765,10 +842,21 @@ async fn materialise_now(
             for (i, offset) in wanted_at.remove(&chunk.id).unwrap_or_default() {
                 use std::os::unix::fs::FileExt;
                 if let Some(p) = pending.get_mut(&i) {
-                    std::fs::OpenOptions::new()
-                        .write(true)
-                        .open(&p.tmp)?
-                        .write_all_at(&plain, offset)?;
+                    match &mut p.link {
+                        Some(link) => {
+                            let at = offset as usize..offset as usize + plain.len();
+                            if let Some(slot) = link.get_mut(at) {
+                                slot.copy_from_slice(&plain);
+                            }
+                        }
+                        None => {
+                            std::fs::OpenOptions::new()
+                                .write(true)
+                                .open(&p.tmp)
+                                .and_then(|f| f.write_all_at(&plain, offset))
+                                .with_context(|| format!("writing into {}", p.tmp.display()))?;
+                        }
+                    }
                     p.left -= 1;
                 }
             }
@@ -803,7 +891,7 @@ async fn materialise_now(
             continue;
         }
         if w.deleted {
-            if target.is_dir() {
+            if std::fs::symlink_metadata(&target).is_ok_and(|m| m.is_dir()) {
                 let _ = std::fs::remove_dir(&target);
             } else {
                 let _ = std::fs::remove_file(&target);
@@ -833,6 +921,34 @@ async fn materialise_now(
         if p.left > 0 {
             let _ = std::fs::remove_file(&p.tmp);
             continue; // retried on a later pull
+        }
+        if let Some(link) = &p.link {
+            use std::os::unix::ffi::OsStrExt;
+            let _ = std::fs::remove_file(&p.tmp);
+            std::os::unix::fs::symlink(std::ffi::OsStr::from_bytes(link), &p.tmp)
+                .with_context(|| format!("creating link {}", p.tmp.display()))?;
+            std::fs::rename(&p.tmp, &target)
+                .with_context(|| format!("renaming {}", p.tmp.display()))?;
+            batch.lists.push((w.chunks, list.clone()));
+            if !conflict_copy {
+                let mtime_ns = std::fs::symlink_metadata(&target)?
+                    .modified()
+                    .map(unix_nanos)
+                    .unwrap_or(0);
+                updates.push((
+                    rel.clone(),
+                    Some(LocalFile {
+                        kind: FileKind::Symlink,
+                        size: p.size,
+                        mtime_ns,
+                        mode: 0o777,
+                        chunks: list.iter().map(|c| (c.id, c.offset, c.len)).collect(),
+                        version: w.version,
+                        list_hash: w.chunks,
+                    }),
+                ));
+            }
+            continue;
         }
         std::fs::set_permissions(&p.tmp, std::fs::Permissions::from_mode(w.mode & 0o7777))?;
         let mtime = std::time::UNIX_EPOCH + Duration::from_nanos(w.mtime_ns.max(0) as u64);
@@ -882,9 +998,7 @@ async fn materialise_now(
     for (path, file) in updates {
         match &file {
             Some(file) => {
-                for (id, offset, len) in &file.chunks {
-                    map.locations.insert(*id, (root.join(&path), *offset, *len));
-                }
+                map.remember(file.kind, root.join(&path), &file.chunks);
                 f.local.insert(path.clone(), file.clone());
             }
             None => {
@@ -1159,10 +1273,7 @@ pub async fn scan_with(
         match scan.file {
             Some(mut file) => {
                 file.version = record.version;
-                for c in &scan.refs {
-                    map.locations
-                        .insert(c.id, (f.path.join(&scan.path), c.offset, c.len));
-                }
+                map.remember(file.kind, f.path.join(&scan.path), &file.chunks);
                 batch.lists.push((file.list_hash, scan.refs));
                 f.local.insert(scan.path.clone(), file.clone());
                 batch.local.push((id.clone(), scan.path, Some(file)));
@@ -1177,10 +1288,7 @@ pub async fn scan_with(
         match scan.file {
             Some(mut file) => {
                 file.version = version;
-                for c in &scan.refs {
-                    map.locations
-                        .insert(c.id, (f.path.join(&scan.path), c.offset, c.len));
-                }
+                map.remember(file.kind, f.path.join(&scan.path), &file.chunks);
                 f.local.insert(scan.path.clone(), file.clone());
                 batch.local.push((id.clone(), scan.path, Some(file)));
             }
@@ -1270,8 +1378,37 @@ fn scan_tree(
                 }
                 continue;
             }
+            if meta.file_type().is_symlink() {
+                // Synced as a link, never followed: its content is the target path.
+                use std::os::unix::ffi::OsStrExt;
+                let target = std::fs::read_link(&path)?;
+                let bytes = target.as_os_str().as_bytes().to_vec();
+                let mtime_ns = meta.modified().map(unix_nanos).unwrap_or(0);
+                let refs = content::chunk_stream(&bytes[..], id_key, |_, _| {})?;
+                let list_hash = content::chunk_list_hash(&refs);
+                if local
+                    .get(&rel)
+                    .is_some_and(|l| l.kind == FileKind::Symlink && l.list_hash == list_hash)
+                {
+                    continue;
+                }
+                out.push(Scanned {
+                    path: rel,
+                    file: Some(LocalFile {
+                        kind: FileKind::Symlink,
+                        size: bytes.len() as u64,
+                        mtime_ns,
+                        mode: 0o777,
+                        chunks: refs.iter().map(|c| (c.id, c.offset, c.len)).collect(),
+                        version: 0,
+                        list_hash,
+                    }),
+                    refs,
+                });
+                continue;
+            }
             if !meta.is_file() {
-                continue; // symlinks and special files: not yet
+                continue; // sockets, devices, fifos: not synced
             }
             let mtime_ns = meta.modified().map(unix_nanos).unwrap_or(0);
             let modified = meta.modified().unwrap_or(std::time::UNIX_EPOCH);

@@ -140,6 +140,23 @@ fn watcher_inserts_renames_small_files_and_modes() {
     assert!(wait_until(LONG, || std::fs::metadata(p.fb.join("run.sh"))
         .is_ok_and(|m| m.permissions().mode() & 0o777 == 0o755)));
     assert!(wait_until(LONG, || p.fb.join("empty/dir").is_dir()));
+
+    // Symlinks travel as links and are never followed (this one points outside the folder).
+    std::os::unix::fs::symlink("run.sh", p.fa.join("link-to-run")).unwrap();
+    std::os::unix::fs::symlink("/etc/hostname", p.fa.join("outside")).unwrap();
+    meshsync_ok(&p.a.home, &["scan"]);
+    assert!(wait_until(LONG, || std::fs::read_link(
+        p.fb.join("link-to-run")
+    )
+    .is_ok_and(|t| t == Path::new("run.sh"))));
+    assert!(wait_until(LONG, || std::fs::read_link(
+        p.fb.join("outside")
+    )
+    .is_ok_and(|t| t == Path::new("/etc/hostname"))));
+    assert!(std::fs::symlink_metadata(p.fb.join("outside"))
+        .unwrap()
+        .file_type()
+        .is_symlink());
 }
 
 #[test]
