@@ -1003,6 +1003,17 @@ mod tests {
     }
 
     #[test]
+    fn unknown_heads_and_shards_from_a_peer_are_harmless() {
+        let w = world();
+        let mut a = FolderIndex::new(w.log.mesh(), w.folder.clone());
+        a.write(&w.admin, Epoch(0), vec![update("x", 1)]).unwrap();
+        let mut heads = BTreeMap::new();
+        heads.insert(shard_of(&w.folder, "x"), vec![ChangeHash([3; 32])]);
+        heads.insert(SHARDS + 5, vec![ChangeHash([4; 32])]);
+        assert_eq!(a.changes_since(&heads).len(), 1);
+    }
+
+    #[test]
     fn save_and_load_keep_everything() {
         let w = world();
         let mut a = FolderIndex::new(w.log.mesh(), w.folder.clone());

@@ -674,8 +674,14 @@ impl MembershipLog {
 
     /// Encoded Automerge changes the holder of `heads` lacks (all of them for `&[]`).
     pub fn changes_since(&mut self, heads: &[ChangeHash]) -> Vec<Vec<u8>> {
+        // Heads from a peer may name changes this replica never saw: they cannot be a base.
+        let known: Vec<ChangeHash> = heads
+            .iter()
+            .filter(|h| self.doc.get_change_by_hash(h).is_some())
+            .copied()
+            .collect();
         self.doc
-            .get_changes(heads)
+            .get_changes(&known)
             .into_iter()
             .map(|c| c.raw_bytes().to_vec())
             .collect()
@@ -1089,6 +1095,16 @@ mod tests {
         assert_eq!(m.log.len(), 3);
         assert_eq!(m.log.view().members, view.members);
         assert!(!m.log.view().is_member(&laptop.device_id()));
+    }
+
+    #[test]
+    fn unknown_heads_from_a_peer_are_harmless() {
+        let mut m = mesh();
+        let bogus = [ChangeHash([7; 32]), ChangeHash([9; 32])];
+        assert_eq!(
+            m.log.changes_since(&bogus).len(),
+            m.log.changes_since(&[]).len()
+        );
     }
 
     #[test]
