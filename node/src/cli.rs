@@ -74,6 +74,14 @@ pub enum Command {
         #[arg(long)]
         allow_deletes: bool,
     },
+    /// Show or add ignore patterns (gitignore syntax) of a folder. Shared patterns reach every
+    /// device; --local ones apply to this device only (and may re-include with !pattern).
+    Ignore {
+        folder: String,
+        patterns: Vec<String>,
+        #[arg(long)]
+        local: bool,
+    },
     /// List the mesh's devices.
     Devices {
         #[arg(long)]
@@ -172,6 +180,25 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
                 println!("{status}");
             } else {
                 print_status(&status);
+            }
+        }
+        Command::Ignore {
+            folder,
+            patterns,
+            local,
+        } => {
+            let rules = runtime()?.block_on(require_daemon(
+                &home,
+                &control::Request::Ignore {
+                    folder,
+                    patterns,
+                    local,
+                },
+            ))?;
+            for (kind, key) in [("shared", "shared"), ("this device", "local")] {
+                for line in rules[key].as_array().into_iter().flatten() {
+                    println!("{kind:<12} {}", line.as_str().unwrap_or(""));
+                }
             }
         }
         Command::Devices { json } => {

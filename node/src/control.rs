@@ -35,6 +35,11 @@ pub enum Request {
     },
     Devices,
     Conflicts,
+    Ignore {
+        folder: String,
+        patterns: Vec<String>,
+        local: bool,
+    },
 }
 
 /// The daemon's answer.
@@ -119,6 +124,18 @@ async fn handle(node: &Shared, request: Request) -> anyhow::Result<serde_json::V
             Ok(serde_json::json!({ "id": id.to_string(), "path": path.display().to_string() }))
         }
         Request::Devices => Ok(node.lock().await.devices().await),
+        Request::Ignore {
+            folder,
+            patterns,
+            local,
+        } => {
+            let id = meshsync_crdt::FolderId::new(&folder)?;
+            let rules = node.lock().await.add_ignore(&id, &patterns, local)?;
+            if !patterns.is_empty() {
+                daemon::scan(node, &id).await?;
+            }
+            Ok(rules)
+        }
         Request::Conflicts => Ok(node.lock().await.conflicts()),
         Request::Scan {
             folder,

@@ -623,7 +623,15 @@ async fn materialise_now(
         let mut copies = Vec::new();
         let mut writes = Vec::new();
         let mut deletes = Vec::new();
+        let rules = ignore_rules(&f.path);
         for path in paths {
+            let is_dir = f
+                .index
+                .get(&path)
+                .is_some_and(|s| s.winner.kind == FileKind::Directory);
+            if path != IGNORE_FILE && rules.matched_path_or_any_parents(&path, is_dir).is_ignore() {
+                continue;
+            }
             let Some(state) = f.index.get(&path) else {
                 continue;
             };
@@ -1325,6 +1333,32 @@ pub async fn scan_with(
     Ok(count)
 }
 
+/// The folder's ignore rules, shared with every device (synced like a file).
+pub const IGNORE_FILE: &str = ".meshsync/ignore";
+/// Rules for this device only (never synced).
+pub const LOCAL_IGNORE_FILE: &str = ".meshsync/ignore.local";
+
+/// The gitignore-syntax rules of a folder: the shared file, then this device's overrides
+/// (which may re-include with `!pattern`). Bad lines are logged and skipped.
+pub fn ignore_rules(root: &Path) -> ignore::gitignore::Gitignore {
+    let mut builder = ignore::gitignore::GitignoreBuilder::new(root);
+    for file in [IGNORE_FILE, LOCAL_IGNORE_FILE] {
+        let path = root.join(file);
+        let Ok(text) = std::fs::read_to_string(&path) else {
+            continue;
+        };
+        for line in text.lines() {
+            if let Err(error) = builder.add_line(Some(path.clone()), line) {
+                tracing::warn!(file = %path.display(), %error, "ignore rule skipped");
+            }
+        }
+    }
+    builder.build().unwrap_or_else(|error| {
+        tracing::warn!(%error, "ignore rules unusable; ignoring nothing");
+        ignore::gitignore::Gitignore::empty()
+    })
+}
+
 /// Files modified more recently than this are still being written: they wait for a rescan.
 const SETTLE: Duration = Duration::from_millis(40);
 
@@ -1336,6 +1370,7 @@ fn scan_tree(
     id_key: &meshsync_crdt::keys::ChunkIdKey,
 ) -> anyhow::Result<(Vec<Scanned>, bool)> {
     use std::os::unix::fs::MetadataExt;
+    let rules = ignore_rules(root);
     let now = std::time::SystemTime::now();
     let mut unsettled = false;
     let mut out = Vec::new();
@@ -1348,13 +1383,29 @@ fn scan_tree(
             let entry = entry?;
             let name = entry.file_name();
             let Some(name) = name.to_str() else { continue };
-            if name.starts_with(".meshsync") {
+            // The daemon's own files are never synced, except the folder's shared ignore
+            // rules in `.meshsync/ignore`.
+            if dir == root && name == ".meshsync" {
+                if entry.file_type().is_ok_and(|t| t.is_dir()) {
+                    stack.push(entry.path());
+                }
+                continue;
+            }
+            let in_own_dir = dir == root.join(".meshsync");
+            if (name.starts_with(".meshsync") || in_own_dir) && !(in_own_dir && name == "ignore") {
                 continue;
             }
             let path = entry.path();
             let rel = path.strip_prefix(root)?.to_string_lossy().to_string();
             let meta = std::fs::symlink_metadata(&path)?;
             seen.insert(rel.clone());
+            if rel != IGNORE_FILE
+                && rules
+                    .matched_path_or_any_parents(&rel, meta.is_dir())
+                    .is_ignore()
+            {
+                continue; // ignored: neither recorded nor deleted
+            }
             let mode = meta.mode() & 0o7777;
             if meta.is_dir() {
                 stack.push(path.clone());
@@ -1454,7 +1505,16 @@ fn scan_tree(
             });
         }
     }
-    for (rel, _) in local.iter().filter(|(rel, _)| !seen.contains(*rel)) {
+    let ignored = |rel: &str, file: &LocalFile| {
+        rel != IGNORE_FILE
+            && rules
+                .matched_path_or_any_parents(rel, file.kind == FileKind::Directory)
+                .is_ignore()
+    };
+    for (rel, _) in local
+        .iter()
+        .filter(|(rel, file)| !seen.contains(*rel) && !ignored(rel, file))
+    {
         out.push(Scanned {
             path: rel.clone(),
             file: None,
@@ -1534,10 +1594,17 @@ impl Node {
         self.folders
             .iter()
             .filter_map(|(id, f)| {
+                let rules = ignore_rules(&f.path);
                 let paths: BTreeSet<String> = f
                     .index
                     .iter()
                     .filter(|(path, state)| {
+                        let is_dir = state.winner.kind == FileKind::Directory;
+                        if path != IGNORE_FILE
+                            && rules.matched_path_or_any_parents(path, is_dir).is_ignore()
+                        {
+                            return false;
+                        }
                         let w = &state.winner;
                         match f.local.get(path) {
                             Some(l) => !(l.version == w.version && l.list_hash == w.chunks),
@@ -1640,6 +1707,47 @@ impl Node {
         serde_json::json!(out.into_values().collect::<Vec<_>>())
     }
 
+    /// Adds ignore patterns to a folder (shared, or this device's overrides) and returns the
+    /// folder's rules as they now stand.
+    pub fn add_ignore(
+        &self,
+        id: &FolderId,
+        patterns: &[String],
+        local: bool,
+    ) -> anyhow::Result<serde_json::Value> {
+        use std::io::Write;
+        let f = self.folders.get(id).with_context(|| {
+            format!("no folder {id} on this device (see `meshsync folder list`)")
+        })?;
+        for pattern in patterns {
+            ignore::gitignore::GitignoreBuilder::new(&f.path)
+                .add_line(None, pattern)
+                .with_context(|| format!("{pattern:?} is not a valid ignore pattern"))?;
+        }
+        let file = f.path.join(if local {
+            LOCAL_IGNORE_FILE
+        } else {
+            IGNORE_FILE
+        });
+        if !patterns.is_empty() {
+            std::fs::create_dir_all(f.path.join(".meshsync"))?;
+            let mut out = std::fs::OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(&file)?;
+            for pattern in patterns {
+                writeln!(out, "{pattern}")?;
+            }
+            out.sync_all()?;
+        }
+        let read = |name: &str| std::fs::read_to_string(f.path.join(name)).unwrap_or_default();
+        Ok(serde_json::json!({
+            "folder": id.to_string(),
+            "shared": read(IGNORE_FILE).lines().collect::<Vec<_>>(),
+            "local": read(LOCAL_IGNORE_FILE).lines().collect::<Vec<_>>(),
+        }))
+    }
+
     /// Stops syncing a folder on this device (its files stay where they are).
     pub fn remove_folder(&mut self, id: &FolderId) -> anyhow::Result<PathBuf> {
         let folder = self.folders.remove(id).with_context(|| {
@@ -1689,7 +1797,14 @@ impl Node {
                 let mut need_files = 0u64;
                 let mut need_bytes = 0u64;
                 let mut conflicts = 0u64;
+                let rules = ignore_rules(&f.path);
                 for (path, state) in f.index.iter() {
+                    let is_dir = state.winner.kind == FileKind::Directory;
+                    if path != IGNORE_FILE
+                        && rules.matched_path_or_any_parents(&path, is_dir).is_ignore()
+                    {
+                        continue;
+                    }
                     if !state.losers.is_empty() {
                         conflicts += 1;
                     }

@@ -310,3 +310,37 @@ fn a_mass_delete_waits_for_confirmation_and_a_missing_marker_deletes_nothing() {
     std::thread::sleep(Duration::from_secs(1));
     assert!(p.fb.join("keep29.txt").exists());
 }
+
+#[test]
+fn ignore_rules_are_shared_and_local_overrides_stay_local() {
+    let p = pair();
+    meshsync_ok(&p.a.home, &["ignore", "docs", "*.tmp", "build/"]);
+    assert!(wait_until(LONG, || std::fs::read_to_string(
+        p.fb.join(".meshsync/ignore")
+    )
+    .is_ok_and(|t| t.contains("build/"))));
+    let listed = meshsync_ok(&p.b.home, &["ignore", "docs"]);
+    assert!(listed.contains("*.tmp"), "{listed}");
+    // B also ignores *.log, for itself only.
+    meshsync_ok(&p.b.home, &["ignore", "docs", "--local", "*.log"]);
+    std::fs::create_dir_all(p.fa.join("build")).unwrap();
+    std::fs::write(p.fa.join("build/out.o"), b"object").unwrap();
+    std::fs::write(p.fa.join("scratch.tmp"), b"temp").unwrap();
+    std::fs::write(p.fa.join("debug.log"), b"log").unwrap();
+    std::fs::write(p.fa.join("kept.txt"), b"kept").unwrap();
+    meshsync_ok(&p.a.home, &["scan"]);
+    assert!(wait_until(LONG, || p.fb.join("kept.txt").exists()));
+    std::thread::sleep(Duration::from_secs(1));
+    assert!(!p.fb.join("build/out.o").exists() && !p.fb.join("scratch.tmp").exists());
+    assert!(
+        !p.fb.join("debug.log").exists(),
+        "B's local rule keeps the log away"
+    );
+    assert!(wait_until(LONG, || p.b.status()["folders"][0]["in_sync"] == true));
+    assert!(
+        !p.fa.join(".meshsync/ignore.local").exists(),
+        "local rules never travel"
+    );
+    let out = meshsync(&p.a.home, &["ignore", "docs", "{a,b"]);
+    assert!(String::from_utf8_lossy(&out.stderr).contains("not a valid ignore pattern"));
+}
