@@ -312,18 +312,36 @@ fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
         .build()?)
 }
 
+/// Runs `work` with a spinner on the terminal (nothing is drawn when stderr is not one).
+async fn with_spinner<T>(message: &str, work: impl std::future::Future<Output = T>) -> T {
+    let spinner = indicatif::ProgressBar::new_spinner();
+    spinner.set_message(message.to_string());
+    spinner.enable_steady_tick(std::time::Duration::from_millis(100));
+    let result = work.await;
+    spinner.finish_and_clear();
+    result
+}
+
 async fn require_daemon(
     home: &Home,
     request: &control::Request,
 ) -> anyhow::Result<serde_json::Value> {
     home.load_keys()?;
-    control::call(home.path(), request).await?.ok_or_else(|| {
-        anyhow::anyhow!(
-            "no daemon is running for {}; start it with `meshsync --home {} up`",
-            home.path().display(),
-            home.path().display()
-        )
-    })
+    let message = match request {
+        control::Request::Scan { .. } => "scanning",
+        control::Request::Join { .. } => "pairing with the inviting device",
+        control::Request::FolderAdd { .. } => "adding the folder and scanning it",
+        _ => "asking the daemon",
+    };
+    with_spinner(message, control::call(home.path(), request))
+        .await?
+        .ok_or_else(|| {
+            anyhow::anyhow!(
+                "no daemon is running for {}; start it with `meshsync --home {} up`",
+                home.path().display(),
+                home.path().display()
+            )
+        })
 }
 
 async fn up(home: Home, listen: Vec<String>, mdns: bool) -> anyhow::Result<()> {
@@ -365,15 +383,23 @@ async fn up(home: Home, listen: Vec<String>, mdns: bool) -> anyhow::Result<()> {
 
 async fn join_mesh(home: Home, code: String) -> anyhow::Result<()> {
     home.load_keys()?;
-    if let Some(reply) =
-        control::call(home.path(), &control::Request::Join { code: code.clone() }).await?
-    {
+    let request = control::Request::Join { code: code.clone() };
+    let reply = with_spinner(
+        "pairing with the inviting device",
+        control::call(home.path(), &request),
+    )
+    .await?;
+    if let Some(reply) = reply {
         println!("joined mesh {}", reply["mesh"].as_str().unwrap_or(""));
         return Ok(());
     }
     let keys = home.load_keys()?;
     let state = crate::state::State::open(home.path())?;
-    let (mesh, _) = crate::daemon::join(&home, &state, &keys, &code).await?;
+    let (mesh, _) = with_spinner(
+        "pairing with the inviting device",
+        crate::daemon::join(&home, &state, &keys, &code),
+    )
+    .await?;
     println!("joined mesh {mesh}; start the daemon with `meshsync up`");
     Ok(())
 }
