@@ -194,6 +194,16 @@ pub fn open_state(home: &Home, keys: &DeviceKeys) -> anyhow::Result<(State, Memb
     Ok((state, log))
 }
 
+/// The peer IDs of every member but `me`: who may connect.
+fn other_members(log: &MembershipLog, me: &meshsync_crdt::DeviceId) -> Vec<PeerId> {
+    log.view()
+        .members
+        .keys()
+        .filter(|d| *d != me)
+        .map(|d| d.to_peer_id())
+        .collect()
+}
+
 fn current_key(log: &MembershipLog, keys: &DeviceKeys) -> Option<MeshKey> {
     let me = keys.device_id();
     log.view()
@@ -280,13 +290,7 @@ pub async fn start(home: Home, listen: Vec<Multiaddr>, mdns: bool) -> anyhow::Re
         })
         .unwrap_or_else(|| "0.0.0.0".to_string());
     let transport = start_transport(&keys, listen, mdns).await?;
-    let members: Vec<PeerId> = log
-        .view()
-        .members
-        .keys()
-        .filter(|d| **d != keys.device_id())
-        .map(|d| d.to_peer_id())
-        .collect();
+    let members = other_members(&log, &keys.device_id());
     transport.set_allowed(members).await;
     let mut dial: Vec<String> = config.peers.clone();
     if let Some(bytes) = state.meta("peer_addrs")? {
@@ -530,14 +534,7 @@ async fn apply_changes(node: &Shared, peer: PeerId, changes: SyncChanges) -> any
         if !changes.membership.is_empty() && n.log.apply(&changes.membership)? > 0 {
             batch.membership = Some(n.log.save());
             let me = n.keys.device_id();
-            let members: Vec<PeerId> = n
-                .log
-                .view()
-                .members
-                .keys()
-                .filter(|d| **d != me)
-                .map(|d| d.to_peer_id())
-                .collect();
+            let members = other_members(&n.log, &me);
             n.transport.set_allowed(members).await;
             *n.key.lock().expect("key lock") = current_key(&n.log, &n.keys);
         }
@@ -1903,14 +1900,7 @@ impl Node {
                             })
                             .map_err(|e| e.to_string())?;
                         let me = n.keys.device_id();
-                        let members: Vec<PeerId> = n
-                            .log
-                            .view()
-                            .members
-                            .keys()
-                            .filter(|d| **d != me)
-                            .map(|d| d.to_peer_id())
-                            .collect();
+                        let members = other_members(&n.log, &me);
                         n.transport.set_allowed(members).await;
                         let payload = JoinPayload {
                             mesh: n.log.mesh(),
@@ -1947,14 +1937,7 @@ impl Node {
         let keys = n.keys.clone();
         *n.key.lock().expect("key lock") = current_key(&n.log, &keys);
         let me = keys.device_id();
-        let members: Vec<PeerId> = n
-            .log
-            .view()
-            .members
-            .keys()
-            .filter(|d| **d != me)
-            .map(|d| d.to_peer_id())
-            .collect();
+        let members = other_members(&n.log, &me);
         n.transport.set_allowed(members).await;
         for addr in addrs {
             if let Ok(addr) = addr.parse::<Multiaddr>() {
