@@ -56,6 +56,16 @@ fn two_daemons_pair_and_keep_a_folder_in_sync() {
         ],
     );
     assert!(String::from_utf8_lossy(&out.stderr).contains("does not exist"));
+    // Not writable even for root: a folder of the proc file system.
+    let out = meshsync(&home_a, &["folder", "add", "/proc/self"]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("not writable"), "{err}");
+    let folders = meshsync_ok(&home_a, &["folder", "list"]);
+    assert_eq!(
+        folders.lines().count(),
+        1,
+        "bad input added nothing: {folders}"
+    );
 
     let invite = meshsync_ok(&home_a, &["invite", "--expires", "10m"]);
     let code = invite.lines().last().unwrap().trim().to_string();
