@@ -375,26 +375,23 @@ pub async fn start(home: Home, listen: Vec<Multiaddr>, mdns: bool) -> anyhow::Re
         }
     })?;
 
-    // Pull from every connected member now and then, and rescan folders.
+    // Pull from every connected member now and then. Folders are rescanned once at start
+    // (changes made while the daemon was stopped) and then every 30 s as a safety net; the
+    // watcher triggers everything else.
     let looping = node.clone();
     tokio::spawn(async move {
         let mut tick = 0u64;
         loop {
             tokio::time::sleep(Duration::from_millis(500)).await;
             tick += 1;
-            if tick.is_multiple_of(4) {
+            if tick == 1 || tick.is_multiple_of(60) {
                 if let Err(error) = scan_all(&looping).await {
                     tracing::warn!(%error, "scan failed");
                 }
             }
             let peers: Vec<PeerId> = {
                 let n = looping.lock().await;
-                n.transport
-                    .connected()
-                    .await
-                    .into_iter()
-                    .map(|(p, _)| p)
-                    .collect()
+                n.transport.connected_peers().await
             };
             for peer in &peers {
                 if let Err(error) = pull(&looping, *peer).await {
@@ -821,12 +818,7 @@ async fn materialise_now(
     }
     let missing: Vec<ChunkId> = wanted_at.keys().copied().collect();
     if !missing.is_empty() {
-        let peers: Vec<PeerId> = transport
-            .connected()
-            .await
-            .into_iter()
-            .map(|(p, _)| p)
-            .collect();
+        let peers: Vec<PeerId> = transport.connected_peers().await;
         let (sink, mut rx) = tokio::sync::mpsc::channel::<Fetched>(64);
         let fetcher = transport.clone();
         let task = tokio::spawn(async move { chunks::fetch(&fetcher, peers, missing, sink).await });
@@ -1321,7 +1313,7 @@ pub async fn scan_with(
         folders: vec![(id.clone(), changes)],
     });
     tokio::spawn(async move {
-        for (peer, _) in transport.connected().await {
+        for peer in transport.connected_peers().await {
             if let Err(error) = request(&transport, peer, &push).await {
                 tracing::info!(%peer, %error, "push failed; the peer will pull");
             }
@@ -1567,9 +1559,11 @@ impl Node {
         let id = id.clone();
         let handler = move |event: notify::Result<notify::Event>| {
             let Ok(event) = event else { return };
+            // The daemon's own files do not trigger a scan; the shared ignore rules do.
             let ours = event.paths.iter().all(|p| {
-                p.components()
-                    .any(|c| c.as_os_str().to_string_lossy().starts_with(".meshsync"))
+                !p.ends_with(IGNORE_FILE)
+                    && p.components()
+                        .any(|c| c.as_os_str().to_string_lossy().starts_with(".meshsync"))
             });
             if !ours && !matches!(event.kind, notify::EventKind::Access(_)) {
                 let _ = tx.send(id.clone());
@@ -1640,13 +1634,8 @@ impl Node {
 
     /// Members of the mesh, for `meshsync devices`.
     pub async fn devices(&self) -> serde_json::Value {
-        let connected: BTreeSet<PeerId> = self
-            .transport
-            .connected()
-            .await
-            .into_iter()
-            .map(|(p, _)| p)
-            .collect();
+        let connected: BTreeSet<PeerId> =
+            self.transport.connected_peers().await.into_iter().collect();
         let me = self.keys.device_id();
         let view = self.log.view();
         serde_json::json!(view
@@ -1759,13 +1748,8 @@ impl Node {
 
     /// The status report of `meshsync status --json`.
     pub async fn status(&self) -> serde_json::Value {
-        let connected: BTreeSet<PeerId> = self
-            .transport
-            .connected()
-            .await
-            .into_iter()
-            .map(|(p, _)| p)
-            .collect();
+        let connected: BTreeSet<PeerId> =
+            self.transport.connected_peers().await.into_iter().collect();
         let traffic = self.transport.traffic();
         let me = self.keys.device_id();
         let peers: Vec<serde_json::Value> = self

@@ -138,11 +138,11 @@ impl ChunkSource for MemorySource {
     }
 }
 
-fn make_chunks(total: u64) -> Arc<MemorySource> {
-    let count = (total as usize).div_ceil(CHUNK);
+/// `count` random chunks of `size` bytes, named by their hash.
+fn make_chunks(count: usize, size: usize) -> Arc<MemorySource> {
     let map = (0..count)
         .map(|i| {
-            let mut data = vec![0u8; CHUNK];
+            let mut data = vec![0u8; size];
             blake3::Hasher::new()
                 .update(&i.to_le_bytes())
                 .finalize_xof()
@@ -236,7 +236,7 @@ async fn main() {
         "  raw tokio TCP:                          {:>8.0} MB/s",
         raw_tcp(total * 2).await
     );
-    let source = make_chunks(total);
+    let source = make_chunks((total as usize).div_ceil(CHUNK), CHUNK);
     let wants: Vec<ChunkId> = source.0.keys().copied().collect();
 
     for quic in [false, true] {
@@ -268,22 +268,10 @@ async fn main() {
     }
 
     // Latency of one 4 KiB chunk, fetched on its own (stream open included).
-    let small: HashMap<ChunkId, bytes::Bytes> = (0..1000u32)
-        .map(|i| {
-            let mut data = vec![0u8; 4096];
-            blake3::Hasher::new()
-                .update(&i.to_le_bytes())
-                .finalize_xof()
-                .fill(&mut data);
-            (
-                ChunkId(*blake3::hash(&data).as_bytes()),
-                bytes::Bytes::from(data),
-            )
-        })
-        .collect();
-    let ids: Vec<ChunkId> = small.keys().copied().collect();
+    let small = make_chunks(1000, 4096);
+    let ids: Vec<ChunkId> = small.0.keys().copied().collect();
     let p = pair(false).await;
-    serve(&p.server, Arc::new(MemorySource(small)));
+    serve(&p.server, small);
     let server_peer = p.server_keys.device_id().to_peer_id();
     let mut times = Vec::with_capacity(ids.len());
     for id in ids {

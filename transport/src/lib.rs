@@ -111,11 +111,10 @@ impl Config {
     }
 }
 
-/// A random non-zero memory-transport port (from a fresh key's random bytes).
+/// A random memory-transport port.
 fn rand_port() -> u64 {
-    let secret = meshsync_crdt::DeviceKeys::generate().kem_secret();
     let mut bytes = [0u8; 8];
-    bytes.copy_from_slice(&secret[..8]);
+    getrandom::fill(&mut bytes).expect("the operating system's random source failed");
     u64::from_le_bytes(bytes) >> 16
 }
 
@@ -259,6 +258,11 @@ impl Transport {
         let _ = self.commands.send(Command::Disconnect(peer)).await;
     }
 
+    /// The peers connected now.
+    pub async fn connected_peers(&self) -> Vec<PeerId> {
+        self.connected().await.into_iter().map(|(p, _)| p).collect()
+    }
+
     /// Connected peers with the listen addresses they announced.
     pub async fn connected(&self) -> Vec<(PeerId, Vec<Multiaddr>)> {
         let (tx, rx) = oneshot::channel();
@@ -292,7 +296,7 @@ impl Transport {
     pub async fn wait_connected(&self, peer: PeerId, timeout: Duration) -> bool {
         let deadline = tokio::time::Instant::now() + timeout;
         while tokio::time::Instant::now() < deadline {
-            if self.connected().await.iter().any(|(p, _)| *p == peer) {
+            if self.connected_peers().await.contains(&peer) {
                 return true;
             }
             tokio::time::sleep(Duration::from_millis(20)).await;

@@ -78,7 +78,7 @@ impl Invite {
         valid_for: Duration,
     ) -> Self {
         let mut secret = [0u8; 16];
-        secret.copy_from_slice(&blake3::hash(&random_seed()).as_bytes()[..16]);
+        getrandom::fill(&mut secret).expect("the operating system's random source failed");
         Invite {
             mesh,
             inviter,
@@ -170,12 +170,6 @@ fn unix_now() -> u64 {
         .duration_since(UNIX_EPOCH)
         .map(|d| d.as_secs())
         .unwrap_or(0)
-}
-
-fn random_seed() -> [u8; 32] {
-    // A fresh X25519 key pair's secret is 32 bytes from the OS CSPRNG.
-    let keys = DeviceKeys::generate();
-    *keys.kem_secret()
 }
 
 /// The inviting side: a pairing endpoint that serves one invite.

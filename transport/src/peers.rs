@@ -50,7 +50,7 @@ pub fn spawn_exchange(transport: Transport) {
         loop {
             tokio::time::sleep(ROUND).await;
             let me = transport.local_peer_id();
-            for (peer, _) in transport.connected().await {
+            for peer in transport.connected_peers().await {
                 let Ok(reply) = rpc::request(&transport, peer, PROTOCOL, &[]).await else {
                     continue;
                 };
