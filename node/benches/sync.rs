@@ -4,7 +4,8 @@
 //! files/s; (c) 1 MiB overwritten, and 1 MiB inserted, in the middle of a 256 MiB file: seconds
 //! and bytes on the wire; (d) latency from a small file's write on A to it being complete on
 //! B, p50 and p99; (e) peak RSS of each daemon; and, measured in the same run on one core, raw
-//! BLAKE3 and AES-256-GCM rates for comparison. `SYNC_BENCH_SCALE=0.25` shrinks (a)–(c).
+//! BLAKE3 and AES-256-GCM rates for comparison. `SYNC_BENCH_SCALE=0.25` shrinks (a)–(c);
+//! `SYNC_BENCH_ONLY=ac` runs only the parts named.
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -110,6 +111,7 @@ fn main() {
         .ok()
         .and_then(|s| s.parse().ok())
         .unwrap_or(1.0);
+    let only = std::env::var("SYNC_BENCH_ONLY").unwrap_or_else(|_| "abcd".into());
     let dir =
         tempfile::tempdir_in(std::env::var("SYNC_BENCH_DIR").unwrap_or_else(|_| "/tmp".into()))
             .unwrap();
@@ -167,100 +169,108 @@ fn main() {
     drop(buf);
 
     // (a) 1 GiB in 4 files.
-    let each = ((256u64 << 20) as f64 * scale) as usize;
-    let files: Vec<Vec<u8>> = (0..4).map(|i| random(each, 100 + i)).collect();
-    let t = Instant::now();
-    for (i, f) in files.iter().enumerate() {
-        std::fs::write(fa.join(format!("big{i}.bin")), f).unwrap();
+    if only.contains('a') {
+        let each = ((256u64 << 20) as f64 * scale) as usize;
+        let files: Vec<Vec<u8>> = (0..4).map(|i| random(each, 100 + i)).collect();
+        let t = Instant::now();
+        for (i, f) in files.iter().enumerate() {
+            std::fs::write(fa.join(format!("big{i}.bin")), f).unwrap();
+        }
+        for i in 0..4 {
+            let p = fb.join(format!("big{i}.bin"));
+            wait(Duration::from_secs(600), || same_len(&p, each as u64));
+        }
+        let took = t.elapsed();
+        println!(
+            "  (a) {} MiB in 4 files: {:.1} s, {:.0} MB/s (goal 400)",
+            (each * 4) >> 20,
+            took.as_secs_f64(),
+            (each * 4) as f64 / 1e6 / took.as_secs_f64()
+        );
+        drop(files);
     }
-    for i in 0..4 {
-        let p = fb.join(format!("big{i}.bin"));
-        wait(Duration::from_secs(600), || same_len(&p, each as u64));
-    }
-    let took = t.elapsed();
-    println!(
-        "  (a) {} MiB in 4 files: {:.1} s, {:.0} MB/s (goal 400)",
-        (each * 4) >> 20,
-        took.as_secs_f64(),
-        (each * 4) as f64 / 1e6 / took.as_secs_f64()
-    );
-    drop(files);
 
     // (b) 10,000 files of 1–16 KiB.
-    let count = ((10_000f64 * scale.max(0.2)) as usize).max(1000);
-    let t = Instant::now();
-    for i in 0..count {
-        let d = fa.join(format!("small/{:03}", i % 100));
-        std::fs::create_dir_all(&d).unwrap();
-        std::fs::write(
-            d.join(format!("{i}.dat")),
-            random(1024 + (i * 7919) % (15 * 1024), i as u64),
-        )
-        .unwrap();
-    }
-    let last = fb.join(format!("small/{:03}/{}.dat", (count - 1) % 100, count - 1));
-    wait(Duration::from_secs(600), || {
-        last.exists() && {
-            let s: serde_json::Value =
-                serde_json::from_str(&run(&hb, &["status", "--json"])).unwrap();
-            s["folders"][0]["in_sync"] == true
-        }
-    });
-    let took = t.elapsed();
-    println!(
-        "  (b) {count} files of 1-16 KiB: {:.1} s, {:.0} files/s (goal 2,000)",
-        took.as_secs_f64(),
-        count as f64 / took.as_secs_f64()
-    );
-
-    // (c) 1 MiB overwritten, then 1 MiB inserted, in the middle of a 256 MiB file.
-    let size = ((256usize << 20) as f64 * scale) as usize;
-    let mut base = random(size, 7);
-    std::fs::write(fa.join("huge.bin"), &base).unwrap();
-    wait(Duration::from_secs(600), || {
-        same_len(&fb.join("huge.bin"), size as u64)
-    });
-    wait(Duration::from_secs(60), || {
-        std::fs::read(fb.join("huge.bin")).is_ok_and(|d| d == base)
-    });
-    for (what, edit) in [("overwrite", false), ("insert", true)] {
-        let before = bytes_in(&hb);
-        let patch = random(1 << 20, if edit { 9 } else { 8 });
-        if edit {
-            base.splice(size / 2..size / 2, patch);
-        } else {
-            base[size / 2..size / 2 + (1 << 20)].copy_from_slice(&patch);
-        }
+    if only.contains('b') {
+        let count = ((10_000f64 * scale.max(0.2)) as usize).max(1000);
         let t = Instant::now();
-        std::fs::write(fa.join("huge.bin"), &base).unwrap();
+        for i in 0..count {
+            let d = fa.join(format!("small/{:03}", i % 100));
+            std::fs::create_dir_all(&d).unwrap();
+            std::fs::write(
+                d.join(format!("{i}.dat")),
+                random(1024 + (i * 7919) % (15 * 1024), i as u64),
+            )
+            .unwrap();
+        }
+        let last = fb.join(format!("small/{:03}/{}.dat", (count - 1) % 100, count - 1));
         wait(Duration::from_secs(600), || {
-            std::fs::read(fb.join("huge.bin")).is_ok_and(|d| d == base)
+            last.exists() && {
+                let s: serde_json::Value =
+                    serde_json::from_str(&run(&hb, &["status", "--json"])).unwrap();
+                s["folders"][0]["in_sync"] == true
+            }
         });
         let took = t.elapsed();
-        let wire = bytes_in(&hb) - before;
-        println!("  (c) 1 MiB {what} in the middle of {} MiB: {:.2} s, {:.2} MiB on the wire (goal < 1.5 s, < 2 MiB)", size >> 20, took.as_secs_f64(), wire as f64 / 1048576.0);
+        println!(
+            "  (b) {count} files of 1-16 KiB: {:.1} s, {:.0} files/s (goal 2,000)",
+            took.as_secs_f64(),
+            count as f64 / took.as_secs_f64()
+        );
+    }
+
+    // (c) 1 MiB overwritten, then 1 MiB inserted, in the middle of a 256 MiB file.
+    if only.contains('c') {
+        let size = ((256usize << 20) as f64 * scale) as usize;
+        let mut base = random(size, 7);
+        std::fs::write(fa.join("huge.bin"), &base).unwrap();
+        wait(Duration::from_secs(600), || {
+            same_len(&fb.join("huge.bin"), size as u64)
+        });
+        wait(Duration::from_secs(60), || {
+            std::fs::read(fb.join("huge.bin")).is_ok_and(|d| d == base)
+        });
+        for (what, edit) in [("overwrite", false), ("insert", true)] {
+            let before = bytes_in(&hb);
+            let patch = random(1 << 20, if edit { 9 } else { 8 });
+            if edit {
+                base.splice(size / 2..size / 2, patch);
+            } else {
+                base[size / 2..size / 2 + (1 << 20)].copy_from_slice(&patch);
+            }
+            let t = Instant::now();
+            std::fs::write(fa.join("huge.bin"), &base).unwrap();
+            wait(Duration::from_secs(600), || {
+                std::fs::read(fb.join("huge.bin")).is_ok_and(|d| d == base)
+            });
+            let took = t.elapsed();
+            let wire = bytes_in(&hb) - before;
+            println!("  (c) 1 MiB {what} in the middle of {} MiB: {:.2} s, {:.2} MiB on the wire (goal < 1.5 s, < 2 MiB)", size >> 20, took.as_secs_f64(), wire as f64 / 1048576.0);
+        }
     }
 
     // (d) small-file latency.
-    let mut lat = Vec::new();
-    for i in 0..40 {
-        let name = format!("lat{i}.txt");
-        let body = format!("latency sample {i}");
-        let t = Instant::now();
-        std::fs::write(fa.join(&name), &body).unwrap();
-        let target = fb.join(&name);
-        wait(Duration::from_secs(30), || {
-            std::fs::read_to_string(&target).is_ok_and(|s| s == body)
-        });
-        lat.push(t.elapsed());
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    lat.sort();
-    println!(
+    if only.contains('d') {
+        let mut lat = Vec::new();
+        for i in 0..40 {
+            let name = format!("lat{i}.txt");
+            let body = format!("latency sample {i}");
+            let t = Instant::now();
+            std::fs::write(fa.join(&name), &body).unwrap();
+            let target = fb.join(&name);
+            wait(Duration::from_secs(30), || {
+                std::fs::read_to_string(&target).is_ok_and(|s| s == body)
+            });
+            lat.push(t.elapsed());
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        lat.sort();
+        println!(
         "  (d) write on A -> complete on B, 40 small files: p50 {:.0} ms, p99 {:.0} ms (goal p50 < 250 ms)",
         lat[lat.len() / 2].as_secs_f64() * 1000.0,
         lat[lat.len() - 1].as_secs_f64() * 1000.0
     );
+    }
     println!(
         "  (e) peak RSS: A {:.0} MB, B {:.0} MB (goal < 100 MB each)",
         a.peak_rss_mb(),

@@ -63,28 +63,99 @@ pub fn chunk_list_hash(chunks: &[ChunkRef]) -> ChunkListHash {
     ChunkListHash(*hasher.finalize().as_bytes())
 }
 
+/// How much of a file the chunker reads at a time.
+const BLOCK: usize = 4 << 20;
+
 /// Splits everything `reader` yields into chunks, calling `each` with the reference and the
 /// plaintext of every chunk in order.
 pub fn chunk_stream<R: Read>(
     reader: R,
     id_key: &ChunkIdKey,
-    mut each: impl FnMut(ChunkRef, &[u8]),
+    each: impl FnMut(ChunkRef, &[u8]),
 ) -> Result<Vec<ChunkRef>, std::io::Error> {
+    chunk_blocks(reader, id_key, each, || true).map(|refs| refs.unwrap_or_default())
+}
+
+/// Chunks a file that should not change while it is read: after every block, `settled`
+/// is asked whether the file is still as it was (e.g. same size and mtime); if not, chunking
+/// stops early and `None` is returned, so a file being written costs one block, not a whole
+/// pass.
+pub fn chunk_file(
+    file: &std::fs::File,
+    id_key: &ChunkIdKey,
+    settled: impl FnMut() -> bool,
+) -> Result<Option<Vec<ChunkRef>>, std::io::Error> {
+    chunk_blocks(file, id_key, |_, _| {}, settled)
+}
+
+/// The chunker: reads `BLOCK`s into one buffer, cuts with FastCDC (2020, normalisation level
+/// 1 — the same cut points as `fastcdc::v2020::StreamCDC`, without its copy of every chunk and
+/// shift of its buffer), and hashes the chunks of a block on all cores.
+fn chunk_blocks<R: Read>(
+    mut reader: R,
+    id_key: &ChunkIdKey,
+    mut each: impl FnMut(ChunkRef, &[u8]),
+    mut settled: impl FnMut() -> bool,
+) -> Result<Option<Vec<ChunkRef>>, std::io::Error> {
+    use fastcdc::v2020::{cut, select_masks, Normalization};
+    use rayon::prelude::*;
+    let (mask_s, mask_l) = select_masks(AVG_CHUNK, Normalization::Level1);
+    let mut buf = vec![0u8; BLOCK];
+    let (mut len, mut base, mut eof) = (0usize, 0u64, false);
     let mut refs = Vec::new();
-    for chunk in fastcdc::v2020::StreamCDC::new(reader, MIN_CHUNK, AVG_CHUNK, MAX_CHUNK) {
-        let chunk = chunk.map_err(|e| match e {
-            fastcdc::v2020::Error::IoError(e) => e,
-            other => std::io::Error::other(other.to_string()),
-        })?;
-        let reference = ChunkRef {
-            id: chunk_id(id_key, &chunk.data),
-            offset: chunk.offset,
-            len: chunk.length as u32,
-        };
-        each(reference, &chunk.data);
-        refs.push(reference);
+    loop {
+        while !eof && len < buf.len() {
+            match reader.read(&mut buf[len..]) {
+                Ok(0) => eof = true,
+                Ok(n) => len += n,
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(e),
+            }
+        }
+        if !settled() {
+            return Ok(None);
+        }
+        // Cut while a whole maximum-size window is in the buffer (or the file has ended).
+        let mut cuts = Vec::new();
+        let mut start = 0;
+        while start < len && (eof || len - start >= MAX_CHUNK) {
+            let window = &buf[start..len.min(start + MAX_CHUNK)];
+            let (_, n) = cut(
+                window,
+                MIN_CHUNK,
+                AVG_CHUNK,
+                MAX_CHUNK,
+                mask_s,
+                mask_l,
+                mask_s << 1,
+                mask_l << 1,
+            );
+            if n == 0 {
+                break;
+            }
+            cuts.push((start, n));
+            start += n;
+        }
+        let ids: Vec<ChunkId> = cuts
+            .par_iter()
+            .map(|&(at, n)| chunk_id(id_key, &buf[at..at + n]))
+            .collect();
+        for (&(at, n), id) in cuts.iter().zip(ids) {
+            let reference = ChunkRef {
+                id,
+                offset: base + at as u64,
+                len: n as u32,
+            };
+            each(reference, &buf[at..at + n]);
+            refs.push(reference);
+        }
+        buf.copy_within(start..len, 0);
+        len -= start;
+        base += start as u64;
+        if eof && len == 0 {
+            return Ok(Some(refs));
+        }
     }
-    Ok(refs)
 }
 
 fn chunk_cipher(key: &ChunkKey, epoch: Epoch, id: &ChunkId) -> LessSafeKey {
@@ -124,6 +195,17 @@ pub fn seal_chunk(key: &ChunkKey, epoch: Epoch, id: &ChunkId, plaintext: &[u8]) 
     buf
 }
 
+/// An opened chunk's plaintext, left in the buffer it was decrypted in (no copy).
+#[derive(Debug, PartialEq, Eq)]
+pub struct Plain(Vec<u8>);
+
+impl std::ops::Deref for Plain {
+    type Target = [u8];
+    fn deref(&self) -> &[u8] {
+        &self.0[4..]
+    }
+}
+
 /// Opens a sealed chunk: checks the tag, strips the padding, and checks the plaintext's ID.
 pub fn open_chunk(
     key: &ChunkKey,
@@ -131,7 +213,7 @@ pub fn open_chunk(
     epoch: Epoch,
     id: &ChunkId,
     mut sealed: Vec<u8>,
-) -> Result<Vec<u8>, ContentError> {
+) -> Result<Plain, ContentError> {
     let plain_len = chunk_cipher(key, epoch, id)
         .open_in_place(nonce(id), Aad::from(aad(id, epoch)), &mut sealed)
         .map_err(|_| ContentError::Tampered(*id))?
@@ -145,11 +227,11 @@ pub fn open_chunk(
         return Err(ContentError::Tampered(*id));
     }
     sealed.truncate(4 + len);
-    sealed.drain(..4);
-    if chunk_id(id_key, &sealed) != *id {
+    let plain = Plain(sealed);
+    if chunk_id(id_key, &plain) != *id {
         return Err(ContentError::WrongContent(*id));
     }
-    Ok(sealed)
+    Ok(plain)
 }
 
 #[cfg(test)]
@@ -190,6 +272,52 @@ mod tests {
     }
 
     #[test]
+    fn cuts_match_fastcdc_stream_chunking() {
+        // Same cut points as the crate's own streaming chunker, across block boundaries.
+        let key = MeshKey::generate(Epoch(0)).chunk_id_key();
+        for len in [
+            0,
+            1,
+            MIN_CHUNK - 1,
+            MAX_CHUNK + 7,
+            BLOCK - 3,
+            3 * BLOCK + 12_345,
+        ] {
+            let input = data(len, 5);
+            let ours: Vec<(u64, u32)> = chunk_stream(&input[..], &key, |_, _| {})
+                .unwrap()
+                .iter()
+                .map(|c| (c.offset, c.len))
+                .collect();
+            let theirs: Vec<(u64, u32)> =
+                fastcdc::v2020::StreamCDC::new(&input[..], MIN_CHUNK, AVG_CHUNK, MAX_CHUNK)
+                    .map(|c| c.unwrap())
+                    .map(|c| (c.offset, c.length as u32))
+                    .collect();
+            assert_eq!(ours, theirs, "length {len}");
+        }
+    }
+
+    #[test]
+    fn a_file_that_changes_while_read_stops_the_chunker() {
+        let key = MeshKey::generate(Epoch(0)).chunk_id_key();
+        let input = data(3 * BLOCK, 6);
+        let mut asked = 0;
+        let out = chunk_blocks(
+            &input[..],
+            &key,
+            |_, _| {},
+            || {
+                asked += 1;
+                asked < 2
+            },
+        )
+        .unwrap();
+        assert!(out.is_none());
+        assert_eq!(asked, 2, "stopped after the second block");
+    }
+
+    #[test]
     fn sealed_chunks_open_only_intact_and_under_the_right_key() {
         let mesh_key = MeshKey::generate(Epoch(2));
         let (key, id_key) = (mesh_key.chunk_key(), mesh_key.chunk_id_key());
@@ -206,8 +334,8 @@ mod tests {
             .any(|w| plain.windows(64).next() == Some(w)));
         assert_eq!(sealed.len(), padme(50_004) + TAG);
         assert_eq!(
-            open_chunk(&key, &id_key, Epoch(2), &id, sealed.clone()).unwrap(),
-            plain
+            &*open_chunk(&key, &id_key, Epoch(2), &id, sealed.clone()).unwrap(),
+            &plain[..]
         );
 
         let mut tampered = sealed.clone();

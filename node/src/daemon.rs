@@ -95,20 +95,23 @@ struct Folder {
 #[derive(Default)]
 struct ChunkMap {
     locations: HashMap<ChunkId, (PathBuf, u64, u32)>,
+    /// Size and mtime of each file when its chunks were recorded: a file that no longer
+    /// matches is not served from (its chunks may have moved).
+    files: HashMap<PathBuf, (u64, i64)>,
     /// Symlink targets, served from memory (reading the link's path would follow it).
     links: HashMap<ChunkId, Vec<u8>>,
 }
 
 impl ChunkMap {
     /// Records where the chunks of a current local file (or link) can be read from.
-    fn remember(&mut self, kind: FileKind, path: PathBuf, chunks: &[(ChunkId, u64, u32)]) {
-        if kind == FileKind::Symlink {
+    fn remember(&mut self, path: PathBuf, file: &LocalFile) {
+        if file.kind == FileKind::Symlink {
             use std::os::unix::ffi::OsStrExt;
             let Ok(target) = std::fs::read_link(&path) else {
                 return;
             };
             let bytes = target.as_os_str().as_bytes();
-            for (id, offset, len) in chunks {
+            for (id, offset, len) in &file.chunks {
                 if let Some(part) =
                     bytes.get(*offset as usize..(*offset + u64::from(*len)) as usize)
                 {
@@ -117,9 +120,10 @@ impl ChunkMap {
             }
             return;
         }
-        for (id, offset, len) in chunks {
+        for (id, offset, len) in &file.chunks {
             self.locations.insert(*id, (path.clone(), *offset, *len));
         }
+        self.files.insert(path, (file.size, file.mtime_ns));
     }
 }
 
@@ -132,17 +136,28 @@ impl ChunkSource for Served {
     fn get(&self, id: &ChunkId) -> Option<bytes::Bytes> {
         use std::os::unix::fs::FileExt;
         let key = self.key.lock().ok()?.clone()?;
-        if let Some(target) = self.map.lock().ok()?.links.get(id).cloned() {
-            return Some(content::seal_chunk(&key.chunk_key(), key.epoch(), id, &target).into());
-        }
-        let (path, offset, len) = self.map.lock().ok()?.locations.get(id).cloned()?;
+        let (location, recorded) = {
+            let map = self.map.lock().ok()?;
+            if let Some(target) = map.links.get(id) {
+                let sealed = content::seal_chunk(&key.chunk_key(), key.epoch(), id, target);
+                return Some(sealed.into());
+            }
+            let location = map.locations.get(id).cloned()?;
+            let recorded = map.files.get(&location.0).copied();
+            (location, recorded)
+        };
+        let (path, offset, len) = location;
         let file = std::fs::File::open(&path).ok()?;
-        let mut plain = vec![0u8; len as usize];
-        file.read_exact_at(&mut plain, offset).ok()?;
-        // The file may have changed since it was scanned: serve only what still matches.
-        if content::chunk_id(&key.chunk_id_key(), &plain) != *id {
+        // The file may have changed since it was scanned: serve only from one that is still
+        // the size and age it was when its chunks were recorded (the receiver checks every
+        // chunk's hash anyway; this keeps a stale one off the wire without hashing twice).
+        let meta = file.metadata().ok()?;
+        let mtime_ns = meta.modified().map(unix_nanos).unwrap_or(0);
+        if recorded != Some((meta.len(), mtime_ns)) {
             return None;
         }
+        let mut plain = vec![0u8; len as usize];
+        file.read_exact_at(&mut plain, offset).ok()?;
         Some(content::seal_chunk(&key.chunk_key(), key.epoch(), id, &plain).into())
     }
 }
@@ -266,7 +281,7 @@ pub async fn start(home: Home, listen: Vec<Multiaddr>, mdns: bool) -> anyhow::Re
         {
             let mut map = chunk_map.lock().expect("chunk map lock");
             for (rel, file) in &local {
-                map.remember(file.kind, path.join(rel), &file.chunks);
+                map.remember(path.join(rel), file);
             }
         }
         remove_temp_files(&path);
@@ -822,6 +837,7 @@ async fn materialise_now(
         let (sink, mut rx) = tokio::sync::mpsc::channel::<Fetched>(64);
         let fetcher = transport.clone();
         let task = tokio::spawn(async move { chunks::fetch(&fetcher, peers, missing, sink).await });
+        let mut last_open: Option<(usize, std::fs::File)> = None;
         while let Some(chunk) = rx.recv().await {
             let plain = match content::open_chunk(
                 &key.chunk_key(),
@@ -847,17 +863,25 @@ async fn materialise_now(
                             }
                         }
                         None => {
-                            std::fs::OpenOptions::new()
-                                .write(true)
-                                .open(&p.tmp)
-                                .and_then(|f| f.write_all_at(&plain, offset))
-                                .with_context(|| format!("writing into {}", p.tmp.display()))?;
+                            // Chunks of one file mostly arrive together: keep its handle.
+                            if last_open.as_ref().is_none_or(|(at, _)| *at != i) {
+                                let file = std::fs::OpenOptions::new()
+                                    .write(true)
+                                    .open(&p.tmp)
+                                    .with_context(|| format!("opening {}", p.tmp.display()))?;
+                                last_open = Some((i, file));
+                            }
+                            if let Some((_, file)) = &last_open {
+                                file.write_all_at(&plain, offset)
+                                    .with_context(|| format!("writing into {}", p.tmp.display()))?;
+                            }
                         }
                     }
                     p.left -= 1;
                 }
             }
         }
+        drop(last_open);
         let report = task.await?;
         if !report.missing.is_empty() {
             tracing::warn!(
@@ -995,7 +1019,7 @@ async fn materialise_now(
     for (path, file) in updates {
         match &file {
             Some(file) => {
-                map.remember(file.kind, root.join(&path), &file.chunks);
+                map.remember(root.join(&path), file);
                 f.local.insert(path.clone(), file.clone());
             }
             None => {
@@ -1270,7 +1294,7 @@ pub async fn scan_with(
         match scan.file {
             Some(mut file) => {
                 file.version = record.version;
-                map.remember(file.kind, f.path.join(&scan.path), &file.chunks);
+                map.remember(f.path.join(&scan.path), &file);
                 batch.lists.push((file.list_hash, scan.refs));
                 f.local.insert(scan.path.clone(), file.clone());
                 batch.local.push((id.clone(), scan.path, Some(file)));
@@ -1285,7 +1309,7 @@ pub async fn scan_with(
         match scan.file {
             Some(mut file) => {
                 file.version = version;
-                map.remember(file.kind, f.path.join(&scan.path), &file.chunks);
+                map.remember(f.path.join(&scan.path), &file);
                 f.local.insert(scan.path.clone(), file.clone());
                 batch.local.push((id.clone(), scan.path, Some(file)));
             }
@@ -1467,18 +1491,24 @@ fn scan_tree(
                 }
             }
             let file = std::fs::File::open(&path)?;
-            let refs = content::chunk_stream(std::io::BufReader::new(file), id_key, |_, _| {})?;
-            let size: u64 = refs.iter().map(|c| u64::from(c.len)).sum();
             // A write in progress can keep mtime still while the size grows: if the file is
-            // not exactly what it was when we started reading, it is not settled yet.
-            let after = std::fs::symlink_metadata(&path)?;
-            if after.len() != meta.len()
-                || size != meta.len()
-                || after.modified().ok() != meta.modified().ok()
-            {
+            // not exactly what it was when we started reading, it is not settled yet (checked
+            // after every block, so a growing file costs one block, not a whole pass).
+            let unchanged = || {
+                file.metadata().is_ok_and(|now| {
+                    now.len() == meta.len() && now.modified().ok() == meta.modified().ok()
+                })
+            };
+            let refs = content::chunk_file(&file, id_key, unchanged)?;
+            let size: u64 = refs.iter().flatten().map(|c| u64::from(c.len)).sum();
+            // …and the path must still name the file that was read (not one renamed over it).
+            let replaced = std::fs::symlink_metadata(&path).map_or(true, |after| {
+                after.ino() != meta.ino() || after.modified().ok() != meta.modified().ok()
+            });
+            let Some(refs) = refs.filter(|_| size == meta.len() && !replaced) else {
                 unsettled = true;
                 continue;
-            }
+            };
             out.push(Scanned {
                 path: rel,
                 file: Some(LocalFile {
