@@ -73,7 +73,7 @@ pub fn chunk_stream<R: Read>(
     id_key: &ChunkIdKey,
     each: impl FnMut(ChunkRef, &[u8]),
 ) -> Result<Vec<ChunkRef>, std::io::Error> {
-    chunk_blocks(reader, id_key, each, || true).map(|refs| refs.unwrap_or_default())
+    chunk_blocks(reader, BLOCK, id_key, each, || true).map(|refs| refs.unwrap_or_default())
 }
 
 /// Chunks a file that should not change while it is read: after every block, `settled`
@@ -85,7 +85,9 @@ pub fn chunk_file(
     id_key: &ChunkIdKey,
     settled: impl FnMut() -> bool,
 ) -> Result<Option<Vec<ChunkRef>>, std::io::Error> {
-    chunk_blocks(file, id_key, |_, _| {}, settled)
+    // A buffer the size of the file (plus one byte to see its end), up to one block.
+    let hint = file.metadata().map_or(BLOCK, |m| m.len() as usize + 1);
+    chunk_blocks(file, hint, id_key, |_, _| {}, settled)
 }
 
 /// The chunker: reads `BLOCK`s into one buffer, cuts with FastCDC (2020, normalisation level
@@ -93,6 +95,7 @@ pub fn chunk_file(
 /// shift of its buffer), and hashes the chunks of a block on all cores.
 fn chunk_blocks<R: Read>(
     mut reader: R,
+    size_hint: usize,
     id_key: &ChunkIdKey,
     mut each: impl FnMut(ChunkRef, &[u8]),
     mut settled: impl FnMut() -> bool,
@@ -100,7 +103,7 @@ fn chunk_blocks<R: Read>(
     use fastcdc::v2020::{cut, select_masks, Normalization};
     use rayon::prelude::*;
     let (mask_s, mask_l) = select_masks(AVG_CHUNK, Normalization::Level1);
-    let mut buf = vec![0u8; BLOCK];
+    let mut buf = vec![0u8; size_hint.clamp(MIN_CHUNK, BLOCK)];
     let (mut len, mut base, mut eof) = (0usize, 0u64, false);
     let mut refs = Vec::new();
     loop {
@@ -111,6 +114,10 @@ fn chunk_blocks<R: Read>(
                 Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
                 Err(e) => return Err(e),
             }
+        }
+        if !eof && buf.len() < BLOCK {
+            buf.resize(BLOCK, 0); // more than the hint said: read on with a whole block
+            continue;
         }
         if !settled() {
             return Ok(None);
@@ -184,15 +191,31 @@ fn aad(id: &ChunkId, epoch: Epoch) -> Vec<u8> {
 
 /// Pads and seals one chunk. Deterministic: the same chunk seals to the same bytes.
 pub fn seal_chunk(key: &ChunkKey, epoch: Epoch, id: &ChunkId, plaintext: &[u8]) -> Vec<u8> {
-    let padded_len = padme(plaintext.len() + 4);
-    let mut buf = Vec::with_capacity(padded_len + TAG);
-    buf.extend_from_slice(&(plaintext.len() as u32).to_le_bytes());
-    buf.extend_from_slice(plaintext);
-    buf.resize(padded_len, 0);
+    seal_chunk_from(key, epoch, id, plaintext.len(), |slot| {
+        slot.copy_from_slice(plaintext);
+        Ok(())
+    })
+    .expect("copying from memory cannot fail")
+}
+
+/// [`seal_chunk`] for a plaintext of `len` bytes that `fill` writes straight into the sealing
+/// buffer (e.g. read from a file), so it is never copied.
+pub fn seal_chunk_from(
+    key: &ChunkKey,
+    epoch: Epoch,
+    id: &ChunkId,
+    len: usize,
+    fill: impl FnOnce(&mut [u8]) -> std::io::Result<()>,
+) -> std::io::Result<Vec<u8>> {
+    let padded_len = padme(len + 4);
+    let mut buf = vec![0u8; padded_len + TAG];
+    buf[..4].copy_from_slice(&(len as u32).to_le_bytes());
+    fill(&mut buf[4..4 + len])?;
+    buf.truncate(padded_len);
     chunk_cipher(key, epoch, id)
         .seal_in_place_append_tag(nonce(id), Aad::from(aad(id, epoch)), &mut buf)
         .expect("sealing an in-memory chunk cannot fail");
-    buf
+    Ok(buf)
 }
 
 /// An opened chunk's plaintext, left in the buffer it was decrypted in (no copy).
@@ -299,12 +322,22 @@ mod tests {
     }
 
     #[test]
+    fn a_wrong_size_hint_only_changes_the_buffer() {
+        let key = MeshKey::generate(Epoch(0)).chunk_id_key();
+        let input = data(BLOCK + MAX_CHUNK + 5, 7);
+        let cuts = |hint| chunk_blocks(&input[..], hint, &key, |_, _| {}, || true).unwrap();
+        assert_eq!(cuts(1), cuts(BLOCK));
+        assert_eq!(cuts(100), cuts(input.len() + 1));
+    }
+
+    #[test]
     fn a_file_that_changes_while_read_stops_the_chunker() {
         let key = MeshKey::generate(Epoch(0)).chunk_id_key();
         let input = data(3 * BLOCK, 6);
         let mut asked = 0;
         let out = chunk_blocks(
             &input[..],
+            BLOCK,
             &key,
             |_, _| {},
             || {

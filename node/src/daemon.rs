@@ -156,9 +156,11 @@ impl ChunkSource for Served {
         if recorded != Some((meta.len(), mtime_ns)) {
             return None;
         }
-        let mut plain = vec![0u8; len as usize];
-        file.read_exact_at(&mut plain, offset).ok()?;
-        Some(content::seal_chunk(&key.chunk_key(), key.epoch(), id, &plain).into())
+        let sealed =
+            content::seal_chunk_from(&key.chunk_key(), key.epoch(), id, len as usize, |slot| {
+                file.read_exact_at(slot, offset)
+            });
+        sealed.ok().map(Into::into)
     }
 }
 
@@ -592,6 +594,9 @@ fn remove_temp_files(dir: &Path) {
     }
 }
 
+/// Files at least this big get their own fsync; smaller ones share one `syncfs` per batch.
+const OWN_FSYNC: u64 = 4 << 20;
+
 /// A file being assembled: its temp file, final size, and how many chunks it still lacks.
 struct Pending {
     tmp: PathBuf,
@@ -832,6 +837,7 @@ async fn materialise_now(
         );
     }
     let missing: Vec<ChunkId> = wanted_at.keys().copied().collect();
+    let mut flushes = Vec::new();
     if !missing.is_empty() {
         let peers: Vec<PeerId> = transport.connected_peers().await;
         let (sink, mut rx) = tokio::sync::mpsc::channel::<Fetched>(64);
@@ -878,6 +884,13 @@ async fn materialise_now(
                         }
                     }
                     p.left -= 1;
+                    if p.left == 0 && p.link.is_none() && p.size >= OWN_FSYNC {
+                        // A big file is flushed on its own as soon as it is complete, while
+                        // the rest of the batch is still arriving.
+                        let file = std::fs::File::open(&p.tmp)
+                            .with_context(|| format!("opening {}", p.tmp.display()))?;
+                        flushes.push((i, tokio::task::spawn_blocking(move || file.sync_data())));
+                    }
                 }
             }
         }
@@ -890,8 +903,29 @@ async fn materialise_now(
             );
         }
     }
-    // One flush of the file system for the whole batch, instead of one fsync per file.
-    if pending.values().any(|p| p.left == 0) {
+    // Before anything is renamed into place, its data must be on disk: big files are flushed
+    // one by one (most already while the batch was arriving), and the many small ones with one
+    // flush of the file system, instead of one fsync each.
+    let mut flushed = BTreeSet::new();
+    for (i, flush) in flushes {
+        flush.await?.context("flushing a written file")?;
+        flushed.insert(i);
+    }
+    let mut flush_all = false;
+    for (i, p) in &pending {
+        if p.left > 0 || p.link.is_some() || flushed.contains(i) {
+            continue;
+        }
+        if p.size >= OWN_FSYNC {
+            let file = std::fs::File::open(&p.tmp)?;
+            tokio::task::spawn_blocking(move || file.sync_data())
+                .await?
+                .context("flushing a written file")?;
+        } else {
+            flush_all = true;
+        }
+    }
+    if flush_all {
         let dir = std::fs::File::open(&root)?;
         // SAFETY: syncfs only reads the descriptor, which `dir` keeps open for the call.
         if unsafe { libc::syncfs(std::os::fd::AsRawFd::as_raw_fd(&dir)) } != 0 {
