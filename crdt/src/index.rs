@@ -770,7 +770,7 @@ mod tests {
             Action::Add {
                 device: laptop.device_id(),
                 role: Role::Device,
-                name: "laptop".into(),
+                name: crate::SealedName::unreadable("laptop"),
                 kem: Some(laptop.kem_public()),
                 wrapped: None,
             },
@@ -905,7 +905,7 @@ mod tests {
                 Action::Add {
                     device: reader.device_id(),
                     role: Role::ReadOnly,
-                    name: "reader".into(),
+                    name: crate::SealedName::unreadable("reader"),
                     kem: None,
                     wrapped: None,
                 },

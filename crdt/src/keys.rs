@@ -223,6 +223,11 @@ impl MeshKey {
         IndexKey(self.derive("meshsync 2026-11 index encryption"))
     }
 
+    /// The key device names are sealed with in the membership log (which storage peers read).
+    pub fn name_key(&self) -> IndexKey {
+        IndexKey(self.derive("meshsync 2026-11 device name encryption"))
+    }
+
     /// Seals this key to one device's X25519 key with HPKE (base mode). The HPKE info binds
     /// mesh, epoch and recipient, so a wrap cannot be replayed to another mesh, epoch or device.
     pub fn wrap_for(

@@ -25,7 +25,7 @@ pub use id::{ChunkId, DeviceId, DeviceIdError, Epoch, FolderId, IdError, MeshId}
 pub use index::{ChunkListHash, FileKind, FileRecord, FolderIndex, IndexError, PathState};
 pub use keys::{DeviceKeys, KemPublicKey, KeyError, MeshKey, Signature, WrappedKey};
 pub use membership::{Action, Member, MembershipError, MembershipLog, MembershipView, Role};
-pub use sealed::{SealedChange, SealedError};
+pub use sealed::{SealedChange, SealedError, SealedName, SignedHead};
 
 /// `N` bytes from the operating system's CSPRNG.
 pub(crate) fn random_bytes<const N: usize>() -> [u8; N] {

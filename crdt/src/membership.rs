@@ -31,6 +31,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::id::{DeviceId, Epoch, MeshId};
 use crate::keys::{verify, DeviceKeys, KemPublicKey, Signature, WrappedKey};
+use crate::sealed::SealedName;
 
 const SIGNING_CONTEXT: &str = "meshsync membership entry v1";
 /// Entries larger than this are refused: a membership entry is small (keys and a name).
@@ -84,7 +85,7 @@ pub enum Action {
     /// Creates the mesh; the signer becomes its first admin and a full device.
     Genesis {
         nonce: [u8; 16],
-        name: String,
+        name: SealedName,
         kem: KemPublicKey,
         /// The epoch-0 mesh key, wrapped to the creator.
         wrapped: Option<WrappedKey>,
@@ -92,7 +93,7 @@ pub enum Action {
     Add {
         device: DeviceId,
         role: Role,
-        name: String,
+        name: SealedName,
         kem: Option<KemPublicKey>,
         /// The current mesh key wrapped to the new device (full devices only).
         wrapped: Option<WrappedKey>,
@@ -227,7 +228,8 @@ impl MeshId {
 #[derive(Clone, PartialEq, Eq, Debug, Serialize)]
 pub struct Member {
     pub device: DeviceId,
-    pub name: String,
+    /// Sealed under the mesh key: storage peers read the log but not the names.
+    pub name: SealedName,
     pub role: Role,
     pub admin: bool,
     pub kem: Option<KemPublicKey>,
@@ -579,6 +581,7 @@ impl MembershipLog {
     pub fn create(creator: &DeviceKeys, name: &str, epoch0: &crate::MeshKey) -> (Self, MeshId) {
         let nonce: [u8; 16] = crate::random_bytes();
         let mesh = MeshId::for_genesis(&creator.device_id(), &nonce);
+        let name = SealedName::seal(epoch0, &mesh, &creator.device_id(), name);
         let wrapped = epoch0
             .wrap_for(&mesh, &creator.device_id(), &creator.kem_public())
             .ok();
@@ -592,7 +595,7 @@ impl MembershipLog {
                 time: unix_now(),
                 action: Action::Genesis {
                     nonce,
-                    name: name.to_string(),
+                    name,
                     kem: creator.kem_public(),
                     wrapped,
                 },
@@ -814,11 +817,21 @@ mod tests {
         Mesh { admin, log }
     }
 
+    fn test_name(device: &DeviceKeys) -> SealedName {
+        let mesh = MeshId::for_genesis(&device.device_id(), &[0; 16]);
+        SealedName::seal(
+            &MeshKey::generate(Epoch(0)),
+            &mesh,
+            &device.device_id(),
+            "dev",
+        )
+    }
+
     fn add(device: &DeviceKeys, role: Role) -> Action {
         Action::Add {
             device: device.device_id(),
             role,
-            name: "dev".into(),
+            name: test_name(device),
             kem: Some(device.kem_public()),
             wrapped: None,
         }
@@ -1148,7 +1161,7 @@ mod tests {
                 time: 0,
                 action: Action::Genesis {
                     nonce: [0; 16],
-                    name: "evil".into(),
+                    name: test_name(&attacker),
                     kem: attacker.kem_public(),
                     wrapped: None,
                 },

@@ -44,6 +44,9 @@ pub struct SealedChange {
     pub mesh: MeshId,
     pub epoch: Epoch,
     pub author: DeviceId,
+    /// The author's own count of its sealed changes (1, 2, …): signed, so a storage peer
+    /// cannot reorder them, and a device can tell when one withholds the latest.
+    pub seq: u64,
     nonce: [u8; 24],
     ciphertext: Vec<u8>,
     signature: Signature,
@@ -69,9 +72,139 @@ fn aad(mesh: &MeshId, epoch: Epoch, author: &DeviceId) -> Vec<u8> {
     aad
 }
 
+fn change_signed_bytes(
+    mesh: &MeshId,
+    epoch: Epoch,
+    author: &DeviceId,
+    seq: u64,
+    nonce: &[u8; 24],
+    ciphertext_hash: &[u8; 32],
+) -> Vec<u8> {
+    postcard::to_stdvec(&(mesh, &epoch, author, &seq, nonce, ciphertext_hash))
+        .expect("sealed changes always encode")
+}
+
+/// An author's signed statement "my latest sealed change is number `seq`": small enough to
+/// pass between devices, checkable by anyone who knows the author's public key.
+#[derive(Clone, PartialEq, Eq, Serialize, Deserialize, Debug)]
+pub struct SignedHead {
+    pub mesh: MeshId,
+    pub author: DeviceId,
+    pub seq: u64,
+    proof: HeadProof,
+}
+
+#[derive(Clone, PartialEq, Eq, Serialize, Deserialize, Debug)]
+enum HeadProof {
+    /// The signature of the sealed change itself (over the hash of its ciphertext).
+    Change {
+        epoch: Epoch,
+        nonce: [u8; 24],
+        ciphertext_hash: [u8; 32],
+        signature: Signature,
+    },
+}
+
+impl SignedHead {
+    /// Checks the author's signature.
+    pub fn verify(&self) -> Result<(), SealedError> {
+        let HeadProof::Change {
+            epoch,
+            nonce,
+            ciphertext_hash,
+            signature,
+        } = &self.proof;
+        let bytes = change_signed_bytes(
+            &self.mesh,
+            *epoch,
+            &self.author,
+            self.seq,
+            nonce,
+            ciphertext_hash,
+        );
+        verify(&self.author, SIGNING_CONTEXT, &bytes, signature)
+            .map_err(|_| SealedError::BadSignature)
+    }
+}
+
+/// A device's name as the membership log holds it: sealed under the mesh key of an epoch, so
+/// a storage peer (which reads the log to know whom to serve) cannot read it. Padded to 64
+/// bytes (longer names to a multiple of 64), so its length says little.
+#[derive(Clone, PartialEq, Eq, Serialize, Deserialize, Debug)]
+pub struct SealedName {
+    pub epoch: Epoch,
+    nonce: [u8; 24],
+    ciphertext: Vec<u8>,
+}
+
+fn name_aad(mesh: &MeshId, device: &DeviceId) -> Vec<u8> {
+    let mut aad = b"meshsync device name v1".to_vec();
+    aad.extend_from_slice(mesh.as_bytes());
+    aad.extend_from_slice(device.as_bytes());
+    aad
+}
+
+impl SealedName {
+    pub fn seal(key: &MeshKey, mesh: &MeshId, device: &DeviceId, name: &str) -> Self {
+        let mut padded = (name.len() as u32).to_le_bytes().to_vec();
+        padded.extend_from_slice(name.as_bytes());
+        padded.resize(padded.len().div_ceil(64) * 64, 0);
+        let nonce: [u8; 24] = crate::random_bytes();
+        let cipher = XChaCha20Poly1305::new(&(*key.name_key().as_bytes()).into());
+        let ciphertext = cipher
+            .encrypt(
+                &XNonce::from(nonce),
+                Payload {
+                    msg: &padded,
+                    aad: &name_aad(mesh, device),
+                },
+            )
+            .expect("XChaCha20-Poly1305 encryption of an in-memory buffer cannot fail");
+        SealedName {
+            epoch: key.epoch(),
+            nonce,
+            ciphertext,
+        }
+    }
+
+    /// A name sealed under a throwaway key, for tests that need a well-formed entry.
+    #[doc(hidden)]
+    pub fn unreadable(name: &str) -> Self {
+        let nobody = DeviceKeys::generate().device_id();
+        let mesh = MeshId::for_genesis(&nobody, &[0; 16]);
+        SealedName::seal(&MeshKey::generate(Epoch(0)), &mesh, &nobody, name)
+    }
+
+    /// The name, if `key` is the key of the epoch it was sealed in.
+    pub fn open(&self, key: &MeshKey, mesh: &MeshId, device: &DeviceId) -> Option<String> {
+        if key.epoch() != self.epoch {
+            return None;
+        }
+        let cipher = XChaCha20Poly1305::new(&(*key.name_key().as_bytes()).into());
+        let padded = cipher
+            .decrypt(
+                &XNonce::from(self.nonce),
+                Payload {
+                    msg: &self.ciphertext,
+                    aad: &name_aad(mesh, device),
+                },
+            )
+            .ok()?;
+        let (len, rest) = padded.split_first_chunk::<4>()?;
+        let name = rest.get(..u32::from_le_bytes(*len) as usize)?;
+        String::from_utf8(name.to_vec()).ok()
+    }
+}
+
 impl SealedChange {
-    /// Pads, encrypts and signs `plaintext`.
-    pub fn seal(mesh: MeshId, key: &MeshKey, author: &DeviceKeys, plaintext: &[u8]) -> Self {
+    /// Pads, encrypts and signs `plaintext` as the author's change number `seq`.
+    pub fn seal(
+        mesh: MeshId,
+        key: &MeshKey,
+        author: &DeviceKeys,
+        seq: u64,
+        plaintext: &[u8],
+    ) -> Self {
         let epoch = key.epoch();
         let author_id = author.device_id();
         let mut padded = Vec::with_capacity(padme(plaintext.len() + 4));
@@ -93,6 +226,7 @@ impl SealedChange {
             mesh,
             epoch,
             author: author_id,
+            seq,
             nonce,
             ciphertext,
             signature: Signature::from_bytes(&[0; 64]),
@@ -102,14 +236,14 @@ impl SealedChange {
     }
 
     fn signed_bytes(&self) -> Vec<u8> {
-        postcard::to_stdvec(&(
+        change_signed_bytes(
             &self.mesh,
-            &self.epoch,
+            self.epoch,
             &self.author,
+            self.seq,
             &self.nonce,
-            &self.ciphertext,
-        ))
-        .expect("sealed changes always encode")
+            blake3::hash(&self.ciphertext).as_bytes(),
+        )
     }
 
     /// What a storage peer checks before storing: right mesh, signed by a member who may write
@@ -164,6 +298,22 @@ impl SealedChange {
             .ok_or_else(|| SealedError::Malformed("padding length out of range".into()))
     }
 
+    /// The author's signed statement that this is its change number `seq` (what devices
+    /// compare to notice a storage peer serving an older state).
+    pub fn head(&self) -> SignedHead {
+        SignedHead {
+            mesh: self.mesh,
+            author: self.author,
+            seq: self.seq,
+            proof: HeadProof::Change {
+                epoch: self.epoch,
+                nonce: self.nonce,
+                ciphertext_hash: *blake3::hash(&self.ciphertext).as_bytes(),
+                signature: self.signature,
+            },
+        }
+    }
+
     pub fn ciphertext_len(&self) -> usize {
         self.ciphertext.len()
     }
@@ -193,6 +343,49 @@ mod tests {
     use crate::membership::{Action, MembershipLog};
 
     #[test]
+    fn names_open_only_with_the_key_for_their_device_and_hide_their_length() {
+        let (key, other) = (MeshKey::generate(Epoch(0)), MeshKey::generate(Epoch(0)));
+        let device = DeviceKeys::generate().device_id();
+        let someone = DeviceKeys::generate().device_id();
+        let mesh = MeshId::for_genesis(&device, &[1; 16]);
+        let name = SealedName::seal(&key, &mesh, &device, "kitchen laptop");
+        assert_eq!(
+            name.open(&key, &mesh, &device).as_deref(),
+            Some("kitchen laptop")
+        );
+        assert_eq!(name.open(&other, &mesh, &device), None);
+        assert_eq!(
+            name.open(&key, &mesh, &someone),
+            None,
+            "moved to another entry"
+        );
+        let encoded = postcard::to_stdvec(&name).unwrap();
+        assert!(!encoded.windows(7).any(|w| w == b"kitchen"));
+        let short = SealedName::seal(&key, &mesh, &device, "a");
+        assert_eq!(short.ciphertext.len(), name.ciphertext.len());
+    }
+
+    #[test]
+    fn heads_verify_and_forged_ones_do_not() {
+        let author = DeviceKeys::generate();
+        let key = MeshKey::generate(Epoch(0));
+        let mesh = MeshId::for_genesis(&author.device_id(), &[2; 16]);
+        let change = SealedChange::seal(mesh, &key, &author, 7, b"some changes");
+        let head = change.head();
+        assert_eq!((head.author, head.seq), (author.device_id(), 7));
+        head.verify().unwrap();
+        let mut inflated = head.clone();
+        inflated.seq = 8;
+        assert!(inflated.verify().is_err());
+        let mut reassigned = head;
+        reassigned.author = DeviceKeys::generate().device_id();
+        assert!(reassigned.verify().is_err());
+        let mut renumbered = change;
+        renumbered.seq = 1;
+        assert!(renumbered.head().verify().is_err());
+    }
+
+    #[test]
     fn padme_hides_low_bits() {
         assert_eq!(padme(0), 0);
         assert_eq!(padme(100), 104);
@@ -213,7 +406,7 @@ mod tests {
         let key = MeshKey::generate(Epoch(0));
         let (mut log, mesh) = MembershipLog::create(&admin, "admin", &key);
         let text = b"folder docs: report.pdf changed".to_vec();
-        let sealed = SealedChange::seal(mesh, &key, &admin, &text);
+        let sealed = SealedChange::seal(mesh, &key, &admin, 1, &text);
         let bytes = sealed.encode();
         assert!(!bytes.windows(6).any(|w| w == b"report"));
         let back = SealedChange::decode(&bytes).unwrap();
@@ -235,7 +428,7 @@ mod tests {
 
         // A stranger's blob, and a removed device's new blob, are refused without any key.
         let stranger = DeviceKeys::generate();
-        let theirs = SealedChange::seal(mesh, &key, &stranger, &text);
+        let theirs = SealedChange::seal(mesh, &key, &stranger, 1, &text);
         assert!(matches!(
             theirs.check_author(&mesh, log.view()),
             Err(SealedError::NotAWriter(_))
@@ -246,7 +439,7 @@ mod tests {
             Action::Add {
                 device: laptop.device_id(),
                 role: crate::Role::Device,
-                name: "laptop".into(),
+                name: SealedName::unreadable("laptop"),
                 kem: None,
                 wrapped: None,
             },
@@ -261,7 +454,7 @@ mod tests {
         )
         .unwrap();
         let key1 = MeshKey::generate(Epoch(1));
-        let after = SealedChange::seal(mesh, &key1, &laptop, &text);
+        let after = SealedChange::seal(mesh, &key1, &laptop, 1, &text);
         assert!(after.check_author(&mesh, log.view()).is_err());
         assert!(SealedChange::decode(&[0xff; 8]).is_err());
     }
@@ -271,8 +464,8 @@ mod tests {
         let admin = DeviceKeys::generate();
         let key = MeshKey::generate(Epoch(0));
         let mesh = MeshId::random();
-        let a = SealedChange::seal(mesh, &key, &admin, &vec![1; 1000]);
-        let b = SealedChange::seal(mesh, &key, &admin, &vec![1; 1010]);
+        let a = SealedChange::seal(mesh, &key, &admin, 1, &vec![1; 1000]);
+        let b = SealedChange::seal(mesh, &key, &admin, 2, &vec![1; 1010]);
         assert_eq!(a.ciphertext_len(), b.ciphertext_len());
     }
 }

@@ -7,7 +7,7 @@ use std::collections::BTreeMap;
 use meshsync_crdt::index::FileUpdate;
 use meshsync_crdt::{
     Action, ChunkListHash, DeviceKeys, Epoch, FileKind, FolderId, FolderIndex, MembershipLog,
-    MeshKey, Role,
+    MeshKey, Role, SealedName,
 };
 use proptest::prelude::*;
 
@@ -106,7 +106,8 @@ fn deliver(
 
 fn run(replica_count: usize, ops: Vec<Op>) {
     let admin = DeviceKeys::generate();
-    let (mut log, mesh) = MembershipLog::create(&admin, "r0", &MeshKey::generate(Epoch(0)));
+    let key0 = MeshKey::generate(Epoch(0));
+    let (mut log, mesh) = MembershipLog::create(&admin, "r0", &key0);
     let others: Vec<DeviceKeys> = (1..replica_count).map(|_| DeviceKeys::generate()).collect();
     for keys in &others {
         log.append(
@@ -114,7 +115,7 @@ fn run(replica_count: usize, ops: Vec<Op>) {
             Action::Add {
                 device: keys.device_id(),
                 role: Role::Device,
-                name: "replica".into(),
+                name: SealedName::seal(&key0, &mesh, &keys.device_id(), "replica"),
                 kem: Some(keys.kem_public()),
                 wrapped: None,
             },
@@ -168,7 +169,7 @@ fn run(replica_count: usize, ops: Vec<Op>) {
                     Action::Add {
                         device: outsider.device_id(),
                         role: Role::Device,
-                        name: "outsider".into(),
+                        name: SealedName::seal(&key0, &mesh, &outsider.device_id(), "outsider"),
                         kem: None,
                         wrapped: None,
                     }

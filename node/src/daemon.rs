@@ -1697,6 +1697,13 @@ impl Node {
     }
 
     /// Members of the mesh, for `meshsync devices`.
+    /// A member's name, opened with the mesh key (the log holds it sealed).
+    fn member_name(&self, m: &meshsync_crdt::Member) -> String {
+        let key = self.key.lock().ok().and_then(|k| k.clone());
+        key.and_then(|k| m.name.open(&k, &self.log.mesh(), &m.device))
+            .unwrap_or_else(|| "(name sealed under another key)".into())
+    }
+
     pub async fn devices(&self) -> serde_json::Value {
         let connected: BTreeSet<PeerId> =
             self.transport.connected_peers().await.into_iter().collect();
@@ -1707,7 +1714,7 @@ impl Node {
             .values()
             .map(|m| serde_json::json!({
                 "id": m.device.to_string(),
-                "name": m.name,
+                "name": self.member_name(m),
                 "role": m.role.to_string(),
                 "admin": m.admin,
                 "this_device": m.device == me,
@@ -1827,7 +1834,7 @@ impl Node {
                 let (bytes_in, bytes_out) = traffic.get(&peer).copied().unwrap_or((0, 0));
                 serde_json::json!({
                     "id": m.device.to_string(),
-                    "name": m.name,
+                    "name": self.member_name(m),
                     "role": m.role.to_string(),
                     "connected": connected.contains(&peer),
                     "bytes_in": bytes_in,
@@ -1922,7 +1929,16 @@ impl Node {
                         let mut n = node.lock().await;
                         let n = &mut *n;
                         let key = n.key.lock().map_err(|e| e.to_string())?.clone();
-                        let wrapped = match (joiner.role.holds_mesh_key(), &key) {
+                        let Some(key) = key else {
+                            return Err("this device holds no mesh key".to_string());
+                        };
+                        let name = meshsync_crdt::SealedName::seal(
+                            &key,
+                            &n.log.mesh(),
+                            &joiner.device,
+                            &joiner.name,
+                        );
+                        let wrapped = match (joiner.role.holds_mesh_key(), Some(&key)) {
                             (true, Some(key)) => Some(
                                 key.wrap_for(&n.log.mesh(), &joiner.device, &joiner.kem)
                                     .map_err(|e| e.to_string())?,
@@ -1935,7 +1951,7 @@ impl Node {
                                 meshsync_crdt::Action::Add {
                                     device: joiner.device,
                                     role: joiner.role,
-                                    name: joiner.name.clone(),
+                                    name,
                                     kem: Some(joiner.kem),
                                     wrapped,
                                 },
