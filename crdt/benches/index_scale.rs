@@ -160,7 +160,7 @@ fn run(n: usize, scratch: &Path) {
         Action::Add {
             device: peer.device_id(),
             role: Role::Device,
-            name: "peer".into(),
+            name: meshsync_crdt::SealedName::unreadable("peer"),
             kem: None,
             wrapped: None,
         },
