@@ -323,7 +323,7 @@ async fn replicated_state_travels_over_doc_protocol() {
         Action::Add {
             device: kb.device_id(),
             role: Role::Device,
-            name: "b".into(),
+            name: meshsync_crdt::SealedName::unreadable("b"),
             kem: Some(kb.kem_public()),
             wrapped: None,
         },
