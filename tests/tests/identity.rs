@@ -35,7 +35,7 @@ fn keys_made_by_init_pair_through_the_membership_log() {
         Action::Add {
             device: laptop,
             role: Role::Device,
-            name: "laptop".into(),
+            name: meshsync_crdt::SealedName::unreadable("laptop"),
             kem: Some(keys[1].kem_public()),
             wrapped: Some(wrapped),
         },
