@@ -8,7 +8,7 @@
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
-use meshsync_crdt::{ChunkListHash, FolderId, MeshId};
+use meshsync_crdt::{ChunkListHash, DeviceId, FolderId, MeshId};
 use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
 use serde::{Deserialize, Serialize};
 
@@ -19,6 +19,12 @@ const FOLDERS: TableDefinition<&str, &str> = TableDefinition::new("folders");
 const SHARDS: TableDefinition<(&str, u16), &[u8]> = TableDefinition::new("shards");
 const LISTS: TableDefinition<&[u8], &[u8]> = TableDefinition::new("chunk_lists");
 const LOCAL: TableDefinition<(&str, &str), &[u8]> = TableDefinition::new("local_files");
+/// Sealed changes by (author, sequence number): a device's own (to push to storage peers), or
+/// on a storage peer every member's.
+const SEALED: TableDefinition<(&[u8], u64), &[u8]> = TableDefinition::new("sealed_changes");
+/// Replaced and deleted file versions a device keeps restorable: (folder, path, version) →
+/// the record and when it was replaced.
+const VERSIONS: TableDefinition<(&str, &str, u64), &[u8]> = TableDefinition::new("versions");
 
 /// Why the state database failed.
 #[derive(Debug, thiserror::Error)]
@@ -64,6 +70,10 @@ pub struct Batch {
     pub lists: Vec<(ChunkListHash, Vec<ChunkRef>)>,
     pub local: Vec<(FolderId, String, Option<LocalFile>)>,
     pub meta: Vec<(String, Vec<u8>)>,
+    /// Encoded sealed changes by author and sequence number.
+    pub sealed: Vec<(DeviceId, u64, Vec<u8>)>,
+    /// Old versions to keep (`Some`) or to forget (`None`), by folder, path and version.
+    pub versions: Vec<(FolderId, String, u64, Option<Vec<u8>>)>,
 }
 
 /// Everything loaded at start.
@@ -95,6 +105,8 @@ impl State {
             txn.open_table(SHARDS).map_err(|e| state.err(e))?;
             txn.open_table(LISTS).map_err(|e| state.err(e))?;
             txn.open_table(LOCAL).map_err(|e| state.err(e))?;
+            txn.open_table(SEALED).map_err(|e| state.err(e))?;
+            txn.open_table(VERSIONS).map_err(|e| state.err(e))?;
         }
         txn.commit().map_err(|e| state.err(e))?;
         Ok(state)
@@ -197,6 +209,74 @@ impl State {
             .map(|v| v.value().to_vec()))
     }
 
+    /// The highest sequence number held for each author, the number of sealed changes and
+    /// their total size.
+    pub fn sealed_summary(&self) -> Result<(BTreeMap<DeviceId, u64>, u64, u64), StateError> {
+        let txn = self.db.begin_read().map_err(|e| self.err(e))?;
+        let table = txn.open_table(SEALED).map_err(|e| self.err(e))?;
+        let (mut heads, mut count, mut bytes) = (BTreeMap::new(), 0, 0);
+        for row in table.iter().map_err(|e| self.err(e))? {
+            let (key, value) = row.map_err(|e| self.err(e))?;
+            let (author, seq) = key.value();
+            let Ok(author) = <[u8; 32]>::try_from(author) else {
+                continue;
+            };
+            let Ok(author) = DeviceId::from_bytes(author) else {
+                continue;
+            };
+            let head = heads.entry(author).or_insert(0);
+            *head = (*head).max(seq);
+            count += 1;
+            bytes += value.value().len() as u64;
+        }
+        Ok((heads, count, bytes))
+    }
+
+    /// `author`'s sealed changes after number `after`, in order, up to about `max_bytes`.
+    pub fn sealed_after(
+        &self,
+        author: &DeviceId,
+        after: u64,
+        max_bytes: usize,
+    ) -> Result<Vec<Vec<u8>>, StateError> {
+        let txn = self.db.begin_read().map_err(|e| self.err(e))?;
+        let table = txn.open_table(SEALED).map_err(|e| self.err(e))?;
+        let key = &author.as_bytes()[..];
+        let mut out = Vec::new();
+        let mut size = 0;
+        for row in table
+            .range((key, after.saturating_add(1))..=(key, u64::MAX))
+            .map_err(|e| self.err(e))?
+        {
+            let (_, value) = row.map_err(|e| self.err(e))?;
+            size += value.value().len();
+            out.push(value.value().to_vec());
+            if size >= max_bytes {
+                break;
+            }
+        }
+        Ok(out)
+    }
+
+    /// Every kept version of every path of `folder`: (path, version, encoded entry).
+    pub fn versions(&self, folder: &FolderId) -> Result<Vec<(String, u64, Vec<u8>)>, StateError> {
+        let txn = self.db.begin_read().map_err(|e| self.err(e))?;
+        let table = txn.open_table(VERSIONS).map_err(|e| self.err(e))?;
+        let mut out = Vec::new();
+        for row in table
+            .range((folder.as_str(), "", 0)..)
+            .map_err(|e| self.err(e))?
+        {
+            let (key, value) = row.map_err(|e| self.err(e))?;
+            let (f, path, version) = key.value();
+            if f != folder.as_str() {
+                break;
+            }
+            out.push((path.to_string(), version, value.value().to_vec()));
+        }
+        Ok(out)
+    }
+
     /// Forgets a folder: its path, shards and local file states.
     pub fn remove_folder(&self, id: &FolderId) -> Result<(), StateError> {
         let txn = self.db.begin_write().map_err(|e| self.err(e))?;
@@ -262,6 +342,24 @@ impl State {
                 lists
                     .insert(&hash.0[..], &bytes[..])
                     .map_err(|e| self.err(e))?;
+            }
+            let mut sealed = txn.open_table(SEALED).map_err(|e| self.err(e))?;
+            for (author, seq, blob) in &batch.sealed {
+                sealed
+                    .insert((&author.as_bytes()[..], *seq), &blob[..])
+                    .map_err(|e| self.err(e))?;
+            }
+            let mut versions = txn.open_table(VERSIONS).map_err(|e| self.err(e))?;
+            for (folder, path, version, entry) in &batch.versions {
+                let key = (folder.as_str(), path.as_str(), *version);
+                match entry {
+                    Some(entry) => {
+                        versions.insert(key, &entry[..]).map_err(|e| self.err(e))?;
+                    }
+                    None => {
+                        versions.remove(key).map_err(|e| self.err(e))?;
+                    }
+                }
             }
             let mut local = txn.open_table(LOCAL).map_err(|e| self.err(e))?;
             for (folder, path, file) in &batch.local {

@@ -17,7 +17,7 @@ use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 
 use meshsync_crdt::ChunkId;
-use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
+use redb::{Database, ReadableDatabase, ReadableTable, ReadableTableMetadata, TableDefinition};
 
 const CHUNKS: TableDefinition<&[u8], (u64, u64, u32)> = TableDefinition::new("chunks");
 const PACKS: TableDefinition<u64, u64> = TableDefinition::new("pack_lengths");
@@ -194,6 +194,71 @@ impl ChunkStore {
         Ok(Some(data))
     }
 
+    /// Which of `ids` the store does not hold.
+    pub fn missing(&self, ids: &[ChunkId]) -> Result<Vec<ChunkId>, StoreError> {
+        let read = self.db.begin_read().map_err(db_err)?;
+        let table = read.open_table(CHUNKS).map_err(db_err)?;
+        let mut out = Vec::new();
+        for id in ids {
+            if table.get(&id.0[..]).map_err(db_err)?.is_none() {
+                out.push(*id);
+            }
+        }
+        Ok(out)
+    }
+
+    /// Forgets chunks and gives their space back to the file system: the index forgets them
+    /// first (one commit), then their bytes are punched out of the packs, so a crash in
+    /// between leaves only unindexed bytes, never an index naming zeros. Returns how many
+    /// chunks and bytes of ciphertext were removed.
+    pub fn remove(&mut self, ids: &[ChunkId]) -> Result<(usize, u64), StoreError> {
+        let mut gone = Vec::new();
+        let txn = self.db.begin_write().map_err(db_err)?;
+        {
+            let mut table = txn.open_table(CHUNKS).map_err(db_err)?;
+            for id in ids {
+                if let Some(entry) = table.remove(&id.0[..]).map_err(db_err)? {
+                    gone.push(entry.value());
+                }
+            }
+        }
+        txn.commit().map_err(db_err)?;
+        let mut bytes = 0;
+        for (pack, offset, len) in &gone {
+            bytes += u64::from(*len);
+            let path = Self::pack_path(&self.dir, *pack);
+            let file = OpenOptions::new()
+                .write(true)
+                .open(&path)
+                .map_err(|source| StoreError::Io {
+                    path: path.clone(),
+                    source,
+                })?;
+            // SAFETY: fallocate only reads its integer arguments and the open descriptor.
+            let punched = unsafe {
+                libc::fallocate(
+                    std::os::fd::AsRawFd::as_raw_fd(&file),
+                    libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE,
+                    *offset as libc::off_t,
+                    libc::off_t::from(*len),
+                )
+            };
+            if punched != 0 {
+                // The file system cannot punch holes: the chunk is forgotten, its bytes stay
+                // until the pack is rewritten. Not an error for the caller.
+                tracing::debug!(path = %path.display(), "cannot punch a hole: {}", std::io::Error::last_os_error());
+            }
+        }
+        Ok((gone.len(), bytes))
+    }
+
+    /// How many chunks are held.
+    pub fn count(&self) -> Result<u64, StoreError> {
+        let read = self.db.begin_read().map_err(db_err)?;
+        let table = read.open_table(CHUNKS).map_err(db_err)?;
+        table.len().map_err(db_err)
+    }
+
     pub fn contains(&self, id: &ChunkId) -> Result<bool, StoreError> {
         let read = self.db.begin_read().map_err(db_err)?;
         let table = read.open_table(CHUNKS).map_err(db_err)?;
@@ -299,5 +364,29 @@ mod tests {
         store.put_batch(&[(b, b"second")]).unwrap();
         assert_eq!(store.get(&b).unwrap().unwrap(), b"second");
         assert!(store.get(&ChunkId([3; 32])).unwrap().is_none());
+    }
+
+    #[test]
+    fn removed_chunks_give_their_disk_space_back() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut store = ChunkStore::open(dir.path()).unwrap();
+        let chunks: Vec<(ChunkId, Vec<u8>)> = (0..64u8)
+            .map(|i| (ChunkId([i; 32]), vec![i; 256 * 1024]))
+            .collect();
+        let refs: Vec<(ChunkId, &[u8])> = chunks.iter().map(|(id, d)| (*id, &d[..])).collect();
+        store.put_batch(&refs).unwrap();
+        let (_, before) = store.disk_usage().unwrap();
+        let gone: Vec<ChunkId> = chunks.iter().take(48).map(|(id, _)| *id).collect();
+        assert_eq!(store.remove(&gone).unwrap(), (48, 48 * 256 * 1024));
+        let (held, after) = store.disk_usage().unwrap();
+        assert_eq!(held, 16 * 256 * 1024);
+        assert!(
+            after < before - 40 * 256 * 1024,
+            "disk {before} -> {after} bytes after removing 12 MiB"
+        );
+        assert!(store.get(&gone[0]).unwrap().is_none());
+        assert_eq!(store.missing(&[gone[0], chunks[60].0]).unwrap(), vec![gone[0]]);
+        assert_eq!(store.get(&chunks[60].0).unwrap().unwrap(), chunks[60].1);
+        assert_eq!(store.count().unwrap(), 16);
     }
 }
