@@ -28,6 +28,10 @@ pub enum Command {
         /// The name other devices show for this one (default: the host name).
         #[arg(long)]
         name: Option<String>,
+        /// Make a storage peer: it stores and serves the mesh's data encrypted, and never
+        /// receives the key to read it (join with a code from `meshsync invite --role storage`).
+        #[arg(long)]
+        storage: bool,
     },
     /// Print this device's ID, or check a device ID someone gave you.
     Id {
@@ -276,13 +280,19 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
                 }
             }
         },
-        Command::Init { name } => {
+        Command::Init { name, storage } => {
             let name = match name {
                 Some(name) => name,
                 None => host_name(),
             };
-            let keys = home.init(&name, Role::Device)?;
-            println!("Created device {name:?} in {}", home.path().display());
+            let role = if storage { Role::Storage } else { Role::Device };
+            let keys = home.init(&name, role)?;
+            if storage {
+                println!("Created storage peer {name:?} in {}", home.path().display());
+                println!("Join it to a mesh with a code from `meshsync invite --role storage`.");
+            } else {
+                println!("Created device {name:?} in {}", home.path().display());
+            }
             println!("Device ID: {}", keys.device_id());
         }
         Command::Id {
@@ -360,16 +370,33 @@ async fn up(home: Home, listen: Vec<String>, mdns: bool) -> anyhow::Result<()> {
         })
         .collect::<anyhow::Result<Vec<_>>>()?;
     let path = home.path().to_path_buf();
-    let node = crate::daemon::start(home, listen, mdns).await?;
-    {
-        let n = node.lock().await;
-        let addrs = n.transport().wait_listening().await;
-        println!("meshsync is up: device {}", n.keys().device_id());
-        for addr in addrs {
-            println!("listening on {addr}");
+    let role = home.config()?.role().map_err(|e| anyhow::anyhow!(e))?;
+    let control = if role == Role::Storage {
+        let storage = crate::storage::start(home, listen, mdns).await?;
+        {
+            let s = storage.lock().await;
+            let addrs = s.transport().wait_listening().await;
+            println!("meshsync is up: storage peer {}", s.device_id());
+            for addr in addrs {
+                println!("listening on {addr}");
+            }
         }
-    }
-    let control = tokio::spawn(control::serve(node.clone(), path.clone()));
+        tokio::spawn(control::serve_with(path.clone(), move |request| {
+            let storage = storage.clone();
+            async move { crate::storage::handle_control(&storage, request).await }
+        }))
+    } else {
+        let node = crate::daemon::start(home, listen, mdns).await?;
+        {
+            let n = node.lock().await;
+            let addrs = n.transport().wait_listening().await;
+            println!("meshsync is up: device {}", n.keys().device_id());
+            for addr in addrs {
+                println!("listening on {addr}");
+            }
+        }
+        tokio::spawn(control::serve(node.clone(), path.clone()))
+    };
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
     tokio::select! {
         _ = tokio::signal::ctrl_c() => {}

@@ -53,8 +53,21 @@ pub fn socket_path(home: &Path) -> PathBuf {
     home.join("control.sock")
 }
 
-/// Serves the control socket until the process ends.
+/// Serves the control socket of a device until the process ends.
 pub async fn serve(node: Shared, home: PathBuf) -> anyhow::Result<()> {
+    serve_with(home, move |request| {
+        let node = node.clone();
+        async move { handle(&node, request).await }
+    })
+    .await
+}
+
+/// Serves the control socket with `handler` answering each request.
+pub async fn serve_with<F, Fut>(home: PathBuf, handler: F) -> anyhow::Result<()>
+where
+    F: Fn(Request) -> Fut + Clone + Send + 'static,
+    Fut: std::future::Future<Output = anyhow::Result<serde_json::Value>> + Send,
+{
     use std::os::unix::fs::PermissionsExt;
     let path = socket_path(&home);
     let _ = std::fs::remove_file(&path);
@@ -62,7 +75,7 @@ pub async fn serve(node: Shared, home: PathBuf) -> anyhow::Result<()> {
     std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600))?;
     loop {
         let (stream, _) = listener.accept().await?;
-        let node = node.clone();
+        let handler = handler.clone();
         tokio::spawn(async move {
             let (read, mut write) = stream.into_split();
             let mut line = String::new();
@@ -71,7 +84,7 @@ pub async fn serve(node: Shared, home: PathBuf) -> anyhow::Result<()> {
                 return;
             }
             let reply = match serde_json::from_str::<Request>(&line) {
-                Ok(request) => match handle(&node, request).await {
+                Ok(request) => match handler(request).await {
                     Ok(value) => Reply::Ok(value),
                     Err(error) => Reply::Err(format!("{error:#}")),
                 },

@@ -22,7 +22,7 @@ use anyhow::Context;
 use meshsync_crdt::index::{shard_of, FileUpdate, ShardChange};
 use meshsync_crdt::{
     ChunkId, ChunkListHash, DeviceKeys, Epoch, FileKind, FileRecord, FolderId, FolderIndex,
-    MembershipLog, MeshId, MeshKey,
+    MembershipLog, MeshId, MeshKey, SignedHead,
 };
 use meshsync_transport::chunks::{self, ChunkSource, Fetched};
 use meshsync_transport::{rpc, Config, Multiaddr, PeerId, Transport};
@@ -34,7 +34,7 @@ use crate::home::Home;
 use crate::state::{Batch, LocalFile, State};
 
 const MARKER: &str = ".meshsync-folder";
-const DEFAULT_PORT: u16 = 22000;
+pub(crate) const DEFAULT_PORT: u16 = 22000;
 
 type Heads = Vec<[u8; 32]>;
 /// One path to bring in line: (relative path, version to write, is a conflict copy, the
@@ -44,7 +44,7 @@ type Work = (String, FileRecord, bool, Option<(u64, i64)>);
 type WireList = Vec<(ChunkId, u64, u32)>;
 
 #[derive(Serialize, Deserialize, Debug)]
-enum SyncRequest {
+pub(crate) enum SyncRequest {
     Pull {
         membership: Heads,
         folders: Vec<(FolderId, BTreeMap<u16, Heads>)>,
@@ -54,13 +54,16 @@ enum SyncRequest {
 }
 
 #[derive(Serialize, Deserialize, Debug, Default)]
-struct SyncChanges {
-    membership: Vec<Vec<u8>>,
-    folders: Vec<(FolderId, Vec<ShardChange>)>,
+pub(crate) struct SyncChanges {
+    pub(crate) membership: Vec<Vec<u8>>,
+    pub(crate) folders: Vec<(FolderId, Vec<ShardChange>)>,
+    /// The latest signed head of every author the sender knows (see `SignedHead`).
+    #[serde(default)]
+    pub(crate) heads: Vec<SignedHead>,
 }
 
 #[derive(Serialize, Deserialize, Debug)]
-enum SyncReply {
+pub(crate) enum SyncReply {
     Changes(SyncChanges),
     Ok,
     ChunkLists(Vec<(ChunkListHash, WireList)>),
@@ -75,11 +78,11 @@ pub struct JoinPayload {
     pub inviter_addrs: Vec<String>,
 }
 
-fn to_heads(hashes: &[automerge::ChangeHash]) -> Heads {
+pub(crate) fn to_heads(hashes: &[automerge::ChangeHash]) -> Heads {
     hashes.iter().map(|h| h.0).collect()
 }
 
-fn from_heads(heads: &Heads) -> Vec<automerge::ChangeHash> {
+pub(crate) fn from_heads(heads: &Heads) -> Vec<automerge::ChangeHash> {
     heads.iter().map(|h| automerge::ChangeHash(*h)).collect()
 }
 
@@ -212,7 +215,7 @@ pub fn open_state(home: &Home, keys: &DeviceKeys) -> anyhow::Result<(State, Memb
 }
 
 /// The peer IDs of every member but `me`: who may connect.
-fn other_members(log: &MembershipLog, me: &meshsync_crdt::DeviceId) -> Vec<PeerId> {
+pub(crate) fn other_members(log: &MembershipLog, me: &meshsync_crdt::DeviceId) -> Vec<PeerId> {
     log.view()
         .members
         .keys()
@@ -430,7 +433,7 @@ pub async fn start(home: Home, listen: Vec<Multiaddr>, mdns: bool) -> anyhow::Re
     Ok(node)
 }
 
-async fn start_transport(
+pub(crate) async fn start_transport(
     keys: &DeviceKeys,
     listen: Vec<Multiaddr>,
     mdns: bool,
@@ -497,7 +500,7 @@ async fn handle(node: &Shared, peer: PeerId, request: SyncRequest) -> SyncReply 
     }
 }
 
-async fn request(
+pub(crate) async fn request(
     transport: &Transport,
     peer: PeerId,
     request: &SyncRequest,

@@ -8,6 +8,7 @@
 //! - [`daemon`]: `meshsync up`: scanning, pull/push of signed changes, materialising files.
 //! - [`control`]: the Unix control socket between the CLI and the daemon.
 //! - [`state`]: the node's redb state (mesh, membership, folders, index shards, local files).
+//! - [`storage`]: the storage peer: stores and serves sealed changes and chunks, reads none.
 //! - [`store`]: the chunk store: pack files indexed by redb, one fsync and commit per batch.
 
 pub mod cli;
@@ -17,4 +18,5 @@ pub mod daemon;
 pub mod demo;
 pub mod home;
 pub mod state;
+pub mod storage;
 pub mod store;

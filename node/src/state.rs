@@ -232,6 +232,15 @@ impl State {
         Ok((heads, count, bytes))
     }
 
+    pub fn has_sealed(&self, author: &DeviceId, seq: u64) -> Result<bool, StateError> {
+        let txn = self.db.begin_read().map_err(|e| self.err(e))?;
+        let table = txn.open_table(SEALED).map_err(|e| self.err(e))?;
+        Ok(table
+            .get((&author.as_bytes()[..], seq))
+            .map_err(|e| self.err(e))?
+            .is_some())
+    }
+
     /// `author`'s sealed changes after number `after`, in order, up to about `max_bytes`.
     pub fn sealed_after(
         &self,

@@ -15,6 +15,9 @@ use crate::{Transport, TransportError};
 
 /// `/meshsync/doc/1`: exchange of the replicated state (membership and index changes).
 pub const DOC: StreamProtocol = StreamProtocol::new("/meshsync/doc/1");
+/// `/meshsync/sealed/1`: push and pull of sealed changes and sealed chunks to and from
+/// storage peers.
+pub const SEALED: StreamProtocol = StreamProtocol::new("/meshsync/sealed/1");
 /// The largest request or reply.
 pub const MAX_MESSAGE: usize = 64 * 1024 * 1024;
 const TIMEOUT: Duration = Duration::from_secs(30);
