@@ -41,7 +41,7 @@ type Heads = Vec<[u8; 32]>;
 /// (size, mtime) this node last saw there).
 type Work = (String, FileRecord, bool, Option<(u64, i64)>);
 /// A chunk list on the wire: (chunk ID, offset, length) per chunk.
-type WireList = Vec<(ChunkId, u64, u32)>;
+pub(crate) type WireList = Vec<(ChunkId, u64, u32)>;
 
 #[derive(Serialize, Deserialize, Debug)]
 pub(crate) enum SyncRequest {
@@ -86,10 +86,10 @@ pub(crate) fn from_heads(heads: &Heads) -> Vec<automerge::ChangeHash> {
     heads.iter().map(|h| automerge::ChangeHash(*h)).collect()
 }
 
-struct Folder {
-    path: PathBuf,
-    index: FolderIndex,
-    local: BTreeMap<String, LocalFile>,
+pub(crate) struct Folder {
+    pub(crate) path: PathBuf,
+    pub(crate) index: FolderIndex,
+    pub(crate) local: BTreeMap<String, LocalFile>,
     /// Deletions the mass-delete guard is holding back.
     held_deletes: usize,
 }
@@ -130,7 +130,8 @@ impl ChunkMap {
     }
 }
 
-struct Served {
+#[derive(Clone)]
+pub(crate) struct Served {
     map: Arc<StdMutex<ChunkMap>>,
     key: Arc<StdMutex<Option<MeshKey>>>,
 }
@@ -169,20 +170,22 @@ impl ChunkSource for Served {
 
 /// The running node.
 pub struct Node {
-    home: Home,
-    keys: Arc<DeviceKeys>,
-    state: State,
-    log: MembershipLog,
-    key: Arc<StdMutex<Option<MeshKey>>>,
-    folders: BTreeMap<FolderId, Folder>,
+    pub(crate) home: Home,
+    pub(crate) keys: Arc<DeviceKeys>,
+    pub(crate) state: State,
+    pub(crate) log: MembershipLog,
+    pub(crate) key: Arc<StdMutex<Option<MeshKey>>>,
+    pub(crate) folders: BTreeMap<FolderId, Folder>,
     chunk_map: Arc<StdMutex<ChunkMap>>,
-    transport: Transport,
+    pub(crate) transport: Transport,
     /// Folder watchers (kept alive) and where they report.
     watchers: Vec<notify::RecommendedWatcher>,
     changes: tokio::sync::mpsc::UnboundedSender<FolderId>,
     materialising: Arc<Mutex<()>>,
     /// The IP the pairing endpoint listens on: the daemon's own (loopback when it is).
     pair_ip: String,
+    /// This device's side of storage peers: its sealed changes, what it applied, what it saw.
+    pub(crate) sealing: crate::sealing::Sealing,
 }
 
 pub type Shared = Arc<Mutex<Node>>;
@@ -324,6 +327,7 @@ pub async fn start(home: Home, listen: Vec<Multiaddr>, mdns: bool) -> anyhow::Re
         }
     }
 
+    let sealing = crate::sealing::Sealing::load(&state)?;
     let (changes, mut changed) = tokio::sync::mpsc::unbounded_channel::<FolderId>();
     let node = Arc::new(Mutex::new(Node {
         home,
@@ -338,6 +342,7 @@ pub async fn start(home: Home, listen: Vec<Multiaddr>, mdns: bool) -> anyhow::Re
         changes,
         materialising: Arc::new(Mutex::new(())),
         pair_ip,
+        sealing,
     }));
     {
         let mut n = node.lock().await;
@@ -468,8 +473,14 @@ async fn handle(node: &Shared, peer: PeerId, request: SyncRequest) -> SyncReply 
             let mut n = node.lock().await;
             let mut changes = SyncChanges {
                 membership: n.log.changes_since(&from_heads(&membership)),
+                heads: n.sealing.heads(),
                 ..SyncChanges::default()
             };
+            if n.is_storage(&peer) {
+                // A storage peer gets membership only: never a path, a size or a chunk list.
+                changes.heads.clear();
+                return SyncReply::Changes(changes);
+            }
             for (id, heads) in folders {
                 if let Some(folder) = n.folders.get_mut(&id) {
                     let heads = heads.iter().map(|(s, h)| (*s, from_heads(h))).collect();
@@ -489,6 +500,9 @@ async fn handle(node: &Shared, peer: PeerId, request: SyncRequest) -> SyncReply 
         },
         SyncRequest::ChunkLists(hashes) => {
             let n = node.lock().await;
+            if n.is_storage(&peer) {
+                return SyncReply::Refused("chunk lists are not for storage peers".into());
+            }
             let mut out = Vec::new();
             for hash in hashes.into_iter().take(10_000) {
                 if let Ok(Some(list)) = n.state.chunk_list(&hash) {
@@ -513,6 +527,19 @@ async fn pull(node: &Shared, peer: PeerId) -> anyhow::Result<()> {
     let (transport, req) = {
         let mut n = node.lock().await;
         let membership = to_heads(&n.log.heads());
+        if n.is_storage(&peer) {
+            // Membership only, then the sealed exchange.
+            let req = SyncRequest::Pull {
+                membership,
+                folders: vec![],
+            };
+            let transport = n.transport.clone();
+            drop(n);
+            if let SyncReply::Changes(changes) = request(&transport, peer, &req).await? {
+                apply_changes(node, peer, changes).await?;
+            }
+            return crate::sealing::sync_with_storage(node, peer).await;
+        }
         let folders = n
             .folders
             .iter_mut()
@@ -555,8 +582,14 @@ async fn apply_changes(node: &Shared, peer: PeerId, changes: SyncChanges) -> any
             n.transport.set_allowed(members).await;
             *n.key.lock().expect("key lock") = current_key(&n.log, &n.keys);
         }
+        n.sealing
+            .saw_heads(&n.log.mesh(), changes.heads, &mut batch);
         let view = n.log.view().clone();
+        let from_storage = n.is_storage(&peer);
         for (id, folder_changes) in changes.folders {
+            if from_storage {
+                break; // storage peers have no folder state to give
+            }
             let Some(folder) = n.folders.get_mut(&id) else {
                 continue;
             };
@@ -607,6 +640,16 @@ struct Pending {
     left: usize,
     /// For a symlink: its target, assembled in memory (it is never a file on disk).
     link: Option<Vec<u8>>,
+}
+
+/// [`materialise`] for the sealing module (changes that came through a storage peer).
+pub(crate) async fn materialise_from(
+    node: &Shared,
+    from: PeerId,
+    folder: &FolderId,
+    paths: BTreeSet<String>,
+) -> anyhow::Result<()> {
+    materialise(node, from, folder, paths).await
 }
 
 /// Brings the files at `paths` in line with the index; one at a time per node, so a catch-up
@@ -1364,6 +1407,28 @@ pub async fn scan_with(
         }
     }
     let changes = f.index.take_local_changes();
+    if !changes.is_empty() {
+        // The same changes, sealed for storage peers, with the chunk lists they name.
+        let lists: Vec<(ChunkListHash, WireList)> = batch
+            .lists
+            .iter()
+            .map(|(hash, refs)| {
+                (
+                    *hash,
+                    refs.iter().map(|c| (c.id, c.offset, c.len)).collect(),
+                )
+            })
+            .collect();
+        n.sealing.seal(
+            &n.keys,
+            &n.key,
+            n.log.mesh(),
+            id,
+            &changes,
+            lists,
+            &mut batch,
+        )?;
+    }
     n.state.commit(batch)?;
     if changes.is_empty() {
         return Ok(count);
@@ -1372,9 +1437,21 @@ pub async fn scan_with(
     let push = SyncRequest::Push(SyncChanges {
         membership: vec![],
         folders: vec![(id.clone(), changes)],
+        heads: n.sealing.heads(),
     });
+    let storage: BTreeSet<PeerId> = n
+        .log
+        .view()
+        .members
+        .values()
+        .filter(|m| m.role == meshsync_crdt::Role::Storage)
+        .map(|m| m.device.to_peer_id())
+        .collect();
     tokio::spawn(async move {
         for peer in transport.connected_peers().await {
+            if storage.contains(&peer) {
+                continue; // storage peers get the sealed form, in their own exchange
+            }
             if let Err(error) = request(&transport, peer, &push).await {
                 tracing::info!(%peer, %error, "push failed; the peer will pull");
             }
@@ -1616,6 +1693,8 @@ impl Node {
                 held_deletes: 0,
             },
         );
+        // Changes to this folder that came through storage peers before it was added here.
+        crate::sealing::replay(self, &id)?;
         Ok(id)
     }
 
@@ -1681,6 +1760,21 @@ impl Node {
             .iter()
             .map(|(id, f)| (id.clone(), f.path.clone()))
             .collect()
+    }
+
+    /// Reads and seals chunks of current local files (what this node serves).
+    pub(crate) fn served(&self) -> Served {
+        Served {
+            map: self.chunk_map.clone(),
+            key: self.key.clone(),
+        }
+    }
+
+    /// Whether `peer` is a storage peer of the mesh (sent no folder state, ever).
+    pub(crate) fn is_storage(&self, peer: &PeerId) -> bool {
+        meshsync_crdt::DeviceId::from_peer_id(peer)
+            .and_then(|d| self.log.view().members.get(&d).map(|m| m.role))
+            == Some(meshsync_crdt::Role::Storage)
     }
 
     pub fn transport(&self) -> &Transport {
@@ -1892,6 +1986,7 @@ impl Node {
             "listen": self.transport.listen_addrs().await.iter().map(|a| a.to_string()).collect::<Vec<_>>(),
             "peers": peers,
             "folders": folders,
+            "storage": crate::sealing::status(self, &connected),
         })
     }
 

@@ -7,6 +7,7 @@
 //! - [`content`]: FastCDC chunking, keyed-BLAKE3 chunk IDs, AES-256-GCM sealing of chunks.
 //! - [`daemon`]: `meshsync up`: scanning, pull/push of signed changes, materialising files.
 //! - [`control`]: the Unix control socket between the CLI and the daemon.
+//! - [`sealing`]: a device's side of storage peers: seal, push, pull, notice stale storage.
 //! - [`state`]: the node's redb state (mesh, membership, folders, index shards, local files).
 //! - [`storage`]: the storage peer: stores and serves sealed changes and chunks, reads none.
 //! - [`store`]: the chunk store: pack files indexed by redb, one fsync and commit per batch.
@@ -17,6 +18,7 @@ pub mod control;
 pub mod daemon;
 pub mod demo;
 pub mod home;
+pub mod sealing;
 pub mod state;
 pub mod storage;
 pub mod store;

@@ -20,7 +20,9 @@ use std::sync::{Arc, Mutex as StdMutex};
 use std::time::Duration;
 
 use anyhow::Context;
-use meshsync_crdt::{ChunkId, DeviceId, DeviceKeys, MembershipLog, MeshId, Role, SealedChange, SignedHead};
+use meshsync_crdt::{
+    ChunkId, DeviceId, DeviceKeys, MembershipLog, MeshId, Role, SealedChange, SignedHead,
+};
 use meshsync_transport::chunks::{self, ChunkSource};
 use meshsync_transport::{rpc, Multiaddr, PeerId, Transport};
 use serde::{Deserialize, Serialize};
@@ -143,7 +145,11 @@ impl ChunkSource for StoreSource {
 }
 
 /// Starts a storage peer on `home` (made with `meshsync init --storage`).
-pub async fn start(home: Home, listen: Vec<Multiaddr>, mdns: bool) -> anyhow::Result<SharedStorage> {
+pub async fn start(
+    home: Home,
+    listen: Vec<Multiaddr>,
+    mdns: bool,
+) -> anyhow::Result<SharedStorage> {
     let keys = Arc::new(home.load_keys()?);
     let config = home.config()?;
     let state = State::open(home.path())?;
@@ -221,9 +227,10 @@ pub async fn start(home: Home, listen: Vec<Multiaddr>, mdns: bool) -> anyhow::Re
         loop {
             tokio::time::sleep(Duration::from_secs(1)).await;
             let (transport, heads) = {
-                let st = s.lock().await;
-                let Some(log) = &st.log else { continue };
-                (st.transport.clone(), daemon::to_heads(&log.heads()))
+                let mut st = s.lock().await;
+                let transport = st.transport.clone();
+                let Some(log) = &mut st.log else { continue };
+                (transport, daemon::to_heads(&log.heads()))
             };
             for peer in transport.connected_peers().await {
                 let request = SyncRequest::Pull {
@@ -433,7 +440,12 @@ async fn put_changes(s: &SharedStorage, peer: PeerId, blobs: Vec<Vec<u8>>) -> St
             .sealed
             .iter()
             .all(|(a, q, _)| (*a, *q) != (sealed.author, sealed.seq));
-        if !fresh || st.state.has_sealed(&sealed.author, sealed.seq).unwrap_or(false) {
+        if !fresh
+            || st
+                .state
+                .has_sealed(&sealed.author, sealed.seq)
+                .unwrap_or(false)
+        {
             continue; // already held
         }
         let held = new_held.entry(sealed.author).or_insert(0);
@@ -556,7 +568,11 @@ pub async fn handle_control(
                 daemon::join(&st.home, &st.state, &st.keys, &code).await?
             };
             let mut st = s.lock().await;
-            let bytes = st.state.load()?.membership.context("no membership after joining")?;
+            let bytes = st
+                .state
+                .load()?
+                .membership
+                .context("no membership after joining")?;
             let log = MembershipLog::load(mesh, &bytes)?;
             st.transport
                 .set_allowed(daemon::other_members(&log, &st.keys.device_id()))

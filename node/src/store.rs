@@ -252,6 +252,18 @@ impl ChunkStore {
         Ok((gone.len(), bytes))
     }
 
+    /// The length of every chunk held (what anyone with the disk can see of them).
+    pub fn sizes(&self) -> Result<Vec<u32>, StoreError> {
+        let read = self.db.begin_read().map_err(db_err)?;
+        let table = read.open_table(CHUNKS).map_err(db_err)?;
+        let mut out = Vec::new();
+        for entry in table.iter().map_err(db_err)? {
+            let (_, value) = entry.map_err(db_err)?;
+            out.push(value.value().2);
+        }
+        Ok(out)
+    }
+
     /// How many chunks are held.
     pub fn count(&self) -> Result<u64, StoreError> {
         let read = self.db.begin_read().map_err(db_err)?;
@@ -385,7 +397,10 @@ mod tests {
             "disk {before} -> {after} bytes after removing 12 MiB"
         );
         assert!(store.get(&gone[0]).unwrap().is_none());
-        assert_eq!(store.missing(&[gone[0], chunks[60].0]).unwrap(), vec![gone[0]]);
+        assert_eq!(
+            store.missing(&[gone[0], chunks[60].0]).unwrap(),
+            vec![gone[0]]
+        );
         assert_eq!(store.get(&chunks[60].0).unwrap().unwrap(), chunks[60].1);
         assert_eq!(store.count().unwrap(), 16);
     }

@@ -1,0 +1,249 @@
+//! Storage peers, with real daemons on loopback: two devices that are never online at the same
+//! time stay in sync through a storage peer, and the storage peer's disk holds nothing it could
+//! read — no file or folder name, no 64-byte run of any file's content, no device name, no key
+//! material, and no exact file size.
+
+use std::collections::HashSet;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use meshsync_tests::{meshsync_ok, wait_until, Daemon};
+
+fn same(a: &Path, b: &Path) -> bool {
+    matches!((std::fs::read(a), std::fs::read(b)), (Ok(x), Ok(y)) if x == y)
+}
+
+/// Deterministic text-like content nobody else would write: a marker and words from a seed.
+fn content(seed: u64, len: usize) -> Vec<u8> {
+    let words = [
+        "quarterly",
+        "invoice",
+        "meridian",
+        "saffron",
+        "lantern",
+        "orchid",
+        "tundra",
+        "vellum",
+    ];
+    let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+    let mut out = format!("confidential document {seed}: ").into_bytes();
+    while out.len() < len {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        out.extend_from_slice(words[(x % 8) as usize].as_bytes());
+        out.extend_from_slice(format!(" {} ", x % 100_000).as_bytes());
+    }
+    out.truncate(len);
+    out
+}
+
+fn invite(home: &Path, role: &str) -> String {
+    meshsync_ok(home, &["invite", "--role", role])
+        .lines()
+        .last()
+        .unwrap()
+        .trim()
+        .to_string()
+}
+
+/// Every file under `dir`, recursively.
+fn files_under(dir: &Path) -> Vec<PathBuf> {
+    let mut out = Vec::new();
+    for entry in std::fs::read_dir(dir).unwrap().flatten() {
+        let path = entry.path();
+        let kind = entry.file_type().unwrap();
+        if kind.is_dir() {
+            out.extend(files_under(&path));
+        } else if kind.is_file() {
+            out.push(path);
+        }
+    }
+    out
+}
+
+fn holds_latest(status: &serde_json::Value) -> bool {
+    status["storage"][0]["holds_latest"] == true && status["storage"][0]["my_changes"] != 0
+}
+
+#[test]
+fn devices_never_online_together_sync_through_a_storage_peer_that_reads_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let (home_a, home_b, home_s) = (
+        dir.path().join("a"),
+        dir.path().join("b"),
+        dir.path().join("s"),
+    );
+    let (folder_a, folder_b) = (dir.path().join("A"), dir.path().join("B"));
+    std::fs::create_dir_all(&folder_a).unwrap();
+    std::fs::create_dir_all(&folder_b).unwrap();
+    meshsync_ok(&home_a, &["init", "--name", "alice-laptop-7731"]);
+    meshsync_ok(&home_b, &["init", "--name", "bob-desktop-4419"]);
+    meshsync_ok(&home_s, &["init", "--storage", "--name", "nas"]);
+
+    // A's folder: names and contents the scan below looks for.
+    let folder_id = "vault-q7r2";
+    let mut files: Vec<(String, Vec<u8>)> = vec![
+        ("secret-plans-2027.txt".into(), content(1, 5_000)),
+        (
+            "tax-returns-archive/summary-form.txt".into(),
+            content(2, 12_345),
+        ),
+        (
+            "tax-returns-archive/scans/receipt-scan.pdf".into(),
+            content(3, 700_000),
+        ),
+        ("padded-a.bin".into(), content(4, 10_000)),
+        ("padded-b.bin".into(), content(5, 10_030)),
+        ("tiny-note.md".into(), content(6, 333)),
+    ];
+    for (name, data) in &files {
+        let path = folder_a.join(name);
+        std::fs::create_dir_all(path.parent().unwrap()).unwrap();
+        std::fs::write(path, data).unwrap();
+    }
+
+    let mut a = Daemon::start(&home_a);
+    meshsync_ok(
+        &home_a,
+        &[
+            "folder",
+            "add",
+            folder_a.to_str().unwrap(),
+            "--id",
+            folder_id,
+        ],
+    );
+    meshsync_ok(&home_s, &["join", &invite(&home_a, "storage")]);
+    meshsync_ok(&home_b, &["join", &invite(&home_a, "device")]);
+    let mut s = Daemon::start(&home_s);
+    assert_eq!(s.status()["role"], "storage");
+    assert!(
+        wait_until(Duration::from_secs(30), || holds_latest(&a.status())),
+        "the storage peer never held A's latest state: {}",
+        a.status()
+    );
+    // The NAS has a fixed address, which B is given (on a LAN, mDNS finds it too).
+    let s_addr = s.status()["listen"][0].as_str().unwrap().to_string();
+    meshsync_ok(&home_b, &["peer", "add", &s_addr]);
+    meshsync_ok(&home_a, &["peer", "add", &s_addr]);
+    let held = s.status();
+    assert!(held["holds"]["chunks"].as_u64().unwrap() > 0, "{held}");
+    assert!(
+        held["holds"]["sealed_changes"].as_u64().unwrap() > 0,
+        "{held}"
+    );
+    a.kill();
+
+    // B starts after A stopped: everything comes from the storage peer alone.
+    let mut b = Daemon::start(&home_b);
+    meshsync_ok(
+        &home_b,
+        &[
+            "folder",
+            "add",
+            folder_b.to_str().unwrap(),
+            "--id",
+            folder_id,
+        ],
+    );
+    assert!(
+        wait_until(Duration::from_secs(30), || files
+            .iter()
+            .all(|(name, _)| same(&folder_a.join(name), &folder_b.join(name)))),
+        "B did not get A's files from the storage peer; B: {}",
+        b.status()
+    );
+    // B edits and stops; A starts later and gets the edit, again from the storage peer alone.
+    let edited = content(7, 40_000);
+    std::fs::write(folder_b.join("secret-plans-2027.txt"), &edited).unwrap();
+    let added = content(8, 2_000);
+    std::fs::write(folder_b.join("reply-from-bob.txt"), &added).unwrap();
+    meshsync_ok(&home_b, &["scan"]);
+    assert!(
+        wait_until(Duration::from_secs(30), || holds_latest(&b.status())),
+        "the storage peer never held B's latest state: {}",
+        b.status()
+    );
+    b.kill();
+    let mut a = Daemon::start(&home_a);
+    assert!(
+        wait_until(Duration::from_secs(30), || {
+            std::fs::read(folder_a.join("secret-plans-2027.txt")).is_ok_and(|d| d == edited)
+                && std::fs::read(folder_a.join("reply-from-bob.txt")).is_ok_and(|d| d == added)
+        }),
+        "A did not get B's edit from the storage peer; A: {}",
+        a.status()
+    );
+    files.push(("secret-plans-2027.txt".into(), edited));
+    files.push(("reply-from-bob.txt".into(), added));
+    a.kill();
+    s.kill();
+
+    // What the storage peer's disk holds: every byte of every file under its home.
+    let mut haystack = Vec::new();
+    for path in files_under(&home_s) {
+        haystack.extend(std::fs::read(&path).unwrap());
+        haystack.push(0);
+    }
+    let mut needles: Vec<(String, Vec<u8>)> = Vec::new();
+    for (name, _) in &files {
+        for part in Path::new(name).iter() {
+            needles.push((format!("name {part:?}"), part.as_encoded_bytes().to_vec()));
+        }
+    }
+    needles.push(("folder ID".into(), folder_id.as_bytes().to_vec()));
+    for name in ["alice-laptop-7731", "bob-desktop-4419"] {
+        needles.push((format!("device name {name}"), name.as_bytes().to_vec()));
+    }
+    for home in [&home_a, &home_b] {
+        for key in ["keys/ed25519.key", "keys/x25519.key"] {
+            let text = std::fs::read_to_string(home.join(key)).unwrap();
+            let hex = text.lines().last().unwrap().trim().to_string();
+            let raw: Vec<u8> = (0..hex.len() / 2)
+                .map(|i| u8::from_str_radix(&hex[2 * i..2 * i + 2], 16).unwrap())
+                .collect();
+            needles.push((format!("{key} of a device (hex)"), hex.into_bytes()));
+            needles.push((format!("{key} of a device (raw)"), raw));
+        }
+    }
+    for (what, needle) in &needles {
+        assert!(
+            !haystack.windows(needle.len()).any(|w| w == &needle[..]),
+            "the storage peer's disk holds {what}"
+        );
+    }
+    // 64-byte windows of every file's content, at every 32-byte step (so any run of 96 or more
+    // bytes in the clear would be found).
+    let windows: HashSet<&[u8]> = files
+        .iter()
+        .flat_map(|(_, data)| {
+            (0..data.len().saturating_sub(64))
+                .step_by(32)
+                .map(move |i| &data[i..i + 64])
+        })
+        .collect();
+    let leaked = haystack.windows(64).filter(|w| windows.contains(w)).count();
+    assert_eq!(
+        leaked, 0,
+        "64-byte windows of file content found on the storage peer"
+    );
+
+    // Exact sizes: every stored chunk is padded, so no file's exact size shows; the files of
+    // 10,000 and 10,030 bytes are stored as chunks of the same length.
+    let store = meshsync_node::store::ChunkStore::open(&home_s.join("chunks")).unwrap();
+    let sizes = store.sizes().unwrap();
+    for (name, data) in &files {
+        if data.len() < 16 * 1024 {
+            assert!(
+                !sizes.contains(&(data.len() as u32 + 4 + 16)),
+                "{name}: its exact size shows on the storage peer"
+            );
+        }
+    }
+    let padded = meshsync_crdt::sealed::padme(10_004) as u32 + 16;
+    assert!(
+        sizes.iter().filter(|s| **s == padded).count() >= 2,
+        "files of 10,000 and 10,030 bytes stored as different sizes: {sizes:?}"
+    );
+}
