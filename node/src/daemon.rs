@@ -92,6 +92,8 @@ pub(crate) struct Folder {
     pub(crate) local: BTreeMap<String, LocalFile>,
     /// Deletions the mass-delete guard is holding back.
     held_deletes: usize,
+    /// Paths the index wants whose content no source could give intact (never written).
+    unavailable: BTreeSet<String>,
 }
 
 /// Where the chunks of current files lie on disk, for serving them.
@@ -300,6 +302,7 @@ pub async fn start(home: Home, listen: Vec<Multiaddr>, mdns: bool) -> anyhow::Re
                 index,
                 local,
                 held_deletes: 0,
+                unavailable: BTreeSet::new(),
             },
         );
     }
@@ -414,6 +417,9 @@ pub async fn start(home: Home, listen: Vec<Multiaddr>, mdns: bool) -> anyhow::Re
                     tracing::warn!(%error, "scan failed");
                 }
             }
+            if tick.is_multiple_of(10) {
+                redial_static_peers(&looping).await;
+            }
             let peers: Vec<PeerId> = {
                 let n = looping.lock().await;
                 n.transport.connected_peers().await
@@ -436,6 +442,28 @@ pub async fn start(home: Home, listen: Vec<Multiaddr>, mdns: bool) -> anyhow::Re
         }
     });
     Ok(node)
+}
+
+/// Dials the static addresses again (config and the inviter's) while some member is not
+/// connected: a NAS or laptop that restarted comes back without anyone running a command.
+async fn redial_static_peers(node: &Shared) {
+    let (transport, addrs, members) = {
+        let n = node.lock().await;
+        let mut addrs: Vec<String> = n.home.config().map(|c| c.peers).unwrap_or_default();
+        if let Ok(Some(bytes)) = n.state.meta("peer_addrs") {
+            addrs.extend(postcard::from_bytes::<Vec<String>>(&bytes).unwrap_or_default());
+        }
+        let members = other_members(&n.log, &n.keys.device_id()).len();
+        (n.transport.clone(), addrs, members)
+    };
+    if transport.connected_peers().await.len() >= members {
+        return;
+    }
+    for addr in addrs {
+        if let Ok(addr) = addr.parse::<Multiaddr>() {
+            let _ = transport.dial(addr).await;
+        }
+    }
 }
 
 pub(crate) async fn start_transport(
@@ -882,10 +910,25 @@ async fn materialise_now(
             },
         );
     }
-    let missing: Vec<ChunkId> = wanted_at.keys().copied().collect();
     let mut flushes = Vec::new();
-    if !missing.is_empty() {
-        let peers: Vec<PeerId> = transport.connected_peers().await;
+    // Fetch rounds: a chunk that fails its check (altered on a storage peer's disk, or a bad
+    // peer) is refused, logged, and asked again from the other sources.
+    let mut bad_sources: BTreeSet<PeerId> = BTreeSet::new();
+    for _round in 0..3 {
+        let missing: Vec<ChunkId> = wanted_at.keys().copied().collect();
+        if missing.is_empty() {
+            break;
+        }
+        let peers: Vec<PeerId> = transport
+            .connected_peers()
+            .await
+            .into_iter()
+            .filter(|p| !bad_sources.contains(p))
+            .collect();
+        if peers.is_empty() {
+            break;
+        }
+        let bad_before = bad_sources.len();
         let (sink, mut rx) = tokio::sync::mpsc::channel::<Fetched>(64);
         let fetcher = transport.clone();
         let task = tokio::spawn(async move { chunks::fetch(&fetcher, peers, missing, sink).await });
@@ -900,7 +943,8 @@ async fn materialise_now(
             ) {
                 Ok(plain) => plain,
                 Err(error) => {
-                    tracing::warn!(peer = %chunk.peer, %error, "bad chunk refused");
+                    tracing::warn!(peer = %chunk.peer, %error, "bad chunk refused; asking other sources");
+                    bad_sources.insert(chunk.peer);
                     continue;
                 }
             };
@@ -948,6 +992,9 @@ async fn materialise_now(
                 "some chunks are not available yet"
             );
         }
+        if bad_sources.len() == bad_before {
+            break; // nothing was refused: what is missing has no source now
+        }
     }
     // Before anything is renamed into place, its data must be on disk: big files are flushed
     // one by one (most already while the batch was arriving), and the many small ones with one
@@ -981,6 +1028,7 @@ async fn materialise_now(
     let mut batch = Batch::default();
     let mut updates: Vec<(String, Option<LocalFile>)> = Vec::new();
     let mut touched_dirs: BTreeSet<PathBuf> = BTreeSet::new();
+    let mut unavailable: Vec<String> = Vec::new();
     let me = node.lock().await.keys.device_id();
     for (i, (rel, w, conflict_copy, before)) in work.into_iter().enumerate() {
         let target = root.join(&rel);
@@ -1020,8 +1068,10 @@ async fn materialise_now(
             continue;
         };
         if p.left > 0 {
+            // Never written wrong: reported, and retried on a later pull.
             let _ = std::fs::remove_file(&p.tmp);
-            continue; // retried on a later pull
+            unavailable.push(rel.clone());
+            continue;
         }
         if let Some(link) = &p.link {
             use std::os::unix::ffi::OsStrExt;
@@ -1095,8 +1145,14 @@ async fn materialise_now(
     let Some(f) = n.folders.get_mut(folder) else {
         return Ok(());
     };
+    for path in unavailable {
+        if f.unavailable.insert(path.clone()) {
+            tracing::warn!(folder = %folder, %path, "file unavailable: no source has intact chunks for it; not written");
+        }
+    }
     let mut map = n.chunk_map.lock().expect("chunk map lock");
     for (path, file) in updates {
+        f.unavailable.remove(&path);
         match &file {
             Some(file) => {
                 map.remember(root.join(&path), file);
@@ -1691,6 +1747,7 @@ impl Node {
                 index,
                 local: BTreeMap::new(),
                 held_deletes: 0,
+                unavailable: BTreeSet::new(),
             },
         );
         // Changes to this folder that came through storage peers before it was added here.
@@ -1977,6 +2034,7 @@ impl Node {
                     "local_files": f.local.values().filter(|l| l.kind == FileKind::File).count(),
                     "conflicts": conflicts,
                     "held_deletes": f.held_deletes,
+                    "unavailable": f.unavailable.iter().collect::<Vec<_>>(),
                 })
             })
             .collect();

@@ -54,6 +54,9 @@ pub struct StorageView {
     pub held: BTreeMap<DeviceId, u64>,
     /// Stale states noticed (newest last, at most 20).
     pub reports: Vec<String>,
+    /// Authors it is behind a signed head of: (exchanges in a row, that head's number).
+    #[serde(skip)]
+    behind: BTreeMap<DeviceId, (u32, u64)>,
 }
 
 /// A device's sealing state (see the module docs).
@@ -161,7 +164,18 @@ impl Sealing {
     }
 
     /// Compares what a storage peer holds with what this device knows; returns new reports.
-    fn check_storage(&mut self, storage: DeviceId, held: &BTreeMap<DeviceId, u64>) -> Vec<String> {
+    ///
+    /// - *Rolled back*: it holds less of an author than it said it held before.
+    /// - *Behind a signed head*: it holds less of another author than a head this device has
+    ///   seen signed by that author, three exchanges in a row (one exchange behind is just a
+    ///   push still on its way). It may only not have met that author since; it is reported
+    ///   either way, since it is serving an older state than one a member signed.
+    fn check_storage(
+        &mut self,
+        me: DeviceId,
+        storage: DeviceId,
+        held: &BTreeMap<DeviceId, u64>,
+    ) -> Vec<String> {
         let view = self.storage.entry(storage).or_default();
         let mut reports = Vec::new();
         for (author, most) in &view.most_held {
@@ -177,10 +191,16 @@ impl Sealing {
         for (author, head) in &self.heads {
             let now = held.get(author).copied().unwrap_or(0);
             let most = view.most_held.get(author).copied().unwrap_or(0);
-            if now < head.seq && now < most {
-                continue; // already reported as a rollback
+            if *author == me || now >= head.seq || now < most {
+                view.behind.remove(author);
+                continue;
             }
-            if now < head.seq && most >= head.seq {
+            let count = view.behind.entry(*author).or_insert((0, 0));
+            if count.1 != head.seq {
+                *count = (0, head.seq);
+            }
+            count.0 += 1;
+            if count.0 == 3 {
                 reports.push(format!(
                     "storage peer {} serves an older state: {} signed change {} but it holds up to {now}",
                     storage.short(),
@@ -189,9 +209,6 @@ impl Sealing {
                 ));
             }
         }
-        // A head signed by another member that the storage peer never held: it may simply
-        // not have met that member since. Reported once it is clearly behind a state it
-        // served before (above) — or, for this device's own changes, after the push.
         for (author, n) in held {
             let most = view.most_held.entry(*author).or_insert(0);
             *most = (*most).max(*n);
@@ -283,7 +300,7 @@ pub async fn sync_with_storage(node: &Shared, peer: PeerId) -> anyhow::Result<()
     {
         let mut n = node.lock().await;
         let n = &mut *n;
-        n.sealing.check_storage(storage, &held);
+        n.sealing.check_storage(me, storage, &held);
         let mut batch = Batch::default();
         n.sealing.persist(&mut batch);
         n.state.commit(batch)?;
@@ -587,6 +604,7 @@ pub fn status(n: &crate::daemon::Node, connected: &BTreeSet<PeerId>) -> serde_js
                 "id": m.device.to_string(),
                 "connected": connected.contains(&m.device.to_peer_id()),
                 "holds_my_changes": held,
+                "holds": view.held.iter().map(|(a, n)| (a.to_string(), *n)).collect::<BTreeMap<_, _>>(),
                 "my_changes": n.sealing.seq,
                 "holds_latest": held >= n.sealing.seq,
                 "stale_reports": view.reports,

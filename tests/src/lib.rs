@@ -54,12 +54,17 @@ pub struct Daemon {
 impl Daemon {
     /// Starts the daemon and waits until its control socket answers.
     pub fn start(home: &Path) -> Daemon {
+        Daemon::start_on(home, "/ip4/127.0.0.1/tcp/0")
+    }
+
+    /// [`Daemon::start`] listening on `addr` (a loopback multiaddr).
+    pub fn start_on(home: &Path, addr: &str) -> Daemon {
         let log = std::fs::File::create(home.join("daemon.log")).expect("daemon log");
         let child = Command::new(meshsync_bin())
             .arg("--home")
             .arg(home)
             // Loopback only, and no mDNS: tests send nothing beyond this machine.
-            .args(["up", "--listen", "/ip4/127.0.0.1/tcp/0", "--no-mdns"])
+            .args(["up", "--listen", addr, "--no-mdns"])
             .env_remove("MESHSYNC_HOME")
             .env("RUST_LOG", "info")
             .stdout(std::process::Stdio::null())
@@ -93,6 +98,14 @@ impl Drop for Daemon {
     fn drop(&mut self) {
         self.kill();
     }
+}
+
+/// A loopback TCP address with a port nothing listens on now (for a daemon that must come
+/// back on the same address after a restart).
+pub fn free_loopback_addr() -> String {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("a free port");
+    let port = listener.local_addr().expect("bound").port();
+    format!("/ip4/127.0.0.1/tcp/{port}")
 }
 
 /// Polls `check` every 50 ms until it holds or `timeout` passes.

@@ -247,3 +247,222 @@ fn devices_never_online_together_sync_through_a_storage_peer_that_reads_nothing(
         "files of 10,000 and 10,030 bytes stored as different sizes: {sizes:?}"
     );
 }
+
+/// Copies a directory tree (regular files and folders).
+fn copy_tree(from: &Path, to: &Path) {
+    std::fs::create_dir_all(to).unwrap();
+    for entry in std::fs::read_dir(from).unwrap().flatten() {
+        let kind = entry.file_type().unwrap();
+        let target = to.join(entry.file_name());
+        if kind.is_dir() {
+            copy_tree(&entry.path(), &target);
+        } else if kind.is_file() {
+            std::fs::copy(entry.path(), target).unwrap();
+        }
+    }
+}
+
+fn log_of(home: &Path) -> String {
+    std::fs::read_to_string(home.join("daemon.log")).unwrap_or_default()
+}
+
+#[test]
+fn a_chunk_altered_on_the_storage_peer_is_refused_and_fetched_elsewhere_and_strangers_get_nothing()
+{
+    let dir = tempfile::tempdir().unwrap();
+
+    let home = |n: &str| dir.path().join(n);
+    let (folder_a, folder_b, folder_x) = (home("A"), home("B"), home("X"));
+    for f in [&folder_a, &folder_b, &folder_x] {
+        std::fs::create_dir_all(f).unwrap();
+    }
+    meshsync_ok(&home("a"), &["init", "--name", "a"]);
+    meshsync_ok(&home("b"), &["init", "--name", "b"]);
+    meshsync_ok(&home("x"), &["init", "--name", "stranger"]);
+    meshsync_ok(&home("s"), &["init", "--storage", "--name", "s"]);
+    let s_addr = meshsync_tests::free_loopback_addr();
+    for h in ["a", "b", "x"] {
+        meshsync_ok(&home(h), &["peer", "add", &s_addr]);
+    }
+    let report = content(11, 50_000);
+    std::fs::write(folder_a.join("report.txt"), &report).unwrap();
+
+    let mut a = Daemon::start(&home("a"));
+    meshsync_ok(
+        &home("a"),
+        &["folder", "add", folder_a.to_str().unwrap(), "--id", "docs"],
+    );
+    meshsync_ok(&home("s"), &["join", &invite(&home("a"), "storage")]);
+    meshsync_ok(&home("b"), &["join", &invite(&home("a"), "device")]);
+    let mut s = Daemon::start_on(&home("s"), &s_addr);
+    assert!(
+        wait_until(Duration::from_secs(30), || holds_latest(&a.status())),
+        "{}",
+        a.status()
+    );
+    a.kill();
+    s.kill();
+
+    // Someone with the NAS's disk alters every stored chunk.
+    for pack in files_under(&home("s").join("chunks/packs")) {
+        let mut bytes = std::fs::read(&pack).unwrap();
+        for i in (0..bytes.len()).step_by(997) {
+            bytes[i] ^= 0x55;
+        }
+        std::fs::write(&pack, bytes).unwrap();
+    }
+    let _s = Daemon::start_on(&home("s"), &s_addr);
+    let b = Daemon::start(&home("b"));
+    meshsync_ok(
+        &home("b"),
+        &["folder", "add", folder_b.to_str().unwrap(), "--id", "docs"],
+    );
+    assert!(
+        wait_until(Duration::from_secs(30), || b.status()["folders"][0]
+            ["unavailable"]
+            .as_array()
+            .is_some_and(|u| u.iter().any(|p| p == "report.txt"))),
+        "B did not report the file as unavailable: {}",
+        b.status()
+    );
+    assert!(
+        !folder_b.join("report.txt").exists(),
+        "a damaged file was written"
+    );
+    assert!(log_of(&home("b")).contains("bad chunk refused"));
+
+    // A stranger pointed at the storage peer gets nothing.
+    let x = Daemon::start(&home("x"));
+    meshsync_ok(
+        &home("x"),
+        &["folder", "add", folder_x.to_str().unwrap(), "--id", "docs"],
+    );
+    let x_id = x.status()["device_id"].as_str().unwrap().to_string();
+    let s_id = _s.status()["device_id"].as_str().unwrap().to_string();
+    // The handshake completes (Noise proves who each side is), then the gate refuses: either
+    // side may be first to drop it, and says so in its log.
+    let refused = |home: &Path, who: &str| {
+        log_of(home)
+            .lines()
+            .any(|l| l.contains("non-member") && l.contains(who))
+    };
+    assert!(
+        wait_until(Duration::from_secs(10), || refused(&home("s"), &x_id)
+            || refused(&home("x"), &s_id)),
+        "no refusal between the stranger and the storage peer"
+    );
+    std::thread::sleep(Duration::from_secs(2));
+    let seen_by_s = _s.status();
+    assert!(
+        seen_by_s["peers"]
+            .as_array()
+            .is_some_and(|p| p.iter().all(|p| p["id"] != x_id.as_str())),
+        "the stranger shows up on the storage peer: {seen_by_s}"
+    );
+    assert_eq!(
+        std::fs::read_dir(&folder_x).unwrap().count(),
+        1,
+        "only the marker"
+    );
+
+    // The author comes back: B gets the file, intact, from it.
+    let _a = Daemon::start(&home("a"));
+    assert!(
+        wait_until(Duration::from_secs(30), || std::fs::read(
+            folder_b.join("report.txt")
+        )
+        .is_ok_and(|d| d == report)),
+        "B did not get the file from A: {}",
+        b.status()
+    );
+    assert!(
+        wait_until(Duration::from_secs(10), || b.status()["folders"][0]
+            ["unavailable"]
+            .as_array()
+            .is_some_and(|u| u.is_empty())),
+        "{}",
+        b.status()
+    );
+}
+
+#[test]
+fn a_storage_peer_rolled_back_to_an_older_state_is_noticed() {
+    let dir = tempfile::tempdir().unwrap();
+    let home = |n: &str| dir.path().join(n);
+    let (folder_a, folder_b) = (home("A"), home("B"));
+    std::fs::create_dir_all(&folder_a).unwrap();
+    std::fs::create_dir_all(&folder_b).unwrap();
+    meshsync_ok(&home("a"), &["init", "--name", "a"]);
+    meshsync_ok(&home("b"), &["init", "--name", "b"]);
+    meshsync_ok(&home("s"), &["init", "--storage", "--name", "s"]);
+    let s_addr = meshsync_tests::free_loopback_addr();
+    for h in ["a", "b"] {
+        meshsync_ok(&home(h), &["peer", "add", &s_addr]);
+    }
+    let mut a = Daemon::start(&home("a"));
+    meshsync_ok(
+        &home("a"),
+        &["folder", "add", folder_a.to_str().unwrap(), "--id", "docs"],
+    );
+    meshsync_ok(&home("s"), &["join", &invite(&home("a"), "storage")]);
+    meshsync_ok(&home("b"), &["join", &invite(&home("a"), "device")]);
+    let mut s = Daemon::start_on(&home("s"), &s_addr);
+    let b = Daemon::start(&home("b"));
+    meshsync_ok(
+        &home("b"),
+        &["folder", "add", folder_b.to_str().unwrap(), "--id", "docs"],
+    );
+
+    std::fs::write(folder_a.join("one.txt"), b"first state").unwrap();
+    meshsync_ok(&home("a"), &["scan"]);
+    assert!(wait_until(Duration::from_secs(30), || holds_latest(
+        &a.status()
+    )));
+    // The storage peer's disk as it is now, to put back later.
+    s.kill();
+    copy_tree(&home("s"), &home("s-backup"));
+    let mut s = Daemon::start_on(&home("s"), &s_addr);
+
+    std::fs::write(folder_a.join("two.txt"), b"second state").unwrap();
+    meshsync_ok(&home("a"), &["scan"]);
+    let a_id = a.status()["device_id"].as_str().unwrap().to_string();
+    let a_seq = |st: &serde_json::Value| st["storage"][0]["my_changes"].as_u64().unwrap_or(0);
+    let latest = a_seq(&a.status());
+    assert!(
+        wait_until(Duration::from_secs(30), || holds_latest(&a.status())
+            && std::fs::read(folder_b.join("two.txt"))
+                .is_ok_and(|d| d == b"second state")
+            && b.status()["storage"][0]["holds"][&a_id].as_u64()
+                >= Some(latest)),
+        "A: {}\nB: {}",
+        a.status(),
+        b.status()
+    );
+    a.kill();
+
+    // Roll the storage peer back to the older disk.
+    s.kill();
+    std::fs::remove_dir_all(home("s")).unwrap();
+    copy_tree(&home("s-backup"), &home("s"));
+    let _s = Daemon::start_on(&home("s"), &s_addr);
+    let reported = |st: serde_json::Value| {
+        st["storage"][0]["stale_reports"]
+            .as_array()
+            .is_some_and(|r| {
+                r.iter()
+                    .any(|t| t.as_str().is_some_and(|t| t.contains("rolled back")))
+            })
+    };
+    assert!(
+        wait_until(Duration::from_secs(30), || reported(b.status())),
+        "B did not notice: {}",
+        b.status()
+    );
+    let a = Daemon::start(&home("a"));
+    assert!(
+        wait_until(Duration::from_secs(30), || reported(a.status())),
+        "A did not notice: {}",
+        a.status()
+    );
+    assert!(log_of(&home("a")).contains("rolled back"));
+}
