@@ -31,7 +31,7 @@ use serde::{Deserialize, Serialize};
 use crate::content::ChunkRef;
 use crate::daemon::{Shared, WireList};
 use crate::state::{Batch, State};
-use crate::storage::{StoreReply, StoreRequest};
+use crate::storage::{ByteBuf, StoreReply, StoreRequest};
 
 /// What one sealed change holds: one folder's index changes and the chunk lists they name.
 #[derive(Serialize, Deserialize)]
@@ -42,7 +42,7 @@ struct SealedPayload {
 }
 
 /// How much of a push goes in one request.
-const PUSH_BUDGET: usize = 8 * 1024 * 1024;
+const PUSH_BUDGET: usize = 4 * 1024 * 1024;
 
 /// What this device knows of one storage peer.
 #[derive(Default, Clone, Serialize, Deserialize)]
@@ -364,18 +364,19 @@ async fn push(node: &Shared, transport: &Transport, peer: PeerId, from: u64) -> 
             };
             push_chunks(transport, peer, &served, missing).await?;
         }
+        let blobs = blobs.into_iter().map(ByteBuf::from).collect();
         ask(transport, peer, &StoreRequest::Put(blobs)).await?;
     }
 }
 
-/// Reads, seals and sends chunks, about 8 MiB a request, two requests in flight.
+/// Reads, seals and sends chunks, about 4 MiB a request, three requests in flight.
 async fn push_chunks(
     transport: &Transport,
     peer: PeerId,
     served: &crate::daemon::Served,
     ids: Vec<ChunkId>,
 ) -> anyhow::Result<()> {
-    let (tx, mut rx) = tokio::sync::mpsc::channel::<Vec<(ChunkId, Vec<u8>)>>(2);
+    let (tx, mut rx) = tokio::sync::mpsc::channel::<Vec<(ChunkId, ByteBuf)>>(2);
     let served = served.clone();
     let reader = tokio::task::spawn_blocking(move || {
         let mut batch = Vec::new();
@@ -387,7 +388,7 @@ async fn push_chunks(
                 continue;
             };
             size += sealed.len();
-            batch.push((id, sealed.to_vec()));
+            batch.push((id, ByteBuf::from(sealed.to_vec())));
             if size >= PUSH_BUDGET {
                 if tx.blocking_send(std::mem::take(&mut batch)).is_err() {
                     return;
@@ -401,7 +402,7 @@ async fn push_chunks(
     });
     let mut in_flight = tokio::task::JoinSet::new();
     while let Some(batch) = rx.recv().await {
-        while in_flight.len() >= 2 {
+        while in_flight.len() >= 3 {
             if let Some(done) = in_flight.join_next().await {
                 done??;
             }
@@ -437,6 +438,7 @@ async fn pull(node: &Shared, transport: &Transport, peer: PeerId) -> anyhow::Res
         if blobs.is_empty() {
             return Ok(());
         }
+        let blobs = blobs.into_iter().map(ByteBuf::into_vec).collect();
         let changed = apply_sealed(node, peer, blobs).await?;
         for (folder, paths) in changed {
             crate::daemon::materialise_from(node, peer, &folder, paths).await?;

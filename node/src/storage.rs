@@ -26,6 +26,8 @@ use meshsync_crdt::{
 use meshsync_transport::chunks::{self, ChunkSource};
 use meshsync_transport::{rpc, Multiaddr, PeerId, Transport};
 use serde::{Deserialize, Serialize};
+/// Bytes that encode as one length and a copy (not one element at a time).
+pub use serde_bytes::ByteBuf;
 use tokio::sync::Mutex;
 
 use crate::daemon::{self, SyncChanges, SyncReply, SyncRequest};
@@ -48,11 +50,11 @@ pub enum StoreRequest {
     /// Sealed changes after these sequence numbers (per author).
     Get { after: BTreeMap<DeviceId, u64> },
     /// Store these encoded sealed changes.
-    Put(Vec<Vec<u8>>),
+    Put(Vec<ByteBuf>),
     /// Which of these chunks are not held.
     Missing(Vec<ChunkId>),
     /// Store these sealed chunks.
-    PutChunks(Vec<(ChunkId, Vec<u8>)>),
+    PutChunks(Vec<(ChunkId, ByteBuf)>),
     /// Forget chunks nothing references any more.
     Release(SignedRelease),
 }
@@ -60,7 +62,7 @@ pub enum StoreRequest {
 #[derive(Serialize, Deserialize, Debug)]
 pub enum StoreReply {
     Heads(BTreeMap<DeviceId, u64>),
-    Changes { blobs: Vec<Vec<u8>>, more: bool },
+    Changes { blobs: Vec<ByteBuf>, more: bool },
     Stored(usize),
     Missing(Vec<ChunkId>),
     Released { chunks: usize, bytes: u64 },
@@ -337,7 +339,7 @@ async fn handle_sealed(s: &SharedStorage, peer: PeerId, request: StoreRequest) -
                     Ok(found) => {
                         let got = found.len() as u64;
                         size += found.iter().map(Vec::len).sum::<usize>();
-                        blobs.extend(found);
+                        blobs.extend(found.into_iter().map(ByteBuf::from));
                         if from + got < *held {
                             more = true;
                         }
@@ -415,7 +417,7 @@ async fn handle_sealed(s: &SharedStorage, peer: PeerId, request: StoreRequest) -
 
 /// Checks and stores sealed changes: each must be for this mesh and signed by a member who
 /// may write; anything else is refused (and the rest of the batch still stored).
-async fn put_changes(s: &SharedStorage, peer: PeerId, blobs: Vec<Vec<u8>>) -> StoreReply {
+async fn put_changes(s: &SharedStorage, peer: PeerId, blobs: Vec<ByteBuf>) -> StoreReply {
     let mut st = s.lock().await;
     let st = &mut *st;
     let Some(log) = &st.log else {
@@ -425,6 +427,7 @@ async fn put_changes(s: &SharedStorage, peer: PeerId, blobs: Vec<Vec<u8>>) -> St
     let mut refused = Vec::new();
     let mut new_held = st.held.clone();
     for blob in blobs {
+        let blob = blob.into_vec();
         let sealed = match SealedChange::decode(&blob) {
             Ok(sealed) => sealed,
             Err(error) => {
