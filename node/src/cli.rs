@@ -96,6 +96,21 @@ pub enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// List the kept old versions of a file (overwritten or deleted, within the retention).
+    Versions {
+        path: PathBuf,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Bring back an old version of a file (1 = the newest kept; see `meshsync versions`).
+    Restore {
+        path: PathBuf,
+        #[arg(long)]
+        version: Option<usize>,
+    },
+    /// Forget versions past the retention now, and free the space nothing references (here
+    /// and on the storage peers). The daemon also does this by itself every few minutes.
+    Gc,
     /// Manage static peer addresses (dialed besides the devices found on the LAN).
     Peer {
         #[command(subcommand)]
@@ -251,6 +266,50 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
                 }
             }
         }
+        Command::Versions { path, json } => {
+            let path = std::path::absolute(&path)?;
+            let list =
+                runtime()?.block_on(require_daemon(&home, &control::Request::Versions { path }))?;
+            if json {
+                println!("{list}");
+            } else if list["versions"].as_array().is_none_or(|v| v.is_empty()) {
+                println!(
+                    "no kept versions of {}",
+                    list["path"].as_str().unwrap_or("")
+                );
+            } else {
+                for v in list["versions"].as_array().into_iter().flatten() {
+                    println!(
+                        "{:>3}  {:>12} bytes  replaced {}s ago{}",
+                        v["number"],
+                        v["size"],
+                        now_secs().saturating_sub(v["replaced_at"].as_u64().unwrap_or(0)),
+                        if v["stored_here"] == true {
+                            "  (stored on this device)"
+                        } else {
+                            ""
+                        }
+                    );
+                }
+            }
+        }
+        Command::Restore { path, version } => {
+            let path = std::path::absolute(&path)?;
+            let done = runtime()?.block_on(require_daemon(
+                &home,
+                &control::Request::Restore { path, version },
+            ))?;
+            println!(
+                "restored version {} of {} ({} bytes)",
+                done["number"],
+                done["path"].as_str().unwrap_or(""),
+                done["size"]
+            );
+        }
+        Command::Gc => {
+            let done = runtime()?.block_on(require_daemon(&home, &control::Request::Gc))?;
+            println!("{done}");
+        }
         Command::Scan {
             folder,
             allow_deletes,
@@ -314,6 +373,13 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         }
     }
     Ok(())
+}
+
+fn now_secs() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
 }
 
 fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
@@ -432,21 +498,7 @@ async fn join_mesh(home: Home, code: String) -> anyhow::Result<()> {
 }
 
 fn parse_duration(text: &str) -> anyhow::Result<u64> {
-    let text = text.trim();
-    let (number, unit) = text.split_at(
-        text.find(|c: char| !c.is_ascii_digit())
-            .unwrap_or(text.len()),
-    );
-    let n: u64 = number
-        .parse()
-        .with_context(|| format!("{text:?} is not a duration like 10m, 1h or 600s"))?;
-    let secs = match unit {
-        "" | "s" => n,
-        "m" => n * 60,
-        "h" => n * 3600,
-        "d" => n * 86400,
-        _ => anyhow::bail!("{text:?} is not a duration like 10m, 1h or 600s"),
-    };
+    let secs = crate::home::parse_duration(text).map_err(|e| anyhow::anyhow!(e))?;
     if secs == 0 {
         anyhow::bail!("an invite must be valid for some time");
     }

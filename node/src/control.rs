@@ -40,6 +40,14 @@ pub enum Request {
         patterns: Vec<String>,
         local: bool,
     },
+    Versions {
+        path: PathBuf,
+    },
+    Restore {
+        path: PathBuf,
+        version: Option<usize>,
+    },
+    Gc,
 }
 
 /// The daemon's answer.
@@ -150,6 +158,9 @@ async fn handle(node: &Shared, request: Request) -> anyhow::Result<serde_json::V
             Ok(rules)
         }
         Request::Conflicts => Ok(node.lock().await.conflicts()),
+        Request::Versions { path } => crate::versions::list(node, &path).await,
+        Request::Restore { path, version } => crate::versions::restore(node, &path, version).await,
+        Request::Gc => crate::versions::gc(node).await,
         Request::Scan {
             folder,
             allow_deletes,

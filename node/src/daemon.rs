@@ -99,17 +99,20 @@ pub(crate) struct Folder {
 /// Where the chunks of current files lie on disk, for serving them.
 #[derive(Default)]
 struct ChunkMap {
-    locations: HashMap<ChunkId, (PathBuf, u64, u32)>,
-    /// Size and mtime of each file when its chunks were recorded: a file that no longer
-    /// matches is not served from (its chunks may have moved).
-    files: HashMap<PathBuf, (u64, i64)>,
+    /// Every current file (and offset, length) holding each chunk.
+    locations: HashMap<ChunkId, Vec<(PathBuf, u64, u32)>>,
+    /// Size and mtime of each file when its chunks were recorded, and its chunks: a file that
+    /// no longer matches is not served from (its chunks may have moved).
+    files: HashMap<PathBuf, (u64, i64, Vec<ChunkId>)>,
     /// Symlink targets, served from memory (reading the link's path would follow it).
     links: HashMap<ChunkId, Vec<u8>>,
 }
 
 impl ChunkMap {
-    /// Records where the chunks of a current local file (or link) can be read from.
+    /// Records where the chunks of a current local file (or link) can be read from, in place
+    /// of what that path held before.
     fn remember(&mut self, path: PathBuf, file: &LocalFile) {
+        self.forget(&path);
         if file.kind == FileKind::Symlink {
             use std::os::unix::ffi::OsStrExt;
             let Ok(target) = std::fs::read_link(&path) else {
@@ -126,47 +129,91 @@ impl ChunkMap {
             return;
         }
         for (id, offset, len) in &file.chunks {
-            self.locations.insert(*id, (path.clone(), *offset, *len));
+            self.locations
+                .entry(*id)
+                .or_default()
+                .push((path.clone(), *offset, *len));
         }
-        self.files.insert(path, (file.size, file.mtime_ns));
+        let ids = file.chunks.iter().map(|c| c.0).collect();
+        self.files.insert(path, (file.size, file.mtime_ns, ids));
+    }
+
+    /// Forgets what `path` held (deleted, or about to be re-recorded).
+    fn forget(&mut self, path: &Path) {
+        let Some((_, _, ids)) = self.files.remove(path) else {
+            return;
+        };
+        for id in ids {
+            if let Some(places) = self.locations.get_mut(&id) {
+                places.retain(|(p, _, _)| p != path);
+                if places.is_empty() {
+                    self.locations.remove(&id);
+                }
+            }
+        }
     }
 }
+
+/// Where a chunk lies: file, offset, length, and the (size, mtime) recorded for the file.
+type Place = (PathBuf, u64, u32, Option<(u64, i64)>);
 
 #[derive(Clone)]
 pub(crate) struct Served {
     map: Arc<StdMutex<ChunkMap>>,
     key: Arc<StdMutex<Option<MeshKey>>>,
+    /// Old versions' chunks, already sealed.
+    store: Arc<StdMutex<crate::store::ChunkStore>>,
 }
 
 impl ChunkSource for Served {
     fn get(&self, id: &ChunkId) -> Option<bytes::Bytes> {
         use std::os::unix::fs::FileExt;
         let key = self.key.lock().ok()?.clone()?;
-        let (location, recorded) = {
+        let places: Vec<Place> = {
             let map = self.map.lock().ok()?;
             if let Some(target) = map.links.get(id) {
                 let sealed = content::seal_chunk(&key.chunk_key(), key.epoch(), id, target);
                 return Some(sealed.into());
             }
-            let location = map.locations.get(id).cloned()?;
-            let recorded = map.files.get(&location.0).copied();
-            (location, recorded)
+            map.locations
+                .get(id)
+                .into_iter()
+                .flatten()
+                .map(|(path, offset, len)| {
+                    let recorded = map.files.get(path).map(|(size, mtime, _)| (*size, *mtime));
+                    (path.clone(), *offset, *len, recorded)
+                })
+                .collect()
         };
-        let (path, offset, len) = location;
-        let file = std::fs::File::open(&path).ok()?;
-        // The file may have changed since it was scanned: serve only from one that is still
-        // the size and age it was when its chunks were recorded (the receiver checks every
-        // chunk's hash anyway; this keeps a stale one off the wire without hashing twice).
-        let meta = file.metadata().ok()?;
-        let mtime_ns = meta.modified().map(unix_nanos).unwrap_or(0);
-        if recorded != Some((meta.len(), mtime_ns)) {
-            return None;
+        for (path, offset, len, recorded) in places {
+            let Ok(file) = std::fs::File::open(&path) else {
+                continue;
+            };
+            // The file may have changed since it was scanned: serve only from one that is
+            // still the size and age it was when its chunks were recorded (the receiver checks
+            // every chunk's hash anyway; this keeps a stale one off the wire without hashing
+            // twice).
+            let Ok(meta) = file.metadata() else { continue };
+            let mtime_ns = meta.modified().map(unix_nanos).unwrap_or(0);
+            if recorded != Some((meta.len(), mtime_ns)) {
+                continue;
+            }
+            let sealed =
+                content::seal_chunk_from(&key.chunk_key(), key.epoch(), id, len as usize, |slot| {
+                    file.read_exact_at(slot, offset)
+                });
+            if let Ok(sealed) = sealed {
+                return Some(sealed.into());
+            }
         }
-        let sealed =
-            content::seal_chunk_from(&key.chunk_key(), key.epoch(), id, len as usize, |slot| {
-                file.read_exact_at(slot, offset)
-            });
-        sealed.ok().map(Into::into)
+        // Not in a current file: maybe an old version's, kept sealed in the store.
+        self.store
+            .lock()
+            .ok()?
+            .get(id)
+            .ok()
+            .flatten()
+            .map(Into::into)
     }
 }
 
@@ -188,6 +235,8 @@ pub struct Node {
     pair_ip: String,
     /// This device's side of storage peers: its sealed changes, what it applied, what it saw.
     pub(crate) sealing: crate::sealing::Sealing,
+    /// Sealed chunks of old versions this device keeps (`HOME/chunks`).
+    pub(crate) store: Arc<StdMutex<crate::store::ChunkStore>>,
 }
 
 pub type Shared = Arc<Mutex<Node>>;
@@ -331,6 +380,9 @@ pub async fn start(home: Home, listen: Vec<Multiaddr>, mdns: bool) -> anyhow::Re
     }
 
     let sealing = crate::sealing::Sealing::load(&state)?;
+    let store = Arc::new(StdMutex::new(crate::store::ChunkStore::open(
+        &home.path().join("chunks"),
+    )?));
     let (changes, mut changed) = tokio::sync::mpsc::unbounded_channel::<FolderId>();
     let node = Arc::new(Mutex::new(Node {
         home,
@@ -346,6 +398,7 @@ pub async fn start(home: Home, listen: Vec<Multiaddr>, mdns: bool) -> anyhow::Re
         materialising: Arc::new(Mutex::new(())),
         pair_ip,
         sealing,
+        store: store.clone(),
     }));
     {
         let mut n = node.lock().await;
@@ -390,6 +443,7 @@ pub async fn start(home: Home, listen: Vec<Multiaddr>, mdns: bool) -> anyhow::Re
         Arc::new(Served {
             map: chunk_map,
             key,
+            store: store.clone(),
         }),
         transport.clone(),
     ));
@@ -419,6 +473,14 @@ pub async fn start(home: Home, listen: Vec<Multiaddr>, mdns: bool) -> anyhow::Re
             }
             if tick.is_multiple_of(10) {
                 redial_static_peers(&looping).await;
+            }
+            if tick.is_multiple_of(600) {
+                if let Err(error) = crate::versions::gc(&looping).await {
+                    tracing::warn!(
+                        error = format!("{error:#}"),
+                        "forgetting old versions failed"
+                    );
+                }
             }
             let peers: Vec<PeerId> = {
                 let n = looping.lock().await;
@@ -700,7 +762,7 @@ async fn materialise_now(
     paths: BTreeSet<String>,
 ) -> anyhow::Result<()> {
     // What to do, decided under the lock.
-    let (root, transport, work) = {
+    let (root, transport, work, olds, store) = {
         let n = node.lock().await;
         let Some(f) = n.folders.get(folder) else {
             return Ok(());
@@ -755,7 +817,19 @@ async fn materialise_now(
                 (p, r, false, before)
             }))
             .collect();
-        (f.path.clone(), n.transport.clone(), work)
+        let olds: HashMap<String, LocalFile> = work
+            .iter()
+            .filter(|(_, _, copy, _)| !copy)
+            .filter_map(|(p, _, _, _)| Some((p.clone(), f.local.get(p)?.clone())))
+            .filter(|(_, old)| old.kind == FileKind::File)
+            .collect();
+        (
+            f.path.clone(),
+            n.transport.clone(),
+            work,
+            olds,
+            n.store.clone(),
+        )
     };
     if work.is_empty() {
         return Ok(());
@@ -803,7 +877,7 @@ async fn materialise_now(
         let n = node.lock().await;
         let key = n.key.lock().expect("key lock").clone();
         let map = n.chunk_map.lock().expect("chunk map lock");
-        let have: HashMap<ChunkId, (PathBuf, u64, u32)> = lists
+        let have: HashMap<ChunkId, Vec<(PathBuf, u64, u32)>> = lists
             .values()
             .flatten()
             .filter_map(|c| map.locations.get(&c.id).map(|l| (c.id, l.clone())))
@@ -880,15 +954,19 @@ async fn materialise_now(
         file.set_len(size)?;
         let mut left = 0usize;
         for c in list {
-            let local = have.get(&c.id).and_then(|(src, offset, len)| {
-                use std::os::unix::fs::FileExt;
-                let mut data = vec![0u8; *len as usize];
-                std::fs::File::open(src)
-                    .ok()?
-                    .read_exact_at(&mut data, *offset)
-                    .ok()?;
-                (content::chunk_id(&id_key, &data) == c.id).then_some(data)
-            });
+            let local = have
+                .get(&c.id)
+                .into_iter()
+                .flatten()
+                .find_map(|(src, offset, len)| {
+                    use std::os::unix::fs::FileExt;
+                    let mut data = vec![0u8; *len as usize];
+                    std::fs::File::open(src)
+                        .ok()?
+                        .read_exact_at(&mut data, *offset)
+                        .ok()?;
+                    (content::chunk_id(&id_key, &data) == c.id).then_some(data)
+                });
             match local {
                 Some(data) => {
                     use std::os::unix::fs::FileExt;
@@ -1025,7 +1103,31 @@ async fn materialise_now(
             return Err(std::io::Error::last_os_error()).context("flushing written files");
         }
     }
+    // Files about to be replaced or deleted by another device's version stay restorable: the
+    // chunks the new version does not reuse go into this device's store first.
+    let replaced: Vec<(String, LocalFile, std::collections::HashSet<ChunkId>)> = work
+        .iter()
+        .filter_map(|(rel, w, _, _)| {
+            let old = olds.get(rel)?;
+            if !w.deleted && old.list_hash == w.chunks {
+                return None;
+            }
+            let keep = lists
+                .get(&w.chunks)
+                .filter(|_| !w.deleted)
+                .map(|l| l.iter().map(|c| c.id).collect())
+                .unwrap_or_default();
+            Some((rel.clone(), old.clone(), keep))
+        })
+        .collect();
+    if !replaced.is_empty() {
+        let stored = crate::versions::preserve(&store, &key, &root, &replaced)?;
+        tracing::debug!(stored, "chunks of replaced versions kept");
+    }
     let mut batch = Batch::default();
+    for (rel, old, _) in &replaced {
+        crate::versions::record(&mut batch, folder, rel, old);
+    }
     let mut updates: Vec<(String, Option<LocalFile>)> = Vec::new();
     let mut touched_dirs: BTreeSet<PathBuf> = BTreeSet::new();
     let mut unavailable: Vec<String> = Vec::new();
@@ -1159,6 +1261,7 @@ async fn materialise_now(
                 f.local.insert(path.clone(), file.clone());
             }
             None => {
+                map.forget(&root.join(&path));
                 f.local.remove(&path);
             }
         }
@@ -1427,6 +1530,17 @@ pub async fn scan_with(
     let mut batch = Batch::default();
     let mut map = n.chunk_map.lock().expect("chunk map lock");
     for (scan, record) in scanned.into_iter().zip(&records) {
+        // What this device held before the edit stays restorable (its bytes come back from
+        // a storage peer or another device: the edit already overwrote them here).
+        if let Some(old) = f.local.get(&scan.path) {
+            if scan
+                .file
+                .as_ref()
+                .is_none_or(|new| new.list_hash != old.list_hash)
+            {
+                crate::versions::record(&mut batch, id, &scan.path, old);
+            }
+        }
         match scan.file {
             Some(mut file) => {
                 file.version = record.version;
@@ -1436,6 +1550,7 @@ pub async fn scan_with(
                 batch.local.push((id.clone(), scan.path, Some(file)));
             }
             None => {
+                map.forget(&f.path.join(&scan.path));
                 f.local.remove(&scan.path);
                 batch.local.push((id.clone(), scan.path, None));
             }
@@ -1450,6 +1565,7 @@ pub async fn scan_with(
                 batch.local.push((id.clone(), scan.path, Some(file)));
             }
             None => {
+                map.forget(&f.path.join(&scan.path));
                 f.local.remove(&scan.path);
                 batch.local.push((id.clone(), scan.path, None));
             }
@@ -1824,6 +1940,7 @@ impl Node {
         Served {
             map: self.chunk_map.clone(),
             key: self.key.clone(),
+            store: self.store.clone(),
         }
     }
 
@@ -1966,8 +2083,15 @@ impl Node {
         })?;
         self.state.remove_folder(id)?;
         let mut map = self.chunk_map.lock().expect("chunk map lock");
-        map.locations
-            .retain(|_, (path, _, _)| !path.starts_with(&folder.path));
+        let gone: Vec<PathBuf> = map
+            .files
+            .keys()
+            .filter(|path| path.starts_with(&folder.path))
+            .cloned()
+            .collect();
+        for path in gone {
+            map.forget(&path);
+        }
         Ok(folder.path)
     }
 

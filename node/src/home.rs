@@ -66,6 +66,9 @@ pub struct Config {
     /// Static peer addresses (multiaddrs) to dial besides those found by mDNS.
     #[serde(default)]
     pub peers: Vec<String>,
+    /// How long overwritten and deleted files stay restorable, e.g. "30d".
+    #[serde(default)]
+    pub retention: Option<String>,
 }
 
 fn default_role() -> String {
@@ -76,6 +79,36 @@ impl Config {
     pub fn role(&self) -> Result<Role, String> {
         self.role.parse()
     }
+
+    /// The retention of old versions, in seconds (default 30 days).
+    pub fn retention_secs(&self) -> Result<u64, HomeError> {
+        match &self.retention {
+            None => Ok(crate::versions::DEFAULT_RETENTION_SECS),
+            Some(text) => parse_duration(text).map_err(|reason| HomeError::BadConfig {
+                path: PathBuf::from(CONFIG_FILE),
+                reason: format!("retention: {reason}"),
+            }),
+        }
+    }
+}
+
+/// Parses durations like `600s`, `10m`, `1h`, `30d` (a bare number is seconds).
+pub fn parse_duration(text: &str) -> Result<u64, String> {
+    let text = text.trim();
+    let (number, unit) = text.split_at(
+        text.find(|c: char| !c.is_ascii_digit())
+            .unwrap_or(text.len()),
+    );
+    let bad = || format!("{text:?} is not a duration like 600s, 10m, 1h or 30d");
+    let n: u64 = number.parse().map_err(|_| bad())?;
+    let scale = match unit {
+        "" | "s" => 1,
+        "m" => 60,
+        "h" => 3600,
+        "d" => 86_400,
+        _ => return Err(bad()),
+    };
+    n.checked_mul(scale).ok_or_else(bad)
 }
 
 /// A node's home directory.
@@ -130,6 +163,9 @@ impl Home {
              # device: a full member that reads and writes folders.\n\
              # storage: holds only ciphertext for the mesh (set by `meshsync init --storage`).\n\
              role = \"{role}\"\n\
+             \n\
+             # How long overwritten and deleted files stay restorable (`meshsync versions`).\n\
+             # retention = \"30d\"\n\
              \n\
              # Addresses of other devices to dial, besides those found on the LAN by mDNS.\n\
              # Managed with `meshsync peer add|list|remove`, e.g. \"/ip4/192.168.1.20/tcp/22000\".\n\

@@ -10,6 +10,7 @@
 //! - [`sealing`]: a device's side of storage peers: seal, push, pull, notice stale storage.
 //! - [`state`]: the node's redb state (mesh, membership, folders, index shards, local files).
 //! - [`storage`]: the storage peer: stores and serves sealed changes and chunks, reads none.
+//! - [`versions`]: old versions kept for the retention period: list, restore, forget.
 //! - [`store`]: the chunk store: pack files indexed by redb, one fsync and commit per batch.
 
 pub mod cli;
@@ -22,3 +23,4 @@ pub mod sealing;
 pub mod state;
 pub mod storage;
 pub mod store;
+pub mod versions;

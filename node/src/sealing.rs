@@ -239,7 +239,7 @@ impl Sealing {
     }
 }
 
-async fn ask(
+pub(crate) async fn ask(
     transport: &Transport,
     peer: PeerId,
     request: &StoreRequest,

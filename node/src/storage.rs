@@ -605,6 +605,8 @@ fn request_name(request: &crate::control::Request) -> &'static str {
         Request::Scan { .. } => "`scan`",
         Request::Conflicts => "`conflicts`",
         Request::Ignore { .. } => "`ignore`",
+        Request::Versions { .. } | Request::Restore { .. } => "`versions`/`restore`",
+        Request::Gc => "`gc`",
         _ => "this command",
     }
 }

@@ -284,6 +284,20 @@ impl ChunkStore {
         Ok((gone.len(), bytes))
     }
 
+    /// Every chunk held.
+    pub fn ids(&self) -> Result<Vec<ChunkId>, StoreError> {
+        let read = self.db.begin_read().map_err(db_err)?;
+        let table = read.open_table(CHUNKS).map_err(db_err)?;
+        let mut out = Vec::new();
+        for entry in table.iter().map_err(db_err)? {
+            let (key, _) = entry.map_err(db_err)?;
+            if let Ok(id) = <[u8; 32]>::try_from(key.value()) {
+                out.push(ChunkId(id));
+            }
+        }
+        Ok(out)
+    }
+
     /// The length of every chunk held (what anyone with the disk can see of them).
     pub fn sizes(&self) -> Result<Vec<u32>, StoreError> {
         let read = self.db.begin_read().map_err(db_err)?;

@@ -1,0 +1,162 @@
+//! Old versions with real daemons on loopback: overwritten and deleted files are listed by
+//! `meshsync versions` and brought back by `meshsync restore` — from the device's own store, or
+//! from another device or the storage peer — and past the retention, the space they took on
+//! the storage peer is given back.
+
+use std::path::Path;
+use std::time::Duration;
+
+use meshsync_tests::{meshsync, meshsync_ok, wait_until, Daemon};
+
+fn random(len: usize, seed: u64) -> Vec<u8> {
+    let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+    (0..len)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x as u8
+        })
+        .collect()
+}
+
+fn invite(home: &Path, role: &str) -> String {
+    meshsync_ok(home, &["invite", "--role", role])
+        .lines()
+        .last()
+        .unwrap()
+        .trim()
+        .to_string()
+}
+
+fn versions(home: &Path, path: &Path) -> serde_json::Value {
+    serde_json::from_str(&meshsync_ok(
+        home,
+        &["versions", path.to_str().unwrap(), "--json"],
+    ))
+    .unwrap()
+}
+
+fn holds_latest(d: &Daemon) -> bool {
+    let st = d.status();
+    st["storage"][0]["holds_latest"] == true && st["storage"][0]["my_changes"] != 0
+}
+
+#[test]
+fn overwritten_and_deleted_files_can_be_listed_restored_and_finally_forgotten() {
+    let dir = tempfile::tempdir().unwrap();
+    let home = |n: &str| dir.path().join(n);
+    let (fa, fb) = (home("A"), home("B"));
+    std::fs::create_dir_all(&fa).unwrap();
+    std::fs::create_dir_all(&fb).unwrap();
+    meshsync_ok(&home("a"), &["init", "--name", "a"]);
+    meshsync_ok(&home("b"), &["init", "--name", "b"]);
+    meshsync_ok(&home("s"), &["init", "--storage", "--name", "s"]);
+    let s_addr = meshsync_tests::free_loopback_addr();
+    for h in ["a", "b"] {
+        meshsync_ok(&home(h), &["peer", "add", &s_addr]);
+    }
+    let (v1, v2) = (random(300_000, 1), random(300_000, 2));
+    let notes = random(50_000, 3);
+    let (big1, big2) = (random(3 << 20, 4), random(3 << 20, 5));
+    std::fs::write(fa.join("doc.txt"), &v1).unwrap();
+    std::fs::write(fa.join("notes.txt"), &notes).unwrap();
+    std::fs::write(fa.join("big.bin"), &big1).unwrap();
+
+    let mut a = Daemon::start(&home("a"));
+    meshsync_ok(
+        &home("a"),
+        &["folder", "add", fa.to_str().unwrap(), "--id", "docs"],
+    );
+    meshsync_ok(&home("s"), &["join", &invite(&home("a"), "storage")]);
+    meshsync_ok(&home("b"), &["join", &invite(&home("a"), "device")]);
+    let mut s = Daemon::start_on(&home("s"), &s_addr);
+    let mut b = Daemon::start(&home("b"));
+    meshsync_ok(
+        &home("b"),
+        &["folder", "add", fb.to_str().unwrap(), "--id", "docs"],
+    );
+    let arrived = |name: &str, data: &[u8]| {
+        let path = fb.join(name);
+        wait_until(Duration::from_secs(30), || {
+            std::fs::read(&path).is_ok_and(|d| d == data)
+        })
+    };
+    assert!(arrived("doc.txt", &v1) && arrived("big.bin", &big1));
+    assert!(wait_until(Duration::from_secs(30), || holds_latest(&a)));
+
+    // A overwrites two files and deletes one; B follows.
+    std::fs::write(fa.join("doc.txt"), &v2).unwrap();
+    std::fs::write(fa.join("big.bin"), &big2).unwrap();
+    std::fs::remove_file(fa.join("notes.txt")).unwrap();
+    meshsync_ok(&home("a"), &["scan"]);
+    assert!(arrived("doc.txt", &v2) && arrived("big.bin", &big2));
+    assert!(wait_until(Duration::from_secs(30), || !fb
+        .join("notes.txt")
+        .exists()));
+    assert!(wait_until(Duration::from_secs(30), || holds_latest(&a)));
+
+    // B kept what it replaced, in its own store; A's own edits are listed too.
+    let on_b = versions(&home("b"), &fb.join("doc.txt"));
+    assert_eq!(on_b["versions"][0]["number"], 1, "{on_b}");
+    assert_eq!(on_b["versions"][0]["size"], 300_000);
+    assert_eq!(on_b["versions"][0]["stored_here"], true, "{on_b}");
+    let on_a = versions(&home("a"), &fa.join("doc.txt"));
+    assert_eq!(on_a["versions"][0]["size"], 300_000, "{on_a}");
+    let deleted = versions(&home("b"), &fb.join("notes.txt"));
+    assert_eq!(deleted["versions"][0]["size"], 50_000, "{deleted}");
+
+    // A brings doc.txt back (its own bytes are gone: from B's store or the storage peer), and
+    // the restored file reaches B as the newest version.
+    let restored = meshsync_ok(
+        &home("a"),
+        &["restore", fa.join("doc.txt").to_str().unwrap()],
+    );
+    assert!(restored.contains("restored version 1"), "{restored}");
+    assert_eq!(std::fs::read(fa.join("doc.txt")).unwrap(), v1);
+    assert!(
+        arrived("doc.txt", &v1),
+        "the restored version did not reach B"
+    );
+
+    // With everyone else gone, B restores the deleted file from its own store alone.
+    a.kill();
+    s.kill();
+    let out = meshsync_ok(
+        &home("b"),
+        &["restore", fb.join("notes.txt").to_str().unwrap()],
+    );
+    assert!(out.contains("restored"), "{out}");
+    assert_eq!(std::fs::read(fb.join("notes.txt")).unwrap(), notes);
+    let bad = meshsync(
+        &home("b"),
+        &["restore", fb.join("never-existed.txt").to_str().unwrap()],
+    );
+    assert!(!bad.status.success());
+    assert!(String::from_utf8_lossy(&bad.stderr).contains("no kept versions"));
+    b.kill();
+
+    // Past the retention, the old big.bin's chunks leave the storage peer's disk.
+    let mut config = std::fs::read_to_string(home("a").join("config.toml")).unwrap();
+    config.push_str("retention = \"1s\"\n");
+    std::fs::write(home("a").join("config.toml"), config).unwrap();
+    let s = Daemon::start_on(&home("s"), &s_addr);
+    let a = Daemon::start(&home("a"));
+    assert!(wait_until(Duration::from_secs(30), || a.status()
+        ["storage"][0]["connected"]
+        == true));
+    let before = s.status()["holds"]["disk_bytes"].as_u64().unwrap();
+    std::thread::sleep(Duration::from_millis(1100));
+    let gc: serde_json::Value =
+        serde_json::from_str(meshsync_ok(&home("a"), &["gc"]).trim()).unwrap();
+    assert!(gc["expired_versions"].as_u64().unwrap() >= 3, "{gc}");
+    let released = gc["storage_peers"][0]["bytes"].as_u64().unwrap_or(0);
+    assert!(released > 2 << 20, "{gc}");
+    let after = s.status()["holds"]["disk_bytes"].as_u64().unwrap();
+    assert!(
+        after + (2 << 20) < before,
+        "storage peer disk {before} -> {after} bytes after releasing {released}"
+    );
+    // What is current is still whole on the storage peer: a fresh device gets it all.
+    assert_eq!(std::fs::read(fa.join("big.bin")).unwrap(), big2);
+}
