@@ -506,6 +506,10 @@ fn parse_duration(text: &str) -> anyhow::Result<u64> {
 }
 
 fn print_status(status: &serde_json::Value) {
+    if status["role"] == "storage" {
+        print_storage_status(status);
+        return;
+    }
     println!("device {}", status["device_id"].as_str().unwrap_or(""));
     for addr in status["listen"].as_array().into_iter().flatten() {
         println!("  listening on {}", addr.as_str().unwrap_or(""));
@@ -547,6 +551,83 @@ fn print_status(status: &serde_json::Value) {
                     f["id"].as_str().unwrap_or("")
                 ),
                 _ => String::new(),
+            }
+        );
+        for path in f["unavailable"].as_array().into_iter().flatten() {
+            println!(
+                "    unavailable: {} (no source has intact data for it yet; not written)",
+                path.as_str().unwrap_or("")
+            );
+        }
+    }
+    let storage = status["storage"].as_array().cloned().unwrap_or_default();
+    if !storage.is_empty() {
+        println!("storage peers:");
+    }
+    for s in storage {
+        println!(
+            "  {} {}  holds this device's changes up to {} of {}{}",
+            s["id"].as_str().unwrap_or(""),
+            if s["connected"] == true {
+                "connected"
+            } else {
+                "offline"
+            },
+            s["holds_my_changes"],
+            s["my_changes"],
+            if s["holds_latest"] == true {
+                " (up to date)"
+            } else {
+                ""
+            }
+        );
+        for report in s["stale_reports"].as_array().into_iter().flatten() {
+            println!("    WARNING: {}", report.as_str().unwrap_or(""));
+        }
+    }
+}
+
+fn print_storage_status(status: &serde_json::Value) {
+    let holds = &status["holds"];
+    println!(
+        "storage peer {}",
+        status["device_id"].as_str().unwrap_or("")
+    );
+    for addr in status["listen"].as_array().into_iter().flatten() {
+        println!("  listening on {}", addr.as_str().unwrap_or(""));
+    }
+    println!(
+        "holds {} chunks ({:.1} MB of ciphertext, {:.1} MB on disk) and {} sealed changes; it has no key to read them",
+        holds["chunks"],
+        holds["chunk_bytes"].as_f64().unwrap_or(0.0) / 1e6,
+        holds["disk_bytes"].as_f64().unwrap_or(0.0) / 1e6,
+        holds["sealed_changes"]
+    );
+    println!("members:");
+    for p in status["peers"].as_array().into_iter().flatten() {
+        println!(
+            "  {} {:<8} {:<9} {}",
+            p["id"].as_str().unwrap_or(""),
+            p["role"].as_str().unwrap_or(""),
+            if p["connected"] == true {
+                "connected"
+            } else {
+                "offline"
+            },
+            if p["role"] != "device" {
+                String::new()
+            } else if p["up_to_date"] == true {
+                format!("up to date (holds its changes up to {})", p["held_changes"])
+            } else if p["device_changes"].is_null() {
+                format!(
+                    "holds its changes up to {} (not met since this storage peer started)",
+                    p["held_changes"]
+                )
+            } else {
+                format!(
+                    "holds its changes up to {}, it has {}",
+                    p["held_changes"], p["device_changes"]
+                )
             }
         );
     }

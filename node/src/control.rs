@@ -177,7 +177,7 @@ async fn handle(node: &Shared, request: Request) -> anyhow::Result<serde_json::V
                     if !known {
                         anyhow::bail!("no folder {id} on this device (see `meshsync folder list`)");
                     }
-                    daemon::scan_with(node, &id, allow_deletes).await?;
+                    daemon::scan_with(node, &id, allow_deletes, true).await?;
                 }
                 None if allow_deletes => {
                     let ids: Vec<_> = node
@@ -188,10 +188,10 @@ async fn handle(node: &Shared, request: Request) -> anyhow::Result<serde_json::V
                         .map(|(f, _)| f)
                         .collect();
                     for id in ids {
-                        daemon::scan_with(node, &id, true).await?;
+                        daemon::scan_with(node, &id, true, true).await?;
                     }
                 }
-                None => daemon::scan_all(node).await?,
+                None => daemon::scan_all_requested(node).await?,
             }
             Ok(serde_json::json!({ "scanned": true }))
         }

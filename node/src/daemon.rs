@@ -60,6 +60,10 @@ pub(crate) struct SyncChanges {
     /// The latest signed head of every author the sender knows (see `SignedHead`).
     #[serde(default)]
     pub(crate) heads: Vec<SignedHead>,
+    /// The sender's sealed form of the same changes, for the receiver to pass on to storage
+    /// peers the sender may never meet.
+    #[serde(default)]
+    pub(crate) sealed: Vec<serde_bytes::ByteBuf>,
 }
 
 #[derive(Serialize, Deserialize, Debug)]
@@ -674,6 +678,14 @@ async fn apply_changes(node: &Shared, peer: PeerId, changes: SyncChanges) -> any
         }
         n.sealing
             .saw_heads(&n.log.mesh(), changes.heads, &mut batch);
+        let view_now = n.log.view().clone();
+        crate::sealing::keep_forwarded(
+            &n.log.mesh(),
+            &view_now,
+            &n.state,
+            changes.sealed,
+            &mut batch,
+        );
         let view = n.log.view().clone();
         let from_storage = n.is_storage(&peer);
         for (id, folder_changes) in changes.folders {
@@ -1378,6 +1390,16 @@ pub async fn scan_all(node: &Shared) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// `meshsync scan`: rescans every folder now, taking files written a moment ago too (a
+/// file that changes while it is read is still left for the next scan).
+pub async fn scan_all_requested(node: &Shared) -> anyhow::Result<()> {
+    let ids: Vec<FolderId> = node.lock().await.folders.keys().cloned().collect();
+    for id in ids {
+        scan_with(node, &id, false, true).await?;
+    }
+    Ok(())
+}
+
 /// One scanned path's new state.
 struct Scanned {
     path: String,
@@ -1387,7 +1409,7 @@ struct Scanned {
 
 /// Rescans one folder, records what changed, and pushes it to connected members.
 pub async fn scan(node: &Shared, id: &FolderId) -> anyhow::Result<usize> {
-    scan_with(node, id, false).await
+    scan_with(node, id, false, false).await
 }
 
 /// A scan that would delete at least this many files, and more than half of the folder, is
@@ -1395,11 +1417,13 @@ pub async fn scan(node: &Shared, id: &FolderId) -> anyhow::Result<usize> {
 /// half-unmounted folder must not wipe every other device.
 const MASS_DELETE_MIN: usize = 10;
 
-/// [`scan`], optionally confirming a mass delete the guard held back.
+/// [`scan`], optionally confirming a mass delete the guard held back; `requested` (by the
+/// user) also takes files modified in the last moments, which the watcher leaves to settle.
 pub async fn scan_with(
     node: &Shared,
     id: &FolderId,
     allow_mass_delete: bool,
+    requested: bool,
 ) -> anyhow::Result<usize> {
     let (root, local, key) = {
         let n = node.lock().await;
@@ -1419,7 +1443,8 @@ pub async fn scan_with(
     }
     let id_key = key.chunk_id_key();
     let (scanned, unsettled) =
-        tokio::task::spawn_blocking(move || scan_tree(&root, &local, &id_key)).await??;
+        tokio::task::spawn_blocking(move || scan_tree(&root, &local, &id_key, !requested))
+            .await??;
     if unsettled {
         let n = node.lock().await;
         let (changes, id) = (n.changes.clone(), id.clone());
@@ -1601,6 +1626,7 @@ pub async fn scan_with(
             &mut batch,
         )?;
     }
+    let sealed_blob = batch.sealed.last().map(|(_, _, blob)| blob.clone());
     n.state.commit(batch)?;
     if changes.is_empty() {
         return Ok(count);
@@ -1610,6 +1636,10 @@ pub async fn scan_with(
         membership: vec![],
         folders: vec![(id.clone(), changes)],
         heads: n.sealing.heads(),
+        sealed: sealed_blob
+            .into_iter()
+            .map(serde_bytes::ByteBuf::from)
+            .collect(),
     });
     let storage: BTreeSet<PeerId> = n
         .log
@@ -1667,6 +1697,7 @@ fn scan_tree(
     root: &Path,
     local: &BTreeMap<String, LocalFile>,
     id_key: &meshsync_crdt::keys::ChunkIdKey,
+    wait_settle: bool,
 ) -> anyhow::Result<(Vec<Scanned>, bool)> {
     use std::os::unix::fs::MetadataExt;
     let rules = ignore_rules(root);
@@ -1762,7 +1793,7 @@ fn scan_tree(
             }
             let mtime_ns = meta.modified().map(unix_nanos).unwrap_or(0);
             let modified = meta.modified().unwrap_or(std::time::UNIX_EPOCH);
-            if now.duration_since(modified).is_ok_and(|age| age < SETTLE) {
+            if wait_settle && now.duration_since(modified).is_ok_and(|age| age < SETTLE) {
                 // Still being written: recording it now would publish a torn version.
                 unsettled = true;
                 continue;
@@ -2246,6 +2277,17 @@ impl Node {
                         let me = n.keys.device_id();
                         let members = other_members(&n.log, &me);
                         n.transport.set_allowed(members).await;
+                        // Tell the connected members now (a new member is let in everywhere).
+                        let push = SyncRequest::Push(SyncChanges {
+                            membership: n.log.changes_since(&[]),
+                            ..SyncChanges::default()
+                        });
+                        let transport = n.transport.clone();
+                        tokio::spawn(async move {
+                            for peer in transport.connected_peers().await {
+                                let _ = request(&transport, peer, &push).await;
+                            }
+                        });
                         let payload = JoinPayload {
                             mesh: n.log.mesh(),
                             membership: n.log.changes_since(&[]),

@@ -1,9 +1,10 @@
-//! `meshsync demo`: two real devices on this machine, step by step.
+//! `meshsync demo`: two real devices and a storage peer on this machine, step by step.
 //!
-//! It creates two homes in a temporary folder, starts a real `meshsync up` daemon for each on
-//! loopback (no mDNS: the demo sends nothing beyond this machine), pairs them with an invite
-//! code, syncs a sample folder, edits on the other side, and shows `meshsync status`. The
-//! daemons are stopped at the end; the homes and folders stay for you to look at.
+//! It creates homes in a temporary folder, starts a real `meshsync up` daemon for each on
+//! loopback (no mDNS: the demo sends nothing beyond this machine), pairs them with invite
+//! codes, syncs a sample folder, edits on the other side, adds a storage peer (a NAS that
+//! holds only ciphertext), and shows a device that was offline catching up through the storage
+//! peer alone. The daemons are stopped at the end; the homes and folders stay to look at.
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -45,11 +46,18 @@ fn run(home: &Path, args: &[&str]) -> anyhow::Result<String> {
 }
 
 fn start(home: &Path) -> anyhow::Result<Daemon> {
-    let log = std::fs::File::create(home.join("daemon.log"))?;
+    start_on(home, "/ip4/127.0.0.1/tcp/0")
+}
+
+fn start_on(home: &Path, addr: &str) -> anyhow::Result<Daemon> {
+    let log = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(home.join("daemon.log"))?;
     let child = Command::new(exe()?)
         .arg("--home")
         .arg(home)
-        .args(["up", "--listen", "/ip4/127.0.0.1/tcp/0", "--no-mdns"])
+        .args(["up", "--listen", addr, "--no-mdns"])
         .stdout(Stdio::null())
         .stderr(log)
         .spawn()?;
@@ -93,7 +101,7 @@ pub fn run_demo(dir: Option<&Path>) -> anyhow::Result<()> {
     println!("  desktop  {}", run(&desktop, &["id"])?.trim());
 
     step("The laptop starts its daemon and shares a folder");
-    let _laptop_daemon = start(&laptop)?;
+    let laptop_daemon = start(&laptop)?;
     std::fs::write(laptop_docs.join("notes.txt"), "things to sync\n")?;
     std::fs::create_dir_all(laptop_docs.join("photos/2026"))?;
     let photo: Vec<u8> = (0..3_000_000u32)
@@ -124,7 +132,7 @@ pub fn run_demo(dir: Option<&Path>) -> anyhow::Result<()> {
     println!("  {}", run(&desktop, &["join", &code])?.trim());
 
     step("The desktop starts its daemon and joins the folder");
-    let _desktop_daemon = start(&desktop)?;
+    let desktop_daemon = start(&desktop)?;
     run(
         &desktop,
         &[
@@ -156,13 +164,78 @@ pub fn run_demo(dir: Option<&Path>) -> anyhow::Result<()> {
         took.as_secs_f64() * 1000.0
     );
 
+    step(
+        "A NAS joins as a storage peer: it will hold everything, encrypted, and never gets the key",
+    );
+    let nas = dir.join("nas-home");
+    run(&nas, &["init", "--storage", "--name", "nas"])?;
+    let invite = run(
+        &laptop,
+        &["invite", "--role", "storage", "--expires", "10m"],
+    )?;
+    let code = invite
+        .lines()
+        .last()
+        .context("an invite code")?
+        .trim()
+        .to_string();
+    run(&nas, &["join", &code])?;
+    // A fixed address, as a NAS has; both devices are told it.
+    let port = std::net::TcpListener::bind("127.0.0.1:0")?
+        .local_addr()?
+        .port();
+    let nas_addr = format!("/ip4/127.0.0.1/tcp/{port}");
+    run(&laptop, &["peer", "add", &nas_addr])?;
+    run(&desktop, &["peer", "add", &nas_addr])?;
+    let _nas_daemon = start_on(&nas, &nas_addr)?;
+    let holds_latest = |home: &Path| {
+        run(home, &["status", "--json"])
+            .ok()
+            .and_then(|s| serde_json::from_str::<serde_json::Value>(&s).ok())
+            .is_some_and(|s| {
+                s["storage"][0]["holds_latest"] == true && s["storage"][0]["my_changes"] != 0
+            })
+    };
+    let took = wait(Duration::from_secs(60), || holds_latest(&laptop))?;
+    println!(
+        "  the NAS holds the laptop's latest state after {:.2} s; what it knows:",
+        took.as_secs_f64()
+    );
+    for line in run(&nas, &["status"])?.lines() {
+        println!("    {line}");
+    }
+
+    step("The desktop goes offline; the laptop writes a file and goes offline too");
+    drop(desktop_daemon);
+    std::fs::write(
+        laptop_docs.join("written-while-desktop-slept.txt"),
+        "the desktop was off when this was written\n",
+    )?;
+    run(&laptop, &["scan"])?;
+    wait(Duration::from_secs(60), || holds_latest(&laptop))?;
+    drop(laptop_daemon);
+    println!("  only the NAS is up now");
+
+    step("The desktop comes back and catches up from the NAS alone");
+    let _desktop_daemon = start(&desktop)?;
+    let took = wait(Duration::from_secs(60), || {
+        desktop_docs
+            .join("written-while-desktop-slept.txt")
+            .exists()
+    })?;
+    println!(
+        "  the desktop has the laptop's new file after {:.2} s, from a peer that cannot read it",
+        took.as_secs_f64()
+    );
+
     step("meshsync status on the desktop");
     print!("{}", run(&desktop, &["status"])?);
 
     println!(
         "\nDone; the daemons are stopped. Homes, folders and daemon logs are in {}.\n\
          Try it for real: `meshsync init`, `meshsync up`, `meshsync folder add PATH` on each device,\n\
-         `meshsync invite` on the first and `meshsync join CODE` on the others.",
+         `meshsync invite` on the first and `meshsync join CODE` on the others; on a NAS,\n\
+         `meshsync init --storage` and a code from `meshsync invite --role storage`.",
         dir.display()
     );
     Ok(())

@@ -305,14 +305,21 @@ pub async fn sync_with_storage(node: &Shared, peer: PeerId) -> anyhow::Result<()
         n.sealing.persist(&mut batch);
         n.state.commit(batch)?;
     }
-    let theirs = held.get(&me).copied().unwrap_or(0);
-    if theirs < seq {
-        push(node, &transport, peer, theirs).await?;
-        let mut n = node.lock().await;
-        let view = n.sealing.storage.entry(storage).or_default();
-        view.held.insert(me, seq);
-        let most = view.most_held.entry(me).or_insert(0);
-        *most = (*most).max(seq);
+    // This device's sealed changes, and those others gave it, that the storage peer lacks.
+    let (mine_held, _, _) = node.lock().await.state.sealed_summary()?;
+    for (author, have) in &mine_held {
+        let theirs = held.get(author).copied().unwrap_or(0);
+        if theirs >= *have {
+            continue;
+        }
+        push(node, &transport, peer, author, theirs).await?;
+        if *author == me {
+            let mut n = node.lock().await;
+            let view = n.sealing.storage.entry(storage).or_default();
+            view.held.insert(me, seq);
+            let most = view.most_held.entry(me).or_insert(0);
+            *most = (*most).max(seq);
+        }
     }
     let wanted = held
         .iter()
@@ -323,15 +330,25 @@ pub async fn sync_with_storage(node: &Shared, peer: PeerId) -> anyhow::Result<()
     Ok(())
 }
 
-/// Sends the storage peer this device's sealed changes after number `from`, each preceded by
-/// the sealed chunks it names that the storage peer lacks.
-async fn push(node: &Shared, transport: &Transport, peer: PeerId, from: u64) -> anyhow::Result<()> {
+/// Sends the storage peer `author`'s sealed changes after number `from` that this device
+/// holds, each preceded by the sealed chunks it names that the storage peer lacks.
+async fn push(
+    node: &Shared,
+    transport: &Transport,
+    peer: PeerId,
+    author: &DeviceId,
+    from: u64,
+) -> anyhow::Result<()> {
     let mut from = from;
     loop {
         let (blobs, key, served) = {
             let n = node.lock().await;
-            let me = n.keys.device_id();
-            let blobs = n.state.sealed_after(&me, from, PUSH_BUDGET)?;
+            let blobs: Vec<Vec<u8>> = n
+                .state
+                .sealed_after(author, from, PUSH_BUDGET)?
+                .into_iter()
+                .map(|(_, blob)| blob)
+                .collect();
             let key = n.key.lock().expect("key lock").clone();
             (blobs, key, n.served())
         };
@@ -553,6 +570,29 @@ fn admit(
     Ok(Some(report.paths))
 }
 
+/// Keeps sealed changes another device sent along with its changes (checked like a storage
+/// peer checks them), to pass on to storage peers. Their content arrived in the clear form.
+pub fn keep_forwarded(
+    mesh: &MeshId,
+    view: &meshsync_crdt::MembershipView,
+    state: &State,
+    blobs: Vec<ByteBuf>,
+    batch: &mut Batch,
+) {
+    for blob in blobs.into_iter().take(64) {
+        let blob = blob.into_vec();
+        let Ok(sealed) = SealedChange::decode(&blob) else {
+            continue;
+        };
+        if sealed.check_author(mesh, view).is_err()
+            || state.has_sealed(&sealed.author, sealed.seq).unwrap_or(true)
+        {
+            continue;
+        }
+        batch.sealed.push((sealed.author, sealed.seq, blob));
+    }
+}
+
 /// Replays every kept sealed change for `folder` (just added on this device) into its index.
 pub fn replay(n: &mut crate::daemon::Node, folder: &FolderId) -> anyhow::Result<()> {
     let Some(key) = n.key.lock().expect("key lock").clone() else {
@@ -563,7 +603,7 @@ pub fn replay(n: &mut crate::daemon::Node, folder: &FolderId) -> anyhow::Result<
     let (authors, _, _) = n.state.sealed_summary()?;
     let mut batch = Batch::default();
     for author in authors.keys() {
-        for blob in n.state.sealed_after(author, 0, usize::MAX)? {
+        for (_, blob) in n.state.sealed_after(author, 0, usize::MAX)? {
             let Ok(sealed) = SealedChange::decode(&blob) else {
                 continue;
             };

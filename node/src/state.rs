@@ -209,14 +209,16 @@ impl State {
             .map(|v| v.value().to_vec()))
     }
 
-    /// The highest sequence number held for each author, the number of sealed changes and
-    /// their total size.
+    /// For each author, the highest sequence number held with every number before it (what
+    /// a peer may ask for after); the number of sealed changes; their total size.
     pub fn sealed_summary(&self) -> Result<(BTreeMap<DeviceId, u64>, u64, u64), StateError> {
         let txn = self.db.begin_read().map_err(|e| self.err(e))?;
         let table = txn.open_table(SEALED).map_err(|e| self.err(e))?;
         let (mut heads, mut count, mut bytes) = (BTreeMap::new(), 0, 0);
         for row in table.iter().map_err(|e| self.err(e))? {
             let (key, value) = row.map_err(|e| self.err(e))?;
+            count += 1;
+            bytes += value.value().len() as u64;
             let (author, seq) = key.value();
             let Ok(author) = <[u8; 32]>::try_from(author) else {
                 continue;
@@ -224,10 +226,11 @@ impl State {
             let Ok(author) = DeviceId::from_bytes(author) else {
                 continue;
             };
+            // Keys come in order: the run from 1 grows only while there is no gap.
             let head = heads.entry(author).or_insert(0);
-            *head = (*head).max(seq);
-            count += 1;
-            bytes += value.value().len() as u64;
+            if seq == *head + 1 {
+                *head = seq;
+            }
         }
         Ok((heads, count, bytes))
     }
@@ -241,25 +244,31 @@ impl State {
             .is_some())
     }
 
-    /// `author`'s sealed changes after number `after`, in order, up to about `max_bytes`.
+    /// `author`'s sealed changes numbered `after + 1`, `after + 2`, … up to the first gap, up
+    /// to about `max_bytes`.
     pub fn sealed_after(
         &self,
         author: &DeviceId,
         after: u64,
         max_bytes: usize,
-    ) -> Result<Vec<Vec<u8>>, StateError> {
+    ) -> Result<Vec<(u64, Vec<u8>)>, StateError> {
         let txn = self.db.begin_read().map_err(|e| self.err(e))?;
         let table = txn.open_table(SEALED).map_err(|e| self.err(e))?;
         let key = &author.as_bytes()[..];
         let mut out = Vec::new();
         let mut size = 0;
-        for row in table
-            .range((key, after.saturating_add(1))..=(key, u64::MAX))
-            .map_err(|e| self.err(e))?
-        {
-            let (_, value) = row.map_err(|e| self.err(e))?;
+        let first = after.saturating_add(1);
+        let rows = table
+            .range((key, first)..=(key, u64::MAX))
+            .map_err(|e| self.err(e))?;
+        for (expected, row) in (first..).zip(rows) {
+            let (k, value) = row.map_err(|e| self.err(e))?;
+            let seq = k.value().1;
+            if seq != expected {
+                break;
+            }
             size += value.value().len();
-            out.push(value.value().to_vec());
+            out.push((seq, value.value().to_vec()));
             if size >= max_bytes {
                 break;
             }

@@ -15,7 +15,7 @@
 //! `/meshsync/doc/1` as between devices, but a storage peer is never sent folder state.
 //! Strangers and removed devices are refused by the transport gate before any of this.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::sync::{Arc, Mutex as StdMutex};
 use std::time::Duration;
 
@@ -338,8 +338,8 @@ async fn handle_sealed(s: &SharedStorage, peer: PeerId, request: StoreRequest) -
                 match st.state.sealed_after(author, from, REPLY_BUDGET - size) {
                     Ok(found) => {
                         let got = found.len() as u64;
-                        size += found.iter().map(Vec::len).sum::<usize>();
-                        blobs.extend(found.into_iter().map(ByteBuf::from));
+                        size += found.iter().map(|(_, b)| b.len()).sum::<usize>();
+                        blobs.extend(found.into_iter().map(|(_, b)| ByteBuf::from(b)));
                         if from + got < *held {
                             more = true;
                         }
@@ -425,7 +425,6 @@ async fn put_changes(s: &SharedStorage, peer: PeerId, blobs: Vec<ByteBuf>) -> St
     };
     let mut batch = Batch::default();
     let mut refused = Vec::new();
-    let mut new_held = st.held.clone();
     for blob in blobs {
         let blob = blob.into_vec();
         let sealed = match SealedChange::decode(&blob) {
@@ -451,18 +450,24 @@ async fn put_changes(s: &SharedStorage, peer: PeerId, blobs: Vec<ByteBuf>) -> St
         {
             continue; // already held
         }
-        let held = new_held.entry(sealed.author).or_insert(0);
-        *held = (*held).max(sealed.seq);
         st.sealed_count += 1;
         st.sealed_bytes += blob.len() as u64;
         batch.sealed.push((sealed.author, sealed.seq, blob));
     }
     let stored = batch.sealed.len();
+    let authors: BTreeSet<DeviceId> = batch.sealed.iter().map(|(a, _, _)| *a).collect();
     if stored > 0 {
         if let Err(error) = st.state.commit(batch) {
             return StoreReply::Refused(error.to_string());
         }
-        st.held = new_held;
+        // What it holds of an author is the run from 1 without a gap: a change that arrived
+        // ahead of an earlier one is kept but not counted (or served) until the gap fills.
+        for author in authors {
+            let held = st.held.entry(author).or_insert(0);
+            while st.state.has_sealed(&author, *held + 1).unwrap_or(false) {
+                *held += 1;
+            }
+        }
     }
     if !refused.is_empty() {
         tracing::warn!(%peer, refused = ?refused, "sealed changes refused");
