@@ -255,10 +255,12 @@ impl SealedChange {
                 found: self.mesh,
             });
         }
-        let writer = match view.members.get(&self.author) {
-            Some(member) => member.role == Role::Device,
-            None => view.may_write(&self.author, self.epoch),
-        };
+        // Only a current writing member: a removed device's signature is refused even on a
+        // change it claims to have made before its removal (it could still make such claims).
+        let writer = view
+            .members
+            .get(&self.author)
+            .is_some_and(|member| member.role == Role::Device);
         if !writer {
             return Err(SealedError::NotAWriter(self.author));
         }

@@ -497,6 +497,9 @@ async fn apply_sealed(
         if sealed.author == me {
             continue;
         }
+        // Seen, whatever comes of it: it is not asked for again.
+        let applied = n.sealing.applied.entry(sealed.author).or_insert(0);
+        *applied = (*applied).max(sealed.seq);
         if let Err(error) = sealed.check_author(&mesh, &view) {
             tracing::warn!(%peer, %error, "sealed change from storage refused");
             continue;
