@@ -1641,14 +1641,7 @@ pub async fn scan_with(
             .map(serde_bytes::ByteBuf::from)
             .collect(),
     });
-    let storage: BTreeSet<PeerId> = n
-        .log
-        .view()
-        .members
-        .values()
-        .filter(|m| m.role == meshsync_crdt::Role::Storage)
-        .map(|m| m.device.to_peer_id())
-        .collect();
+    let storage: BTreeSet<PeerId> = n.storage_peers().into_iter().collect();
     tokio::spawn(async move {
         for peer in transport.connected_peers().await {
             if storage.contains(&peer) {
@@ -1973,6 +1966,26 @@ impl Node {
             key: self.key.clone(),
             store: self.store.clone(),
         }
+    }
+
+    /// The mesh's storage peers.
+    pub(crate) fn storage_peers(&self) -> Vec<PeerId> {
+        self.log
+            .view()
+            .members
+            .values()
+            .filter(|m| m.role == meshsync_crdt::Role::Storage)
+            .map(|m| m.device.to_peer_id())
+            .collect()
+    }
+
+    /// The current mesh key (a device that joined holds one; a fresh home's is made at start).
+    pub(crate) fn mesh_key(&self) -> anyhow::Result<MeshKey> {
+        self.key
+            .lock()
+            .expect("key lock")
+            .clone()
+            .context("this device holds no mesh key")
     }
 
     /// Whether `peer` is a storage peer of the mesh (sent no folder state, ever).

@@ -475,12 +475,7 @@ async fn apply_sealed(
 ) -> anyhow::Result<Vec<(FolderId, BTreeSet<String>)>> {
     let mut n = node.lock().await;
     let n = &mut *n;
-    let key = n
-        .key
-        .lock()
-        .expect("key lock")
-        .clone()
-        .context("this device holds no mesh key")?;
+    let key = n.mesh_key()?;
     let mesh = n.log.mesh();
     let view = n.log.view().clone();
     let me = n.keys.device_id();

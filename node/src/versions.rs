@@ -216,12 +216,7 @@ pub async fn restore(
             .state
             .chunk_list(&entry.list_hash)?
             .context("the chunk list of that version is not known here")?;
-        let key = n
-            .key
-            .lock()
-            .expect("key lock")
-            .clone()
-            .context("this device holds no mesh key")?;
+        let key = n.mesh_key()?;
         (
             folder,
             root,
@@ -369,14 +364,7 @@ pub async fn gc(node: &Shared) -> anyhow::Result<serde_json::Value> {
                 .collect()
         };
         let (_, freed) = n.store.lock().expect("store lock").remove(&unreferenced)?;
-        let storage_peers: Vec<PeerId> = n
-            .log
-            .view()
-            .members
-            .values()
-            .filter(|m| m.role == meshsync_crdt::Role::Storage)
-            .map(|m| m.device.to_peer_id())
-            .collect();
+        let storage_peers = n.storage_peers();
         (
             release,
             freed,

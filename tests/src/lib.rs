@@ -119,3 +119,41 @@ pub fn wait_until(timeout: std::time::Duration, mut check: impl FnMut() -> bool)
     }
     check()
 }
+
+/// Whether two files exist with the same bytes.
+pub fn same(a: &Path, b: &Path) -> bool {
+    matches!((std::fs::read(a), std::fs::read(b)), (Ok(x), Ok(y)) if x == y)
+}
+
+/// `len` deterministic pseudo-random bytes (xorshift from `seed`): incompressible test data.
+pub fn random(len: usize, seed: u64) -> Vec<u8> {
+    let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+    (0..len)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x as u8
+        })
+        .collect()
+}
+
+/// An invite code for `role` from the daemon of `home` (the last line `meshsync invite` prints).
+pub fn invite(home: &Path, role: &str) -> String {
+    meshsync_ok(home, &["invite", "--role", role])
+        .lines()
+        .last()
+        .expect("an invite code")
+        .trim()
+        .to_string()
+}
+
+/// Whether a device's status says its storage peer holds its latest sealed change.
+pub fn storage_holds_latest(status: &serde_json::Value) -> bool {
+    status["storage"][0]["holds_latest"] == true && status["storage"][0]["my_changes"] != 0
+}
+
+/// The daemon log of `home`.
+pub fn log_of(home: &Path) -> String {
+    std::fs::read_to_string(home.join("daemon.log")).unwrap_or_default()
+}

@@ -7,11 +7,9 @@ use std::collections::HashSet;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use meshsync_tests::{meshsync_ok, wait_until, Daemon};
-
-fn same(a: &Path, b: &Path) -> bool {
-    matches!((std::fs::read(a), std::fs::read(b)), (Ok(x), Ok(y)) if x == y)
-}
+use meshsync_tests::{
+    invite, log_of, meshsync_ok, same, storage_holds_latest as holds_latest, wait_until, Daemon,
+};
 
 /// Deterministic text-like content nobody else would write: a marker and words from a seed.
 fn content(seed: u64, len: usize) -> Vec<u8> {
@@ -38,15 +36,6 @@ fn content(seed: u64, len: usize) -> Vec<u8> {
     out
 }
 
-fn invite(home: &Path, role: &str) -> String {
-    meshsync_ok(home, &["invite", "--role", role])
-        .lines()
-        .last()
-        .unwrap()
-        .trim()
-        .to_string()
-}
-
 /// Every file under `dir`, recursively.
 fn files_under(dir: &Path) -> Vec<PathBuf> {
     let mut out = Vec::new();
@@ -60,10 +49,6 @@ fn files_under(dir: &Path) -> Vec<PathBuf> {
         }
     }
     out
-}
-
-fn holds_latest(status: &serde_json::Value) -> bool {
-    status["storage"][0]["holds_latest"] == true && status["storage"][0]["my_changes"] != 0
 }
 
 #[test]
@@ -260,10 +245,6 @@ fn copy_tree(from: &Path, to: &Path) {
             std::fs::copy(entry.path(), target).unwrap();
         }
     }
-}
-
-fn log_of(home: &Path) -> String {
-    std::fs::read_to_string(home.join("daemon.log")).unwrap_or_default()
 }
 
 #[test]

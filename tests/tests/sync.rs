@@ -6,11 +6,7 @@
 use std::path::Path;
 use std::time::Duration;
 
-use meshsync_tests::{meshsync, meshsync_ok, wait_until, Daemon};
-
-fn same(a: &Path, b: &Path) -> bool {
-    matches!((std::fs::read(a), std::fs::read(b)), (Ok(x), Ok(y)) if x == y)
-}
+use meshsync_tests::{meshsync, meshsync_ok, same, wait_until, Daemon};
 
 #[test]
 fn two_daemons_pair_and_keep_a_folder_in_sync() {

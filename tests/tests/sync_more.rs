@@ -8,25 +8,9 @@ use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use meshsync_tests::{meshsync, meshsync_ok, wait_until, Daemon};
+use meshsync_tests::{meshsync, meshsync_ok, random, same, wait_until, Daemon};
 
 const LONG: Duration = Duration::from_secs(60);
-
-fn random(len: usize, seed: u64) -> Vec<u8> {
-    let mut x = seed | 1;
-    (0..len)
-        .map(|_| {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            x as u8
-        })
-        .collect()
-}
-
-fn same(a: &Path, b: &Path) -> bool {
-    matches!((std::fs::read(a), std::fs::read(b)), (Ok(x), Ok(y)) if x == y)
-}
 
 struct Pair {
     _dir: tempfile::TempDir,

@@ -6,28 +6,9 @@
 use std::path::Path;
 use std::time::Duration;
 
-use meshsync_tests::{meshsync, meshsync_ok, wait_until, Daemon};
-
-fn random(len: usize, seed: u64) -> Vec<u8> {
-    let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
-    (0..len)
-        .map(|_| {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            x as u8
-        })
-        .collect()
-}
-
-fn invite(home: &Path, role: &str) -> String {
-    meshsync_ok(home, &["invite", "--role", role])
-        .lines()
-        .last()
-        .unwrap()
-        .trim()
-        .to_string()
-}
+use meshsync_tests::{
+    invite, meshsync, meshsync_ok, random, storage_holds_latest, wait_until, Daemon,
+};
 
 fn versions(home: &Path, path: &Path) -> serde_json::Value {
     serde_json::from_str(&meshsync_ok(
@@ -35,11 +16,6 @@ fn versions(home: &Path, path: &Path) -> serde_json::Value {
         &["versions", path.to_str().unwrap(), "--json"],
     ))
     .unwrap()
-}
-
-fn holds_latest(d: &Daemon) -> bool {
-    let st = d.status();
-    st["storage"][0]["holds_latest"] == true && st["storage"][0]["my_changes"] != 0
 }
 
 #[test]
@@ -83,7 +59,10 @@ fn overwritten_and_deleted_files_can_be_listed_restored_and_finally_forgotten() 
         })
     };
     assert!(arrived("doc.txt", &v1) && arrived("big.bin", &big1));
-    assert!(wait_until(Duration::from_secs(30), || holds_latest(&a)));
+    assert!(wait_until(
+        Duration::from_secs(30),
+        || storage_holds_latest(&a.status())
+    ));
 
     // A overwrites two files and deletes one; B follows.
     std::fs::write(fa.join("doc.txt"), &v2).unwrap();
@@ -94,7 +73,10 @@ fn overwritten_and_deleted_files_can_be_listed_restored_and_finally_forgotten() 
     assert!(wait_until(Duration::from_secs(30), || !fb
         .join("notes.txt")
         .exists()));
-    assert!(wait_until(Duration::from_secs(30), || holds_latest(&a)));
+    assert!(wait_until(
+        Duration::from_secs(30),
+        || storage_holds_latest(&a.status())
+    ));
 
     // B kept what it replaced, in its own store; A's own edits are listed too.
     let on_b = versions(&home("b"), &fb.join("doc.txt"));

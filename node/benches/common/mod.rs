@@ -1,0 +1,114 @@
+//! What both node benchmarks need: the `meshsync` binary, real daemons in temporary homes,
+//! their peak RSS and CPU time, and test data.
+#![allow(dead_code)]
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+pub fn bin() -> PathBuf {
+    PathBuf::from(env!("CARGO_BIN_EXE_meshsync"))
+}
+
+pub fn run(home: &Path, args: &[&str]) -> String {
+    let out = Command::new(bin())
+        .arg("--home")
+        .arg(home)
+        .args(args)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "meshsync {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+pub struct Daemon(pub Child);
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+impl Daemon {
+    /// User + system CPU time the daemon has used so far.
+    pub fn cpu_seconds(&self) -> f64 {
+        let stat =
+            std::fs::read_to_string(format!("/proc/{}/stat", self.0.id())).unwrap_or_default();
+        // Fields after the command name (in parentheses): utime is the 12th, stime the 13th.
+        let fields: Vec<&str> = stat
+            .rsplit_once(')')
+            .map(|(_, rest)| rest.split_whitespace().collect())
+            .unwrap_or_default();
+        let ticks: f64 = [11, 12]
+            .iter()
+            .filter_map(|&i| fields.get(i).and_then(|f| f.parse::<f64>().ok()))
+            .sum();
+        // SAFETY: sysconf only reads a constant.
+        ticks / unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64
+    }
+
+    pub fn peak_rss_mb(&self) -> f64 {
+        let status =
+            std::fs::read_to_string(format!("/proc/{}/status", self.0.id())).unwrap_or_default();
+        status
+            .lines()
+            .find(|l| l.starts_with("VmHWM:"))
+            .and_then(|l| l.split_whitespace().nth(1))
+            .and_then(|kb| kb.parse::<f64>().ok())
+            .map(|kb| kb / 1024.0)
+            .unwrap_or(f64::NAN)
+    }
+}
+
+pub fn start(home: &Path) -> Daemon {
+    let log = std::fs::File::create(home.join("daemon.log")).unwrap();
+    let child = Command::new(bin())
+        .arg("--home")
+        .arg(home)
+        .args(["up", "--listen", "/ip4/127.0.0.1/tcp/0", "--no-mdns"])
+        .env("RUST_LOG", "warn")
+        .stdout(Stdio::null())
+        .stderr(log)
+        .spawn()
+        .unwrap();
+    let d = Daemon(child);
+    wait_every(Duration::from_millis(5), Duration::from_secs(20), || {
+        Command::new(bin())
+            .arg("--home")
+            .arg(home)
+            .arg("status")
+            .output()
+            .is_ok_and(|o| o.status.success())
+    });
+    d
+}
+
+pub fn wait_every(poll: Duration, timeout: Duration, mut check: impl FnMut() -> bool) -> Duration {
+    let start = Instant::now();
+    while start.elapsed() < timeout {
+        if check() {
+            return start.elapsed();
+        }
+        std::thread::sleep(poll);
+    }
+    panic!("timed out after {timeout:?}");
+}
+
+pub fn random(len: usize, seed: u64) -> Vec<u8> {
+    let mut out = vec![0u8; len];
+    blake3::Hasher::new()
+        .update(&seed.to_le_bytes())
+        .finalize_xof()
+        .fill(&mut out);
+    out
+}
+
+/// Polls `check` every 5 ms (for latency figures) until it holds; panics after `timeout`.
+pub fn wait(timeout: Duration, check: impl FnMut() -> bool) -> Duration {
+    wait_every(Duration::from_millis(5), timeout, check)
+}
