@@ -344,8 +344,15 @@ fn build_swarm(config: &Config) -> Result<Swarm<Behaviour>, TransportError> {
             .with_max_established(Some(config.max_connections))
             .with_max_pending_incoming(Some(64));
         let mdns = if config.mdns {
+            // Ask again every 30 s (libp2p's default is 5 min, and it stops asking early
+            // once anything answered: a first dial that failed would wait that long).
+            let mdns_config = mdns::Config {
+                query_interval: Duration::from_secs(30),
+                ttl: Duration::from_secs(90),
+                ..mdns::Config::default()
+            };
             Some(mdns::tokio::Behaviour::new(
-                mdns::Config::default(),
+                mdns_config,
                 key.public().to_peer_id(),
             )?)
         } else {

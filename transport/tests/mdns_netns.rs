@@ -54,7 +54,8 @@ fn two_namespaces_find_each_other_by_mdns() {
         Command::new("ip")
             .args(["netns", "exec", ns])
             .arg(&node)
-            .args([me, other, "30"])
+            // Normally about 2 s; 60 s leaves room for a second round of queries (every 30 s).
+            .args([me, other, "60"])
             .output()
             .expect("runs in the namespace")
     };
