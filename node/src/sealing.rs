@@ -653,3 +653,61 @@ pub fn status(n: &crate::daemon::Node, connected: &BTreeSet<PeerId>) -> serde_js
         .collect();
     serde_json::json!(storage)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use meshsync_crdt::Epoch;
+
+    fn head(author: &DeviceKeys, mesh: MeshId, seq: u64) -> SignedHead {
+        SealedChange::seal(mesh, &MeshKey::generate(Epoch(0)), author, seq, b"x").head()
+    }
+
+    #[test]
+    fn a_storage_peer_behind_a_signed_head_is_reported_after_three_exchanges_and_a_rollback_at_once(
+    ) {
+        let (me, other, storage) = (
+            DeviceKeys::generate(),
+            DeviceKeys::generate(),
+            DeviceKeys::generate().device_id(),
+        );
+        let mesh = MeshId::for_genesis(&me.device_id(), &[3; 16]);
+        let mut sealing = Sealing::default();
+        let mut batch = Batch::default();
+        sealing.saw_heads(&mesh, vec![head(&other, mesh, 5)], &mut batch);
+        // A forged head (signature of another number) is not believed.
+        let mut forged = head(&other, mesh, 6);
+        forged.seq = 9;
+        sealing.saw_heads(&mesh, vec![forged], &mut batch);
+        assert_eq!(sealing.heads[&other.device_id()].seq, 5);
+
+        let behind = BTreeMap::from([(other.device_id(), 3)]);
+        let me_id = me.device_id();
+        assert!(sealing.check_storage(me_id, storage, &behind).is_empty());
+        assert!(sealing.check_storage(me_id, storage, &behind).is_empty());
+        let third = sealing.check_storage(me_id, storage, &behind);
+        assert_eq!(third.len(), 1, "{third:?}");
+        assert!(third[0].contains("older state"), "{third:?}");
+        assert!(
+            sealing.check_storage(me_id, storage, &behind).is_empty(),
+            "reported once"
+        );
+        // Caught up, then back: a rollback, reported at once.
+        let caught_up = BTreeMap::from([(other.device_id(), 5)]);
+        assert!(sealing.check_storage(me_id, storage, &caught_up).is_empty());
+        let rolled = sealing.check_storage(me_id, storage, &behind);
+        assert!(
+            rolled.iter().any(|r| r.contains("rolled back")),
+            "{rolled:?}"
+        );
+        assert_eq!(sealing.storage[&storage].reports.len(), 2);
+        // This device's own changes not pushed yet are no report.
+        let mut mine = Sealing::default();
+        mine.heads.insert(me_id, head(&me, mesh, 2));
+        for _ in 0..4 {
+            assert!(mine
+                .check_storage(me_id, storage, &BTreeMap::new())
+                .is_empty());
+        }
+    }
+}
