@@ -632,7 +632,15 @@ async fn pull(node: &Shared, peer: PeerId) -> anyhow::Result<()> {
             if let SyncReply::Changes(changes) = request(&transport, peer, &req).await? {
                 apply_changes(node, peer, changes).await?;
             }
-            return crate::sealing::sync_with_storage(node, peer).await;
+            // In its own task (one at a time): a long push must not hold up the pulls from
+            // the other devices.
+            let node = node.clone();
+            tokio::spawn(async move {
+                if let Err(error) = crate::sealing::sync_with_storage(&node, peer).await {
+                    tracing::info!(%peer, error = format!("{error:#}"), "exchange with storage peer failed");
+                }
+            });
+            return Ok(());
         }
         let folders = n
             .folders
@@ -1626,7 +1634,15 @@ pub async fn scan_with(
             &mut batch,
         )?;
     }
-    let sealed_blob = batch.sealed.last().map(|(_, _, blob)| blob.clone());
+    // Sent along with the push for the other devices to forward, unless that makes it big
+    // (they would get it from a storage peer, or never need it).
+    let sealed_blobs: Vec<Vec<u8>> = if batch.sealed.iter().map(|(_, _, b)| b.len()).sum::<usize>()
+        <= crate::sealing::SEAL_BUDGET
+    {
+        batch.sealed.iter().map(|(_, _, b)| b.clone()).collect()
+    } else {
+        Vec::new()
+    };
     n.state.commit(batch)?;
     if changes.is_empty() {
         return Ok(count);
@@ -1636,7 +1652,7 @@ pub async fn scan_with(
         membership: vec![],
         folders: vec![(id.clone(), changes)],
         heads: n.sealing.heads(),
-        sealed: sealed_blob
+        sealed: sealed_blobs
             .into_iter()
             .map(serde_bytes::ByteBuf::from)
             .collect(),

@@ -41,6 +41,9 @@ struct SealedPayload {
     lists: Vec<(ChunkListHash, WireList)>,
 }
 
+/// About how much plaintext one sealed change holds (a large batch becomes several).
+pub const SEAL_BUDGET: usize = 4 * 1024 * 1024;
+
 /// How much of a push goes in one request.
 const PUSH_BUDGET: usize = 4 * 1024 * 1024;
 
@@ -124,8 +127,11 @@ impl Sealing {
         }
     }
 
-    /// Seals one batch of this device's changes to `folder` as its next sealed change, into
-    /// `batch` (committed with the index change itself).
+    /// Seals one batch of this device's changes to `folder` as its next sealed changes, into
+    /// `batch` (committed with the index change itself). A big batch (a first scan of a large
+    /// folder) becomes several sealed changes of at most about [`SEAL_BUDGET`] each: the chunk
+    /// lists first, then the index changes, so a device applying them in order always has the
+    /// lists of the records it admits.
     #[allow(clippy::too_many_arguments)]
     pub fn seal(
         &mut self,
@@ -142,17 +148,42 @@ impl Sealing {
             .expect("key lock")
             .clone()
             .context("this device holds no mesh key")?;
-        let payload = postcard::to_stdvec(&SealedPayload {
-            folder: folder.clone(),
-            changes: changes.to_vec(),
-            lists,
-        })?;
-        self.seq += 1;
-        let sealed = SealedChange::seal(mesh, &key, keys, self.seq, &payload);
-        self.heads.insert(keys.device_id(), sealed.head());
-        batch
-            .sealed
-            .push((keys.device_id(), self.seq, sealed.encode()));
+        let mut payloads = Vec::new();
+        let mut group: Vec<(ChunkListHash, WireList)> = Vec::new();
+        let mut size = 0;
+        for (hash, list) in lists {
+            size += 40 + list.len() * 48;
+            group.push((hash, list));
+            if size >= SEAL_BUDGET {
+                payloads.push((std::mem::take(&mut group), Vec::new()));
+                size = 0;
+            }
+        }
+        let mut part: Vec<ShardChange> = Vec::new();
+        for change in changes {
+            size += change.change.len() + 8;
+            part.push(change.clone());
+            if size >= SEAL_BUDGET {
+                payloads.push((std::mem::take(&mut group), std::mem::take(&mut part)));
+                size = 0;
+            }
+        }
+        if !group.is_empty() || !part.is_empty() {
+            payloads.push((group, part));
+        }
+        for (lists, changes) in payloads {
+            let payload = postcard::to_stdvec(&SealedPayload {
+                folder: folder.clone(),
+                changes,
+                lists,
+            })?;
+            self.seq += 1;
+            let sealed = SealedChange::seal(mesh, &key, keys, self.seq, &payload);
+            self.heads.insert(keys.device_id(), sealed.head());
+            batch
+                .sealed
+                .push((keys.device_id(), self.seq, sealed.encode()));
+        }
         batch
             .meta
             .push(("sealed_seq".into(), postcard::to_stdvec(&self.seq)?));
@@ -709,5 +740,57 @@ mod tests {
                 .check_storage(me_id, storage, &BTreeMap::new())
                 .is_empty());
         }
+    }
+
+    #[test]
+    fn a_big_batch_is_sealed_as_several_changes_lists_first() {
+        let keys = DeviceKeys::generate();
+        let mesh = MeshId::for_genesis(&keys.device_id(), &[4; 16]);
+        let key = StdMutex::new(Some(MeshKey::generate(Epoch(0))));
+        let folder = FolderId::new("big").unwrap();
+        let changes: Vec<ShardChange> = (0..40u16)
+            .map(|shard| ShardChange {
+                shard,
+                change: vec![shard as u8; 150_000],
+            })
+            .collect();
+        let lists: Vec<(ChunkListHash, WireList)> = (0..100u32)
+            .map(|i| {
+                let mut hash = [0u8; 32];
+                hash[..4].copy_from_slice(&i.to_le_bytes());
+                (ChunkListHash(hash), vec![(ChunkId(hash), 0, 1); 300])
+            })
+            .collect();
+        let mut sealing = Sealing::default();
+        let mut batch = Batch::default();
+        sealing
+            .seal(&keys, &key, mesh, &folder, &changes, lists, &mut batch)
+            .unwrap();
+        assert!(
+            batch.sealed.len() >= 2,
+            "{} sealed changes",
+            batch.sealed.len()
+        );
+        assert_eq!(sealing.seq, batch.sealed.len() as u64);
+        let open_key = key.lock().unwrap().clone().unwrap();
+        let (mut seen_changes, mut seen_lists, mut changes_started) = (0, 0, false);
+        for (i, (author, seq, blob)) in batch.sealed.iter().enumerate() {
+            assert_eq!((*author, *seq), (keys.device_id(), i as u64 + 1));
+            assert!(blob.len() < meshsync_crdt::sealed::MAX_SEALED_BYTES / 4);
+            let sealed = SealedChange::decode(blob).unwrap();
+            let payload: SealedPayload =
+                postcard::from_bytes(&sealed.open(&open_key).unwrap()).unwrap();
+            if !payload.changes.is_empty() {
+                changes_started = true;
+            }
+            assert!(
+                payload.lists.is_empty() || !changes_started || !payload.changes.is_empty(),
+                "lists come before or with the changes"
+            );
+            seen_changes += payload.changes.len();
+            seen_lists += payload.lists.len();
+        }
+        assert_eq!((seen_changes, seen_lists), (40, 100));
+        assert_eq!(sealing.heads[&keys.device_id()].seq, sealing.seq);
     }
 }
