@@ -461,6 +461,24 @@ pub async fn start(home: Home, listen: Vec<Multiaddr>, mdns: bool) -> anyhow::Re
         }
     })?;
 
+    // A member that connects is pulled from at once (a NAS or laptop coming back syncs without
+    // waiting for the next round).
+    let connecting = node.clone();
+    let mut events = transport.subscribe();
+    tokio::spawn(async move {
+        loop {
+            match events.recv().await {
+                Ok(meshsync_transport::Event::Connected { peer, .. }) => {
+                    if let Err(error) = pull(&connecting, peer).await {
+                        tracing::info!(%peer, %error, "pull on connect failed");
+                    }
+                }
+                Ok(_) | Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => {}
+                Err(tokio::sync::broadcast::error::RecvError::Closed) => return,
+            }
+        }
+    });
+
     // Pull from every connected member now and then. Folders are rescanned once at start
     // (changes made while the daemon was stopped) and then every 30 s as a safety net; the
     // watcher triggers everything else.
