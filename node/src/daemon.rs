@@ -706,6 +706,7 @@ async fn apply_changes(node: &Shared, peer: PeerId, changes: SyncChanges) -> any
             .saw_heads(&n.log.mesh(), changes.heads, &mut batch);
         let view_now = n.log.view().clone();
         crate::sealing::keep_forwarded(
+            &mut n.sealing,
             &n.log.mesh(),
             &view_now,
             &n.state,

@@ -77,6 +77,9 @@ pub struct Sealing {
     gate: std::sync::Arc<tokio::sync::Mutex<()>>,
     /// The membership heads last given to each storage peer (this run).
     membership_sent: BTreeMap<DeviceId, Vec<[u8; 32]>>,
+    /// What this device holds of each author (the run from 1), while no sealed change was
+    /// added since it was counted.
+    have: Option<BTreeMap<DeviceId, u64>>,
 }
 
 fn meta<T: for<'de> Deserialize<'de> + Default>(state: &State, key: &str) -> anyhow::Result<T> {
@@ -95,6 +98,7 @@ impl Sealing {
             storage: meta(state, "storage_views")?,
             gate: Default::default(),
             membership_sent: BTreeMap::new(),
+            have: None,
         })
     }
 
@@ -171,6 +175,7 @@ impl Sealing {
         if !group.is_empty() || !part.is_empty() {
             payloads.push((group, part));
         }
+        self.have = None;
         for (lists, changes) in payloads {
             let payload = postcard::to_stdvec(&SealedPayload {
                 folder: folder.clone(),
@@ -328,16 +333,27 @@ pub async fn sync_with_storage(node: &Shared, peer: PeerId) -> anyhow::Result<()
     else {
         anyhow::bail!("unexpected storage reply");
     };
-    {
+    let mine_held = {
         let mut n = node.lock().await;
         let n = &mut *n;
+        // Written only when something changed: this runs every half second.
+        let before = postcard::to_stdvec(&n.sealing.storage.get(&storage)).unwrap_or_default();
         n.sealing.check_storage(me, storage, &held);
-        let mut batch = Batch::default();
-        n.sealing.persist(&mut batch);
-        n.state.commit(batch)?;
-    }
+        if postcard::to_stdvec(&n.sealing.storage.get(&storage)).unwrap_or_default() != before {
+            let mut batch = Batch::default();
+            n.sealing.persist(&mut batch);
+            n.state.commit(batch)?;
+        }
+        match &n.sealing.have {
+            Some(have) => have.clone(),
+            None => {
+                let (have, _, _) = n.state.sealed_summary()?;
+                n.sealing.have = Some(have.clone());
+                have
+            }
+        }
+    };
     // This device's sealed changes, and those others gave it, that the storage peer lacks.
-    let (mine_held, _, _) = node.lock().await.state.sealed_summary()?;
     for (author, have) in &mine_held {
         let theirs = held.get(author).copied().unwrap_or(0);
         if theirs >= *have {
@@ -552,6 +568,7 @@ async fn apply_sealed(
             n.sealing.heads.insert(sealed.author, head);
         }
         batch.sealed.push((sealed.author, sealed.seq, blob));
+        n.sealing.have = None;
         if let Some(paths) = admit(n, &view, &payload, &mut batch)? {
             changed.entry(payload.folder).or_default().extend(paths);
         }
@@ -602,6 +619,7 @@ fn admit(
 /// Keeps sealed changes another device sent along with its changes (checked like a storage
 /// peer checks them), to pass on to storage peers. Their content arrived in the clear form.
 pub fn keep_forwarded(
+    sealing: &mut Sealing,
     mesh: &MeshId,
     view: &meshsync_crdt::MembershipView,
     state: &State,
@@ -619,6 +637,7 @@ pub fn keep_forwarded(
             continue;
         }
         batch.sealed.push((sealed.author, sealed.seq, blob));
+        sealing.have = None;
     }
 }
 

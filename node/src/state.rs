@@ -76,6 +76,21 @@ pub struct Batch {
     pub versions: Vec<(FolderId, String, u64, Option<Vec<u8>>)>,
 }
 
+impl Batch {
+    /// Whether committing it would change nothing.
+    pub fn is_empty(&self) -> bool {
+        self.mesh.is_none()
+            && self.membership.is_none()
+            && self.folders.is_empty()
+            && self.shards.is_empty()
+            && self.lists.is_empty()
+            && self.local.is_empty()
+            && self.meta.is_empty()
+            && self.sealed.is_empty()
+            && self.versions.is_empty()
+    }
+}
+
 /// Everything loaded at start.
 pub struct Loaded {
     pub mesh: Option<MeshId>,
@@ -322,8 +337,11 @@ impl State {
         txn.commit().map_err(|e| self.err(e))
     }
 
-    /// Writes a batch in one transaction.
+    /// Writes a batch in one transaction (nothing at all for an empty one: no fsync).
     pub fn commit(&self, batch: Batch) -> Result<(), StateError> {
+        if batch.is_empty() {
+            return Ok(());
+        }
         let txn = self.db.begin_write().map_err(|e| self.err(e))?;
         {
             let mut meta = txn.open_table(META).map_err(|e| self.err(e))?;
