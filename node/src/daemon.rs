@@ -100,6 +100,31 @@ pub(crate) struct Folder {
     unavailable: BTreeSet<String>,
 }
 
+impl Folder {
+    /// Records what this device now holds at `path` (`None`: nothing): in memory, in the
+    /// chunk map it serves from, and in `batch`.
+    fn set_local(
+        &mut self,
+        id: &FolderId,
+        map: &mut ChunkMap,
+        batch: &mut Batch,
+        path: String,
+        file: Option<LocalFile>,
+    ) {
+        match &file {
+            Some(file) => {
+                map.remember(self.path.join(&path), file);
+                self.local.insert(path.clone(), file.clone());
+            }
+            None => {
+                map.forget(&self.path.join(&path));
+                self.local.remove(&path);
+            }
+        }
+        batch.local.push((id.clone(), path, file));
+    }
+}
+
 /// Where the chunks of current files lie on disk, for serving them.
 #[derive(Default)]
 struct ChunkMap {
@@ -330,7 +355,7 @@ pub async fn join(
 /// Starts the node: state, transport, protocol handlers. Returns the shared handle.
 pub async fn start(home: Home, listen: Vec<Multiaddr>, mdns: bool) -> anyhow::Result<Shared> {
     let keys = Arc::new(home.load_keys()?);
-    let config = home.config()?;
+    home.config()?; // a bad config.toml stops the start with its reason
     let (state, log) = open_state(&home, &keys)?;
     let loaded = state.load()?;
     let key = Arc::new(StdMutex::new(current_key(&log, &keys)));
@@ -371,17 +396,7 @@ pub async fn start(home: Home, listen: Vec<Multiaddr>, mdns: bool) -> anyhow::Re
     let transport = start_transport(&keys, listen, mdns).await?;
     let members = other_members(&log, &keys.device_id());
     transport.set_allowed(members).await;
-    let mut dial: Vec<String> = config.peers.clone();
-    if let Some(bytes) = state.meta("peer_addrs")? {
-        dial.extend(postcard::from_bytes::<Vec<String>>(&bytes).unwrap_or_default());
-    }
-    for addr in dial {
-        if let Ok(addr) = addr.parse::<Multiaddr>() {
-            if let Err(error) = transport.dial(addr.clone()).await {
-                tracing::warn!(%addr, %error, "cannot dial static peer");
-            }
-        }
-    }
+    dial_all(&transport, static_addrs(&home, &state)).await;
 
     let sealing = crate::sealing::Sealing::load(&state)?;
     let store = Arc::new(StdMutex::new(crate::store::ChunkStore::open(
@@ -438,19 +453,14 @@ pub async fn start(home: Home, listen: Vec<Multiaddr>, mdns: bool) -> anyhow::Re
         }
     });
 
-    let incoming = transport
-        .control()
-        .accept(chunks::PROTOCOL)
-        .map_err(|_| anyhow::anyhow!("chunk protocol already registered"))?;
-    tokio::spawn(chunks::serve(
-        incoming,
+    chunks::start_serving(
+        &transport,
         Arc::new(Served {
             map: chunk_map,
             key,
             store: store.clone(),
         }),
-        transport.clone(),
-    ));
+    )?;
     let handler_node = node.clone();
     rpc::serve(&transport, rpc::DOC, move |peer, request| {
         let node = handler_node.clone();
@@ -528,25 +538,39 @@ pub async fn start(home: Home, listen: Vec<Multiaddr>, mdns: bool) -> anyhow::Re
     Ok(node)
 }
 
-/// Dials the static addresses again (config and the inviter's) while some member is not
-/// connected: a NAS or laptop that restarted comes back without anyone running a command.
+/// The addresses to dial besides what mDNS finds: `peers` from config.toml and the
+/// addresses of the inviter this home joined through.
+pub(crate) fn static_addrs(home: &Home, state: &State) -> Vec<Multiaddr> {
+    let mut addrs: Vec<String> = home.config().map(|c| c.peers).unwrap_or_default();
+    if let Ok(Some(bytes)) = state.meta("peer_addrs") {
+        addrs.extend(postcard::from_bytes::<Vec<String>>(&bytes).unwrap_or_default());
+    }
+    addrs.iter().filter_map(|a| a.parse().ok()).collect()
+}
+
+/// Dials each of `addrs` (failures are logged: the peer may be off).
+pub(crate) async fn dial_all(transport: &Transport, addrs: Vec<Multiaddr>) {
+    for addr in addrs {
+        if let Err(error) = transport.dial(addr.clone()).await {
+            tracing::debug!(%addr, %error, "cannot dial static peer");
+        }
+    }
+}
+
+/// Dials the static addresses again while some member is not connected: a NAS or laptop that
+/// restarted comes back without anyone running a command.
 async fn redial_static_peers(node: &Shared) {
     let (transport, addrs, members) = {
         let n = node.lock().await;
-        let mut addrs: Vec<String> = n.home.config().map(|c| c.peers).unwrap_or_default();
-        if let Ok(Some(bytes)) = n.state.meta("peer_addrs") {
-            addrs.extend(postcard::from_bytes::<Vec<String>>(&bytes).unwrap_or_default());
-        }
         let members = other_members(&n.log, &n.keys.device_id()).len();
-        (n.transport.clone(), addrs, members)
+        (
+            n.transport.clone(),
+            static_addrs(&n.home, &n.state),
+            members,
+        )
     };
-    if transport.connected_peers().await.len() >= members {
-        return;
-    }
-    for addr in addrs {
-        if let Ok(addr) = addr.parse::<Multiaddr>() {
-            let _ = transport.dial(addr).await;
-        }
+    if transport.connected_peers().await.len() < members {
+        dial_all(&transport, addrs).await;
     }
 }
 
@@ -704,21 +728,22 @@ async fn apply_changes(node: &Shared, peer: PeerId, changes: SyncChanges) -> any
         }
         n.sealing
             .saw_heads(&n.log.mesh(), changes.heads, &mut batch);
-        let view_now = n.log.view().clone();
+        let view = n.log.view().clone();
         crate::sealing::keep_forwarded(
             &mut n.sealing,
             &n.log.mesh(),
-            &view_now,
+            &view,
             &n.state,
             changes.sealed,
             &mut batch,
         );
-        let view = n.log.view().clone();
-        let from_storage = n.is_storage(&peer);
-        for (id, folder_changes) in changes.folders {
-            if from_storage {
-                break; // storage peers have no folder state to give
-            }
+        // Storage peers have no folder state to give.
+        let folders = if n.is_storage(&peer) {
+            Vec::new()
+        } else {
+            changes.folders
+        };
+        for (id, folder_changes) in folders {
             let Some(folder) = n.folders.get_mut(&id) else {
                 continue;
             };
@@ -771,19 +796,9 @@ struct Pending {
     link: Option<Vec<u8>>,
 }
 
-/// [`materialise`] for the sealing module (changes that came through a storage peer).
-pub(crate) async fn materialise_from(
-    node: &Shared,
-    from: PeerId,
-    folder: &FolderId,
-    paths: BTreeSet<String>,
-) -> anyhow::Result<()> {
-    materialise(node, from, folder, paths).await
-}
-
 /// Brings the files at `paths` in line with the index; one at a time per node, so a catch-up
 /// never fetches what a pull is already fetching.
-async fn materialise(
+pub(crate) async fn materialise(
     node: &Shared,
     from: PeerId,
     folder: &FolderId,
@@ -914,7 +929,7 @@ async fn materialise_now(
     // Chunks we do not hold in any current local file.
     let (key, have) = {
         let n = node.lock().await;
-        let key = n.key.lock().expect("key lock").clone();
+        let key = n.mesh_key()?;
         let map = n.chunk_map.lock().expect("chunk map lock");
         let have: HashMap<ChunkId, Vec<(PathBuf, u64, u32)>> = lists
             .values()
@@ -929,7 +944,6 @@ async fn materialise_now(
         (key, (have, have_links))
     };
     let (have, have_links) = have;
-    let key = key.context("this device holds no mesh key yet")?;
     // Every file to write gets a temp file now, filled with the chunks this node already has
     // (read from current local files before anything is renamed or deleted, and re-checked);
     // fetched chunks are written into place as they arrive, so memory holds only what is in
@@ -1294,17 +1308,7 @@ async fn materialise_now(
     let mut map = n.chunk_map.lock().expect("chunk map lock");
     for (path, file) in updates {
         f.unavailable.remove(&path);
-        match &file {
-            Some(file) => {
-                map.remember(root.join(&path), file);
-                f.local.insert(path.clone(), file.clone());
-            }
-            None => {
-                map.forget(&root.join(&path));
-                f.local.remove(&path);
-            }
-        }
-        batch.local.push((folder.clone(), path, file));
+        f.set_local(folder, &mut map, &mut batch, path, file);
     }
     drop(map);
     n.state.commit(batch)?;
@@ -1458,10 +1462,8 @@ pub async fn scan_with(
             .folders
             .get(id)
             .with_context(|| format!("no folder {id}"))?;
-        let key = n.key.lock().expect("key lock").clone();
-        (f.path.clone(), f.local.clone(), key)
+        (f.path.clone(), f.local.clone(), n.mesh_key()?)
     };
-    let key = key.context("this device holds no mesh key yet")?;
     if !root.join(MARKER).exists() {
         anyhow::bail!(
             "{} has no {MARKER} marker: is the disk mounted? Not scanning, so nothing is deleted",
@@ -1593,35 +1595,18 @@ pub async fn scan_with(
                 crate::versions::record(&mut batch, id, &scan.path, old);
             }
         }
-        match scan.file {
-            Some(mut file) => {
-                file.version = record.version;
-                map.remember(f.path.join(&scan.path), &file);
-                batch.lists.push((file.list_hash, scan.refs));
-                f.local.insert(scan.path.clone(), file.clone());
-                batch.local.push((id.clone(), scan.path, Some(file)));
-            }
-            None => {
-                map.forget(&f.path.join(&scan.path));
-                f.local.remove(&scan.path);
-                batch.local.push((id.clone(), scan.path, None));
-            }
+        let file = scan.file.map(|file| LocalFile {
+            version: record.version,
+            ..file
+        });
+        if let Some(file) = &file {
+            batch.lists.push((file.list_hash, scan.refs));
         }
+        f.set_local(id, &mut map, &mut batch, scan.path, file);
     }
     for (scan, version) in same {
-        match scan.file {
-            Some(mut file) => {
-                file.version = version;
-                map.remember(f.path.join(&scan.path), &file);
-                f.local.insert(scan.path.clone(), file.clone());
-                batch.local.push((id.clone(), scan.path, Some(file)));
-            }
-            None => {
-                map.forget(&f.path.join(&scan.path));
-                f.local.remove(&scan.path);
-                batch.local.push((id.clone(), scan.path, None));
-            }
-        }
+        let file = scan.file.map(|file| LocalFile { version, ..file });
+        f.set_local(id, &mut map, &mut batch, scan.path, file);
     }
     drop(map);
     let shards: BTreeSet<u16> = records.iter().map(|r| shard_of(id, &r.path)).collect();
@@ -1643,15 +1628,8 @@ pub async fn scan_with(
                 )
             })
             .collect();
-        n.sealing.seal(
-            &n.keys,
-            &n.key,
-            n.log.mesh(),
-            id,
-            &changes,
-            lists,
-            &mut batch,
-        )?;
+        n.sealing
+            .seal(&n.keys, &key, n.log.mesh(), id, &changes, lists, &mut batch)?;
     }
     // Sent along with the push for the other devices to forward, unless that makes it big
     // (they would get it from a storage peer, or never need it).

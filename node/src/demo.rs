@@ -78,6 +78,17 @@ fn wait(timeout: Duration, mut check: impl FnMut() -> bool) -> anyhow::Result<Du
     anyhow::bail!("timed out")
 }
 
+/// A one-time invite code for `role` from the daemon of `home` (the last line printed).
+fn invite(home: &Path, role: &str) -> anyhow::Result<String> {
+    let out = run(home, &["invite", "--role", role, "--expires", "10m"])?;
+    Ok(out
+        .lines()
+        .last()
+        .context("an invite code")?
+        .trim()
+        .to_string())
+}
+
 fn step(title: &str) {
     println!("\n== {title}");
 }
@@ -121,13 +132,7 @@ pub fn run_demo(dir: Option<&Path>) -> anyhow::Result<()> {
     println!("  {} is folder \"docs\"", laptop_docs.display());
 
     step("The laptop invites the desktop; the desktop joins with the one-time code");
-    let invite = run(&laptop, &["invite", "--expires", "10m"])?;
-    let code = invite
-        .lines()
-        .last()
-        .context("an invite code")?
-        .trim()
-        .to_string();
+    let code = invite(&laptop, "device")?;
     println!("  code: {}…", &code[..code.len().min(48)]);
     println!("  {}", run(&desktop, &["join", &code])?.trim());
 
@@ -169,17 +174,7 @@ pub fn run_demo(dir: Option<&Path>) -> anyhow::Result<()> {
     );
     let nas = dir.join("nas-home");
     run(&nas, &["init", "--storage", "--name", "nas"])?;
-    let invite = run(
-        &laptop,
-        &["invite", "--role", "storage", "--expires", "10m"],
-    )?;
-    let code = invite
-        .lines()
-        .last()
-        .context("an invite code")?
-        .trim()
-        .to_string();
-    run(&nas, &["join", &code])?;
+    run(&nas, &["join", &invite(&laptop, "storage")?])?;
     // A fixed address, as a NAS has; both devices are told it.
     let port = std::net::TcpListener::bind("127.0.0.1:0")?
         .local_addr()?

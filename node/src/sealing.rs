@@ -16,7 +16,6 @@
 //!   less than it held before, is reported (log and `meshsync status`).
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::sync::Mutex as StdMutex;
 
 use anyhow::Context;
 use meshsync_crdt::index::{shard_of, ShardChange};
@@ -111,14 +110,12 @@ impl Sealing {
     pub fn saw_heads(&mut self, mesh: &MeshId, heads: Vec<SignedHead>, batch: &mut Batch) {
         let mut changed = false;
         for head in heads {
-            if head.mesh != *mesh || head.verify().is_err() {
-                continue;
-            }
-            if self
+            // Only a newer head is worth a signature check (this runs on every pull).
+            let newer = self
                 .heads
                 .get(&head.author)
-                .is_none_or(|h| h.seq < head.seq)
-            {
+                .is_none_or(|h| h.seq < head.seq);
+            if newer && head.mesh == *mesh && head.verify().is_ok() {
                 self.heads.insert(head.author, head);
                 changed = true;
             }
@@ -140,18 +137,13 @@ impl Sealing {
     pub fn seal(
         &mut self,
         keys: &DeviceKeys,
-        key: &StdMutex<Option<MeshKey>>,
+        key: &MeshKey,
         mesh: MeshId,
         folder: &FolderId,
         changes: &[ShardChange],
         lists: Vec<(ChunkListHash, WireList)>,
         batch: &mut Batch,
     ) -> anyhow::Result<()> {
-        let key = key
-            .lock()
-            .expect("key lock")
-            .clone()
-            .context("this device holds no mesh key")?;
         let mut payloads = Vec::new();
         let mut group: Vec<(ChunkListHash, WireList)> = Vec::new();
         let mut size = 0;
@@ -183,7 +175,7 @@ impl Sealing {
                 lists,
             })?;
             self.seq += 1;
-            let sealed = SealedChange::seal(mesh, &key, keys, self.seq, &payload);
+            let sealed = SealedChange::seal(mesh, key, keys, self.seq, &payload);
             self.heads.insert(keys.device_id(), sealed.head());
             batch
                 .sealed
@@ -396,13 +388,11 @@ async fn push(
                 .into_iter()
                 .map(|(_, blob)| blob)
                 .collect();
-            let key = n.key.lock().expect("key lock").clone();
-            (blobs, key, n.served())
+            (blobs, n.mesh_key()?, n.served())
         };
         if blobs.is_empty() {
             return Ok(());
         }
-        let key = key.context("this device holds no mesh key")?;
         let mut ids: Vec<ChunkId> = Vec::new();
         let mut seen = BTreeSet::new();
         for blob in &blobs {
@@ -505,7 +495,7 @@ async fn pull(node: &Shared, transport: &Transport, peer: PeerId) -> anyhow::Res
         let blobs = blobs.into_iter().map(ByteBuf::into_vec).collect();
         let changed = apply_sealed(node, peer, blobs).await?;
         for (folder, paths) in changed {
-            crate::daemon::materialise_from(node, peer, &folder, paths).await?;
+            crate::daemon::materialise(node, peer, &folder, paths).await?;
         }
         if !more {
             return Ok(());
@@ -765,7 +755,7 @@ mod tests {
     fn a_big_batch_is_sealed_as_several_changes_lists_first() {
         let keys = DeviceKeys::generate();
         let mesh = MeshId::for_genesis(&keys.device_id(), &[4; 16]);
-        let key = StdMutex::new(Some(MeshKey::generate(Epoch(0))));
+        let key = MeshKey::generate(Epoch(0));
         let folder = FolderId::new("big").unwrap();
         let changes: Vec<ShardChange> = (0..40u16)
             .map(|shard| ShardChange {
@@ -791,7 +781,7 @@ mod tests {
             batch.sealed.len()
         );
         assert_eq!(sealing.seq, batch.sealed.len() as u64);
-        let open_key = key.lock().unwrap().clone().unwrap();
+        let open_key = key.clone();
         let (mut seen_changes, mut seen_lists, mut changes_started) = (0, 0, false);
         for (i, (author, seq, blob)) in batch.sealed.iter().enumerate() {
             assert_eq!((*author, *seq), (keys.device_id(), i as u64 + 1));

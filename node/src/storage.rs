@@ -153,7 +153,7 @@ pub async fn start(
     mdns: bool,
 ) -> anyhow::Result<SharedStorage> {
     let keys = Arc::new(home.load_keys()?);
-    let config = home.config()?;
+    home.config()?; // a bad config.toml stops the start with its reason
     let state = State::open(home.path())?;
     let loaded = state.load()?;
     let log = match (loaded.mesh, loaded.membership) {
@@ -171,15 +171,7 @@ pub async fn start(
             .set_allowed(daemon::other_members(log, &keys.device_id()))
             .await;
     }
-    let mut dial: Vec<String> = config.peers.clone();
-    if let Some(bytes) = state.meta("peer_addrs")? {
-        dial.extend(postcard::from_bytes::<Vec<String>>(&bytes).unwrap_or_default());
-    }
-    for addr in dial {
-        if let Ok(addr) = addr.parse::<Multiaddr>() {
-            let _ = transport.dial(addr).await;
-        }
-    }
+    daemon::dial_all(&transport, daemon::static_addrs(&home, &state)).await;
     let store = Arc::new(StdMutex::new(store));
     let storage = Arc::new(Mutex::new(Storage {
         home,
@@ -194,15 +186,7 @@ pub async fn start(
         transport: transport.clone(),
     }));
 
-    let incoming = transport
-        .control()
-        .accept(chunks::PROTOCOL)
-        .map_err(|_| anyhow::anyhow!("chunk protocol already registered"))?;
-    tokio::spawn(chunks::serve(
-        incoming,
-        Arc::new(StoreSource(store)),
-        transport.clone(),
-    ));
+    chunks::start_serving(&transport, Arc::new(StoreSource(store)))?;
     let s = storage.clone();
     rpc::serve(&transport, rpc::DOC, move |peer, request| {
         let s = s.clone();
@@ -424,6 +408,7 @@ async fn put_changes(s: &SharedStorage, peer: PeerId, blobs: Vec<ByteBuf>) -> St
         return StoreReply::Refused("this storage peer has not joined a mesh".into());
     };
     let mut batch = Batch::default();
+    let mut in_batch = BTreeSet::new();
     let mut refused = Vec::new();
     for blob in blobs {
         let blob = blob.into_vec();
@@ -438,11 +423,7 @@ async fn put_changes(s: &SharedStorage, peer: PeerId, blobs: Vec<ByteBuf>) -> St
             refused.push(error.to_string());
             continue;
         }
-        let fresh = batch
-            .sealed
-            .iter()
-            .all(|(a, q, _)| (*a, *q) != (sealed.author, sealed.seq));
-        if !fresh
+        if !in_batch.insert((sealed.author, sealed.seq))
             || st
                 .state
                 .has_sealed(&sealed.author, sealed.seq)

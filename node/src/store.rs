@@ -317,12 +317,6 @@ impl ChunkStore {
         table.len().map_err(db_err)
     }
 
-    pub fn contains(&self, id: &ChunkId) -> Result<bool, StoreError> {
-        let read = self.db.begin_read().map_err(db_err)?;
-        let table = read.open_table(CHUNKS).map_err(db_err)?;
-        Ok(table.get(&id.0[..]).map_err(db_err)?.is_some())
-    }
-
     /// (bytes of ciphertext held, bytes on disk for packs and index).
     pub fn disk_usage(&self) -> Result<(u64, u64), StoreError> {
         let read = self.db.begin_read().map_err(db_err)?;

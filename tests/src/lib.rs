@@ -157,3 +157,16 @@ pub fn storage_holds_latest(status: &serde_json::Value) -> bool {
 pub fn log_of(home: &Path) -> String {
     std::fs::read_to_string(home.join("daemon.log")).unwrap_or_default()
 }
+
+/// Homes under `dir` for the devices `names` (each home and device named after its entry) and
+/// a storage peer `s`, every device given the storage peer's fixed loopback address (as a NAS
+/// has): returns that address, for `Daemon::start_on`.
+pub fn homes_with_storage(dir: &Path, names: &[&str]) -> String {
+    let addr = free_loopback_addr();
+    meshsync_ok(&dir.join("s"), &["init", "--storage", "--name", "s"]);
+    for name in names {
+        meshsync_ok(&dir.join(name), &["init", "--name", name]);
+        meshsync_ok(&dir.join(name), &["peer", "add", &addr]);
+    }
+    addr
+}

@@ -7,7 +7,8 @@ use std::path::Path;
 use std::time::Duration;
 
 use meshsync_tests::{
-    invite, meshsync, meshsync_ok, random, storage_holds_latest, wait_until, Daemon,
+    homes_with_storage, invite, meshsync, meshsync_ok, random, storage_holds_latest, wait_until,
+    Daemon,
 };
 
 fn versions(home: &Path, path: &Path) -> serde_json::Value {
@@ -25,13 +26,7 @@ fn overwritten_and_deleted_files_can_be_listed_restored_and_finally_forgotten() 
     let (fa, fb) = (home("A"), home("B"));
     std::fs::create_dir_all(&fa).unwrap();
     std::fs::create_dir_all(&fb).unwrap();
-    meshsync_ok(&home("a"), &["init", "--name", "a"]);
-    meshsync_ok(&home("b"), &["init", "--name", "b"]);
-    meshsync_ok(&home("s"), &["init", "--storage", "--name", "s"]);
-    let s_addr = meshsync_tests::free_loopback_addr();
-    for h in ["a", "b"] {
-        meshsync_ok(&home(h), &["peer", "add", &s_addr]);
-    }
+    let s_addr = homes_with_storage(dir.path(), &["a", "b"]);
     let (v1, v2) = (random(300_000, 1), random(300_000, 2));
     let notes = random(50_000, 3);
     let (big1, big2) = (random(3 << 20, 4), random(3 << 20, 5));
@@ -139,6 +134,25 @@ fn overwritten_and_deleted_files_can_be_listed_restored_and_finally_forgotten() 
         after + (2 << 20) < before,
         "storage peer disk {before} -> {after} bytes after releasing {released}"
     );
-    // What is current is still whole on the storage peer: a fresh device gets it all.
-    assert_eq!(std::fs::read(fa.join("big.bin")).unwrap(), big2);
+    // What is current is still whole on the storage peer: a new device, with A gone once it
+    // has paired, gets it from the storage peer alone.
+    meshsync_ok(&home("c"), &["init", "--name", "c"]);
+    meshsync_ok(&home("c"), &["peer", "add", &s_addr]);
+    meshsync_ok(&home("c"), &["join", &invite(&home("a"), "device")]);
+    drop(a);
+    let fc = home("C");
+    std::fs::create_dir_all(&fc).unwrap();
+    let c = Daemon::start(&home("c"));
+    meshsync_ok(
+        &home("c"),
+        &["folder", "add", fc.to_str().unwrap(), "--id", "docs"],
+    );
+    assert!(
+        wait_until(Duration::from_secs(30), || {
+            std::fs::read(fc.join("big.bin")).is_ok_and(|d| d == big2)
+                && std::fs::read(fc.join("doc.txt")).is_ok_and(|d| d == v1)
+        }),
+        "a new device did not get the current files from the storage peer after the release: {}",
+        c.status()
+    );
 }

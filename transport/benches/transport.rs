@@ -171,8 +171,7 @@ async fn fetch_all(client: &Transport, peers: Vec<PeerId>, wants: Vec<ChunkId>) 
 }
 
 fn serve(server: &Transport, source: Arc<MemorySource>) {
-    let incoming = server.control().accept(chunks::PROTOCOL).unwrap();
-    tokio::spawn(chunks::serve(incoming, source, server.clone()));
+    chunks::start_serving(server, source).unwrap();
 }
 
 async fn chunks_from_one(quic: bool, source: &Arc<MemorySource>, wants: &[ChunkId]) -> f64 {

@@ -116,6 +116,20 @@ async fn read_response(stream: &mut libp2p::Stream) -> Result<(u8, ChunkId, Vec<
     Ok((status, id, data))
 }
 
+/// Starts serving chunks from `source` on `/meshsync/chunks/1` (in a task, until the
+/// transport stops).
+pub fn start_serving(
+    transport: &crate::Transport,
+    source: Arc<dyn ChunkSource>,
+) -> Result<(), crate::TransportError> {
+    let incoming = transport
+        .control()
+        .accept(PROTOCOL)
+        .map_err(|_| crate::TransportError::Setup(format!("{PROTOCOL} is already served")))?;
+    tokio::spawn(serve(incoming, source, transport.clone()));
+    Ok(())
+}
+
 /// Serves chunks from `source` on every incoming stream from an allowed peer.
 pub async fn serve(
     mut incoming: libp2p_stream::IncomingStreams,

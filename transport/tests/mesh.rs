@@ -177,8 +177,7 @@ async fn a_transfer_from_two_peers_resumes_after_its_connection_is_killed() {
             .collect(),
     ));
     for server in [&a, &b] {
-        let incoming = server.control().accept(chunks::PROTOCOL).unwrap();
-        tokio::spawn(chunks::serve(incoming, source.clone(), (*server).clone()));
+        chunks::start_serving(server, source.clone()).unwrap();
     }
     c.dial(addr(&a, false).await).await.unwrap();
     c.dial(addr(&b, true).await).await.unwrap();
