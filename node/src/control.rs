@@ -1,16 +1,20 @@
 //! The control socket: how the CLI talks to a running daemon. A Unix socket in the home (mode
 //! 0600, never on the network); one JSON request per connection, one JSON reply.
+//!
+//! Requests ([`Request`]) and every reply are typed structs shared by both ends: the daemon
+//! builds them, the CLI prints them (and `--json` prints them as they are), so a renamed field
+//! is a compile error, not an empty screen. [`call`] sends a request and decodes the reply as
+//! the type the caller expects.
 
+use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
-use std::time::Duration;
 
+use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
-use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
-
-use crate::daemon::{self, Node, Shared};
+use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 
 /// A CLI request.
-#[derive(Serialize, Deserialize, Debug)]
+#[derive(Serialize, Deserialize, Debug, Clone)]
 pub enum Request {
     Status,
     Invite {
@@ -50,28 +54,254 @@ pub enum Request {
     Gc,
 }
 
-/// The daemon's answer.
+impl Request {
+    /// The command a user typed for this request, for messages.
+    pub fn command(&self) -> &'static str {
+        match self {
+            Request::Status => "`status`",
+            Request::Invite { .. } => "`invite`",
+            Request::Join { .. } => "`join`",
+            Request::FolderAdd { .. } | Request::FolderList | Request::FolderRemove { .. } => {
+                "`folder`"
+            }
+            Request::Scan { .. } => "`scan`",
+            Request::Devices => "`devices`",
+            Request::Conflicts => "`conflicts`",
+            Request::Ignore { .. } => "`ignore`",
+            Request::Versions { .. } | Request::Restore { .. } => "`versions`/`restore`",
+            Request::Gc => "`gc`",
+        }
+    }
+}
+
+/// The daemon's answer: the request's reply type as JSON, or why it failed.
 #[derive(Serialize, Deserialize, Debug)]
 pub enum Reply {
     Ok(serde_json::Value),
     Err(String),
 }
 
+/// `meshsync status` on a device.
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq)]
+pub struct DeviceStatus {
+    pub device_id: String,
+    pub mesh_id: String,
+    pub listen: Vec<String>,
+    pub peers: Vec<PeerStatus>,
+    pub folders: Vec<FolderStatus>,
+    /// This device's view of each storage peer of the mesh.
+    pub storage: Vec<StorageReport>,
+}
+
+/// Another member, as a device sees it.
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq)]
+pub struct PeerStatus {
+    pub id: String,
+    pub name: String,
+    pub role: String,
+    pub connected: bool,
+    pub bytes_in: u64,
+    pub bytes_out: u64,
+}
+
+/// One synced folder.
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq)]
+pub struct FolderStatus {
+    pub id: String,
+    pub path: String,
+    pub in_sync: bool,
+    pub need_files: u64,
+    pub need_bytes: u64,
+    pub local_files: usize,
+    pub conflicts: u64,
+    /// Deletions the mass-delete guard holds back.
+    pub held_deletes: usize,
+    /// Paths no source could give intact (not written).
+    pub unavailable: Vec<String>,
+}
+
+/// Whether a storage peer holds this device's latest changes, and any stale state noticed.
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq)]
+pub struct StorageReport {
+    pub id: String,
+    pub connected: bool,
+    pub holds_my_changes: u64,
+    /// What it holds of each author (device ID → last change number of an unbroken run).
+    pub holds: BTreeMap<String, u64>,
+    pub my_changes: u64,
+    pub holds_latest: bool,
+    pub stale_reports: Vec<String>,
+}
+
+/// `meshsync status` on a storage peer.
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq)]
+pub struct StoragePeerStatus {
+    pub device_id: String,
+    /// Always `"storage"`.
+    pub role: String,
+    pub mesh_id: Option<String>,
+    pub listen: Vec<String>,
+    pub peers: Vec<StorageMember>,
+    pub holds: Holdings,
+}
+
+/// A member, as a storage peer sees it (no names: they are sealed).
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq)]
+pub struct StorageMember {
+    pub id: String,
+    pub role: String,
+    pub connected: bool,
+    pub bytes_in: u64,
+    pub bytes_out: u64,
+    pub held_changes: u64,
+    /// The change number the device last said (signed) it has; `None` if not met since start.
+    pub device_changes: Option<u64>,
+    pub up_to_date: bool,
+}
+
+/// What a storage peer holds.
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq)]
+pub struct Holdings {
+    pub chunks: u64,
+    pub chunk_bytes: u64,
+    pub disk_bytes: u64,
+    pub sealed_changes: u64,
+    pub sealed_bytes: u64,
+}
+
+/// `meshsync status` on either kind of node.
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq)]
+#[serde(untagged)]
+pub enum Status {
+    Storage(StoragePeerStatus),
+    Device(DeviceStatus),
+}
+
+/// One member for `meshsync devices`.
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq)]
+pub struct DeviceInfo {
+    pub id: String,
+    pub name: String,
+    pub role: String,
+    pub admin: bool,
+    pub this_device: bool,
+    pub connected: bool,
+}
+
+/// One conflict copy for `meshsync conflicts`.
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq)]
+pub struct ConflictCopy {
+    pub folder: String,
+    /// The path the concurrent edits were made to.
+    pub path: String,
+    /// Where the other version is kept.
+    pub copy: String,
+    /// The device whose version the copy holds, when the index knows it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub author: Option<String>,
+    pub on_disk: bool,
+}
+
+/// A synced folder for `meshsync folder list` (and the answer to `folder add` / `remove`).
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq)]
+pub struct FolderInfo {
+    pub id: String,
+    pub path: String,
+}
+
+/// The folder `meshsync folder add` added.
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq)]
+pub struct FolderAdded {
+    pub id: String,
+}
+
+/// The ignore patterns of a folder after `meshsync ignore`.
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq)]
+pub struct IgnoreList {
+    pub folder: String,
+    pub shared: Vec<String>,
+    pub local: Vec<String>,
+}
+
+/// The code of `meshsync invite`.
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq)]
+pub struct InviteCode {
+    pub code: String,
+}
+
+/// The mesh `meshsync join` joined.
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq)]
+pub struct Joined {
+    pub mesh: String,
+}
+
+/// `meshsync scan` is done.
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq)]
+pub struct ScanDone {
+    pub scanned: bool,
+}
+
+/// The kept versions of one file, newest first.
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq)]
+pub struct VersionList {
+    pub folder: String,
+    pub path: String,
+    pub versions: Vec<VersionInfo>,
+}
+
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq)]
+pub struct VersionInfo {
+    /// 1 = the newest kept.
+    pub number: usize,
+    pub version: u64,
+    pub size: u64,
+    pub mtime_ns: i64,
+    /// Unix seconds when a newer version (or a delete) replaced it.
+    pub replaced_at: u64,
+    /// Every chunk of it is in this device's own store.
+    pub stored_here: bool,
+}
+
+/// What `meshsync restore` wrote.
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq)]
+pub struct Restored {
+    pub folder: String,
+    pub path: String,
+    pub number: usize,
+    pub size: u64,
+    pub chunks_from_this_device: usize,
+    pub chunks_from_peers: usize,
+}
+
+/// What `meshsync gc` forgot and freed.
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq)]
+pub struct GcReport {
+    pub expired_versions: usize,
+    pub unreferenced_chunks: usize,
+    pub freed_here_bytes: u64,
+    pub storage_peers: Vec<Released>,
+}
+
+/// What one storage peer deleted on a signed release.
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq)]
+pub struct Released {
+    pub storage_peer: Option<String>,
+    pub chunks: usize,
+    pub bytes: u64,
+}
+
+/// A reply encoded for the socket.
+pub fn reply<T: Serialize>(value: T) -> anyhow::Result<serde_json::Value> {
+    Ok(serde_json::to_value(value)?)
+}
+
 pub fn socket_path(home: &Path) -> PathBuf {
     home.join("control.sock")
 }
 
-/// Serves the control socket of a device until the process ends.
-pub async fn serve(node: Shared, home: PathBuf) -> anyhow::Result<()> {
-    serve_with(home, move |request| {
-        let node = node.clone();
-        async move { handle(&node, request).await }
-    })
-    .await
-}
-
-/// Serves the control socket with `handler` answering each request.
-pub async fn serve_with<F, Fut>(home: PathBuf, handler: F) -> anyhow::Result<()>
+/// Serves the control socket of `home` with `handler` answering each request, until the
+/// process ends.
+pub async fn serve<F, Fut>(home: PathBuf, handler: F) -> anyhow::Result<()>
 where
     F: Fn(Request) -> Fut + Clone + Send + 'static,
     Fut: std::future::Future<Output = anyhow::Result<serde_json::Value>> + Send,
@@ -105,101 +335,12 @@ where
     }
 }
 
-use tokio::io::AsyncReadExt as _;
-
-async fn handle(node: &Shared, request: Request) -> anyhow::Result<serde_json::Value> {
-    match request {
-        Request::Status => Ok(node.lock().await.status().await),
-        Request::Invite { role, expires_secs } => {
-            let role: meshsync_crdt::Role = role.parse().map_err(|e: String| anyhow::anyhow!(e))?;
-            let code = Node::invite(node, role, Duration::from_secs(expires_secs)).await?;
-            Ok(serde_json::json!({ "code": code }))
-        }
-        Request::Join { code } => {
-            let (mesh, addrs) = {
-                let n = node.lock().await;
-                let home = n.home().clone();
-                let keys_seeds = (n.keys().signing_seed(), n.keys().kem_seed());
-                let keys = meshsync_crdt::DeviceKeys::from_seeds(keys_seeds.0, keys_seeds.1);
-                daemon::join(&home, n.state(), &keys, &code).await?
-            };
-            Node::joined(node, mesh, addrs).await?;
-            Ok(serde_json::json!({ "mesh": mesh.to_string() }))
-        }
-        Request::FolderAdd { path, id } => {
-            let id = id.map(|i| meshsync_crdt::FolderId::new(&i)).transpose()?;
-            let id = node.lock().await.add_folder(&path, id)?;
-            daemon::scan(node, &id).await?;
-            Ok(serde_json::json!({ "id": id.to_string() }))
-        }
-        Request::FolderList => {
-            let list = node.lock().await.folder_list();
-            Ok(serde_json::json!(list
-                .into_iter()
-                .map(|(id, path)| serde_json::json!({"id": id.to_string(), "path": path.display().to_string()}))
-                .collect::<Vec<_>>()))
-        }
-        Request::FolderRemove { id } => {
-            let id = meshsync_crdt::FolderId::new(&id)?;
-            let path = node.lock().await.remove_folder(&id)?;
-            Ok(serde_json::json!({ "id": id.to_string(), "path": path.display().to_string() }))
-        }
-        Request::Devices => Ok(node.lock().await.devices().await),
-        Request::Ignore {
-            folder,
-            patterns,
-            local,
-        } => {
-            let id = meshsync_crdt::FolderId::new(&folder)?;
-            let rules = node.lock().await.add_ignore(&id, &patterns, local)?;
-            if !patterns.is_empty() {
-                daemon::scan(node, &id).await?;
-            }
-            Ok(rules)
-        }
-        Request::Conflicts => Ok(node.lock().await.conflicts()),
-        Request::Versions { path } => crate::versions::list(node, &path).await,
-        Request::Restore { path, version } => crate::versions::restore(node, &path, version).await,
-        Request::Gc => crate::versions::gc(node).await,
-        Request::Scan {
-            folder,
-            allow_deletes,
-        } => {
-            match folder {
-                Some(id) => {
-                    let id = meshsync_crdt::FolderId::new(&id)?;
-                    let known = node
-                        .lock()
-                        .await
-                        .folder_list()
-                        .iter()
-                        .any(|(f, _)| *f == id);
-                    if !known {
-                        anyhow::bail!("no folder {id} on this device (see `meshsync folder list`)");
-                    }
-                    daemon::scan_with(node, &id, allow_deletes, true).await?;
-                }
-                None if allow_deletes => {
-                    let ids: Vec<_> = node
-                        .lock()
-                        .await
-                        .folder_list()
-                        .into_iter()
-                        .map(|(f, _)| f)
-                        .collect();
-                    for id in ids {
-                        daemon::scan_with(node, &id, true, true).await?;
-                    }
-                }
-                None => daemon::scan_all_requested(node).await?,
-            }
-            Ok(serde_json::json!({ "scanned": true }))
-        }
-    }
-}
-
-/// Sends one request to the daemon of `home`. `Ok(None)` if no daemon is running there.
-pub async fn call(home: &Path, request: &Request) -> anyhow::Result<Option<serde_json::Value>> {
+/// Sends one request to the daemon of `home` and decodes its reply as `T`. `Ok(None)` if no
+/// daemon is running there.
+pub async fn call<T: DeserializeOwned>(
+    home: &Path,
+    request: &Request,
+) -> anyhow::Result<Option<T>> {
     let path = socket_path(home);
     let Ok(stream) = tokio::net::UnixStream::connect(&path).await else {
         return Ok(None);
@@ -211,7 +352,9 @@ pub async fn call(home: &Path, request: &Request) -> anyhow::Result<Option<serde
     let mut line = String::new();
     BufReader::new(read).read_line(&mut line).await?;
     match serde_json::from_str::<Reply>(&line)? {
-        Reply::Ok(value) => Ok(Some(value)),
+        Reply::Ok(value) => Ok(Some(serde_json::from_value(value).map_err(|error| {
+            anyhow::anyhow!("the daemon answered {} in a form this CLI does not read ({error}); is it another version?", request.command())
+        })?)),
         Reply::Err(error) => anyhow::bail!(error),
     }
 }

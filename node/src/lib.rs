@@ -1,26 +1,34 @@
-//! The meshsync node: the `meshsync` command-line tool and, in later steps, the daemon that
-//! wires the replicated state ([`meshsync_crdt`]) and the transport to the file system.
+//! The meshsync node: the device engine, the storage peer, and the `meshsync` command line,
+//! wiring the replicated state ([`meshsync_crdt`]) and the transport ([`meshsync_transport`]) to
+//! the file system. ARCHITECTURE.md at the repository root is the map; in short:
 //!
-//! - [`home`]: the node's home directory — key files (mode 0600), config.
-//! - [`cli`]: the command-line interface.
-//! - [`demo`]: `meshsync demo`, two real daemons pairing and syncing on one machine.
-//! - [`content`]: FastCDC chunking, keyed-BLAKE3 chunk IDs, AES-256-GCM sealing of chunks.
-//! - [`daemon`]: `meshsync up`: scanning, pull/push of signed changes, materialising files.
-//! - [`control`]: the Unix control socket between the CLI and the daemon.
-//! - [`sealing`]: a device's side of storage peers: seal, push, pull, notice stale storage.
+//! - [`device`]: a device (`meshsync up`): scan, sync, materialise, serve — usable in-process
+//!   ([`device::start`] with a home and a [`net::Network`], TCP/QUIC or in-memory).
+//! - [`storage_peer`]: a storage peer: stores and serves sealed changes and chunks, reads none.
+//! - [`storage_client`]: a device's sealing and bookkeeping for storage peers.
+//! - [`protocol`]: every wire message (`/meshsync/doc/1`, `/meshsync/sealed/1`, pairing payload)
+//!   and the one typed request helper.
+//! - [`net`]: transports, who may connect, static addresses; [`pairing`]: joining by code.
+//! - [`chunks`]: FastCDC chunking, chunk IDs, sealing ([`chunks::content`]) and the chunk store.
 //! - [`state`]: the node's redb state (mesh, membership, folders, index shards, local files).
-//! - [`storage`]: the storage peer: stores and serves sealed changes and chunks, reads none.
-//! - [`versions`]: old versions kept for the retention period: list, restore, forget.
-//! - [`store`]: the chunk store: pack files indexed by redb, one fsync and commit per batch.
+//! - [`versions`]: old versions kept for the retention period.
+//! - [`home`]: the home directory — key files (mode 0600), config.
+//! - [`control`]: the Unix control socket and its typed requests and replies.
+//! - [`cli`]: the command line; [`demo`]: `meshsync demo`.
+//!
+//! Modules depend one way: `cli` → `device`/`storage_peer` → `storage_client`, `versions`,
+//! `protocol`, `net`, `pairing`, `control` → `state`, `chunks`, `home`.
 
+pub mod chunks;
 pub mod cli;
-pub mod content;
 pub mod control;
-pub mod daemon;
 pub mod demo;
+pub mod device;
 pub mod home;
-pub mod sealing;
+pub mod net;
+pub mod pairing;
+pub mod protocol;
 pub mod state;
-pub mod storage;
-pub mod store;
+pub mod storage_client;
+pub mod storage_peer;
 pub mod versions;

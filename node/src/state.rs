@@ -12,7 +12,7 @@ use meshsync_crdt::{ChunkListHash, DeviceId, FolderId, MeshId};
 use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
 use serde::{Deserialize, Serialize};
 
-use crate::content::ChunkRef;
+use crate::chunks::ChunkRef;
 
 const META: TableDefinition<&str, &[u8]> = TableDefinition::new("meta");
 const FOLDERS: TableDefinition<&str, &str> = TableDefinition::new("folders");
@@ -41,24 +41,59 @@ pub struct LocalFile {
     pub size: u64,
     pub mtime_ns: i64,
     pub mode: u32,
-    pub chunks: Vec<(meshsync_crdt::ChunkId, u64, u32)>,
+    pub chunks: Vec<ChunkRef>,
     /// The index version this local copy corresponds to.
     pub version: u64,
     pub list_hash: ChunkListHash,
 }
 
 impl LocalFile {
-    pub fn chunk_refs(&self) -> Vec<ChunkRef> {
-        self.chunks
-            .iter()
-            .map(|(id, offset, len)| ChunkRef {
-                id: *id,
-                offset: *offset,
-                len: *len,
-            })
-            .collect()
+    /// A directory's local state (directories carry no content).
+    pub fn directory(mode: u32, version: u64, list_hash: ChunkListHash) -> LocalFile {
+        LocalFile {
+            kind: meshsync_crdt::FileKind::Directory,
+            size: 0,
+            mtime_ns: 0,
+            mode,
+            chunks: vec![],
+            version,
+            list_hash,
+        }
+    }
+
+    /// Whether this copy is the index's `winner` (same version and content).
+    pub fn is(&self, winner: &meshsync_crdt::FileRecord) -> bool {
+        self.version == winner.version && self.list_hash == winner.chunks
     }
 }
+
+/// Whether what this device holds at a path (`None`: nothing) is in sync with the index's
+/// winning record there: the one definition `status`, catch-up and materialise share.
+pub fn in_sync(local: Option<&LocalFile>, winner: &meshsync_crdt::FileRecord) -> bool {
+    match local {
+        Some(local) => local.is(winner),
+        None => winner.deleted,
+    }
+}
+
+/// A typed entry of the state's meta table: the key is named once, with the type stored under
+/// it (postcard-encoded). Define one `const` per entry beside the code that owns it.
+pub struct MetaKey<T> {
+    name: &'static str,
+    _type: std::marker::PhantomData<fn() -> T>,
+}
+
+impl<T> MetaKey<T> {
+    pub const fn new(name: &'static str) -> Self {
+        MetaKey {
+            name,
+            _type: std::marker::PhantomData,
+        }
+    }
+}
+
+/// The static addresses of the inviter this home joined through (dialed besides `peers`).
+pub const PEER_ADDRS: MetaKey<Vec<String>> = MetaKey::new("peer_addrs");
 
 /// One batch of changes to persist together.
 #[derive(Default)]
@@ -69,7 +104,8 @@ pub struct Batch {
     pub shards: Vec<(FolderId, u16, Vec<u8>)>,
     pub lists: Vec<(ChunkListHash, Vec<ChunkRef>)>,
     pub local: Vec<(FolderId, String, Option<LocalFile>)>,
-    pub meta: Vec<(String, Vec<u8>)>,
+    /// Meta entries to set (see [`MetaKey`] and [`Batch::put`]).
+    pub meta: Vec<(&'static str, Vec<u8>)>,
     /// Encoded sealed changes by author and sequence number.
     pub sealed: Vec<(DeviceId, u64, Vec<u8>)>,
     /// Old versions to keep (`Some`) or to forget (`None`), by folder, path and version.
@@ -77,6 +113,15 @@ pub struct Batch {
 }
 
 impl Batch {
+    /// Sets the meta entry `key` to `value` when the batch commits (a later put of the same
+    /// key in one batch wins).
+    pub fn put<T: Serialize>(&mut self, key: &MetaKey<T>, value: &T) {
+        match postcard::to_stdvec(value) {
+            Ok(bytes) => self.meta.push((key.name, bytes)),
+            Err(error) => tracing::error!(key = key.name, %error, "state entry does not encode"),
+        }
+    }
+
     /// Whether committing it would change nothing.
     pub fn is_empty(&self) -> bool {
         self.mesh.is_none()
@@ -206,16 +251,24 @@ impl State {
         let Some(bytes) = table.get(&hash.0[..]).map_err(|e| self.err(e))? else {
             return Ok(None);
         };
-        let list: Vec<(meshsync_crdt::ChunkId, u64, u32)> =
-            postcard::from_bytes(bytes.value()).map_err(|e| self.err(e))?;
-        Ok(Some(
-            list.into_iter()
-                .map(|(id, offset, len)| ChunkRef { id, offset, len })
-                .collect(),
-        ))
+        let list: Vec<ChunkRef> = postcard::from_bytes(bytes.value()).map_err(|e| self.err(e))?;
+        Ok(Some(list))
     }
 
-    pub fn meta(&self, key: &str) -> Result<Option<Vec<u8>>, StateError> {
+    /// The value stored under `key`, or its default when none is.
+    pub fn get<T: serde::de::DeserializeOwned + Default>(
+        &self,
+        key: &MetaKey<T>,
+    ) -> Result<T, StateError> {
+        match self.meta(key.name)? {
+            Some(bytes) => {
+                postcard::from_bytes(&bytes).map_err(|e| self.err(format!("{}: {e}", key.name)))
+            }
+            None => Ok(T::default()),
+        }
+    }
+
+    fn meta(&self, key: &str) -> Result<Option<Vec<u8>>, StateError> {
         let txn = self.db.begin_read().map_err(|e| self.err(e))?;
         let table = txn.open_table(META).map_err(|e| self.err(e))?;
         Ok(table
@@ -354,8 +407,7 @@ impl State {
                     .map_err(|e| self.err(e))?;
             }
             for (key, value) in &batch.meta {
-                meta.insert(key.as_str(), &value[..])
-                    .map_err(|e| self.err(e))?;
+                meta.insert(*key, &value[..]).map_err(|e| self.err(e))?;
             }
             let mut folders = txn.open_table(FOLDERS).map_err(|e| self.err(e))?;
             for (id, path) in &batch.folders {
@@ -372,9 +424,7 @@ impl State {
             }
             let mut lists = txn.open_table(LISTS).map_err(|e| self.err(e))?;
             for (hash, list) in &batch.lists {
-                let encoded: Vec<(meshsync_crdt::ChunkId, u64, u32)> =
-                    list.iter().map(|c| (c.id, c.offset, c.len)).collect();
-                let bytes = postcard::to_stdvec(&encoded).map_err(|e| self.err(e))?;
+                let bytes = postcard::to_stdvec(list).map_err(|e| self.err(e))?;
                 lists
                     .insert(&hash.0[..], &bytes[..])
                     .map_err(|e| self.err(e))?;

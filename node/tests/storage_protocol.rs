@@ -9,8 +9,10 @@ use meshsync_crdt::{
     Action, DeviceKeys, Epoch, MembershipLog, MeshKey, Role, SealedChange, SealedName,
 };
 use meshsync_node::home::Home;
+use meshsync_node::net::Network;
+use meshsync_node::protocol::{ByteBuf, SignedRelease, StoreReply, StoreRequest};
 use meshsync_node::state::{Batch, State};
-use meshsync_node::storage::{self, ByteBuf, StoreReply, StoreRequest};
+use meshsync_node::storage_peer as storage;
 use meshsync_transport::{rpc, Config, Multiaddr, Transport};
 
 async fn ask(client: &Transport, storage: &DeviceKeys, request: &StoreRequest) -> StoreReply {
@@ -89,7 +91,9 @@ async fn the_storage_peer_stores_only_what_writing_members_signed() {
         .unwrap();
 
     let listen: Multiaddr = "/ip4/127.0.0.1/tcp/0".parse().unwrap();
-    let s = storage::start(home, vec![listen], false).await.unwrap();
+    let s = storage::start(home, Network::tcp(vec![listen], false))
+        .await
+        .unwrap();
     let at = s.lock().await.transport().wait_listening().await[0].clone();
 
     let (a, in_a) = client(&admin, &s_keys, &at).await;
@@ -177,8 +181,7 @@ async fn the_storage_peer_stores_only_what_writing_members_signed() {
         StoreReply::Refused(_)
     ));
     // A forged release (signed by someone else than its claimed author) deletes nothing.
-    let mut release =
-        storage::SignedRelease::sign(mesh, &stranger, vec![meshsync_crdt::ChunkId([9; 32])]);
+    let mut release = SignedRelease::sign(mesh, &stranger, vec![meshsync_crdt::ChunkId([9; 32])]);
     release.author = admin.device_id();
     assert!(matches!(
         ask(&a, &s_keys, &StoreRequest::Release(release)).await,

@@ -217,7 +217,7 @@ fn devices_never_online_together_sync_through_a_storage_peer_that_reads_nothing(
 
     // Exact sizes: every stored chunk is padded, so no file's exact size shows; the files of
     // 10,000 and 10,030 bytes are stored as chunks of the same length.
-    let store = meshsync_node::store::ChunkStore::open(&home_s.join("chunks")).unwrap();
+    let store = meshsync_node::chunks::ChunkStore::open(&home_s.join("chunks")).unwrap();
     let sizes = store.sizes().unwrap();
     for (name, data) in &files {
         if data.len() < 16 * 1024 {

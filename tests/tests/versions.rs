@@ -125,7 +125,7 @@ fn overwritten_and_deleted_files_can_be_listed_restored_and_finally_forgotten() 
     let before = s.status()["holds"]["disk_bytes"].as_u64().unwrap();
     std::thread::sleep(Duration::from_millis(1100));
     let gc: serde_json::Value =
-        serde_json::from_str(meshsync_ok(&home("a"), &["gc"]).trim()).unwrap();
+        serde_json::from_str(meshsync_ok(&home("a"), &["gc", "--json"]).trim()).unwrap();
     assert!(gc["expired_versions"].as_u64().unwrap() >= 3, "{gc}");
     let released = gc["storage_peers"][0]["bytes"].as_u64().unwrap_or(0);
     assert!(released > 2 << 20, "{gc}");

@@ -43,7 +43,7 @@ use tokio::sync::{mpsc, oneshot};
 
 pub use gate::Allowed;
 pub use libp2p::multiaddr::Protocol;
-pub use libp2p::{Multiaddr, PeerId};
+pub use libp2p::{Multiaddr, PeerId, StreamProtocol};
 
 /// Why the transport could not start or do what was asked.
 #[derive(Debug, thiserror::Error)]

@@ -40,12 +40,25 @@ pub enum ContentError {
     },
 }
 
-/// One chunk of a file: where it sits and what it is called.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+/// One chunk of a file: where it sits and what it is called. Encoded (postcard) exactly as
+/// the tuple `(ChunkId, u64, u32)` it replaced, so stored state and the wire are unchanged.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct ChunkRef {
     pub id: ChunkId,
     pub offset: u64,
     pub len: u32,
+}
+
+impl ChunkRef {
+    /// The byte range of the file this chunk covers.
+    pub fn range(&self) -> std::ops::Range<u64> {
+        self.offset..self.offset + u64::from(self.len)
+    }
+}
+
+/// The size of the file a chunk list describes (the sum of its lengths).
+pub fn list_size(list: &[ChunkRef]) -> u64 {
+    list.iter().map(|c| u64::from(c.len)).sum()
 }
 
 /// The chunk ID of `plaintext`.

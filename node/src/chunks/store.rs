@@ -369,7 +369,7 @@ fn walk(dir: &Path) -> Vec<u64> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::content::{chunk_stream, seal_chunk};
+    use crate::chunks::content::{chunk_stream, seal_chunk};
     use meshsync_crdt::{Epoch, MeshKey};
 
     #[test]

@@ -1,0 +1,13 @@
+//! Chunks: how file content becomes the sealed pieces that travel and are stored. Nothing here
+//! knows about the daemon, the network or the index.
+//!
+//! - [`content`]: FastCDC chunking, keyed-BLAKE3 chunk IDs, AES-256-GCM sealing and opening of
+//!   one chunk, and [`ChunkRef`] — one chunk of a file (ID, offset, length).
+//! - [`store`]: the chunk store — sealed chunks in pack files indexed by redb (old versions on a
+//!   device, everything on a storage peer).
+
+pub mod content;
+pub mod store;
+
+pub use content::ChunkRef;
+pub use store::ChunkStore;

@@ -1,0 +1,190 @@
+//! The `meshsync` command line: parsing ([`Cli`]), running each command ([`commands`]) and
+//! printing replies for people ([`print`]). Every command but `init`, `id`, `peer`, `demo`
+//! and a `join` without a daemon talks to the daemon over the control socket.
+
+pub mod commands;
+pub mod print;
+
+use std::path::PathBuf;
+
+use clap::{Parser, Subcommand};
+
+/// Keep folders in sync across your own devices, end-to-end encrypted, with nobody in the middle.
+#[derive(Debug, Parser)]
+#[command(name = "meshsync", version)]
+pub struct Cli {
+    /// The node's home directory (keys, config, database).
+    #[arg(long, global = true, env = "MESHSYNC_HOME", value_name = "DIR")]
+    pub home: Option<PathBuf>,
+
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Create this device's identity: an Ed25519 and an X25519 key pair.
+    Init {
+        /// The name other devices show for this one (default: the host name).
+        #[arg(long)]
+        name: Option<String>,
+        /// Make a storage peer: it stores and serves the mesh's data encrypted, and never
+        /// receives the key to read it (join with a code from `meshsync invite --role storage`).
+        #[arg(long)]
+        storage: bool,
+    },
+    /// Print this device's ID, or check a device ID someone gave you.
+    Id {
+        /// A device ID to check; prints its libp2p peer ID if it is well-formed.
+        device: Option<String>,
+        /// Also print the libp2p peer ID.
+        #[arg(long)]
+        peer_id: bool,
+    },
+    /// Run the daemon in the foreground: sync this device's folders with the mesh.
+    Up {
+        /// Addresses to listen on (default: TCP and QUIC on all interfaces, port 22000).
+        #[arg(long = "listen", value_name = "MULTIADDR")]
+        listen: Vec<String>,
+        /// Do not announce or look for devices on the LAN by mDNS (static peers only).
+        #[arg(long)]
+        no_mdns: bool,
+    },
+    /// Print a one-time invite code for another device (the last line of output).
+    Invite {
+        /// device, read-only or storage.
+        #[arg(long, default_value = "device")]
+        role: String,
+        /// How long the code stays valid, e.g. 10m, 1h, 600s.
+        #[arg(long, default_value = "1h")]
+        expires: String,
+    },
+    /// Join the mesh of an invite code (with or without this home's daemon running).
+    Join { code: String },
+    /// Manage synced folders.
+    Folder {
+        #[command(subcommand)]
+        action: FolderAction,
+    },
+    /// Show this device, its peers and its folders.
+    Status {
+        #[arg(long)]
+        json: bool,
+    },
+    /// Ask the daemon to rescan now.
+    Scan {
+        folder: Option<String>,
+        /// Confirm a mass delete that the guard held back (more than half of a folder).
+        #[arg(long)]
+        allow_deletes: bool,
+    },
+    /// Show or add ignore patterns (gitignore syntax) of a folder. Shared patterns reach every
+    /// device; --local ones apply to this device only (and may re-include with !pattern).
+    Ignore {
+        folder: String,
+        patterns: Vec<String>,
+        #[arg(long)]
+        local: bool,
+    },
+    /// List the mesh's devices.
+    Devices {
+        #[arg(long)]
+        json: bool,
+    },
+    /// List concurrent edits kept as conflict copies.
+    Conflicts {
+        #[arg(long)]
+        json: bool,
+    },
+    /// List the kept old versions of a file (overwritten or deleted, within the retention).
+    Versions {
+        path: PathBuf,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Bring back an old version of a file (1 = the newest kept; see `meshsync versions`).
+    Restore {
+        path: PathBuf,
+        #[arg(long)]
+        version: Option<usize>,
+    },
+    /// Forget versions past the retention now, and free the space nothing references (here
+    /// and on the storage peers). The daemon also does this by itself every few minutes.
+    Gc {
+        #[arg(long)]
+        json: bool,
+    },
+    /// Manage static peer addresses (dialed besides the devices found on the LAN).
+    Peer {
+        #[command(subcommand)]
+        action: PeerAction,
+    },
+    /// Show meshsync at work on this machine: two real daemons in temporary homes pair and
+    /// keep a folder in sync over loopback.
+    Demo {
+        /// Where to put the demo's homes and sample folder (default: a new temporary folder).
+        #[arg(long)]
+        dir: Option<PathBuf>,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum FolderAction {
+    /// Sync PATH; with --id, join that existing folder of the mesh.
+    Add {
+        path: PathBuf,
+        #[arg(long)]
+        id: Option<String>,
+    },
+    /// List synced folders.
+    List {
+        #[arg(long)]
+        json: bool,
+    },
+    /// Stop syncing a folder on this device (its files stay).
+    Remove { id: String },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum PeerAction {
+    /// Add an address, e.g. /ip4/192.168.1.20/tcp/22000 or /ip4/192.168.1.20/udp/22000/quic-v1.
+    Add { addr: String },
+    /// List the static addresses.
+    List,
+    /// Remove an address.
+    Remove { addr: String },
+}
+
+/// Runs one parsed command.
+pub fn run(cli: Cli) -> anyhow::Result<()> {
+    use commands::*;
+    if let Command::Demo { dir } = &cli.command {
+        return crate::demo::run_demo(dir.as_deref());
+    }
+    let home = crate::home::Home::locate(cli.home)?;
+    match cli.command {
+        Command::Demo { .. } => unreachable!("handled above"),
+        Command::Init { name, storage } => init(&home, name, storage),
+        Command::Id { device, peer_id } => id(&home, device, peer_id),
+        Command::Peer { action } => peer(&home, action),
+        Command::Up { listen, no_mdns } => up(home, listen, !no_mdns),
+        Command::Join { code } => join(home, code),
+        Command::Invite { role, expires } => invite(&home, role, &expires),
+        Command::Folder { action } => folder(&home, action),
+        Command::Status { json } => status(&home, json),
+        Command::Scan {
+            folder,
+            allow_deletes,
+        } => scan(&home, folder, allow_deletes),
+        Command::Ignore {
+            folder,
+            patterns,
+            local,
+        } => ignore(&home, folder, patterns, local),
+        Command::Devices { json } => devices(&home, json),
+        Command::Conflicts { json } => conflicts(&home, json),
+        Command::Versions { path, json } => versions(&home, path, json),
+        Command::Restore { path, version } => restore(&home, path, version),
+        Command::Gc { json } => gc(&home, json),
+    }
+}

@@ -1,0 +1,457 @@
+//! What the CLI prints for people: each function turns one typed reply into text (no I/O, so
+//! every format is snapshot-tested below). `--json` prints the reply itself instead.
+
+use std::fmt::Write;
+
+use crate::control::{
+    ConflictCopy, DeviceInfo, DeviceStatus, FolderInfo, GcReport, IgnoreList, Restored, Status,
+    StoragePeerStatus, VersionList,
+};
+
+/// `meshsync status`.
+pub fn status(status: &Status) -> String {
+    match status {
+        Status::Device(status) => device_status(status),
+        Status::Storage(status) => storage_status(status),
+    }
+}
+
+fn connected(yes: bool) -> &'static str {
+    if yes {
+        "connected"
+    } else {
+        "offline"
+    }
+}
+
+fn device_status(status: &DeviceStatus) -> String {
+    let mut out = String::new();
+    let _ = writeln!(out, "device {}", status.device_id);
+    for addr in &status.listen {
+        let _ = writeln!(out, "  listening on {addr}");
+    }
+    let _ = writeln!(out, "peers:");
+    for p in &status.peers {
+        let _ = writeln!(
+            out,
+            "  {} {:<12} {:<8} {}  in {} B, out {} B",
+            p.id,
+            p.name,
+            p.role,
+            connected(p.connected),
+            p.bytes_in,
+            p.bytes_out
+        );
+    }
+    let _ = writeln!(out, "folders:");
+    for f in &status.folders {
+        let held = if f.held_deletes > 0 {
+            format!(
+                "; {} deletions held back (run `meshsync scan --allow-deletes {}` if intended)",
+                f.held_deletes, f.id
+            )
+        } else {
+            String::new()
+        };
+        let _ = writeln!(
+            out,
+            "  {} {}  {}  {} files, need {} files ({} B), {} conflicts{held}",
+            f.id,
+            f.path,
+            if f.in_sync { "in sync" } else { "syncing" },
+            f.local_files,
+            f.need_files,
+            f.need_bytes,
+            f.conflicts,
+        );
+        for path in &f.unavailable {
+            let _ = writeln!(
+                out,
+                "    unavailable: {path} (no source has intact data for it yet; not written)"
+            );
+        }
+    }
+    if !status.storage.is_empty() {
+        let _ = writeln!(out, "storage peers:");
+    }
+    for s in &status.storage {
+        let _ = writeln!(
+            out,
+            "  {} {}  holds this device's changes up to {} of {}{}",
+            s.id,
+            connected(s.connected),
+            s.holds_my_changes,
+            s.my_changes,
+            if s.holds_latest { " (up to date)" } else { "" }
+        );
+        for report in &s.stale_reports {
+            let _ = writeln!(out, "    WARNING: {report}");
+        }
+    }
+    out
+}
+
+fn storage_status(status: &StoragePeerStatus) -> String {
+    let mut out = String::new();
+    let holds = &status.holds;
+    let _ = writeln!(out, "storage peer {}", status.device_id);
+    for addr in &status.listen {
+        let _ = writeln!(out, "  listening on {addr}");
+    }
+    let _ = writeln!(
+        out,
+        "holds {} chunks ({:.1} MB of ciphertext, {:.1} MB on disk) and {} sealed changes; it has no key to read them",
+        holds.chunks,
+        holds.chunk_bytes as f64 / 1e6,
+        holds.disk_bytes as f64 / 1e6,
+        holds.sealed_changes
+    );
+    let _ = writeln!(out, "members:");
+    for p in &status.peers {
+        let state = if p.role != "device" {
+            String::new()
+        } else if p.up_to_date {
+            format!("up to date (holds its changes up to {})", p.held_changes)
+        } else {
+            match p.device_changes {
+                None => format!(
+                    "holds its changes up to {} (not met since this storage peer started)",
+                    p.held_changes
+                ),
+                Some(has) => format!("holds its changes up to {}, it has {has}", p.held_changes),
+            }
+        };
+        let _ = writeln!(
+            out,
+            "  {} {:<8} {:<9} {state}",
+            p.id,
+            p.role,
+            connected(p.connected)
+        );
+    }
+    out
+}
+
+/// `meshsync devices`.
+pub fn devices(list: &[DeviceInfo]) -> String {
+    let mut out = String::new();
+    for d in list {
+        let _ = writeln!(
+            out,
+            "{} {:<12} {:<9}{}{}",
+            d.id,
+            d.name,
+            d.role,
+            if d.admin { " admin" } else { "" },
+            if d.this_device {
+                " (this device)"
+            } else if d.connected {
+                " connected"
+            } else {
+                " offline"
+            }
+        );
+    }
+    out
+}
+
+/// `meshsync conflicts`.
+pub fn conflicts(list: &[ConflictCopy]) -> String {
+    if list.is_empty() {
+        return "no conflicts\n".into();
+    }
+    let mut out = String::new();
+    for c in list {
+        let _ = writeln!(
+            out,
+            "{}/{}: other version kept as {}{}",
+            c.folder,
+            c.path,
+            c.copy,
+            if c.on_disk { "" } else { " (being written)" }
+        );
+    }
+    out
+}
+
+/// `meshsync folder list`.
+pub fn folders(list: &[FolderInfo]) -> String {
+    list.iter()
+        .map(|f| format!("{}  {}\n", f.id, f.path))
+        .collect()
+}
+
+/// `meshsync ignore`.
+pub fn ignore(rules: &IgnoreList) -> String {
+    let shared = rules.shared.iter().map(|l| ("shared", l));
+    let local = rules.local.iter().map(|l| ("this device", l));
+    shared
+        .chain(local)
+        .map(|(kind, line)| format!("{kind:<12} {line}\n"))
+        .collect()
+}
+
+/// `meshsync versions`; `now` is the current Unix time in seconds.
+pub fn versions(list: &VersionList, now: u64) -> String {
+    if list.versions.is_empty() {
+        return format!("no kept versions of {}\n", list.path);
+    }
+    list.versions
+        .iter()
+        .map(|v| {
+            format!(
+                "{:>3}  {:>12} bytes  replaced {}s ago{}\n",
+                v.number,
+                v.size,
+                now.saturating_sub(v.replaced_at),
+                if v.stored_here {
+                    "  (stored on this device)"
+                } else {
+                    ""
+                }
+            )
+        })
+        .collect()
+}
+
+/// `meshsync restore`.
+pub fn restored(done: &Restored) -> String {
+    format!(
+        "restored version {} of {} ({} bytes)\n",
+        done.number, done.path, done.size
+    )
+}
+
+/// `meshsync gc`.
+pub fn gc(report: &GcReport) -> String {
+    let mut out = format!(
+        "forgot {} old versions past the retention; {} chunks no longer referenced, {} bytes freed here\n",
+        report.expired_versions, report.unreferenced_chunks, report.freed_here_bytes
+    );
+    for r in &report.storage_peers {
+        let _ = writeln!(
+            out,
+            "  storage peer {}: {} chunks deleted ({} bytes)",
+            r.storage_peer.as_deref().unwrap_or("?"),
+            r.chunks,
+            r.bytes
+        );
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    //! Every human-readable format, on fixed replies (IDs and times are fixed inputs, so the
+    //! snapshots need no normalising).
+
+    use super::*;
+    use crate::control::*;
+
+    const DEV_A: &str = "AAAAAAA-BBBBBBB-CCCCCCC-DDDDDDD-EEEEEEE-FFFFFFF-GGGGGGG-HHHHHHH";
+    const DEV_B: &str = "BBBBBBB-CCCCCCC-DDDDDDD-EEEEEEE-FFFFFFF-GGGGGGG-HHHHHHH-IIIIIII";
+    const DEV_S: &str = "SSSSSSS-TTTTTTT-UUUUUUU-VVVVVVV-WWWWWWW-XXXXXXX-YYYYYYY-ZZZZZZZ";
+
+    #[test]
+    fn device_status() {
+        let status = Status::Device(DeviceStatus {
+            device_id: DEV_A.into(),
+            mesh_id: "mesh".into(),
+            listen: vec!["/ip4/127.0.0.1/tcp/22000".into()],
+            peers: vec![
+                PeerStatus {
+                    id: DEV_B.into(),
+                    name: "desktop".into(),
+                    role: "device".into(),
+                    connected: true,
+                    bytes_in: 1200,
+                    bytes_out: 3400,
+                },
+                PeerStatus {
+                    id: DEV_S.into(),
+                    name: "nas".into(),
+                    role: "storage".into(),
+                    connected: false,
+                    bytes_in: 0,
+                    bytes_out: 0,
+                },
+            ],
+            folders: vec![
+                FolderStatus {
+                    id: "docs".into(),
+                    path: "/home/me/Documents".into(),
+                    in_sync: true,
+                    need_files: 0,
+                    need_bytes: 0,
+                    local_files: 42,
+                    conflicts: 1,
+                    held_deletes: 0,
+                    unavailable: vec![],
+                },
+                FolderStatus {
+                    id: "photos".into(),
+                    path: "/home/me/Pictures".into(),
+                    in_sync: false,
+                    need_files: 3,
+                    need_bytes: 3_000_000,
+                    local_files: 10,
+                    conflicts: 0,
+                    held_deletes: 12,
+                    unavailable: vec!["2026/beach.jpg".into()],
+                },
+            ],
+            storage: vec![StorageReport {
+                id: DEV_S.into(),
+                connected: false,
+                holds_my_changes: 7,
+                holds: [(DEV_A.to_string(), 7)].into(),
+                my_changes: 9,
+                holds_latest: false,
+                stale_reports: vec!["storage peer SSSSSSS rolled back".into()],
+            }],
+        });
+        insta::assert_snapshot!(super::status(&status));
+    }
+
+    #[test]
+    fn storage_peer_status() {
+        let status = Status::Storage(StoragePeerStatus {
+            device_id: DEV_S.into(),
+            role: "storage".into(),
+            mesh_id: Some("mesh".into()),
+            listen: vec!["/ip4/127.0.0.1/tcp/22001".into()],
+            peers: vec![
+                StorageMember {
+                    id: DEV_A.into(),
+                    role: "device".into(),
+                    connected: true,
+                    bytes_in: 10,
+                    bytes_out: 20,
+                    held_changes: 9,
+                    device_changes: Some(9),
+                    up_to_date: true,
+                },
+                StorageMember {
+                    id: DEV_B.into(),
+                    role: "device".into(),
+                    connected: false,
+                    bytes_in: 0,
+                    bytes_out: 0,
+                    held_changes: 3,
+                    device_changes: None,
+                    up_to_date: false,
+                },
+            ],
+            holds: Holdings {
+                chunks: 120,
+                chunk_bytes: 7_500_000,
+                disk_bytes: 7_600_000,
+                sealed_changes: 12,
+                sealed_bytes: 40_000,
+            },
+        });
+        insta::assert_snapshot!(super::status(&status));
+    }
+
+    #[test]
+    fn devices_list() {
+        let list = [
+            DeviceInfo {
+                id: DEV_A.into(),
+                name: "laptop".into(),
+                role: "device".into(),
+                admin: true,
+                this_device: true,
+                connected: true,
+            },
+            DeviceInfo {
+                id: DEV_B.into(),
+                name: "desktop".into(),
+                role: "read-only".into(),
+                admin: false,
+                this_device: false,
+                connected: false,
+            },
+        ];
+        insta::assert_snapshot!(devices(&list));
+    }
+
+    #[test]
+    fn conflicts_list() {
+        assert_eq!(conflicts(&[]), "no conflicts\n");
+        let list = [
+            ConflictCopy {
+                folder: "docs".into(),
+                path: "notes.txt".into(),
+                copy: "notes.sync-conflict-20261128-010203-BBBBBBB.txt".into(),
+                author: Some(DEV_B.into()),
+                on_disk: true,
+            },
+            ConflictCopy {
+                folder: "docs".into(),
+                path: "plan.md".into(),
+                copy: "plan.sync-conflict-20261129-101010-AAAAAAA.md".into(),
+                author: None,
+                on_disk: false,
+            },
+        ];
+        insta::assert_snapshot!(conflicts(&list));
+    }
+
+    #[test]
+    fn folders_ignore_versions_restore_gc() {
+        let mut out = folders(&[FolderInfo {
+            id: "docs".into(),
+            path: "/home/me/Documents".into(),
+        }]);
+        out += &ignore(&IgnoreList {
+            folder: "docs".into(),
+            shared: vec!["*.log".into(), "build/".into()],
+            local: vec!["!keep.log".into()],
+        });
+        let mut list = VersionList {
+            folder: "docs".into(),
+            path: "notes.txt".into(),
+            versions: vec![],
+        };
+        out += &versions(&list, 1_000_000);
+        list.versions = vec![
+            VersionInfo {
+                number: 1,
+                version: 3,
+                size: 1234,
+                mtime_ns: 0,
+                replaced_at: 999_940,
+                stored_here: true,
+            },
+            VersionInfo {
+                number: 2,
+                version: 2,
+                size: 99,
+                mtime_ns: 0,
+                replaced_at: 900_000,
+                stored_here: false,
+            },
+        ];
+        out += &versions(&list, 1_000_000);
+        out += &restored(&Restored {
+            folder: "docs".into(),
+            path: "notes.txt".into(),
+            number: 2,
+            size: 99,
+            chunks_from_this_device: 1,
+            chunks_from_peers: 0,
+        });
+        out += &gc(&GcReport {
+            expired_versions: 4,
+            unreferenced_chunks: 6,
+            freed_here_bytes: 300_000,
+            storage_peers: vec![Released {
+                storage_peer: Some(DEV_S.into()),
+                chunks: 6,
+                bytes: 310_000,
+            }],
+        });
+        insta::assert_snapshot!(out);
+    }
+}

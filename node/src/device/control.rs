@@ -1,0 +1,89 @@
+//! The control-socket requests a device answers (see [`crate::control`] for the types).
+
+use std::time::Duration;
+
+use meshsync_crdt::{FolderId, Role};
+
+use super::scan::{self, ScanOptions};
+use super::{history, mesh, status, Shared};
+use crate::control::{self, FolderAdded, FolderInfo, InviteCode, Joined, Request, ScanDone};
+
+/// Answers one CLI request.
+pub async fn handle(device: &Shared, request: Request) -> anyhow::Result<serde_json::Value> {
+    match request {
+        Request::Status => control::reply(control::Status::Device(status::status(device).await)),
+        Request::Devices => control::reply(status::devices(device).await),
+        Request::Conflicts => control::reply(device.lock().await.conflicts()),
+        Request::Invite { role, expires_secs } => {
+            let role: Role = role.parse().map_err(|e: String| anyhow::anyhow!(e))?;
+            let code = mesh::invite(device, role, Duration::from_secs(expires_secs)).await?;
+            control::reply(InviteCode { code })
+        }
+        Request::Join { code } => {
+            let mesh = mesh::join(device, &code).await?;
+            control::reply(Joined {
+                mesh: mesh.to_string(),
+            })
+        }
+        Request::FolderAdd { path, id } => {
+            let id = id.map(|i| FolderId::new(&i)).transpose()?;
+            let id = device.lock().await.add_folder(&path, id)?;
+            scan::scan(device, &id, ScanOptions::default()).await?;
+            control::reply(FolderAdded { id: id.to_string() })
+        }
+        Request::FolderList => {
+            let list = device.lock().await.folder_list();
+            control::reply(
+                list.into_iter()
+                    .map(|(id, path)| FolderInfo {
+                        id: id.to_string(),
+                        path: path.display().to_string(),
+                    })
+                    .collect::<Vec<_>>(),
+            )
+        }
+        Request::FolderRemove { id } => {
+            let id = FolderId::new(&id)?;
+            let path = device.lock().await.remove_folder(&id)?;
+            control::reply(FolderInfo {
+                id: id.to_string(),
+                path: path.display().to_string(),
+            })
+        }
+        Request::Ignore {
+            folder,
+            patterns,
+            local,
+        } => {
+            let id = FolderId::new(&folder)?;
+            let rules = device.lock().await.add_ignore(&id, &patterns, local)?;
+            if !patterns.is_empty() {
+                scan::scan(device, &id, ScanOptions::default()).await?;
+            }
+            control::reply(rules)
+        }
+        Request::Versions { path } => control::reply(history::list(device, &path).await?),
+        Request::Restore { path, version } => {
+            control::reply(history::restore(device, &path, version).await?)
+        }
+        Request::Gc => control::reply(history::gc(device).await?),
+        Request::Scan {
+            folder,
+            allow_deletes,
+        } => {
+            let options = ScanOptions {
+                allow_mass_delete: allow_deletes,
+                requested: true,
+            };
+            match folder {
+                Some(id) => {
+                    let id = FolderId::new(&id)?;
+                    device.lock().await.folder(&id)?;
+                    scan::scan(device, &id, options).await?;
+                }
+                None => scan::scan_all(device, options).await?,
+            }
+            control::reply(ScanDone { scanned: true })
+        }
+    }
+}

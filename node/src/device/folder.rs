@@ -1,0 +1,231 @@
+//! A synced folder on this device: its replicated index, what this device holds of it on disk,
+//! and what it could not do (deletions held back, paths no source could give). Adding,
+//! removing and watching folders.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex as StdMutex};
+
+use anyhow::Context;
+use meshsync_crdt::{DeviceKeys, FolderId, FolderIndex, MembershipLog};
+
+use super::ignore::Rules;
+use super::serve::ChunkMap;
+use super::Device;
+use crate::state::{in_sync, Batch, LocalFile, State};
+
+/// The marker file that proves a folder is really there (an unmounted disk has none).
+pub const MARKER: &str = ".meshsync-folder";
+
+/// Prefix of the temp files a device assembles incoming files in.
+pub const TEMP_PREFIX: &str = ".meshsync-tmp-";
+
+pub(crate) struct Folder {
+    pub(crate) path: PathBuf,
+    pub(crate) index: FolderIndex,
+    pub(crate) local: BTreeMap<String, LocalFile>,
+    /// Deletions the mass-delete guard is holding back.
+    pub(crate) held_deletes: usize,
+    /// Paths the index wants whose content no source could give intact (never written).
+    pub(crate) unavailable: BTreeSet<String>,
+}
+
+impl Folder {
+    fn new(path: PathBuf, index: FolderIndex, local: BTreeMap<String, LocalFile>) -> Folder {
+        Folder {
+            path,
+            index,
+            local,
+            held_deletes: 0,
+            unavailable: BTreeSet::new(),
+        }
+    }
+
+    /// Records what this device now holds at `path` (`None`: nothing): in memory, in the
+    /// chunk map it serves from, and in `batch`.
+    pub(crate) fn set_local(
+        &mut self,
+        id: &FolderId,
+        map: &mut ChunkMap,
+        batch: &mut Batch,
+        path: String,
+        file: Option<LocalFile>,
+    ) {
+        match &file {
+            Some(file) => {
+                map.remember(self.path.join(&path), file);
+                self.local.insert(path.clone(), file.clone());
+            }
+            None => {
+                map.forget(&self.path.join(&path));
+                self.local.remove(&path);
+            }
+        }
+        batch.local.push((id.clone(), path, file));
+    }
+
+    /// Paths whose winning version is not on disk here yet (ignored paths excepted).
+    pub(crate) fn needs(&self) -> BTreeSet<String> {
+        let rules = Rules::load(&self.path);
+        self.index
+            .iter()
+            .filter(|(path, state)| {
+                !rules.ignores_record(path, &state.winner)
+                    && !in_sync(self.local.get(path), &state.winner)
+            })
+            .map(|(path, _)| path)
+            .collect()
+    }
+
+    /// How many regular files this device holds in the folder.
+    pub(crate) fn file_count(&self) -> usize {
+        self.local
+            .values()
+            .filter(|l| l.kind == meshsync_crdt::FileKind::File)
+            .count()
+    }
+}
+
+/// Loads every folder of the state, fills the chunk map from what each holds, and removes temp
+/// files a killed daemon left behind.
+pub(crate) fn load_all(
+    state: &State,
+    log: &MembershipLog,
+    keys: &DeviceKeys,
+    chunk_map: &Arc<StdMutex<ChunkMap>>,
+) -> anyhow::Result<BTreeMap<FolderId, Folder>> {
+    let mut loaded = state.load()?;
+    let mut folders = BTreeMap::new();
+    for (id, path) in loaded.folders {
+        let shards = loaded.shards.remove(&id).unwrap_or_default();
+        let index = FolderIndex::load(log.mesh(), id.clone(), shards)?
+            .with_actor(meshsync_crdt::index::actor_for(&keys.device_id(), 0));
+        let local = loaded.local.remove(&id).unwrap_or_default();
+        {
+            let mut map = chunk_map.lock().expect("chunk map lock");
+            for (rel, file) in &local {
+                map.remember(path.join(rel), file);
+            }
+        }
+        remove_temp_files(&path);
+        folders.insert(id, Folder::new(path, index, local));
+    }
+    Ok(folders)
+}
+
+/// Removes temp files left by a daemon that was killed while writing (they never carry a
+/// final name, so nothing is lost).
+fn remove_temp_files(dir: &Path) {
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return;
+    };
+    for entry in entries.flatten() {
+        let path = entry.path();
+        let name = entry.file_name();
+        if name.to_string_lossy().starts_with(TEMP_PREFIX) {
+            let _ = std::fs::remove_file(&path);
+        } else if entry.file_type().is_ok_and(|t| t.is_dir()) {
+            remove_temp_files(&path);
+        }
+    }
+}
+
+impl Device {
+    /// Adds a folder: `id` joins an existing mesh folder or creates a new one.
+    pub fn add_folder(&mut self, path: &Path, id: Option<FolderId>) -> anyhow::Result<FolderId> {
+        let path = std::fs::canonicalize(path)
+            .with_context(|| format!("{} does not exist", path.display()))?;
+        if !path.is_dir() {
+            anyhow::bail!("{} is not a folder", path.display());
+        }
+        let probe = path.join(".meshsync-probe");
+        std::fs::write(&probe, b"")
+            .with_context(|| format!("{} is not writable", path.display()))?;
+        let _ = std::fs::remove_file(&probe);
+        if self.folders.values().any(|f| f.path == path) {
+            anyhow::bail!("{} is already synced", path.display());
+        }
+        let id = id.unwrap_or_else(FolderId::random);
+        if self.folders.contains_key(&id) {
+            anyhow::bail!("folder {id} is already on this device");
+        }
+        std::fs::write(path.join(MARKER), format!("meshsync folder {id}\n"))?;
+        let index = FolderIndex::new(self.log.mesh(), id.clone())
+            .with_actor(meshsync_crdt::index::actor_for(&self.keys.device_id(), 0));
+        self.state.commit(Batch {
+            folders: vec![(id.clone(), path.clone())],
+            ..Batch::default()
+        })?;
+        self.watch(&id, &path);
+        self.folders
+            .insert(id.clone(), Folder::new(path, index, BTreeMap::new()));
+        // Changes to this folder that came through storage peers before it was added here.
+        super::storage::replay(self, &id)?;
+        Ok(id)
+    }
+
+    /// Stops syncing a folder on this device (its files stay where they are).
+    pub fn remove_folder(&mut self, id: &FolderId) -> anyhow::Result<PathBuf> {
+        let folder = self.folders.remove(id).with_context(|| no_folder(id))?;
+        self.state.remove_folder(id)?;
+        self.chunk_map
+            .lock()
+            .expect("chunk map lock")
+            .forget_under(&folder.path);
+        Ok(folder.path)
+    }
+
+    /// Watches a folder; changes outside `.meshsync*` files trigger a debounced rescan.
+    pub(crate) fn watch(&mut self, id: &FolderId, path: &Path) {
+        use notify::Watcher;
+        let tx = self.changes.clone();
+        let id = id.clone();
+        let root = path.to_path_buf();
+        let handler = move |event: notify::Result<notify::Event>| {
+            let Ok(event) = event else { return };
+            // The daemon's own files do not trigger a scan; the shared ignore rules do.
+            let ours = event.paths.iter().all(|p| {
+                p.strip_prefix(&root)
+                    .is_ok_and(|rel| super::ignore::is_own_file(&rel.to_string_lossy()))
+            });
+            if !ours && !matches!(event.kind, notify::EventKind::Access(_)) {
+                let _ = tx.send(id.clone());
+            }
+        };
+        match notify::recommended_watcher(handler) {
+            Ok(mut watcher) => match watcher.watch(path, notify::RecursiveMode::Recursive) {
+                Ok(()) => self.watchers.push(watcher),
+                Err(error) => {
+                    tracing::warn!(path = %path.display(), %error, "cannot watch; relying on periodic scans")
+                }
+            },
+            Err(error) => tracing::warn!(%error, "no file watcher; relying on periodic scans"),
+        }
+    }
+
+    /// Paths whose winning version is not on disk here yet, per folder.
+    pub(crate) fn needs(&self) -> Vec<(FolderId, BTreeSet<String>)> {
+        self.folders
+            .iter()
+            .map(|(id, f)| (id.clone(), f.needs()))
+            .filter(|(_, paths)| !paths.is_empty())
+            .collect()
+    }
+
+    pub fn folder_list(&self) -> Vec<(FolderId, PathBuf)> {
+        self.folders
+            .iter()
+            .map(|(id, f)| (id.clone(), f.path.clone()))
+            .collect()
+    }
+
+    /// The folder `id`, or an error that says how to list them.
+    pub(crate) fn folder(&self, id: &FolderId) -> anyhow::Result<&Folder> {
+        self.folders.get(id).with_context(|| no_folder(id))
+    }
+}
+
+/// The error for a folder ID this device does not sync.
+pub(crate) fn no_folder(id: &FolderId) -> String {
+    format!("no folder {id} on this device (see `meshsync folder list`)")
+}

@@ -1,0 +1,342 @@
+//! Getting the bytes of the files a plan writes: their chunk lists, a temp file per file filled
+//! with the chunks this device already holds (read from current local files and re-checked),
+//! then the rest fetched from every connected peer and written into place as it arrives, so
+//! memory holds only what is in flight, never whole files.
+//!
+//! A chunk that fails its check (altered on a storage peer's disk, or a bad peer) is refused,
+//! logged, and asked again from the other sources, up to three rounds. File I/O and chunk
+//! opening run on blocking threads.
+
+use std::collections::{BTreeSet, HashMap};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use anyhow::Context;
+use meshsync_crdt::keys::ChunkIdKey;
+use meshsync_crdt::{ChunkId, ChunkListHash, FileKind, MeshKey};
+use meshsync_transport::chunks::{self, Fetched};
+use meshsync_transport::{PeerId, Transport};
+
+use super::plan::Work;
+use crate::chunks::{content, ChunkRef};
+use crate::device::folder::TEMP_PREFIX;
+use crate::device::{Device, Shared};
+use crate::protocol::{self, SyncReply, SyncRequest};
+
+/// Files at least this big get their own fsync; smaller ones share one `syncfs` per batch.
+pub(super) const OWN_FSYNC: u64 = 4 << 20;
+
+/// Chunk lists by their hash.
+pub(super) type Lists = HashMap<ChunkListHash, Vec<ChunkRef>>;
+
+/// A file being assembled: its temp file, final size, and how many chunks it still lacks.
+pub(super) struct Pending {
+    pub(super) tmp: PathBuf,
+    pub(super) size: u64,
+    pub(super) left: usize,
+    /// For a symlink: its target, assembled in memory (it is never a file on disk).
+    pub(super) link: Option<Vec<u8>>,
+}
+
+/// Every file being assembled (by its step's position in the plan) and where each missing
+/// chunk goes.
+#[derive(Default)]
+pub(super) struct Assembly {
+    pub(super) pending: HashMap<usize, Pending>,
+    wanted_at: HashMap<ChunkId, Vec<(usize, u64)>>,
+    /// Big files already complete, being flushed while the rest arrives.
+    pub(super) flushes: Vec<(usize, tokio::task::JoinHandle<std::io::Result<()>>)>,
+}
+
+/// Where this device already holds chunks: current files (re-checked when read) and link
+/// targets.
+#[derive(Default)]
+pub(super) struct Held {
+    files: HashMap<ChunkId, Vec<(PathBuf, ChunkRef)>>,
+    links: HashMap<ChunkId, Vec<u8>>,
+}
+
+impl Device {
+    /// Where this device holds the chunks of `lists` now.
+    pub(super) fn held_chunks(&self, lists: &Lists) -> Held {
+        let map = self.chunk_map.lock().expect("chunk map lock");
+        let mut held = Held::default();
+        for c in lists.values().flatten() {
+            if let Some(places) = map.locations.get(&c.id) {
+                held.files.insert(c.id, places.clone());
+            }
+            if let Some(target) = map.links.get(&c.id) {
+                held.links.insert(c.id, target.clone());
+            }
+        }
+        held
+    }
+}
+
+/// The chunk lists of the files `work` writes: from this device's state, else asked of `from`
+/// (each checked against its hash; a list that does not match is ignored).
+pub(super) async fn chunk_lists(
+    device: &Shared,
+    transport: &Transport,
+    from: PeerId,
+    work: &[Work],
+) -> anyhow::Result<Lists> {
+    let wanted: BTreeSet<ChunkListHash> = work
+        .iter()
+        .filter(|w| w.needs_content())
+        .map(|w| w.record.chunks)
+        .collect();
+    let mut lists = Lists::new();
+    {
+        let d = device.lock().await;
+        for hash in &wanted {
+            if let Ok(Some(list)) = d.state.chunk_list(hash) {
+                lists.insert(*hash, list);
+            }
+        }
+    }
+    let ask: Vec<ChunkListHash> = wanted
+        .into_iter()
+        .filter(|h| !lists.contains_key(h))
+        .collect();
+    if ask.is_empty() {
+        return Ok(lists);
+    }
+    if let SyncReply::ChunkLists(got) =
+        protocol::doc(transport, from, &SyncRequest::ChunkLists(ask)).await?
+    {
+        for (hash, list) in got {
+            if content::chunk_list_hash(&list) == hash {
+                lists.insert(hash, list);
+            } else {
+                tracing::warn!(peer = %from, "chunk list does not match its hash; ignored");
+            }
+        }
+    }
+    Ok(lists)
+}
+
+/// The temp name step `i` assembles `target` in (same folder, so the rename is atomic).
+fn temp_path(target: &Path, i: usize) -> anyhow::Result<PathBuf> {
+    let name = target
+        .file_name()
+        .and_then(|n| n.to_str())
+        .unwrap_or("file");
+    let dir = target.parent().context("no parent folder")?;
+    Ok(dir.join(format!("{TEMP_PREFIX}{}-{i}-{name}", std::process::id())))
+}
+
+/// Gives every file or link `work` writes a temp file (links: a buffer) filled with the
+/// chunks this device already holds, and notes where each missing chunk goes. Blocking.
+pub(super) fn prepare(
+    root: &Path,
+    work: &[Work],
+    lists: &Lists,
+    held: &Held,
+    id_key: &ChunkIdKey,
+) -> anyhow::Result<Assembly> {
+    let mut assembly = Assembly::default();
+    for (i, w) in work.iter().enumerate() {
+        if !w.needs_content() {
+            continue;
+        }
+        let Some(list) = lists.get(&w.record.chunks) else {
+            continue;
+        };
+        let target = root.join(&w.path);
+        let pending = if w.record.kind == FileKind::Symlink {
+            assembly.prepare_link(i, temp_path(&target, i)?, list, held)
+        } else {
+            std::fs::create_dir_all(target.parent().context("file has no parent folder")?)?;
+            assembly.prepare_file(i, temp_path(&target, i)?, list, held, id_key)?
+        };
+        assembly.pending.insert(i, pending);
+    }
+    Ok(assembly)
+}
+
+impl Assembly {
+    fn want(&mut self, id: ChunkId, i: usize, offset: u64) {
+        self.wanted_at.entry(id).or_default().push((i, offset));
+    }
+
+    fn prepare_link(&mut self, i: usize, tmp: PathBuf, list: &[ChunkRef], held: &Held) -> Pending {
+        let size = content::list_size(list);
+        let mut link = vec![0u8; size as usize];
+        let mut left = 0;
+        for c in list {
+            let at = c.range().start as usize..c.range().end as usize;
+            match (held.links.get(&c.id), link.get_mut(at)) {
+                (Some(data), Some(slot)) if data.len() == slot.len() => slot.copy_from_slice(data),
+                _ => {
+                    self.want(c.id, i, c.offset);
+                    left += 1;
+                }
+            }
+        }
+        Pending {
+            tmp,
+            size,
+            left,
+            link: Some(link),
+        }
+    }
+
+    fn prepare_file(
+        &mut self,
+        i: usize,
+        tmp: PathBuf,
+        list: &[ChunkRef],
+        held: &Held,
+        id_key: &ChunkIdKey,
+    ) -> anyhow::Result<Pending> {
+        use std::os::unix::fs::FileExt;
+        let size = content::list_size(list);
+        let file =
+            std::fs::File::create(&tmp).with_context(|| format!("creating {}", tmp.display()))?;
+        file.set_len(size)?;
+        let mut left = 0usize;
+        for c in list {
+            let here = held
+                .files
+                .get(&c.id)
+                .into_iter()
+                .flatten()
+                .find_map(|(src, at)| {
+                    let mut data = vec![0u8; at.len as usize];
+                    std::fs::File::open(src)
+                        .ok()?
+                        .read_exact_at(&mut data, at.offset)
+                        .ok()?;
+                    (content::chunk_id(id_key, &data) == c.id).then_some(data)
+                });
+            match here {
+                Some(data) => file.write_all_at(&data, c.offset)?,
+                None => {
+                    self.want(c.id, i, c.offset);
+                    left += 1;
+                }
+            }
+        }
+        Ok(Pending {
+            tmp,
+            size,
+            left,
+            link: None,
+        })
+    }
+
+    /// Opens each fetched chunk and writes it wherever it is wanted; a big file that becomes
+    /// complete starts its own flush. A chunk that fails its check marks its sender bad.
+    /// Blocking (runs until the fetch ends).
+    fn receive(
+        &mut self,
+        mut rx: tokio::sync::mpsc::Receiver<Fetched>,
+        key: &MeshKey,
+        bad_sources: &mut BTreeSet<PeerId>,
+    ) -> anyhow::Result<()> {
+        use std::os::unix::fs::FileExt;
+        let id_key = key.chunk_id_key();
+        // Chunks of one file mostly arrive together: keep its handle.
+        let mut last_open: Option<(usize, std::fs::File)> = None;
+        while let Some(chunk) = rx.blocking_recv() {
+            let opened = content::open_chunk(
+                &key.chunk_key(),
+                &id_key,
+                key.epoch(),
+                &chunk.id,
+                chunk.data,
+            );
+            let plain = match opened {
+                Ok(plain) => plain,
+                Err(error) => {
+                    tracing::warn!(peer = %chunk.peer, %error, "bad chunk refused; asking other sources");
+                    bad_sources.insert(chunk.peer);
+                    continue;
+                }
+            };
+            for (i, offset) in self.wanted_at.remove(&chunk.id).unwrap_or_default() {
+                let Some(p) = self.pending.get_mut(&i) else {
+                    continue;
+                };
+                if let Some(link) = &mut p.link {
+                    let at = offset as usize..offset as usize + plain.len();
+                    if let Some(slot) = link.get_mut(at) {
+                        slot.copy_from_slice(&plain);
+                    }
+                } else {
+                    if last_open.as_ref().is_none_or(|(at, _)| *at != i) {
+                        let file = std::fs::OpenOptions::new()
+                            .write(true)
+                            .open(&p.tmp)
+                            .with_context(|| format!("opening {}", p.tmp.display()))?;
+                        last_open = Some((i, file));
+                    }
+                    if let Some((_, file)) = &last_open {
+                        file.write_all_at(&plain, offset)
+                            .with_context(|| format!("writing into {}", p.tmp.display()))?;
+                    }
+                }
+                p.left -= 1;
+                if p.left == 0 && p.link.is_none() && p.size >= OWN_FSYNC {
+                    // A big file is flushed on its own as soon as it is complete, while the
+                    // rest of the batch is still arriving.
+                    let file = std::fs::File::open(&p.tmp)
+                        .with_context(|| format!("opening {}", p.tmp.display()))?;
+                    self.flushes
+                        .push((i, tokio::task::spawn_blocking(move || file.sync_data())));
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Fetches every chunk `assembly` still lacks from the connected peers, in up to three rounds
+/// (a round that refused no bad chunk ends it: what is missing has no source now).
+pub(super) async fn fetch(
+    transport: &Transport,
+    key: &MeshKey,
+    mut assembly: Assembly,
+) -> anyhow::Result<Assembly> {
+    let mut bad_sources: BTreeSet<PeerId> = BTreeSet::new();
+    for _round in 0..3 {
+        let missing: Vec<ChunkId> = assembly.wanted_at.keys().copied().collect();
+        if missing.is_empty() {
+            break;
+        }
+        let peers: Vec<PeerId> = transport
+            .connected_peers()
+            .await
+            .into_iter()
+            .filter(|p| !bad_sources.contains(p))
+            .collect();
+        if peers.is_empty() {
+            break;
+        }
+        let bad_before = bad_sources.len();
+        let (sink, rx) = tokio::sync::mpsc::channel::<Fetched>(64);
+        let fetcher = transport.clone();
+        let task = tokio::spawn(async move { chunks::fetch(&fetcher, peers, missing, sink).await });
+        let key = Arc::new(key.clone());
+        let (back, bad, received) = tokio::task::spawn_blocking(move || {
+            let mut bad = bad_sources;
+            let received = assembly.receive(rx, &key, &mut bad);
+            (assembly, bad, received)
+        })
+        .await?;
+        (assembly, bad_sources) = (back, bad);
+        received?;
+        let report = task.await?;
+        if !report.missing.is_empty() {
+            tracing::warn!(
+                missing = report.missing.len(),
+                "some chunks are not available yet"
+            );
+        }
+        if bad_sources.len() == bad_before {
+            break;
+        }
+    }
+    Ok(assembly)
+}

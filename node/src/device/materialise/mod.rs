@@ -1,0 +1,198 @@
+//! Materialise: bring files on disk in line with the index, in three stages.
+//!
+//! 1. [`plan`] (pure): which paths get a conflict copy, a write, a delete, in which order.
+//! 2. [`fetch`]: chunk lists, temp files filled from local chunks, the rest fetched from every
+//!    connected peer and checked.
+//! 3. [`commit`]: flush, install (rename into place, links, directories, deletes; a local edit
+//!    made since the last scan is kept as a conflict copy), then record the new local state.
+//!
+//! Replaced and deleted files stay restorable: before anything is installed, the chunks the new
+//! version does not reuse are sealed into this device's chunk store ([`crate::versions`]).
+//! One materialise runs at a time per device, so a catch-up never fetches what a pull is
+//! already fetching. The device lock is held only to plan and to record, never across the
+//! network or the disk work.
+
+pub mod commit;
+pub mod fetch;
+pub mod plan;
+
+use std::collections::{BTreeSet, HashSet};
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex as StdMutex};
+
+use anyhow::Context;
+use meshsync_crdt::{ChunkId, DeviceId, FolderId, MeshKey};
+use meshsync_transport::{PeerId, Transport};
+
+use super::ignore::Rules;
+use super::{Device, Shared};
+use crate::chunks::ChunkStore;
+use crate::state::{Batch, LocalFile};
+use commit::Installed;
+use fetch::Lists;
+use plan::{Plan, Step, Work};
+
+/// What one materialise works with, taken from the device under its lock.
+struct Job {
+    root: PathBuf,
+    transport: Transport,
+    key: MeshKey,
+    store: Arc<StdMutex<ChunkStore>>,
+    me: DeviceId,
+    plan: Plan,
+}
+
+/// Brings the files at `paths` of `folder` in line with the index, fetching what is missing
+/// from `from` (chunk lists) and every connected peer (chunks).
+#[tracing::instrument(skip_all, fields(%folder, peer = %from))]
+pub(crate) async fn materialise(
+    device: &Shared,
+    from: PeerId,
+    folder: &FolderId,
+    paths: BTreeSet<String>,
+) -> anyhow::Result<()> {
+    let gate = device.lock().await.materialising.clone();
+    let _one_at_a_time = gate.lock().await;
+    let Some(job) = device.lock().await.job(folder, paths)? else {
+        return Ok(());
+    };
+    let work = Arc::new(job.plan.work);
+    let lists = Arc::new(fetch::chunk_lists(device, &job.transport, from, &work).await?);
+    let held = device.lock().await.held_chunks(&lists);
+    let assembly = {
+        let (root, work, lists, id_key) = (
+            job.root.clone(),
+            work.clone(),
+            lists.clone(),
+            job.key.chunk_id_key(),
+        );
+        blocking(move || fetch::prepare(&root, &work, &lists, &held, &id_key)).await?
+    };
+    let mut assembly = fetch::fetch(&job.transport, &job.key, assembly).await?;
+    let mut flushed = BTreeSet::new();
+    for (i, flush) in std::mem::take(&mut assembly.flushes) {
+        flush.await?.context("flushing a written file")?;
+        flushed.insert(i);
+    }
+    let mut batch = Batch::default();
+    let installed = {
+        let (root, work, lists, key, me) = (
+            job.root.clone(),
+            work.clone(),
+            lists.clone(),
+            job.key.clone(),
+            job.me,
+        );
+        let olds = job.plan.olds;
+        let (store, folder) = (job.store.clone(), folder.clone());
+        blocking(move || {
+            commit::flush(&root, &assembly, &flushed)?;
+            keep_replaced(
+                &store, &key, &root, &folder, &work, &olds, &lists, &mut batch,
+            )?;
+            let installed = commit::install(&root, &work, assembly, &lists, &key, &me)?;
+            Ok((installed, batch))
+        })
+        .await?
+    };
+    device.lock().await.record_materialised(folder, installed)
+}
+
+/// Runs blocking file work off the async workers.
+async fn blocking<T: Send + 'static>(
+    work: impl FnOnce() -> anyhow::Result<T> + Send + 'static,
+) -> anyhow::Result<T> {
+    tokio::task::spawn_blocking(work).await?
+}
+
+/// Files about to be replaced or deleted by another device's version stay restorable: the
+/// chunks the new version does not reuse go into this device's store first, and the old
+/// records into `batch`.
+#[allow(clippy::too_many_arguments)]
+fn keep_replaced(
+    store: &StdMutex<ChunkStore>,
+    key: &MeshKey,
+    root: &std::path::Path,
+    folder: &FolderId,
+    work: &[Work],
+    olds: &std::collections::HashMap<String, LocalFile>,
+    lists: &Lists,
+    batch: &mut Batch,
+) -> anyhow::Result<()> {
+    let replaced: Vec<(String, LocalFile, HashSet<ChunkId>)> = work
+        .iter()
+        .filter_map(|w| {
+            let old = olds.get(&w.path)?;
+            let deleted = w.step == Step::Delete;
+            if !deleted && old.list_hash == w.record.chunks {
+                return None;
+            }
+            let keep = lists
+                .get(&w.record.chunks)
+                .filter(|_| !deleted)
+                .map(|l| l.iter().map(|c| c.id).collect())
+                .unwrap_or_default();
+            Some((w.path.clone(), old.clone(), keep))
+        })
+        .collect();
+    if replaced.is_empty() {
+        return Ok(());
+    }
+    let stored = crate::versions::preserve(store, key, root, &replaced)?;
+    tracing::debug!(stored, "chunks of replaced versions kept");
+    for (rel, old, _) in &replaced {
+        crate::versions::record(batch, folder, rel, old);
+    }
+    Ok(())
+}
+
+impl Device {
+    /// Plans a materialise of `paths` and takes what it needs; `None` if there is nothing to
+    /// do.
+    fn job(&self, folder: &FolderId, paths: BTreeSet<String>) -> anyhow::Result<Option<Job>> {
+        let Some(f) = self.folders.get(folder) else {
+            return Ok(None);
+        };
+        let rules = Rules::load(&f.path);
+        let plan = plan::plan(&f.index, &f.local, &rules, paths, |name| {
+            f.path.join(name).exists()
+        });
+        if plan.work.is_empty() {
+            return Ok(None);
+        }
+        Ok(Some(Job {
+            root: f.path.clone(),
+            transport: self.transport.clone(),
+            key: self.mesh_key()?,
+            store: self.store.clone(),
+            me: self.keys.device_id(),
+            plan,
+        }))
+    }
+
+    /// Records what a materialise installed: local state, chunk map, kept versions, chunk
+    /// lists, unavailable paths — one commit.
+    fn record_materialised(
+        &mut self,
+        folder: &FolderId,
+        (installed, mut batch): (Installed, Batch),
+    ) -> anyhow::Result<()> {
+        let Some(f) = self.folders.get_mut(folder) else {
+            return Ok(());
+        };
+        batch.lists.extend(installed.lists);
+        for path in installed.unavailable {
+            if f.unavailable.insert(path.clone()) {
+                tracing::warn!(%path, "file unavailable: no source has intact chunks for it; not written");
+            }
+        }
+        let mut map = self.chunk_map.lock().expect("chunk map lock");
+        for (path, file) in installed.updates {
+            f.unavailable.remove(&path);
+            f.set_local(folder, &mut map, &mut batch, path, file);
+        }
+        drop(map);
+        self.state.commit(batch)?;
+        Ok(())
+    }
+}

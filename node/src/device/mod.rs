@@ -1,0 +1,169 @@
+//! A device: the engine behind `meshsync up` on a laptop, desktop or server. It owns the home's
+//! state database, runs the transport, and keeps the folders in sync. Nothing here is global:
+//! a test or a simulation can run many [`Device`]s in one process (see [`net::Network::memory`]).
+//!
+//! ```no_run
+//! # async fn demo(home: meshsync_node::home::Home) -> anyhow::Result<()> {
+//! use meshsync_node::{device, net::Network};
+//! let device = device::start(home, Network::memory()).await?;
+//! let status = device.lock().await.status().await;
+//! # Ok(()) }
+//! ```
+//!
+//! Where things live (each module's doc says more):
+//! - [`tasks`]: the background loops (watcher debounce, pull rounds, catch-up, redial, gc);
+//! - [`mesh`]: membership and keys: open or create the mesh, invite, apply a join;
+//! - [`folder`]: a synced folder (its index and local state), add/remove, watching;
+//! - [`ignore`]: the one answer to "is this path ignored / one of the daemon's own files";
+//! - [`scan`]: disk → signed index records (classification and the mass-delete guard are pure);
+//! - [`sync`]: `/meshsync/doc/1` server and client: pull, push, admit peers' changes;
+//! - [`materialise`]: index → disk, as `plan` (pure), `fetch` (chunks into temp files) and
+//!   `commit` (flush, rename, delete, record);
+//! - [`conflict`]: conflict-copy names;
+//! - [`serve`]: which file holds each chunk, serving chunks from the synced files;
+//! - [`storage`]: the exchange with storage peers (push sealed, pull sealed, stale reports);
+//! - [`history`]: `versions`, `restore` and `gc` on a running device;
+//! - [`status`]: the typed reports behind `status`, `devices`, `conflicts`;
+//! - [`control`]: the control-socket requests a device answers.
+//!
+//! Concurrency: one `tokio::sync::Mutex` around the [`Device`] (the *device lock*); see
+//! ARCHITECTURE.md "Tasks and locks" for every task, every lock, and their order.
+
+pub mod conflict;
+pub mod control;
+pub mod folder;
+pub mod history;
+pub mod ignore;
+pub mod materialise;
+pub mod mesh;
+pub mod scan;
+pub mod serve;
+pub mod status;
+pub mod storage;
+pub mod sync;
+pub mod tasks;
+
+use std::collections::BTreeMap;
+use std::sync::{Arc, Mutex as StdMutex};
+
+use meshsync_crdt::{DeviceKeys, FolderId, MembershipLog, MeshKey};
+use meshsync_transport::{chunks, Transport};
+use tokio::sync::Mutex;
+
+use crate::chunks::ChunkStore;
+use crate::home::Home;
+use crate::net::{self, Network};
+use crate::state::State;
+use crate::storage_client::Sealing;
+use folder::Folder;
+use serve::{ChunkMap, Served};
+
+/// A running device (see the module docs). Other code holds it as [`Shared`].
+pub struct Device {
+    pub(crate) home: Home,
+    pub(crate) keys: Arc<DeviceKeys>,
+    pub(crate) state: State,
+    pub(crate) log: MembershipLog,
+    /// The current mesh key (`None` until this device holds one), shared with the chunk server.
+    pub(crate) key: Arc<StdMutex<Option<MeshKey>>>,
+    pub(crate) folders: BTreeMap<FolderId, Folder>,
+    /// Where each chunk of each current file lies (the chunk server reads it without the
+    /// device lock).
+    pub(crate) chunk_map: Arc<StdMutex<ChunkMap>>,
+    pub(crate) transport: Transport,
+    /// Folder watchers (kept alive) and where they report.
+    watchers: Vec<notify::RecommendedWatcher>,
+    pub(crate) changes: tokio::sync::mpsc::UnboundedSender<FolderId>,
+    /// One materialise at a time, so a catch-up never fetches what a pull is fetching.
+    pub(crate) materialising: Arc<Mutex<()>>,
+    /// The IP the pairing endpoint listens on.
+    pub(crate) pair_ip: String,
+    /// This device's side of storage peers: its sealed changes, what it applied, what it saw.
+    pub(crate) sealing: Sealing,
+    /// Sealed chunks of old versions this device keeps (`HOME/chunks`).
+    pub(crate) store: Arc<StdMutex<ChunkStore>>,
+}
+
+/// The device behind its lock, as every task and handler holds it.
+pub type Shared = Arc<Mutex<Device>>;
+
+/// Starts a device on `home`: state, transport, protocol handlers, background tasks.
+pub async fn start(home: Home, network: Network) -> anyhow::Result<Shared> {
+    let keys = Arc::new(home.load_keys()?);
+    home.config()?; // a bad config.toml stops the start with its reason
+    let (state, log) = mesh::open_state(&home, &keys)?;
+    let key = Arc::new(StdMutex::new(mesh::current_key(&log, &keys)));
+    let chunk_map = Arc::new(StdMutex::new(ChunkMap::default()));
+    let folders = folder::load_all(&state, &log, &keys, &chunk_map)?;
+    let transport = net::start_transport(&keys, &network)?;
+    transport
+        .set_allowed(net::other_members(&log, &keys.device_id()))
+        .await;
+    net::dial_all(&transport, net::static_addrs(&home, &state)).await;
+    let sealing = Sealing::load(&state)?;
+    let store = Arc::new(StdMutex::new(ChunkStore::open(
+        &home.path().join("chunks"),
+    )?));
+    let (changes, changed) = tokio::sync::mpsc::unbounded_channel::<FolderId>();
+    let device = Arc::new(Mutex::new(Device {
+        home,
+        keys,
+        state,
+        log,
+        key: key.clone(),
+        folders,
+        chunk_map: chunk_map.clone(),
+        transport: transport.clone(),
+        watchers: Vec::new(),
+        changes,
+        materialising: Arc::new(Mutex::new(())),
+        pair_ip: network.pair_ip(),
+        sealing,
+        store: store.clone(),
+    }));
+    {
+        let mut d = device.lock().await;
+        for (id, path) in d.folder_list() {
+            d.watch(&id, &path);
+        }
+    }
+    chunks::start_serving(
+        &transport,
+        Arc::new(Served {
+            map: chunk_map,
+            key,
+            store,
+        }),
+    )?;
+    sync::serve(&device, &transport)?;
+    tasks::spawn_all(&device, changed);
+    Ok(device)
+}
+
+impl Device {
+    pub fn transport(&self) -> &Transport {
+        &self.transport
+    }
+
+    pub fn keys(&self) -> &DeviceKeys {
+        &self.keys
+    }
+
+    pub fn home(&self) -> &Home {
+        &self.home
+    }
+
+    pub fn state(&self) -> &State {
+        &self.state
+    }
+
+    /// Reads and seals chunks of current local files and kept versions (what this device
+    /// serves).
+    pub(crate) fn served(&self) -> Served {
+        Served {
+            map: self.chunk_map.clone(),
+            key: self.key.clone(),
+            store: self.store.clone(),
+        }
+    }
+}

@@ -1,0 +1,591 @@
+//! Scanning: from what is on disk to signed index records.
+//!
+//! 1. [`walk`] (on a blocking thread) lists what changed since the last scan: files whose size,
+//!    mtime or mode differ are chunked; files still being written are left for a rescan
+//!    ([`SETTLE`]); the daemon's own files and ignored paths are skipped; vanished paths become
+//!    deletions. Symlinks are recorded as links (their target is their content), never followed.
+//! 2. [`mass_delete_held`] holds back a scan that would delete most of a folder.
+//! 3. [`classify`] decides per path whether it needs a new record, is already the index's
+//!    winner, or must wait for a newer version to be written first.
+//! 4. The new records are signed, committed with the local state and the sealed form for
+//!    storage peers, and pushed to connected devices.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::Path;
+use std::time::Duration;
+
+use anyhow::Context;
+use meshsync_crdt::index::{shard_of, FileUpdate};
+use meshsync_crdt::keys::ChunkIdKey;
+use meshsync_crdt::{ChunkListHash, FileKind, FileRecord, FolderId, MeshKey};
+
+use super::folder::MARKER;
+use super::ignore::{is_own_file, Rules};
+use super::serve::unix_nanos;
+use super::{sync, Device, Shared};
+use crate::chunks::{content, ChunkRef};
+use crate::protocol::{ByteBuf, SyncChanges, SyncRequest};
+use crate::state::{Batch, LocalFile};
+
+/// Files modified more recently than this are still being written: they wait for a rescan.
+pub const SETTLE: Duration = Duration::from_millis(40);
+
+/// A scan that would delete at least this many files, and more than half of the folder, is
+/// held back until the user confirms (`meshsync scan --allow-deletes`): an emptied or
+/// half-unmounted folder must not wipe every other device.
+pub const MASS_DELETE_MIN: usize = 10;
+
+/// How a scan was asked for.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct ScanOptions {
+    /// Confirm a mass delete the guard held back.
+    pub allow_mass_delete: bool,
+    /// Asked by the user (`meshsync scan`): take files modified in the last moments too, which
+    /// the watcher leaves to settle (a file that changes while it is read is still left).
+    pub requested: bool,
+}
+
+/// One scanned path's new state (`file: None`: it is gone).
+#[derive(Debug)]
+pub struct Scanned {
+    pub path: String,
+    pub file: Option<LocalFile>,
+    pub refs: Vec<ChunkRef>,
+}
+
+/// What a walk found.
+#[derive(Debug, Default)]
+pub struct Walked {
+    pub changed: Vec<Scanned>,
+    /// Some file was left for later because it is still being written.
+    pub unsettled: bool,
+}
+
+/// Rescans every folder (the watcher's and the periodic scans).
+pub async fn scan_all(device: &Shared, options: ScanOptions) -> anyhow::Result<()> {
+    let ids: Vec<FolderId> = device.lock().await.folders.keys().cloned().collect();
+    for id in ids {
+        scan(device, &id, options).await?;
+    }
+    Ok(())
+}
+
+/// Rescans one folder, records what changed, and pushes it to connected devices. Returns how
+/// many paths changed.
+#[tracing::instrument(skip_all, fields(folder = %id))]
+pub async fn scan(device: &Shared, id: &FolderId, options: ScanOptions) -> anyhow::Result<usize> {
+    let (root, local, key) = {
+        let d = device.lock().await;
+        let f = d.folder(id)?;
+        (f.path.clone(), f.local.clone(), d.mesh_key()?)
+    };
+    if !root.join(MARKER).exists() {
+        anyhow::bail!(
+            "{} has no {MARKER} marker: is the disk mounted? Not scanning, so nothing is deleted",
+            root.display()
+        );
+    }
+    let id_key = key.chunk_id_key();
+    let wait_settle = !options.requested;
+    let walked =
+        tokio::task::spawn_blocking(move || walk(&root, &local, &id_key, wait_settle)).await??;
+    let mut d = device.lock().await;
+    if walked.unsettled {
+        let (changes, id) = (d.changes.clone(), id.clone());
+        tokio::spawn(async move {
+            tokio::time::sleep(SETTLE).await;
+            let _ = changes.send(id);
+        });
+    }
+    let f = d
+        .folders
+        .get_mut(id)
+        .context("folder removed while scanning")?;
+    let deletes = walked.changed.iter().filter(|s| s.file.is_none()).count();
+    let held = mass_delete_held(deletes, f.file_count(), options.allow_mass_delete);
+    f.held_deletes = if held { deletes } else { 0 };
+    let scanned: Vec<Scanned> = if held {
+        tracing::warn!(
+            deletes,
+            files_here = f.file_count(),
+            "mass delete held back; run `meshsync scan --allow-deletes {id}` if it is intended"
+        );
+        walked
+            .changed
+            .into_iter()
+            .filter(|s| s.file.is_some())
+            .collect()
+    } else {
+        walked.changed
+    };
+    let count = scanned.len();
+    if count == 0 {
+        return Ok(0);
+    }
+    if let Some(push) = d.record_scan(id, scanned, &key)? {
+        let storage = d.storage_peers().into_iter().collect();
+        sync::push_to_devices(d.transport.clone(), storage, push);
+    }
+    Ok(count)
+}
+
+/// Whether the guard holds back a scan's `deletes` in a folder of `files_here` files: at least
+/// [`MASS_DELETE_MIN`] and more than half, unless the user allowed it.
+pub fn mass_delete_held(deletes: usize, files_here: usize, allowed: bool) -> bool {
+    !allowed && deletes >= MASS_DELETE_MIN && deletes * 2 > files_here
+}
+
+/// What a scanned path needs.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Decision {
+    /// A new signed record.
+    Record,
+    /// Nothing new: this content already is the index's winner (just written here, or the
+    /// same edit made elsewhere); only the local state takes that version.
+    Same(u64),
+    /// A newer version waits to be written here; writing it will keep this edit as a conflict
+    /// copy. Recording the edit now would silently supersede that version.
+    Wait,
+}
+
+/// Decides what the scanned state `found` of a path needs, given the index's `winner` there and
+/// the version this device last held (`base`, 0 if none).
+pub fn classify(found: Option<&LocalFile>, winner: Option<&FileRecord>, base: u64) -> Decision {
+    let Some(w) = winner else {
+        return Decision::Record;
+    };
+    if w.version > base && found.is_some() && base > 0 {
+        return Decision::Wait;
+    }
+    match found {
+        Some(file)
+            if !w.deleted
+                && w.chunks == file.list_hash
+                && w.mode == file.mode
+                && w.kind == file.kind =>
+        {
+            Decision::Same(w.version)
+        }
+        None if w.deleted => Decision::Same(w.version),
+        _ => Decision::Record,
+    }
+}
+
+/// The index update for a scanned path (`previous`: the kind it had, for a deletion).
+fn update_for(scan: &Scanned, previous: Option<FileKind>) -> FileUpdate {
+    match &scan.file {
+        Some(file) => FileUpdate {
+            path: scan.path.clone(),
+            kind: file.kind,
+            size: file.size,
+            mode: file.mode,
+            mtime_ns: file.mtime_ns,
+            deleted: false,
+            chunks: file.list_hash,
+        },
+        None => FileUpdate {
+            path: scan.path.clone(),
+            kind: previous.unwrap_or(FileKind::File),
+            size: 0,
+            mode: 0,
+            mtime_ns: unix_nanos(std::time::SystemTime::now()),
+            deleted: true,
+            chunks: ChunkListHash::default(),
+        },
+    }
+}
+
+impl Device {
+    /// Signs records for the scanned paths that need one, updates the local state of the
+    /// others, commits (with the sealed form for storage peers) and returns the push for the
+    /// connected devices, if anything new was signed.
+    fn record_scan(
+        &mut self,
+        id: &FolderId,
+        scanned: Vec<Scanned>,
+        key: &MeshKey,
+    ) -> anyhow::Result<Option<SyncRequest>> {
+        let epoch = self.log.view().epoch;
+        let f = self
+            .folders
+            .get_mut(id)
+            .context("folder removed while scanning")?;
+        let mut same = Vec::new();
+        let mut new = Vec::new();
+        for scan in scanned {
+            let winner = f.index.get(&scan.path).map(|s| s.winner);
+            let local = f.local.get(&scan.path);
+            let base = local.map(|l| l.version).unwrap_or(0);
+            match classify(scan.file.as_ref(), winner.as_ref(), base) {
+                Decision::Record => new.push((update_for(&scan, local.map(|l| l.kind)), scan)),
+                Decision::Same(version) => same.push((scan, version)),
+                Decision::Wait => {}
+            }
+        }
+        let (updates, new): (Vec<FileUpdate>, Vec<Scanned>) = new.into_iter().unzip();
+        let records = f.index.write(&self.keys, epoch, updates)?;
+        let mut batch = Batch::default();
+        let mut map = self.chunk_map.lock().expect("chunk map lock");
+        for (scan, record) in new.into_iter().zip(&records) {
+            // What this device held before the edit stays restorable (its bytes come back from
+            // a storage peer or another device: the edit already overwrote them here).
+            if let Some(old) = f.local.get(&scan.path) {
+                let replaced = scan
+                    .file
+                    .as_ref()
+                    .is_none_or(|new| new.list_hash != old.list_hash);
+                if replaced {
+                    crate::versions::record(&mut batch, id, &scan.path, old);
+                }
+            }
+            let file = scan.file.map(|file| LocalFile {
+                version: record.version,
+                ..file
+            });
+            if let Some(file) = &file {
+                batch.lists.push((file.list_hash, scan.refs));
+            }
+            f.set_local(id, &mut map, &mut batch, scan.path, file);
+        }
+        for (scan, version) in same {
+            let file = scan.file.map(|file| LocalFile { version, ..file });
+            f.set_local(id, &mut map, &mut batch, scan.path, file);
+        }
+        drop(map);
+        let shards: BTreeSet<u16> = records.iter().map(|r| shard_of(id, &r.path)).collect();
+        for shard in shards {
+            if let Some(bytes) = f.index.save_shard(shard) {
+                batch.shards.push((id.clone(), shard, bytes));
+            }
+        }
+        let changes = f.index.take_local_changes();
+        if changes.is_empty() {
+            self.state.commit(batch)?;
+            return Ok(None);
+        }
+        // The same changes, sealed for storage peers, with the chunk lists they name.
+        let lists = batch.lists.clone();
+        let mesh = self.log.mesh();
+        self.sealing
+            .seal(&self.keys, key, mesh, id, &changes, lists, &mut batch)?;
+        // Sent along with the push for the other devices to forward, unless that makes it big
+        // (they would get it from a storage peer, or never need it).
+        let sealed_size: usize = batch.sealed.iter().map(|(_, _, b)| b.len()).sum();
+        let sealed = if sealed_size <= crate::storage_client::SEAL_BUDGET {
+            batch
+                .sealed
+                .iter()
+                .map(|(_, _, b)| ByteBuf::from(b.clone()))
+                .collect()
+        } else {
+            Vec::new()
+        };
+        self.state.commit(batch)?;
+        Ok(Some(SyncRequest::Push(SyncChanges {
+            membership: vec![],
+            folders: vec![(id.clone(), changes)],
+            heads: self.sealing.heads(),
+            sealed,
+        })))
+    }
+}
+
+/// Walks `root`; returns what changed since `local`, and whether some file was left for later
+/// because it is still being written (only when `wait_settle`).
+pub fn walk(
+    root: &Path,
+    local: &BTreeMap<String, LocalFile>,
+    id_key: &ChunkIdKey,
+    wait_settle: bool,
+) -> anyhow::Result<Walked> {
+    let rules = Rules::load(root);
+    let mut walked = Walked::default();
+    let mut seen = BTreeSet::new();
+    let mut stack = vec![root.to_path_buf()];
+    while let Some(dir) = stack.pop() {
+        for entry in
+            std::fs::read_dir(&dir).with_context(|| format!("reading {}", dir.display()))?
+        {
+            let entry = entry?;
+            if entry.file_name().to_str().is_none() {
+                continue; // a name that is not UTF-8 cannot be a record's path
+            }
+            let path = entry.path();
+            let rel = path.strip_prefix(root)?.to_string_lossy().to_string();
+            if is_own_file(&rel) {
+                // The daemon's own files (temp files come and go) are never synced; the
+                // `.meshsync/` folder is entered only for the shared ignore rules.
+                if rel == ".meshsync" && entry.file_type().is_ok_and(|t| t.is_dir()) {
+                    stack.push(path);
+                }
+                continue;
+            }
+            let meta = std::fs::symlink_metadata(&path)?;
+            seen.insert(rel.clone());
+            if rules.ignores(&rel, meta.is_dir()) {
+                continue; // ignored: neither recorded nor deleted
+            }
+            if meta.is_dir() {
+                stack.push(path.clone());
+            }
+            match examine(&path, &meta, local.get(&rel), id_key, wait_settle)? {
+                Examined::Unchanged => {}
+                Examined::Unsettled => walked.unsettled = true,
+                Examined::Changed(file, refs) => walked.changed.push(Scanned {
+                    path: rel,
+                    file: Some(file),
+                    refs,
+                }),
+            }
+        }
+    }
+    for (rel, file) in local {
+        let is_dir = file.kind == FileKind::Directory;
+        if !seen.contains(rel) && !rules.ignores(rel, is_dir) {
+            walked.changed.push(Scanned {
+                path: rel.clone(),
+                file: None,
+                refs: vec![],
+            });
+        }
+    }
+    Ok(walked)
+}
+
+/// What [`examine`] found at one path.
+enum Examined {
+    Unchanged,
+    /// Still being written: left for a rescan.
+    Unsettled,
+    Changed(LocalFile, Vec<ChunkRef>),
+}
+
+/// Looks at one directory entry against what this device last recorded there (`known`).
+fn examine(
+    path: &Path,
+    meta: &std::fs::Metadata,
+    known: Option<&LocalFile>,
+    id_key: &ChunkIdKey,
+    wait_settle: bool,
+) -> anyhow::Result<Examined> {
+    use std::os::unix::fs::MetadataExt;
+    let mode = meta.mode() & 0o7777;
+    if meta.is_dir() {
+        if known.is_some_and(|l| l.kind == FileKind::Directory) {
+            return Ok(Examined::Unchanged);
+        }
+        let dir = LocalFile::directory(mode, 0, ChunkListHash::default());
+        return Ok(Examined::Changed(dir, vec![]));
+    }
+    if meta.file_type().is_symlink() {
+        return examine_link(path, meta, known, id_key);
+    }
+    if !meta.is_file() {
+        return Ok(Examined::Unchanged); // sockets, devices, fifos: not synced
+    }
+    let mtime_ns = meta.modified().map(unix_nanos).unwrap_or(0);
+    let modified = meta.modified().unwrap_or(std::time::UNIX_EPOCH);
+    let age = std::time::SystemTime::now().duration_since(modified);
+    if wait_settle && age.is_ok_and(|age| age < SETTLE) {
+        // Still being written: recording it now would publish a torn version.
+        return Ok(Examined::Unsettled);
+    }
+    let same = known.is_some_and(|l| {
+        l.kind == FileKind::File && l.size == meta.len() && l.mtime_ns == mtime_ns && l.mode == mode
+    });
+    if same {
+        return Ok(Examined::Unchanged);
+    }
+    let file = std::fs::File::open(path)?;
+    // A write in progress can keep mtime still while the size grows: if the file is not
+    // exactly what it was when we started reading, it is not settled yet (checked after every
+    // block, so a growing file costs one block, not a whole pass).
+    let unchanged = || {
+        file.metadata()
+            .is_ok_and(|now| now.len() == meta.len() && now.modified().ok() == meta.modified().ok())
+    };
+    let refs = content::chunk_file(&file, id_key, unchanged)?;
+    let size: u64 = refs.iter().flatten().map(|c| u64::from(c.len)).sum();
+    // …and the path must still name the file that was read (not one renamed over it).
+    let replaced = std::fs::symlink_metadata(path).map_or(true, |after| {
+        after.ino() != meta.ino() || after.modified().ok() != meta.modified().ok()
+    });
+    let Some(refs) = refs.filter(|_| size == meta.len() && !replaced) else {
+        return Ok(Examined::Unsettled);
+    };
+    let file = LocalFile {
+        kind: FileKind::File,
+        size,
+        mtime_ns,
+        mode,
+        chunks: refs.clone(),
+        version: 0,
+        list_hash: content::chunk_list_hash(&refs),
+    };
+    Ok(Examined::Changed(file, refs))
+}
+
+/// A symlink is synced as a link, never followed: its content is the target path.
+fn examine_link(
+    path: &Path,
+    meta: &std::fs::Metadata,
+    known: Option<&LocalFile>,
+    id_key: &ChunkIdKey,
+) -> anyhow::Result<Examined> {
+    use std::os::unix::ffi::OsStrExt;
+    let target = std::fs::read_link(path)?;
+    let bytes = target.as_os_str().as_bytes();
+    let refs = content::chunk_stream(bytes, id_key, |_, _| {})?;
+    let list_hash = content::chunk_list_hash(&refs);
+    if known.is_some_and(|l| l.kind == FileKind::Symlink && l.list_hash == list_hash) {
+        return Ok(Examined::Unchanged);
+    }
+    let link = LocalFile {
+        kind: FileKind::Symlink,
+        size: bytes.len() as u64,
+        mtime_ns: meta.modified().map(unix_nanos).unwrap_or(0),
+        mode: 0o777,
+        chunks: refs.clone(),
+        version: 0,
+        list_hash,
+    };
+    Ok(Examined::Changed(link, refs))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use meshsync_crdt::{DeviceKeys, Epoch, FolderIndex, MeshId};
+
+    fn id_key() -> ChunkIdKey {
+        MeshKey::generate(Epoch(0)).chunk_id_key()
+    }
+
+    fn local_of(walked: &Walked) -> BTreeMap<String, LocalFile> {
+        walked
+            .changed
+            .iter()
+            .filter_map(|s| Some((s.path.clone(), s.file.clone()?)))
+            .collect()
+    }
+
+    #[test]
+    fn walk_finds_new_changed_and_gone_paths_and_skips_own_and_ignored_files() {
+        let dir = tempfile::tempdir().unwrap();
+        let root = dir.path();
+        std::fs::write(root.join(MARKER), "m").unwrap();
+        std::fs::create_dir_all(root.join("sub")).unwrap();
+        std::fs::create_dir_all(root.join(".meshsync")).unwrap();
+        std::fs::write(root.join(".meshsync/ignore"), "*.tmp\n").unwrap();
+        std::fs::write(root.join(".meshsync/ignore.local"), "").unwrap();
+        std::fs::write(root.join("sub/a.txt"), "hello").unwrap();
+        std::fs::write(root.join("junk.tmp"), "x").unwrap();
+        std::os::unix::fs::symlink("sub/a.txt", root.join("link")).unwrap();
+        let key = id_key();
+        let first = walk(root, &BTreeMap::new(), &key, false).unwrap();
+        let paths: BTreeSet<&str> = first.changed.iter().map(|s| s.path.as_str()).collect();
+        assert_eq!(
+            paths,
+            BTreeSet::from([".meshsync/ignore", "sub", "sub/a.txt", "link"])
+        );
+        let link = first.changed.iter().find(|s| s.path == "link").unwrap();
+        assert_eq!(link.file.as_ref().unwrap().kind, FileKind::Symlink);
+        assert_eq!(link.file.as_ref().unwrap().size, "sub/a.txt".len() as u64);
+
+        // Nothing changed: nothing to record.
+        let local = local_of(&first);
+        assert!(walk(root, &local, &key, false).unwrap().changed.is_empty());
+
+        // An edit, a deletion.
+        std::fs::write(root.join("sub/a.txt"), "hello, world").unwrap();
+        std::fs::remove_file(root.join("link")).unwrap();
+        let second = walk(root, &local, &key, false).unwrap();
+        let edited = second
+            .changed
+            .iter()
+            .find(|s| s.path == "sub/a.txt")
+            .unwrap();
+        assert_eq!(edited.file.as_ref().unwrap().size, 12);
+        let gone = second.changed.iter().find(|s| s.path == "link").unwrap();
+        assert!(gone.file.is_none());
+        assert_eq!(second.changed.len(), 2);
+    }
+
+    #[test]
+    fn walk_leaves_a_file_just_written_for_later_unless_asked() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("fresh.txt"), "x").unwrap();
+        let key = id_key();
+        let waited = walk(dir.path(), &BTreeMap::new(), &key, true).unwrap();
+        assert!(waited.unsettled);
+        assert!(waited.changed.is_empty());
+        let asked = walk(dir.path(), &BTreeMap::new(), &key, false).unwrap();
+        assert!(!asked.unsettled);
+        assert_eq!(asked.changed.len(), 1);
+    }
+
+    #[test]
+    fn mass_delete_guard_holds_most_of_a_folder_only() {
+        assert!(mass_delete_held(10, 12, false));
+        assert!(!mass_delete_held(10, 12, true), "allowed by the user");
+        assert!(!mass_delete_held(9, 9, false), "fewer than ten files");
+        assert!(
+            !mass_delete_held(10, 20, false),
+            "half the folder is not more than half"
+        );
+        assert!(mass_delete_held(11, 20, false));
+    }
+
+    fn record(version: u64, chunks: ChunkListHash, deleted: bool) -> FileRecord {
+        let keys = DeviceKeys::generate();
+        let mut index = FolderIndex::new(MeshId::from_bytes([1; 16]), FolderId::random());
+        for _ in 0..version {
+            index
+                .write(
+                    &keys,
+                    Epoch(0),
+                    vec![FileUpdate {
+                        path: "p".into(),
+                        kind: FileKind::File,
+                        size: 1,
+                        mode: 0o644,
+                        mtime_ns: 1,
+                        deleted,
+                        chunks,
+                    }],
+                )
+                .unwrap();
+        }
+        index.get("p").unwrap().winner
+    }
+
+    fn file(list_hash: ChunkListHash) -> LocalFile {
+        LocalFile {
+            kind: FileKind::File,
+            size: 1,
+            mtime_ns: 1,
+            mode: 0o644,
+            chunks: vec![],
+            version: 0,
+            list_hash,
+        }
+    }
+
+    #[test]
+    fn classify_records_new_content_and_recognises_the_winner() {
+        let a = ChunkListHash([1; 32]);
+        let b = ChunkListHash([2; 32]);
+        assert_eq!(classify(Some(&file(a)), None, 0), Decision::Record);
+        let w = record(1, a, false);
+        assert_eq!(classify(Some(&file(a)), Some(&w), 0), Decision::Same(1));
+        assert_eq!(classify(Some(&file(b)), Some(&w), 1), Decision::Record);
+        // A newer version (2) waits to be written over the version this device had (1): the
+        // local edit must not supersede it.
+        let newer = record(2, a, false);
+        assert_eq!(classify(Some(&file(b)), Some(&newer), 1), Decision::Wait);
+        // A deletion that is already the winner needs no new record.
+        let deleted = record(1, ChunkListHash::default(), true);
+        assert_eq!(classify(None, Some(&deleted), 1), Decision::Same(1));
+        assert_eq!(classify(None, Some(&w), 1), Decision::Record);
+    }
+}

@@ -1,0 +1,338 @@
+//! The exchange with storage peers, run when one connects and on every pull round (one at a
+//! time): give it the membership, ask what it holds and check that against the signed heads
+//! this device has seen (stale or rolled-back storage is reported), push this device's sealed
+//! changes and the sealed chunks they name that it lacks, then pull and apply other authors'
+//! sealed changes. The sealing and bookkeeping are [`crate::storage_client`].
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use anyhow::Context;
+use meshsync_crdt::index::shard_of;
+use meshsync_crdt::{ChunkId, DeviceId, FolderId, MembershipView, SealedChange};
+use meshsync_transport::{PeerId, Transport};
+
+use super::{materialise, Device, Shared};
+use crate::chunks::content;
+use crate::control::StorageReport;
+use crate::protocol::{
+    self, to_heads, ByteBuf, SealedPayload, StoreReply, StoreRequest, SyncChanges, SyncReply,
+    SyncRequest,
+};
+use crate::state::Batch;
+use crate::storage_client::{push_chunks, PUSH_BUDGET};
+
+/// One exchange with a storage peer: push what it lacks of this device, pull what this device
+/// lacks of others, and check that it is not serving an older state.
+pub async fn sync_with_storage(device: &Shared, peer: PeerId) -> anyhow::Result<()> {
+    let gate = device.lock().await.sealing.exchange_gate();
+    let Ok(_one) = gate.try_lock() else {
+        return Ok(()); // an exchange is under way
+    };
+    let storage = DeviceId::from_peer_id(&peer).context("storage peer without a device ID")?;
+    let (transport, me, mine, seq, applied) = {
+        let d = device.lock().await;
+        let me = d.keys.device_id();
+        (
+            d.transport.clone(),
+            me,
+            d.sealing.heads.get(&me).cloned(),
+            d.sealing.seq,
+            d.sealing.applied.clone(),
+        )
+    };
+    // Membership first, so the storage peer knows every device this one may send it to.
+    let membership = {
+        let mut d = device.lock().await;
+        let heads = to_heads(&d.log.heads());
+        (!d.sealing.membership_given(&storage, &heads)).then(|| (heads, d.log.changes_since(&[])))
+    };
+    if let Some((heads, changes)) = membership {
+        let push = SyncRequest::Push(SyncChanges {
+            membership: changes,
+            ..Default::default()
+        });
+        if let SyncReply::Ok = protocol::doc(&transport, peer, &push).await? {
+            device.lock().await.sealing.gave_membership(storage, heads);
+        }
+    }
+    let StoreReply::Heads(held) =
+        protocol::sealed(&transport, peer, &StoreRequest::Heads { mine }).await?
+    else {
+        anyhow::bail!("unexpected storage reply");
+    };
+    let mine_held = {
+        let mut d = device.lock().await;
+        let d = &mut *d;
+        // Written only when something changed: this runs every half second.
+        let before = postcard::to_stdvec(&d.sealing.storage.get(&storage)).unwrap_or_default();
+        d.sealing.check_storage(me, storage, &held);
+        if postcard::to_stdvec(&d.sealing.storage.get(&storage)).unwrap_or_default() != before {
+            let mut batch = Batch::default();
+            d.sealing.persist(&mut batch);
+            d.state.commit(batch)?;
+        }
+        d.sealing.have(&d.state)?
+    };
+    // This device's sealed changes, and those others gave it, that the storage peer lacks.
+    for (author, have) in &mine_held {
+        let theirs = held.get(author).copied().unwrap_or(0);
+        if theirs >= *have {
+            continue;
+        }
+        push(device, &transport, peer, author, theirs).await?;
+        if *author == me {
+            let mut d = device.lock().await;
+            let view = d.sealing.storage.entry(storage).or_default();
+            view.held.insert(me, seq);
+            let most = view.most_held.entry(me).or_insert(0);
+            *most = (*most).max(seq);
+        }
+    }
+    let wanted = held
+        .iter()
+        .any(|(author, n)| *author != me && *n > applied.get(author).copied().unwrap_or(0));
+    if wanted {
+        pull(device, &transport, peer).await?;
+    }
+    Ok(())
+}
+
+/// Sends the storage peer `author`'s sealed changes after number `from` that this device
+/// holds, each preceded by the sealed chunks it names that the storage peer lacks.
+async fn push(
+    device: &Shared,
+    transport: &Transport,
+    peer: PeerId,
+    author: &DeviceId,
+    from: u64,
+) -> anyhow::Result<()> {
+    let mut from = from;
+    loop {
+        let (blobs, key, served) = {
+            let d = device.lock().await;
+            let blobs: Vec<Vec<u8>> = d
+                .state
+                .sealed_after(author, from, PUSH_BUDGET)?
+                .into_iter()
+                .map(|(_, blob)| blob)
+                .collect();
+            (blobs, d.mesh_key()?, d.served())
+        };
+        if blobs.is_empty() {
+            return Ok(());
+        }
+        let mut ids: Vec<ChunkId> = Vec::new();
+        let mut seen = BTreeSet::new();
+        for blob in &blobs {
+            let sealed = SealedChange::decode(blob)?;
+            from = from.max(sealed.seq);
+            let Ok(plain) = sealed.open(&key) else {
+                continue; // another epoch: its chunks went with it
+            };
+            let payload: SealedPayload = postcard::from_bytes(&plain)?;
+            for (_, list) in payload.lists {
+                for c in list {
+                    if seen.insert(c.id) {
+                        ids.push(c.id);
+                    }
+                }
+            }
+        }
+        for group in ids.chunks(8192) {
+            let StoreReply::Missing(missing) =
+                protocol::sealed(transport, peer, &StoreRequest::Missing(group.to_vec())).await?
+            else {
+                anyhow::bail!("unexpected storage reply");
+            };
+            push_chunks(transport, peer, served.clone(), missing).await?;
+        }
+        let blobs = blobs.into_iter().map(ByteBuf::from).collect();
+        protocol::sealed(transport, peer, &StoreRequest::Put(blobs)).await?;
+    }
+}
+
+/// Fetches, checks, opens and applies other authors' sealed changes from a storage peer.
+async fn pull(device: &Shared, transport: &Transport, peer: PeerId) -> anyhow::Result<()> {
+    loop {
+        let after = {
+            let d = device.lock().await;
+            let mut after = d.sealing.applied.clone();
+            after.insert(d.keys.device_id(), u64::MAX);
+            after
+        };
+        let StoreReply::Changes { blobs, more } =
+            protocol::sealed(transport, peer, &StoreRequest::Get { after }).await?
+        else {
+            anyhow::bail!("unexpected storage reply");
+        };
+        if blobs.is_empty() {
+            return Ok(());
+        }
+        let blobs = blobs.into_iter().map(ByteBuf::into_vec).collect();
+        let changed = apply_sealed(device, peer, blobs).await?;
+        for (folder, paths) in changed {
+            materialise::materialise(device, peer, &folder, paths).await?;
+        }
+        if !more {
+            return Ok(());
+        }
+    }
+}
+
+/// Admits sealed changes: each must be for this mesh, signed by a writing member, and open
+/// under this device's key; its index changes then pass the same gate as a peer's.
+async fn apply_sealed(
+    device: &Shared,
+    peer: PeerId,
+    blobs: Vec<Vec<u8>>,
+) -> anyhow::Result<Vec<(FolderId, BTreeSet<String>)>> {
+    let mut d = device.lock().await;
+    let d = &mut *d;
+    let key = d.mesh_key()?;
+    let mesh = d.log.mesh();
+    let view = d.log.view().clone();
+    let me = d.keys.device_id();
+    let mut batch = Batch::default();
+    let mut changed: BTreeMap<FolderId, BTreeSet<String>> = BTreeMap::new();
+    for blob in blobs {
+        let sealed = match SealedChange::decode(&blob) {
+            Ok(sealed) => sealed,
+            Err(error) => {
+                tracing::warn!(%peer, %error, "unreadable sealed change from storage refused");
+                continue;
+            }
+        };
+        if sealed.author == me {
+            continue;
+        }
+        // Seen, whatever comes of it: it is not asked for again.
+        let applied = d.sealing.applied.entry(sealed.author).or_insert(0);
+        *applied = (*applied).max(sealed.seq);
+        if let Err(error) = sealed.check_author(&mesh, &view) {
+            tracing::warn!(%peer, %error, "sealed change from storage refused");
+            continue;
+        }
+        let plain = match sealed.open(&key) {
+            Ok(plain) => plain,
+            Err(error) => {
+                tracing::warn!(%peer, %error, "sealed change from storage does not open");
+                continue;
+            }
+        };
+        let Ok(payload) = postcard::from_bytes::<SealedPayload>(&plain) else {
+            tracing::warn!(%peer, "sealed change holds an unreadable payload");
+            continue;
+        };
+        let applied = d.sealing.applied.entry(sealed.author).or_insert(0);
+        *applied = (*applied).max(sealed.seq);
+        let head = sealed.head();
+        if d.sealing
+            .heads
+            .get(&sealed.author)
+            .is_none_or(|h| h.seq < head.seq)
+        {
+            d.sealing.heads.insert(sealed.author, head);
+        }
+        batch.sealed.push((sealed.author, sealed.seq, blob));
+        d.sealing.changed();
+        if let Some(paths) = admit(d, &view, &payload, &mut batch)? {
+            changed.entry(payload.folder).or_default().extend(paths);
+        }
+    }
+    d.sealing.persist(&mut batch);
+    d.state.commit(batch)?;
+    Ok(changed.into_iter().collect())
+}
+
+/// Admits one payload's index changes and chunk lists into `batch`; `None` if this device
+/// does not sync that folder (the blob is kept for when it does).
+fn admit(
+    d: &mut Device,
+    view: &MembershipView,
+    payload: &SealedPayload,
+    batch: &mut Batch,
+) -> anyhow::Result<Option<BTreeSet<String>>> {
+    let Some(folder) = d.folders.get_mut(&payload.folder) else {
+        return Ok(None);
+    };
+    for (hash, list) in &payload.lists {
+        if content::chunk_list_hash(list) == *hash {
+            batch.lists.push((*hash, list.clone()));
+        }
+    }
+    let report = folder.index.apply(view, payload.changes.clone())?;
+    let shards: BTreeSet<u16> = report
+        .paths
+        .iter()
+        .map(|p| shard_of(&payload.folder, p))
+        .collect();
+    for shard in shards {
+        if let Some(bytes) = folder.index.save_shard(shard) {
+            batch.shards.push((payload.folder.clone(), shard, bytes));
+        }
+    }
+    Ok(Some(report.paths))
+}
+
+/// Replays every kept sealed change for `folder` (just added on this device) into its index.
+pub(crate) fn replay(d: &mut Device, folder: &FolderId) -> anyhow::Result<()> {
+    let Some(key) = d.key.lock().expect("key lock").clone() else {
+        return Ok(());
+    };
+    let mesh = d.log.mesh();
+    let view = d.log.view().clone();
+    let (authors, _, _) = d.state.sealed_summary()?;
+    let mut batch = Batch::default();
+    for author in authors.keys() {
+        for (_, blob) in d.state.sealed_after(author, 0, usize::MAX)? {
+            let Ok(sealed) = SealedChange::decode(&blob) else {
+                continue;
+            };
+            if sealed.check_author(&mesh, &view).is_err() {
+                continue;
+            }
+            let Ok(plain) = sealed.open(&key) else {
+                continue;
+            };
+            let Ok(payload) = postcard::from_bytes::<SealedPayload>(&plain) else {
+                continue;
+            };
+            if payload.folder == *folder {
+                admit(d, &view, &payload, &mut batch)?;
+            }
+        }
+    }
+    d.state.commit(batch)?;
+    Ok(())
+}
+
+impl Device {
+    /// This device's view of the storage peers, for `meshsync status`.
+    pub(crate) fn storage_reports(&self, connected: &BTreeSet<PeerId>) -> Vec<StorageReport> {
+        let me = self.keys.device_id();
+        self.log
+            .view()
+            .members
+            .values()
+            .filter(|m| m.role == meshsync_crdt::Role::Storage)
+            .map(|m| {
+                let view = self
+                    .sealing
+                    .storage
+                    .get(&m.device)
+                    .cloned()
+                    .unwrap_or_default();
+                let held = view.held.get(&me).copied().unwrap_or(0);
+                StorageReport {
+                    id: m.device.to_string(),
+                    connected: connected.contains(&m.device.to_peer_id()),
+                    holds_my_changes: held,
+                    holds: view.held.iter().map(|(a, n)| (a.to_string(), *n)).collect(),
+                    my_changes: self.sealing.seq,
+                    holds_latest: held >= self.sealing.seq,
+                    stale_reports: view.reports,
+                }
+            })
+            .collect()
+    }
+}

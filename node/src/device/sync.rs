@@ -1,0 +1,241 @@
+//! `/meshsync/doc/1` between devices: the server ([`serve`]), pulling from a peer ([`pull`]),
+//! pushing this device's new changes ([`push_to_devices`]), and admitting what arrives
+//! ([`apply_changes`]): every membership and index change passes `meshsync-crdt`'s gate
+//! (signatures, authority, versions) before it is kept, then the changed paths are
+//! materialised.
+//!
+//! A storage peer is sent membership only — never a path, a size or a chunk list — and its
+//! folder state, should it send any, is ignored.
+
+use std::collections::BTreeSet;
+
+use meshsync_crdt::index::shard_of;
+use meshsync_crdt::FolderId;
+use meshsync_transport::{rpc, PeerId, Transport};
+use tracing::Instrument;
+
+use super::{materialise, Device, Shared};
+use crate::protocol::{self, from_heads, to_heads, SyncChanges, SyncReply, SyncRequest};
+use crate::state::Batch;
+
+/// At most this many chunk lists are answered per request.
+const MAX_LISTS_PER_REQUEST: usize = 10_000;
+
+/// Answers `/meshsync/doc/1` for `device`.
+pub(crate) fn serve(device: &Shared, transport: &Transport) -> anyhow::Result<()> {
+    let device = device.clone();
+    protocol::serve(
+        transport,
+        rpc::DOC,
+        SyncReply::Refused,
+        move |peer, request| {
+            let device = device.clone();
+            async move { handle(&device, peer, request).await }
+                .instrument(tracing::info_span!("doc", %peer))
+        },
+    )
+}
+
+async fn handle(device: &Shared, peer: PeerId, request: SyncRequest) -> SyncReply {
+    match request {
+        SyncRequest::Pull {
+            membership,
+            folders,
+        } => SyncReply::Changes(device.lock().await.changes_for(&peer, membership, folders)),
+        SyncRequest::Push(changes) => match apply_changes(device, peer, changes).await {
+            Ok(()) => SyncReply::Ok,
+            Err(error) => {
+                tracing::warn!(error = format!("{error:#}"), "refused pushed changes");
+                SyncReply::Refused(error.to_string())
+            }
+        },
+        SyncRequest::ChunkLists(hashes) => {
+            let d = device.lock().await;
+            if d.is_storage(&peer) {
+                return SyncReply::Refused("chunk lists are not for storage peers".into());
+            }
+            let unique: BTreeSet<_> = hashes.into_iter().take(MAX_LISTS_PER_REQUEST).collect();
+            let lists = unique
+                .into_iter()
+                .filter_map(|hash| Some((hash, d.state.chunk_list(&hash).ok()??)))
+                .collect();
+            SyncReply::ChunkLists(lists)
+        }
+    }
+}
+
+impl Device {
+    /// What `peer` lacks after the heads it sent (membership only for a storage peer).
+    fn changes_for(
+        &mut self,
+        peer: &PeerId,
+        membership: protocol::Heads,
+        folders: Vec<(FolderId, std::collections::BTreeMap<u16, protocol::Heads>)>,
+    ) -> SyncChanges {
+        let mut changes = SyncChanges {
+            membership: self.log.changes_since(&from_heads(&membership)),
+            heads: self.sealing.heads(),
+            ..SyncChanges::default()
+        };
+        if self.is_storage(peer) {
+            changes.heads.clear();
+            return changes;
+        }
+        for (id, heads) in folders {
+            if let Some(folder) = self.folders.get_mut(&id) {
+                let heads = heads.iter().map(|(s, h)| (*s, from_heads(h))).collect();
+                changes
+                    .folders
+                    .push((id, folder.index.changes_since(&heads)));
+            }
+        }
+        changes
+    }
+
+    /// The `Pull` this device sends `peer`: its heads (membership only for a storage peer).
+    fn pull_request(&mut self, peer: &PeerId) -> SyncRequest {
+        let folders = if self.is_storage(peer) {
+            Vec::new()
+        } else {
+            self.folders
+                .iter_mut()
+                .map(|(id, f)| {
+                    let heads = f
+                        .index
+                        .heads()
+                        .into_iter()
+                        .map(|(s, h)| (s, to_heads(&h)))
+                        .collect();
+                    (id.clone(), heads)
+                })
+                .collect()
+        };
+        SyncRequest::Pull {
+            membership: to_heads(&self.log.heads()),
+            folders,
+        }
+    }
+}
+
+/// Pulls what `peer` has that this device lacks, and applies it. With a storage peer, that is
+/// membership, then the sealed exchange in its own task (one at a time), so a long push does
+/// not hold up the pulls from the other devices.
+#[tracing::instrument(skip_all, fields(%peer))]
+pub(crate) async fn pull(device: &Shared, peer: PeerId) -> anyhow::Result<()> {
+    let (transport, request, storage) = {
+        let mut d = device.lock().await;
+        (
+            d.transport.clone(),
+            d.pull_request(&peer),
+            d.is_storage(&peer),
+        )
+    };
+    match protocol::doc(&transport, peer, &request).await? {
+        SyncReply::Changes(changes) => apply_changes(device, peer, changes).await?,
+        SyncReply::Refused(reason) => anyhow::bail!("peer refused: {reason}"),
+        _ => anyhow::bail!("unexpected reply"),
+    }
+    if storage {
+        let device = device.clone();
+        tokio::spawn(
+            async move {
+                if let Err(error) = super::storage::sync_with_storage(&device, peer).await {
+                    tracing::info!(
+                        error = format!("{error:#}"),
+                        "exchange with storage peer failed"
+                    );
+                }
+            }
+            .in_current_span(),
+        );
+    }
+    Ok(())
+}
+
+/// Admits changes from `peer`, persists them, and materialises what changed.
+pub(crate) async fn apply_changes(
+    device: &Shared,
+    peer: PeerId,
+    changes: SyncChanges,
+) -> anyhow::Result<()> {
+    let (changed, allowed, transport) = {
+        let mut d = device.lock().await;
+        let (changed, allowed) = d.admit(&peer, changes)?;
+        (changed, allowed, d.transport.clone())
+    };
+    if let Some(allowed) = allowed {
+        transport.set_allowed(allowed).await;
+    }
+    for (folder, paths) in changed {
+        materialise::materialise(device, peer, &folder, paths).await?;
+    }
+    Ok(())
+}
+
+/// The paths that changed, per folder.
+pub(crate) type Changed = Vec<(FolderId, BTreeSet<String>)>;
+
+impl Device {
+    /// Admits `changes` into the log and the indexes and commits them in one batch. Returns the
+    /// changed paths and, if membership changed, who may connect now.
+    fn admit(
+        &mut self,
+        peer: &PeerId,
+        changes: SyncChanges,
+    ) -> anyhow::Result<(Changed, Option<Vec<PeerId>>)> {
+        let mut batch = Batch::default();
+        let mut allowed = None;
+        if !changes.membership.is_empty() && self.log.apply(&changes.membership)? > 0 {
+            batch.membership = Some(self.log.save());
+            allowed = Some(self.membership_changed());
+        }
+        let mesh = self.log.mesh();
+        self.sealing.saw_heads(&mesh, changes.heads, &mut batch);
+        let view = self.log.view().clone();
+        self.sealing
+            .keep_forwarded(&mesh, &view, &self.state, changes.sealed, &mut batch);
+        let mut changed = Vec::new();
+        // Storage peers have no folder state to give.
+        let folders = if self.is_storage(peer) {
+            Vec::new()
+        } else {
+            changes.folders
+        };
+        for (id, folder_changes) in folders {
+            let Some(folder) = self.folders.get_mut(&id) else {
+                continue;
+            };
+            if folder_changes.is_empty() {
+                continue;
+            }
+            let report = folder.index.apply(&view, folder_changes)?;
+            let shards: BTreeSet<u16> = report.paths.iter().map(|p| shard_of(&id, p)).collect();
+            for shard in shards {
+                if let Some(bytes) = folder.index.save_shard(shard) {
+                    batch.shards.push((id.clone(), shard, bytes));
+                }
+            }
+            changed.push((id, report.paths));
+        }
+        self.state.commit(batch)?;
+        Ok((changed, allowed))
+    }
+}
+
+/// Sends `push` to every connected device (storage peers get the sealed form, in their own
+/// exchange), in the background: a peer that misses it pulls later.
+pub(crate) fn push_to_devices(transport: Transport, storage: BTreeSet<PeerId>, push: SyncRequest) {
+    tokio::spawn(
+        async move {
+            for peer in transport.connected_peers().await {
+                if storage.contains(&peer) {
+                    continue;
+                }
+                if let Err(error) = protocol::doc(&transport, peer, &push).await {
+                    tracing::info!(%peer, %error, "push failed; the peer will pull");
+                }
+            }
+        }
+        .in_current_span(),
+    );
+}

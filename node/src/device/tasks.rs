@@ -1,0 +1,136 @@
+//! The device's background tasks, started once by [`spawn_all`]:
+//!
+//! - **watch**: folder watcher events, debounced (a folder is rescanned once its changes settle
+//!   for 50 ms, at most 500 ms late);
+//! - **on connect**: a member that connects is pulled from at once (a NAS or laptop coming
+//!   back syncs without waiting for the next round);
+//! - **rounds**, every 0.5 s: pull from every connected member; every 1 s, catch up paths
+//!   whose winner is not on disk (after a restart, or chunks that were unavailable); every 5 s
+//!   while a member is missing, redial the static addresses; every 30 s (and at start) rescan
+//!   every folder as a safety net; every 5 min, forget versions past the retention.
+
+use std::collections::BTreeSet;
+use std::time::Duration;
+
+use meshsync_crdt::FolderId;
+use meshsync_transport::PeerId;
+use tokio::sync::mpsc::UnboundedReceiver;
+
+use super::scan::{self, ScanOptions};
+use super::{history, materialise, sync, Shared};
+use crate::net;
+
+/// Quiet time before a changed folder is rescanned.
+const DEBOUNCE: Duration = Duration::from_millis(50);
+/// The longest a changed folder waits for its rescan while changes keep coming.
+const DEBOUNCE_MAX: Duration = Duration::from_millis(500);
+/// One round of the periodic loop.
+const ROUND: Duration = Duration::from_millis(500);
+
+/// Starts every background task of `device`; `changed` receives the folders the watchers saw
+/// change.
+pub(crate) fn spawn_all(device: &Shared, changed: UnboundedReceiver<FolderId>) {
+    tokio::spawn(watch(device.clone(), changed));
+    tokio::spawn(pull_on_connect(device.clone()));
+    tokio::spawn(rounds(device.clone()));
+}
+
+async fn watch(device: Shared, mut changed: UnboundedReceiver<FolderId>) {
+    while let Some(first) = changed.recv().await {
+        let mut pending: BTreeSet<FolderId> = BTreeSet::from([first]);
+        let deadline = tokio::time::Instant::now() + DEBOUNCE_MAX;
+        loop {
+            tokio::select! {
+                more = changed.recv() => match more {
+                    Some(id) => { pending.insert(id); }
+                    None => return,
+                },
+                _ = tokio::time::sleep(DEBOUNCE) => break,
+            }
+            if tokio::time::Instant::now() >= deadline {
+                break;
+            }
+        }
+        for id in pending {
+            if let Err(error) = scan::scan(&device, &id, ScanOptions::default()).await {
+                tracing::warn!(folder = %id, %error, "scan after change failed");
+            }
+        }
+    }
+}
+
+async fn pull_on_connect(device: Shared) {
+    let mut events = device.lock().await.transport.subscribe();
+    loop {
+        match events.recv().await {
+            Ok(meshsync_transport::Event::Connected { peer, .. }) => {
+                if let Err(error) = sync::pull(&device, peer).await {
+                    tracing::info!(%peer, %error, "pull on connect failed");
+                }
+            }
+            Ok(_) | Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => {}
+            Err(tokio::sync::broadcast::error::RecvError::Closed) => return,
+        }
+    }
+}
+
+async fn rounds(device: Shared) {
+    let mut tick = 0u64;
+    loop {
+        tokio::time::sleep(ROUND).await;
+        tick += 1;
+        if tick == 1 || tick.is_multiple_of(60) {
+            if let Err(error) = scan::scan_all(&device, ScanOptions::default()).await {
+                tracing::warn!(%error, "scan failed");
+            }
+        }
+        if tick.is_multiple_of(10) {
+            redial_static_peers(&device).await;
+        }
+        if tick.is_multiple_of(600) {
+            if let Err(error) = history::gc(&device).await {
+                tracing::warn!(
+                    error = format!("{error:#}"),
+                    "forgetting old versions failed"
+                );
+            }
+        }
+        let transport = device.lock().await.transport.clone();
+        let peers: Vec<PeerId> = transport.connected_peers().await;
+        for peer in &peers {
+            if let Err(error) = sync::pull(&device, *peer).await {
+                tracing::info!(%peer, %error, "pull failed");
+            }
+        }
+        if let (Some(peer), true) = (peers.first(), tick.is_multiple_of(2)) {
+            catch_up(&device, *peer).await;
+        }
+    }
+}
+
+/// Whatever the index wants that is not on disk yet is retried.
+async fn catch_up(device: &Shared, peer: PeerId) {
+    let needs = device.lock().await.needs();
+    for (folder, paths) in needs {
+        if let Err(error) = materialise::materialise(device, peer, &folder, paths).await {
+            tracing::info!(%folder, error = format!("{error:#}"), "catching up failed");
+        }
+    }
+}
+
+/// Dials the static addresses again while some member is not connected: a NAS or laptop that
+/// restarted comes back without anyone running a command.
+async fn redial_static_peers(device: &Shared) {
+    let (transport, addrs, members) = {
+        let d = device.lock().await;
+        let members = net::other_members(&d.log, &d.keys.device_id()).len();
+        (
+            d.transport.clone(),
+            net::static_addrs(&d.home, &d.state),
+            members,
+        )
+    };
+    if transport.connected_peers().await.len() < members {
+        net::dial_all(&transport, addrs).await;
+    }
+}
