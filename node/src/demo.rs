@@ -93,6 +93,15 @@ fn step(title: &str) {
     println!("\n== {title}");
 }
 
+/// The demo's folders: two devices' homes and synced folders, in one directory.
+struct Demo {
+    dir: PathBuf,
+    laptop: PathBuf,
+    desktop: PathBuf,
+    laptop_docs: PathBuf,
+    desktop_docs: PathBuf,
+}
+
 /// Runs the demo in `dir` (a fresh temporary folder unless given).
 pub fn run_demo(dir: Option<&Path>) -> anyhow::Result<()> {
     let dir = match dir {
@@ -100,138 +109,165 @@ pub fn run_demo(dir: Option<&Path>) -> anyhow::Result<()> {
         None => std::env::temp_dir().join(format!("meshsync-demo-{}", std::process::id())),
     };
     std::fs::create_dir_all(&dir)?;
-    let (laptop, desktop) = (dir.join("laptop-home"), dir.join("desktop-home"));
-    let (laptop_docs, desktop_docs) = (dir.join("laptop-docs"), dir.join("desktop-docs"));
-    std::fs::create_dir_all(&laptop_docs)?;
-    std::fs::create_dir_all(&desktop_docs)?;
-
-    step("Two devices, each with its own Ed25519 identity (key files mode 0600)");
-    run(&laptop, &["init", "--name", "laptop"])?;
-    run(&desktop, &["init", "--name", "desktop"])?;
-    println!("  laptop   {}", run(&laptop, &["id"])?.trim());
-    println!("  desktop  {}", run(&desktop, &["id"])?.trim());
-
-    step("The laptop starts its daemon and shares a folder");
-    let laptop_daemon = start(&laptop)?;
-    std::fs::write(laptop_docs.join("notes.txt"), "things to sync\n")?;
-    std::fs::create_dir_all(laptop_docs.join("photos/2026"))?;
-    let photo: Vec<u8> = (0..3_000_000u32)
-        .map(|i| (i.wrapping_mul(2_654_435_761) >> 7) as u8)
-        .collect();
-    std::fs::write(laptop_docs.join("photos/2026/beach.raw"), &photo)?;
-    run(
-        &laptop,
-        &[
-            "folder",
-            "add",
-            laptop_docs.to_str().context("path")?,
-            "--id",
-            "docs",
-        ],
-    )?;
-    println!("  {} is folder \"docs\"", laptop_docs.display());
-
-    step("The laptop invites the desktop; the desktop joins with the one-time code");
-    let code = invite(&laptop, "device")?;
-    println!("  code: {}…", &code[..code.len().min(48)]);
-    println!("  {}", run(&desktop, &["join", &code])?.trim());
-
-    step("The desktop starts its daemon and joins the folder");
-    let desktop_daemon = start(&desktop)?;
-    run(
-        &desktop,
-        &[
-            "folder",
-            "add",
-            desktop_docs.to_str().context("path")?,
-            "--id",
-            "docs",
-        ],
-    )?;
-    let took = wait(Duration::from_secs(60), || {
-        std::fs::read(desktop_docs.join("photos/2026/beach.raw")).is_ok_and(|d| d == photo)
-    })?;
-    println!(
-        "  the desktop has every file after {:.2} s (signed, verified, encrypted in flight)",
-        took.as_secs_f64()
-    );
-
-    step("An edit on the desktop reaches the laptop");
-    std::fs::write(
-        desktop_docs.join("notes.txt"),
-        "things to sync\nand an edit from the desktop\n",
-    )?;
-    let took = wait(Duration::from_secs(30), || {
-        std::fs::read_to_string(laptop_docs.join("notes.txt")).is_ok_and(|t| t.contains("desktop"))
-    })?;
-    println!(
-        "  seen by the watcher and synced in {:.0} ms",
-        took.as_secs_f64() * 1000.0
-    );
-
-    step(
-        "A NAS joins as a storage peer: it will hold everything, encrypted, and never gets the key",
-    );
-    let nas = dir.join("nas-home");
-    run(&nas, &["init", "--storage", "--name", "nas"])?;
-    run(&nas, &["join", &invite(&laptop, "storage")?])?;
-    // A fixed address, as a NAS has; both devices are told it.
-    let port = std::net::TcpListener::bind("127.0.0.1:0")?
-        .local_addr()?
-        .port();
-    let nas_addr = format!("/ip4/127.0.0.1/tcp/{port}");
-    run(&laptop, &["peer", "add", &nas_addr])?;
-    run(&desktop, &["peer", "add", &nas_addr])?;
-    let _nas_daemon = start_on(&nas, &nas_addr)?;
-    let holds_latest = |home: &Path| {
-        run(home, &["status", "--json"])
-            .ok()
-            .and_then(|s| serde_json::from_str::<serde_json::Value>(&s).ok())
-            .is_some_and(|s| {
-                s["storage"][0]["holds_latest"] == true && s["storage"][0]["my_changes"] != 0
-            })
+    let demo = Demo {
+        laptop: dir.join("laptop-home"),
+        desktop: dir.join("desktop-home"),
+        laptop_docs: dir.join("laptop-docs"),
+        desktop_docs: dir.join("desktop-docs"),
+        dir,
     };
-    let took = wait(Duration::from_secs(60), || holds_latest(&laptop))?;
-    println!(
-        "  the NAS holds the laptop's latest state after {:.2} s; what it knows:",
-        took.as_secs_f64()
-    );
-    for line in run(&nas, &["status"])?.lines() {
-        println!("    {line}");
-    }
-
-    step("The desktop goes offline; the laptop writes a file and goes offline too");
-    drop(desktop_daemon);
-    std::fs::write(
-        laptop_docs.join("written-while-desktop-slept.txt"),
-        "the desktop was off when this was written\n",
-    )?;
-    run(&laptop, &["scan"])?;
-    wait(Duration::from_secs(60), || holds_latest(&laptop))?;
-    drop(laptop_daemon);
-    println!("  only the NAS is up now");
-
-    step("The desktop comes back and catches up from the NAS alone");
-    let _desktop_daemon = start(&desktop)?;
-    let took = wait(Duration::from_secs(60), || {
-        desktop_docs
-            .join("written-while-desktop-slept.txt")
-            .exists()
-    })?;
-    println!(
-        "  the desktop has the laptop's new file after {:.2} s, from a peer that cannot read it",
-        took.as_secs_f64()
-    );
-
-    step("meshsync status on the desktop");
-    print!("{}", run(&desktop, &["status"])?);
-
+    std::fs::create_dir_all(&demo.laptop_docs)?;
+    std::fs::create_dir_all(&demo.desktop_docs)?;
+    let laptop_daemon = demo.share_a_folder()?;
+    let desktop_daemon = demo.pair_and_sync()?;
+    let _nas_daemon = demo.add_a_nas()?;
+    demo.catch_up_through_the_nas(laptop_daemon, desktop_daemon)?;
     println!(
         "\nDone; the daemons are stopped. Homes, folders and daemon logs are in {}.\n\
          Try it for real: `meshsync init`, `meshsync up`, `meshsync folder add PATH` on each device,\n\
          `meshsync invite` on the first and `meshsync join CODE` on the others; on a NAS,\n\
          `meshsync init --storage` and a code from `meshsync invite --role storage`.",
-        dir.display()
+        demo.dir.display()
     );
     Ok(())
+}
+
+/// The sample photo the laptop shares.
+fn photo() -> Vec<u8> {
+    (0..3_000_000u32)
+        .map(|i| (i.wrapping_mul(2_654_435_761) >> 7) as u8)
+        .collect()
+}
+
+impl Demo {
+    /// Two identities; the laptop's daemon shares a folder.
+    fn share_a_folder(&self) -> anyhow::Result<Daemon> {
+        let (laptop, desktop, laptop_docs) = (&self.laptop, &self.desktop, &self.laptop_docs);
+        step("Two devices, each with its own Ed25519 identity (key files mode 0600)");
+        run(laptop, &["init", "--name", "laptop"])?;
+        run(desktop, &["init", "--name", "desktop"])?;
+        println!("  laptop   {}", run(laptop, &["id"])?.trim());
+        println!("  desktop  {}", run(desktop, &["id"])?.trim());
+
+        step("The laptop starts its daemon and shares a folder");
+        let laptop_daemon = start(laptop)?;
+        std::fs::write(laptop_docs.join("notes.txt"), "things to sync\n")?;
+        std::fs::create_dir_all(laptop_docs.join("photos/2026"))?;
+        std::fs::write(laptop_docs.join("photos/2026/beach.raw"), photo())?;
+        let path = laptop_docs.to_str().context("path")?;
+        run(laptop, &["folder", "add", path, "--id", "docs"])?;
+        println!("  {} is folder \"docs\"", laptop_docs.display());
+        Ok(laptop_daemon)
+    }
+
+    /// The desktop pairs, syncs the folder, and an edit on it reaches the laptop.
+    fn pair_and_sync(&self) -> anyhow::Result<Daemon> {
+        let (laptop, desktop) = (&self.laptop, &self.desktop);
+        let (laptop_docs, desktop_docs) = (&self.laptop_docs, &self.desktop_docs);
+        step("The laptop invites the desktop; the desktop joins with the one-time code");
+        let code = invite(laptop, "device")?;
+        println!("  code: {}…", &code[..code.len().min(48)]);
+        println!("  {}", run(desktop, &["join", &code])?.trim());
+
+        step("The desktop starts its daemon and joins the folder");
+        let desktop_daemon = start(desktop)?;
+        let path = desktop_docs.to_str().context("path")?;
+        run(desktop, &["folder", "add", path, "--id", "docs"])?;
+        let photo = photo();
+        let took = wait(Duration::from_secs(60), || {
+            std::fs::read(desktop_docs.join("photos/2026/beach.raw")).is_ok_and(|d| d == photo)
+        })?;
+        println!(
+            "  the desktop has every file after {:.2} s (signed, verified, encrypted in flight)",
+            took.as_secs_f64()
+        );
+
+        step("An edit on the desktop reaches the laptop");
+        std::fs::write(
+            desktop_docs.join("notes.txt"),
+            "things to sync\nand an edit from the desktop\n",
+        )?;
+        let took = wait(Duration::from_secs(30), || {
+            std::fs::read_to_string(laptop_docs.join("notes.txt"))
+                .is_ok_and(|t| t.contains("desktop"))
+        })?;
+        println!(
+            "  seen by the watcher and synced in {:.0} ms",
+            took.as_secs_f64() * 1000.0
+        );
+        Ok(desktop_daemon)
+    }
+
+    /// A NAS joins as a storage peer and gets the laptop's latest state.
+    fn add_a_nas(&self) -> anyhow::Result<Daemon> {
+        let (laptop, desktop) = (&self.laptop, &self.desktop);
+        step(
+            "A NAS joins as a storage peer: it will hold everything, encrypted, and never gets the key",
+        );
+        let nas = self.dir.join("nas-home");
+        run(&nas, &["init", "--storage", "--name", "nas"])?;
+        run(&nas, &["join", &invite(laptop, "storage")?])?;
+        // A fixed address, as a NAS has; both devices are told it.
+        let port = std::net::TcpListener::bind("127.0.0.1:0")?
+            .local_addr()?
+            .port();
+        let nas_addr = format!("/ip4/127.0.0.1/tcp/{port}");
+        run(laptop, &["peer", "add", &nas_addr])?;
+        run(desktop, &["peer", "add", &nas_addr])?;
+        let nas_daemon = start_on(&nas, &nas_addr)?;
+        let took = wait(Duration::from_secs(60), || holds_latest(laptop))?;
+        println!(
+            "  the NAS holds the laptop's latest state after {:.2} s; what it knows:",
+            took.as_secs_f64()
+        );
+        for line in run(&nas, &["status"])?.lines() {
+            println!("    {line}");
+        }
+        Ok(nas_daemon)
+    }
+
+    /// Both devices go offline in turn; the desktop catches up from the NAS alone.
+    fn catch_up_through_the_nas(
+        &self,
+        laptop_daemon: Daemon,
+        desktop_daemon: Daemon,
+    ) -> anyhow::Result<()> {
+        let (laptop, desktop) = (&self.laptop, &self.desktop);
+        step("The desktop goes offline; the laptop writes a file and goes offline too");
+        drop(desktop_daemon);
+        std::fs::write(
+            self.laptop_docs.join("written-while-desktop-slept.txt"),
+            "the desktop was off when this was written\n",
+        )?;
+        run(laptop, &["scan"])?;
+        wait(Duration::from_secs(60), || holds_latest(laptop))?;
+        drop(laptop_daemon);
+        println!("  only the NAS is up now");
+
+        step("The desktop comes back and catches up from the NAS alone");
+        let _desktop_daemon = start(desktop)?;
+        let took = wait(Duration::from_secs(60), || {
+            self.desktop_docs
+                .join("written-while-desktop-slept.txt")
+                .exists()
+        })?;
+        println!(
+            "  the desktop has the laptop's new file after {:.2} s, from a peer that cannot read it",
+            took.as_secs_f64()
+        );
+
+        step("meshsync status on the desktop");
+        print!("{}", run(desktop, &["status"])?);
+        Ok(())
+    }
+}
+
+/// Whether the storage peer holds this device's latest sealed change.
+fn holds_latest(home: &Path) -> bool {
+    run(home, &["status", "--json"])
+        .ok()
+        .and_then(|s| serde_json::from_str::<serde_json::Value>(&s).ok())
+        .is_some_and(|s| {
+            s["storage"][0]["holds_latest"] == true && s["storage"][0]["my_changes"] != 0
+        })
 }

@@ -1,23 +1,25 @@
 //! Helpers for end-to-end tests: find the `meshsync` binary that `cargo test` built and run it
 //! in temporary homes.
 //!
-//! The binary is built by `cargo test` because `meshsync-node` has integration tests of its
-//! own; it sits next to the test executables' `deps/` directory.
+//! The binary they run is `meshsync-e2e`, this crate's own build of the `meshsync` binary (the
+//! same `main`, see `src/bin/meshsync-e2e.rs`): cargo builds it before this crate's tests, so
+//! `cargo test -p meshsync-tests` from a clean checkout works on its own, and never runs a stale
+//! binary.
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
-/// The `meshsync` binary of this build.
+/// The `meshsync` binary of this build (see the crate docs).
 pub fn meshsync_bin() -> PathBuf {
     let exe = std::env::current_exe().expect("test executable path");
     let profile_dir = exe
         .parent()
         .and_then(Path::parent)
         .expect("test executables live in target/<profile>/deps");
-    let bin = profile_dir.join("meshsync");
+    let bin = profile_dir.join("meshsync-e2e");
     assert!(
         bin.exists(),
-        "{} is missing: run the tests with `cargo test --workspace`, which builds it",
+        "{} is missing: cargo builds it before the tests of meshsync-tests",
         bin.display()
     );
     bin

@@ -203,6 +203,14 @@ fn concurrent_edits_keep_both_versions_on_both_sides() {
     let listed: serde_json::Value =
         serde_json::from_str(&meshsync_ok(&p.b.home, &["conflicts", "--json"])).unwrap();
     assert_eq!(listed[0]["path"], "notes.txt", "{listed}");
+    // What a person sees (plain `conflicts` once printed nothing at all while conflicts
+    // existed: the CLI read a shape the daemon no longer sent). Time and device normalised.
+    let plain = meshsync_ok(&p.b.home, &["conflicts"]);
+    insta::with_settings!({filters => vec![
+        (r"sync-conflict-\d{8}-\d{6}-[A-Z0-9]+", "sync-conflict-[TIME]-[DEVICE]"),
+    ]}, {
+        insta::assert_snapshot!(plain, @"docs/notes.txt: other version kept as notes.sync-conflict-[TIME]-[DEVICE].txt");
+    });
 }
 
 #[test]

@@ -6,7 +6,7 @@
 //! # async fn demo(home: meshsync_node::home::Home) -> anyhow::Result<()> {
 //! use meshsync_node::{device, net::Network};
 //! let device = device::start(home, Network::memory()).await?;
-//! let status = device.lock().await.status().await;
+//! let status = device::status::status(&device).await;
 //! # Ok(()) }
 //! ```
 //!

@@ -3,14 +3,14 @@
 //! membership log: only members get in (the transport gate), only writing members may store,
 //! and every sealed change must carry its author's valid signature.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 
-use meshsync_crdt::{ChunkId, DeviceId, Role, SealedChange};
+use meshsync_crdt::{ChunkId, DeviceId, Role, SealedChange, SignedHead};
 use meshsync_transport::{rpc, PeerId, Transport};
 
 use super::{apply_membership, SharedStorage, Storage, MAX_SEALED_CHUNK, REPLY_BUDGET};
 use crate::protocol::{
-    self, ByteBuf, StoreReply, StoreRequest, SyncChanges, SyncReply, SyncRequest,
+    self, ByteBuf, SignedRelease, StoreReply, StoreRequest, SyncChanges, SyncReply, SyncRequest,
 };
 use crate::state::Batch;
 
@@ -75,109 +75,120 @@ fn role_of(st: &Storage, peer: &PeerId) -> Option<Role> {
 }
 
 async fn handle_sealed(s: &SharedStorage, peer: PeerId, request: StoreRequest) -> StoreReply {
-    match request {
-        StoreRequest::Heads { mine } => {
-            let mut st = s.lock().await;
-            if let (Some(head), Some(log)) = (mine, &st.log) {
-                let from_peer = DeviceId::from_peer_id(&peer) == Some(head.author);
-                if from_peer && head.mesh == log.mesh() && head.verify().is_ok() {
-                    st.claimed.insert(head.author, head.seq);
-                }
-            }
-            StoreReply::Heads(st.held.clone())
-        }
-        StoreRequest::Get { after } => {
-            let st = s.lock().await;
-            let mut blobs = Vec::new();
-            let mut size = 0;
-            let mut more = false;
-            for (author, held) in &st.held {
-                let from = after.get(author).copied().unwrap_or(0);
-                if *held <= from {
-                    continue;
-                }
-                if size >= REPLY_BUDGET {
-                    more = true;
-                    break;
-                }
-                match st.state.sealed_after(author, from, REPLY_BUDGET - size) {
-                    Ok(found) => {
-                        let got = found.len() as u64;
-                        size += found.iter().map(|(_, b)| b.len()).sum::<usize>();
-                        blobs.extend(found.into_iter().map(|(_, b)| ByteBuf::from(b)));
-                        if from + got < *held {
-                            more = true;
-                        }
-                    }
-                    Err(error) => return StoreReply::Refused(error.to_string()),
-                }
-            }
-            StoreReply::Changes { blobs, more }
-        }
-        StoreRequest::Put(blobs) => put_changes(s, peer, blobs).await,
+    let answered = match request {
+        StoreRequest::Heads { mine } => Ok(heads(s, peer, mine).await),
+        StoreRequest::Get { after } => get_changes(&*s.lock().await, &after),
+        StoreRequest::Put(blobs) => Ok(put_changes(s, peer, blobs).await),
         StoreRequest::Missing(ids) => {
-            let st = s.lock().await;
-            let store = st.store.lock().expect("store lock");
-            match store.missing(&ids[..ids.len().min(16_384)]) {
-                Ok(missing) => StoreReply::Missing(missing),
-                Err(error) => StoreReply::Refused(error.to_string()),
-            }
+            let store = s.lock().await.store.clone();
+            let missing = store
+                .lock()
+                .expect("store lock")
+                .missing(&ids[..ids.len().min(16_384)]);
+            missing.map(StoreReply::Missing).map_err(|e| e.to_string())
         }
-        StoreRequest::PutChunks(chunks) => {
-            let store = {
-                let st = s.lock().await;
-                if role_of(&st, &peer) != Some(Role::Device) {
-                    tracing::warn!(%peer, "chunks from a device that may not write refused");
-                    return StoreReply::Refused("only writing members may store chunks".into());
-                }
-                st.store.clone()
-            };
-            if chunks.iter().any(|(_, data)| data.len() > MAX_SEALED_CHUNK) {
-                return StoreReply::Refused("a chunk is larger than any sealed chunk".into());
-            }
-            let stored = tokio::task::spawn_blocking(move || {
-                let refs: Vec<(ChunkId, &[u8])> =
-                    chunks.iter().map(|(id, d)| (*id, &d[..])).collect();
-                store.lock().expect("store lock").put_batch(&refs)
-            })
-            .await;
-            match stored {
-                Ok(Ok(n)) => StoreReply::Stored(n),
-                Ok(Err(error)) => StoreReply::Refused(error.to_string()),
-                Err(error) => StoreReply::Refused(error.to_string()),
-            }
-        }
-        StoreRequest::Release(release) => {
-            let store = {
-                let st = s.lock().await;
-                let Some(log) = &st.log else {
-                    return StoreReply::Refused("not in a mesh".into());
-                };
-                let writer = log
-                    .view()
-                    .members
-                    .get(&release.author)
-                    .is_some_and(|m| m.role == Role::Device);
-                if release.mesh != log.mesh() || !writer || !release.verify() {
-                    tracing::warn!(%peer, "release refused: not signed by a writing member");
-                    return StoreReply::Refused("release not signed by a writing member".into());
-                }
-                st.store.clone()
-            };
-            let removed = tokio::task::spawn_blocking(move || {
-                store.lock().expect("store lock").remove(&release.chunks)
-            })
-            .await;
-            match removed {
-                Ok(Ok((chunks, bytes))) => {
-                    tracing::info!(%peer, chunks, bytes, "released chunks deleted");
-                    StoreReply::Released { chunks, bytes }
-                }
-                Ok(Err(error)) => StoreReply::Refused(error.to_string()),
-                Err(error) => StoreReply::Refused(error.to_string()),
-            }
+        StoreRequest::PutChunks(chunks) => put_chunks(s, peer, chunks).await,
+        StoreRequest::Release(release) => release_chunks(s, peer, release).await,
+    };
+    answered.unwrap_or_else(StoreReply::Refused)
+}
+
+/// What it holds per author; notes the asking device's own signed head (for `status`).
+async fn heads(s: &SharedStorage, peer: PeerId, mine: Option<SignedHead>) -> StoreReply {
+    let mut st = s.lock().await;
+    if let (Some(head), Some(log)) = (mine, &st.log) {
+        let from_peer = DeviceId::from_peer_id(&peer) == Some(head.author);
+        if from_peer && head.mesh == log.mesh() && head.verify().is_ok() {
+            st.claimed.insert(head.author, head.seq);
         }
     }
+    StoreReply::Heads(st.held.clone())
+}
+
+/// Sealed changes after `after` (per author), about [`REPLY_BUDGET`] at most per reply.
+fn get_changes(st: &Storage, after: &BTreeMap<DeviceId, u64>) -> Result<StoreReply, String> {
+    let mut blobs = Vec::new();
+    let mut size = 0;
+    let mut more = false;
+    for (author, held) in &st.held {
+        let from = after.get(author).copied().unwrap_or(0);
+        if *held <= from {
+            continue;
+        }
+        if size >= REPLY_BUDGET {
+            more = true;
+            break;
+        }
+        let found = st
+            .state
+            .sealed_after(author, from, REPLY_BUDGET - size)
+            .map_err(|e| e.to_string())?;
+        let got = found.len() as u64;
+        size += found.iter().map(|(_, b)| b.len()).sum::<usize>();
+        blobs.extend(found.into_iter().map(|(_, b)| ByteBuf::from(b)));
+        if from + got < *held {
+            more = true;
+        }
+    }
+    Ok(StoreReply::Changes { blobs, more })
+}
+
+/// Stores sealed chunks from a writing member (each no bigger than any sealed chunk).
+async fn put_chunks(
+    s: &SharedStorage,
+    peer: PeerId,
+    chunks: Vec<(ChunkId, ByteBuf)>,
+) -> Result<StoreReply, String> {
+    let store = {
+        let st = s.lock().await;
+        if role_of(&st, &peer) != Some(Role::Device) {
+            tracing::warn!(%peer, "chunks from a device that may not write refused");
+            return Err("only writing members may store chunks".into());
+        }
+        st.store.clone()
+    };
+    if chunks.iter().any(|(_, data)| data.len() > MAX_SEALED_CHUNK) {
+        return Err("a chunk is larger than any sealed chunk".into());
+    }
+    let stored = tokio::task::spawn_blocking(move || {
+        let refs: Vec<(ChunkId, &[u8])> = chunks.iter().map(|(id, d)| (*id, &d[..])).collect();
+        store.lock().expect("store lock").put_batch(&refs)
+    })
+    .await
+    .map_err(|e| e.to_string())?;
+    stored.map(StoreReply::Stored).map_err(|e| e.to_string())
+}
+
+/// Deletes the chunks of a release signed by a writing member of this mesh.
+async fn release_chunks(
+    s: &SharedStorage,
+    peer: PeerId,
+    release: SignedRelease,
+) -> Result<StoreReply, String> {
+    let store = {
+        let st = s.lock().await;
+        let Some(log) = &st.log else {
+            return Err("not in a mesh".into());
+        };
+        let writer = log
+            .view()
+            .members
+            .get(&release.author)
+            .is_some_and(|m| m.role == Role::Device);
+        if release.mesh != log.mesh() || !writer || !release.verify() {
+            tracing::warn!(%peer, "release refused: not signed by a writing member");
+            return Err("release not signed by a writing member".into());
+        }
+        st.store.clone()
+    };
+    let removed = tokio::task::spawn_blocking(move || {
+        store.lock().expect("store lock").remove(&release.chunks)
+    })
+    .await
+    .map_err(|e| e.to_string())?;
+    let (chunks, bytes) = removed.map_err(|e| e.to_string())?;
+    tracing::info!(%peer, chunks, bytes, "released chunks deleted");
+    Ok(StoreReply::Released { chunks, bytes })
 }
 
 /// Checks and stores sealed changes: each must be for this mesh and signed by a member who
