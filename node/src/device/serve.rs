@@ -100,17 +100,26 @@ impl ChunkMap {
     }
 
     /// The places holding `id`, each with the (size, mtime) recorded for its file.
-    fn places(&self, id: &ChunkId) -> Vec<(PathBuf, ChunkRef, Option<(u64, i64)>)> {
+    fn places(&self, id: &ChunkId) -> Vec<Place> {
         self.locations
             .get(id)
             .into_iter()
             .flatten()
-            .map(|(path, c)| {
-                let recorded = self.files.get(path).map(|r| (r.size, r.mtime_ns));
-                (path.clone(), *c, recorded)
+            .map(|(path, chunk)| Place {
+                path: path.clone(),
+                chunk: *chunk,
+                recorded: self.files.get(path).map(|r| (r.size, r.mtime_ns)),
             })
             .collect()
     }
+}
+
+/// Where a chunk lies: the file, the chunk's place in it, and the (size, mtime) the file had
+/// when its chunks were recorded.
+struct Place {
+    path: PathBuf,
+    chunk: ChunkRef,
+    recorded: Option<(u64, i64)>,
 }
 
 /// Nanoseconds since the Unix epoch (0 before it or when unknown).
@@ -141,7 +150,12 @@ impl ChunkSource for Served {
             }
             map.places(id)
         };
-        for (path, chunk, recorded) in places {
+        for Place {
+            path,
+            chunk,
+            recorded,
+        } in places
+        {
             let Ok(file) = std::fs::File::open(&path) else {
                 continue;
             };

@@ -190,7 +190,7 @@ impl Storage {
             let store = self.store.lock().expect("store lock");
             let (chunk_bytes, disk_bytes) = store.disk_usage().unwrap_or((0, 0));
             Holdings {
-                chunks: store.count().unwrap_or(0) as u64,
+                chunks: store.count().unwrap_or(0),
                 chunk_bytes,
                 disk_bytes,
                 sealed_changes: self.sealed_count,
