@@ -267,12 +267,21 @@ pub struct ApplyReport {
     pub shards: usize,
 }
 
-/// Checks that a path is relative, normalised, and names no parent.
+/// The one path under the reserved `.meshsync*` names that records may name: the folder's
+/// shared ignore rules (a regular file).
+pub const SHARED_RULES_PATH: &str = ".meshsync/ignore";
+
+/// Checks that a path is relative, normalised, names no parent, and names none of the
+/// daemon's own files: every component starting with `.meshsync` is reserved (the folder
+/// marker, temp files, this device's local rules), except [`SHARED_RULES_PATH`].
 pub fn validate_path(path: &str) -> Result<(), IndexError> {
+    let reserved =
+        path != SHARED_RULES_PATH && path.split('/').any(|part| part.starts_with(".meshsync"));
     let ok = !path.is_empty()
         && path.len() <= MAX_PATH_BYTES
         && !path.starts_with('/')
         && !path.contains('\0')
+        && !reserved
         && path
             .split('/')
             .all(|part| !part.is_empty() && part != "." && part != "..");
@@ -401,6 +410,12 @@ impl FolderIndex {
     ) -> Result<Vec<FileRecord>, IndexError> {
         for update in &updates {
             validate_path(&update.path)?;
+            if update.path == SHARED_RULES_PATH && !update.deleted && update.kind != FileKind::File
+            {
+                return Err(IndexError::ForbiddenOp(format!(
+                    "{SHARED_RULES_PATH:?} may only be a regular file"
+                )));
+            }
         }
         let author = keys.device_id();
         let records: Vec<FileRecord> = updates
@@ -563,6 +578,12 @@ impl FolderIndex {
                     };
                     let record = FileRecord::decode(&path, bytes)?;
                     record.verify(&self.mesh, &self.folder)?;
+                    if path == SHARED_RULES_PATH && !record.deleted && record.kind != FileKind::File
+                    {
+                        return Err(IndexError::ForbiddenOp(format!(
+                            "{path:?} may only be a regular file"
+                        )));
+                    }
                     if !view.may_write(&record.author, record.epoch) {
                         return Err(IndexError::NotAWriter {
                             path,
@@ -782,6 +803,28 @@ mod tests {
             log,
             folder: FolderId::new("docs").unwrap(),
         }
+    }
+
+    #[test]
+    fn the_daemons_own_files_cannot_be_named_by_a_record() {
+        for path in [
+            ".meshsync-folder",
+            ".meshsync/ignore.local",
+            "a/.meshsync-tmp-1-2",
+            ".meshsync",
+            "sub/.meshsync/ignore",
+        ] {
+            assert!(validate_path(path).is_err(), "{path}");
+        }
+        assert!(validate_path(SHARED_RULES_PATH).is_ok());
+        assert!(validate_path("docs/meshsync.txt").is_ok());
+        // A link at the shared rules path is refused at admission.
+        let w = world();
+        let mesh = w.log.mesh();
+        let mut a = FolderIndex::new(mesh, w.folder.clone());
+        let mut link = update(SHARED_RULES_PATH, 1);
+        link.kind = FileKind::Symlink;
+        assert!(a.write(&w.admin, Epoch(0), vec![link]).is_err());
     }
 
     #[test]

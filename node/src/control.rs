@@ -118,6 +118,17 @@ pub struct FolderStatus {
     pub held_deletes: usize,
     /// Paths no source could give intact (not written).
     pub unavailable: Vec<String>,
+    /// Paths that could not be written on this device, and why (retried; the rest of the
+    /// folder syncs on).
+    #[serde(default)]
+    pub not_written: Vec<NotWritten>,
+}
+
+/// A path this device could not write, and why.
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq)]
+pub struct NotWritten {
+    pub path: String,
+    pub why: String,
 }
 
 /// Whether a storage peer holds this device's latest changes, and any stale state noticed.

@@ -9,6 +9,7 @@
 //! - [`protocol`]: every wire message (`/meshsync/doc/1`, `/meshsync/sealed/1`, pairing payload)
 //!   and the one typed request helper.
 //! - [`net`]: transports, who may connect, static addresses; [`pairing`]: joining by code.
+//! - [`disk`]: the one door to a synced folder's files (no `..`, no symlink followed).
 //! - [`chunks`]: FastCDC chunking, chunk IDs, sealing ([`chunks::content`]) and the chunk store.
 //! - [`state`]: the node's redb state (mesh, membership, folders, index shards, local files).
 //! - [`versions`]: old versions kept for the retention period.
@@ -24,6 +25,7 @@ pub mod cli;
 pub mod control;
 pub mod demo;
 pub mod device;
+pub mod disk;
 pub mod home;
 pub mod net;
 pub mod pairing;

@@ -19,12 +19,12 @@
 //! it needs nothing from the running device.
 
 use std::collections::HashSet;
-use std::path::Path;
 
 use meshsync_crdt::{ChunkId, ChunkListHash, FileKind, FolderId};
 use serde::{Deserialize, Serialize};
 
 use crate::chunks::{content, ChunkStore};
+use crate::disk::FolderRoot;
 use crate::state::{Batch, LocalFile, State};
 
 /// Default retention of old versions.
@@ -73,7 +73,7 @@ pub fn record(batch: &mut Batch, folder: &FolderId, path: &str, old: &LocalFile)
 pub fn preserve(
     store: &std::sync::Mutex<ChunkStore>,
     key: &meshsync_crdt::MeshKey,
-    root: &Path,
+    root: &FolderRoot,
     olds: &[(String, LocalFile, HashSet<ChunkId>)],
 ) -> anyhow::Result<usize> {
     use std::os::unix::fs::FileExt;
@@ -83,7 +83,7 @@ pub fn preserve(
     {
         let store = store.lock().expect("store lock");
         for (rel, old, keep) in olds {
-            let Ok(file) = std::fs::File::open(root.join(rel)) else {
+            let Ok(file) = root.open_read(rel) else {
                 continue;
             };
             let wanted: Vec<ChunkId> = old

@@ -70,6 +70,9 @@ fn device_status(status: &DeviceStatus) -> String {
                 "    unavailable: {path} (no source has intact data for it yet; not written)"
             );
         }
+        for n in &f.not_written {
+            let _ = writeln!(out, "    not written: {}: {}", n.path, n.why);
+        }
     }
     if !status.storage.is_empty() {
         let _ = writeln!(out, "storage peers:");
@@ -287,6 +290,7 @@ mod tests {
                     conflicts: 1,
                     held_deletes: 0,
                     unavailable: vec![],
+                    not_written: vec![],
                 },
                 FolderStatus {
                     id: "photos".into(),
@@ -298,6 +302,10 @@ mod tests {
                     conflicts: 0,
                     held_deletes: 12,
                     unavailable: vec!["2026/beach.jpg".into()],
+                    not_written: vec![NotWritten {
+                        path: "L/x.txt".into(),
+                        why: "L/x.txt: L is a symlink or a file on this device, not a folder; nothing is written through it".into(),
+                    }],
                 },
             ],
             storage: vec![StorageReport {

@@ -10,8 +10,9 @@ use anyhow::Context;
 use meshsync_crdt::{DeviceKeys, FolderId, FolderIndex, MembershipLog};
 
 use super::ignore::Rules;
-use super::serve::ChunkMap;
+use super::serve::{ChunkMap, FileAt};
 use super::Device;
+use crate::disk::{DiskError, FolderRoot, Kind};
 use crate::state::{in_sync, Batch, LocalFile, State};
 
 /// The marker file that proves a folder is really there (an unmounted disk has none).
@@ -22,22 +23,29 @@ pub const TEMP_PREFIX: &str = ".meshsync-tmp-";
 
 pub(crate) struct Folder {
     pub(crate) path: PathBuf,
+    /// The same path, shared by every entry of the chunk map.
+    shared_path: Arc<PathBuf>,
     pub(crate) index: FolderIndex,
     pub(crate) local: BTreeMap<String, LocalFile>,
     /// Deletions the mass-delete guard is holding back.
     pub(crate) held_deletes: usize,
     /// Paths the index wants whose content no source could give intact (never written).
     pub(crate) unavailable: BTreeSet<String>,
+    /// Paths that could not be written on this device, and why (a parent that is a link or a
+    /// file here, a name this file system refuses, …). Retried; never blocks the others.
+    pub(crate) problems: BTreeMap<String, String>,
 }
 
 impl Folder {
     fn new(path: PathBuf, index: FolderIndex, local: BTreeMap<String, LocalFile>) -> Folder {
         Folder {
+            shared_path: Arc::new(path.clone()),
             path,
             index,
             local,
             held_deletes: 0,
             unavailable: BTreeSet::new(),
+            problems: BTreeMap::new(),
         }
     }
 
@@ -53,7 +61,7 @@ impl Folder {
     ) {
         match &file {
             Some(file) => {
-                map.remember(self.path.join(&path), file);
+                map.remember(self.file_at(&path), file);
                 self.local.insert(path.clone(), file.clone());
             }
             None => {
@@ -64,9 +72,22 @@ impl Folder {
         batch.local.push((id.clone(), path, file));
     }
 
+    /// `rel` in this folder, for the chunk map.
+    pub(crate) fn file_at(&self, rel: &str) -> FileAt {
+        FileAt {
+            root: self.shared_path.clone(),
+            rel: rel.to_string(),
+        }
+    }
+
+    /// The door to this folder's files (see [`crate::disk`]).
+    pub(crate) fn root(&self) -> Result<FolderRoot, DiskError> {
+        FolderRoot::open(&self.path)
+    }
+
     /// Paths whose winning version is not on disk here yet (ignored paths excepted).
     pub(crate) fn needs(&self) -> BTreeSet<String> {
-        let rules = Rules::load(&self.path);
+        let rules = Rules::load_at(&self.path);
         self.index
             .iter()
             .filter(|(path, state)| {
@@ -101,31 +122,38 @@ pub(crate) fn load_all(
         let index = FolderIndex::load(log.mesh(), id.clone(), shards)?
             .with_actor(meshsync_crdt::index::actor_for(&keys.device_id(), 0));
         let local = loaded.local.remove(&id).unwrap_or_default();
+        remove_temp_files(&path);
+        let folder = Folder::new(path, index, local);
         {
             let mut map = chunk_map.lock().expect("chunk map lock");
-            for (rel, file) in &local {
-                map.remember(path.join(rel), file);
+            for (rel, file) in &folder.local {
+                map.remember(folder.file_at(rel), file);
             }
         }
-        remove_temp_files(&path);
-        folders.insert(id, Folder::new(path, index, local));
+        folders.insert(id, folder);
     }
     Ok(folders)
 }
 
 /// Removes temp files left by a daemon that was killed while writing (they never carry a
-/// final name, so nothing is lost).
-fn remove_temp_files(dir: &Path) {
-    let Ok(entries) = std::fs::read_dir(dir) else {
+/// final name, so nothing is lost), through the folder's door.
+fn remove_temp_files(path: &Path) {
+    let Ok(root) = FolderRoot::open(path) else {
         return;
     };
-    for entry in entries.flatten() {
-        let path = entry.path();
-        let name = entry.file_name();
-        if name.to_string_lossy().starts_with(TEMP_PREFIX) {
-            let _ = std::fs::remove_file(&path);
-        } else if entry.file_type().is_ok_and(|t| t.is_dir()) {
-            remove_temp_files(&path);
+    let mut stack = vec![String::new()];
+    while let Some(dir) = stack.pop() {
+        for (name, entry) in root.read_dir(&dir).unwrap_or_default() {
+            let rel = if dir.is_empty() {
+                name.clone()
+            } else {
+                format!("{dir}/{name}")
+            };
+            if name.starts_with(TEMP_PREFIX) && entry.kind != Kind::Dir {
+                let _ = root.remove_file(&rel);
+            } else if entry.kind == Kind::Dir {
+                stack.push(rel);
+            }
         }
     }
 }
@@ -192,7 +220,9 @@ impl Device {
                 let _ = tx.send(id.clone());
             }
         };
-        match notify::recommended_watcher(handler) {
+        // Links inside the folder are synced as links: the watcher never follows one out.
+        let config = notify::Config::default().with_follow_symlinks(false);
+        match notify::RecommendedWatcher::new(handler, config) {
             Ok(mut watcher) => match watcher.watch(path, notify::RecursiveMode::Recursive) {
                 Ok(()) => self.watchers.push(watcher),
                 Err(error) => {

@@ -5,6 +5,7 @@
 
 use std::collections::{BTreeSet, HashMap, HashSet};
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use anyhow::Context;
 use meshsync_crdt::{ChunkId, ChunkListHash, DeviceId, FolderId, MeshKey};
@@ -17,6 +18,7 @@ use super::serve::Served;
 use super::{Device, Shared};
 use crate::chunks::{content, ChunkRef};
 use crate::control::{GcReport, Released, Restored, VersionInfo, VersionList};
+use crate::disk::{parent_of, set_mode, FolderRoot};
 use crate::protocol::{self, SignedRelease, StoreReply, StoreRequest};
 use crate::state::Batch;
 use crate::versions::{now_secs, versions_of, VersionEntry};
@@ -117,7 +119,7 @@ impl Device {
 
 /// A restored version being assembled in its temp file.
 struct Assembling {
-    tmp: PathBuf,
+    tmp: String,
     file: std::fs::File,
     /// Offsets still to fill, per chunk.
     wanted: HashMap<ChunkId, Vec<u64>>,
@@ -133,31 +135,34 @@ pub async fn restore(
     number: Option<usize>,
 ) -> anyhow::Result<Restored> {
     let job = device.lock().await.restore_job(path, number.unwrap_or(1))?;
-    let (list, key, served, target) = (
+    let root = Arc::new(FolderRoot::open(&job.root)?);
+    let (list, key, served, door, rel) = (
         job.list.clone(),
         job.key.clone(),
         job.served.clone(),
-        job.root.join(&job.rel),
+        root.clone(),
+        job.rel.clone(),
     );
     let mut assembling =
-        tokio::task::spawn_blocking(move || assemble_here(&target, &list, &key, &served)).await??;
+        tokio::task::spawn_blocking(move || assemble_here(&door, &rel, &list, &key, &served))
+            .await??;
     if !assembling.wanted.is_empty() {
         let peers: Vec<PeerId> = job.transport.connected_peers().await;
         let (sink, rx) = tokio::sync::mpsc::channel::<Fetched>(64);
         let ids: Vec<ChunkId> = assembling.wanted.keys().copied().collect();
         let fetcher = job.transport.clone();
         let task = tokio::spawn(async move { chunks::fetch(&fetcher, peers, ids, sink).await });
-        let key = job.key.clone();
+        let (key, door) = (job.key.clone(), root.clone());
         assembling = tokio::task::spawn_blocking(move || {
-            fill_fetched(&mut assembling, rx, &key).map(|()| assembling)
+            fill_fetched(&door, &mut assembling, rx, &key).map(|()| assembling)
         })
         .await??;
         task.await?;
     }
     let size = content::list_size(&job.list);
-    let (mode, target) = (job.entry.mode, job.root.join(&job.rel));
+    let (mode, rel) = (job.entry.mode, job.rel.clone());
     let (from_here, from_peers) = (assembling.from_here, assembling.from_peers);
-    tokio::task::spawn_blocking(move || install(assembling, &target, mode)).await??;
+    tokio::task::spawn_blocking(move || install(&root, assembling, &rel, mode)).await??;
     scan::scan(device, &job.folder, ScanOptions::default()).await?;
     Ok(Restored {
         folder: job.folder.to_string(),
@@ -183,19 +188,26 @@ fn open(
     )
 }
 
-/// Starts the temp file beside `target` and fills what this device holds (its store, then its
+/// Starts the temp file beside `rel` and fills what this device holds (its store, then its
 /// current files). Blocking.
 fn assemble_here(
-    target: &Path,
+    root: &FolderRoot,
+    rel: &str,
     list: &[ChunkRef],
     key: &MeshKey,
     served: &Served,
 ) -> anyhow::Result<Assembling> {
     use std::os::unix::fs::FileExt;
-    let dir = target.parent().context("no parent folder")?;
-    std::fs::create_dir_all(dir)?;
-    let tmp = dir.join(format!("{TEMP_PREFIX}{}-restore", std::process::id()));
-    let file = std::fs::File::create(&tmp)?;
+    let dir = parent_of(rel);
+    root.create_dir_all(dir)?;
+    let name = format!("{TEMP_PREFIX}{}-restore", std::process::id());
+    let tmp = if dir.is_empty() {
+        name
+    } else {
+        format!("{dir}/{name}")
+    };
+    let _ = root.remove_file(&tmp);
+    let file = root.create_new(&tmp)?;
     file.set_len(content::list_size(list))?;
     let mut assembling = Assembling {
         tmp,
@@ -219,6 +231,7 @@ fn assemble_here(
 
 /// Writes fetched chunks into place (a bad one is refused). Blocking.
 fn fill_fetched(
+    _root: &FolderRoot,
     assembling: &mut Assembling,
     mut rx: tokio::sync::mpsc::Receiver<Fetched>,
     key: &MeshKey,
@@ -239,25 +252,23 @@ fn fill_fetched(
 
 /// Into place if complete: fsync, mode, rename, fsync of the folder; else nothing changes.
 /// Blocking.
-fn install(assembling: Assembling, target: &Path, mode: u32) -> anyhow::Result<()> {
-    use std::os::unix::fs::PermissionsExt;
+fn install(root: &FolderRoot, assembling: Assembling, rel: &str, mode: u32) -> anyhow::Result<()> {
     let Assembling {
         tmp, file, wanted, ..
     } = assembling;
     if !wanted.is_empty() {
         drop(file);
-        let _ = std::fs::remove_file(&tmp);
+        let _ = root.remove_file(&tmp);
         anyhow::bail!(
             "{} of the version's chunks are on no device or storage peer reachable now; nothing was changed",
             wanted.len()
         );
     }
+    set_mode(&file, mode)?;
     file.sync_all()?;
     drop(file);
-    std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(mode & 0o7777))?;
-    std::fs::rename(&tmp, target)?;
-    let dir = target.parent().context("no parent folder")?;
-    std::fs::File::open(dir)?.sync_all()?;
+    root.rename(&tmp, rel)?;
+    root.sync_dir(parent_of(rel))?;
     Ok(())
 }
 

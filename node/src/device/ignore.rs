@@ -14,6 +14,33 @@ use meshsync_crdt::{FileKind, FileRecord, FolderId};
 
 use super::Device;
 use crate::control::IgnoreList;
+use crate::disk::{FolderRoot, Kind};
+
+/// The text of the rules file `rel`, if it is a regular file; capped.
+fn read_rules(root: &FolderRoot, rel: &str) -> Option<String> {
+    use std::io::Read;
+    match root.entry(rel) {
+        Ok(Some(e)) if e.kind == Kind::File => {}
+        Ok(None) => return None,
+        Ok(Some(_)) | Err(_) => {
+            tracing::warn!(
+                file = rel,
+                "ignore rules are not a regular file here; not read"
+            );
+            return None;
+        }
+    }
+    let mut text = String::new();
+    let file = root.open_read(rel).ok()?;
+    if file.metadata().ok()?.len() > MAX_IGNORE_BYTES {
+        tracing::warn!(
+            file = rel,
+            "ignore rules larger than {MAX_IGNORE_BYTES} bytes; the rest is not read"
+        );
+    }
+    file.take(MAX_IGNORE_BYTES).read_to_string(&mut text).ok()?;
+    Some(text)
+}
 
 /// The folder's ignore rules, shared with every device (synced like a file).
 pub const IGNORE_FILE: &str = ".meshsync/ignore";
@@ -32,18 +59,23 @@ pub fn is_own_file(rel: &str) -> bool {
 /// A folder's ignore rules as they stand on disk now.
 pub struct Rules(ignore::gitignore::Gitignore);
 
+/// The largest ignore file read (the rest is ignored, with a warning).
+pub const MAX_IGNORE_BYTES: u64 = 256 * 1024;
+
 impl Rules {
-    /// Reads the shared rules, then this device's overrides. Bad lines are logged and skipped.
-    pub fn load(root: &Path) -> Rules {
-        let mut builder = ignore::gitignore::GitignoreBuilder::new(root);
+    /// Reads the shared rules, then this device's overrides, through the folder's door: only
+    /// regular files (not a link, a device or a fifo), at most [`MAX_IGNORE_BYTES`] each. Bad
+    /// lines are logged and skipped.
+    pub fn load(root: &FolderRoot) -> Rules {
+        let mut builder = ignore::gitignore::GitignoreBuilder::new(root.path());
         for file in [IGNORE_FILE, LOCAL_IGNORE_FILE] {
-            let path = root.join(file);
-            let Ok(text) = std::fs::read_to_string(&path) else {
+            let Some(text) = read_rules(root, file) else {
                 continue;
             };
+            let source = root.path().join(file);
             for line in text.lines() {
-                if let Err(error) = builder.add_line(Some(path.clone()), line) {
-                    tracing::warn!(file = %path.display(), %error, "ignore rule skipped");
+                if let Err(error) = builder.add_line(Some(source.clone()), line) {
+                    tracing::warn!(file = %source.display(), %error, "ignore rule skipped");
                 }
             }
         }
@@ -51,6 +83,14 @@ impl Rules {
             tracing::warn!(%error, "ignore rules unusable; ignoring nothing");
             ignore::gitignore::Gitignore::empty()
         }))
+    }
+
+    /// [`Rules::load`] for the folder at `path` (no rules if it cannot be opened).
+    pub fn load_at(path: &Path) -> Rules {
+        match FolderRoot::open(path) {
+            Ok(root) => Rules::load(&root),
+            Err(_) => Rules(ignore::gitignore::Gitignore::empty()),
+        }
     }
 
     /// Whether the rules exclude `rel` (a directory if `is_dir`): neither recorded, written
@@ -74,31 +114,25 @@ impl Device {
         patterns: &[String],
         local: bool,
     ) -> anyhow::Result<IgnoreList> {
-        use std::io::Write;
         let f = self.folder(id)?;
         for pattern in patterns {
             ignore::gitignore::GitignoreBuilder::new(&f.path)
                 .add_line(None, pattern)
                 .with_context(|| format!("{pattern:?} is not a valid ignore pattern"))?;
         }
-        let file = f.path.join(if local {
+        let root = f.root()?;
+        let file = if local {
             LOCAL_IGNORE_FILE
         } else {
             IGNORE_FILE
-        });
+        };
         if !patterns.is_empty() {
-            std::fs::create_dir_all(f.path.join(".meshsync"))?;
-            let mut out = std::fs::OpenOptions::new()
-                .create(true)
-                .append(true)
-                .open(&file)?;
-            for pattern in patterns {
-                writeln!(out, "{pattern}")?;
-            }
-            out.sync_all()?;
+            root.create_dir_all(".meshsync")?;
+            let text: String = patterns.iter().map(|p| format!("{p}\n")).collect();
+            root.append(file, text.as_bytes())?;
         }
         let read = |name: &str| -> Vec<String> {
-            std::fs::read_to_string(f.path.join(name))
+            read_rules(&root, name)
                 .unwrap_or_default()
                 .lines()
                 .map(str::to_string)
@@ -132,7 +166,7 @@ mod tests {
         std::fs::create_dir(dir.path().join(".meshsync")).unwrap();
         std::fs::write(dir.path().join(IGNORE_FILE), "*.log\nbuild/\n").unwrap();
         std::fs::write(dir.path().join(LOCAL_IGNORE_FILE), "!keep.log\n").unwrap();
-        let rules = Rules::load(dir.path());
+        let rules = Rules::load_at(dir.path());
         assert!(rules.ignores("a.log", false));
         assert!(rules.ignores("sub/b.log", false));
         assert!(!rules.ignores("keep.log", false));
@@ -141,6 +175,12 @@ mod tests {
         assert!(!rules.ignores("a.txt", false));
         // The rules file is always synced, whatever the rules say.
         std::fs::write(dir.path().join(IGNORE_FILE), ".meshsync/\n").unwrap();
-        assert!(!Rules::load(dir.path()).ignores(IGNORE_FILE, false));
+        assert!(!Rules::load_at(dir.path()).ignores(IGNORE_FILE, false));
+        // Rules behind a link are not read (it could name anything, e.g. /dev/zero).
+        std::fs::remove_file(dir.path().join(IGNORE_FILE)).unwrap();
+        std::fs::write(dir.path().join("elsewhere"), "*.txt\n").unwrap();
+        std::os::unix::fs::symlink(dir.path().join("elsewhere"), dir.path().join(IGNORE_FILE))
+            .unwrap();
+        assert!(!Rules::load_at(dir.path()).ignores("a.txt", false));
     }
 }

@@ -11,7 +11,6 @@
 //!    storage peers, and pushed to connected devices.
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::path::Path;
 use std::time::Duration;
 
 use anyhow::Context;
@@ -20,10 +19,11 @@ use meshsync_crdt::keys::ChunkIdKey;
 use meshsync_crdt::{ChunkListHash, FileKind, FileRecord, FolderId, MeshKey};
 
 use super::folder::MARKER;
-use super::ignore::{is_own_file, Rules};
+use super::ignore::{is_own_file, Rules, IGNORE_FILE};
 use super::serve::unix_nanos;
 use super::{sync, Device, Shared};
 use crate::chunks::{content, ChunkRef};
+use crate::disk::{Entry, FolderRoot, Kind};
 use crate::protocol::{ByteBuf, SyncChanges, SyncRequest};
 use crate::state::{Batch, LocalFile};
 
@@ -87,8 +87,10 @@ pub async fn scan(device: &Shared, id: &FolderId, options: ScanOptions) -> anyho
     }
     let id_key = key.chunk_id_key();
     let wait_settle = !options.requested;
-    let walked =
-        tokio::task::spawn_blocking(move || walk(&root, &local, &id_key, wait_settle)).await??;
+    let walked = tokio::task::spawn_blocking(move || {
+        walk(&FolderRoot::open(&root)?, &local, &id_key, wait_settle)
+    })
+    .await??;
     let mut d = device.lock().await;
     if walked.unsettled {
         let (changes, id) = (d.changes.clone(), id.clone());
@@ -290,10 +292,11 @@ impl Device {
     }
 }
 
-/// Walks `root`; returns what changed since `local`, and whether some file was left for later
-/// because it is still being written (only when `wait_settle`).
+/// Walks the folder; returns what changed since `local`, and whether some file was left for
+/// later because it is still being written (only when `wait_settle`). Everything is read
+/// through the folder's door: a link is recorded as a link, never followed.
 pub fn walk(
-    root: &Path,
+    root: &FolderRoot,
     local: &BTreeMap<String, LocalFile>,
     id_key: &ChunkIdKey,
     wait_settle: bool,
@@ -301,34 +304,43 @@ pub fn walk(
     let rules = Rules::load(root);
     let mut walked = Walked::default();
     let mut seen = BTreeSet::new();
-    let mut stack = vec![root.to_path_buf()];
+    // Folders that could not be read: what this device had under them is not taken as deleted.
+    let mut unreadable: Vec<String> = Vec::new();
+    let mut stack = vec![String::new()];
     while let Some(dir) = stack.pop() {
-        for entry in
-            std::fs::read_dir(&dir).with_context(|| format!("reading {}", dir.display()))?
-        {
-            let entry = entry?;
-            if entry.file_name().to_str().is_none() {
-                continue; // a name that is not UTF-8 cannot be a record's path
+        let entries = match root.read_dir(&dir) {
+            Ok(entries) => entries,
+            Err(error) if !dir.is_empty() => {
+                tracing::warn!(%dir, %error, "cannot read a folder; its files are left as they were");
+                unreadable.push(format!("{dir}/"));
+                continue;
             }
-            let path = entry.path();
-            let rel = path.strip_prefix(root)?.to_string_lossy().to_string();
-            if is_own_file(&rel) {
+            Err(error) => return Err(error.into()),
+        };
+        for (name, entry) in entries {
+            let rel = if dir.is_empty() {
+                name
+            } else {
+                format!("{dir}/{name}")
+            };
+            let rules_not_a_file = rel == IGNORE_FILE && entry.kind != Kind::File;
+            if is_own_file(&rel) || rules_not_a_file {
                 // The daemon's own files (temp files come and go) are never synced; the
                 // `.meshsync/` folder is entered only for the shared ignore rules.
-                if rel == ".meshsync" && entry.file_type().is_ok_and(|t| t.is_dir()) {
-                    stack.push(path);
+                if rel == ".meshsync" && entry.kind == Kind::Dir {
+                    stack.push(rel);
                 }
                 continue;
             }
-            let meta = std::fs::symlink_metadata(&path)?;
             seen.insert(rel.clone());
-            if rules.ignores(&rel, meta.is_dir()) {
+            let is_dir = entry.kind == Kind::Dir;
+            if rules.ignores(&rel, is_dir) {
                 continue; // ignored: neither recorded nor deleted
             }
-            if meta.is_dir() {
-                stack.push(path.clone());
+            if is_dir {
+                stack.push(rel.clone());
             }
-            match examine(&path, &meta, local.get(&rel), id_key, wait_settle)? {
+            match examine(root, &rel, &entry, local.get(&rel), id_key, wait_settle)? {
                 Examined::Unchanged => {}
                 Examined::Unsettled => walked.unsettled = true,
                 Examined::Changed(file, refs) => walked.changed.push(Scanned {
@@ -341,7 +353,8 @@ pub fn walk(
     }
     for (rel, file) in local {
         let is_dir = file.kind == FileKind::Directory;
-        if !seen.contains(rel) && !rules.ignores(rel, is_dir) {
+        let under_unreadable = unreadable.iter().any(|dir| rel.starts_with(dir.as_str()));
+        if !seen.contains(rel) && !under_unreadable && !rules.ignores(rel, is_dir) {
             walked.changed.push(Scanned {
                 path: rel.clone(),
                 file: None,
@@ -360,64 +373,79 @@ enum Examined {
     Changed(LocalFile, Vec<ChunkRef>),
 }
 
-/// Looks at one directory entry against what this device last recorded there (`known`).
+/// Looks at one entry against what this device last recorded there (`known`).
 fn examine(
-    path: &Path,
-    meta: &std::fs::Metadata,
+    root: &FolderRoot,
+    rel: &str,
+    entry: &Entry,
     known: Option<&LocalFile>,
     id_key: &ChunkIdKey,
     wait_settle: bool,
 ) -> anyhow::Result<Examined> {
-    use std::os::unix::fs::MetadataExt;
-    let mode = meta.mode() & 0o7777;
-    if meta.is_dir() {
-        if known.is_some_and(|l| l.kind == FileKind::Directory) {
-            return Ok(Examined::Unchanged);
+    match entry.kind {
+        Kind::Dir => {
+            if known.is_some_and(|l| l.kind == FileKind::Directory) {
+                return Ok(Examined::Unchanged);
+            }
+            // A real mtime, so a conflict copy of this folder is named by a real date.
+            let dir = LocalFile {
+                mtime_ns: entry.mtime_ns,
+                ..LocalFile::directory(entry.mode, 0, ChunkListHash::default())
+            };
+            Ok(Examined::Changed(dir, vec![]))
         }
-        let dir = LocalFile::directory(mode, 0, ChunkListHash::default());
-        return Ok(Examined::Changed(dir, vec![]));
+        Kind::Symlink => examine_link(root, rel, entry, known, id_key),
+        Kind::File => examine_file(root, rel, entry, known, id_key, wait_settle),
+        Kind::Other => Ok(Examined::Unchanged), // sockets, devices, fifos: not synced
     }
-    if meta.file_type().is_symlink() {
-        return examine_link(path, meta, known, id_key);
-    }
-    if !meta.is_file() {
-        return Ok(Examined::Unchanged); // sockets, devices, fifos: not synced
-    }
-    let mtime_ns = meta.modified().map(unix_nanos).unwrap_or(0);
-    let modified = meta.modified().unwrap_or(std::time::UNIX_EPOCH);
-    let age = std::time::SystemTime::now().duration_since(modified);
-    if wait_settle && age.is_ok_and(|age| age < SETTLE) {
+}
+
+fn examine_file(
+    root: &FolderRoot,
+    rel: &str,
+    entry: &Entry,
+    known: Option<&LocalFile>,
+    id_key: &ChunkIdKey,
+    wait_settle: bool,
+) -> anyhow::Result<Examined> {
+    let age = unix_nanos(std::time::SystemTime::now()).saturating_sub(entry.mtime_ns);
+    if wait_settle && (0..SETTLE.as_nanos() as i64).contains(&age) {
         // Still being written: recording it now would publish a torn version.
         return Ok(Examined::Unsettled);
     }
     let same = known.is_some_and(|l| {
-        l.kind == FileKind::File && l.size == meta.len() && l.mtime_ns == mtime_ns && l.mode == mode
+        l.kind == FileKind::File
+            && l.size == entry.len
+            && l.mtime_ns == entry.mtime_ns
+            && l.mode == entry.mode
     });
     if same {
         return Ok(Examined::Unchanged);
     }
-    let file = std::fs::File::open(path)?;
+    let Ok(file) = root.open_read(rel) else {
+        return Ok(Examined::Unsettled); // replaced meanwhile (by a link, or gone)
+    };
     // A write in progress can keep mtime still while the size grows: if the file is not
     // exactly what it was when we started reading, it is not settled yet (checked after every
     // block, so a growing file costs one block, not a whole pass).
     let unchanged = || {
-        file.metadata()
-            .is_ok_and(|now| now.len() == meta.len() && now.modified().ok() == meta.modified().ok())
+        file.metadata().is_ok_and(|now| {
+            now.len() == entry.len && now.modified().map(unix_nanos).ok() == Some(entry.mtime_ns)
+        })
     };
     let refs = content::chunk_file(&file, id_key, unchanged)?;
     let size: u64 = refs.iter().flatten().map(|c| u64::from(c.len)).sum();
     // …and the path must still name the file that was read (not one renamed over it).
-    let replaced = std::fs::symlink_metadata(path).map_or(true, |after| {
-        after.ino() != meta.ino() || after.modified().ok() != meta.modified().ok()
-    });
-    let Some(refs) = refs.filter(|_| size == meta.len() && !replaced) else {
+    let after = root.entry(rel).ok().flatten();
+    let replaced = after.is_none_or(|a| a.ino != entry.ino || a.mtime_ns != entry.mtime_ns);
+    let Some(refs) = refs.filter(|_| size == entry.len && !replaced) else {
         return Ok(Examined::Unsettled);
     };
     let file = LocalFile {
         kind: FileKind::File,
         size,
-        mtime_ns,
-        mode,
+        mtime_ns: entry.mtime_ns,
+        mode: entry.mode,
         chunks: refs.clone(),
         version: 0,
         list_hash: content::chunk_list_hash(&refs),
@@ -427,23 +455,24 @@ fn examine(
 
 /// A symlink is synced as a link, never followed: its content is the target path.
 fn examine_link(
-    path: &Path,
-    meta: &std::fs::Metadata,
+    root: &FolderRoot,
+    rel: &str,
+    entry: &Entry,
     known: Option<&LocalFile>,
     id_key: &ChunkIdKey,
 ) -> anyhow::Result<Examined> {
-    use std::os::unix::ffi::OsStrExt;
-    let target = std::fs::read_link(path)?;
-    let bytes = target.as_os_str().as_bytes();
-    let refs = content::chunk_stream(bytes, id_key, |_, _| {})?;
+    let Ok(target) = root.read_link(rel) else {
+        return Ok(Examined::Unsettled); // replaced meanwhile
+    };
+    let refs = content::chunk_stream(&target[..], id_key, |_, _| {})?;
     let list_hash = content::chunk_list_hash(&refs);
     if known.is_some_and(|l| l.kind == FileKind::Symlink && l.list_hash == list_hash) {
         return Ok(Examined::Unchanged);
     }
     let link = LocalFile {
         kind: FileKind::Symlink,
-        size: bytes.len() as u64,
-        mtime_ns: meta.modified().map(unix_nanos).unwrap_or(0),
+        size: target.len() as u64,
+        mtime_ns: entry.mtime_ns,
         mode: 0o777,
         chunks: refs.clone(),
         version: 0,
@@ -482,7 +511,8 @@ mod tests {
         std::fs::write(root.join("junk.tmp"), "x").unwrap();
         std::os::unix::fs::symlink("sub/a.txt", root.join("link")).unwrap();
         let key = id_key();
-        let first = walk(root, &BTreeMap::new(), &key, false).unwrap();
+        let door = FolderRoot::open(root).unwrap();
+        let first = walk(&door, &BTreeMap::new(), &key, false).unwrap();
         let paths: BTreeSet<&str> = first.changed.iter().map(|s| s.path.as_str()).collect();
         assert_eq!(
             paths,
@@ -494,12 +524,12 @@ mod tests {
 
         // Nothing changed: nothing to record.
         let local = local_of(&first);
-        assert!(walk(root, &local, &key, false).unwrap().changed.is_empty());
+        assert!(walk(&door, &local, &key, false).unwrap().changed.is_empty());
 
         // An edit, a deletion.
         std::fs::write(root.join("sub/a.txt"), "hello, world").unwrap();
         std::fs::remove_file(root.join("link")).unwrap();
-        let second = walk(root, &local, &key, false).unwrap();
+        let second = walk(&door, &local, &key, false).unwrap();
         let edited = second
             .changed
             .iter()
@@ -516,10 +546,11 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         std::fs::write(dir.path().join("fresh.txt"), "x").unwrap();
         let key = id_key();
-        let waited = walk(dir.path(), &BTreeMap::new(), &key, true).unwrap();
+        let door = FolderRoot::open(dir.path()).unwrap();
+        let waited = walk(&door, &BTreeMap::new(), &key, true).unwrap();
         assert!(waited.unsettled);
         assert!(waited.changed.is_empty());
-        let asked = walk(dir.path(), &BTreeMap::new(), &key, false).unwrap();
+        let asked = walk(&door, &BTreeMap::new(), &key, false).unwrap();
         assert!(!asked.unsettled);
         assert_eq!(asked.changed.len(), 1);
     }

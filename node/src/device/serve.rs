@@ -15,13 +15,34 @@ use meshsync_crdt::{ChunkId, FileKind, MeshKey};
 use meshsync_transport::chunks::ChunkSource;
 
 use crate::chunks::{content, ChunkRef, ChunkStore};
+use crate::disk::FolderRoot;
 use crate::state::LocalFile;
+
+/// A synced file: its folder and its path there. It is read only through the folder's
+/// [`FolderRoot`] (no symlink followed).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub(crate) struct FileAt {
+    pub(crate) root: Arc<PathBuf>,
+    pub(crate) rel: String,
+}
+
+impl FileAt {
+    /// The file's absolute path (the chunk map's key; never opened as such).
+    fn key(&self) -> PathBuf {
+        self.root.join(&self.rel)
+    }
+
+    /// Opens the file for reading through the folder's door.
+    pub(crate) fn open(&self) -> Option<std::fs::File> {
+        FolderRoot::open(&self.root).ok()?.open_read(&self.rel).ok()
+    }
+}
 
 /// Where the chunks of current files lie on disk, for serving them.
 #[derive(Default)]
 pub(crate) struct ChunkMap {
     /// Every current file holding each chunk, and where in it.
-    pub(crate) locations: HashMap<ChunkId, Vec<(PathBuf, ChunkRef)>>,
+    pub(crate) locations: HashMap<ChunkId, Vec<(FileAt, ChunkRef)>>,
     /// Size and mtime of each file when its chunks were recorded, and its chunks: a file that
     /// no longer matches is not served from (its chunks may have moved).
     files: HashMap<PathBuf, Recorded>,
@@ -39,14 +60,14 @@ struct Recorded {
 impl ChunkMap {
     /// Records where the chunks of a current local file (or link) can be read from, in place
     /// of what that path held before.
-    pub(crate) fn remember(&mut self, path: PathBuf, file: &LocalFile) {
+    pub(crate) fn remember(&mut self, at: FileAt, file: &LocalFile) {
+        let path = at.key();
         self.forget(&path);
         if file.kind == FileKind::Symlink {
-            use std::os::unix::ffi::OsStrExt;
-            let Ok(target) = std::fs::read_link(&path) else {
+            let target = FolderRoot::open(&at.root).and_then(|root| root.read_link(&at.rel));
+            let Ok(bytes) = target else {
                 return;
             };
-            let bytes = target.as_os_str().as_bytes();
             for c in &file.chunks {
                 if let Some(part) = bytes.get(c.range().start as usize..c.range().end as usize) {
                     self.links.insert(c.id, part.to_vec());
@@ -58,7 +79,7 @@ impl ChunkMap {
             self.locations
                 .entry(c.id)
                 .or_default()
-                .push((path.clone(), *c));
+                .push((at.clone(), *c));
         }
         let chunks = file.chunks.iter().map(|c| c.id).collect();
         self.files.insert(
@@ -78,7 +99,7 @@ impl ChunkMap {
         };
         for id in recorded.chunks {
             if let Some(places) = self.locations.get_mut(&id) {
-                places.retain(|(p, _)| p != path);
+                places.retain(|(at, _)| at.key() != path);
                 if places.is_empty() {
                     self.locations.remove(&id);
                 }
@@ -105,10 +126,10 @@ impl ChunkMap {
             .get(id)
             .into_iter()
             .flatten()
-            .map(|(path, chunk)| Place {
-                path: path.clone(),
+            .map(|(at, chunk)| Place {
+                at: at.clone(),
                 chunk: *chunk,
-                recorded: self.files.get(path).map(|r| (r.size, r.mtime_ns)),
+                recorded: self.files.get(&at.key()).map(|r| (r.size, r.mtime_ns)),
             })
             .collect()
     }
@@ -117,7 +138,7 @@ impl ChunkMap {
 /// Where a chunk lies: the file, the chunk's place in it, and the (size, mtime) the file had
 /// when its chunks were recorded.
 struct Place {
-    path: PathBuf,
+    at: FileAt,
     chunk: ChunkRef,
     recorded: Option<(u64, i64)>,
 }
@@ -151,12 +172,12 @@ impl ChunkSource for Served {
             map.places(id)
         };
         for Place {
-            path,
+            at,
             chunk,
             recorded,
         } in places
         {
-            let Ok(file) = std::fs::File::open(&path) else {
+            let Some(file) = at.open() else {
                 continue;
             };
             // The file may have changed since it was scanned: serve only from one that is

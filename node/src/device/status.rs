@@ -11,7 +11,9 @@ use super::conflict::{conflict_name, original_of_conflict};
 use super::folder::Folder;
 use super::ignore::Rules;
 use super::{Device, Shared};
-use crate::control::{ConflictCopy, DeviceInfo, DeviceStatus, FolderStatus, PeerStatus};
+use crate::control::{
+    ConflictCopy, DeviceInfo, DeviceStatus, FolderStatus, NotWritten, PeerStatus,
+};
 use crate::state::in_sync;
 
 /// What the transport says, asked without holding the device lock.
@@ -104,11 +106,16 @@ impl Device {
     pub fn conflicts(&self) -> Vec<ConflictCopy> {
         let mut out: BTreeMap<(String, String), ConflictCopy> = BTreeMap::new();
         for (id, f) in &self.folders {
+            let root = f.root().ok();
+            let on_disk = |copy: &str| {
+                root.as_ref()
+                    .is_some_and(|r| r.entry(copy).ok().flatten().is_some())
+            };
             for state in f.index.conflicts() {
                 let path = state.winner.path.clone();
                 for loser in &state.losers {
                     let copy = conflict_name(&path, loser);
-                    let on_disk = f.path.join(&copy).exists();
+                    let on_disk = on_disk(&copy);
                     out.insert(
                         (id.to_string(), copy.clone()),
                         ConflictCopy {
@@ -138,7 +145,7 @@ impl Device {
 
 /// One folder's line of `status`: in sync or what it still needs (ignored paths excepted).
 fn folder_status(id: &FolderId, f: &Folder) -> FolderStatus {
-    let rules = Rules::load(&f.path);
+    let rules = Rules::load_at(&f.path);
     let (mut need_files, mut need_bytes, mut conflicts) = (0u64, 0u64, 0u64);
     for (path, state) in f.index.iter() {
         if rules.ignores_record(&path, &state.winner) {
@@ -166,5 +173,18 @@ fn folder_status(id: &FolderId, f: &Folder) -> FolderStatus {
         conflicts,
         held_deletes: f.held_deletes,
         unavailable: f.unavailable.iter().cloned().collect(),
+        not_written: f
+            .problems
+            .iter()
+            .filter(|(path, _)| {
+                f.index
+                    .get(path)
+                    .is_some_and(|state| !in_sync(f.local.get(path.as_str()), &state.winner))
+            })
+            .map(|(path, why)| NotWritten {
+                path: path.clone(),
+                why: why.clone(),
+            })
+            .collect(),
     }
 }

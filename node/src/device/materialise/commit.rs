@@ -1,23 +1,23 @@
 //! Putting assembled files in place: flush (big files one by one, most already while the
 //! batch arrived; the many small ones with one `syncfs`), then per step — check that a file
 //! about to be replaced was not edited here since (else it is moved aside as a conflict copy),
-//! rename the temp file into place with the record's mode and mtime, make directories and
-//! links, delete — then fsync the touched folders. Blocking throughout: called on a blocking
-//! thread.
+//! make room (a link, file or folder of another kind already at the path is moved aside as a
+//! conflict copy, never written through or lost), rename the temp file into place with the
+//! record's mode (`& 0o777`) and mtime, make directories and links, delete — then fsync the
+//! touched folders. Every operation goes through the folder's [`FolderRoot`]; a step that
+//! fails is reported for its path and the others go on. Blocking throughout: called on a
+//! blocking thread.
 
 use std::collections::BTreeSet;
-use std::os::unix::fs::PermissionsExt;
-use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use anyhow::Context;
-use meshsync_crdt::{ChunkListHash, DeviceId, FileKind, FileRecord, MeshKey};
+use meshsync_crdt::{ChunkListHash, DeviceId, FileKind, MeshKey};
 
 use super::fetch::{Assembly, Lists, Pending, OWN_FSYNC};
 use super::plan::{Step, Work};
 use crate::chunks::{content, ChunkRef};
 use crate::device::conflict::conflict_name_for;
-use crate::device::serve::unix_nanos;
+use crate::disk::{parent_of, set_mode, DiskError, FolderRoot, Kind};
 use crate::state::LocalFile;
 
 /// What installing a plan did, for the device to record.
@@ -27,6 +27,8 @@ pub(super) struct Installed {
     pub(super) updates: Vec<(String, Option<LocalFile>)>,
     /// Paths no source could give intact: not written, reported.
     pub(super) unavailable: Vec<String>,
+    /// Paths that could not be written here, and why: reported, retried later.
+    pub(super) problems: Vec<(String, String)>,
     /// The chunk lists of what was written, to keep.
     pub(super) lists: Vec<(ChunkListHash, Vec<ChunkRef>)>,
 }
@@ -34,7 +36,7 @@ pub(super) struct Installed {
 /// Before anything is renamed into place, its data must be on disk: the files not `flushed`
 /// already (big files flush on their own as they complete). Blocking.
 pub(super) fn flush(
-    root: &Path,
+    root: &FolderRoot,
     assembly: &Assembly,
     flushed: &BTreeSet<usize>,
 ) -> anyhow::Result<()> {
@@ -44,109 +46,179 @@ pub(super) fn flush(
             continue;
         }
         if p.size >= OWN_FSYNC {
-            std::fs::File::open(&p.tmp)?
-                .sync_data()
-                .context("flushing a written file")?;
+            root.open_read(&p.tmp)?.sync_data()?;
         } else {
             flush_all = true;
         }
     }
     if flush_all {
-        let dir = std::fs::File::open(root)?;
-        // SAFETY: syncfs only reads the descriptor, which `dir` keeps open for the call.
-        if unsafe { libc::syncfs(std::os::fd::AsRawFd::as_raw_fd(&dir)) } != 0 {
-            return Err(std::io::Error::last_os_error()).context("flushing written files");
-        }
+        root.sync_all()?;
     }
     Ok(())
 }
 
+/// What one step leaves at its path.
+enum Outcome {
+    /// This device now holds this there (`None`: nothing).
+    Holds(Option<LocalFile>),
+    /// A conflict copy was written: a plain new file from now on (the next scan records it).
+    CopyWritten,
+    /// Nothing done (an edit here is kept, or the content is not ready).
+    Skipped,
+    /// No source had intact content: not written.
+    Unavailable,
+}
+
 /// Carries out every step of `work` whose content is ready. Blocking.
 pub(super) fn install(
-    root: &Path,
+    root: &FolderRoot,
     work: &[Work],
     mut assembly: Assembly,
     lists: &Lists,
     key: &MeshKey,
     me: &DeviceId,
-) -> anyhow::Result<Installed> {
+) -> Installed {
     let mut installed = Installed::default();
-    let mut touched_dirs: BTreeSet<PathBuf> = BTreeSet::new();
+    for (i, why) in std::mem::take(&mut assembly.problems) {
+        installed.problems.push((work[i].path.clone(), why));
+    }
+    let mut touched_dirs: BTreeSet<String> = BTreeSet::new();
     for (i, w) in work.iter().enumerate() {
         let prepared = assembly.pending.remove(&i);
-        let target = root.join(&w.path);
-        if w.step != Step::ConflictCopy && !keep_local_edit(root, w, key, me)? {
-            if let Some(p) = prepared {
-                let _ = std::fs::remove_file(&p.tmp);
+        let tmp = prepared.as_ref().map(|p| p.tmp.clone());
+        let list = lists.get(&w.record.chunks);
+        match install_one(root, w, prepared, list, key, me) {
+            Ok(Outcome::Holds(file)) => {
+                if file.as_ref().is_some_and(|f| f.kind != FileKind::Directory) {
+                    touched_dirs.insert(parent_of(&w.path).to_string());
+                }
+                if let (Some(file), Some(list)) = (&file, list) {
+                    if file.kind != FileKind::Directory {
+                        installed.lists.push((w.record.chunks, list.clone()));
+                    }
+                }
+                installed.updates.push((w.path.clone(), file));
             }
-            continue;
-        }
-        if w.step == Step::Delete {
-            if std::fs::symlink_metadata(&target).is_ok_and(|m| m.is_dir()) {
-                let _ = std::fs::remove_dir(&target);
-            } else {
-                let _ = std::fs::remove_file(&target);
+            Ok(Outcome::CopyWritten) => {
+                touched_dirs.insert(parent_of(&w.path).to_string());
+                if let Some(list) = list {
+                    installed.lists.push((w.record.chunks, list.clone()));
+                }
+                tracing::warn!(path = %w.path, "concurrent edit kept as a conflict copy");
             }
-            installed.updates.push((w.path.clone(), None));
-            continue;
-        }
-        if w.record.kind == FileKind::Directory {
-            std::fs::create_dir_all(&target)?;
-            let dir = LocalFile::directory(w.record.mode, w.record.version, w.record.chunks);
-            installed.updates.push((w.path.clone(), Some(dir)));
-            continue;
-        }
-        let (Some(p), Some(list)) = (prepared, lists.get(&w.record.chunks)) else {
-            continue;
-        };
-        if p.left > 0 {
-            // Never written wrong: reported, and retried on a later pull.
-            let _ = std::fs::remove_file(&p.tmp);
-            installed.unavailable.push(w.path.clone());
-            continue;
-        }
-        let file = if p.link.is_some() {
-            install_link(&p, &target, w, list)?
-        } else {
-            if let Some(dir) = target.parent() {
-                touched_dirs.insert(dir.to_path_buf());
+            Ok(Outcome::Skipped) => {}
+            Ok(Outcome::Unavailable) => installed.unavailable.push(w.path.clone()),
+            Err(error) => {
+                tracing::warn!(path = %w.path, error = format!("{error:#}"), "not written");
+                installed
+                    .problems
+                    .push((w.path.clone(), format!("{error:#}")));
             }
-            install_file(&p, &target, w, list)?
-        };
-        installed.lists.push((w.record.chunks, list.clone()));
-        if w.step == Step::ConflictCopy {
-            // A plain new file from here on: the next scan records and syncs it.
-            tracing::warn!(path = %w.path, "concurrent edit kept as a conflict copy");
-        } else {
-            installed.updates.push((w.path.clone(), Some(file)));
+        }
+        if let Some(tmp) = tmp {
+            let _ = root.remove_file(&tmp); // gone already when it was renamed into place
         }
     }
     for p in assembly.pending.values() {
-        let _ = std::fs::remove_file(&p.tmp);
+        let _ = root.remove_file(&p.tmp);
     }
     for dir in touched_dirs {
-        std::fs::File::open(&dir)?.sync_all()?;
+        if let Err(error) = root.sync_dir(&dir) {
+            tracing::warn!(%dir, %error, "flushing a folder failed");
+        }
     }
-    Ok(installed)
+    installed
+}
+
+/// One step; an error is this path's alone.
+fn install_one(
+    root: &FolderRoot,
+    w: &Work,
+    prepared: Option<Pending>,
+    list: Option<&Vec<ChunkRef>>,
+    key: &MeshKey,
+    me: &DeviceId,
+) -> anyhow::Result<Outcome> {
+    if w.step != Step::ConflictCopy && !keep_local_edit(root, w, key, me)? {
+        return Ok(Outcome::Skipped);
+    }
+    if w.step == Step::Delete {
+        match root.entry(&w.path)? {
+            Some(e) if e.kind == Kind::Dir => {
+                let _ = root.remove_dir(&w.path); // a folder still holding files stays
+            }
+            Some(_) => root.remove_file(&w.path)?,
+            None => {}
+        }
+        return Ok(Outcome::Holds(None));
+    }
+    if w.record.kind == FileKind::Directory {
+        make_room(root, &w.path, Kind::Dir, me)?;
+        root.create_dir_all(&w.path)?;
+        let dir = LocalFile::directory(w.record.mode & 0o777, w.record.version, w.record.chunks);
+        return Ok(Outcome::Holds(Some(dir)));
+    }
+    let (Some(p), Some(list)) = (prepared, list) else {
+        return Ok(Outcome::Skipped);
+    };
+    if p.left > 0 {
+        return Ok(Outcome::Unavailable); // never written wrong; retried on a later pull
+    }
+    let file = if p.link.is_some() {
+        install_link(root, &p, w, list, me)?
+    } else {
+        install_file(root, &p, w, list, me)?
+    };
+    Ok(match w.step {
+        Step::ConflictCopy => Outcome::CopyWritten,
+        _ => Outcome::Holds(Some(file)),
+    })
+}
+
+/// Moves whatever is at `rel` aside as a conflict copy when it is of another kind than
+/// `incoming` (a link or file where a folder goes, or a folder where a file or link goes), so
+/// the incoming version is never written through it and the local one is never lost. An empty
+/// folder is simply removed.
+fn make_room(root: &FolderRoot, rel: &str, incoming: Kind, me: &DeviceId) -> anyhow::Result<()> {
+    let Some(here) = root.entry(rel)? else {
+        return Ok(());
+    };
+    let same = here.kind == incoming || (incoming != Kind::Dir && here.kind != Kind::Dir); // a file or link is replaced
+    if same {
+        return Ok(());
+    }
+    if here.kind == Kind::Dir && root.remove_dir(rel).is_ok() {
+        return Ok(()); // it was empty
+    }
+    let copy = conflict_name_for(rel, here.mtime_ns, me);
+    root.rename_new(rel, &copy)?;
+    tracing::warn!(path = rel, copy = %copy, "a different kind of entry was here: kept as a conflict copy");
+    Ok(())
+}
+
+/// Places the new entry `tmp` at `w.path`: a conflict copy never replaces anything.
+fn place(root: &FolderRoot, tmp: &str, w: &Work) -> Result<(), DiskError> {
+    match w.step {
+        Step::ConflictCopy => root.rename_new(tmp, &w.path),
+        _ => root.rename(tmp, &w.path),
+    }
 }
 
 /// Makes the link `p` assembled and renames it into place.
 fn install_link(
+    root: &FolderRoot,
     p: &Pending,
-    target: &Path,
     w: &Work,
     list: &[ChunkRef],
+    me: &DeviceId,
 ) -> anyhow::Result<LocalFile> {
-    use std::os::unix::ffi::OsStrExt;
-    let link = p.link.as_deref().unwrap_or_default();
-    let _ = std::fs::remove_file(&p.tmp);
-    std::os::unix::fs::symlink(std::ffi::OsStr::from_bytes(link), &p.tmp)
-        .with_context(|| format!("creating link {}", p.tmp.display()))?;
-    std::fs::rename(&p.tmp, target).with_context(|| format!("renaming {}", p.tmp.display()))?;
-    let mtime_ns = std::fs::symlink_metadata(target)?
-        .modified()
-        .map(unix_nanos)
-        .unwrap_or(0);
+    let target = p.link.as_deref().unwrap_or_default();
+    root.create_dir_all(parent_of(&w.path))?;
+    let _ = root.remove_file(&p.tmp);
+    root.symlink(target, &p.tmp)?;
+    make_room(root, &w.path, Kind::Symlink, me)?;
+    place(root, &p.tmp, w)?;
+    let mtime_ns = root.entry(&w.path)?.map_or(0, |e| e.mtime_ns);
     Ok(LocalFile {
         kind: FileKind::Symlink,
         size: p.size,
@@ -158,30 +230,28 @@ fn install_link(
     })
 }
 
-/// Gives the flushed temp file the record's mode and mtime and renames it into place.
+/// Gives the flushed temp file the record's mode (`& 0o777`) and mtime and renames it into
+/// place.
 fn install_file(
+    root: &FolderRoot,
     p: &Pending,
-    target: &Path,
     w: &Work,
     list: &[ChunkRef],
+    me: &DeviceId,
 ) -> anyhow::Result<LocalFile> {
     let r = &w.record;
-    std::fs::set_permissions(&p.tmp, std::fs::Permissions::from_mode(r.mode & 0o7777))?;
-    let mtime = std::time::UNIX_EPOCH + Duration::from_nanos(r.mtime_ns.max(0) as u64);
-    std::fs::File::options()
-        .write(true)
-        .open(&p.tmp)?
-        .set_modified(mtime)?;
-    std::fs::rename(&p.tmp, target)?;
-    let mtime_ns = std::fs::metadata(target)?
-        .modified()
-        .map(unix_nanos)
-        .unwrap_or(r.mtime_ns);
+    let file = root.open_write(&p.tmp)?;
+    set_mode(&file, r.mode)?;
+    file.set_modified(std::time::UNIX_EPOCH + Duration::from_nanos(r.mtime_ns.max(0) as u64))?;
+    drop(file);
+    make_room(root, &w.path, Kind::File, me)?;
+    place(root, &p.tmp, w)?;
+    let mtime_ns = root.entry(&w.path)?.map_or(r.mtime_ns, |e| e.mtime_ns);
     Ok(LocalFile {
         kind: FileKind::File,
         size: p.size,
         mtime_ns,
-        mode: r.mode,
+        mode: r.mode & 0o777,
         chunks: list.to_vec(),
         version: r.version,
         list_hash: r.chunks,
@@ -192,25 +262,28 @@ fn install_file(
 /// still what this device last scanned or wrote. If it was edited since (and not yet scanned),
 /// the edit is concurrent with the incoming version: it is moved aside as a conflict copy, so
 /// nothing is lost, or — for a delete — the file is kept. Returns whether to go ahead.
-fn keep_local_edit(root: &Path, w: &Work, key: &MeshKey, me: &DeviceId) -> anyhow::Result<bool> {
-    let target = root.join(&w.path);
-    let Ok(meta) = std::fs::symlink_metadata(&target) else {
-        return Ok(true);
+fn keep_local_edit(
+    root: &FolderRoot,
+    w: &Work,
+    key: &MeshKey,
+    me: &DeviceId,
+) -> anyhow::Result<bool> {
+    let here = match root.entry(&w.path) {
+        Ok(Some(here)) if here.kind == Kind::File => here,
+        // Nothing there, or another kind (handled by `make_room`), or a parent that is not a
+        // folder here (the step itself reports that).
+        _ => return Ok(true),
     };
-    if !meta.is_file() {
+    if w.before == Some((here.len, here.mtime_ns)) {
         return Ok(true);
     }
-    let mtime_ns = meta.modified().map(unix_nanos).unwrap_or(0);
-    if w.before == Some((meta.len(), mtime_ns)) {
-        return Ok(true);
-    }
-    let incoming: &FileRecord = &w.record;
-    let file = std::fs::File::open(&target)?;
+    let file = root.open_read(&w.path)?;
     let refs = content::chunk_stream(
         std::io::BufReader::new(file),
         &key.chunk_id_key(),
         |_, _| {},
     )?;
+    let incoming = &w.record;
     if !incoming.deleted && content::chunk_list_hash(&refs) == incoming.chunks {
         return Ok(true); // the same edit made here: no conflict
     }
@@ -218,8 +291,8 @@ fn keep_local_edit(root: &Path, w: &Work, key: &MeshKey, me: &DeviceId) -> anyho
         tracing::warn!(path = %w.path, "deleted elsewhere but edited here: keeping it");
         return Ok(false);
     }
-    let copy = conflict_name_for(&w.path, mtime_ns, me);
-    std::fs::rename(&target, root.join(&copy))?;
+    let copy = conflict_name_for(&w.path, here.mtime_ns, me);
+    root.rename_new(&w.path, &copy)?;
     tracing::warn!(path = %w.path, copy = %copy, "edited here and elsewhere at once: local version kept as a conflict copy");
     Ok(true)
 }

@@ -8,7 +8,6 @@
 //! opening run on blocking threads.
 
 use std::collections::{BTreeSet, HashMap};
-use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use anyhow::Context;
@@ -20,7 +19,9 @@ use meshsync_transport::{PeerId, Transport};
 use super::plan::Work;
 use crate::chunks::{content, ChunkRef};
 use crate::device::folder::TEMP_PREFIX;
+use crate::device::serve::FileAt;
 use crate::device::{Device, Shared};
+use crate::disk::{parent_of, FolderRoot};
 use crate::protocol::{self, SyncReply, SyncRequest};
 
 /// Files at least this big get their own fsync; smaller ones share one `syncfs` per batch.
@@ -31,7 +32,8 @@ pub(super) type Lists = HashMap<ChunkListHash, Vec<ChunkRef>>;
 
 /// A file being assembled: its temp file, final size, and how many chunks it still lacks.
 pub(super) struct Pending {
-    pub(super) tmp: PathBuf,
+    /// The temp file's path in the folder (beside the target).
+    pub(super) tmp: String,
     pub(super) size: u64,
     pub(super) left: usize,
     /// For a symlink: its target, assembled in memory (it is never a file on disk).
@@ -46,13 +48,15 @@ pub(super) struct Assembly {
     wanted_at: HashMap<ChunkId, Vec<(usize, u64)>>,
     /// Big files already complete, being flushed while the rest arrives.
     pub(super) flushes: Vec<(usize, tokio::task::JoinHandle<std::io::Result<()>>)>,
+    /// Steps that could not be prepared, and why (e.g. a parent that is a symlink here).
+    pub(super) problems: Vec<(usize, String)>,
 }
 
 /// Where this device already holds chunks: current files (re-checked when read) and link
 /// targets.
 #[derive(Default)]
 pub(super) struct Held {
-    files: HashMap<ChunkId, Vec<(PathBuf, ChunkRef)>>,
+    files: HashMap<ChunkId, Vec<(FileAt, ChunkRef)>>,
     links: HashMap<ChunkId, Vec<u8>>,
 }
 
@@ -116,20 +120,20 @@ pub(super) async fn chunk_lists(
     Ok(lists)
 }
 
-/// The temp name step `i` assembles `target` in (same folder, so the rename is atomic).
-fn temp_path(target: &Path, i: usize) -> anyhow::Result<PathBuf> {
-    let name = target
-        .file_name()
-        .and_then(|n| n.to_str())
-        .unwrap_or("file");
-    let dir = target.parent().context("no parent folder")?;
-    Ok(dir.join(format!("{TEMP_PREFIX}{}-{i}-{name}", std::process::id())))
+/// The temp name step `i` assembles `rel` in: in the same folder, so the rename is atomic,
+/// and short whatever the file's name (a name may already use the whole 255-byte limit).
+pub(super) fn temp_rel(rel: &str, i: usize) -> String {
+    let name = format!("{TEMP_PREFIX}{}-{i}", std::process::id());
+    match parent_of(rel) {
+        "" => name,
+        parent => format!("{parent}/{name}"),
+    }
 }
 
 /// Gives every file or link `work` writes a temp file (links: a buffer) filled with the
 /// chunks this device already holds, and notes where each missing chunk goes. Blocking.
 pub(super) fn prepare(
-    root: &Path,
+    root: &FolderRoot,
     work: &[Work],
     lists: &Lists,
     held: &Held,
@@ -143,14 +147,20 @@ pub(super) fn prepare(
         let Some(list) = lists.get(&w.record.chunks) else {
             continue;
         };
-        let target = root.join(&w.path);
+        let tmp = temp_rel(&w.path, i);
         let pending = if w.record.kind == FileKind::Symlink {
-            assembly.prepare_link(i, temp_path(&target, i)?, list, held)
+            Ok(assembly.prepare_link(i, tmp, list, held))
         } else {
-            std::fs::create_dir_all(target.parent().context("file has no parent folder")?)?;
-            assembly.prepare_file(i, temp_path(&target, i)?, list, held, id_key)?
+            assembly.prepare_file(root, i, tmp, list, held, id_key)
         };
-        assembly.pending.insert(i, pending);
+        match pending {
+            Ok(pending) => {
+                assembly.pending.insert(i, pending);
+            }
+            // This path cannot be written here (its parent is a link or a file, the disk is
+            // full, …): reported, and the rest of the batch goes on.
+            Err(error) => assembly.problems.push((i, format!("{error:#}"))),
+        }
     }
     Ok(assembly)
 }
@@ -160,7 +170,7 @@ impl Assembly {
         self.wanted_at.entry(id).or_default().push((i, offset));
     }
 
-    fn prepare_link(&mut self, i: usize, tmp: PathBuf, list: &[ChunkRef], held: &Held) -> Pending {
+    fn prepare_link(&mut self, i: usize, tmp: String, list: &[ChunkRef], held: &Held) -> Pending {
         let size = content::list_size(list);
         let mut link = vec![0u8; size as usize];
         let mut left = 0;
@@ -184,16 +194,18 @@ impl Assembly {
 
     fn prepare_file(
         &mut self,
+        root: &FolderRoot,
         i: usize,
-        tmp: PathBuf,
+        tmp: String,
         list: &[ChunkRef],
         held: &Held,
         id_key: &ChunkIdKey,
     ) -> anyhow::Result<Pending> {
         use std::os::unix::fs::FileExt;
         let size = content::list_size(list);
-        let file =
-            std::fs::File::create(&tmp).with_context(|| format!("creating {}", tmp.display()))?;
+        root.create_dir_all(parent_of(&tmp))?;
+        let _ = root.remove_file(&tmp); // a leftover of this process (same PID and step)
+        let file = root.create_new(&tmp)?;
         file.set_len(size)?;
         let mut left = 0usize;
         for c in list {
@@ -204,10 +216,7 @@ impl Assembly {
                 .flatten()
                 .find_map(|(src, at)| {
                     let mut data = vec![0u8; at.len as usize];
-                    std::fs::File::open(src)
-                        .ok()?
-                        .read_exact_at(&mut data, at.offset)
-                        .ok()?;
+                    src.open()?.read_exact_at(&mut data, at.offset).ok()?;
                     (content::chunk_id(id_key, &data) == c.id).then_some(data)
                 });
             match here {
@@ -231,6 +240,7 @@ impl Assembly {
     /// Blocking (runs until the fetch ends).
     fn receive(
         &mut self,
+        root: &FolderRoot,
         mut rx: tokio::sync::mpsc::Receiver<Fetched>,
         key: &MeshKey,
         bad_sources: &mut BTreeSet<PeerId>,
@@ -266,23 +276,18 @@ impl Assembly {
                     }
                 } else {
                     if last_open.as_ref().is_none_or(|(at, _)| *at != i) {
-                        let file = std::fs::OpenOptions::new()
-                            .write(true)
-                            .open(&p.tmp)
-                            .with_context(|| format!("opening {}", p.tmp.display()))?;
-                        last_open = Some((i, file));
+                        last_open = Some((i, root.open_write(&p.tmp)?));
                     }
                     if let Some((_, file)) = &last_open {
                         file.write_all_at(&plain, offset)
-                            .with_context(|| format!("writing into {}", p.tmp.display()))?;
+                            .with_context(|| format!("writing into {}", p.tmp))?;
                     }
                 }
                 p.left -= 1;
                 if p.left == 0 && p.link.is_none() && p.size >= OWN_FSYNC {
                     // A big file is flushed on its own as soon as it is complete, while the
                     // rest of the batch is still arriving.
-                    let file = std::fs::File::open(&p.tmp)
-                        .with_context(|| format!("opening {}", p.tmp.display()))?;
+                    let file = root.open_read(&p.tmp)?;
                     self.flushes
                         .push((i, tokio::task::spawn_blocking(move || file.sync_data())));
                 }
@@ -297,6 +302,7 @@ impl Assembly {
 pub(super) async fn fetch(
     transport: &Transport,
     key: &MeshKey,
+    root: Arc<FolderRoot>,
     mut assembly: Assembly,
 ) -> anyhow::Result<Assembly> {
     let mut bad_sources: BTreeSet<PeerId> = BTreeSet::new();
@@ -318,10 +324,10 @@ pub(super) async fn fetch(
         let (sink, rx) = tokio::sync::mpsc::channel::<Fetched>(64);
         let fetcher = transport.clone();
         let task = tokio::spawn(async move { chunks::fetch(&fetcher, peers, missing, sink).await });
-        let key = Arc::new(key.clone());
+        let (key, root) = (Arc::new(key.clone()), root.clone());
         let (back, bad, received) = tokio::task::spawn_blocking(move || {
             let mut bad = bad_sources;
-            let received = assembly.receive(rx, &key, &mut bad);
+            let received = assembly.receive(&root, rx, &key, &mut bad);
             (assembly, bad, received)
         })
         .await?;

@@ -17,7 +17,6 @@ pub mod fetch;
 pub mod plan;
 
 use std::collections::{BTreeSet, HashSet};
-use std::path::PathBuf;
 use std::sync::{Arc, Mutex as StdMutex};
 
 use anyhow::Context;
@@ -27,14 +26,15 @@ use meshsync_transport::{PeerId, Transport};
 use super::ignore::Rules;
 use super::{Device, Shared};
 use crate::chunks::ChunkStore;
-use crate::state::{Batch, LocalFile};
+use crate::disk::FolderRoot;
+use crate::state::{in_sync, Batch, LocalFile};
 use commit::Installed;
 use fetch::Lists;
 use plan::{Plan, Step, Work};
 
 /// What one materialise works with, taken from the device under its lock.
 struct Job {
-    root: PathBuf,
+    root: Arc<FolderRoot>,
     transport: Transport,
     key: MeshKey,
     store: Arc<StdMutex<ChunkStore>>,
@@ -68,7 +68,7 @@ pub(crate) async fn materialise(
         );
         blocking(move || fetch::prepare(&root, &work, &lists, &held, &id_key)).await?
     };
-    let mut assembly = fetch::fetch(&job.transport, &job.key, assembly).await?;
+    let mut assembly = fetch::fetch(&job.transport, &job.key, job.root.clone(), assembly).await?;
     let mut flushed = BTreeSet::new();
     for (i, flush) in std::mem::take(&mut assembly.flushes) {
         flush.await?.context("flushing a written file")?;
@@ -90,7 +90,7 @@ pub(crate) async fn materialise(
             keep_replaced(
                 &store, &key, &root, &folder, &work, &olds, &lists, &mut batch,
             )?;
-            let installed = commit::install(&root, &work, assembly, &lists, &key, &me)?;
+            let installed = commit::install(&root, &work, assembly, &lists, &key, &me);
             Ok((installed, batch))
         })
         .await?
@@ -112,7 +112,7 @@ async fn blocking<T: Send + 'static>(
 fn keep_replaced(
     store: &StdMutex<ChunkStore>,
     key: &MeshKey,
-    root: &std::path::Path,
+    root: &FolderRoot,
     folder: &FolderId,
     work: &[Work],
     olds: &std::collections::HashMap<String, LocalFile>,
@@ -149,19 +149,28 @@ fn keep_replaced(
 impl Device {
     /// Plans a materialise of `paths` and takes what it needs; `None` if there is nothing to
     /// do.
-    fn job(&self, folder: &FolderId, paths: BTreeSet<String>) -> anyhow::Result<Option<Job>> {
-        let Some(f) = self.folders.get(folder) else {
+    fn job(&mut self, folder: &FolderId, paths: BTreeSet<String>) -> anyhow::Result<Option<Job>> {
+        let Some(f) = self.folders.get_mut(folder) else {
             return Ok(None);
         };
-        let rules = Rules::load(&f.path);
+        // A path reported as not written that is in sync by now (written, or no longer
+        // wanted) is no problem any more.
+        let (index, local) = (&f.index, &f.local);
+        f.problems.retain(|path, _| {
+            index
+                .get(path)
+                .is_some_and(|state| !in_sync(local.get(path), &state.winner))
+        });
+        let root = f.root()?;
+        let rules = Rules::load(&root);
         let plan = plan::plan(&f.index, &f.local, &rules, paths, |name| {
-            f.path.join(name).exists()
+            root.entry(name).ok().flatten().is_some()
         });
         if plan.work.is_empty() {
             return Ok(None);
         }
         Ok(Some(Job {
-            root: f.path.clone(),
+            root: Arc::new(root),
             transport: self.transport.clone(),
             key: self.mesh_key()?,
             store: self.store.clone(),
@@ -186,9 +195,11 @@ impl Device {
                 tracing::warn!(%path, "file unavailable: no source has intact chunks for it; not written");
             }
         }
+        f.problems.extend(installed.problems);
         let mut map = self.chunk_map.lock().expect("chunk map lock");
         for (path, file) in installed.updates {
             f.unavailable.remove(&path);
+            f.problems.remove(&path);
             f.set_local(folder, &mut map, &mut batch, path, file);
         }
         drop(map);

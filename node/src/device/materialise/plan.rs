@@ -149,7 +149,7 @@ mod tests {
     }
 
     fn no_rules() -> Rules {
-        Rules::load(std::path::Path::new("/nonexistent-meshsync-test"))
+        Rules::load_at(std::path::Path::new("/nonexistent-meshsync-test"))
     }
 
     /// Two writing members of one mesh.
@@ -259,7 +259,7 @@ mod tests {
         let plan = plan(
             &index,
             &BTreeMap::new(),
-            &Rules::load(dir.path()),
+            &Rules::load_at(dir.path()),
             paths,
             |_| false,
         );

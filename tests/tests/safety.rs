@@ -1,0 +1,168 @@
+//! Nothing a peer sends may escape the folder or lose a file, even in an honest race: a
+//! symlink on one device and a real folder of the same name on the other (which was offline).
+//! Variants: a link out of the folder, `..`, `/`, and a dangling link. Real daemons on
+//! loopback.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use meshsync_tests::{meshsync_ok, wait_until, Daemon};
+
+const LONG: Duration = Duration::from_secs(60);
+
+/// Every entry under `root` (links not followed): path → "dir", "link -> target" or the
+/// file's content.
+fn tree(root: &Path) -> BTreeMap<String, String> {
+    let mut out = BTreeMap::new();
+    let mut stack = vec![root.to_path_buf()];
+    while let Some(dir) = stack.pop() {
+        for entry in std::fs::read_dir(&dir).unwrap().flatten() {
+            let path = entry.path();
+            let rel = path
+                .strip_prefix(root)
+                .unwrap()
+                .to_string_lossy()
+                .to_string();
+            let kind = entry.file_type().unwrap();
+            let what = if kind.is_symlink() {
+                format!("link -> {}", std::fs::read_link(&path).unwrap().display())
+            } else if kind.is_dir() {
+                stack.push(path.clone());
+                "dir".to_string()
+            } else {
+                String::from_utf8_lossy(&std::fs::read(&path).unwrap()).to_string()
+            };
+            out.insert(rel, what);
+        }
+    }
+    out
+}
+
+/// The synced part of a folder's tree (the daemon's own files left out).
+fn synced(root: &Path) -> BTreeMap<String, String> {
+    tree(root)
+        .into_iter()
+        .filter(|(rel, _)| !rel.split('/').any(|c| c.starts_with(".meshsync")))
+        .collect()
+}
+
+struct Two {
+    _dir: tempfile::TempDir,
+    root: PathBuf,
+    a: Daemon,
+    hb: PathBuf,
+    fa: PathBuf,
+    fb: PathBuf,
+}
+
+fn two() -> Two {
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path().to_path_buf();
+    let (ha, hb) = (root.join("a"), root.join("b"));
+    let (fa, fb) = (root.join("A"), root.join("B"));
+    std::fs::create_dir_all(&fa).unwrap();
+    std::fs::create_dir_all(&fb).unwrap();
+    meshsync_ok(&ha, &["init", "--name", "alice"]);
+    meshsync_ok(&hb, &["init", "--name", "bob"]);
+    let a = Daemon::start(&ha);
+    meshsync_ok(
+        &ha,
+        &["folder", "add", fa.to_str().unwrap(), "--id", "docs"],
+    );
+    let code = meshsync_ok(&ha, &["invite"])
+        .lines()
+        .last()
+        .unwrap()
+        .trim()
+        .to_string();
+    meshsync_ok(&hb, &["join", &code]);
+    Two {
+        _dir: dir,
+        root,
+        a,
+        hb,
+        fa,
+        fb,
+    }
+}
+
+#[test]
+fn a_symlink_here_and_a_folder_there_write_nothing_outside_and_lose_nothing() {
+    let t = two();
+    let outside = t.root.join("outside");
+    std::fs::create_dir_all(&outside).unwrap();
+    let before_root: Vec<String> = std::fs::read_dir(&t.root)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().to_string())
+        .collect();
+    // A: links of every kind; B (not running yet): real folders of the same names, each
+    // holding a file.
+    let links: [(&str, PathBuf); 4] = [
+        ("out", outside.clone()),
+        ("up", PathBuf::from("..")),
+        ("slash", PathBuf::from("/")),
+        ("dangling", t.root.join("nothing-here")),
+    ];
+    for (name, target) in &links {
+        std::os::unix::fs::symlink(target, t.fa.join(name)).unwrap();
+    }
+    meshsync_ok(&t.a.home, &["scan"]);
+    for (name, _) in &links {
+        std::fs::create_dir_all(t.fb.join(name)).unwrap();
+        std::fs::write(t.fb.join(name).join("x.txt"), format!("bob's {name}")).unwrap();
+    }
+    let b = Daemon::start(&t.hb);
+    meshsync_ok(
+        &b.home,
+        &["folder", "add", t.fb.to_str().unwrap(), "--id", "docs"],
+    );
+
+    // Both sides converge on the same tree...
+    let converged = wait_until(LONG, || {
+        let (sa, sb) = (synced(&t.fa), synced(&t.fb));
+        sa == sb && sa.values().filter(|v| v.starts_with("bob's")).count() == 4
+    });
+    let (sa, sb) = (synced(&t.fa), synced(&t.fb));
+    assert!(
+        converged,
+        "A: {sa:#?}\nB: {sb:#?}\nA log:\n{}",
+        meshsync_tests::log_of(&t.a.home)
+    );
+    // ...where every link is still there (as the link or a conflict copy of it) and every one
+    // of B's files is still there (in the folder or in a conflict copy of it).
+    for (name, target) in &links {
+        let link = format!("link -> {}", target.display());
+        assert!(
+            sa.values().any(|v| *v == link),
+            "{name}'s link lost: {sa:#?}"
+        );
+        let file = format!("bob's {name}");
+        let at: Vec<&String> = sa
+            .iter()
+            .filter(|(_, v)| **v == file)
+            .map(|(k, _)| k)
+            .collect();
+        assert_eq!(at.len(), 1, "{file}: {sa:#?}");
+        assert!(at[0].ends_with("/x.txt"), "{at:?}");
+    }
+    // Conflict copies carry a real date.
+    for path in sa.keys().filter(|p| p.contains(".sync-conflict-")) {
+        assert!(!path.contains(".sync-conflict-1970"), "{path}");
+    }
+    // Nothing was written outside either folder, and no temp file is left behind.
+    assert_eq!(std::fs::read_dir(&outside).unwrap().count(), 0);
+    let after_root: Vec<String> = std::fs::read_dir(&t.root)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().to_string())
+        .collect();
+    assert_eq!(before_root.len(), after_root.len(), "{after_root:?}");
+    assert!(!Path::new("/x.txt").exists());
+    for folder in [&t.fa, &t.fb] {
+        let temps: Vec<String> = tree(folder)
+            .into_keys()
+            .filter(|p| p.contains(".meshsync-tmp-"))
+            .collect();
+        assert!(temps.is_empty(), "{temps:?}");
+    }
+}
