@@ -68,6 +68,8 @@ pub struct Entry {
 }
 
 impl Entry {
+    // `Stat`'s field types differ between targets: the casts are no-ops on some only.
+    #[allow(clippy::unnecessary_cast)]
     fn of(stat: &rustix::fs::Stat) -> Entry {
         let kind = match rustix::fs::FileType::from_raw_mode(stat.st_mode as _) {
             rustix::fs::FileType::RegularFile => Kind::File,
