@@ -326,7 +326,19 @@ where
         let (stream, _) = listener.accept().await?;
         let handler = handler.clone();
         tokio::spawn(async move {
+            // Only this user's processes: the home is 0700 and the socket 0600, and the
+            // caller's credentials are checked too (a socket briefly looser, or a home made
+            // shared by hand, lets no one else in).
+            let caller = stream.peer_cred().map(|c| c.uid()).ok();
             let (read, mut write) = stream.into_split();
+            if caller != Some(own_uid()) {
+                tracing::warn!(uid = ?caller, "control request from another user refused");
+                let refused = Reply::Err("refused: the daemon answers only its own user".into());
+                let mut text = serde_json::to_string(&refused).unwrap_or_default();
+                text.push('\n');
+                let _ = write.write_all(text.as_bytes()).await;
+                return;
+            }
             let mut line = String::new();
             let mut reader = BufReader::new(read).take(1 << 20);
             if reader.read_line(&mut line).await.is_err() {
@@ -344,6 +356,11 @@ where
             let _ = write.write_all(text.as_bytes()).await;
         });
     }
+}
+
+fn own_uid() -> u32 {
+    // SAFETY: geteuid has no preconditions and cannot fail.
+    unsafe { libc::geteuid() }
 }
 
 /// Sends one request to the daemon of `home` and decodes its reply as `T`. `Ok(None)` if no
@@ -367,5 +384,68 @@ pub async fn call<T: DeserializeOwned>(
             anyhow::anyhow!("the daemon answered {} in a form this CLI does not read ({error}); is it another version?", request.command())
         })?)),
         Reply::Err(error) => anyhow::bail!(error),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::unix::fs::PermissionsExt;
+
+    /// Run as another user by the test below: connects and prints the reply.
+    #[test]
+    fn connect_as_child() {
+        let Ok(socket) = std::env::var("MESHSYNC_TEST_CONNECT") else {
+            return; // only as the child of `another_user_is_refused`
+        };
+        let runtime = tokio::runtime::Runtime::new().unwrap();
+        let home = Path::new(&socket).parent().unwrap().to_path_buf();
+        match runtime.block_on(call::<serde_json::Value>(&home, &Request::Status)) {
+            Ok(reply) => println!("REPLY {reply:?}"),
+            Err(error) => println!("ERROR {error}"),
+        }
+    }
+
+    #[test]
+    fn another_user_is_refused_even_through_a_loose_socket() {
+        if own_uid() != 0 {
+            return; // needs root to run a client as another user
+        }
+        let dir = tempfile::tempdir().unwrap();
+        let home = dir.path().join("home");
+        std::fs::create_dir(&home).unwrap();
+        // Loose on purpose: what the credential check must still hold.
+        std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+        std::fs::set_permissions(&home, std::fs::Permissions::from_mode(0o755)).unwrap();
+        let runtime = tokio::runtime::Runtime::new().unwrap();
+        let served = home.clone();
+        runtime.spawn(serve(served, |_request| async {
+            reply(ScanDone { scanned: true })
+        }));
+        let socket = socket_path(&home);
+        for _ in 0..100 {
+            if socket.exists() {
+                break;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(10));
+        }
+        std::fs::set_permissions(&socket, std::fs::Permissions::from_mode(0o666)).unwrap();
+        // This user is answered.
+        let own: ScanDone = runtime
+            .block_on(call(&home, &Request::Status))
+            .unwrap()
+            .unwrap();
+        assert!(own.scanned);
+        // Another one is not.
+        use std::os::unix::process::CommandExt;
+        let out = std::process::Command::new(std::env::current_exe().unwrap())
+            .args(["--exact", "control::tests::connect_as_child", "--nocapture"])
+            .env("MESHSYNC_TEST_CONNECT", &socket)
+            .uid(65534)
+            .gid(65534)
+            .output()
+            .unwrap();
+        let text = String::from_utf8_lossy(&out.stdout);
+        assert!(text.contains("ERROR refused"), "{text}");
     }
 }

@@ -134,6 +134,23 @@ impl Home {
         &self.path
     }
 
+    /// Makes sure only the owner can enter the home (keys, state, the control socket live
+    /// here): a home others could read or enter is changed to mode 0700. Returns the mode it
+    /// had when it had to be fixed, for the caller to say so.
+    pub fn make_private(&self) -> Result<Option<u32>, HomeError> {
+        let mode = fs::metadata(&self.path)
+            .map_err(io(&self.path))?
+            .permissions()
+            .mode()
+            & 0o777;
+        if mode & 0o077 == 0 {
+            return Ok(None);
+        }
+        fs::set_permissions(&self.path, fs::Permissions::from_mode(0o700))
+            .map_err(io(&self.path))?;
+        Ok(Some(mode))
+    }
+
     pub fn is_initialised(&self) -> bool {
         self.path.join(SIGNING_KEY_FILE).exists()
     }
@@ -148,6 +165,7 @@ impl Home {
             });
         }
         create_private_dir(&self.path)?;
+        self.make_private()?;
         create_private_dir(&self.path.join("keys"))?;
         let keys = DeviceKeys::generate();
         write_private(
@@ -371,6 +389,21 @@ fn read_key_file(path: &Path) -> Result<Zeroizing<[u8; 32]>, HomeError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_home_others_can_enter_is_made_private() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("home");
+        fs::create_dir(&path).unwrap();
+        fs::set_permissions(&path, fs::Permissions::from_mode(0o755)).unwrap();
+        let home = Home::locate(Some(path.clone())).unwrap();
+        home.init("laptop", Role::Device).unwrap();
+        let mode = fs::metadata(&path).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode, 0o700);
+        fs::set_permissions(&path, fs::Permissions::from_mode(0o750)).unwrap();
+        assert_eq!(home.make_private().unwrap(), Some(0o750));
+        assert_eq!(home.make_private().unwrap(), None);
+    }
 
     #[test]
     fn init_writes_private_files_and_loads_the_same_keys() {

@@ -30,6 +30,11 @@ use crate::state::{Batch, LocalFile};
 /// Files modified more recently than this are still being written: they wait for a rescan.
 pub const SETTLE: Duration = Duration::from_millis(40);
 
+/// A file that was just emptied (a program rewriting it in place truncates it first) waits
+/// this long before its empty state is believed: publishing it would give every other device
+/// an empty "version" for a moment. Ordinary saves keep the [`SETTLE`] latency.
+pub const TRUNCATE_SETTLE: Duration = Duration::from_secs(1);
+
 /// A scan that would delete at least this many files, and more than half of the folder, is
 /// held back until the user confirms (`meshsync scan --allow-deletes`): an emptied or
 /// half-unmounted folder must not wipe every other device.
@@ -57,8 +62,8 @@ pub struct Scanned {
 #[derive(Debug, Default)]
 pub struct Walked {
     pub changed: Vec<Scanned>,
-    /// Some file was left for later because it is still being written.
-    pub unsettled: bool,
+    /// Some file was left for later because it is still being written: rescan after this.
+    pub retry_after: Option<Duration>,
 }
 
 /// Rescans every folder (the watcher's and the periodic scans).
@@ -92,10 +97,10 @@ pub async fn scan(device: &Shared, id: &FolderId, options: ScanOptions) -> anyho
     })
     .await??;
     let mut d = device.lock().await;
-    if walked.unsettled {
+    if let Some(delay) = walked.retry_after {
         let (changes, id) = (d.changes.clone(), id.clone());
         tokio::spawn(async move {
-            tokio::time::sleep(SETTLE).await;
+            tokio::time::sleep(delay).await;
             let _ = changes.send(id);
         });
     }
@@ -342,7 +347,9 @@ pub fn walk(
             }
             match examine(root, &rel, &entry, local.get(&rel), id_key, wait_settle)? {
                 Examined::Unchanged => {}
-                Examined::Unsettled => walked.unsettled = true,
+                Examined::Unsettled(after) => {
+                    walked.retry_after = Some(walked.retry_after.map_or(after, |a| a.min(after)));
+                }
                 Examined::Changed(file, refs) => walked.changed.push(Scanned {
                     path: rel,
                     file: Some(file),
@@ -368,8 +375,8 @@ pub fn walk(
 /// What [`examine`] found at one path.
 enum Examined {
     Unchanged,
-    /// Still being written: left for a rescan.
-    Unsettled,
+    /// Still being written: left for a rescan after this long.
+    Unsettled(Duration),
     Changed(LocalFile, Vec<ChunkRef>),
 }
 
@@ -411,7 +418,13 @@ fn examine_file(
     let age = unix_nanos(std::time::SystemTime::now()).saturating_sub(entry.mtime_ns);
     if wait_settle && (0..SETTLE.as_nanos() as i64).contains(&age) {
         // Still being written: recording it now would publish a torn version.
-        return Ok(Examined::Unsettled);
+        return Ok(Examined::Unsettled(SETTLE));
+    }
+    let emptied = entry.len == 0 && known.is_some_and(|l| l.kind == FileKind::File && l.size > 0);
+    if wait_settle && emptied && (0..TRUNCATE_SETTLE.as_nanos() as i64).contains(&age) {
+        // Just truncated: most likely rewritten in place right now.
+        let left = TRUNCATE_SETTLE.saturating_sub(Duration::from_nanos(age as u64));
+        return Ok(Examined::Unsettled(left.max(SETTLE)));
     }
     let same = known.is_some_and(|l| {
         l.kind == FileKind::File
@@ -423,7 +436,7 @@ fn examine_file(
         return Ok(Examined::Unchanged);
     }
     let Ok(file) = root.open_read(rel) else {
-        return Ok(Examined::Unsettled); // replaced meanwhile (by a link, or gone)
+        return Ok(Examined::Unsettled(SETTLE)); // replaced meanwhile (by a link, or gone)
     };
     // A write in progress can keep mtime still while the size grows: if the file is not
     // exactly what it was when we started reading, it is not settled yet (checked after every
@@ -439,7 +452,7 @@ fn examine_file(
     let after = root.entry(rel).ok().flatten();
     let replaced = after.is_none_or(|a| a.ino != entry.ino || a.mtime_ns != entry.mtime_ns);
     let Some(refs) = refs.filter(|_| size == entry.len && !replaced) else {
-        return Ok(Examined::Unsettled);
+        return Ok(Examined::Unsettled(SETTLE));
     };
     let file = LocalFile {
         kind: FileKind::File,
@@ -462,7 +475,7 @@ fn examine_link(
     id_key: &ChunkIdKey,
 ) -> anyhow::Result<Examined> {
     let Ok(target) = root.read_link(rel) else {
-        return Ok(Examined::Unsettled); // replaced meanwhile
+        return Ok(Examined::Unsettled(SETTLE)); // replaced meanwhile
     };
     let refs = content::chunk_stream(&target[..], id_key, |_, _| {})?;
     let list_hash = content::chunk_list_hash(&refs);
@@ -548,11 +561,38 @@ mod tests {
         let key = id_key();
         let door = FolderRoot::open(dir.path()).unwrap();
         let waited = walk(&door, &BTreeMap::new(), &key, true).unwrap();
-        assert!(waited.unsettled);
+        assert_eq!(waited.retry_after, Some(SETTLE));
         assert!(waited.changed.is_empty());
         let asked = walk(&door, &BTreeMap::new(), &key, false).unwrap();
-        assert!(!asked.unsettled);
+        assert_eq!(asked.retry_after, None);
         assert_eq!(asked.changed.len(), 1);
+    }
+
+    #[test]
+    fn a_file_just_emptied_is_not_published_until_it_stays_empty() {
+        let dir = tempfile::tempdir().unwrap();
+        let key = id_key();
+        let door = FolderRoot::open(dir.path()).unwrap();
+        std::fs::write(dir.path().join("big.bin"), vec![7u8; 100_000]).unwrap();
+        let first = walk(&door, &BTreeMap::new(), &key, false).unwrap();
+        let local = local_of(&first);
+        // Rewritten in place: truncated first (the file is empty for a moment).
+        std::fs::File::create(dir.path().join("big.bin")).unwrap();
+        std::thread::sleep(SETTLE * 2); // older than an ordinary save's settle time
+        let waited = walk(&door, &local, &key, true).unwrap();
+        assert!(waited.changed.is_empty(), "{:?}", waited.changed);
+        let after = waited.retry_after.unwrap();
+        assert!(after > SETTLE && after <= TRUNCATE_SETTLE, "{after:?}");
+        // Still empty a second later: it really is empty now.
+        std::thread::sleep(TRUNCATE_SETTLE);
+        let later = walk(&door, &local, &key, true).unwrap();
+        assert_eq!(later.changed.len(), 1);
+        assert_eq!(later.changed[0].file.as_ref().unwrap().size, 0);
+        // An ordinary save is not held longer than before.
+        std::fs::write(dir.path().join("small.txt"), "x").unwrap();
+        std::thread::sleep(SETTLE * 2);
+        let saved = walk(&door, &local, &key, true).unwrap();
+        assert!(saved.changed.iter().any(|s| s.path == "small.txt"));
     }
 
     #[test]
