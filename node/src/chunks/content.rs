@@ -56,6 +56,21 @@ impl ChunkRef {
     }
 }
 
+/// Whether `list` is a well-formed chunk list with the hash `hash`: it hashes to it, every
+/// chunk is between 1 byte and [`MAX_CHUNK`] long, and each offset is the sum of the lengths
+/// before it (so the list describes exactly one byte layout: no gap, no overlap, no reordering
+/// that the hash would not see). Lists from peers are admitted only if this holds.
+pub fn valid_list(hash: &ChunkListHash, list: &[ChunkRef]) -> bool {
+    let mut offset = 0u64;
+    for c in list {
+        if c.offset != offset || c.len == 0 || c.len as usize > MAX_CHUNK {
+            return false;
+        }
+        offset += u64::from(c.len);
+    }
+    chunk_list_hash(list) == *hash
+}
+
 /// The size of the file a chunk list describes (the sum of its lengths).
 pub fn list_size(list: &[ChunkRef]) -> u64 {
     list.iter().map(|c| u64::from(c.len)).sum()
@@ -220,15 +235,46 @@ pub fn seal_chunk_from(
     len: usize,
     fill: impl FnOnce(&mut [u8]) -> std::io::Result<()>,
 ) -> std::io::Result<Vec<u8>> {
+    let sealed = seal_if(key, epoch, id, len, |slot| fill(slot).map(|()| true))?;
+    Ok(sealed.expect("sealed unconditionally"))
+}
+
+/// [`seal_chunk_from`] that first checks the plaintext `fill` wrote really is chunk `id`
+/// (`Ok(None)`, nothing sealed, if not): a device serving from a file that changed since it
+/// was scanned must never seal other bytes under that chunk's key and nonce.
+pub fn seal_chunk_checked(
+    key: &ChunkKey,
+    id_key: &ChunkIdKey,
+    epoch: Epoch,
+    id: &ChunkId,
+    len: usize,
+    fill: impl FnOnce(&mut [u8]) -> std::io::Result<()>,
+) -> std::io::Result<Option<Vec<u8>>> {
+    seal_if(key, epoch, id, len, |slot| {
+        fill(slot)?;
+        Ok(chunk_id(id_key, slot) == *id)
+    })
+}
+
+/// Pads and seals the `len` bytes `fill` writes, if it answers `true`.
+fn seal_if(
+    key: &ChunkKey,
+    epoch: Epoch,
+    id: &ChunkId,
+    len: usize,
+    fill: impl FnOnce(&mut [u8]) -> std::io::Result<bool>,
+) -> std::io::Result<Option<Vec<u8>>> {
     let padded_len = padme(len + 4);
     let mut buf = vec![0u8; padded_len + TAG];
     buf[..4].copy_from_slice(&(len as u32).to_le_bytes());
-    fill(&mut buf[4..4 + len])?;
+    if !fill(&mut buf[4..4 + len])? {
+        return Ok(None);
+    }
     buf.truncate(padded_len);
     chunk_cipher(key, epoch, id)
         .seal_in_place_append_tag(nonce(id), Aad::from(aad(id, epoch)), &mut buf)
         .expect("sealing an in-memory chunk cannot fail");
-    Ok(buf)
+    Ok(Some(buf))
 }
 
 /// An opened chunk's plaintext, left in the buffer it was decrypted in (no copy).
@@ -272,6 +318,40 @@ pub fn open_chunk(
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn only_contiguous_lists_with_their_own_hash_are_valid() {
+        use super::*;
+        let id = |n: u8| ChunkId([n; 32]);
+        let list = vec![
+            ChunkRef {
+                id: id(1),
+                offset: 0,
+                len: 100,
+            },
+            ChunkRef {
+                id: id(2),
+                offset: 100,
+                len: 50,
+            },
+        ];
+        let hash = chunk_list_hash(&list);
+        assert!(valid_list(&hash, &list));
+        assert_eq!(list_size(&list), 150);
+        let mut overlapping = list.clone();
+        overlapping[1].offset = 60; // same IDs and lengths: the hash alone would pass it
+        assert_eq!(chunk_list_hash(&overlapping), hash);
+        assert!(!valid_list(&hash, &overlapping));
+        let mut gap = list.clone();
+        gap[1].offset = 4096;
+        assert!(!valid_list(&hash, &gap));
+        let reordered = vec![list[1], list[0]];
+        assert!(!valid_list(&hash, &reordered));
+        let mut huge = list.clone();
+        huge[1].len = u32::MAX;
+        assert!(!valid_list(&chunk_list_hash(&huge), &huge));
+        assert!(valid_list(&chunk_list_hash(&[]), &[]));
+    }
+
     use super::*;
     use meshsync_crdt::MeshKey;
 

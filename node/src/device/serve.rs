@@ -4,8 +4,10 @@
 //! [`ChunkMap`] knows every current file holding each chunk, and the size and mtime each file
 //! had when its chunks were recorded; [`Served`] reads a chunk from a file that still matches,
 //! seals it, and falls back to the chunk store (old versions). Symlink targets are served from
-//! memory (reading the link's path would follow it). The chunk server calls [`Served::get`] on
-//! a blocking thread (the `ChunkSource` contract), never holding the device lock.
+//! memory. Every chunk read from a file is hashed again before it is sealed, so a file edited
+//! since its scan never has other bytes sealed under a chunk's key and nonce. The chunk server
+//! calls [`Served::get`] on a blocking thread (the `ChunkSource` contract), never holding the
+//! device lock.
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -180,23 +182,23 @@ impl ChunkSource for Served {
             let Some(file) = at.open() else {
                 continue;
             };
-            // The file may have changed since it was scanned: serve only from one that is
-            // still the size and age it was when its chunks were recorded (the receiver checks
-            // every chunk's hash anyway; this keeps a stale one off the wire without hashing
-            // twice).
+            // The file may have changed since it was scanned: a file no longer the size and age
+            // it had when its chunks were recorded is not even read.
             let Ok(meta) = file.metadata() else { continue };
             let mtime_ns = meta.modified().map(unix_nanos).unwrap_or(0);
             if recorded != Some((meta.len(), mtime_ns)) {
                 continue;
             }
-            let sealed = content::seal_chunk_from(
+            // Re-hashed before sealing: the same chunk key and nonce never seal other bytes.
+            let sealed = content::seal_chunk_checked(
                 &key.chunk_key(),
+                &key.chunk_id_key(),
                 key.epoch(),
                 id,
                 chunk.len as usize,
                 |slot| file.read_exact_at(slot, chunk.offset),
             );
-            if let Ok(sealed) = sealed {
+            if let Ok(Some(sealed)) = sealed {
                 return Some(sealed.into());
             }
         }

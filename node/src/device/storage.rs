@@ -256,7 +256,7 @@ fn admit(
         return Ok(None);
     };
     for (hash, list) in &payload.lists {
-        if content::chunk_list_hash(list) == *hash {
+        if content::valid_list(hash, list) {
             batch.lists.push((*hash, list.clone()));
         }
     }

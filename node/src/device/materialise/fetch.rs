@@ -27,6 +27,9 @@ use crate::protocol::{self, SyncReply, SyncRequest};
 /// Files at least this big get their own fsync; smaller ones share one `syncfs` per batch.
 pub(super) const OWN_FSYNC: u64 = 4 << 20;
 
+/// The longest symlink target written (Linux's `PATH_MAX` less its terminator).
+const MAX_LINK: u64 = 4095;
+
 /// Chunk lists by their hash.
 pub(super) type Lists = HashMap<ChunkListHash, Vec<ChunkRef>>;
 
@@ -110,10 +113,10 @@ pub(super) async fn chunk_lists(
         protocol::doc(transport, from, &SyncRequest::ChunkLists(ask)).await?
     {
         for (hash, list) in got {
-            if content::chunk_list_hash(&list) == hash {
+            if content::valid_list(&hash, &list) {
                 lists.insert(hash, list);
             } else {
-                tracing::warn!(peer = %from, "chunk list does not match its hash; ignored");
+                tracing::warn!(peer = %from, "chunk list malformed or not matching its hash; ignored");
             }
         }
     }
@@ -147,6 +150,16 @@ pub(super) fn prepare(
         let Some(list) = lists.get(&w.record.chunks) else {
             continue;
         };
+        let size = content::list_size(list);
+        if size != w.record.size || (w.record.kind == FileKind::Symlink && size > MAX_LINK) {
+            // The signed record and its list disagree (or a link target no system allows).
+            let why = format!(
+                "its chunk list holds {size} bytes, the signed record {}",
+                w.record.size
+            );
+            assembly.problems.push((i, why));
+            continue;
+        }
         let tmp = temp_rel(&w.path, i);
         let pending = if w.record.kind == FileKind::Symlink {
             Ok(assembly.prepare_link(i, tmp, list, held))
