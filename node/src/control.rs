@@ -331,17 +331,17 @@ where
             // shared by hand, lets no one else in).
             let caller = stream.peer_cred().map(|c| c.uid()).ok();
             let (read, mut write) = stream.into_split();
+            let mut line = String::new();
+            let mut reader = BufReader::new(read).take(1 << 20);
+            if reader.read_line(&mut line).await.is_err() {
+                return;
+            }
             if caller != Some(own_uid()) {
                 tracing::warn!(uid = ?caller, "control request from another user refused");
                 let refused = Reply::Err("refused: the daemon answers only its own user".into());
                 let mut text = serde_json::to_string(&refused).unwrap_or_default();
                 text.push('\n');
                 let _ = write.write_all(text.as_bytes()).await;
-                return;
-            }
-            let mut line = String::new();
-            let mut reader = BufReader::new(read).take(1 << 20);
-            if reader.read_line(&mut line).await.is_err() {
                 return;
             }
             let reply = match serde_json::from_str::<Request>(&line) {
