@@ -25,7 +25,7 @@
 //! write in the record's epoch, for this mesh and folder, with a version higher than every value
 //! it replaces. One bad operation refuses the batch.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 
 use automerge::{transaction::Transactable, ActorId, AutoCommit, ChangeHash, ReadDoc, ROOT};
 use rayon::prelude::*;
@@ -244,6 +244,14 @@ pub enum IndexError {
         version: u64,
         replaced: u64,
     },
+    #[error("record for {path:?} has version {version}, above the {most} any honest author could reach (a jump)")]
+    VersionJump {
+        path: String,
+        version: u64,
+        most: u64,
+    },
+    #[error("path {0:?} has reached the highest version number")]
+    VersionsExhausted(String),
     #[error("change holds an operation the index does not allow: {0}")]
     ForbiddenOp(String),
     #[error("path {0:?} is not a valid relative path")]
@@ -266,6 +274,10 @@ pub struct ApplyReport {
     /// Shards that received changes.
     pub shards: usize,
 }
+
+/// How far a record's version may run ahead of the versions this replica knows of its path
+/// (see [`FolderIndex::apply`]).
+pub const MAX_VERSION_SLACK: u64 = 1 << 32;
 
 /// The one path under the reserved `.meshsync*` names that records may name: the folder's
 /// shared ignore rules (a regular file).
@@ -421,13 +433,11 @@ impl FolderIndex {
         let records: Vec<FileRecord> = updates
             .into_par_iter()
             .map(|u| {
-                let version = self
-                    .get_all(&u.path)
-                    .iter()
-                    .map(|r| r.version)
-                    .max()
+                let highest = self.get_all(&u.path).iter().map(|r| r.version).max();
+                let version = highest
                     .unwrap_or(0)
-                    + 1;
+                    .checked_add(1)
+                    .ok_or_else(|| IndexError::VersionsExhausted(u.path.clone()))?;
                 let mut record = FileRecord {
                     path: u.path,
                     version,
@@ -448,9 +458,9 @@ impl FolderIndex {
                     &record.stored_fields(),
                 );
                 record.signature = keys.sign(SIGNING_CONTEXT, &bytes);
-                record
+                Ok(record)
             })
-            .collect();
+            .collect::<Result<_, IndexError>>()?;
         let mut by_shard: BTreeMap<u16, Vec<&FileRecord>> = BTreeMap::new();
         for record in &records {
             by_shard
@@ -601,13 +611,43 @@ impl FolderIndex {
             })
             .collect::<Result<_, _>>()?;
 
-        // A put must outrank every current value it replaces: no rollback by replaying.
+        // How many puts this batch makes per path: an honest author's version is one above
+        // the highest it replaces, so no version may run far ahead of what is known here plus
+        // these. The slack covers changes whose predecessors arrive in a later batch (Automerge
+        // holds such a change until they do); what it stops is a jump to the top of the range,
+        // which would leave a path no version number to move on to.
+        let mut puts_per_path: HashMap<&str, u64> = HashMap::new();
+        for admitted in &decoded {
+            for (path, _, _) in &admitted.puts {
+                *puts_per_path.entry(path.as_str()).or_default() += 1;
+            }
+        }
+        // A put must outrank every current value it replaces (no rollback by replaying), and
+        // may not jump a path's version ahead (no wedging it at the top of the range).
         decoded.par_iter().try_for_each(|admitted| {
-            let Some(shard) = self.shards.get(&admitted.shard) else {
-                return Ok(());
-            };
+            let shard = self.shards.get(&admitted.shard);
             for (path, record, preds) in &admitted.puts {
-                for (value, id) in shard.doc.get_all(ROOT, path.as_str())? {
+                let values = match shard {
+                    Some(shard) => shard.doc.get_all(ROOT, path.as_str())?,
+                    None => Vec::new(),
+                };
+                let known = values
+                    .iter()
+                    .filter_map(|(value, _)| value_record(path, value))
+                    .map(|r| r.version)
+                    .max()
+                    .unwrap_or(0);
+                let most = known
+                    .saturating_add(puts_per_path.get(path.as_str()).copied().unwrap_or(1))
+                    .saturating_add(MAX_VERSION_SLACK);
+                if record.version > most {
+                    return Err(IndexError::VersionJump {
+                        path: path.clone(),
+                        version: record.version,
+                        most,
+                    });
+                }
+                for (value, id) in values {
                     let automerge::ObjId::Id(counter, actor, _) = &id else {
                         continue;
                     };
@@ -803,6 +843,41 @@ mod tests {
             log,
             folder: FolderId::new("docs").unwrap(),
         }
+    }
+
+    #[test]
+    fn a_version_may_not_jump_ahead() {
+        let w = world();
+        let mesh = w.log.mesh();
+        let mut a = FolderIndex::new(mesh, w.folder.clone());
+        a.write(&w.admin, Epoch(0), vec![update("a.txt", 1)])
+            .unwrap();
+        let mut b = FolderIndex::new(mesh, w.folder.clone());
+        b.apply(w.log.view(), a.take_local_changes()).unwrap();
+        // A member signs version u64::MAX of a.txt (its own index lets it: it builds the
+        // record by hand). Every replica refuses it; nothing is wedged.
+        let mut forged = FolderIndex::new(mesh, w.folder.clone());
+        forged
+            .apply(w.log.view(), b.changes_since(&BTreeMap::new()))
+            .unwrap();
+        let mut record = forged.get("a.txt").unwrap().winner;
+        record.version = u64::MAX;
+        record.author = w.laptop.device_id();
+        let bytes = signed_bytes(&mesh, &w.folder, "a.txt", &record.stored_fields());
+        record.signature = w.laptop.sign(SIGNING_CONTEXT, &bytes);
+        let shard = forged.shard_mut(shard_of(&w.folder, "a.txt"));
+        shard.doc.put(ROOT, "a.txt", record.encode()).unwrap();
+        shard.doc.commit();
+        let refused = b.apply(w.log.view(), forged.take_local_changes());
+        assert!(
+            matches!(refused, Err(IndexError::VersionJump { .. })),
+            "{refused:?}"
+        );
+        // The honest next version still goes through.
+        a.write(&w.admin, Epoch(0), vec![update("a.txt", 2)])
+            .unwrap();
+        b.apply(w.log.view(), a.take_local_changes()).unwrap();
+        assert_eq!(b.get("a.txt").unwrap().winner.version, 2);
     }
 
     #[test]

@@ -18,6 +18,7 @@ use meshsync_crdt::index::{shard_of, FileUpdate};
 use meshsync_crdt::keys::ChunkIdKey;
 use meshsync_crdt::{ChunkListHash, FileKind, FileRecord, FolderId, MeshKey};
 
+use super::conflict::conflict_name_for;
 use super::folder::MARKER;
 use super::ignore::{is_own_file, Rules, IGNORE_FILE};
 use super::serve::unix_nanos;
@@ -153,6 +154,11 @@ pub enum Decision {
     /// A newer version waits to be written here; writing it will keep this edit as a conflict
     /// copy. Recording the edit now would silently supersede that version.
     Wait,
+    /// This device never had a version of the path, yet holds other content there than the
+    /// index's winner (two folders merged, or a file made on both sides while apart): the
+    /// local file is not a successor of a version it never saw. It is moved aside as a
+    /// conflict copy (recorded by the next scan) and the winner is written in its place.
+    Conflict,
 }
 
 /// Decides what the scanned state `found` of a path needs, given the index's `winner` there and
@@ -172,6 +178,9 @@ pub fn classify(found: Option<&LocalFile>, winner: Option<&FileRecord>, base: u6
                 && w.kind == file.kind =>
         {
             Decision::Same(w.version)
+        }
+        Some(file) if base == 0 && !w.deleted && file.kind != FileKind::Directory => {
+            Decision::Conflict
         }
         None if w.deleted => Decision::Same(w.version),
         _ => Decision::Record,
@@ -219,6 +228,7 @@ impl Device {
             .context("folder removed while scanning")?;
         let mut same = Vec::new();
         let mut new = Vec::new();
+        let mut concurrent = Vec::new();
         for scan in scanned {
             let winner = f.index.get(&scan.path).map(|s| s.winner);
             let local = f.local.get(&scan.path);
@@ -227,7 +237,12 @@ impl Device {
                 Decision::Record => new.push((update_for(&scan, local.map(|l| l.kind)), scan)),
                 Decision::Same(version) => same.push((scan, version)),
                 Decision::Wait => {}
+                Decision::Conflict => concurrent.push(scan),
             }
+        }
+        if !concurrent.is_empty() {
+            keep_aside(&f.path, &concurrent, &self.keys.device_id());
+            let _ = self.changes.send(id.clone()); // the copies are recorded by a rescan
         }
         let (updates, new): (Vec<FileUpdate>, Vec<Scanned>) = new.into_iter().unzip();
         let records = f.index.write(&self.keys, epoch, updates)?;
@@ -294,6 +309,26 @@ impl Device {
             heads: self.sealing.heads(),
             sealed,
         })))
+    }
+}
+
+/// Moves local files that are concurrent with the index's winner aside as conflict copies
+/// (through the folder's door); the winner is then written in their place by the catch-up.
+fn keep_aside(root: &std::path::Path, concurrent: &[Scanned], me: &meshsync_crdt::DeviceId) {
+    let Ok(root) = FolderRoot::open(root) else {
+        return;
+    };
+    for scan in concurrent {
+        let Some(file) = &scan.file else { continue };
+        let copy = conflict_name_for(&scan.path, file.mtime_ns, me);
+        match root.rename_new(&scan.path, &copy) {
+            Ok(()) => {
+                tracing::warn!(path = %scan.path, copy = %copy, "another device's version came first: this one kept as a conflict copy")
+            }
+            Err(error) => {
+                tracing::warn!(path = %scan.path, %error, "cannot keep a concurrent file aside")
+            }
+        }
     }
 }
 
@@ -650,6 +685,8 @@ mod tests {
         let w = record(1, a, false);
         assert_eq!(classify(Some(&file(a)), Some(&w), 0), Decision::Same(1));
         assert_eq!(classify(Some(&file(b)), Some(&w), 1), Decision::Record);
+        // Never had a version here, other content: not a successor, a conflict.
+        assert_eq!(classify(Some(&file(b)), Some(&w), 0), Decision::Conflict);
         // A newer version (2) waits to be written over the version this device had (1): the
         // local edit must not supersede it.
         let newer = record(2, a, false);
