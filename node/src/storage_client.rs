@@ -40,6 +40,10 @@ const SEEN_HEADS: MetaKey<BTreeMap<DeviceId, SignedHead>> = MetaKey::new("seen_h
 /// What this device knows of each storage peer.
 const STORAGE_VIEWS: MetaKey<BTreeMap<DeviceId, StorageView>> = MetaKey::new("storage_views");
 
+/// At most this many signed heads are looked at per message (one per member is the honest
+/// number).
+const MAX_HEADS: usize = 4096;
+
 /// About how much plaintext one sealed change holds (a large batch becomes several).
 pub const SEAL_BUDGET: usize = 4 * 1024 * 1024;
 
@@ -99,10 +103,20 @@ impl Sealing {
         self.heads.values().cloned().collect()
     }
 
-    /// Keeps the newest valid head per author of `heads` (from another device).
-    pub fn saw_heads(&mut self, mesh: &MeshId, heads: Vec<SignedHead>, batch: &mut Batch) {
+    /// Keeps the newest valid head per author of `heads` (from another device); heads of
+    /// devices that are not members are dropped unchecked.
+    pub fn saw_heads(
+        &mut self,
+        mesh: &MeshId,
+        view: &MembershipView,
+        heads: Vec<SignedHead>,
+        batch: &mut Batch,
+    ) {
         let mut changed = false;
-        for head in heads {
+        for head in heads.into_iter().take(MAX_HEADS) {
+            if !view.members.contains_key(&head.author) {
+                continue;
+            }
             // Only a newer head is worth a signature check (this runs on every pull).
             let newer = self
                 .heads
@@ -365,15 +379,32 @@ mod tests {
             DeviceKeys::generate(),
             DeviceKeys::generate().device_id(),
         );
-        let mesh = MeshId::for_genesis(&me.device_id(), &[3; 16]);
+        let (mut log, mesh) =
+            meshsync_crdt::MembershipLog::create(&me, "me", &MeshKey::generate(Epoch(0)));
+        log.append(
+            &me,
+            meshsync_crdt::Action::Add {
+                device: other.device_id(),
+                role: meshsync_crdt::Role::Device,
+                name: meshsync_crdt::SealedName::unreadable("other"),
+                kem: Some(other.kem_public()),
+                wrapped: None,
+            },
+        )
+        .unwrap();
+        let view = log.view().clone();
         let mut sealing = Sealing::default();
         let mut batch = Batch::default();
-        sealing.saw_heads(&mesh, vec![head(&other, mesh, 5)], &mut batch);
+        sealing.saw_heads(&mesh, &view, vec![head(&other, mesh, 5)], &mut batch);
         // A forged head (signature of another number) is not believed.
         let mut forged = head(&other, mesh, 6);
         forged.seq = 9;
-        sealing.saw_heads(&mesh, vec![forged], &mut batch);
+        sealing.saw_heads(&mesh, &view, vec![forged], &mut batch);
         assert_eq!(sealing.heads[&other.device_id()].seq, 5);
+        // Nor is a stranger's, however well signed.
+        let stranger = DeviceKeys::generate();
+        sealing.saw_heads(&mesh, &view, vec![head(&stranger, mesh, 1)], &mut batch);
+        assert!(!sealing.heads.contains_key(&stranger.device_id()));
 
         let behind = BTreeMap::from([(other.device_id(), 3)]);
         let me_id = me.device_id();

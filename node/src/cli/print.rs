@@ -8,6 +8,20 @@ use crate::control::{
     StoragePeerStatus, VersionList,
 };
 
+/// `text` with control characters shown escaped (`\u{1b}`): names and paths come from other
+/// devices and must not drive the terminal.
+pub fn clean(text: &str) -> String {
+    text.chars()
+        .map(|c| {
+            if c.is_control() {
+                c.escape_default().to_string()
+            } else {
+                c.to_string()
+            }
+        })
+        .collect()
+}
+
 /// `meshsync status`.
 pub fn status(status: &Status) -> String {
     match status {
@@ -36,7 +50,7 @@ fn device_status(status: &DeviceStatus) -> String {
             out,
             "  {} {:<12} {:<8} {}  in {} B, out {} B",
             p.id,
-            p.name,
+            clean(&p.name),
             p.role,
             connected(p.connected),
             p.bytes_in,
@@ -56,8 +70,8 @@ fn device_status(status: &DeviceStatus) -> String {
         let _ = writeln!(
             out,
             "  {} {}  {}  {} files, need {} files ({} B), {} conflicts{held}",
-            f.id,
-            f.path,
+            clean(&f.id),
+            clean(&f.path),
             if f.in_sync { "in sync" } else { "syncing" },
             f.local_files,
             f.need_files,
@@ -67,11 +81,17 @@ fn device_status(status: &DeviceStatus) -> String {
         for path in &f.unavailable {
             let _ = writeln!(
                 out,
-                "    unavailable: {path} (no source has intact data for it yet; not written)"
+                "    unavailable: {} (no source has intact data for it yet; not written)",
+                clean(path)
             );
         }
         for n in &f.not_written {
-            let _ = writeln!(out, "    not written: {}: {}", n.path, n.why);
+            let _ = writeln!(
+                out,
+                "    not written: {}: {}",
+                clean(&n.path),
+                clean(&n.why)
+            );
         }
     }
     if !status.storage.is_empty() {
@@ -143,7 +163,7 @@ pub fn devices(list: &[DeviceInfo]) -> String {
             out,
             "{} {:<12} {:<9}{}{}",
             d.id,
-            d.name,
+            clean(&d.name),
             d.role,
             if d.admin { " admin" } else { "" },
             if d.this_device {
@@ -168,9 +188,9 @@ pub fn conflicts(list: &[ConflictCopy]) -> String {
         let _ = writeln!(
             out,
             "{}/{}: other version kept as {}{}",
-            c.folder,
-            c.path,
-            c.copy,
+            clean(&c.folder),
+            clean(&c.path),
+            clean(&c.copy),
             if c.on_disk { "" } else { " (being written)" }
         );
     }
@@ -180,7 +200,7 @@ pub fn conflicts(list: &[ConflictCopy]) -> String {
 /// `meshsync folder list`.
 pub fn folders(list: &[FolderInfo]) -> String {
     list.iter()
-        .map(|f| format!("{}  {}\n", f.id, f.path))
+        .map(|f| format!("{}  {}\n", clean(&f.id), clean(&f.path)))
         .collect()
 }
 
@@ -190,14 +210,14 @@ pub fn ignore(rules: &IgnoreList) -> String {
     let local = rules.local.iter().map(|l| ("this device", l));
     shared
         .chain(local)
-        .map(|(kind, line)| format!("{kind:<12} {line}\n"))
+        .map(|(kind, line)| format!("{kind:<12} {}\n", clean(line)))
         .collect()
 }
 
 /// `meshsync versions`; `now` is the current Unix time in seconds.
 pub fn versions(list: &VersionList, now: u64) -> String {
     if list.versions.is_empty() {
-        return format!("no kept versions of {}\n", list.path);
+        return format!("no kept versions of {}\n", clean(&list.path));
     }
     list.versions
         .iter()
@@ -221,7 +241,9 @@ pub fn versions(list: &VersionList, now: u64) -> String {
 pub fn restored(done: &Restored) -> String {
     format!(
         "restored version {} of {} ({} bytes)\n",
-        done.number, done.path, done.size
+        done.number,
+        clean(&done.path),
+        done.size
     )
 }
 
@@ -359,6 +381,21 @@ mod tests {
             },
         });
         insta::assert_snapshot!(super::status(&status));
+    }
+
+    #[test]
+    fn control_characters_from_peers_are_shown_escaped() {
+        let list = [DeviceInfo {
+            id: DEV_B.into(),
+            name: "evil\u{1b}[2J\u{7}".into(),
+            role: "device".into(),
+            admin: false,
+            this_device: false,
+            connected: true,
+        }];
+        let out = devices(&list);
+        assert!(!out.contains('\u{1b}') && !out.contains('\u{7}'), "{out:?}");
+        assert!(out.contains("evil\\u{1b}[2J\\u{7}"), "{out}");
     }
 
     #[test]

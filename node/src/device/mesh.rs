@@ -96,7 +96,7 @@ impl Device {
     ) -> anyhow::Result<(Vec<u8>, SyncRequest)> {
         let key = self.mesh_key()?;
         let mesh = self.log.mesh();
-        let name = SealedName::seal(&key, &mesh, &joiner.device, &joiner.name);
+        let name = SealedName::seal(&key, &mesh, &joiner.device, &capped_name(&joiner.name));
         let wrapped = if joiner.role.holds_mesh_key() {
             Some(key.wrap_for(&mesh, &joiner.device, &joiner.kem)?)
         } else {
@@ -128,6 +128,21 @@ impl Device {
         })?;
         Ok((payload, push))
     }
+}
+
+/// The longest device name kept (bytes); a joiner's longer name is cut at a character.
+pub const MAX_NAME_BYTES: usize = 64;
+
+/// `name` cut to [`MAX_NAME_BYTES`], on a character boundary, control characters dropped.
+pub fn capped_name(name: &str) -> String {
+    let mut out = String::new();
+    for c in name.chars().filter(|c| !c.is_control()) {
+        if out.len() + c.len_utf8() > MAX_NAME_BYTES {
+            break;
+        }
+        out.push(c);
+    }
+    out
 }
 
 /// Starts an invite: a pairing endpoint whose join adds the device to the log (signed by this
@@ -221,4 +236,18 @@ pub async fn join(device: &Shared, code: &str) -> anyhow::Result<MeshId> {
     transport.set_allowed(allowed).await;
     net::dial_text(&transport, &addrs).await;
     Ok(mesh)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn joiner_names_are_capped_and_cleaned() {
+        assert_eq!(capped_name("laptop"), "laptop");
+        assert_eq!(capped_name("evil\x1b[2Jname\n"), "evil[2Jname");
+        let long = "é".repeat(100);
+        let capped = capped_name(&long);
+        assert!(capped.len() <= MAX_NAME_BYTES && capped.chars().all(|c| c == 'é'));
+    }
 }

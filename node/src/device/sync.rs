@@ -81,6 +81,8 @@ impl Device {
             changes.heads.clear();
             return changes;
         }
+        // One answer per folder, however often a request names it.
+        let folders: std::collections::BTreeMap<_, _> = folders.into_iter().collect();
         for (id, heads) in folders {
             if let Some(folder) = self.folders.get_mut(&id) {
                 let heads = heads.iter().map(|(s, h)| (*s, from_heads(h))).collect();
@@ -190,8 +192,9 @@ impl Device {
             allowed = Some(self.membership_changed());
         }
         let mesh = self.log.mesh();
-        self.sealing.saw_heads(&mesh, changes.heads, &mut batch);
         let view = self.log.view().clone();
+        self.sealing
+            .saw_heads(&mesh, &view, changes.heads, &mut batch);
         self.sealing
             .keep_forwarded(&mesh, &view, &self.state, changes.sealed, &mut batch);
         let mut changed = Vec::new();
