@@ -250,6 +250,18 @@ impl Sealing {
         reports
     }
 
+    /// Notes a problem with what `storage` served (log, and `meshsync status`).
+    pub(crate) fn report(&mut self, storage: DeviceId, problem: String) {
+        let report = format!("storage peer {} {problem}", storage.short());
+        tracing::warn!("{report}");
+        let view = self.storage.entry(storage).or_default();
+        if view.reports.last() != Some(&report) {
+            view.reports.push(report);
+        }
+        let excess = view.reports.len().saturating_sub(20);
+        view.reports.drain(..excess);
+    }
+
     pub(crate) fn persist(&self, batch: &mut Batch) {
         batch.put(&SEALED_APPLIED, &self.applied);
         batch.put(&STORAGE_VIEWS, &self.storage);

@@ -169,7 +169,11 @@ async fn pull(device: &Shared, transport: &Transport, peer: PeerId) -> anyhow::R
             return Ok(());
         }
         let blobs = blobs.into_iter().map(ByteBuf::into_vec).collect();
+        let before = device.lock().await.sealing.applied.clone();
         let changed = apply_sealed(device, peer, blobs).await?;
+        if device.lock().await.sealing.applied == before {
+            return Ok(()); // nothing usable (a gap, or forged changes): reported, not retried now
+        }
         for (folder, paths) in changed {
             materialise::materialise(device, peer, &folder, paths).await?;
         }
@@ -194,23 +198,56 @@ async fn apply_sealed(
     let me = d.keys.device_id();
     let mut batch = Batch::default();
     let mut changed: BTreeMap<FolderId, BTreeSet<String>> = BTreeMap::new();
+    let mut decoded: Vec<(SealedChange, Vec<u8>)> = Vec::new();
     for blob in blobs {
-        let sealed = match SealedChange::decode(&blob) {
-            Ok(sealed) => sealed,
+        match SealedChange::decode(&blob) {
+            Ok(sealed) if sealed.author != me => decoded.push((sealed, blob)),
+            Ok(_) => {}
             Err(error) => {
-                tracing::warn!(%peer, %error, "unreadable sealed change from storage refused");
-                continue;
+                tracing::warn!(%peer, %error, "unreadable sealed change from storage refused")
             }
-        };
-        if sealed.author == me {
+        }
+    }
+    decoded.sort_by_key(|(sealed, _)| (sealed.author, sealed.seq));
+    let storage = DeviceId::from_peer_id(&peer);
+    let mut stopped: BTreeSet<DeviceId> = BTreeSet::new();
+    for (sealed, blob) in decoded {
+        let applied = d.sealing.applied.get(&sealed.author).copied().unwrap_or(0);
+        if sealed.seq <= applied || stopped.contains(&sealed.author) {
             continue;
         }
-        // Seen, whatever comes of it: it is not asked for again.
-        let applied = d.sealing.applied.entry(sealed.author).or_insert(0);
-        *applied = (*applied).max(sealed.seq);
-        if let Err(error) = sealed.check_author(&mesh, &view) {
-            tracing::warn!(%peer, %error, "sealed change from storage refused");
+        // Only an unbroken run counts: a storage peer that skips changes (or serves a forged
+        // one) is reported, and nothing after the gap is taken from it.
+        let problem = if sealed.seq != applied + 1 {
+            Some(format!(
+                "skipped {}'s changes {}..{} (served change {})",
+                sealed.author.short(),
+                applied + 1,
+                sealed.seq - 1,
+                sealed.seq
+            ))
+        } else {
+            sealed
+                .check_author(&mesh, &view)
+                .err()
+                .map(|error| format!("served a change not signed by its author: {error}"))
+        };
+        if let Some(problem) = problem {
+            if let Some(storage) = storage {
+                d.sealing.report(storage, problem);
+            }
+            stopped.insert(sealed.author);
             continue;
+        }
+        // Signed by its author: it counts as applied whatever its content turns out to be.
+        d.sealing.applied.insert(sealed.author, sealed.seq);
+        let head = sealed.head();
+        if d.sealing
+            .heads
+            .get(&sealed.author)
+            .is_none_or(|h| h.seq < head.seq)
+        {
+            d.sealing.heads.insert(sealed.author, head);
         }
         let plain = match sealed.open(&key) {
             Ok(plain) => plain,
@@ -223,16 +260,6 @@ async fn apply_sealed(
             tracing::warn!(%peer, "sealed change holds an unreadable payload");
             continue;
         };
-        let applied = d.sealing.applied.entry(sealed.author).or_insert(0);
-        *applied = (*applied).max(sealed.seq);
-        let head = sealed.head();
-        if d.sealing
-            .heads
-            .get(&sealed.author)
-            .is_none_or(|h| h.seq < head.seq)
-        {
-            d.sealing.heads.insert(sealed.author, head);
-        }
         batch.sealed.push((sealed.author, sealed.seq, blob));
         d.sealing.changed();
         if let Some(paths) = admit(d, &view, &payload, &mut batch)? {
