@@ -8,7 +8,7 @@
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
-use meshsync_crdt::{ChunkListHash, DeviceId, FolderId, MeshId};
+use meshsync_crdt::{ChunkId, ChunkListHash, DeviceId, FolderId, MeshId};
 use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
 use serde::{Deserialize, Serialize};
 
@@ -22,6 +22,9 @@ const LOCAL: TableDefinition<(&str, &str), &[u8]> = TableDefinition::new("local_
 /// Sealed changes by (author, sequence number): a device's own (to push to storage peers), or
 /// on a storage peer every member's.
 const SEALED: TableDefinition<(&[u8], u64), &[u8]> = TableDefinition::new("sealed_changes");
+/// On a storage peer: which writing member references each stored chunk, (chunk, author) →
+/// nothing. A chunk is deleted on a signed release only when no author references it any more.
+const CHUNK_REFS: TableDefinition<(&[u8], &[u8]), ()> = TableDefinition::new("chunk_refs");
 /// Replaced and deleted file versions a device keeps restorable: (folder, path, version) →
 /// the record and when it was replaced.
 const VERSIONS: TableDefinition<(&str, &str, u64), &[u8]> = TableDefinition::new("versions");
@@ -167,6 +170,7 @@ impl State {
             txn.open_table(LOCAL).map_err(|e| state.err(e))?;
             txn.open_table(SEALED).map_err(|e| state.err(e))?;
             txn.open_table(VERSIONS).map_err(|e| state.err(e))?;
+            txn.open_table(CHUNK_REFS).map_err(|e| state.err(e))?;
         }
         txn.commit().map_err(|e| state.err(e))?;
         Ok(state)
@@ -301,6 +305,49 @@ impl State {
             }
         }
         Ok((heads, count, bytes))
+    }
+
+    /// Notes that `author` references each of `ids` (a storage peer's bookkeeping).
+    pub fn add_chunk_refs(&self, author: &DeviceId, ids: &[ChunkId]) -> Result<(), StateError> {
+        let txn = self.db.begin_write().map_err(|e| self.err(e))?;
+        {
+            let mut refs = txn.open_table(CHUNK_REFS).map_err(|e| self.err(e))?;
+            for id in ids {
+                refs.insert((&id.0[..], &author.as_bytes()[..]), ())
+                    .map_err(|e| self.err(e))?;
+            }
+        }
+        txn.commit().map_err(|e| self.err(e))
+    }
+
+    /// Drops `author`'s references to `ids`; returns those no author references any more.
+    pub fn drop_chunk_refs(
+        &self,
+        author: &DeviceId,
+        ids: &[ChunkId],
+    ) -> Result<Vec<ChunkId>, StateError> {
+        let txn = self.db.begin_write().map_err(|e| self.err(e))?;
+        let mut unreferenced = Vec::new();
+        {
+            let mut refs = txn.open_table(CHUNK_REFS).map_err(|e| self.err(e))?;
+            for id in ids {
+                refs.remove((&id.0[..], &author.as_bytes()[..]))
+                    .map_err(|e| self.err(e))?;
+                let low: (&[u8], &[u8]) = (&id.0[..], &[][..]);
+                let still = refs
+                    .range(low..)
+                    .map_err(|e| self.err(e))?
+                    .next()
+                    .transpose()
+                    .map_err(|e| self.err(e))?
+                    .is_some_and(|(key, _)| key.value().0 == &id.0[..]);
+                if !still {
+                    unreferenced.push(*id);
+                }
+            }
+        }
+        txn.commit().map_err(|e| self.err(e))?;
+        Ok(unreferenced)
     }
 
     pub fn has_sealed(&self, author: &DeviceId, seq: u64) -> Result<bool, StateError> {

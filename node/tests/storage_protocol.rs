@@ -198,3 +198,68 @@ async fn the_storage_peer_stores_only_what_writing_members_signed() {
     let (_, in_stranger) = client(&stranger, &s_keys, &at).await;
     assert!(!in_stranger, "a stranger was let in");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_release_deletes_a_chunk_only_when_no_other_author_references_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let home = Home::locate(Some(dir.path().join("s"))).unwrap();
+    let s_keys = home.init("nas", Role::Storage).unwrap();
+    let (laptop, desktop) = (DeviceKeys::generate(), DeviceKeys::generate());
+    let key = MeshKey::generate(Epoch(0));
+    let (mut log, mesh) = MembershipLog::create(&laptop, "laptop", &key);
+    for (device, role) in [(&s_keys, Role::Storage), (&desktop, Role::Device)] {
+        let action = Action::Add {
+            device: device.device_id(),
+            role,
+            name: name(&key, &log, device, "member"),
+            kem: Some(device.kem_public()),
+            wrapped: None,
+        };
+        log.append(&laptop, action).unwrap();
+    }
+    State::open(home.path())
+        .unwrap()
+        .commit(Batch {
+            mesh: Some(mesh),
+            membership: Some(log.save()),
+            ..Batch::default()
+        })
+        .unwrap();
+    let listen: Multiaddr = "/ip4/127.0.0.1/tcp/0".parse().unwrap();
+    let s = storage::start(home, Network::tcp(vec![listen], false))
+        .await
+        .unwrap();
+    let at = s.lock().await.transport().wait_listening().await[0].clone();
+    let (l, _) = client(&laptop, &s_keys, &at).await;
+    let (d, _) = client(&desktop, &s_keys, &at).await;
+    let shared = meshsync_crdt::ChunkId([5; 32]);
+    let missing = StoreRequest::Missing(vec![shared]);
+    // The laptop pushes the chunk; the desktop, which has the same chunk in a file of its own,
+    // finds it held and pushes nothing.
+    assert!(
+        matches!(ask(&l, &s_keys, &missing).await, StoreReply::Missing(m) if m == vec![shared])
+    );
+    let put = StoreRequest::PutChunks(vec![(shared, ByteBuf::from(vec![3u8; 2000]))]);
+    assert!(matches!(
+        ask(&l, &s_keys, &put).await,
+        StoreReply::Stored(1)
+    ));
+    assert!(matches!(ask(&d, &s_keys, &missing).await, StoreReply::Missing(m) if m.is_empty()));
+    // The laptop's version expires: its release leaves the desktop's chunk in place.
+    let release =
+        |keys: &DeviceKeys| StoreRequest::Release(SignedRelease::sign(mesh, keys, vec![shared]));
+    assert!(matches!(
+        ask(&l, &s_keys, &release(&laptop)).await,
+        StoreReply::Released { chunks: 0, .. }
+    ));
+    assert!(matches!(ask(&l, &s_keys, &missing).await, StoreReply::Missing(m) if m.is_empty()));
+    // The laptop asked again, so it references it again; once both let go, it is deleted.
+    ask(&l, &s_keys, &release(&laptop)).await;
+    assert!(matches!(
+        ask(&d, &s_keys, &release(&desktop)).await,
+        StoreReply::Released { chunks: 1, .. }
+    ));
+    assert!(
+        matches!(ask(&d, &s_keys, &missing).await, StoreReply::Missing(m) if m == vec![shared])
+    );
+}

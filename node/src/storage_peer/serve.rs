@@ -79,14 +79,7 @@ async fn handle_sealed(s: &SharedStorage, peer: PeerId, request: StoreRequest) -
         StoreRequest::Heads { mine } => Ok(heads(s, peer, mine).await),
         StoreRequest::Get { after } => get_changes(&*s.lock().await, &after),
         StoreRequest::Put(blobs) => Ok(put_changes(s, peer, blobs).await),
-        StoreRequest::Missing(ids) => {
-            let store = s.lock().await.store.clone();
-            let missing = store
-                .lock()
-                .expect("store lock")
-                .missing(&ids[..ids.len().min(16_384)]);
-            missing.map(StoreReply::Missing).map_err(|e| e.to_string())
-        }
+        StoreRequest::Missing(ids) => missing(s, peer, ids).await,
         StoreRequest::PutChunks(chunks) => put_chunks(s, peer, chunks).await,
         StoreRequest::Release(release) => release_chunks(s, peer, release).await,
     };
@@ -133,6 +126,23 @@ fn get_changes(st: &Storage, after: &BTreeMap<DeviceId, u64>) -> Result<StoreRep
     Ok(StoreReply::Changes { blobs, more })
 }
 
+/// Which of `ids` are not held. The asking writer references them all from now on (it will
+/// push the missing ones; the held ones it shares with whoever pushed them).
+async fn missing(s: &SharedStorage, peer: PeerId, ids: Vec<ChunkId>) -> Result<StoreReply, String> {
+    let ids = &ids[..ids.len().min(16_384)];
+    let st = s.lock().await;
+    if let (Some(writer), true) = (
+        DeviceId::from_peer_id(&peer),
+        role_of(&st, &peer) == Some(Role::Device),
+    ) {
+        st.state
+            .add_chunk_refs(&writer, ids)
+            .map_err(|e| e.to_string())?;
+    }
+    let missing = st.store.lock().expect("store lock").missing(ids);
+    missing.map(StoreReply::Missing).map_err(|e| e.to_string())
+}
+
 /// Stores sealed chunks from a writing member (each no bigger than any sealed chunk).
 async fn put_chunks(
     s: &SharedStorage,
@@ -149,6 +159,13 @@ async fn put_chunks(
     };
     if chunks.iter().any(|(_, data)| data.len() > MAX_SEALED_CHUNK) {
         return Err("a chunk is larger than any sealed chunk".into());
+    }
+    if let Some(writer) = DeviceId::from_peer_id(&peer) {
+        let ids: Vec<ChunkId> = chunks.iter().map(|(id, _)| *id).collect();
+        let st = s.lock().await;
+        st.state
+            .add_chunk_refs(&writer, &ids)
+            .map_err(|e| e.to_string())?;
     }
     let stored = tokio::task::spawn_blocking(move || {
         let refs: Vec<(ChunkId, &[u8])> = chunks.iter().map(|(id, d)| (*id, &d[..])).collect();
@@ -179,10 +196,16 @@ async fn release_chunks(
             tracing::warn!(%peer, "release refused: not signed by a writing member");
             return Err("release not signed by a writing member".into());
         }
-        st.store.clone()
+        // Only what no other author still references goes.
+        let unreferenced = st
+            .state
+            .drop_chunk_refs(&release.author, &release.chunks)
+            .map_err(|e| e.to_string())?;
+        (st.store.clone(), unreferenced)
     };
+    let (store, unreferenced) = store;
     let removed = tokio::task::spawn_blocking(move || {
-        store.lock().expect("store lock").remove(&release.chunks)
+        store.lock().expect("store lock").remove(&unreferenced)
     })
     .await
     .map_err(|e| e.to_string())?;
