@@ -40,6 +40,9 @@ pub const SHARDS: u16 = 1024;
 const SIGNING_CONTEXT: &str = "meshsync file record v1";
 /// The largest encoded change the index accepts (a batch of many records is still far below).
 pub const MAX_CHANGE_BYTES: usize = 16 * 1024 * 1024;
+/// The most operations one shard change from a peer may hold (a shard holds about a
+/// thousand paths at a million files; a first scan writes each once).
+pub const MAX_OPS_PER_CHANGE: usize = 200_000;
 const MAX_PATH_BYTES: usize = 4096;
 
 /// What kind of entry a path is.
@@ -570,8 +573,9 @@ impl FolderIndex {
                 if c.change.len() > MAX_CHANGE_BYTES {
                     return Err(IndexError::TooLarge(c.change.len()));
                 }
-                let change = automerge::Change::from_bytes(c.change)
-                    .map_err(|e| IndexError::Load(e.to_string()))?;
+                let change =
+                    crate::bounds::bounded_change(&c.change, MAX_CHANGE_BYTES, MAX_OPS_PER_CHANGE)
+                        .map_err(IndexError::Load)?;
                 let mut puts = Vec::new();
                 for op in change.decode().operations {
                     let path = admit_op(&op)?;

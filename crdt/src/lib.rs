@@ -15,6 +15,7 @@
 //! Nothing enters a replica before its signature and authority are checked: see
 //! [`membership::MembershipLog::apply`] and [`index::FolderIndex::apply`].
 
+mod bounds;
 pub mod id;
 pub mod index;
 pub mod keys;

@@ -34,6 +34,13 @@ use crate::keys::{verify, DeviceKeys, KemPublicKey, Signature, WrappedKey};
 use crate::sealed::SealedName;
 
 const SIGNING_CONTEXT: &str = "meshsync membership entry v1";
+
+/// The most membership changes taken in one message (a mesh's whole history is far less).
+pub const MAX_MEMBERSHIP_CHANGES: usize = 10_000;
+/// The largest membership change taken (one entry is a few hundred bytes).
+pub const MAX_MEMBERSHIP_CHANGE_BYTES: usize = 1024 * 1024;
+/// The most entries one membership change may put.
+pub const MAX_MEMBERSHIP_OPS: usize = 1_000;
 /// Entries larger than this are refused: a membership entry is small (keys and a name).
 const MAX_ENTRY_BYTES: usize = 64 * 1024;
 
@@ -738,15 +745,24 @@ impl MembershipLog {
             .collect()
     }
 
-    /// Applies changes from a peer, after checking each of them: every operation must put a
+    /// Applies changes from a peer (at most [`MAX_MEMBERSHIP_CHANGES`], each plain, at most
+    /// [`MAX_MEMBERSHIP_CHANGE_BYTES`] and [`MAX_MEMBERSHIP_OPS`] operations), after checking
+    /// each of them: every operation must put a
     /// well-formed, correctly signed entry of this mesh under its own hash. One bad change
     /// refuses the whole batch and leaves the log untouched.
     pub fn apply(&mut self, changes: &[Vec<u8>]) -> Result<usize, MembershipError> {
         let mut decoded = Vec::with_capacity(changes.len());
         let mut new_entries = Vec::new();
+        if changes.len() > MAX_MEMBERSHIP_CHANGES {
+            return Err(MembershipError::Malformed(format!(
+                "{} membership changes at once (at most {MAX_MEMBERSHIP_CHANGES})",
+                changes.len()
+            )));
+        }
         for raw in changes {
-            let change = automerge::Change::from_bytes(raw.clone())
-                .map_err(|e| MembershipError::Malformed(e.to_string()))?;
+            let change =
+                crate::bounds::bounded_change(raw, MAX_MEMBERSHIP_CHANGE_BYTES, MAX_MEMBERSHIP_OPS)
+                    .map_err(MembershipError::Malformed)?;
             for op in change.decode().operations {
                 let forbidden = |what: &str| MembershipError::ForbiddenOp(what.to_string());
                 if op.obj != automerge::legacy::ObjectId::Root || op.insert {
