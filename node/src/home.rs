@@ -151,6 +151,20 @@ impl Home {
         Ok(Some(mode))
     }
 
+    /// What a daemon does first: load the keys, check the config (a bad `config.toml` stops
+    /// the start with its reason) and make the home private (saying so if it was not).
+    pub fn open_for_daemon(&self) -> Result<DeviceKeys, HomeError> {
+        let keys = self.load_keys()?;
+        self.config()?;
+        if let Some(mode) = self.make_private()? {
+            tracing::warn!(
+                home = %self.path.display(),
+                "the home could be entered by other users (mode {mode:03o}); it is now 0700"
+            );
+        }
+        Ok(keys)
+    }
+
     pub fn is_initialised(&self) -> bool {
         self.path.join(SIGNING_KEY_FILE).exists()
     }

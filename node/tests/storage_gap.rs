@@ -5,16 +5,15 @@
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
-use meshsync_crdt::{
-    Action, DeviceKeys, Epoch, FolderId, MembershipLog, MeshKey, Role, SealedChange, SealedName,
-};
+mod common;
+
+use meshsync_crdt::{DeviceKeys, Epoch, FolderId, MembershipLog, MeshKey, Role, SealedChange};
 use meshsync_node::device;
 use meshsync_node::home::Home;
 use meshsync_node::net::Network;
 use meshsync_node::protocol::{
     self, ByteBuf, SealedPayload, StoreReply, StoreRequest, SyncChanges, SyncReply, SyncRequest,
 };
-use meshsync_node::state::{Batch, State};
 use meshsync_transport::{rpc, Config, Transport};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -25,28 +24,13 @@ async fn a_storage_peer_serving_only_change_n_is_reported_and_not_trusted() {
     let (a, s) = (DeviceKeys::generate(), DeviceKeys::generate());
     let key = MeshKey::generate(Epoch(0));
     let (mut log, mesh) = MembershipLog::create(&a, "alice", &key);
-    for (keys, role) in [(&b, Role::Device), (&s, Role::Storage)] {
-        let wrapped = (role == Role::Device).then(|| {
-            key.wrap_for(&mesh, &keys.device_id(), &keys.kem_public())
-                .unwrap()
-        });
-        let action = Action::Add {
-            device: keys.device_id(),
-            role,
-            name: SealedName::seal(&key, &mesh, &keys.device_id(), "member"),
-            kem: Some(keys.kem_public()),
-            wrapped,
-        };
-        log.append(&a, action).unwrap();
-    }
-    State::open(home.path())
-        .unwrap()
-        .commit(Batch {
-            mesh: Some(mesh),
-            membership: Some(log.save()),
-            ..Batch::default()
-        })
-        .unwrap();
+    common::add_members(
+        &mut log,
+        &a,
+        &key,
+        &[(&b, Role::Device), (&s, Role::Storage)],
+    );
+    common::commit_mesh(home.path(), &mut log);
     let bob = device::start(home, Network::memory()).await.unwrap();
 
     // Alice's third change, really signed by her; the storage peer holds (or shows) only it.

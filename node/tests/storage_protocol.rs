@@ -3,6 +3,8 @@
 //! a writing member, refuses unsigned, forged, strangers' and removed devices' data, takes
 //! chunks only from writing members, and lets removed devices in nowhere.
 
+mod common;
+
 use std::time::Duration;
 
 use meshsync_crdt::{
@@ -207,24 +209,13 @@ async fn a_release_deletes_a_chunk_only_when_no_other_author_references_it() {
     let (laptop, desktop) = (DeviceKeys::generate(), DeviceKeys::generate());
     let key = MeshKey::generate(Epoch(0));
     let (mut log, mesh) = MembershipLog::create(&laptop, "laptop", &key);
-    for (device, role) in [(&s_keys, Role::Storage), (&desktop, Role::Device)] {
-        let action = Action::Add {
-            device: device.device_id(),
-            role,
-            name: name(&key, &log, device, "member"),
-            kem: Some(device.kem_public()),
-            wrapped: None,
-        };
-        log.append(&laptop, action).unwrap();
-    }
-    State::open(home.path())
-        .unwrap()
-        .commit(Batch {
-            mesh: Some(mesh),
-            membership: Some(log.save()),
-            ..Batch::default()
-        })
-        .unwrap();
+    common::add_members(
+        &mut log,
+        &laptop,
+        &key,
+        &[(&s_keys, Role::Storage), (&desktop, Role::Device)],
+    );
+    common::commit_mesh(home.path(), &mut log);
     let listen: Multiaddr = "/ip4/127.0.0.1/tcp/0".parse().unwrap();
     let s = storage::start(home, Network::tcp(vec![listen], false))
         .await

@@ -172,3 +172,31 @@ pub fn homes_with_storage(dir: &Path, names: &[&str]) -> String {
     }
     addr
 }
+
+/// Alice's daemon running with folder `docs` at `root/A`, and Bob (home `root/b`, folder
+/// `root/B`, not started) joined to her mesh: where two-device tests begin.
+pub struct Joined {
+    pub a: Daemon,
+    pub hb: PathBuf,
+    pub fa: PathBuf,
+    pub fb: PathBuf,
+}
+
+/// Sets up [`Joined`] under `root`.
+pub fn alice_and_bob(root: &Path) -> Joined {
+    let (ha, hb) = (root.join("a"), root.join("b"));
+    let (fa, fb) = (root.join("A"), root.join("B"));
+    std::fs::create_dir_all(&fa).expect("folder A");
+    std::fs::create_dir_all(&fb).expect("folder B");
+    meshsync_ok(&ha, &["init", "--name", "alice"]);
+    meshsync_ok(&hb, &["init", "--name", "bob"]);
+    let a = Daemon::start(&ha);
+    meshsync_ok(&ha, &["folder", "add", path_text(&fa), "--id", "docs"]);
+    meshsync_ok(&hb, &["join", &invite(&ha, "device")]);
+    Joined { a, hb, fa, fb }
+}
+
+/// A path as command-line text.
+pub fn path_text(path: &Path) -> &str {
+    path.to_str().expect("test paths are UTF-8")
+}

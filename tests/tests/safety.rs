@@ -7,7 +7,7 @@ use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use meshsync_tests::{meshsync_ok, wait_until, Daemon};
+use meshsync_tests::{alice_and_bob, meshsync_ok, wait_until, Daemon};
 
 const LONG: Duration = Duration::from_secs(60);
 
@@ -59,31 +59,14 @@ struct Two {
 fn two() -> Two {
     let dir = tempfile::tempdir().unwrap();
     let root = dir.path().to_path_buf();
-    let (ha, hb) = (root.join("a"), root.join("b"));
-    let (fa, fb) = (root.join("A"), root.join("B"));
-    std::fs::create_dir_all(&fa).unwrap();
-    std::fs::create_dir_all(&fb).unwrap();
-    meshsync_ok(&ha, &["init", "--name", "alice"]);
-    meshsync_ok(&hb, &["init", "--name", "bob"]);
-    let a = Daemon::start(&ha);
-    meshsync_ok(
-        &ha,
-        &["folder", "add", fa.to_str().unwrap(), "--id", "docs"],
-    );
-    let code = meshsync_ok(&ha, &["invite"])
-        .lines()
-        .last()
-        .unwrap()
-        .trim()
-        .to_string();
-    meshsync_ok(&hb, &["join", &code]);
+    let joined = alice_and_bob(&root);
     Two {
         _dir: dir,
         root,
-        a,
-        hb,
-        fa,
-        fb,
+        a: joined.a,
+        hb: joined.hb,
+        fa: joined.fa,
+        fb: joined.fb,
     }
 }
 

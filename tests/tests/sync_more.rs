@@ -8,7 +8,9 @@ use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use meshsync_tests::{meshsync, meshsync_ok, random, same, wait_until, Daemon};
+use meshsync_tests::{
+    alice_and_bob, meshsync, meshsync_ok, path_text, random, same, wait_until, Daemon,
+};
 
 const LONG: Duration = Duration::from_secs(60);
 
@@ -22,36 +24,19 @@ struct Pair {
 
 fn pair() -> Pair {
     let dir = tempfile::tempdir().unwrap();
-    let (ha, hb) = (dir.path().join("a"), dir.path().join("b"));
-    let (fa, fb) = (dir.path().join("A"), dir.path().join("B"));
-    std::fs::create_dir_all(&fa).unwrap();
-    std::fs::create_dir_all(&fb).unwrap();
-    meshsync_ok(&ha, &["init", "--name", "alice"]);
-    meshsync_ok(&hb, &["init", "--name", "bob"]);
-    let a = Daemon::start(&ha);
+    let joined = alice_and_bob(dir.path());
+    let b = Daemon::start(&joined.hb);
     meshsync_ok(
-        &ha,
-        &["folder", "add", fa.to_str().unwrap(), "--id", "docs"],
-    );
-    let code = meshsync_ok(&ha, &["invite"])
-        .lines()
-        .last()
-        .unwrap()
-        .trim()
-        .to_string();
-    meshsync_ok(&hb, &["join", &code]);
-    let b = Daemon::start(&hb);
-    meshsync_ok(
-        &hb,
-        &["folder", "add", fb.to_str().unwrap(), "--id", "docs"],
+        &joined.hb,
+        &["folder", "add", path_text(&joined.fb), "--id", "docs"],
     );
     assert!(wait_until(LONG, || b.status()["peers"][0]["connected"] == true));
     Pair {
         _dir: dir,
-        a,
+        a: joined.a,
         b,
-        fa,
-        fb,
+        fa: joined.fa,
+        fb: joined.fb,
     }
 }
 

@@ -89,14 +89,7 @@ pub type Shared = Arc<Mutex<Device>>;
 
 /// Starts a device on `home`: state, transport, protocol handlers, background tasks.
 pub async fn start(home: Home, network: Network) -> anyhow::Result<Shared> {
-    let keys = Arc::new(home.load_keys()?);
-    home.config()?; // a bad config.toml stops the start with its reason
-    if let Some(mode) = home.make_private()? {
-        tracing::warn!(
-            home = %home.path().display(),
-            "the home could be entered by other users (mode {mode:03o}); it is now 0700"
-        );
-    }
+    let keys = Arc::new(home.open_for_daemon()?);
     let (state, log) = mesh::open_state(&home, &keys)?;
     let key = Arc::new(StdMutex::new(mesh::current_key(&log, &keys)));
     let chunk_map = Arc::new(StdMutex::new(ChunkMap::default()));

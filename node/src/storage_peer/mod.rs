@@ -77,14 +77,7 @@ impl ChunkSource for StoreSource {
 
 /// Starts a storage peer on `home` (made with `meshsync init --storage`).
 pub async fn start(home: Home, network: Network) -> anyhow::Result<SharedStorage> {
-    let keys = Arc::new(home.load_keys()?);
-    home.config()?; // a bad config.toml stops the start with its reason
-    if let Some(mode) = home.make_private()? {
-        tracing::warn!(
-            home = %home.path().display(),
-            "the home could be entered by other users (mode {mode:03o}); it is now 0700"
-        );
-    }
+    let keys = Arc::new(home.open_for_daemon()?);
     let state = State::open(home.path())?;
     let loaded = state.load()?;
     let log = match (loaded.mesh, loaded.membership) {
