@@ -41,6 +41,8 @@ pub const MAX_MEMBERSHIP_CHANGES: usize = 10_000;
 pub const MAX_MEMBERSHIP_CHANGE_BYTES: usize = 1024 * 1024;
 /// The most entries one membership change may put.
 pub const MAX_MEMBERSHIP_OPS: usize = 1_000;
+/// The most parents an entry may name (it names the heads its signer had seen: a handful).
+pub const MAX_PARENTS: usize = 256;
 /// Entries larger than this are refused: a membership entry is small (keys and a name).
 const MAX_ENTRY_BYTES: usize = 64 * 1024;
 
@@ -745,6 +747,61 @@ impl MembershipLog {
             .collect()
     }
 
+    /// Refuses entries that could never count, before they are stored: one signed by a key
+    /// that is not and never was a member (the mesh's creator, or a device some such key
+    /// added — in this log or in the same batch), or naming more than [`MAX_PARENTS`] parents.
+    /// Without this, anyone who got a change in could fill every replica with junk entries
+    /// that evaluation would ignore but everyone would keep.
+    fn admit_signers(&self, new_entries: &[(EntryHash, Entry)]) -> Result<(), MembershipError> {
+        let mut known: BTreeSet<DeviceId> = self.view.members.keys().copied().collect();
+        known.extend(self.view.removed.keys().copied());
+        let all = || {
+            self.entries
+                .values()
+                .chain(self.pending.values())
+                .chain(new_entries.iter().map(|(_, e)| e))
+        };
+        for entry in all() {
+            if let Action::Genesis { nonce, .. } = &entry.action {
+                if entry.parents.is_empty()
+                    && MeshId::for_genesis(&entry.signer, nonce) == self.mesh
+                {
+                    known.insert(entry.signer);
+                }
+            }
+        }
+        // Devices added by known signers become known, to a fixed point (bounded by the
+        // number of entries).
+        loop {
+            let grown: Vec<DeviceId> = all()
+                .filter(|e| known.contains(&e.signer))
+                .filter_map(|e| match &e.action {
+                    Action::Add { device, .. } if !known.contains(device) => Some(*device),
+                    _ => None,
+                })
+                .collect();
+            if grown.is_empty() {
+                break;
+            }
+            known.extend(grown);
+        }
+        for (_, entry) in new_entries {
+            if entry.parents.len() > MAX_PARENTS {
+                return Err(MembershipError::ForbiddenOp(format!(
+                    "an entry names {} parents (at most {MAX_PARENTS})",
+                    entry.parents.len()
+                )));
+            }
+            if !known.contains(&entry.signer) {
+                return Err(MembershipError::ForbiddenOp(format!(
+                    "an entry signed by {}, which never was a member",
+                    entry.signer.short()
+                )));
+            }
+        }
+        Ok(())
+    }
+
     /// Applies changes from a peer (at most [`MAX_MEMBERSHIP_CHANGES`], each plain, at most
     /// [`MAX_MEMBERSHIP_CHANGE_BYTES`] and [`MAX_MEMBERSHIP_OPS`] operations), after checking
     /// each of them: every operation must put a
@@ -784,6 +841,7 @@ impl MembershipLog {
             }
             decoded.push(change);
         }
+        self.admit_signers(&new_entries)?;
         let before = self.entries.len();
         self.doc.apply_changes(decoded)?;
         // A change whose dependencies have not arrived waits inside Automerge; its entries
@@ -917,14 +975,40 @@ mod tests {
     }
 
     #[test]
-    fn unknown_signer_is_ignored() {
+    fn unknown_signer_is_refused_before_it_is_stored() {
         let mut m = mesh();
         let stranger = DeviceKeys::generate();
         let mut other = fork(&mut m.log);
         other.append_unchecked(&stranger, add(&stranger, Role::Device));
-        deliver(&mut other, &mut m.log);
+        let heads = m.log.heads();
+        let junk = other.changes_since(&heads);
+        assert!(matches!(
+            m.log.apply(&junk),
+            Err(MembershipError::ForbiddenOp(_))
+        ));
         assert!(!m.log.view().is_member(&stranger.device_id()));
         assert_eq!(m.log.view().members.len(), 1);
+        assert_eq!(m.log.changes_since(&[]).len(), 1, "nothing of it was kept");
+        // Many junk entries from fresh keys: each batch refused, the log does not grow.
+        for _ in 0..50 {
+            let key = DeviceKeys::generate();
+            let mut other = fork(&mut m.log);
+            other.append_unchecked(&key, add(&key, Role::Device));
+            let heads = m.log.heads();
+            assert!(m.log.apply(&other.changes_since(&heads)).is_err());
+        }
+        assert_eq!(m.log.changes_since(&[]).len(), 1);
+        // A device the admin added, and what it signs later, still get in (it is a member).
+        let laptop = DeviceKeys::generate();
+        let mut other = fork(&mut m.log);
+        other.append(&m.admin, add(&laptop, Role::Device)).unwrap();
+        other.append_unchecked(&laptop, add(&stranger, Role::Device));
+        deliver(&mut other, &mut m.log);
+        assert!(m.log.view().is_member(&laptop.device_id()));
+        assert!(
+            !m.log.view().is_member(&stranger.device_id()),
+            "not an admin's entry"
+        );
     }
 
     #[test]
@@ -1183,7 +1267,12 @@ mod tests {
                 },
             },
         );
-        deliver(&mut other, &mut m.log);
+        let heads = m.log.heads();
+        let takeover = other.changes_since(&heads);
+        assert!(
+            m.log.apply(&takeover).is_err(),
+            "its signer never was a member"
+        );
         assert!(!m.log.view().is_member(&attacker.device_id()));
         assert!(m.log.view().is_admin(&m.admin.device_id()));
     }
