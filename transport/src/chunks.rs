@@ -136,14 +136,20 @@ pub async fn serve(
     source: Arc<dyn ChunkSource>,
     transport: crate::Transport,
 ) {
+    let limit = crate::limit::InboundLimit::default();
     while let Some((peer, stream)) = incoming.next().await {
         if !transport.allowed().contains(&peer) {
             tracing::warn!(%peer, "chunk stream from a non-member refused");
             continue;
         }
+        let Some(place) = limit.admit(peer) else {
+            tracing::warn!(%peer, "too many chunk streams from one peer; closing the new one");
+            continue;
+        };
         let source = source.clone();
         let counters = transport.counters(&peer);
         tokio::spawn(async move {
+            let _place = place;
             if let Err(error) = serve_stream(stream, source, counters).await {
                 tracing::info!(%peer, %error, "chunk stream closed");
             }

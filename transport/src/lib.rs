@@ -25,6 +25,7 @@
 pub mod chunks;
 pub mod frame;
 pub mod gate;
+pub mod limit;
 pub mod pair;
 pub mod peers;
 pub mod rpc;

@@ -71,16 +71,22 @@ where
         .accept(protocol.clone())
         .map_err(|_| TransportError::Setup(format!("{protocol} is already served")))?;
     let transport = transport.clone();
+    let limit = crate::limit::InboundLimit::default();
     tokio::spawn(async move {
         while let Some((peer, mut stream)) = incoming.next().await {
             if !transport.allowed().contains(&peer) {
                 tracing::warn!(peer = %crate::describe(&peer), %protocol, "stream from a non-member refused");
                 continue;
             }
+            let Some(place) = limit.admit(peer) else {
+                tracing::warn!(%peer, %protocol, "too many streams from one peer; closing the new one");
+                continue; // dropping the stream closes it
+            };
             let handler = handler.clone();
             let transport = transport.clone();
             let protocol = protocol.clone();
             tokio::spawn(async move {
+                let _place = place;
                 let counters = transport.counters(&peer);
                 loop {
                     let request = match frame::read_frame(&mut stream, MAX_MESSAGE, TIMEOUT).await {

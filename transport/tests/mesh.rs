@@ -359,3 +359,40 @@ async fn replicated_state_travels_over_doc_protocol() {
     assert!(replica.view().is_member(&kb.device_id()));
     assert_eq!(replica.view().members, log.lock().await.view().members);
 }
+
+#[tokio::test]
+async fn a_member_opening_stream_after_stream_gets_the_extra_ones_closed() {
+    use meshsync_transport::{frame, limit::MAX_STREAMS_PER_PEER};
+    let (ka, kb) = (DeviceKeys::generate(), DeviceKeys::generate());
+    let a = Transport::start(Config::memory(ka.libp2p_keypair())).unwrap();
+    let b = Transport::start(Config::memory(kb.libp2p_keypair())).unwrap();
+    a.set_allowed([peer(&kb)]).await;
+    b.set_allowed([peer(&ka)]).await;
+    echo_upper(&a);
+    b.dial(a.wait_listening().await[0].clone()).await.unwrap();
+    assert!(b.wait_connected(peer(&ka), Duration::from_secs(5)).await);
+    // B opens streams and sends nothing on them: each would hold a task and a timer on A.
+    let mut control = b.control();
+    let mut idle = Vec::new();
+    for _ in 0..MAX_STREAMS_PER_PEER + 8 {
+        idle.push(control.open_stream(peer(&ka), rpc::DOC).await.unwrap());
+    }
+    // The ones past the limit are closed by A at once: a request on them gets no answer.
+    let mut last = idle.pop().unwrap();
+    frame::write_frame(&mut last, b"hello").await.ok();
+    let answer = frame::read_frame(&mut last, 1024, Duration::from_secs(5)).await;
+    assert!(!matches!(answer, Ok(Some(_))), "{answer:?}");
+    // One that got a place is served.
+    let mut first = idle.remove(0);
+    frame::write_frame(&mut first, b"hello").await.unwrap();
+    let answer = frame::read_frame(&mut first, 1024, Duration::from_secs(5)).await;
+    assert_eq!(answer.unwrap().unwrap(), b"HELLO");
+    // Closing them gives the places back.
+    drop(idle);
+    drop(first);
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert_eq!(
+        rpc::request(&b, peer(&ka), rpc::DOC, b"x").await.unwrap(),
+        b"X"
+    );
+}
