@@ -92,7 +92,29 @@ pub fn plan(
         }
     }
     deletes.reverse();
-    let work: Vec<Work> = copies.into_iter().chain(writes).chain(deletes).collect();
+    // A folder here that becomes a file or link: what it held is deleted first, so the folder
+    // is empty (and simply replaced) when the new entry takes its place.
+    let replaced_folders: Vec<&str> = writes
+        .iter()
+        .filter(|w| w.record.kind != FileKind::Directory)
+        .filter(|w| {
+            local
+                .get(&w.path)
+                .is_some_and(|l| l.kind == FileKind::Directory)
+        })
+        .map(|w| w.path.as_str())
+        .collect();
+    let (first, last): (Vec<Work>, Vec<Work>) = deletes.into_iter().partition(|d| {
+        replaced_folders
+            .iter()
+            .any(|folder| d.path == *folder || d.path.starts_with(&format!("{folder}/")))
+    });
+    let work: Vec<Work> = copies
+        .into_iter()
+        .chain(first)
+        .chain(writes)
+        .chain(last)
+        .collect();
     let olds = work
         .iter()
         .filter(|w| w.step != Step::ConflictCopy)
@@ -239,6 +261,39 @@ mod tests {
         paths: BTreeSet<String>,
     ) -> Plan {
         plan(index, local, &no_rules(), paths, |_| true)
+    }
+
+    #[test]
+    fn a_folder_that_becomes_a_file_is_emptied_before_the_file_is_written() {
+        let (a, _, log) = two_devices();
+        let mut index = FolderIndex::new(log.mesh(), FolderId::random());
+        let mut dir = update("x", 0, false);
+        dir.kind = FileKind::Directory;
+        dir.chunks = ChunkListHash::default();
+        let first = index
+            .write(
+                &a,
+                Epoch(0),
+                vec![dir, update("x/inner", 1, false), update("y", 2, false)],
+            )
+            .unwrap();
+        let local: BTreeMap<String, LocalFile> =
+            first.iter().map(|r| (r.path.clone(), held(r))).collect();
+        index
+            .write(
+                &a,
+                Epoch(0),
+                vec![update("x/inner", 0, true), update("x", 3, false)],
+            )
+            .unwrap();
+        let paths = ["x", "x/inner"].map(String::from).into();
+        let plan = plan(&index, &local, &no_rules(), paths, |_| false);
+        let steps: Vec<(Step, &str)> = plan
+            .work
+            .iter()
+            .map(|w| (w.step, w.path.as_str()))
+            .collect();
+        assert_eq!(steps, [(Step::Delete, "x/inner"), (Step::Write, "x")]);
     }
 
     #[test]
