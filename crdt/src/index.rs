@@ -336,12 +336,27 @@ struct Shard {
     sent: Vec<ChangeHash>,
 }
 
+/// A peer's shard change whose every operation passed admission: its puts are (path, record,
+/// the operations it replaces).
+struct Admitted {
+    shard: u16,
+    change: automerge::Change,
+    puts: Vec<(String, FileRecord, Vec<automerge::legacy::OpId>)>,
+}
+
+/// The most changes held while their dependencies are missing (the oldest go first)…
+const MAX_HELD_CHANGES: usize = 10_000;
+/// …and the most bytes they may take.
+const MAX_HELD_BYTES: usize = 64 * 1024 * 1024;
+
 /// The index of one folder on one replica.
 pub struct FolderIndex {
     mesh: MeshId,
     folder: FolderId,
     actor: ActorId,
     shards: BTreeMap<u16, Shard>,
+    /// Peers' changes whose dependencies have not arrived (see [`FolderIndex::apply`]).
+    held: Vec<Admitted>,
 }
 
 impl FolderIndex {
@@ -351,6 +366,7 @@ impl FolderIndex {
             folder,
             actor: ActorId::random(),
             shards: BTreeMap::new(),
+            held: Vec::new(),
         }
     }
 
@@ -551,131 +567,58 @@ impl FolderIndex {
         out
     }
 
-    /// Admits changes from a peer (see the module docs). Nothing is applied unless everything
-    /// passes. Changes whose dependencies have not arrived yet are held by Automerge and
-    /// applied when they do.
+    /// Admits changes from a peer (see the module docs). Nothing of the batch is applied
+    /// unless all of it passes. A change whose dependencies have not arrived is held here (not
+    /// handed to Automerge) and checked again once they have: only then can the versions it
+    /// replaces be compared with its own, so an old signed record bundled with an unseen newer
+    /// one can never roll a path back.
     pub fn apply(
         &mut self,
         view: &MembershipView,
         changes: Vec<ShardChange>,
     ) -> Result<ApplyReport, IndexError> {
-        struct Admitted {
-            shard: u16,
-            change: automerge::Change,
-            puts: Vec<(String, FileRecord, Vec<automerge::legacy::OpId>)>,
-        }
         let decoded: Vec<Admitted> = changes
             .into_par_iter()
-            .map(|c| {
-                if c.shard >= SHARDS {
-                    return Err(IndexError::BadShard(c.shard));
-                }
-                if c.change.len() > MAX_CHANGE_BYTES {
-                    return Err(IndexError::TooLarge(c.change.len()));
-                }
-                let change =
-                    crate::bounds::bounded_change(&c.change, MAX_CHANGE_BYTES, MAX_OPS_PER_CHANGE)
-                        .map_err(IndexError::Load)?;
-                let mut puts = Vec::new();
-                for op in change.decode().operations {
-                    let path = admit_op(&op)?;
-                    if shard_of(&self.folder, &path) != c.shard {
-                        return Err(IndexError::ForbiddenOp(format!(
-                            "{path:?} does not belong in shard {}",
-                            c.shard
-                        )));
-                    }
-                    let automerge::legacy::OpType::Put(automerge::ScalarValue::Bytes(bytes)) =
-                        &op.action
-                    else {
-                        unreachable!("admit_op accepts only byte puts");
-                    };
-                    let record = FileRecord::decode(&path, bytes)?;
-                    record.verify(&self.mesh, &self.folder)?;
-                    if path == SHARED_RULES_PATH && !record.deleted && record.kind != FileKind::File
-                    {
-                        return Err(IndexError::ForbiddenOp(format!(
-                            "{path:?} may only be a regular file"
-                        )));
-                    }
-                    if !view.may_write(&record.author, record.epoch) {
-                        return Err(IndexError::NotAWriter {
-                            path,
-                            author: record.author,
-                            epoch: record.epoch,
-                        });
-                    }
-                    puts.push((path, record, op.pred.iter().cloned().collect()));
-                }
-                Ok(Admitted {
-                    shard: c.shard,
-                    change,
-                    puts,
-                })
-            })
+            .map(|c| self.admit_change(view, c))
             .collect::<Result<_, _>>()?;
-
-        // How many puts this batch makes per path: an honest author's version is one above
-        // the highest it replaces, so no version may run far ahead of what is known here plus
-        // these. The slack covers changes whose predecessors arrive in a later batch (Automerge
-        // holds such a change until they do); what it stops is a jump to the top of the range,
-        // which would leave a path no version number to move on to.
-        let mut puts_per_path: HashMap<&str, u64> = HashMap::new();
-        for admitted in &decoded {
-            for (path, _, _) in &admitted.puts {
-                *puts_per_path.entry(path.as_str()).or_default() += 1;
+        let held_before = self.held.len();
+        let mut pending = std::mem::take(&mut self.held);
+        pending.extend(decoded);
+        let ready = self.ready(&pending);
+        let ready_refs: Vec<&Admitted> = pending
+            .iter()
+            .zip(&ready)
+            .filter(|(_, r)| **r)
+            .map(|(a, _)| a)
+            .collect();
+        if let Err(failure) = self.check_versions(&ready_refs) {
+            let (at, error) = *failure;
+            let failed = ready_refs[at].change.hash();
+            let from_before = pending[..held_before]
+                .iter()
+                .any(|a| a.change.hash() == failed);
+            if !from_before {
+                pending.truncate(held_before);
+                self.held = pending;
+                return Err(error);
             }
+            // A change held from an earlier batch that turns out stale (a replay that waited
+            // for the version it would roll back) is dropped; the rest is checked again.
+            drop(error);
+            pending.retain(|a| a.change.hash() != failed);
+            self.held = pending;
+            return self.apply(view, Vec::new());
         }
-        // A put must outrank every current value it replaces (no rollback by replaying), and
-        // may not jump a path's version ahead (no wedging it at the top of the range).
-        decoded.par_iter().try_for_each(|admitted| {
-            let shard = self.shards.get(&admitted.shard);
-            for (path, record, preds) in &admitted.puts {
-                let values = match shard {
-                    Some(shard) => shard.doc.get_all(ROOT, path.as_str())?,
-                    None => Vec::new(),
-                };
-                let known = values
-                    .iter()
-                    .filter_map(|(value, _)| value_record(path, value))
-                    .map(|r| r.version)
-                    .max()
-                    .unwrap_or(0);
-                let most = known
-                    .saturating_add(puts_per_path.get(path.as_str()).copied().unwrap_or(1))
-                    .saturating_add(MAX_VERSION_SLACK);
-                if record.version > most {
-                    return Err(IndexError::VersionJump {
-                        path: path.clone(),
-                        version: record.version,
-                        most,
-                    });
-                }
-                for (value, id) in values {
-                    let automerge::ObjId::Id(counter, actor, _) = &id else {
-                        continue;
-                    };
-                    let replaced = preds.iter().any(|p| p.0 == *counter && p.1 == *actor);
-                    if !replaced {
-                        continue;
-                    }
-                    if let Some(old) = value_record(path, &value) {
-                        if record.version <= old.version {
-                            return Err(IndexError::StaleVersion {
-                                path: path.clone(),
-                                version: record.version,
-                                replaced: old.version,
-                            });
-                        }
-                    }
-                }
-            }
-            Ok(())
-        })?;
-
         let mut report = ApplyReport::default();
         let mut by_shard: BTreeMap<u16, Vec<automerge::Change>> = BTreeMap::new();
-        for admitted in decoded {
+        let mut held_hashes: BTreeSet<ChangeHash> = BTreeSet::new();
+        for (admitted, is_ready) in pending.into_iter().zip(ready) {
+            if !is_ready {
+                if held_hashes.insert(admitted.change.hash()) {
+                    self.held.push(admitted);
+                }
+                continue;
+            }
             report
                 .paths
                 .extend(admitted.puts.into_iter().map(|(path, _, _)| path));
@@ -683,6 +626,11 @@ impl FolderIndex {
                 .entry(admitted.shard)
                 .or_default()
                 .push(admitted.change);
+        }
+        // Bounded: what waits longest goes first (a peer re-sends what this replica lacks).
+        let mut bytes: usize = self.held.iter().map(|a| a.change.raw_bytes().len()).sum();
+        while self.held.len() > MAX_HELD_CHANGES || bytes > MAX_HELD_BYTES {
+            bytes -= self.held.remove(0).change.raw_bytes().len();
         }
         report.shards = by_shard.len();
         for shard in by_shard.keys() {
@@ -697,6 +645,166 @@ impl FolderIndex {
         work.into_par_iter()
             .try_for_each(|(shard, changes)| shard.doc.apply_changes(changes))?;
         Ok(report)
+    }
+
+    /// Decodes and checks one change of a peer: every operation puts a well-formed record,
+    /// signed by a device that may write, in the right shard.
+    fn admit_change(&self, view: &MembershipView, c: ShardChange) -> Result<Admitted, IndexError> {
+        if c.shard >= SHARDS {
+            return Err(IndexError::BadShard(c.shard));
+        }
+        if c.change.len() > MAX_CHANGE_BYTES {
+            return Err(IndexError::TooLarge(c.change.len()));
+        }
+        let change = crate::bounds::bounded_change(&c.change, MAX_CHANGE_BYTES, MAX_OPS_PER_CHANGE)
+            .map_err(IndexError::Load)?;
+        let mut puts = Vec::new();
+        for op in change.decode().operations {
+            let path = admit_op(&op)?;
+            if shard_of(&self.folder, &path) != c.shard {
+                return Err(IndexError::ForbiddenOp(format!(
+                    "{path:?} does not belong in shard {}",
+                    c.shard
+                )));
+            }
+            let automerge::legacy::OpType::Put(automerge::ScalarValue::Bytes(bytes)) = &op.action
+            else {
+                unreachable!("admit_op accepts only byte puts");
+            };
+            let record = FileRecord::decode(&path, bytes)?;
+            record.verify(&self.mesh, &self.folder)?;
+            if path == SHARED_RULES_PATH && !record.deleted && record.kind != FileKind::File {
+                return Err(IndexError::ForbiddenOp(format!(
+                    "{path:?} may only be a regular file"
+                )));
+            }
+            if !view.may_write(&record.author, record.epoch) {
+                return Err(IndexError::NotAWriter {
+                    path,
+                    author: record.author,
+                    epoch: record.epoch,
+                });
+            }
+            puts.push((path, record, op.pred.iter().cloned().collect()));
+        }
+        Ok(Admitted {
+            shard: c.shard,
+            change,
+            puts,
+        })
+    }
+
+    /// Which of `pending` can be applied now: every dependency is in its shard's document, or
+    /// is another change of `pending` that can.
+    fn ready(&mut self, pending: &[Admitted]) -> Vec<bool> {
+        let mut ready = vec![false; pending.len()];
+        let missing: Vec<Vec<ChangeHash>> = pending
+            .iter()
+            .map(|a| match self.shards.get_mut(&a.shard) {
+                Some(shard) => shard.doc.get_missing_deps(a.change.deps()),
+                None => a.change.deps().to_vec(),
+            })
+            .collect();
+        loop {
+            let arrived: BTreeSet<ChangeHash> = pending
+                .iter()
+                .zip(&ready)
+                .filter(|(_, r)| **r)
+                .map(|(a, _)| a.change.hash())
+                .collect();
+            let mut grew = false;
+            for (i, deps) in missing.iter().enumerate() {
+                if !ready[i] && deps.iter().all(|d| arrived.contains(d)) {
+                    ready[i] = true;
+                    grew = true;
+                }
+            }
+            if !grew {
+                return ready;
+            }
+        }
+    }
+
+    /// A put must outrank every value it replaces — in the document or in this batch — (no
+    /// rollback by replaying), and may not jump a path's version ahead (no wedging it at the
+    /// top of the range). On failure, the position of the offending change in `ready`.
+    fn check_versions(&self, ready: &[&Admitted]) -> Result<(), Box<(usize, IndexError)>> {
+        // Versions of the values this batch puts, by shard and operation ID (counters are per
+        // shard document).
+        let mut batch_ops: HashMap<(u16, u64, ActorId), u64> = HashMap::new();
+        // How many puts this batch makes per path: an honest author's version is one above
+        // the highest it replaces, so no version may run far ahead of what is known here plus
+        // these (and a slack for what may still be on its way).
+        let mut puts_per_path: HashMap<&str, u64> = HashMap::new();
+        for admitted in ready {
+            let start = admitted.change.start_op().get();
+            for (i, (path, record, _)) in admitted.puts.iter().enumerate() {
+                let id = (
+                    admitted.shard,
+                    start + i as u64,
+                    admitted.change.actor_id().clone(),
+                );
+                batch_ops.insert(id, record.version);
+                *puts_per_path.entry(path.as_str()).or_default() += 1;
+            }
+        }
+        ready.par_iter().enumerate().try_for_each(|(at, admitted)| {
+            self.check_puts(admitted, &batch_ops, &puts_per_path)
+                .map_err(|e| Box::new((at, e)))
+        })
+    }
+
+    fn check_puts(
+        &self,
+        admitted: &Admitted,
+        batch_ops: &HashMap<(u16, u64, ActorId), u64>,
+        puts_per_path: &HashMap<&str, u64>,
+    ) -> Result<(), IndexError> {
+        let shard = self.shards.get(&admitted.shard);
+        for (path, record, preds) in &admitted.puts {
+            let values = match shard {
+                Some(shard) => shard.doc.get_all(ROOT, path.as_str())?,
+                None => Vec::new(),
+            };
+            let known = values
+                .iter()
+                .filter_map(|(value, _)| value_record(path, value))
+                .map(|r| r.version)
+                .max()
+                .unwrap_or(0);
+            let most = known
+                .saturating_add(puts_per_path.get(path.as_str()).copied().unwrap_or(1))
+                .saturating_add(MAX_VERSION_SLACK);
+            if record.version > most {
+                return Err(IndexError::VersionJump {
+                    path: path.clone(),
+                    version: record.version,
+                    most,
+                });
+            }
+            let mut replaced: Vec<u64> = Vec::new();
+            for (value, id) in values {
+                let automerge::ObjId::Id(counter, actor, _) = &id else {
+                    continue;
+                };
+                if preds.iter().any(|p| p.0 == *counter && p.1 == *actor) {
+                    replaced.extend(value_record(path, &value).map(|r| r.version));
+                }
+            }
+            for pred in preds {
+                replaced.extend(batch_ops.get(&(admitted.shard, pred.0, pred.1.clone())));
+            }
+            if let Some(&old) = replaced.iter().max() {
+                if record.version <= old {
+                    return Err(IndexError::StaleVersion {
+                        path: path.clone(),
+                        version: record.version,
+                        replaced: old,
+                    });
+                }
+            }
+        }
+        Ok(())
     }
 
     /// One shard, saved, if it exists.
@@ -743,6 +851,7 @@ impl FolderIndex {
             folder,
             actor,
             shards,
+            held: Vec::new(),
         })
     }
 }
@@ -847,6 +956,83 @@ mod tests {
             log,
             folder: FolderId::new("docs").unwrap(),
         }
+    }
+
+    #[test]
+    fn an_old_record_bundled_ahead_of_the_newer_one_it_replaces_rolls_nothing_back() {
+        let w = world();
+        let mesh = w.log.mesh();
+        let mut author = FolderIndex::new(mesh, w.folder.clone());
+        author
+            .write(&w.admin, Epoch(0), vec![update("p", 1)])
+            .unwrap();
+        let first = author.take_local_changes();
+        let old = author.get("p").unwrap().winner;
+        author
+            .write(&w.admin, Epoch(0), vec![update("p", 2)])
+            .unwrap();
+        let second = author.take_local_changes();
+        // A member holding both replays the author's first, genuinely signed record "over" the
+        // second: its change replaces the second's value and depends on the second's change.
+        let mut replayer = FolderIndex::new(mesh, w.folder.clone());
+        replayer.apply(w.log.view(), first.clone()).unwrap();
+        replayer.apply(w.log.view(), second.clone()).unwrap();
+        let shard = replayer.shard_mut(shard_of(&w.folder, "p"));
+        shard.doc.put(ROOT, "p", old.encode()).unwrap();
+        shard.doc.commit();
+        let replay = replayer.take_local_changes();
+        // The victim has the first version, gets the replay before the second arrives, then
+        // the second: it must end on version 2.
+        let mut victim = FolderIndex::new(mesh, w.folder.clone());
+        let first_again = first.clone();
+        victim.apply(w.log.view(), first).unwrap();
+        victim.apply(w.log.view(), replay.clone()).unwrap();
+        assert_eq!(
+            victim.get("p").unwrap().winner.version,
+            1,
+            "held, not applied"
+        );
+        victim.apply(w.log.view(), second.clone()).unwrap();
+        let state = victim.get("p").unwrap();
+        assert_eq!(state.winner.version, 2);
+        assert!(state.losers.is_empty(), "{:?}", state.losers);
+        // Sent together, the replay is refused outright.
+        let mut fresh = FolderIndex::new(mesh, w.folder.clone());
+        let mut all = first_again;
+        all.extend(second);
+        all.extend(replay);
+        assert!(matches!(
+            fresh.apply(w.log.view(), all),
+            Err(IndexError::StaleVersion { .. })
+        ));
+    }
+
+    #[test]
+    fn many_shards_and_repeated_deliveries_admit_honest_successors() {
+        let w = world();
+        let mesh = w.log.mesh();
+        let mut a = FolderIndex::new(mesh, w.folder.clone());
+        let mut b = FolderIndex::new(mesh, w.folder.clone());
+        let ups: Vec<FileUpdate> = (0..30)
+            .map(|i| update(&format!("keep{i}.txt"), i as u8 + 1))
+            .collect();
+        a.write(&w.admin, Epoch(0), ups).unwrap();
+        let first = a.take_local_changes();
+        b.apply(w.log.view(), first.clone()).unwrap();
+        let dels: Vec<FileUpdate> = (0..25)
+            .map(|i| {
+                let mut u = update(&format!("keep{i}.txt"), 0);
+                u.deleted = true;
+                u
+            })
+            .collect();
+        a.write(&w.admin, Epoch(0), dels).unwrap();
+        let second = a.take_local_changes();
+        b.apply(w.log.view(), second.clone()).unwrap();
+        b.apply(w.log.view(), second.clone()).unwrap();
+        let heads = BTreeMap::new();
+        let all = a.changes_since(&heads);
+        b.apply(w.log.view(), all).unwrap();
     }
 
     #[test]
