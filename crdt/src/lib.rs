@@ -9,6 +9,7 @@
 //!   of entries, so every replica that holds the same entries agrees.
 //! - [`index`]: the file index, sharded over many small Automerge documents, holding signed
 //!   [`FileRecord`]s; concurrent versions of a path surface as a winner plus conflict losers.
+//! - [`name`]: [`SealedName`], a device name in the log that only members can read.
 //! - [`sealed`]: [`SealedChange`], the AEAD-sealed, signed form of a state change that storage
 //!   peers hold without being able to read it.
 //!
@@ -20,13 +21,15 @@ pub mod id;
 pub mod index;
 pub mod keys;
 pub mod membership;
+pub mod name;
 pub mod sealed;
 
 pub use id::{ChunkId, DeviceId, DeviceIdError, Epoch, FolderId, IdError, MeshId};
 pub use index::{ChunkListHash, FileKind, FileRecord, FolderIndex, IndexError, PathState};
 pub use keys::{DeviceKeys, KemPublicKey, KeyError, MeshKey, Signature, WrappedKey};
 pub use membership::{Action, Member, MembershipError, MembershipLog, MembershipView, Role};
-pub use sealed::{SealedChange, SealedError, SealedName, SignedHead};
+pub use name::SealedName;
+pub use sealed::{SealedChange, SealedError, SignedHead};
 
 /// `N` bytes from the operating system's CSPRNG.
 pub(crate) fn random_bytes<const N: usize>() -> [u8; N] {

@@ -1,0 +1,267 @@
+//! Admitting a peer's index changes: each operation must put a well-formed record, signed by
+//! a device that may write, in the right shard ([`FolderIndex::admit_change`]); a change whose
+//! dependencies have not arrived is held ([`FolderIndex::ready`]); and no put may replace a
+//! version at least as new as its own, or jump a path's version ahead
+//! ([`FolderIndex::check_versions`]).
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+
+use automerge::{ActorId, ChangeHash, ReadDoc, ROOT};
+use rayon::prelude::*;
+
+use super::*;
+
+/// A peer's shard change whose every operation passed admission: its puts are (path, record,
+/// the operations it replaces).
+pub(super) struct Admitted {
+    shard: u16,
+    change: automerge::Change,
+    puts: Vec<(String, FileRecord, Vec<automerge::legacy::OpId>)>,
+}
+
+/// The most changes held while their dependencies are missing (the oldest go first)…
+const MAX_HELD_CHANGES: usize = 10_000;
+/// …and the most bytes they may take.
+const MAX_HELD_BYTES: usize = 64 * 1024 * 1024;
+
+impl FolderIndex {
+    /// Admits changes from a peer (see the module docs). Nothing of the batch is applied
+    /// unless all of it passes. A change whose dependencies have not arrived is held here (not
+    /// handed to Automerge) and checked again once they have: only then can the versions it
+    /// replaces be compared with its own, so an old signed record bundled with an unseen newer
+    /// one can never roll a path back.
+    pub fn apply(
+        &mut self,
+        view: &MembershipView,
+        changes: Vec<ShardChange>,
+    ) -> Result<ApplyReport, IndexError> {
+        let decoded: Vec<Admitted> = changes
+            .into_par_iter()
+            .map(|c| self.admit_change(view, c))
+            .collect::<Result<_, _>>()?;
+        let held_before = self.held.len();
+        let mut pending = std::mem::take(&mut self.held);
+        pending.extend(decoded);
+        let ready = self.ready(&pending);
+        let ready_refs: Vec<&Admitted> = pending
+            .iter()
+            .zip(&ready)
+            .filter(|(_, r)| **r)
+            .map(|(a, _)| a)
+            .collect();
+        if let Err(failure) = self.check_versions(&ready_refs) {
+            let (at, error) = *failure;
+            let failed = ready_refs[at].change.hash();
+            let from_before = pending[..held_before]
+                .iter()
+                .any(|a| a.change.hash() == failed);
+            if !from_before {
+                pending.truncate(held_before);
+                self.held = pending;
+                return Err(error);
+            }
+            // A change held from an earlier batch that turns out stale (a replay that waited
+            // for the version it would roll back) is dropped; the rest is checked again.
+            drop(error);
+            pending.retain(|a| a.change.hash() != failed);
+            self.held = pending;
+            return self.apply(view, Vec::new());
+        }
+        let mut report = ApplyReport::default();
+        let mut by_shard: BTreeMap<u16, Vec<automerge::Change>> = BTreeMap::new();
+        let mut held_hashes: BTreeSet<ChangeHash> = BTreeSet::new();
+        for (admitted, is_ready) in pending.into_iter().zip(ready) {
+            if !is_ready {
+                if held_hashes.insert(admitted.change.hash()) {
+                    self.held.push(admitted);
+                }
+                continue;
+            }
+            report
+                .paths
+                .extend(admitted.puts.into_iter().map(|(path, _, _)| path));
+            by_shard
+                .entry(admitted.shard)
+                .or_default()
+                .push(admitted.change);
+        }
+        // Bounded: what waits longest goes first (a peer re-sends what this replica lacks).
+        let mut bytes: usize = self.held.iter().map(|a| a.change.raw_bytes().len()).sum();
+        while self.held.len() > MAX_HELD_CHANGES || bytes > MAX_HELD_BYTES {
+            bytes -= self.held.remove(0).change.raw_bytes().len();
+        }
+        report.shards = by_shard.len();
+        for shard in by_shard.keys() {
+            self.shard_mut(*shard);
+        }
+        let mut work: Vec<(&mut Shard, Vec<automerge::Change>)> = Vec::new();
+        for (id, shard) in self.shards.iter_mut() {
+            if let Some(changes) = by_shard.remove(id) {
+                work.push((shard, changes));
+            }
+        }
+        work.into_par_iter()
+            .try_for_each(|(shard, changes)| shard.doc.apply_changes(changes))?;
+        Ok(report)
+    }
+
+    /// Decodes and checks one change of a peer: every operation puts a well-formed record,
+    /// signed by a device that may write, in the right shard.
+    fn admit_change(&self, view: &MembershipView, c: ShardChange) -> Result<Admitted, IndexError> {
+        if c.shard >= SHARDS {
+            return Err(IndexError::BadShard(c.shard));
+        }
+        if c.change.len() > MAX_CHANGE_BYTES {
+            return Err(IndexError::TooLarge(c.change.len()));
+        }
+        let change = crate::bounds::bounded_change(&c.change, MAX_CHANGE_BYTES, MAX_OPS_PER_CHANGE)
+            .map_err(IndexError::Load)?;
+        let mut puts = Vec::new();
+        for op in change.decode().operations {
+            let path = admit_op(&op)?;
+            if shard_of(&self.folder, &path) != c.shard {
+                return Err(IndexError::ForbiddenOp(format!(
+                    "{path:?} does not belong in shard {}",
+                    c.shard
+                )));
+            }
+            let automerge::legacy::OpType::Put(automerge::ScalarValue::Bytes(bytes)) = &op.action
+            else {
+                unreachable!("admit_op accepts only byte puts");
+            };
+            let record = FileRecord::decode(&path, bytes)?;
+            record.verify(&self.mesh, &self.folder)?;
+            if path == SHARED_RULES_PATH && !record.deleted && record.kind != FileKind::File {
+                return Err(IndexError::ForbiddenOp(format!(
+                    "{path:?} may only be a regular file"
+                )));
+            }
+            if !view.may_write(&record.author, record.epoch) {
+                return Err(IndexError::NotAWriter {
+                    path,
+                    author: record.author,
+                    epoch: record.epoch,
+                });
+            }
+            puts.push((path, record, op.pred.iter().cloned().collect()));
+        }
+        Ok(Admitted {
+            shard: c.shard,
+            change,
+            puts,
+        })
+    }
+
+    /// Which of `pending` can be applied now: every dependency is in its shard's document, or
+    /// is another change of `pending` that can.
+    fn ready(&mut self, pending: &[Admitted]) -> Vec<bool> {
+        let mut ready = vec![false; pending.len()];
+        let missing: Vec<Vec<ChangeHash>> = pending
+            .iter()
+            .map(|a| match self.shards.get_mut(&a.shard) {
+                Some(shard) => shard.doc.get_missing_deps(a.change.deps()),
+                None => a.change.deps().to_vec(),
+            })
+            .collect();
+        loop {
+            let arrived: BTreeSet<ChangeHash> = pending
+                .iter()
+                .zip(&ready)
+                .filter(|(_, r)| **r)
+                .map(|(a, _)| a.change.hash())
+                .collect();
+            let mut grew = false;
+            for (i, deps) in missing.iter().enumerate() {
+                if !ready[i] && deps.iter().all(|d| arrived.contains(d)) {
+                    ready[i] = true;
+                    grew = true;
+                }
+            }
+            if !grew {
+                return ready;
+            }
+        }
+    }
+
+    /// A put must outrank every value it replaces — in the document or in this batch — (no
+    /// rollback by replaying), and may not jump a path's version ahead (no wedging it at the
+    /// top of the range). On failure, the position of the offending change in `ready`.
+    fn check_versions(&self, ready: &[&Admitted]) -> Result<(), Box<(usize, IndexError)>> {
+        // Versions of the values this batch puts, by shard and operation ID (counters are per
+        // shard document).
+        let mut batch_ops: HashMap<(u16, u64, ActorId), u64> = HashMap::new();
+        // How many puts this batch makes per path: an honest author's version is one above
+        // the highest it replaces, so no version may run far ahead of what is known here plus
+        // these (and a slack for what may still be on its way).
+        let mut puts_per_path: HashMap<&str, u64> = HashMap::new();
+        for admitted in ready {
+            let start = admitted.change.start_op().get();
+            for (i, (path, record, _)) in admitted.puts.iter().enumerate() {
+                let id = (
+                    admitted.shard,
+                    start + i as u64,
+                    admitted.change.actor_id().clone(),
+                );
+                batch_ops.insert(id, record.version);
+                *puts_per_path.entry(path.as_str()).or_default() += 1;
+            }
+        }
+        ready.par_iter().enumerate().try_for_each(|(at, admitted)| {
+            self.check_puts(admitted, &batch_ops, &puts_per_path)
+                .map_err(|e| Box::new((at, e)))
+        })
+    }
+
+    fn check_puts(
+        &self,
+        admitted: &Admitted,
+        batch_ops: &HashMap<(u16, u64, ActorId), u64>,
+        puts_per_path: &HashMap<&str, u64>,
+    ) -> Result<(), IndexError> {
+        let shard = self.shards.get(&admitted.shard);
+        for (path, record, preds) in &admitted.puts {
+            let values = match shard {
+                Some(shard) => shard.doc.get_all(ROOT, path.as_str())?,
+                None => Vec::new(),
+            };
+            let known = values
+                .iter()
+                .filter_map(|(value, _)| value_record(path, value))
+                .map(|r| r.version)
+                .max()
+                .unwrap_or(0);
+            let most = known
+                .saturating_add(puts_per_path.get(path.as_str()).copied().unwrap_or(1))
+                .saturating_add(MAX_VERSION_SLACK);
+            if record.version > most {
+                return Err(IndexError::VersionJump {
+                    path: path.clone(),
+                    version: record.version,
+                    most,
+                });
+            }
+            let mut replaced: Vec<u64> = Vec::new();
+            for (value, id) in values {
+                let automerge::ObjId::Id(counter, actor, _) = &id else {
+                    continue;
+                };
+                if preds.iter().any(|p| p.0 == *counter && p.1 == *actor) {
+                    replaced.extend(value_record(path, &value).map(|r| r.version));
+                }
+            }
+            for pred in preds {
+                replaced.extend(batch_ops.get(&(admitted.shard, pred.0, pred.1.clone())));
+            }
+            if let Some(&old) = replaced.iter().max() {
+                if record.version <= old {
+                    return Err(IndexError::StaleVersion {
+                        path: path.clone(),
+                        version: record.version,
+                        replaced: old,
+                    });
+                }
+            }
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,662 @@
+//! The file index of one folder: signed [`FileRecord`]s in many small Automerge documents.
+//!
+//! # Layout
+//! A folder's index is split into [`SHARDS`] shards by a hash of the path; each shard is its own
+//! Automerge document, created on first write, whose root map holds `path -> record bytes`.
+//! A record is ~150 bytes: version, kind, size, mode, mtime, deleted flag, the hash of its chunk
+//! list (the list itself lives outside Automerge, content-addressed), author, epoch and the
+//! author's Ed25519 signature over all of that plus mesh ID, folder ID and path.
+//!
+//! Sharding is what makes the index scale: one Automerge document with a million keys is slow to
+//! load and costly to merge into, while a thousand documents of a thousand keys each load in
+//! parallel, take a peer's change by touching only the shards it names, and keep the cost of a
+//! one-file change at one small Automerge change (a few hundred bytes).
+//!
+//! # Concurrency
+//! A write that has seen the current value of a path replaces it; concurrent writes both stay
+//! (Automerge keeps them as a conflict). [`FolderIndex::get`] returns a deterministic winner —
+//! highest version, then latest mtime, then highest author ID — and the other versions as
+//! losers for the node to keep as conflict copies. Versions with identical content are not
+//! conflicts.
+//!
+//! # Admission
+//! [`FolderIndex::apply`] checks every operation of every incoming change before any of it is
+//! applied: it must put a record under its path in the right shard, signed by a device that may
+//! write in the record's epoch, for this mesh and folder, with a version higher than every value
+//! it replaces. One bad operation refuses the batch.
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use automerge::{transaction::Transactable, ActorId, AutoCommit, ChangeHash, ReadDoc, ROOT};
+use rayon::prelude::*;
+use serde::{Deserialize, Serialize};
+
+use crate::id::{DeviceId, Epoch, FolderId, MeshId};
+use crate::keys::{verify, DeviceKeys, Signature};
+use crate::membership::MembershipView;
+
+/// Shards per folder. Fixed, so every replica puts a path in the same shard.
+pub const SHARDS: u16 = 1024;
+const SIGNING_CONTEXT: &str = "meshsync file record v1";
+/// The largest encoded change the index accepts (a batch of many records is still far below).
+pub const MAX_CHANGE_BYTES: usize = 16 * 1024 * 1024;
+/// The most operations one shard change from a peer may hold (a shard holds about a
+/// thousand paths at a million files; a first scan writes each once).
+pub const MAX_OPS_PER_CHANGE: usize = 200_000;
+const MAX_PATH_BYTES: usize = 4096;
+
+/// What kind of entry a path is.
+#[derive(Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, Debug)]
+pub enum FileKind {
+    File,
+    Directory,
+    Symlink,
+}
+
+/// The BLAKE3 hash of a file's chunk list (kept outside the index, content-addressed).
+#[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize, Default)]
+pub struct ChunkListHash(pub [u8; 32]);
+
+impl std::fmt::Debug for ChunkListHash {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "ChunkListHash({})",
+            data_encoding::HEXLOWER.encode(&self.0[..6])
+        )
+    }
+}
+
+/// What a device says about one path when it writes: the content of a new version.
+#[derive(Clone, PartialEq, Eq, Debug)]
+pub struct FileUpdate {
+    pub path: String,
+    pub kind: FileKind,
+    pub size: u64,
+    pub mode: u32,
+    pub mtime_ns: i64,
+    pub deleted: bool,
+    pub chunks: ChunkListHash,
+}
+
+/// One signed version of one path.
+#[derive(Clone, PartialEq, Eq, Debug)]
+pub struct FileRecord {
+    pub path: String,
+    pub version: u64,
+    pub kind: FileKind,
+    pub size: u64,
+    pub mode: u32,
+    pub mtime_ns: i64,
+    pub deleted: bool,
+    pub chunks: ChunkListHash,
+    pub author: DeviceId,
+    pub epoch: Epoch,
+    pub signature: Signature,
+}
+
+impl FileRecord {
+    /// Whether two versions have the same content (and so are no conflict).
+    pub fn same_content(&self, other: &FileRecord) -> bool {
+        self.kind == other.kind
+            && self.deleted == other.deleted
+            && self.size == other.size
+            && self.mode == other.mode
+            && self.chunks == other.chunks
+    }
+
+    fn sort_key(&self) -> (u64, i64, DeviceId, ChunkListHash) {
+        (self.version, self.mtime_ns, self.author, self.chunks)
+    }
+
+    /// Checks the author's signature over this record in `mesh` and `folder`.
+    pub fn verify(&self, mesh: &MeshId, folder: &FolderId) -> Result<(), IndexError> {
+        verify(
+            &self.author,
+            SIGNING_CONTEXT,
+            &signed_bytes(mesh, folder, &self.path, &self.stored_fields()),
+            &self.signature,
+        )
+        .map_err(|_| IndexError::BadSignature {
+            path: self.path.clone(),
+            author: self.author,
+        })
+    }
+
+    fn stored_fields(&self) -> Fields {
+        Fields {
+            version: self.version,
+            kind: self.kind,
+            size: self.size,
+            mode: self.mode,
+            mtime_ns: self.mtime_ns,
+            deleted: self.deleted,
+            chunks: self.chunks,
+            author: self.author,
+            epoch: self.epoch,
+        }
+    }
+
+    fn encode(&self) -> Vec<u8> {
+        postcard::to_stdvec(&Stored {
+            fields: self.stored_fields(),
+            signature: self.signature,
+        })
+        .expect("records always encode")
+    }
+
+    fn decode(path: &str, bytes: &[u8]) -> Result<Self, IndexError> {
+        let stored: Stored = postcard::from_bytes(bytes).map_err(|e| IndexError::Malformed {
+            path: path.to_string(),
+            reason: e.to_string(),
+        })?;
+        let f = stored.fields;
+        Ok(FileRecord {
+            path: path.to_string(),
+            version: f.version,
+            kind: f.kind,
+            size: f.size,
+            mode: f.mode,
+            mtime_ns: f.mtime_ns,
+            deleted: f.deleted,
+            chunks: f.chunks,
+            author: f.author,
+            epoch: f.epoch,
+            signature: stored.signature,
+        })
+    }
+}
+
+/// The signed fields of a record; path, folder and mesh are signed too but stored implicitly.
+#[derive(Serialize, Deserialize)]
+struct Fields {
+    version: u64,
+    kind: FileKind,
+    size: u64,
+    mode: u32,
+    mtime_ns: i64,
+    deleted: bool,
+    chunks: ChunkListHash,
+    author: DeviceId,
+    epoch: Epoch,
+}
+
+#[derive(Serialize, Deserialize)]
+struct Stored {
+    fields: Fields,
+    signature: Signature,
+}
+
+fn signed_bytes(mesh: &MeshId, folder: &FolderId, path: &str, fields: &Fields) -> Vec<u8> {
+    postcard::to_stdvec(&(mesh, folder, path, fields)).expect("records always encode")
+}
+
+/// The state of one path: the version that wins, and concurrent versions that lost.
+#[derive(Clone, PartialEq, Eq, Debug)]
+pub struct PathState {
+    pub winner: FileRecord,
+    /// Concurrent versions with other content, to keep as conflict copies. Sorted.
+    pub losers: Vec<FileRecord>,
+}
+
+/// One Automerge change to one shard, as it travels between devices.
+#[derive(Clone, PartialEq, Eq, Serialize, Deserialize, Debug)]
+pub struct ShardChange {
+    pub shard: u16,
+    pub change: Vec<u8>,
+}
+
+/// Encodes a batch of shard changes of one folder (the plaintext of a sealed index change).
+pub fn encode_changes(folder: &FolderId, changes: &[ShardChange]) -> Vec<u8> {
+    postcard::to_stdvec(&(folder, changes)).expect("changes always encode")
+}
+
+/// Inverse of [`encode_changes`].
+pub fn decode_changes(bytes: &[u8]) -> Result<(FolderId, Vec<ShardChange>), IndexError> {
+    if bytes.len() > MAX_CHANGE_BYTES {
+        return Err(IndexError::TooLarge(bytes.len()));
+    }
+    let (folder, changes): (FolderId, Vec<ShardChange>) =
+        postcard::from_bytes(bytes).map_err(|e| IndexError::Malformed {
+            path: String::new(),
+            reason: e.to_string(),
+        })?;
+    let folder = FolderId::new(folder.as_str()).map_err(|e| IndexError::Malformed {
+        path: String::new(),
+        reason: e.to_string(),
+    })?;
+    Ok((folder, changes))
+}
+
+/// Why the index refused something.
+#[derive(Debug, thiserror::Error)]
+pub enum IndexError {
+    #[error("record for {path:?} could not be decoded: {reason}")]
+    Malformed { path: String, reason: String },
+    #[error("record for {path:?} has a bad signature (claims author {author:?})")]
+    BadSignature { path: String, author: DeviceId },
+    #[error("record for {path:?} is by {author:?}, who may not write in epoch {epoch}")]
+    NotAWriter {
+        path: String,
+        author: DeviceId,
+        epoch: Epoch,
+    },
+    #[error("record for {path:?} has version {version}, not above the version {replaced} it replaces (a replay?)")]
+    StaleVersion {
+        path: String,
+        version: u64,
+        replaced: u64,
+    },
+    #[error("record for {path:?} has version {version}, above the {most} any honest author could reach (a jump)")]
+    VersionJump {
+        path: String,
+        version: u64,
+        most: u64,
+    },
+    #[error("path {0:?} has reached the highest version number")]
+    VersionsExhausted(String),
+    #[error("change holds an operation the index does not allow: {0}")]
+    ForbiddenOp(String),
+    #[error("path {0:?} is not a valid relative path")]
+    BadPath(String),
+    #[error("shard {0} does not exist")]
+    BadShard(u16),
+    #[error("change of {0} bytes is larger than allowed")]
+    TooLarge(usize),
+    #[error("index document is damaged: {0}")]
+    Document(#[from] automerge::AutomergeError),
+    #[error("saved shard could not be loaded: {0}")]
+    Load(String),
+}
+
+/// What an [`FolderIndex::apply`] did.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct ApplyReport {
+    /// Paths whose state may have changed.
+    pub paths: BTreeSet<String>,
+    /// Shards that received changes.
+    pub shards: usize,
+}
+
+/// How far a record's version may run ahead of the versions this replica knows of its path
+/// (see [`FolderIndex::apply`]).
+pub const MAX_VERSION_SLACK: u64 = 1 << 32;
+
+/// The one path under the reserved `.meshsync*` names that records may name: the folder's
+/// shared ignore rules (a regular file).
+pub const SHARED_RULES_PATH: &str = ".meshsync/ignore";
+
+/// Checks that a path is relative, normalised, names no parent, and names none of the
+/// daemon's own files: every component starting with `.meshsync` is reserved (the folder
+/// marker, temp files, this device's local rules), except [`SHARED_RULES_PATH`].
+pub fn validate_path(path: &str) -> Result<(), IndexError> {
+    let reserved =
+        path != SHARED_RULES_PATH && path.split('/').any(|part| part.starts_with(".meshsync"));
+    let ok = !path.is_empty()
+        && path.len() <= MAX_PATH_BYTES
+        && !path.starts_with('/')
+        && !path.contains('\0')
+        && !reserved
+        && path
+            .split('/')
+            .all(|part| !part.is_empty() && part != "." && part != "..");
+    if ok {
+        Ok(())
+    } else {
+        Err(IndexError::BadPath(path.to_string()))
+    }
+}
+
+/// The Automerge actor a device writes its index changes as.
+///
+/// A device keeps one actor for as long as its database lives: the first change from an actor
+/// that a shard has never seen costs that shard a re-encoding (and memory), so a fresh random
+/// actor per start would make every restart expensive for every peer. `incarnation` must change
+/// whenever the database is lost or restored from a backup, so that a device never reuses
+/// sequence numbers its peers already hold.
+pub fn actor_for(device: &DeviceId, incarnation: u32) -> ActorId {
+    let mut bytes = device.as_bytes().to_vec();
+    bytes.extend_from_slice(&incarnation.to_be_bytes());
+    ActorId::from(bytes)
+}
+
+/// The shard a path of `folder` lives in.
+pub fn shard_of(folder: &FolderId, path: &str) -> u16 {
+    let mut hasher = blake3::Hasher::new();
+    hasher.update(folder.as_str().as_bytes());
+    hasher.update(&[0]);
+    hasher.update(path.as_bytes());
+    let hash = hasher.finalize();
+    u16::from_le_bytes([hash.as_bytes()[0], hash.as_bytes()[1]]) % SHARDS
+}
+
+struct Shard {
+    doc: AutoCommit,
+    /// Heads at the last [`FolderIndex::take_local_changes`].
+    sent: Vec<ChangeHash>,
+}
+
+/// The index of one folder on one replica.
+pub struct FolderIndex {
+    mesh: MeshId,
+    folder: FolderId,
+    actor: ActorId,
+    shards: BTreeMap<u16, Shard>,
+    /// Peers' changes whose dependencies have not arrived (see [`FolderIndex::apply`]).
+    held: Vec<admit::Admitted>,
+}
+
+impl FolderIndex {
+    pub fn new(mesh: MeshId, folder: FolderId) -> Self {
+        FolderIndex {
+            mesh,
+            folder,
+            actor: ActorId::random(),
+            shards: BTreeMap::new(),
+            held: Vec::new(),
+        }
+    }
+
+    /// Makes this replica write as `actor` (see [`actor_for`]).
+    pub fn with_actor(mut self, actor: ActorId) -> Self {
+        for shard in self.shards.values_mut() {
+            shard.doc.set_actor(actor.clone());
+        }
+        self.actor = actor;
+        self
+    }
+
+    pub fn folder(&self) -> &FolderId {
+        &self.folder
+    }
+
+    pub fn mesh(&self) -> MeshId {
+        self.mesh
+    }
+
+    fn shard_mut(&mut self, shard: u16) -> &mut Shard {
+        let actor = &self.actor;
+        self.shards.entry(shard).or_insert_with(|| Shard {
+            doc: AutoCommit::new().with_actor(actor.clone()),
+            sent: Vec::new(),
+        })
+    }
+
+    /// The current state of `path`, if it has a record.
+    pub fn get(&self, path: &str) -> Option<PathState> {
+        let shard = self.shards.get(&shard_of(&self.folder, path))?;
+        path_state(&shard.doc, path)
+    }
+
+    /// Every path with a record, with its state, in no particular order.
+    pub fn iter(&self) -> impl Iterator<Item = (String, PathState)> + '_ {
+        self.shards.values().flat_map(|shard| {
+            shard.doc.keys(ROOT).filter_map(|path| {
+                let state = path_state(&shard.doc, &path)?;
+                Some((path, state))
+            })
+        })
+    }
+
+    /// Number of paths with a record (deleted ones included).
+    pub fn len(&self) -> usize {
+        self.shards.values().map(|s| s.doc.length(ROOT)).sum()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Paths with concurrent versions of different content.
+    pub fn conflicts(&self) -> Vec<PathState> {
+        let mut out: Vec<PathState> = self
+            .iter()
+            .filter(|(_, state)| !state.losers.is_empty())
+            .map(|(_, state)| state)
+            .collect();
+        out.sort_by(|a, b| a.winner.path.cmp(&b.winner.path));
+        out
+    }
+
+    /// Signs and records new versions of paths, written by `keys` in `epoch`. Signing runs on
+    /// every core; each touched shard gets one Automerge change.
+    pub fn write(
+        &mut self,
+        keys: &DeviceKeys,
+        epoch: Epoch,
+        updates: Vec<FileUpdate>,
+    ) -> Result<Vec<FileRecord>, IndexError> {
+        for update in &updates {
+            validate_path(&update.path)?;
+            if update.path == SHARED_RULES_PATH && !update.deleted && update.kind != FileKind::File
+            {
+                return Err(IndexError::ForbiddenOp(format!(
+                    "{SHARED_RULES_PATH:?} may only be a regular file"
+                )));
+            }
+        }
+        let author = keys.device_id();
+        let records: Vec<FileRecord> = updates
+            .into_par_iter()
+            .map(|u| {
+                let highest = self.get_all(&u.path).iter().map(|r| r.version).max();
+                let version = highest
+                    .unwrap_or(0)
+                    .checked_add(1)
+                    .ok_or_else(|| IndexError::VersionsExhausted(u.path.clone()))?;
+                let mut record = FileRecord {
+                    path: u.path,
+                    version,
+                    kind: u.kind,
+                    size: u.size,
+                    mode: u.mode,
+                    mtime_ns: u.mtime_ns,
+                    deleted: u.deleted,
+                    chunks: u.chunks,
+                    author,
+                    epoch,
+                    signature: Signature::from_bytes(&[0; 64]),
+                };
+                let bytes = signed_bytes(
+                    &self.mesh,
+                    &self.folder,
+                    &record.path,
+                    &record.stored_fields(),
+                );
+                record.signature = keys.sign(SIGNING_CONTEXT, &bytes);
+                Ok(record)
+            })
+            .collect::<Result<_, IndexError>>()?;
+        let mut by_shard: BTreeMap<u16, Vec<&FileRecord>> = BTreeMap::new();
+        for record in &records {
+            by_shard
+                .entry(shard_of(&self.folder, &record.path))
+                .or_default()
+                .push(record);
+        }
+        for shard in by_shard.keys() {
+            self.shard_mut(*shard);
+        }
+        self.shards
+            .par_iter_mut()
+            .filter_map(|(id, shard)| Some((shard, by_shard.get(id)?)))
+            .try_for_each(|(shard, records)| -> Result<(), IndexError> {
+                for record in records {
+                    shard.doc.put(ROOT, record.path.as_str(), record.encode())?;
+                }
+                shard.doc.commit();
+                Ok(())
+            })?;
+        Ok(records)
+    }
+
+    /// Every current version of `path` (more than one while a conflict is open).
+    fn get_all(&self, path: &str) -> Vec<FileRecord> {
+        match self.shards.get(&shard_of(&self.folder, path)) {
+            Some(shard) => all_records(&shard.doc, path),
+            None => Vec::new(),
+        }
+    }
+
+    /// The changes made here since the last call: what to send to peers and storage peers.
+    pub fn take_local_changes(&mut self) -> Vec<ShardChange> {
+        let mut out = Vec::new();
+        for (&id, shard) in self.shards.iter_mut() {
+            let heads = shard.doc.get_heads();
+            if heads == shard.sent {
+                continue;
+            }
+            for change in shard.doc.get_changes(&shard.sent) {
+                if change.actor_id() != &self.actor {
+                    continue; // a peer's change, applied here: not ours to announce
+                }
+                out.push(ShardChange {
+                    shard: id,
+                    change: change.raw_bytes().to_vec(),
+                });
+            }
+            shard.sent = heads;
+        }
+        out
+    }
+
+    /// Each non-empty shard's heads: what a peer compares to find what to send.
+    pub fn heads(&mut self) -> BTreeMap<u16, Vec<ChangeHash>> {
+        self.shards
+            .iter_mut()
+            .map(|(id, shard)| (*id, shard.doc.get_heads()))
+            .collect()
+    }
+
+    /// The changes that a replica with `their_heads` lacks.
+    pub fn changes_since(
+        &mut self,
+        their_heads: &BTreeMap<u16, Vec<ChangeHash>>,
+    ) -> Vec<ShardChange> {
+        let mut out = Vec::new();
+        for (&id, shard) in self.shards.iter_mut() {
+            let theirs = their_heads.get(&id).cloned().unwrap_or_default();
+            if shard.doc.get_heads() == theirs {
+                continue;
+            }
+            // Heads we do not know cannot be used as a base; what we resend is deduplicated.
+            let known: Vec<ChangeHash> = theirs
+                .into_iter()
+                .filter(|h| shard.doc.get_change_by_hash(h).is_some())
+                .collect();
+            for change in shard.doc.get_changes(&known) {
+                out.push(ShardChange {
+                    shard: id,
+                    change: change.raw_bytes().to_vec(),
+                });
+            }
+        }
+        out
+    }
+
+    /// One shard, saved, if it exists.
+    pub fn save_shard(&mut self, shard: u16) -> Option<Vec<u8>> {
+        self.shards.get_mut(&shard).map(|s| s.doc.save())
+    }
+
+    /// Every non-empty shard, saved (compressed, with history).
+    pub fn save(&mut self) -> Vec<(u16, Vec<u8>)> {
+        self.shards
+            .par_iter_mut()
+            .map(|(id, shard)| (*id, shard.doc.save()))
+            .collect()
+    }
+
+    /// Loads saved shards, in parallel. The records were checked when they were admitted and
+    /// the saved bytes carry Automerge's own hash checks.
+    pub fn load(
+        mesh: MeshId,
+        folder: FolderId,
+        saved: Vec<(u16, Vec<u8>)>,
+    ) -> Result<Self, IndexError> {
+        let actor = ActorId::random();
+        let shards = saved
+            .into_par_iter()
+            .map(|(id, bytes)| {
+                if id >= SHARDS {
+                    return Err(IndexError::BadShard(id));
+                }
+                let doc = AutoCommit::load(&bytes)
+                    .map_err(|e| IndexError::Load(e.to_string()))?
+                    .with_actor(actor.clone());
+                Ok((id, doc))
+            })
+            .collect::<Result<Vec<_>, IndexError>>()?
+            .into_iter()
+            .map(|(id, mut doc)| {
+                let sent = doc.get_heads();
+                (id, Shard { doc, sent })
+            })
+            .collect();
+        Ok(FolderIndex {
+            mesh,
+            folder,
+            actor,
+            shards,
+            held: Vec::new(),
+        })
+    }
+}
+
+/// Checks that an operation only puts bytes under a valid path at the root; returns the path.
+fn admit_op(op: &automerge::legacy::Op) -> Result<String, IndexError> {
+    if op.obj != automerge::legacy::ObjectId::Root || op.insert {
+        return Err(IndexError::ForbiddenOp(
+            "operation outside the path map".into(),
+        ));
+    }
+    let automerge::legacy::Key::Map(path) = &op.key else {
+        return Err(IndexError::ForbiddenOp("list operation".into()));
+    };
+    if !matches!(
+        op.action,
+        automerge::legacy::OpType::Put(automerge::ScalarValue::Bytes(_))
+    ) {
+        return Err(IndexError::ForbiddenOp(format!(
+            "{path:?}: only signed records may be written (deletes are tombstone records)"
+        )));
+    }
+    validate_path(path)?;
+    Ok(path.to_string())
+}
+
+fn value_record(path: &str, value: &automerge::Value<'_>) -> Option<FileRecord> {
+    match value {
+        automerge::Value::Scalar(scalar) => match scalar.as_ref() {
+            automerge::ScalarValue::Bytes(bytes) => FileRecord::decode(path, bytes).ok(),
+            _ => None,
+        },
+        automerge::Value::Object(_) => None,
+    }
+}
+
+fn all_records(doc: &AutoCommit, path: &str) -> Vec<FileRecord> {
+    doc.get_all(ROOT, path)
+        .unwrap_or_default()
+        .iter()
+        .filter_map(|(value, _)| value_record(path, value))
+        .collect()
+}
+
+fn path_state(doc: &AutoCommit, path: &str) -> Option<PathState> {
+    let mut records = all_records(doc, path);
+    records.sort_by_key(|r| std::cmp::Reverse(r.sort_key()));
+    let mut records = records.into_iter();
+    let winner = records.next()?;
+    let mut losers: Vec<FileRecord> = Vec::new();
+    for record in records {
+        if !record.same_content(&winner) && !losers.iter().any(|l| l.same_content(&record)) {
+            losers.push(record);
+        }
+    }
+    Some(PathState { winner, losers })
+}
+
+mod admit;
+#[cfg(test)]
+mod tests;

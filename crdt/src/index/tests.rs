@@ -1,0 +1,422 @@
+use super::*;
+use crate::membership::{Action, MembershipLog, Role};
+use crate::MeshKey;
+
+pub(crate) fn update(path: &str, content: u8) -> FileUpdate {
+    FileUpdate {
+        path: path.into(),
+        kind: FileKind::File,
+        size: u64::from(content),
+        mode: 0o644,
+        mtime_ns: 1_700_000_000_000_000_000 + i64::from(content),
+        deleted: false,
+        chunks: ChunkListHash([content; 32]),
+    }
+}
+
+struct World {
+    admin: DeviceKeys,
+    laptop: DeviceKeys,
+    log: MembershipLog,
+    folder: FolderId,
+}
+
+fn world() -> World {
+    let admin = DeviceKeys::generate();
+    let laptop = DeviceKeys::generate();
+    let (mut log, _) = MembershipLog::create(&admin, "admin", &MeshKey::generate(Epoch(0)));
+    log.append(
+        &admin,
+        Action::Add {
+            device: laptop.device_id(),
+            role: Role::Device,
+            name: crate::SealedName::unreadable("laptop"),
+            kem: Some(laptop.kem_public()),
+            wrapped: None,
+        },
+    )
+    .unwrap();
+    World {
+        admin,
+        laptop,
+        log,
+        folder: FolderId::new("docs").unwrap(),
+    }
+}
+
+#[test]
+fn an_old_record_bundled_ahead_of_the_newer_one_it_replaces_rolls_nothing_back() {
+    let w = world();
+    let mesh = w.log.mesh();
+    let mut author = FolderIndex::new(mesh, w.folder.clone());
+    author
+        .write(&w.admin, Epoch(0), vec![update("p", 1)])
+        .unwrap();
+    let first = author.take_local_changes();
+    let old = author.get("p").unwrap().winner;
+    author
+        .write(&w.admin, Epoch(0), vec![update("p", 2)])
+        .unwrap();
+    let second = author.take_local_changes();
+    // A member holding both replays the author's first, genuinely signed record "over" the
+    // second: its change replaces the second's value and depends on the second's change.
+    let mut replayer = FolderIndex::new(mesh, w.folder.clone());
+    replayer.apply(w.log.view(), first.clone()).unwrap();
+    replayer.apply(w.log.view(), second.clone()).unwrap();
+    let shard = replayer.shard_mut(shard_of(&w.folder, "p"));
+    shard.doc.put(ROOT, "p", old.encode()).unwrap();
+    shard.doc.commit();
+    let replay = replayer.take_local_changes();
+    // The victim has the first version, gets the replay before the second arrives, then
+    // the second: it must end on version 2.
+    let mut victim = FolderIndex::new(mesh, w.folder.clone());
+    let first_again = first.clone();
+    victim.apply(w.log.view(), first).unwrap();
+    victim.apply(w.log.view(), replay.clone()).unwrap();
+    assert_eq!(
+        victim.get("p").unwrap().winner.version,
+        1,
+        "held, not applied"
+    );
+    victim.apply(w.log.view(), second.clone()).unwrap();
+    let state = victim.get("p").unwrap();
+    assert_eq!(state.winner.version, 2);
+    assert!(state.losers.is_empty(), "{:?}", state.losers);
+    // Sent together, the replay is refused outright.
+    let mut fresh = FolderIndex::new(mesh, w.folder.clone());
+    let mut all = first_again;
+    all.extend(second);
+    all.extend(replay);
+    assert!(matches!(
+        fresh.apply(w.log.view(), all),
+        Err(IndexError::StaleVersion { .. })
+    ));
+}
+
+#[test]
+fn many_shards_and_repeated_deliveries_admit_honest_successors() {
+    let w = world();
+    let mesh = w.log.mesh();
+    let mut a = FolderIndex::new(mesh, w.folder.clone());
+    let mut b = FolderIndex::new(mesh, w.folder.clone());
+    let ups: Vec<FileUpdate> = (0..30)
+        .map(|i| update(&format!("keep{i}.txt"), i as u8 + 1))
+        .collect();
+    a.write(&w.admin, Epoch(0), ups).unwrap();
+    let first = a.take_local_changes();
+    b.apply(w.log.view(), first.clone()).unwrap();
+    let dels: Vec<FileUpdate> = (0..25)
+        .map(|i| {
+            let mut u = update(&format!("keep{i}.txt"), 0);
+            u.deleted = true;
+            u
+        })
+        .collect();
+    a.write(&w.admin, Epoch(0), dels).unwrap();
+    let second = a.take_local_changes();
+    b.apply(w.log.view(), second.clone()).unwrap();
+    b.apply(w.log.view(), second.clone()).unwrap();
+    let heads = BTreeMap::new();
+    let all = a.changes_since(&heads);
+    b.apply(w.log.view(), all).unwrap();
+}
+
+#[test]
+fn a_version_may_not_jump_ahead() {
+    let w = world();
+    let mesh = w.log.mesh();
+    let mut a = FolderIndex::new(mesh, w.folder.clone());
+    a.write(&w.admin, Epoch(0), vec![update("a.txt", 1)])
+        .unwrap();
+    let mut b = FolderIndex::new(mesh, w.folder.clone());
+    b.apply(w.log.view(), a.take_local_changes()).unwrap();
+    // A member signs version u64::MAX of a.txt (its own index lets it: it builds the
+    // record by hand). Every replica refuses it; nothing is wedged.
+    let mut forged = FolderIndex::new(mesh, w.folder.clone());
+    forged
+        .apply(w.log.view(), b.changes_since(&BTreeMap::new()))
+        .unwrap();
+    let mut record = forged.get("a.txt").unwrap().winner;
+    record.version = u64::MAX;
+    record.author = w.laptop.device_id();
+    let bytes = signed_bytes(&mesh, &w.folder, "a.txt", &record.stored_fields());
+    record.signature = w.laptop.sign(SIGNING_CONTEXT, &bytes);
+    let shard = forged.shard_mut(shard_of(&w.folder, "a.txt"));
+    shard.doc.put(ROOT, "a.txt", record.encode()).unwrap();
+    shard.doc.commit();
+    let refused = b.apply(w.log.view(), forged.take_local_changes());
+    assert!(
+        matches!(refused, Err(IndexError::VersionJump { .. })),
+        "{refused:?}"
+    );
+    // The honest next version still goes through.
+    a.write(&w.admin, Epoch(0), vec![update("a.txt", 2)])
+        .unwrap();
+    b.apply(w.log.view(), a.take_local_changes()).unwrap();
+    assert_eq!(b.get("a.txt").unwrap().winner.version, 2);
+}
+
+#[test]
+fn the_daemons_own_files_cannot_be_named_by_a_record() {
+    for path in [
+        ".meshsync-folder",
+        ".meshsync/ignore.local",
+        "a/.meshsync-tmp-1-2",
+        ".meshsync",
+        "sub/.meshsync/ignore",
+    ] {
+        assert!(validate_path(path).is_err(), "{path}");
+    }
+    assert!(validate_path(SHARED_RULES_PATH).is_ok());
+    assert!(validate_path("docs/meshsync.txt").is_ok());
+    // A link at the shared rules path is refused at admission.
+    let w = world();
+    let mesh = w.log.mesh();
+    let mut a = FolderIndex::new(mesh, w.folder.clone());
+    let mut link = update(SHARED_RULES_PATH, 1);
+    link.kind = FileKind::Symlink;
+    assert!(a.write(&w.admin, Epoch(0), vec![link]).is_err());
+}
+
+#[test]
+fn write_get_and_sync_between_two_replicas() {
+    let w = world();
+    let mesh = w.log.mesh();
+    let mut a = FolderIndex::new(mesh, w.folder.clone());
+    let mut b = FolderIndex::new(mesh, w.folder.clone());
+    a.write(
+        &w.admin,
+        Epoch(0),
+        vec![update("a.txt", 1), update("dir/b.txt", 2)],
+    )
+    .unwrap();
+    let report = b.apply(w.log.view(), a.take_local_changes()).unwrap();
+    assert_eq!(report.paths.len(), 2);
+    assert_eq!(b.get("dir/b.txt").unwrap().winner.size, 2);
+    assert!(a.take_local_changes().is_empty());
+    // One-file change: one small Automerge change.
+    b.write(&w.laptop, Epoch(0), vec![update("a.txt", 3)])
+        .unwrap();
+    let change = b.take_local_changes();
+    let wire: usize = change.iter().map(|c| c.change.len()).sum();
+    assert!(wire < 400, "one-file change took {wire} bytes");
+    a.apply(w.log.view(), change).unwrap();
+    let state = a.get("a.txt").unwrap();
+    assert_eq!(state.winner.version, 2);
+    assert!(state.losers.is_empty());
+}
+
+#[test]
+fn concurrent_edits_keep_both_and_identical_ones_do_not_conflict() {
+    let w = world();
+    let mesh = w.log.mesh();
+    let mut a = FolderIndex::new(mesh, w.folder.clone());
+    let mut b = FolderIndex::new(mesh, w.folder.clone());
+    a.write(&w.admin, Epoch(0), vec![update("x", 1), update("same", 1)])
+        .unwrap();
+    b.apply(w.log.view(), a.take_local_changes()).unwrap();
+    a.write(&w.admin, Epoch(0), vec![update("x", 2), update("same", 9)])
+        .unwrap();
+    b.write(&w.laptop, Epoch(0), vec![update("x", 3), update("same", 9)])
+        .unwrap();
+    let to_b = a.take_local_changes();
+    let to_a = b.take_local_changes();
+    a.apply(w.log.view(), to_a).unwrap();
+    b.apply(w.log.view(), to_b).unwrap();
+    let (sa, sb) = (a.get("x").unwrap(), b.get("x").unwrap());
+    assert_eq!(sa, sb, "both replicas pick the same winner");
+    assert_eq!(sa.losers.len(), 1);
+    assert_ne!(sa.winner.chunks, sa.losers[0].chunks);
+    assert!(a.get("same").unwrap().losers.is_empty());
+    assert_eq!(a.conflicts().len(), 1);
+    // Resolving: a write that has seen both replaces both.
+    a.write(&w.admin, Epoch(0), vec![update("x", 4)]).unwrap();
+    b.apply(w.log.view(), a.take_local_changes()).unwrap();
+    assert!(b.get("x").unwrap().losers.is_empty());
+    assert_eq!(b.get("x").unwrap().winner.version, 3);
+}
+
+fn forge(index: &mut FolderIndex, path: &str, record: &FileRecord) -> Vec<ShardChange> {
+    let shard = shard_of(&index.folder, path);
+    let s = index.shard_mut(shard);
+    s.doc.put(ROOT, path, record.encode()).unwrap();
+    s.doc.commit();
+    index.take_local_changes()
+}
+
+#[test]
+fn forged_signature_is_rejected() {
+    let w = world();
+    let mesh = w.log.mesh();
+    let mut a = FolderIndex::new(mesh, w.folder.clone());
+    let mut b = FolderIndex::new(mesh, w.folder.clone());
+    let mut record = a
+        .write(&w.admin, Epoch(0), vec![update("f", 1)])
+        .unwrap()
+        .remove(0);
+    a.take_local_changes();
+    record.size = 1_000_000; // altered after signing
+    record.version = 2;
+    let changes = forge(&mut a, "f", &record);
+    assert!(matches!(
+        b.apply(w.log.view(), changes),
+        Err(IndexError::BadSignature { .. })
+    ));
+    assert!(b.get("f").is_none(), "nothing applied");
+}
+
+#[test]
+fn wrong_mesh_or_folder_is_rejected() {
+    let w = world();
+    let mut elsewhere = FolderIndex::new(MeshId::random(), w.folder.clone());
+    elsewhere
+        .write(&w.admin, Epoch(0), vec![update("f", 1)])
+        .unwrap();
+    let mut b = FolderIndex::new(w.log.mesh(), w.folder.clone());
+    assert!(matches!(
+        b.apply(w.log.view(), elsewhere.take_local_changes()),
+        Err(IndexError::BadSignature { .. })
+    ));
+    let mut other_folder = FolderIndex::new(w.log.mesh(), FolderId::new("other").unwrap());
+    other_folder
+        .write(&w.admin, Epoch(0), vec![update("f", 1)])
+        .unwrap();
+    assert!(b
+        .apply(w.log.view(), other_folder.take_local_changes())
+        .is_err());
+    assert!(b.is_empty());
+}
+
+#[test]
+fn removed_stranger_and_read_only_authors_are_rejected() {
+    let mut w = world();
+    let mesh = w.log.mesh();
+    let stranger = DeviceKeys::generate();
+    let reader = DeviceKeys::generate();
+    w.log
+        .append(
+            &w.admin,
+            Action::Add {
+                device: reader.device_id(),
+                role: Role::ReadOnly,
+                name: crate::SealedName::unreadable("reader"),
+                kem: None,
+                wrapped: None,
+            },
+        )
+        .unwrap();
+    let mut b = FolderIndex::new(mesh, w.folder.clone());
+    for keys in [&stranger, &reader] {
+        let mut a = FolderIndex::new(mesh, w.folder.clone());
+        a.write(keys, Epoch(0), vec![update("f", 1)]).unwrap();
+        assert!(matches!(
+            b.apply(w.log.view(), a.take_local_changes()),
+            Err(IndexError::NotAWriter { .. })
+        ));
+    }
+    // The laptop writes before removal (kept) and after (refused).
+    let mut a = FolderIndex::new(mesh, w.folder.clone());
+    a.write(&w.laptop, Epoch(0), vec![update("before", 1)])
+        .unwrap();
+    let before = a.take_local_changes();
+    w.log
+        .append(
+            &w.admin,
+            Action::Remove {
+                device: w.laptop.device_id(),
+                wraps: vec![],
+            },
+        )
+        .unwrap();
+    b.apply(w.log.view(), before).unwrap();
+    a.write(&w.laptop, Epoch(1), vec![update("after", 1)])
+        .unwrap();
+    assert!(matches!(
+        b.apply(w.log.view(), a.take_local_changes()),
+        Err(IndexError::NotAWriter { .. })
+    ));
+    assert!(b.get("before").is_some());
+    assert!(b.get("after").is_none());
+}
+
+#[test]
+fn replaying_an_old_version_is_rejected() {
+    let w = world();
+    let mesh = w.log.mesh();
+    let mut a = FolderIndex::new(mesh, w.folder.clone());
+    let mut b = FolderIndex::new(mesh, w.folder.clone());
+    let old = a
+        .write(&w.admin, Epoch(0), vec![update("f", 1)])
+        .unwrap()
+        .remove(0);
+    a.write(&w.admin, Epoch(0), vec![update("f", 2)]).unwrap();
+    b.apply(w.log.view(), a.take_local_changes()).unwrap();
+    // A buggy or hostile member re-puts the old, validly signed record over the new one.
+    let mut evil = FolderIndex::new(mesh, w.folder.clone());
+    evil.apply(w.log.view(), b.changes_since(&BTreeMap::new()))
+        .unwrap();
+    evil.take_local_changes();
+    let changes = forge(&mut evil, "f", &old);
+    assert!(matches!(
+        b.apply(w.log.view(), changes.clone()),
+        Err(IndexError::StaleVersion { .. })
+    ));
+    assert_eq!(b.get("f").unwrap().winner.version, 2);
+    // Re-applying changes already held changes nothing.
+    let heads = b.heads();
+    b.apply(w.log.view(), a.changes_since(&BTreeMap::new()))
+        .unwrap();
+    assert_eq!(b.heads(), heads);
+}
+
+#[test]
+fn bad_paths_and_garbage_are_refused() {
+    let w = world();
+    let mut a = FolderIndex::new(w.log.mesh(), w.folder.clone());
+    for bad in ["", "/etc/passwd", "a/../b", "a//b", "./a"] {
+        assert!(
+            a.write(&w.admin, Epoch(0), vec![update(bad, 1)]).is_err(),
+            "{bad}"
+        );
+    }
+    for garbage in [
+        vec![],
+        vec![1, 2, 3],
+        vec![0x85, 0x6f, 0x4a, 0x83, 0, 0, 0, 0],
+    ] {
+        let result = a.apply(
+            w.log.view(),
+            vec![ShardChange {
+                shard: 0,
+                change: garbage,
+            }],
+        );
+        assert!(result.is_err());
+    }
+    assert!(decode_changes(&[0xff; 10]).is_err());
+}
+
+#[test]
+fn unknown_heads_and_shards_from_a_peer_are_harmless() {
+    let w = world();
+    let mut a = FolderIndex::new(w.log.mesh(), w.folder.clone());
+    a.write(&w.admin, Epoch(0), vec![update("x", 1)]).unwrap();
+    let mut heads = BTreeMap::new();
+    heads.insert(shard_of(&w.folder, "x"), vec![ChangeHash([3; 32])]);
+    heads.insert(SHARDS + 5, vec![ChangeHash([4; 32])]);
+    assert_eq!(a.changes_since(&heads).len(), 1);
+}
+
+#[test]
+fn save_and_load_keep_everything() {
+    let w = world();
+    let mut a = FolderIndex::new(w.log.mesh(), w.folder.clone());
+    let updates: Vec<FileUpdate> = (0..500)
+        .map(|i| update(&format!("d/{i}"), (i % 200) as u8))
+        .collect();
+    a.write(&w.admin, Epoch(0), updates).unwrap();
+    let saved = a.save();
+    let b = FolderIndex::load(w.log.mesh(), w.folder.clone(), saved).unwrap();
+    assert_eq!(b.len(), 500);
+    assert_eq!(b.get("d/77"), a.get("d/77"));
+}
