@@ -47,7 +47,7 @@ fn io(path: &str, source: impl Into<std::io::Error>) -> DiskError {
 }
 
 /// What is at a path (not following a link there).
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
 pub enum Kind {
     File,
     Dir,
@@ -319,6 +319,36 @@ impl FolderRoot {
         rustix::fs::syncfs(self.dir.as_fd()).map_err(|e| io(&self.path.display().to_string(), e))
     }
 
+    /// The names in the folder `rel` and what kind each is, from the directory listing alone
+    /// (no `stat` per entry, unless the file system does not say).
+    pub fn read_dir_kinds(&self, rel: &str) -> Result<Vec<(String, Kind)>, DiskError> {
+        let dir = self.open_dir(rel, rel)?;
+        let mut out = Vec::new();
+        for entry in rustix::fs::Dir::read_from(&dir).map_err(|e| io(rel, e))? {
+            let entry = entry.map_err(|e| io(rel, e))?;
+            let Ok(name) = entry.file_name().to_str() else {
+                continue;
+            };
+            if name == "." || name == ".." {
+                continue;
+            }
+            let kind = match entry.file_type() {
+                rustix::fs::FileType::RegularFile => Kind::File,
+                rustix::fs::FileType::Directory => Kind::Dir,
+                rustix::fs::FileType::Symlink => Kind::Symlink,
+                rustix::fs::FileType::Unknown => {
+                    match rustix::fs::statat(&dir, name, AtFlags::SYMLINK_NOFOLLOW) {
+                        Ok(stat) => Entry::of(&stat).kind,
+                        Err(_) => continue,
+                    }
+                }
+                _ => Kind::Other,
+            };
+            out.push((name.to_string(), kind));
+        }
+        Ok(out)
+    }
+
     /// The names in the folder `rel` (`""`: the root), not following links.
     pub fn read_dir(&self, rel: &str) -> Result<Vec<(String, Entry)>, DiskError> {
         let dir = self.open_dir(rel, rel)?;
@@ -434,6 +464,12 @@ mod tests {
             .map(|(n, _)| n)
             .collect();
         assert_eq!(names.len(), 2);
+        let mut kinds = root.read_dir_kinds("d").unwrap();
+        kinds.sort();
+        assert_eq!(
+            kinds,
+            [("e".to_string(), Kind::Dir), ("t".to_string(), Kind::File)]
+        );
         root.remove_file("d/t").unwrap();
         root.remove_dir("d/e").unwrap();
         assert!(root.entry("d/e").unwrap().is_none());

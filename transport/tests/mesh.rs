@@ -55,6 +55,18 @@ fn echo_upper(t: &Transport) {
     .unwrap();
 }
 
+/// Two members on the in-memory transport, `a` answering `/meshsync/doc/1` in upper case;
+/// returns `a`'s keys, `a` and `b` (not yet connected).
+async fn memory_pair() -> (DeviceKeys, Transport, Transport) {
+    let (ka, kb) = (DeviceKeys::generate(), DeviceKeys::generate());
+    let a = Transport::start(Config::memory(ka.libp2p_keypair())).unwrap();
+    let b = Transport::start(Config::memory(kb.libp2p_keypair())).unwrap();
+    a.set_allowed([peer(&kb)]).await;
+    b.set_allowed([peer(&ka)]).await;
+    echo_upper(&a);
+    (ka, a, b)
+}
+
 #[tokio::test]
 async fn members_exchange_state_over_tcp_and_quic() {
     for quic in [false, true] {
@@ -79,12 +91,7 @@ async fn members_exchange_state_over_tcp_and_quic() {
 
 #[tokio::test]
 async fn in_memory_transport_connects_real_nodes() {
-    let (ka, kb) = (DeviceKeys::generate(), DeviceKeys::generate());
-    let a = Transport::start(Config::memory(ka.libp2p_keypair())).unwrap();
-    let b = Transport::start(Config::memory(kb.libp2p_keypair())).unwrap();
-    a.set_allowed([peer(&kb)]).await;
-    b.set_allowed([peer(&ka)]).await;
-    echo_upper(&a);
+    let (ka, a, b) = memory_pair().await;
     let addrs = a.wait_listening().await;
     b.dial(addrs[0].clone()).await.unwrap();
     assert!(b.wait_connected(peer(&ka), Duration::from_secs(5)).await);
@@ -363,12 +370,7 @@ async fn replicated_state_travels_over_doc_protocol() {
 #[tokio::test]
 async fn a_member_opening_stream_after_stream_gets_the_extra_ones_closed() {
     use meshsync_transport::{frame, limit::MAX_STREAMS_PER_PEER};
-    let (ka, kb) = (DeviceKeys::generate(), DeviceKeys::generate());
-    let a = Transport::start(Config::memory(ka.libp2p_keypair())).unwrap();
-    let b = Transport::start(Config::memory(kb.libp2p_keypair())).unwrap();
-    a.set_allowed([peer(&kb)]).await;
-    b.set_allowed([peer(&ka)]).await;
-    echo_upper(&a);
+    let (ka, a, b) = memory_pair().await;
     b.dial(a.wait_listening().await[0].clone()).await.unwrap();
     assert!(b.wait_connected(peer(&ka), Duration::from_secs(5)).await);
     // B opens streams and sends nothing on them: each would hold a task and a timer on A.

@@ -143,15 +143,15 @@ fn remove_temp_files(path: &Path) {
     };
     let mut stack = vec![String::new()];
     while let Some(dir) = stack.pop() {
-        for (name, entry) in root.read_dir(&dir).unwrap_or_default() {
+        for (name, kind) in root.read_dir_kinds(&dir).unwrap_or_default() {
             let rel = if dir.is_empty() {
                 name.clone()
             } else {
                 format!("{dir}/{name}")
             };
-            if name.starts_with(TEMP_PREFIX) && entry.kind != Kind::Dir {
+            if name.starts_with(TEMP_PREFIX) && kind != Kind::Dir {
                 let _ = root.remove_file(&rel);
-            } else if entry.kind == Kind::Dir {
+            } else if kind == Kind::Dir {
                 stack.push(rel);
             }
         }
