@@ -97,10 +97,11 @@ fn deliver(
     }
     let view = target.log.view().clone();
     for piece in index_changes.chunks(index_changes.len().div_ceil(pieces as usize).max(1)) {
-        target
+        let report = target
             .index
             .apply(&view, piece.to_vec())
-            .expect("index change from a replica is admitted");
+            .expect("the index document takes changes");
+        assert!(report.refused.is_empty(), "{:?}", report.refused);
     }
 }
 

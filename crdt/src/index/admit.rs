@@ -25,56 +25,60 @@ const MAX_HELD_CHANGES: usize = 10_000;
 const MAX_HELD_BYTES: usize = 64 * 1024 * 1024;
 
 impl FolderIndex {
-    /// Admits changes from a peer (see the module docs). Nothing of the batch is applied
-    /// unless all of it passes. A change whose dependencies have not arrived is held here (not
-    /// handed to Automerge) and checked again once they have: only then can the versions it
-    /// replaces be compared with its own, so an old signed record bundled with an unseen newer
-    /// one can never roll a path back.
+    /// Admits changes from a peer (see the module docs). Each change stands alone: one that
+    /// fails admission is left out and named in [`ApplyReport::refused`] — with every change
+    /// that depends on it, which waits for it in vain — and the rest is applied, so one bad
+    /// change (or a member relaying one) never blocks the folder. A change whose dependencies
+    /// have not arrived is held here (not handed to Automerge) and checked again once they
+    /// have: only then can the versions it replaces be compared with its own, so an old signed
+    /// record bundled with an unseen newer one can never roll a path back. A change this
+    /// replica already has is skipped. `Err` only if the document itself fails.
     pub fn apply(
         &mut self,
         view: &MembershipView,
         changes: Vec<ShardChange>,
     ) -> Result<ApplyReport, IndexError> {
-        let decoded: Vec<Admitted> = changes
+        let mut report = ApplyReport::default();
+        let mut pending = std::mem::take(&mut self.held);
+        let admitted: Vec<Result<Admitted, IndexError>> = changes
             .into_par_iter()
             .map(|c| self.admit_change(view, c))
-            .collect::<Result<_, _>>()?;
-        let held_before = self.held.len();
-        let mut pending = std::mem::take(&mut self.held);
-        pending.extend(decoded);
-        let ready = self.ready(&pending);
-        let ready_refs: Vec<&Admitted> = pending
-            .iter()
-            .zip(&ready)
-            .filter(|(_, r)| **r)
-            .map(|(a, _)| a)
             .collect();
-        if let Err(failure) = self.check_versions(&ready_refs) {
-            let (at, error) = *failure;
-            let failed = ready_refs[at].change.hash();
-            let from_before = pending[..held_before]
-                .iter()
-                .any(|a| a.change.hash() == failed);
-            if !from_before {
-                pending.truncate(held_before);
-                self.held = pending;
-                return Err(error);
+        for result in admitted {
+            match result {
+                Ok(admitted) => pending.push(admitted),
+                Err(error) => report.refused.push(error),
             }
-            // A change held from an earlier batch that turns out stale (a replay that waited
-            // for the version it would roll back) is dropped; the rest is checked again.
-            drop(error);
-            pending.retain(|a| a.change.hash() != failed);
-            self.held = pending;
-            return self.apply(view, Vec::new());
         }
-        let mut report = ApplyReport::default();
+        let mut seen = BTreeSet::new();
+        pending.retain(|a| seen.insert(a.change.hash()) && !self.has_change(a));
+        let ready = loop {
+            let ready = self.ready(&pending);
+            let ready_refs: Vec<&Admitted> = pending
+                .iter()
+                .zip(&ready)
+                .filter(|(_, r)| **r)
+                .map(|(a, _)| a)
+                .collect();
+            let failures = self.check_versions(&ready_refs);
+            if failures.is_empty() {
+                break ready;
+            }
+            // Leave out what failed (stale replays, jumps) and look again: what depended on
+            // it is no longer ready.
+            let failed: BTreeSet<ChangeHash> = failures
+                .iter()
+                .map(|(at, _)| ready_refs[*at].change.hash())
+                .collect();
+            report
+                .refused
+                .extend(failures.into_iter().map(|(_, error)| error));
+            pending.retain(|a| !failed.contains(&a.change.hash()));
+        };
         let mut by_shard: BTreeMap<u16, Vec<automerge::Change>> = BTreeMap::new();
-        let mut held_hashes: BTreeSet<ChangeHash> = BTreeSet::new();
         for (admitted, is_ready) in pending.into_iter().zip(ready) {
             if !is_ready {
-                if held_hashes.insert(admitted.change.hash()) {
-                    self.held.push(admitted);
-                }
+                self.held.push(admitted);
                 continue;
             }
             report
@@ -103,6 +107,16 @@ impl FolderIndex {
         work.into_par_iter()
             .try_for_each(|(shard, changes)| shard.doc.apply_changes(changes))?;
         Ok(report)
+    }
+
+    /// Whether this replica's document already holds `admitted`.
+    fn has_change(&mut self, admitted: &Admitted) -> bool {
+        self.shards.get_mut(&admitted.shard).is_some_and(|shard| {
+            shard
+                .doc
+                .get_change_by_hash(&admitted.change.hash())
+                .is_some()
+        })
     }
 
     /// Decodes and checks one change of a peer: every operation puts a well-formed record,
@@ -185,8 +199,8 @@ impl FolderIndex {
 
     /// A put must outrank every value it replaces — in the document or in this batch — (no
     /// rollback by replaying), and may not jump a path's version ahead (no wedging it at the
-    /// top of the range). On failure, the position of the offending change in `ready`.
-    fn check_versions(&self, ready: &[&Admitted]) -> Result<(), Box<(usize, IndexError)>> {
+    /// top of the range). Returns the position in `ready` of each offending change, and why.
+    fn check_versions(&self, ready: &[&Admitted]) -> Vec<(usize, IndexError)> {
         // Versions of the values this batch puts, by shard and operation ID (counters are per
         // shard document).
         let mut batch_ops: HashMap<(u16, u64, ActorId), u64> = HashMap::new();
@@ -206,10 +220,15 @@ impl FolderIndex {
                 *puts_per_path.entry(path.as_str()).or_default() += 1;
             }
         }
-        ready.par_iter().enumerate().try_for_each(|(at, admitted)| {
-            self.check_puts(admitted, &batch_ops, &puts_per_path)
-                .map_err(|e| Box::new((at, e)))
-        })
+        ready
+            .par_iter()
+            .enumerate()
+            .filter_map(|(at, admitted)| {
+                self.check_puts(admitted, &batch_ops, &puts_per_path)
+                    .err()
+                    .map(|e| (at, e))
+            })
+            .collect()
     }
 
     fn check_puts(

@@ -23,7 +23,8 @@
 //! [`FolderIndex::apply`] checks every operation of every incoming change before any of it is
 //! applied: it must put a record under its path in the right shard, signed by a device that may
 //! write in the record's epoch, for this mesh and folder, with a version higher than every value
-//! it replaces. One bad operation refuses the batch.
+//! it replaces. One bad operation refuses its change (and what depends on it, which waits for
+//! it in vain); the rest of the batch is applied.
 
 use std::collections::{BTreeMap, BTreeSet};
 
@@ -270,12 +271,14 @@ pub enum IndexError {
 }
 
 /// What an [`FolderIndex::apply`] did.
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
+#[derive(Debug, Default)]
 pub struct ApplyReport {
     /// Paths whose state may have changed.
     pub paths: BTreeSet<String>,
     /// Shards that received changes.
     pub shards: usize,
+    /// Changes left out, and why (see [`FolderIndex::apply`]).
+    pub refused: Vec<IndexError>,
 }
 
 /// How far a record's version may run ahead of the versions this replica knows of its path
@@ -658,5 +661,7 @@ fn path_state(doc: &AutoCommit, path: &str) -> Option<PathState> {
 }
 
 mod admit;
+#[cfg(feature = "forge")]
+mod forge;
 #[cfg(test)]
 mod tests;

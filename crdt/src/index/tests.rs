@@ -14,6 +14,21 @@ pub(crate) fn update(path: &str, content: u8) -> FileUpdate {
     }
 }
 
+impl FolderIndex {
+    /// [`FolderIndex::apply`], with its first refusal (if any) as the error.
+    fn apply_all(
+        &mut self,
+        view: &MembershipView,
+        changes: Vec<ShardChange>,
+    ) -> Result<ApplyReport, IndexError> {
+        let mut report = self.apply(view, changes)?;
+        match report.refused.is_empty() {
+            true => Ok(report),
+            false => Err(report.refused.remove(0)),
+        }
+    }
+}
+
 struct World {
     admin: DeviceKeys,
     laptop: DeviceKeys,
@@ -61,8 +76,8 @@ fn an_old_record_bundled_ahead_of_the_newer_one_it_replaces_rolls_nothing_back()
     // A member holding both replays the author's first, genuinely signed record "over" the
     // second: its change replaces the second's value and depends on the second's change.
     let mut replayer = FolderIndex::new(mesh, w.folder.clone());
-    replayer.apply(w.log.view(), first.clone()).unwrap();
-    replayer.apply(w.log.view(), second.clone()).unwrap();
+    replayer.apply_all(w.log.view(), first.clone()).unwrap();
+    replayer.apply_all(w.log.view(), second.clone()).unwrap();
     let shard = replayer.shard_mut(shard_of(&w.folder, "p"));
     shard.doc.put(ROOT, "p", old.encode()).unwrap();
     shard.doc.commit();
@@ -71,14 +86,19 @@ fn an_old_record_bundled_ahead_of_the_newer_one_it_replaces_rolls_nothing_back()
     // the second: it must end on version 2.
     let mut victim = FolderIndex::new(mesh, w.folder.clone());
     let first_again = first.clone();
-    victim.apply(w.log.view(), first).unwrap();
-    victim.apply(w.log.view(), replay.clone()).unwrap();
+    victim.apply_all(w.log.view(), first).unwrap();
+    victim.apply_all(w.log.view(), replay.clone()).unwrap();
     assert_eq!(
         victim.get("p").unwrap().winner.version,
         1,
         "held, not applied"
     );
-    victim.apply(w.log.view(), second.clone()).unwrap();
+    // The held replay is refused once it can be checked; the second version lands.
+    let report = victim.apply(w.log.view(), second.clone()).unwrap();
+    assert!(
+        matches!(report.refused[..], [IndexError::StaleVersion { .. }]),
+        "{report:?}"
+    );
     let state = victim.get("p").unwrap();
     assert_eq!(state.winner.version, 2);
     assert!(state.losers.is_empty(), "{:?}", state.losers);
@@ -88,7 +108,7 @@ fn an_old_record_bundled_ahead_of_the_newer_one_it_replaces_rolls_nothing_back()
     all.extend(second);
     all.extend(replay);
     assert!(matches!(
-        fresh.apply(w.log.view(), all),
+        fresh.apply_all(w.log.view(), all),
         Err(IndexError::StaleVersion { .. })
     ));
 }
@@ -104,7 +124,7 @@ fn many_shards_and_repeated_deliveries_admit_honest_successors() {
         .collect();
     a.write(&w.admin, Epoch(0), ups).unwrap();
     let first = a.take_local_changes();
-    b.apply(w.log.view(), first.clone()).unwrap();
+    b.apply_all(w.log.view(), first.clone()).unwrap();
     let dels: Vec<FileUpdate> = (0..25)
         .map(|i| {
             let mut u = update(&format!("keep{i}.txt"), 0);
@@ -114,11 +134,11 @@ fn many_shards_and_repeated_deliveries_admit_honest_successors() {
         .collect();
     a.write(&w.admin, Epoch(0), dels).unwrap();
     let second = a.take_local_changes();
-    b.apply(w.log.view(), second.clone()).unwrap();
-    b.apply(w.log.view(), second.clone()).unwrap();
+    b.apply_all(w.log.view(), second.clone()).unwrap();
+    b.apply_all(w.log.view(), second.clone()).unwrap();
     let heads = BTreeMap::new();
     let all = a.changes_since(&heads);
-    b.apply(w.log.view(), all).unwrap();
+    b.apply_all(w.log.view(), all).unwrap();
 }
 
 #[test]
@@ -129,12 +149,12 @@ fn a_version_may_not_jump_ahead() {
     a.write(&w.admin, Epoch(0), vec![update("a.txt", 1)])
         .unwrap();
     let mut b = FolderIndex::new(mesh, w.folder.clone());
-    b.apply(w.log.view(), a.take_local_changes()).unwrap();
+    b.apply_all(w.log.view(), a.take_local_changes()).unwrap();
     // A member signs version u64::MAX of a.txt (its own index lets it: it builds the
     // record by hand). Every replica refuses it; nothing is wedged.
     let mut forged = FolderIndex::new(mesh, w.folder.clone());
     forged
-        .apply(w.log.view(), b.changes_since(&BTreeMap::new()))
+        .apply_all(w.log.view(), b.changes_since(&BTreeMap::new()))
         .unwrap();
     let mut record = forged.get("a.txt").unwrap().winner;
     record.version = u64::MAX;
@@ -144,7 +164,7 @@ fn a_version_may_not_jump_ahead() {
     let shard = forged.shard_mut(shard_of(&w.folder, "a.txt"));
     shard.doc.put(ROOT, "a.txt", record.encode()).unwrap();
     shard.doc.commit();
-    let refused = b.apply(w.log.view(), forged.take_local_changes());
+    let refused = b.apply_all(w.log.view(), forged.take_local_changes());
     assert!(
         matches!(refused, Err(IndexError::VersionJump { .. })),
         "{refused:?}"
@@ -152,7 +172,7 @@ fn a_version_may_not_jump_ahead() {
     // The honest next version still goes through.
     a.write(&w.admin, Epoch(0), vec![update("a.txt", 2)])
         .unwrap();
-    b.apply(w.log.view(), a.take_local_changes()).unwrap();
+    b.apply_all(w.log.view(), a.take_local_changes()).unwrap();
     assert_eq!(b.get("a.txt").unwrap().winner.version, 2);
 }
 
@@ -190,7 +210,7 @@ fn write_get_and_sync_between_two_replicas() {
         vec![update("a.txt", 1), update("dir/b.txt", 2)],
     )
     .unwrap();
-    let report = b.apply(w.log.view(), a.take_local_changes()).unwrap();
+    let report = b.apply_all(w.log.view(), a.take_local_changes()).unwrap();
     assert_eq!(report.paths.len(), 2);
     assert_eq!(b.get("dir/b.txt").unwrap().winner.size, 2);
     assert!(a.take_local_changes().is_empty());
@@ -200,7 +220,7 @@ fn write_get_and_sync_between_two_replicas() {
     let change = b.take_local_changes();
     let wire: usize = change.iter().map(|c| c.change.len()).sum();
     assert!(wire < 400, "one-file change took {wire} bytes");
-    a.apply(w.log.view(), change).unwrap();
+    a.apply_all(w.log.view(), change).unwrap();
     let state = a.get("a.txt").unwrap();
     assert_eq!(state.winner.version, 2);
     assert!(state.losers.is_empty());
@@ -214,15 +234,15 @@ fn concurrent_edits_keep_both_and_identical_ones_do_not_conflict() {
     let mut b = FolderIndex::new(mesh, w.folder.clone());
     a.write(&w.admin, Epoch(0), vec![update("x", 1), update("same", 1)])
         .unwrap();
-    b.apply(w.log.view(), a.take_local_changes()).unwrap();
+    b.apply_all(w.log.view(), a.take_local_changes()).unwrap();
     a.write(&w.admin, Epoch(0), vec![update("x", 2), update("same", 9)])
         .unwrap();
     b.write(&w.laptop, Epoch(0), vec![update("x", 3), update("same", 9)])
         .unwrap();
     let to_b = a.take_local_changes();
     let to_a = b.take_local_changes();
-    a.apply(w.log.view(), to_a).unwrap();
-    b.apply(w.log.view(), to_b).unwrap();
+    a.apply_all(w.log.view(), to_a).unwrap();
+    b.apply_all(w.log.view(), to_b).unwrap();
     let (sa, sb) = (a.get("x").unwrap(), b.get("x").unwrap());
     assert_eq!(sa, sb, "both replicas pick the same winner");
     assert_eq!(sa.losers.len(), 1);
@@ -231,7 +251,7 @@ fn concurrent_edits_keep_both_and_identical_ones_do_not_conflict() {
     assert_eq!(a.conflicts().len(), 1);
     // Resolving: a write that has seen both replaces both.
     a.write(&w.admin, Epoch(0), vec![update("x", 4)]).unwrap();
-    b.apply(w.log.view(), a.take_local_changes()).unwrap();
+    b.apply_all(w.log.view(), a.take_local_changes()).unwrap();
     assert!(b.get("x").unwrap().losers.is_empty());
     assert_eq!(b.get("x").unwrap().winner.version, 3);
 }
@@ -259,7 +279,7 @@ fn forged_signature_is_rejected() {
     record.version = 2;
     let changes = forge(&mut a, "f", &record);
     assert!(matches!(
-        b.apply(w.log.view(), changes),
+        b.apply_all(w.log.view(), changes),
         Err(IndexError::BadSignature { .. })
     ));
     assert!(b.get("f").is_none(), "nothing applied");
@@ -274,7 +294,7 @@ fn wrong_mesh_or_folder_is_rejected() {
         .unwrap();
     let mut b = FolderIndex::new(w.log.mesh(), w.folder.clone());
     assert!(matches!(
-        b.apply(w.log.view(), elsewhere.take_local_changes()),
+        b.apply_all(w.log.view(), elsewhere.take_local_changes()),
         Err(IndexError::BadSignature { .. })
     ));
     let mut other_folder = FolderIndex::new(w.log.mesh(), FolderId::new("other").unwrap());
@@ -282,7 +302,7 @@ fn wrong_mesh_or_folder_is_rejected() {
         .write(&w.admin, Epoch(0), vec![update("f", 1)])
         .unwrap();
     assert!(b
-        .apply(w.log.view(), other_folder.take_local_changes())
+        .apply_all(w.log.view(), other_folder.take_local_changes())
         .is_err());
     assert!(b.is_empty());
 }
@@ -310,7 +330,7 @@ fn removed_stranger_and_read_only_authors_are_rejected() {
         let mut a = FolderIndex::new(mesh, w.folder.clone());
         a.write(keys, Epoch(0), vec![update("f", 1)]).unwrap();
         assert!(matches!(
-            b.apply(w.log.view(), a.take_local_changes()),
+            b.apply_all(w.log.view(), a.take_local_changes()),
             Err(IndexError::NotAWriter { .. })
         ));
     }
@@ -328,11 +348,11 @@ fn removed_stranger_and_read_only_authors_are_rejected() {
             },
         )
         .unwrap();
-    b.apply(w.log.view(), before).unwrap();
+    b.apply_all(w.log.view(), before).unwrap();
     a.write(&w.laptop, Epoch(1), vec![update("after", 1)])
         .unwrap();
     assert!(matches!(
-        b.apply(w.log.view(), a.take_local_changes()),
+        b.apply_all(w.log.view(), a.take_local_changes()),
         Err(IndexError::NotAWriter { .. })
     ));
     assert!(b.get("before").is_some());
@@ -350,21 +370,21 @@ fn replaying_an_old_version_is_rejected() {
         .unwrap()
         .remove(0);
     a.write(&w.admin, Epoch(0), vec![update("f", 2)]).unwrap();
-    b.apply(w.log.view(), a.take_local_changes()).unwrap();
+    b.apply_all(w.log.view(), a.take_local_changes()).unwrap();
     // A buggy or hostile member re-puts the old, validly signed record over the new one.
     let mut evil = FolderIndex::new(mesh, w.folder.clone());
-    evil.apply(w.log.view(), b.changes_since(&BTreeMap::new()))
+    evil.apply_all(w.log.view(), b.changes_since(&BTreeMap::new()))
         .unwrap();
     evil.take_local_changes();
     let changes = forge(&mut evil, "f", &old);
     assert!(matches!(
-        b.apply(w.log.view(), changes.clone()),
+        b.apply_all(w.log.view(), changes.clone()),
         Err(IndexError::StaleVersion { .. })
     ));
     assert_eq!(b.get("f").unwrap().winner.version, 2);
     // Re-applying changes already held changes nothing.
     let heads = b.heads();
-    b.apply(w.log.view(), a.changes_since(&BTreeMap::new()))
+    b.apply_all(w.log.view(), a.changes_since(&BTreeMap::new()))
         .unwrap();
     assert_eq!(b.heads(), heads);
 }
@@ -384,7 +404,7 @@ fn bad_paths_and_garbage_are_refused() {
         vec![1, 2, 3],
         vec![0x85, 0x6f, 0x4a, 0x83, 0, 0, 0, 0],
     ] {
-        let result = a.apply(
+        let result = a.apply_all(
             w.log.view(),
             vec![ShardChange {
                 shard: 0,

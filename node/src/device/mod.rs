@@ -156,6 +156,11 @@ impl Device {
         &self.state
     }
 
+    /// The membership log as this device holds it.
+    pub fn log(&self) -> &MembershipLog {
+        &self.log
+    }
+
     /// Reads and seals chunks of current local files and kept versions (what this device
     /// serves).
     pub(crate) fn served(&self) -> Served {

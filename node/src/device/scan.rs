@@ -174,7 +174,7 @@ pub fn classify(found: Option<&LocalFile>, winner: Option<&FileRecord>, base: u6
         Some(file)
             if !w.deleted
                 && w.chunks == file.list_hash
-                && w.mode == file.mode
+                && w.mode & 0o777 == file.mode
                 && w.kind == file.kind =>
         {
             Decision::Same(w.version)

@@ -288,6 +288,9 @@ fn admit(
         }
     }
     let report = folder.index.apply(view, payload.changes.clone())?;
+    for error in &report.refused {
+        tracing::warn!(folder = %payload.folder, %error, "refused a change from a sealed change");
+    }
     let shards: BTreeSet<u16> = report
         .paths
         .iter()

@@ -212,6 +212,7 @@ impl Device {
                 continue;
             }
             let report = folder.index.apply(&view, folder_changes)?;
+            note_refused(&id, *peer, &report.refused);
             let shards: BTreeSet<u16> = report.paths.iter().map(|p| shard_of(&id, p)).collect();
             for shard in shards {
                 if let Some(bytes) = folder.index.save_shard(shard) {
@@ -222,6 +223,17 @@ impl Device {
         }
         self.state.commit(batch)?;
         Ok((changed, allowed))
+    }
+}
+
+/// Logs the changes a folder's index left out (the rest was applied; see
+/// `FolderIndex::apply`).
+pub(super) fn note_refused(folder: &FolderId, from: PeerId, refused: &[meshsync_crdt::IndexError]) {
+    for error in refused.iter().take(10) {
+        tracing::warn!(%folder, %from, %error, "refused a change");
+    }
+    if refused.len() > 10 {
+        tracing::warn!(%folder, %from, "refused {} more changes", refused.len() - 10);
     }
 }
 

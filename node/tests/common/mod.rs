@@ -1,6 +1,8 @@
 //! What the in-process protocol tests share: a mesh built by hand and written into a home.
 #![allow(dead_code)]
 
+pub mod mallory;
+
 use std::path::Path;
 
 use meshsync_crdt::{Action, DeviceKeys, MembershipLog, MeshKey, Role, SealedName};
@@ -41,4 +43,17 @@ pub fn commit_mesh(home: &Path, log: &mut MembershipLog) {
             ..Batch::default()
         })
         .unwrap();
+}
+
+/// `len` reproducible pseudo-random bytes (incompressible, so chunking splits them).
+pub fn random(len: usize, seed: u64) -> Vec<u8> {
+    let mut state = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+    (0..len)
+        .map(|_| {
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            (state >> 24) as u8
+        })
+        .collect()
 }

@@ -148,6 +148,9 @@ pub(super) fn prepare(
             continue;
         }
         let Some(list) = lists.get(&w.record.chunks) else {
+            // Asked again on the next pull, of whichever peer that is.
+            let why = "no peer has given an intact chunk list for it yet".to_string();
+            assembly.problems.push((i, why));
             continue;
         };
         let size = content::list_size(list);
