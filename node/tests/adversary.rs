@@ -111,6 +111,8 @@ async fn setuid_and_setgid_bits_from_a_peer_are_dropped() {
     let status = mesh.status().await;
     assert_eq!(status.folders[0].conflicts, 0, "{status:#?}");
     assert!(status.folders[0].in_sync, "{status:#?}");
+    let seen = Mallory::new(&mesh.r, &mesh.v, &mesh.folder).await;
+    assert_eq!(seen.index.get("tool.sh").unwrap().winner.version, 1);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -286,6 +286,38 @@ fn forged_signature_is_rejected() {
 }
 
 #[test]
+fn one_bad_change_leaves_the_rest_of_the_batch_applied() {
+    let w = world();
+    let mesh = w.log.mesh();
+    let mut a = FolderIndex::new(mesh, w.folder.clone());
+    let mut b = FolderIndex::new(mesh, w.folder.clone());
+    a.write(&w.admin, Epoch(0), vec![update("good", 1)]).unwrap();
+    let mut batch = a.take_local_changes();
+    let mut record = a
+        .write(&w.admin, Epoch(0), vec![update("bad", 2)])
+        .unwrap()
+        .remove(0);
+    a.take_local_changes();
+    record.size = 7; // altered after signing
+    batch.extend(forge(&mut a, "bad", &record));
+    a.write(&w.admin, Epoch(0), vec![update("also-good", 3)])
+        .unwrap();
+    batch.extend(a.take_local_changes());
+    let report = b.apply(w.log.view(), batch).unwrap();
+    assert!(
+        matches!(report.refused[..], [IndexError::BadSignature { .. }]),
+        "{report:?}"
+    );
+    assert!(b.get("good").is_some());
+    assert!(b.get("bad").is_none());
+    // "also-good" was written after "bad" on the same replica: in another shard it does not
+    // depend on it and lands; in the same shard it would wait for it (held, never applied).
+    if shard_of(&w.folder, "also-good") != shard_of(&w.folder, "bad") {
+        assert!(b.get("also-good").is_some());
+    }
+}
+
+#[test]
 fn wrong_mesh_or_folder_is_rejected() {
     let w = world();
     let mut elsewhere = FolderIndex::new(MeshId::random(), w.folder.clone());

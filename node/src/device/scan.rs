@@ -684,6 +684,10 @@ mod tests {
         assert_eq!(classify(Some(&file(a)), None, 0), Decision::Record);
         let w = record(1, a, false);
         assert_eq!(classify(Some(&file(a)), Some(&w), 0), Decision::Same(1));
+        // A peer's setuid or setgid bits are not written here: the file is still the same.
+        let mut suid = w.clone();
+        suid.mode = 0o106_644;
+        assert_eq!(classify(Some(&file(a)), Some(&suid), 0), Decision::Same(1));
         assert_eq!(classify(Some(&file(b)), Some(&w), 1), Decision::Record);
         // Never had a version here, other content: not a successor, a conflict.
         assert_eq!(classify(Some(&file(b)), Some(&w), 0), Decision::Conflict);
