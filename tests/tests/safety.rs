@@ -149,3 +149,93 @@ fn a_symlink_here_and_a_folder_there_write_nothing_outside_and_lose_nothing() {
         assert!(temps.is_empty(), "{temps:?}");
     }
 }
+
+#[test]
+fn a_link_that_replaces_a_folder_while_a_file_is_on_its_way_into_it_writes_nothing_outside() {
+    let t = two();
+    let outside = t.root.join("outside");
+    std::fs::create_dir_all(&outside).unwrap();
+    let b = Daemon::start(&t.hb);
+    meshsync_ok(
+        &b.home,
+        &["folder", "add", t.fb.to_str().unwrap(), "--id", "docs"],
+    );
+    std::fs::create_dir_all(t.fa.join("d")).unwrap();
+    std::fs::write(t.fa.join("d/small.txt"), "alice's small file").unwrap();
+    meshsync_ok(&t.a.home, &["scan"]);
+    assert!(wait_until(LONG, || t.fb.join("d/small.txt").exists()));
+
+    // A big file on its way into d on B; once its temp file is there, B's user moves d aside
+    // and puts a link out of the folder in its place.
+    let big = meshsync_tests::random(192 << 20, 3);
+    std::fs::write(t.fa.join("d/big.bin"), &big).unwrap();
+    meshsync_ok(&t.a.home, &["scan"]);
+    let in_flight = wait_until(LONG, || {
+        std::fs::read_dir(t.fb.join("d"))
+            .map(|entries| {
+                entries
+                    .flatten()
+                    .any(|e| e.file_name().to_string_lossy().contains(".meshsync-tmp-"))
+            })
+            .unwrap_or(false)
+    });
+    assert!(in_flight, "the transfer was never seen in flight");
+    std::fs::rename(t.fb.join("d"), t.fb.join("d.moved")).unwrap();
+    std::os::unix::fs::symlink(&outside, t.fb.join("d")).unwrap();
+    meshsync_ok(&b.home, &["scan"]);
+
+    // Both converge; nothing went outside; the big file, the small one and the link are all
+    // still there (in place or as conflict copies); no temp file is left anywhere.
+    let converged = wait_until(LONG, || {
+        let (sa, sb) = (synced(&t.fa), synced(&t.fb));
+        sa == sb
+            && sa.values().filter(|v| v.starts_with("link -> ")).count() == 1
+            && sa.values().any(|v| v == "alice's small file")
+            && tree_has(&t.fb, &big)
+    });
+    let (sa, sb) = (synced(&t.fa), synced(&t.fb));
+    let short = |m: &BTreeMap<String, String>| -> Vec<(String, usize)> {
+        m.iter().map(|(k, v)| (k.clone(), v.len())).collect()
+    };
+    assert!(
+        converged,
+        "A: {:#?}\nB: {:#?}\nB log:\n{}",
+        short(&sa),
+        short(&sb),
+        meshsync_tests::log_of(&b.home)
+    );
+    assert_eq!(std::fs::read_dir(&outside).unwrap().count(), 0);
+    for folder in [&t.fa, &t.fb] {
+        let temps: Vec<String> = tree(folder)
+            .into_keys()
+            .filter(|p| p.contains(".meshsync-tmp-"))
+            .collect();
+        assert!(temps.is_empty(), "{temps:?}");
+    }
+}
+
+/// Whether some file under `root` (links not followed) holds exactly `content`.
+fn tree_has(root: &Path, content: &[u8]) -> bool {
+    let mut stack = vec![root.to_path_buf()];
+    while let Some(dir) = stack.pop() {
+        let Ok(entries) = std::fs::read_dir(&dir) else {
+            continue;
+        };
+        for entry in entries.flatten() {
+            let Ok(kind) = entry.file_type() else {
+                continue;
+            };
+            if kind.is_dir() {
+                stack.push(entry.path());
+            } else if kind.is_file()
+                && entry
+                    .metadata()
+                    .is_ok_and(|m| m.len() == content.len() as u64)
+                && std::fs::read(entry.path()).is_ok_and(|d| d == content)
+            {
+                return true;
+            }
+        }
+    }
+    false
+}

@@ -291,7 +291,8 @@ fn one_bad_change_leaves_the_rest_of_the_batch_applied() {
     let mesh = w.log.mesh();
     let mut a = FolderIndex::new(mesh, w.folder.clone());
     let mut b = FolderIndex::new(mesh, w.folder.clone());
-    a.write(&w.admin, Epoch(0), vec![update("good", 1)]).unwrap();
+    a.write(&w.admin, Epoch(0), vec![update("good", 1)])
+        .unwrap();
     let mut batch = a.take_local_changes();
     let mut record = a
         .write(&w.admin, Epoch(0), vec![update("bad", 2)])

@@ -83,9 +83,10 @@ pub(super) fn install(
         installed.problems.push((work[i].path.clone(), why));
     }
     let mut touched_dirs: BTreeSet<String> = BTreeSet::new();
+    let mut strays = Strays::default();
     for (i, w) in work.iter().enumerate() {
         let prepared = assembly.pending.remove(&i);
-        let tmp = prepared.as_ref().map(|p| p.tmp.clone());
+        let tmp = prepared.as_ref().map(|p| (p.tmp.clone(), p.ino));
         let list = lists.get(&w.record.chunks);
         match install_one(root, w, prepared, list, key, me) {
             Ok(Outcome::Holds(file)) => {
@@ -115,19 +116,78 @@ pub(super) fn install(
                     .push((w.path.clone(), format!("{error:#}")));
             }
         }
-        if let Some(tmp) = tmp {
-            let _ = root.remove_file(&tmp); // gone already when it was renamed into place
+        if let Some((tmp, ino)) = tmp {
+            strays.remove(root, &tmp, ino, Some(&w.path));
         }
     }
     for p in assembly.pending.values() {
-        let _ = root.remove_file(&p.tmp);
+        strays.remove(root, &p.tmp, p.ino, None);
     }
+    strays.find_and_remove(root);
     for dir in touched_dirs {
         if let Err(error) = root.sync_dir(&dir) {
             tracing::warn!(%dir, %error, "flushing a folder failed");
         }
     }
     installed
+}
+
+/// Temp files not where they were made (their folder was moved, or replaced by a link, while
+/// they were filled): by name, with the inode each was made with.
+#[derive(Default)]
+struct Strays(std::collections::HashMap<String, u64>);
+
+impl Strays {
+    /// Removes the temp file `tmp` (made as inode `ino`; 0 for a link, never a stray) unless
+    /// it was renamed to `target`; if it is neither there nor where it was made (its folder
+    /// moved), notes it to look for.
+    fn remove(&mut self, root: &FolderRoot, tmp: &str, ino: u64, target: Option<&str>) {
+        let placed =
+            || target.is_some_and(|t| root.entry(t).is_ok_and(|e| e.is_some_and(|e| e.ino == ino)));
+        match root.entry(tmp) {
+            Ok(Some(_)) => {
+                let _ = root.remove_file(tmp);
+            }
+            _ if ino == 0 || placed() => {}
+            _ => {
+                let name = tmp.rsplit('/').next().unwrap_or(tmp);
+                self.0.insert(name.to_string(), ino);
+            }
+        }
+    }
+
+    /// Looks for the strays in one walk of the folder (links not followed) and removes each
+    /// found under its name with its inode. Rare: only after a folder moved mid-transfer.
+    fn find_and_remove(self, root: &FolderRoot) {
+        if self.0.is_empty() {
+            return;
+        }
+        let mut dirs = vec![String::new()];
+        while let Some(dir) = dirs.pop() {
+            let Ok(names) = root.read_dir_kinds(&dir) else {
+                continue;
+            };
+            for (name, kind) in names {
+                let rel = match dir.as_str() {
+                    "" => name.clone(),
+                    _ => format!("{dir}/{name}"),
+                };
+                match kind {
+                    Kind::Dir => dirs.push(rel),
+                    Kind::File
+                        if self.0.get(&name).is_some_and(|&ino| {
+                            root.entry(&rel)
+                                .is_ok_and(|e| e.is_some_and(|e| e.ino == ino))
+                        }) =>
+                    {
+                        tracing::info!(temp = %rel, "removed a temp file whose folder moved while it was filled");
+                        let _ = root.remove_file(&rel);
+                    }
+                    _ => {}
+                }
+            }
+        }
+    }
 }
 
 /// One step; an error is this path's alone.

@@ -37,6 +37,9 @@ pub(super) type Lists = HashMap<ChunkListHash, Vec<ChunkRef>>;
 pub(super) struct Pending {
     /// The temp file's path in the folder (beside the target).
     pub(super) tmp: String,
+    /// The temp file's inode (0 for a link, made only when it is renamed into place): how it
+    /// is found again if its folder moves meanwhile.
+    pub(super) ino: u64,
     pub(super) size: u64,
     pub(super) left: usize,
     /// For a symlink: its target, assembled in memory (it is never a file on disk).
@@ -202,6 +205,7 @@ impl Assembly {
         }
         Pending {
             tmp,
+            ino: 0,
             size,
             left,
             link: Some(link),
@@ -245,6 +249,7 @@ impl Assembly {
         }
         Ok(Pending {
             tmp,
+            ino: std::os::unix::fs::MetadataExt::ino(&file.metadata()?),
             size,
             left,
             link: None,
