@@ -24,6 +24,26 @@ const MAX_HELD_CHANGES: usize = 10_000;
 /// …and the most bytes they may take.
 const MAX_HELD_BYTES: usize = 64 * 1024 * 1024;
 
+/// Applies admitted `changes` to one shard. Automerge takes a batch whole or not at all, and
+/// refuses one holding a change that reuses another's actor ID and sequence number — which
+/// anyone can make, since actor IDs are not signed. So if the batch is refused, each change is
+/// applied alone and only the offenders are refused.
+fn apply_to(shard: &mut Shard, changes: Vec<automerge::Change>) -> Vec<IndexError> {
+    if shard.doc.apply_changes(changes.clone()).is_ok() {
+        return Vec::new();
+    }
+    changes
+        .into_iter()
+        .filter_map(|change| {
+            let hash = change.hash();
+            let error = shard.doc.apply_changes([change]).err()?;
+            Some(IndexError::ForbiddenOp(format!(
+                "change {hash} refused by the document: {error}"
+            )))
+        })
+        .collect()
+}
+
 impl FolderIndex {
     /// Admits changes from a peer (see the module docs). Each change stands alone: one that
     /// fails admission is left out and named in [`ApplyReport::refused`] — with every change
@@ -104,8 +124,11 @@ impl FolderIndex {
                 work.push((shard, changes));
             }
         }
-        work.into_par_iter()
-            .try_for_each(|(shard, changes)| shard.doc.apply_changes(changes))?;
+        let refused: Vec<IndexError> = work
+            .into_par_iter()
+            .flat_map_iter(|(shard, changes)| apply_to(shard, changes))
+            .collect();
+        report.refused.extend(refused);
         Ok(report)
     }
 

@@ -473,3 +473,34 @@ fn save_and_load_keep_everything() {
     assert_eq!(b.len(), 500);
     assert_eq!(b.get("d/77"), a.get("d/77"));
 }
+
+#[test]
+fn a_twin_of_a_known_change_is_refused_alone() {
+    // Anyone can make a change under another replica's actor ID and sequence number; a replica
+    // that already holds the genuine one must refuse the twin without failing the batch.
+    let w = world();
+    let mesh = w.log.mesh();
+    let actor = automerge::ActorId::random();
+    let mut a = FolderIndex::new(mesh, w.folder.clone()).with_actor(actor.clone());
+    a.write(&w.admin, Epoch(0), vec![update("p", 1)]).unwrap();
+    let genuine = a.take_local_changes();
+    let mut twin_maker = FolderIndex::new(mesh, w.folder.clone()).with_actor(actor);
+    twin_maker
+        .write(&w.admin, Epoch(0), vec![update("p", 2)])
+        .unwrap();
+    let twin = twin_maker.take_local_changes();
+    assert_eq!(genuine[0].shard, twin[0].shard);
+    assert_ne!(genuine[0].change, twin[0].change);
+    let mut b = FolderIndex::new(mesh, w.folder.clone());
+    b.apply_all(w.log.view(), genuine).unwrap();
+    let mut other = FolderIndex::new(mesh, w.folder.clone());
+    other
+        .write(&w.laptop, Epoch(0), vec![update("q", 3)])
+        .unwrap();
+    let mut batch = twin;
+    batch.extend(other.take_local_changes());
+    let report = b.apply(w.log.view(), batch).unwrap();
+    assert_eq!(report.refused.len(), 1, "{report:?}");
+    assert_eq!(b.get("p").unwrap().winner.size, 1);
+    assert!(b.get("q").is_some());
+}
