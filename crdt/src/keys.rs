@@ -256,6 +256,84 @@ impl MeshKey {
     }
 }
 
+impl MeshKey {
+    /// Seals this (older) key under `newer`, for the membership log: whoever holds `newer`
+    /// can then read what was written before it — a device that joins after a removal, say.
+    pub fn seal_under(&self, newer: &MeshKey, mesh: &MeshId) -> SealedKey {
+        use chacha20poly1305::aead::{Aead, Payload};
+        use chacha20poly1305::{KeyInit, XChaCha20Poly1305, XNonce};
+        let nonce: [u8; 24] = crate::random_bytes();
+        let cipher = XChaCha20Poly1305::new(&newer.derive(CHAIN_CONTEXT).into());
+        let ciphertext = cipher
+            .encrypt(
+                &XNonce::from(nonce),
+                Payload {
+                    msg: &self.key,
+                    aad: &chain_aad(mesh, self.epoch, newer.epoch),
+                },
+            )
+            .expect("XChaCha20-Poly1305 encryption of an in-memory buffer cannot fail");
+        SealedKey {
+            epoch: self.epoch,
+            under: newer.epoch,
+            nonce,
+            ciphertext,
+        }
+    }
+}
+
+const CHAIN_CONTEXT: &str = "meshsync 2026-11 key chain";
+
+fn chain_aad(mesh: &MeshId, epoch: Epoch, under: Epoch) -> Vec<u8> {
+    let mut aad = b"meshsync key chain v1".to_vec();
+    aad.extend_from_slice(mesh.as_bytes());
+    aad.extend_from_slice(&epoch.0.to_be_bytes());
+    aad.extend_from_slice(&under.0.to_be_bytes());
+    aad
+}
+
+/// An older epoch's [`MeshKey`] sealed under a newer one (XChaCha20-Poly1305 under a key
+/// derived from the newer key; mesh and both epochs bound as associated data). Public: it sits
+/// in the membership log, beside the removal that started the newer epoch.
+#[derive(Clone, PartialEq, Eq, Serialize, Deserialize, Debug)]
+pub struct SealedKey {
+    /// The epoch of the key inside.
+    pub epoch: Epoch,
+    /// The epoch of the key it is sealed under.
+    pub under: Epoch,
+    nonce: [u8; 24],
+    ciphertext: Vec<u8>,
+}
+
+impl SealedKey {
+    /// Opens the sealed key with `newer` (the key of epoch `under`); fails with any other key
+    /// or if a byte changed.
+    pub fn open(&self, newer: &MeshKey, mesh: &MeshId) -> Result<MeshKey, KeyError> {
+        use chacha20poly1305::aead::{Aead, Payload};
+        use chacha20poly1305::{KeyInit, XChaCha20Poly1305, XNonce};
+        if newer.epoch != self.under {
+            return Err(KeyError::Unwrap);
+        }
+        let cipher = XChaCha20Poly1305::new(&newer.derive(CHAIN_CONTEXT).into());
+        let plain = Zeroizing::new(
+            cipher
+                .decrypt(
+                    &XNonce::from(self.nonce),
+                    Payload {
+                        msg: &self.ciphertext,
+                        aad: &chain_aad(mesh, self.epoch, self.under),
+                    },
+                )
+                .map_err(|_| KeyError::Unwrap)?,
+        );
+        let key: [u8; 32] = plain.as_slice().try_into().map_err(|_| KeyError::Unwrap)?;
+        Ok(MeshKey {
+            epoch: self.epoch,
+            key,
+        })
+    }
+}
+
 fn wrap_info(mesh: &MeshId, epoch: Epoch, recipient: &DeviceId) -> Vec<u8> {
     let mut info = b"meshsync mesh key wrap v1".to_vec();
     info.extend_from_slice(mesh.as_bytes());
@@ -312,6 +390,21 @@ impl WrappedKey {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn an_older_key_sealed_under_a_newer_opens_only_with_it() {
+        let mesh = MeshId::random();
+        let (old, new) = (MeshKey::generate(Epoch(0)), MeshKey::generate(Epoch(1)));
+        let sealed = old.seal_under(&new, &mesh);
+        let opened = sealed.open(&new, &mesh).unwrap();
+        assert_eq!(opened.epoch(), Epoch(0));
+        assert_eq!(opened.chunk_key().as_bytes(), old.chunk_key().as_bytes());
+        assert!(sealed.open(&MeshKey::generate(Epoch(1)), &mesh).is_err());
+        assert!(sealed.open(&new, &MeshId::random()).is_err());
+        let mut altered = sealed.clone();
+        altered.epoch = Epoch(5);
+        assert!(altered.open(&new, &mesh).is_err());
+    }
 
     #[test]
     fn only_the_recipient_unwraps_and_tampering_is_rejected() {

@@ -26,8 +26,10 @@ pub mod sealed;
 
 pub use id::{ChunkId, DeviceId, DeviceIdError, Epoch, FolderId, IdError, MeshId};
 pub use index::{ChunkListHash, FileKind, FileRecord, FolderIndex, IndexError, PathState};
-pub use keys::{DeviceKeys, KemPublicKey, KeyError, MeshKey, Signature, WrappedKey};
-pub use membership::{Action, Member, MembershipError, MembershipLog, MembershipView, Role};
+pub use keys::{DeviceKeys, KemPublicKey, KeyError, MeshKey, SealedKey, Signature, WrappedKey};
+pub use membership::{
+    Action, KeyRing, Member, MembershipError, MembershipLog, MembershipView, Role,
+};
 pub use name::SealedName;
 pub use sealed::{SealedChange, SealedError, SignedHead};
 

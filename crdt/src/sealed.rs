@@ -361,6 +361,7 @@ mod tests {
             Action::Remove {
                 device: laptop.device_id(),
                 wraps: vec![],
+                chain: vec![],
             },
         )
         .unwrap();

@@ -178,6 +178,7 @@ fn run(replica_count: usize, ops: Vec<Op>) {
                     Action::Remove {
                         device: outsider.device_id(),
                         wraps: vec![],
+                        chain: vec![],
                     }
                 };
                 let _ = r.log.append(&r.keys, action);
@@ -190,6 +191,7 @@ fn run(replica_count: usize, ops: Vec<Op>) {
                     Action::Remove {
                         device,
                         wraps: vec![],
+                        chain: vec![],
                     },
                 );
             }

@@ -52,6 +52,10 @@ pub enum Request {
         version: Option<usize>,
     },
     Gc,
+    /// Remove a member (by device ID, a unique prefix of it, or its name).
+    Remove {
+        device: String,
+    },
 }
 
 impl Request {
@@ -70,6 +74,7 @@ impl Request {
             Request::Ignore { .. } => "`ignore`",
             Request::Versions { .. } | Request::Restore { .. } => "`versions`/`restore`",
             Request::Gc => "`gc`",
+            Request::Remove { .. } => "`remove`",
         }
     }
 }
@@ -238,6 +243,16 @@ pub struct IgnoreList {
 #[derive(Serialize, Deserialize, Debug, Clone, PartialEq)]
 pub struct InviteCode {
     pub code: String,
+}
+
+/// A device `meshsync remove` removed, and the key epoch that started.
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq)]
+pub struct Removed {
+    pub device_id: String,
+    pub name: String,
+    pub epoch: u64,
+    /// Devices the new mesh key is wrapped to.
+    pub rekeyed: usize,
 }
 
 /// The mesh `meshsync join` joined.

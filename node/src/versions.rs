@@ -72,12 +72,11 @@ pub fn record(batch: &mut Batch, folder: &FolderId, path: &str, old: &LocalFile)
 /// them and stores them, with one fsync for the lot.
 pub fn preserve(
     store: &std::sync::Mutex<ChunkStore>,
-    key: &meshsync_crdt::MeshKey,
+    keys: &meshsync_crdt::KeyRing,
     root: &FolderRoot,
     olds: &[(String, LocalFile, HashSet<ChunkId>)],
 ) -> anyhow::Result<usize> {
     use std::os::unix::fs::FileExt;
-    let id_key = key.chunk_id_key();
     let mut sealed: Vec<(ChunkId, Vec<u8>)> = Vec::new();
     let mut seen = HashSet::new();
     {
@@ -97,16 +96,14 @@ pub fn preserve(
                 if !missing.contains(&c.id) {
                     continue;
                 }
-                let mut plain = vec![0u8; c.len as usize];
-                if file.read_exact_at(&mut plain, c.offset).is_err()
-                    || content::chunk_id(&id_key, &plain) != c.id
-                {
-                    continue; // edited since it was scanned: that version's bytes are gone
+                // Sealed in the epoch whose key made its ID; bytes that are that chunk in no
+                // epoch were edited since the scan: that version's bytes are gone.
+                let chunk = content::seal_chunk_in(keys, &c.id, c.len as usize, |slot| {
+                    file.read_exact_at(slot, c.offset)
+                });
+                if let Ok(Some(chunk)) = chunk {
+                    sealed.push((c.id, chunk));
                 }
-                sealed.push((
-                    c.id,
-                    content::seal_chunk(&key.chunk_key(), key.epoch(), &c.id, &plain),
-                ));
             }
         }
     }

@@ -80,6 +80,7 @@ async fn the_storage_peer_stores_only_what_writing_members_signed() {
         Action::Remove {
             device: gone.device_id(),
             wraps: vec![],
+            chain: vec![],
         },
     )
     .unwrap();

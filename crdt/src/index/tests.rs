@@ -378,6 +378,7 @@ fn removed_stranger_and_read_only_authors_are_rejected() {
             Action::Remove {
                 device: w.laptop.device_id(),
                 wraps: vec![],
+                chain: vec![],
             },
         )
         .unwrap();

@@ -30,7 +30,7 @@ use automerge::{transaction::Transactable, ActorId, AutoCommit, ChangeHash, Read
 use serde::{Deserialize, Serialize};
 
 use crate::id::{DeviceId, Epoch, MeshId};
-use crate::keys::{verify, DeviceKeys, KemPublicKey, Signature, WrappedKey};
+use crate::keys::{verify, DeviceKeys, KemPublicKey, MeshKey, SealedKey, Signature, WrappedKey};
 use crate::name::SealedName;
 
 const SIGNING_CONTEXT: &str = "meshsync membership entry v1";
@@ -107,10 +107,12 @@ pub enum Action {
         /// The current mesh key wrapped to the new device (full devices only).
         wrapped: Option<WrappedKey>,
     },
-    /// Removes a device and starts a new epoch, whose key is wrapped to every remaining device.
+    /// Removes a device and starts a new epoch, whose key is wrapped to every remaining device;
+    /// `chain` holds every older epoch's key sealed under the new one.
     Remove {
         device: DeviceId,
         wraps: Vec<WrappedKey>,
+        chain: Vec<SealedKey>,
     },
     SetRole {
         device: DeviceId,
@@ -509,7 +511,7 @@ impl<'a> Graph<'a> {
                     );
                     view.wraps.extend(wrapped.iter().cloned());
                 }
-                Action::Remove { device, wraps } => {
+                Action::Remove { device, wraps, .. } => {
                     let Some(member) = view.members.get(device) else {
                         // Already gone, but still an admin's removal: it beats whatever is
                         // concurrent with it (rule 3), which keeps the evaluation stable.
@@ -865,6 +867,130 @@ impl MembershipLog {
     /// The verified entries, by hash (for inspection and tests).
     pub fn entries(&self) -> &BTreeMap<EntryHash, Entry> {
         &self.entries
+    }
+
+    /// Removes `device` as `admin`: a new epoch whose fresh key is wrapped to every remaining
+    /// member that holds keys, with every key of `ring` sealed under it. Returns the new key.
+    pub fn remove(
+        &mut self,
+        admin: &DeviceKeys,
+        device: DeviceId,
+        ring: &KeyRing,
+    ) -> Result<MeshKey, MembershipError> {
+        if !self.view.is_member(&device) {
+            return Err(MembershipError::Malformed(format!(
+                "{device} is not a member of this mesh"
+            )));
+        }
+        let admins = self.view.members.values().filter(|m| m.admin).count();
+        if self.view.is_admin(&device) && admins == 1 {
+            return Err(MembershipError::Malformed(
+                "the last admin cannot be removed (make another device an admin first)".into(),
+            ));
+        }
+        let key = MeshKey::generate(Epoch(self.view.epoch.0 + 1));
+        let wraps = self
+            .view
+            .members
+            .values()
+            .filter(|m| m.device != device && m.role.holds_mesh_key())
+            .filter_map(|m| {
+                let kem = m.kem.as_ref()?;
+                key.wrap_for(&self.mesh, &m.device, kem).ok()
+            })
+            .collect();
+        let chain = ring
+            .newest_first()
+            .map(|old| old.seal_under(&key, &self.mesh))
+            .collect();
+        self.append(
+            admin,
+            Action::Remove {
+                device,
+                wraps,
+                chain,
+            },
+        )?;
+        Ok(key)
+    }
+
+    /// Every mesh key `keys`' device can open: those wrapped to it, and the older ones sealed
+    /// under those in counted removals' chains (so a device that joined after a removal still
+    /// reads what was written before it).
+    pub fn key_ring(&self, keys: &DeviceKeys) -> KeyRing {
+        let mut ring = KeyRing::default();
+        for wrap in self.view.wraps_for(&keys.device_id()) {
+            if let Ok(key) = wrap.unwrap_with(&self.mesh, keys) {
+                ring.keys.entry(key.epoch()).or_insert(key);
+            }
+        }
+        let chains: Vec<&SealedKey> = self
+            .entries
+            .iter()
+            .filter(|(hash, _)| !self.view.ignored.contains_key(hash))
+            .filter_map(|(_, entry)| match &entry.action {
+                Action::Remove { chain, .. } => Some(chain),
+                _ => None,
+            })
+            .flatten()
+            .collect();
+        loop {
+            let before = ring.keys.len();
+            for sealed in &chains {
+                if ring.keys.contains_key(&sealed.epoch) {
+                    continue;
+                }
+                let opened = ring
+                    .keys
+                    .get(&sealed.under)
+                    .and_then(|under| sealed.open(under, &self.mesh).ok());
+                if let Some(key) = opened {
+                    ring.keys.insert(key.epoch(), key);
+                }
+            }
+            if ring.keys.len() == before {
+                return ring;
+            }
+        }
+    }
+}
+
+/// The mesh keys one device holds, by epoch: the newest seals what it writes now, each older
+/// one opens what was written in its epoch.
+#[derive(Clone, Default)]
+pub struct KeyRing {
+    keys: BTreeMap<Epoch, MeshKey>,
+}
+
+impl KeyRing {
+    /// The newest key (what new data is sealed with).
+    pub fn current(&self) -> Option<&MeshKey> {
+        self.keys.values().next_back()
+    }
+
+    /// The key of `epoch`, if this device holds it.
+    pub fn get(&self, epoch: Epoch) -> Option<&MeshKey> {
+        self.keys.get(&epoch)
+    }
+
+    /// Every key, newest first.
+    pub fn newest_first(&self) -> impl Iterator<Item = &MeshKey> {
+        self.keys.values().rev()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.keys.is_empty()
+    }
+
+    pub fn len(&self) -> usize {
+        self.keys.len()
+    }
+
+    /// A ring of exactly these keys (tests, and a fresh mesh's first key).
+    pub fn of(keys: impl IntoIterator<Item = MeshKey>) -> KeyRing {
+        KeyRing {
+            keys: keys.into_iter().map(|k| (k.epoch(), k)).collect(),
+        }
     }
 }
 

@@ -63,6 +63,7 @@ fn creator_is_admin_and_adds_and_removes_devices() {
             Action::Remove {
                 device: laptop.device_id(),
                 wraps: vec![],
+                chain: vec![],
             },
         )
         .unwrap();
@@ -214,6 +215,7 @@ fn removed_signer_is_ignored_after_and_concurrently_with_removal() {
             Action::Remove {
                 device: second_admin.device_id(),
                 wraps: vec![],
+                chain: vec![],
             },
         )
         .unwrap();
@@ -262,6 +264,7 @@ fn removal_beats_concurrent_re_add_but_not_a_later_one() {
             Action::Remove {
                 device: laptop.device_id(),
                 wraps: vec![],
+                chain: vec![],
             },
         )
         .unwrap();
@@ -271,6 +274,7 @@ fn removal_beats_concurrent_re_add_but_not_a_later_one() {
             Action::Remove {
                 device: laptop.device_id(),
                 wraps: vec![],
+                chain: vec![],
             },
         )
         .unwrap();
@@ -304,6 +308,7 @@ fn replayed_entries_change_nothing() {
             Action::Remove {
                 device: laptop.device_id(),
                 wraps: vec![],
+                chain: vec![],
             },
         )
         .unwrap();
@@ -362,6 +367,7 @@ fn last_admin_stays_and_storage_cannot_be_admin() {
             Action::Remove {
                 device: m.admin.device_id(),
                 wraps: vec![],
+                chain: vec![],
             },
         )
         .unwrap();
@@ -416,4 +422,65 @@ fn garbage_changes_are_refused_without_panic() {
         },
         Err(MembershipError::ForbiddenOp(_))
     ));
+}
+
+#[test]
+fn a_removal_rotates_the_key_for_those_who_stay_and_later_joiners_read_the_past() {
+    let admin = DeviceKeys::generate();
+    let key0 = MeshKey::generate(Epoch(0));
+    let (mut log, mesh) = MembershipLog::create(&admin, "admin", &key0);
+    let (stays, stolen) = (DeviceKeys::generate(), DeviceKeys::generate());
+    for device in [&stays, &stolen] {
+        let wrapped = key0
+            .wrap_for(&mesh, &device.device_id(), &device.kem_public())
+            .unwrap();
+        let action = Action::Add {
+            device: device.device_id(),
+            role: Role::Device,
+            name: SealedName::seal(&key0, &mesh, &device.device_id(), "d"),
+            kem: Some(device.kem_public()),
+            wrapped: Some(wrapped),
+        };
+        log.append(&admin, action).unwrap();
+    }
+    let ring = log.key_ring(&admin);
+    let key1 = log.remove(&admin, stolen.device_id(), &ring).unwrap();
+    assert_eq!(log.view().epoch, Epoch(1));
+    assert!(!log.view().is_member(&stolen.device_id()));
+    let new_chunk_key = key1.chunk_key();
+    // Those who stay hold both epochs; the removed device only what it had.
+    for device in [&admin, &stays] {
+        let ring = log.key_ring(device);
+        assert_eq!(ring.current().unwrap().epoch(), Epoch(1));
+        assert_eq!(
+            ring.current().unwrap().chunk_key().as_bytes(),
+            new_chunk_key.as_bytes()
+        );
+        assert!(ring.get(Epoch(0)).is_some());
+    }
+    let ring = log.key_ring(&stolen);
+    assert!(ring.get(Epoch(1)).is_none());
+    assert_eq!(ring.current().unwrap().epoch(), Epoch(0));
+    // A device added in epoch 1 is wrapped only the new key, and reads epoch 0 through the
+    // chain.
+    let late = DeviceKeys::generate();
+    let action = Action::Add {
+        device: late.device_id(),
+        role: Role::Device,
+        name: SealedName::seal(&key1, &mesh, &late.device_id(), "late"),
+        kem: Some(late.kem_public()),
+        wrapped: Some(
+            key1.wrap_for(&mesh, &late.device_id(), &late.kem_public())
+                .unwrap(),
+        ),
+    };
+    log.append(&admin, action).unwrap();
+    let ring = log.key_ring(&late);
+    assert_eq!(
+        ring.get(Epoch(0)).unwrap().chunk_key().as_bytes(),
+        key0.chunk_key().as_bytes()
+    );
+    // A non-admin cannot remove.
+    let ring = log.key_ring(&stays);
+    assert!(log.remove(&stays, late.device_id(), &ring).is_err());
 }

@@ -18,7 +18,7 @@ use std::io::Read;
 
 use meshsync_crdt::keys::{ChunkIdKey, ChunkKey};
 use meshsync_crdt::sealed::padme;
-use meshsync_crdt::{ChunkId, ChunkListHash, Epoch};
+use meshsync_crdt::{ChunkId, ChunkListHash, Epoch, KeyRing, MeshKey};
 use ring::aead::{Aad, LessSafeKey, Nonce, UnboundKey, AES_256_GCM};
 
 pub const MIN_CHUNK: usize = 16 * 1024;
@@ -316,8 +316,98 @@ pub fn open_chunk(
     Ok(plain)
 }
 
+/// The key of `ring` whose epoch's chunk IDs give `plaintext` the ID `id` (newest first): chunk
+/// IDs are keyed per epoch, so this says which epoch a chunk belongs to.
+pub fn key_of<'r>(ring: &'r KeyRing, id: &ChunkId, plaintext: &[u8]) -> Option<&'r MeshKey> {
+    ring.newest_first()
+        .find(|key| chunk_id(&key.chunk_id_key(), plaintext) == *id)
+}
+
+/// [`seal_chunk_checked`] over every epoch of `ring`: the plaintext `fill` writes is sealed with
+/// the key of the epoch it is chunk `id` in; `Ok(None)`, nothing sealed, if it is that chunk in
+/// no epoch (the file changed since it was scanned).
+pub fn seal_chunk_in(
+    ring: &KeyRing,
+    id: &ChunkId,
+    len: usize,
+    fill: impl FnOnce(&mut [u8]) -> std::io::Result<()>,
+) -> std::io::Result<Option<Vec<u8>>> {
+    if let (1, Some(key)) = (ring.len(), ring.current()) {
+        // One epoch (the usual case): checked in the sealing buffer, never copied.
+        let (chunk_key, id_key) = (key.chunk_key(), key.chunk_id_key());
+        return seal_chunk_checked(&chunk_key, &id_key, key.epoch(), id, len, fill);
+    }
+    let mut plain = vec![0u8; len];
+    fill(&mut plain)?;
+    Ok(key_of(ring, id, &plain).map(|key| seal_chunk(&key.chunk_key(), key.epoch(), id, &plain)))
+}
+
+/// [`open_chunk`] with whichever key of `ring` sealed it: the key of `hint` first (the epoch
+/// the chunk is expected in), then the others, newest first.
+pub fn open_chunk_in(
+    ring: &KeyRing,
+    hint: Option<Epoch>,
+    id: &ChunkId,
+    sealed: Vec<u8>,
+) -> Result<Plain, ContentError> {
+    let hinted = hint.and_then(|epoch| ring.get(epoch));
+    let mut keys: Vec<&MeshKey> = hinted.into_iter().collect();
+    keys.extend(ring.newest_first().filter(|k| Some(k.epoch()) != hint));
+    let Some((last, first)) = keys.split_last() else {
+        return Err(ContentError::Tampered(*id));
+    };
+    for key in first {
+        let opened = open_chunk(
+            &key.chunk_key(),
+            &key.chunk_id_key(),
+            key.epoch(),
+            id,
+            sealed.clone(),
+        );
+        if let Ok(plain) = opened {
+            return Ok(plain);
+        }
+    }
+    open_chunk(
+        &last.chunk_key(),
+        &last.chunk_id_key(),
+        last.epoch(),
+        id,
+        sealed,
+    )
+}
+
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn a_ring_seals_a_chunk_in_its_own_epoch_and_opens_it_from_any() {
+        use super::*;
+        use meshsync_crdt::MeshKey;
+        let (old, new) = (MeshKey::generate(Epoch(0)), MeshKey::generate(Epoch(1)));
+        let ring = KeyRing::of([old.clone(), new.clone()]);
+        let plain = b"written in epoch 0".to_vec();
+        let id = chunk_id(&old.chunk_id_key(), &plain);
+        let sealed = seal_chunk_in(&ring, &id, plain.len(), |slot| {
+            slot.copy_from_slice(&plain);
+            Ok(())
+        })
+        .unwrap()
+        .unwrap();
+        // Sealed with epoch 0's key: the old key alone opens it, the new one alone does not.
+        assert!(open_chunk_in(&KeyRing::of([old.clone()]), None, &id, sealed.clone()).is_ok());
+        assert!(open_chunk_in(&KeyRing::of([new.clone()]), None, &id, sealed.clone()).is_err());
+        assert_eq!(
+            &*open_chunk_in(&ring, Some(Epoch(1)), &id, sealed).unwrap(),
+            &plain[..]
+        );
+        // Bytes that are no chunk of any epoch are not sealed.
+        let other = seal_chunk_in(&ring, &id, 3, |slot| {
+            slot.copy_from_slice(b"abc");
+            Ok(())
+        });
+        assert!(other.unwrap().is_none());
+    }
+
     #[test]
     fn only_contiguous_lists_with_their_own_hash_are_valid() {
         use super::*;

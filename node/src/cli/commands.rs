@@ -153,6 +153,11 @@ pub fn gc(home: &Home, json: bool) -> anyhow::Result<()> {
     show(json, &report, print::gc)
 }
 
+pub fn remove(home: &Home, device: String, json: bool) -> anyhow::Result<()> {
+    let removed: control::Removed = ask(home, &Request::Remove { device })?;
+    show(json, &removed, print::removed)
+}
+
 /// Prints `reply` as JSON, or as `human` renders it.
 fn show<T: Serialize + ?Sized>(
     json: bool,

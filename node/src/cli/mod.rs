@@ -114,6 +114,14 @@ pub enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Remove a device from the mesh (admins only; it may be offline, as a stolen laptop is):
+    /// a new mesh key for every device that stays, and the removed one is let in no more.
+    /// DEVICE is its device ID, a unique prefix of it, or its name.
+    Remove {
+        device: String,
+        #[arg(long)]
+        json: bool,
+    },
     /// Manage static peer addresses (dialed besides the devices found on the LAN).
     Peer {
         #[command(subcommand)]
@@ -186,5 +194,6 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Versions { path, json } => versions(&home, path, json),
         Command::Restore { path, version } => restore(&home, path, version),
         Command::Gc { json } => gc(&home, json),
+        Command::Remove { device, json } => remove(&home, device, json),
     }
 }

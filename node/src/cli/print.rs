@@ -4,8 +4,8 @@
 use std::fmt::Write;
 
 use crate::control::{
-    ConflictCopy, DeviceInfo, DeviceStatus, FolderInfo, GcReport, IgnoreList, Restored, Status,
-    StoragePeerStatus, VersionList,
+    ConflictCopy, DeviceInfo, DeviceStatus, FolderInfo, GcReport, IgnoreList, Removed, Restored,
+    Status, StoragePeerStatus, VersionList,
 };
 
 /// `text` with control characters shown escaped (`\u{1b}`): names and paths come from other
@@ -263,6 +263,18 @@ pub fn gc(report: &GcReport) -> String {
         );
     }
     out
+}
+
+pub fn removed(r: &Removed) -> String {
+    format!(
+        "removed {} ({})\nkey epoch {} started: the new mesh key is wrapped to {} device{}; \
+         the removed device is let in no more and can read nothing written from now on\n",
+        clean(&r.name),
+        r.device_id,
+        r.epoch,
+        r.rekeyed,
+        if r.rekeyed == 1 { "" } else { "s" },
+    )
 }
 
 #[cfg(test)]

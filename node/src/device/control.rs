@@ -5,7 +5,7 @@ use std::time::Duration;
 use meshsync_crdt::{FolderId, Role};
 
 use super::scan::{self, ScanOptions};
-use super::{history, mesh, status, Shared};
+use super::{history, members, mesh, status, Shared};
 use crate::control::{self, FolderAdded, FolderInfo, InviteCode, Joined, Request, ScanDone};
 
 /// Answers one CLI request.
@@ -67,6 +67,7 @@ pub async fn handle(device: &Shared, request: Request) -> anyhow::Result<serde_j
             control::reply(history::restore(device, &path, version).await?)
         }
         Request::Gc => control::reply(history::gc(device).await?),
+        Request::Remove { device: who } => control::reply(members::remove(device, &who).await?),
         Request::Scan {
             folder,
             allow_deletes,

@@ -8,7 +8,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use anyhow::Context;
-use meshsync_crdt::{ChunkId, ChunkListHash, DeviceId, FolderId, MeshKey};
+use meshsync_crdt::{ChunkId, ChunkListHash, DeviceId, FolderId, KeyRing};
 use meshsync_transport::chunks::{self, ChunkSource, Fetched};
 use meshsync_transport::{PeerId, Transport};
 
@@ -84,7 +84,7 @@ struct RestoreJob {
     number: usize,
     entry: VersionEntry,
     list: Vec<ChunkRef>,
-    key: MeshKey,
+    keys: KeyRing,
     transport: Transport,
     served: Served,
 }
@@ -110,7 +110,7 @@ impl Device {
             number,
             entry,
             list,
-            key: self.mesh_key()?,
+            keys: self.key_ring(),
             transport: self.transport.clone(),
             served: self.served(),
         })
@@ -138,7 +138,7 @@ pub async fn restore(
     let root = Arc::new(FolderRoot::open(&job.root)?);
     let (list, key, served, door, rel) = (
         job.list.clone(),
-        job.key.clone(),
+        job.keys.clone(),
         job.served.clone(),
         root.clone(),
         job.rel.clone(),
@@ -152,9 +152,9 @@ pub async fn restore(
         let ids: Vec<ChunkId> = assembling.wanted.keys().copied().collect();
         let fetcher = job.transport.clone();
         let task = tokio::spawn(async move { chunks::fetch(&fetcher, peers, ids, sink).await });
-        let (key, door) = (job.key.clone(), root.clone());
+        let (keys, door) = (job.keys.clone(), root.clone());
         assembling = tokio::task::spawn_blocking(move || {
-            fill_fetched(&door, &mut assembling, rx, &key).map(|()| assembling)
+            fill_fetched(&door, &mut assembling, rx, &keys).map(|()| assembling)
         })
         .await??;
         task.await?;
@@ -175,17 +175,11 @@ pub async fn restore(
 }
 
 fn open(
-    key: &MeshKey,
+    keys: &KeyRing,
     id: &ChunkId,
     sealed: Vec<u8>,
 ) -> Result<content::Plain, content::ContentError> {
-    content::open_chunk(
-        &key.chunk_key(),
-        &key.chunk_id_key(),
-        key.epoch(),
-        id,
-        sealed,
-    )
+    content::open_chunk_in(keys, None, id, sealed)
 }
 
 /// Starts the temp file beside `rel` and fills what this device holds (its store, then its
@@ -194,7 +188,7 @@ fn assemble_here(
     root: &FolderRoot,
     rel: &str,
     list: &[ChunkRef],
-    key: &MeshKey,
+    keys: &KeyRing,
     served: &Served,
 ) -> anyhow::Result<Assembling> {
     use std::os::unix::fs::FileExt;
@@ -217,7 +211,7 @@ fn assemble_here(
         from_peers: 0,
     };
     for c in list {
-        let local = served.get(&c.id).map(|b| open(key, &c.id, b.to_vec()));
+        let local = served.get(&c.id).map(|b| open(keys, &c.id, b.to_vec()));
         match local {
             Some(Ok(plain)) => {
                 assembling.file.write_all_at(&plain, c.offset)?;
@@ -234,11 +228,11 @@ fn fill_fetched(
     _root: &FolderRoot,
     assembling: &mut Assembling,
     mut rx: tokio::sync::mpsc::Receiver<Fetched>,
-    key: &MeshKey,
+    keys: &KeyRing,
 ) -> anyhow::Result<()> {
     use std::os::unix::fs::FileExt;
     while let Some(chunk) = rx.blocking_recv() {
-        let Ok(plain) = open(key, &chunk.id, chunk.data) else {
+        let Ok(plain) = open(keys, &chunk.id, chunk.data) else {
             tracing::warn!(peer = %chunk.peer, "bad chunk refused during restore");
             continue;
         };

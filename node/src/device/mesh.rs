@@ -4,7 +4,9 @@
 use std::time::Duration;
 
 use anyhow::Context;
-use meshsync_crdt::{Action, DeviceKeys, Epoch, MembershipLog, MeshId, MeshKey, Role, SealedName};
+use meshsync_crdt::{
+    Action, DeviceKeys, Epoch, KeyRing, MembershipLog, MeshId, MeshKey, Role, SealedName,
+};
 use meshsync_transport::PeerId;
 
 use super::{Device, Shared};
@@ -35,20 +37,11 @@ pub fn open_state(home: &Home, keys: &DeviceKeys) -> anyhow::Result<(State, Memb
     Ok((state, log))
 }
 
-/// The newest mesh key wrapped to this device in `log`, if any.
-pub(crate) fn current_key(log: &MembershipLog, keys: &DeviceKeys) -> Option<MeshKey> {
-    let me = keys.device_id();
-    log.view()
-        .wraps_for(&me)
-        .last()
-        .and_then(|w| w.unwrap_with(&log.mesh(), keys).ok())
-}
-
 impl Device {
     /// After the log changed: the current key and who may connect. Returns the peers to let
     /// in, for the caller to hand the transport once the device lock is released.
     pub(crate) fn membership_changed(&mut self) -> Vec<PeerId> {
-        *self.key.lock().expect("key lock") = current_key(&self.log, &self.keys);
+        *self.keys_ring.lock().expect("key lock") = self.log.key_ring(&self.keys);
         net::other_members(&self.log, &self.keys.device_id())
     }
 
@@ -65,11 +58,17 @@ impl Device {
 
     /// The current mesh key (a device that joined holds one; a fresh home's is made at start).
     pub(crate) fn mesh_key(&self) -> anyhow::Result<MeshKey> {
-        self.key
+        self.keys_ring
             .lock()
             .expect("key lock")
-            .clone()
+            .current()
+            .cloned()
             .context("this device holds no mesh key")
+    }
+
+    /// Every mesh key this device holds (to open what older epochs sealed).
+    pub(crate) fn key_ring(&self) -> KeyRing {
+        self.keys_ring.lock().expect("key lock").clone()
     }
 
     /// Whether `peer` is a storage peer of the mesh (sent no folder state, ever).
@@ -81,8 +80,9 @@ impl Device {
 
     /// A member's name, opened with the mesh key (the log holds it sealed).
     pub(crate) fn member_name(&self, m: &meshsync_crdt::Member) -> String {
-        let key = self.key.lock().ok().and_then(|k| k.clone());
-        key.and_then(|k| m.name.open(&k, &self.log.mesh(), &m.device))
+        let ring = self.key_ring();
+        ring.get(m.name.epoch)
+            .and_then(|k| m.name.open(k, &self.log.mesh(), &m.device))
             .unwrap_or_else(|| "(name sealed under another key)".into())
     }
 

@@ -35,6 +35,7 @@ pub mod folder;
 pub mod history;
 pub mod ignore;
 pub mod materialise;
+pub mod members;
 pub mod mesh;
 pub mod scan;
 pub mod serve;
@@ -46,7 +47,7 @@ pub mod tasks;
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex as StdMutex};
 
-use meshsync_crdt::{DeviceKeys, FolderId, MembershipLog, MeshKey};
+use meshsync_crdt::{DeviceKeys, FolderId, KeyRing, MembershipLog};
 use meshsync_transport::{chunks, Transport};
 use tokio::sync::Mutex;
 
@@ -64,8 +65,9 @@ pub struct Device {
     pub(crate) keys: Arc<DeviceKeys>,
     pub(crate) state: State,
     pub(crate) log: MembershipLog,
-    /// The current mesh key (`None` until this device holds one), shared with the chunk server.
-    pub(crate) key: Arc<StdMutex<Option<MeshKey>>>,
+    /// Every mesh key this device holds, by epoch (empty until it holds one), shared with the
+    /// chunk server.
+    pub(crate) keys_ring: Arc<StdMutex<KeyRing>>,
     pub(crate) folders: BTreeMap<FolderId, Folder>,
     /// Where each chunk of each current file lies (the chunk server reads it without the
     /// device lock).
@@ -91,7 +93,7 @@ pub type Shared = Arc<Mutex<Device>>;
 pub async fn start(home: Home, network: Network) -> anyhow::Result<Shared> {
     let keys = Arc::new(home.open_for_daemon()?);
     let (state, log) = mesh::open_state(&home, &keys)?;
-    let key = Arc::new(StdMutex::new(mesh::current_key(&log, &keys)));
+    let ring = Arc::new(StdMutex::new(log.key_ring(&keys)));
     let chunk_map = Arc::new(StdMutex::new(ChunkMap::default()));
     let folders = folder::load_all(&state, &log, &keys, &chunk_map)?;
     let transport = net::start_transport(&keys, &network)?;
@@ -109,7 +111,7 @@ pub async fn start(home: Home, network: Network) -> anyhow::Result<Shared> {
         keys,
         state,
         log,
-        key: key.clone(),
+        keys_ring: ring.clone(),
         folders,
         chunk_map: chunk_map.clone(),
         transport: transport.clone(),
@@ -130,7 +132,7 @@ pub async fn start(home: Home, network: Network) -> anyhow::Result<Shared> {
         &transport,
         Arc::new(Served {
             map: chunk_map,
-            key,
+            keys: ring,
             store,
         }),
     )?;
@@ -166,7 +168,7 @@ impl Device {
     pub(crate) fn served(&self) -> Served {
         Served {
             map: self.chunk_map.clone(),
-            key: self.key.clone(),
+            keys: self.keys_ring.clone(),
             store: self.store.clone(),
         }
     }

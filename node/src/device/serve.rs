@@ -13,7 +13,7 @@ use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex as StdMutex};
 
-use meshsync_crdt::{ChunkId, FileKind, MeshKey};
+use meshsync_crdt::{ChunkId, FileKind, KeyRing};
 use meshsync_transport::chunks::ChunkSource;
 
 use crate::chunks::{content, ChunkRef, ChunkStore};
@@ -156,7 +156,8 @@ pub(crate) fn unix_nanos(time: std::time::SystemTime) -> i64 {
 #[derive(Clone)]
 pub(crate) struct Served {
     pub(crate) map: Arc<StdMutex<ChunkMap>>,
-    pub(crate) key: Arc<StdMutex<Option<MeshKey>>>,
+    /// Every mesh key this device holds (a chunk is sealed with its own epoch's).
+    pub(crate) keys: Arc<StdMutex<KeyRing>>,
     /// Old versions' chunks, already sealed.
     pub(crate) store: Arc<StdMutex<ChunkStore>>,
 }
@@ -164,10 +165,11 @@ pub(crate) struct Served {
 impl ChunkSource for Served {
     fn get(&self, id: &ChunkId) -> Option<bytes::Bytes> {
         use std::os::unix::fs::FileExt;
-        let key = self.key.lock().ok()?.clone()?;
+        let ring = self.keys.lock().ok()?.clone();
         let places = {
             let map = self.map.lock().ok()?;
             if let Some(target) = map.links.get(id) {
+                let key = content::key_of(&ring, id, target)?;
                 let sealed = content::seal_chunk(&key.chunk_key(), key.epoch(), id, target);
                 return Some(sealed.into());
             }
@@ -189,15 +191,11 @@ impl ChunkSource for Served {
             if recorded != Some((meta.len(), mtime_ns)) {
                 continue;
             }
-            // Re-hashed before sealing: the same chunk key and nonce never seal other bytes.
-            let sealed = content::seal_chunk_checked(
-                &key.chunk_key(),
-                &key.chunk_id_key(),
-                key.epoch(),
-                id,
-                chunk.len as usize,
-                |slot| file.read_exact_at(slot, chunk.offset),
-            );
+            // Re-hashed before sealing (which also finds the epoch whose key made its ID): the
+            // same chunk key and nonce never seal other bytes.
+            let sealed = content::seal_chunk_in(&ring, id, chunk.len as usize, |slot| {
+                file.read_exact_at(slot, chunk.offset)
+            });
             if let Ok(Some(sealed)) = sealed {
                 return Some(sealed.into());
             }

@@ -8,7 +8,7 @@ use std::collections::{BTreeMap, BTreeSet};
 
 use anyhow::Context;
 use meshsync_crdt::index::shard_of;
-use meshsync_crdt::{ChunkId, DeviceId, FolderId, MembershipView, SealedChange};
+use meshsync_crdt::{ChunkId, DeviceId, FolderId, KeyRing, MembershipView, SealedChange};
 use meshsync_transport::{PeerId, Transport};
 
 use super::{materialise, Device, Shared};
@@ -116,7 +116,7 @@ async fn push(
                 .into_iter()
                 .map(|(_, blob)| blob)
                 .collect();
-            (blobs, d.mesh_key()?, d.served())
+            (blobs, d.key_ring(), d.served())
         };
         if blobs.is_empty() {
             return Ok(());
@@ -126,8 +126,8 @@ async fn push(
         for blob in &blobs {
             let sealed = SealedChange::decode(blob)?;
             from = from.max(sealed.seq);
-            let Ok(plain) = sealed.open(&key) else {
-                continue; // another epoch: its chunks went with it
+            let Ok(plain) = open_sealed(&key, &sealed) else {
+                continue; // an epoch whose key this device does not hold
             };
             let payload: SealedPayload = postcard::from_bytes(&plain)?;
             for (_, list) in payload.lists {
@@ -192,7 +192,7 @@ async fn apply_sealed(
 ) -> anyhow::Result<Vec<(FolderId, BTreeSet<String>)>> {
     let mut d = device.lock().await;
     let d = &mut *d;
-    let key = d.mesh_key()?;
+    let key = d.key_ring();
     let mesh = d.log.mesh();
     let view = d.log.view().clone();
     let me = d.keys.device_id();
@@ -249,7 +249,7 @@ async fn apply_sealed(
         {
             d.sealing.heads.insert(sealed.author, head);
         }
-        let plain = match sealed.open(&key) {
+        let plain = match open_sealed(&key, &sealed) {
             Ok(plain) => plain,
             Err(error) => {
                 tracing::warn!(%peer, %error, "sealed change from storage does not open");
@@ -304,11 +304,20 @@ fn admit(
     Ok(Some(report.paths))
 }
 
+/// Opens `sealed` with this device's key of its epoch.
+fn open_sealed(keys: &KeyRing, sealed: &SealedChange) -> anyhow::Result<Vec<u8>> {
+    let key = keys
+        .get(sealed.epoch)
+        .with_context(|| format!("no mesh key of epoch {} here", sealed.epoch))?;
+    Ok(sealed.open(key)?)
+}
+
 /// Replays every kept sealed change for `folder` (just added on this device) into its index.
 pub(crate) fn replay(d: &mut Device, folder: &FolderId) -> anyhow::Result<()> {
-    let Some(key) = d.key.lock().expect("key lock").clone() else {
+    let key = d.key_ring();
+    if key.is_empty() {
         return Ok(());
-    };
+    }
     let mesh = d.log.mesh();
     let view = d.log.view().clone();
     let (authors, _, _) = d.state.sealed_summary()?;
@@ -321,7 +330,7 @@ pub(crate) fn replay(d: &mut Device, folder: &FolderId) -> anyhow::Result<()> {
             if sealed.check_author(&mesh, &view).is_err() {
                 continue;
             }
-            let Ok(plain) = sealed.open(&key) else {
+            let Ok(plain) = open_sealed(&key, &sealed) else {
                 continue;
             };
             let Ok(payload) = postcard::from_bytes::<SealedPayload>(&plain) else {

@@ -37,7 +37,8 @@ pub struct Mesh {
     honest: std::sync::atomic::AtomicUsize,
 }
 
-async fn start(dir: &Path, name: &str) -> Shared {
+/// A fresh device with its home at `dir/name`.
+pub async fn start(dir: &Path, name: &str) -> Shared {
     let home = Home::locate(Some(dir.join(name))).unwrap();
     home.init(name, Role::Device).unwrap();
     device::start(home, Network::memory()).await.unwrap()

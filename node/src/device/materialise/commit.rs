@@ -11,7 +11,7 @@
 use std::collections::BTreeSet;
 use std::time::Duration;
 
-use meshsync_crdt::{ChunkListHash, DeviceId, FileKind, MeshKey};
+use meshsync_crdt::{ChunkListHash, DeviceId, FileKind, KeyRing};
 
 use super::fetch::{Assembly, Lists, Pending, OWN_FSYNC};
 use super::plan::{Step, Work};
@@ -75,7 +75,7 @@ pub(super) fn install(
     work: &[Work],
     mut assembly: Assembly,
     lists: &Lists,
-    key: &MeshKey,
+    keys: &KeyRing,
     me: &DeviceId,
 ) -> Installed {
     let mut installed = Installed::default();
@@ -88,7 +88,7 @@ pub(super) fn install(
         let prepared = assembly.pending.remove(&i);
         let tmp = prepared.as_ref().map(|p| (p.tmp.clone(), p.ino));
         let list = lists.get(&w.record.chunks);
-        match install_one(root, w, prepared, list, key, me) {
+        match install_one(root, w, prepared, list, keys, me) {
             Ok(Outcome::Holds(file)) => {
                 if file.as_ref().is_some_and(|f| f.kind != FileKind::Directory) {
                     touched_dirs.insert(parent_of(&w.path).to_string());
@@ -196,10 +196,10 @@ fn install_one(
     w: &Work,
     prepared: Option<Pending>,
     list: Option<&Vec<ChunkRef>>,
-    key: &MeshKey,
+    keys: &KeyRing,
     me: &DeviceId,
 ) -> anyhow::Result<Outcome> {
-    if w.step != Step::ConflictCopy && !keep_local_edit(root, w, key, me)? {
+    if w.step != Step::ConflictCopy && !keep_local_edit(root, w, keys, me)? {
         return Ok(Outcome::Skipped);
     }
     if w.step == Step::Delete {
@@ -325,7 +325,7 @@ fn install_file(
 fn keep_local_edit(
     root: &FolderRoot,
     w: &Work,
-    key: &MeshKey,
+    keys: &KeyRing,
     me: &DeviceId,
 ) -> anyhow::Result<bool> {
     let here = match root.entry(&w.path) {
@@ -337,15 +337,18 @@ fn keep_local_edit(
     if w.before == Some((here.len, here.mtime_ns)) {
         return Ok(true);
     }
-    let file = root.open_read(&w.path)?;
-    let refs = content::chunk_stream(
-        std::io::BufReader::new(file),
-        &key.chunk_id_key(),
-        |_, _| {},
-    )?;
     let incoming = &w.record;
-    if !incoming.deleted && content::chunk_list_hash(&refs) == incoming.chunks {
-        return Ok(true); // the same edit made here: no conflict
+    // The same edit made here is no conflict: the same content, chunked in any epoch.
+    for key in keys.newest_first() {
+        if incoming.deleted {
+            break;
+        }
+        let file = root.open_read(&w.path)?;
+        let id_key = key.chunk_id_key();
+        let refs = content::chunk_stream(std::io::BufReader::new(file), &id_key, |_, _| {})?;
+        if content::chunk_list_hash(&refs) == incoming.chunks {
+            return Ok(true);
+        }
     }
     if incoming.deleted {
         tracing::warn!(path = %w.path, "deleted elsewhere but edited here: keeping it");

@@ -11,8 +11,7 @@ use std::collections::{BTreeSet, HashMap};
 use std::sync::Arc;
 
 use anyhow::Context;
-use meshsync_crdt::keys::ChunkIdKey;
-use meshsync_crdt::{ChunkId, ChunkListHash, FileKind, MeshKey};
+use meshsync_crdt::{ChunkId, ChunkListHash, FileKind, KeyRing};
 use meshsync_transport::chunks::{self, Fetched};
 use meshsync_transport::{PeerId, Transport};
 
@@ -143,7 +142,7 @@ pub(super) fn prepare(
     work: &[Work],
     lists: &Lists,
     held: &Held,
-    id_key: &ChunkIdKey,
+    keys: &KeyRing,
 ) -> anyhow::Result<Assembly> {
     let mut assembly = Assembly::default();
     for (i, w) in work.iter().enumerate() {
@@ -170,7 +169,7 @@ pub(super) fn prepare(
         let pending = if w.record.kind == FileKind::Symlink {
             Ok(assembly.prepare_link(i, tmp, list, held))
         } else {
-            assembly.prepare_file(root, i, tmp, list, held, id_key)
+            assembly.prepare_file(root, i, tmp, list, held, keys)
         };
         match pending {
             Ok(pending) => {
@@ -219,7 +218,7 @@ impl Assembly {
         tmp: String,
         list: &[ChunkRef],
         held: &Held,
-        id_key: &ChunkIdKey,
+        keys: &KeyRing,
     ) -> anyhow::Result<Pending> {
         use std::os::unix::fs::FileExt;
         let size = content::list_size(list);
@@ -237,7 +236,7 @@ impl Assembly {
                 .find_map(|(src, at)| {
                     let mut data = vec![0u8; at.len as usize];
                     src.open()?.read_exact_at(&mut data, at.offset).ok()?;
-                    (content::chunk_id(id_key, &data) == c.id).then_some(data)
+                    content::key_of(keys, &c.id, &data).map(|_| data)
                 });
             match here {
                 Some(data) => file.write_all_at(&data, c.offset)?,
@@ -263,21 +262,14 @@ impl Assembly {
         &mut self,
         root: &FolderRoot,
         mut rx: tokio::sync::mpsc::Receiver<Fetched>,
-        key: &MeshKey,
+        keys: &KeyRing,
         bad_sources: &mut BTreeSet<PeerId>,
     ) -> anyhow::Result<()> {
         use std::os::unix::fs::FileExt;
-        let id_key = key.chunk_id_key();
         // Chunks of one file mostly arrive together: keep its handle.
         let mut last_open: Option<(usize, std::fs::File)> = None;
         while let Some(chunk) = rx.blocking_recv() {
-            let opened = content::open_chunk(
-                &key.chunk_key(),
-                &id_key,
-                key.epoch(),
-                &chunk.id,
-                chunk.data,
-            );
+            let opened = content::open_chunk_in(keys, None, &chunk.id, chunk.data);
             let plain = match opened {
                 Ok(plain) => plain,
                 Err(error) => {
@@ -322,7 +314,7 @@ impl Assembly {
 /// (a round that refused no bad chunk ends it: what is missing has no source now).
 pub(super) async fn fetch(
     transport: &Transport,
-    key: &MeshKey,
+    keys: &KeyRing,
     root: Arc<FolderRoot>,
     mut assembly: Assembly,
 ) -> anyhow::Result<Assembly> {
@@ -345,10 +337,10 @@ pub(super) async fn fetch(
         let (sink, rx) = tokio::sync::mpsc::channel::<Fetched>(64);
         let fetcher = transport.clone();
         let task = tokio::spawn(async move { chunks::fetch(&fetcher, peers, missing, sink).await });
-        let (key, root) = (Arc::new(key.clone()), root.clone());
+        let (keys, root) = (Arc::new(keys.clone()), root.clone());
         let (back, bad, received) = tokio::task::spawn_blocking(move || {
             let mut bad = bad_sources;
-            let received = assembly.receive(&root, rx, &key, &mut bad);
+            let received = assembly.receive(&root, rx, &keys, &mut bad);
             (assembly, bad, received)
         })
         .await?;

@@ -20,7 +20,7 @@ use std::collections::{BTreeSet, HashSet};
 use std::sync::{Arc, Mutex as StdMutex};
 
 use anyhow::Context;
-use meshsync_crdt::{ChunkId, DeviceId, FolderId, MeshKey};
+use meshsync_crdt::{ChunkId, DeviceId, FolderId, KeyRing};
 use meshsync_transport::{PeerId, Transport};
 
 use super::ignore::Rules;
@@ -36,7 +36,7 @@ use plan::{Plan, Step, Work};
 struct Job {
     root: Arc<FolderRoot>,
     transport: Transport,
-    key: MeshKey,
+    keys: KeyRing,
     store: Arc<StdMutex<ChunkStore>>,
     me: DeviceId,
     plan: Plan,
@@ -60,15 +60,15 @@ pub(crate) async fn materialise(
     let lists = Arc::new(fetch::chunk_lists(device, &job.transport, from, &work).await?);
     let held = device.lock().await.held_chunks(&lists);
     let assembly = {
-        let (root, work, lists, id_key) = (
+        let (root, work, lists, keys) = (
             job.root.clone(),
             work.clone(),
             lists.clone(),
-            job.key.chunk_id_key(),
+            job.keys.clone(),
         );
-        blocking(move || fetch::prepare(&root, &work, &lists, &held, &id_key)).await?
+        blocking(move || fetch::prepare(&root, &work, &lists, &held, &keys)).await?
     };
-    let mut assembly = fetch::fetch(&job.transport, &job.key, job.root.clone(), assembly).await?;
+    let mut assembly = fetch::fetch(&job.transport, &job.keys, job.root.clone(), assembly).await?;
     let mut flushed = BTreeSet::new();
     for (i, flush) in std::mem::take(&mut assembly.flushes) {
         flush.await?.context("flushing a written file")?;
@@ -76,11 +76,11 @@ pub(crate) async fn materialise(
     }
     let mut batch = Batch::default();
     let installed = {
-        let (root, work, lists, key, me) = (
+        let (root, work, lists, keys, me) = (
             job.root.clone(),
             work.clone(),
             lists.clone(),
-            job.key.clone(),
+            job.keys.clone(),
             job.me,
         );
         let olds = job.plan.olds;
@@ -88,9 +88,9 @@ pub(crate) async fn materialise(
         blocking(move || {
             commit::flush(&root, &assembly, &flushed)?;
             keep_replaced(
-                &store, &key, &root, &folder, &work, &olds, &lists, &mut batch,
+                &store, &keys, &root, &folder, &work, &olds, &lists, &mut batch,
             )?;
-            let installed = commit::install(&root, &work, assembly, &lists, &key, &me);
+            let installed = commit::install(&root, &work, assembly, &lists, &keys, &me);
             Ok((installed, batch))
         })
         .await?
@@ -111,7 +111,7 @@ async fn blocking<T: Send + 'static>(
 #[allow(clippy::too_many_arguments)]
 fn keep_replaced(
     store: &StdMutex<ChunkStore>,
-    key: &MeshKey,
+    keys: &KeyRing,
     root: &FolderRoot,
     folder: &FolderId,
     work: &[Work],
@@ -138,7 +138,7 @@ fn keep_replaced(
     if replaced.is_empty() {
         return Ok(());
     }
-    let stored = crate::versions::preserve(store, key, root, &replaced)?;
+    let stored = crate::versions::preserve(store, keys, root, &replaced)?;
     tracing::debug!(stored, "chunks of replaced versions kept");
     for (rel, old, _) in &replaced {
         crate::versions::record(batch, folder, rel, old);
@@ -172,7 +172,7 @@ impl Device {
         Ok(Some(Job {
             root: Arc::new(root),
             transport: self.transport.clone(),
-            key: self.mesh_key()?,
+            keys: self.key_ring(),
             store: self.store.clone(),
             me: self.keys.device_id(),
             plan,

@@ -1,0 +1,185 @@
+//! Removing a device (a stolen laptop): three real devices in one process over the in-memory
+//! transport (and a fourth, the stolen laptop). After `remove`, the removed device is disconnected and let in nowhere, the new
+//! content the others write is sealed under a key it never held (shown by running the real
+//! decryption code with every key it holds), a record it signs for the new epoch is refused
+//! even when a member relays it, and the devices that stay keep syncing.
+
+mod common;
+
+use std::time::Duration;
+
+use common::mallory::{eventually, mesh, Mallory};
+use meshsync_crdt::FileKind;
+use meshsync_node::chunks::content;
+use meshsync_node::device::members;
+use meshsync_node::protocol::{self, SyncRequest};
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_removed_device_is_cut_off_and_reads_nothing_new() {
+    // v (admin), m and r stay; a fourth device, a writer, plays the stolen laptop.
+    let mesh = mesh().await;
+    let thief = common::mallory::start(mesh.dir.path(), "thief").await;
+    let code = meshsync_node::device::mesh::invite(
+        &mesh.v,
+        meshsync_crdt::Role::Device,
+        Duration::from_secs(60),
+    )
+    .await
+    .unwrap();
+    meshsync_node::device::mesh::join(&thief, &code)
+        .await
+        .unwrap();
+    let ft = mesh.dir.path().join("T");
+    std::fs::create_dir_all(&ft).unwrap();
+    thief
+        .lock()
+        .await
+        .add_folder(&ft, Some(mesh.folder.clone()))
+        .unwrap();
+    assert!(eventually(|| ft.join("seed.txt").exists()).await);
+    let (v_peer, r_peer, r_id) = {
+        let (v, t) = (mesh.v.lock().await, thief.lock().await);
+        (
+            v.transport().local_peer_id(),
+            t.transport().local_peer_id(),
+            t.keys().device_id(),
+        )
+    };
+    // While it is a member, a record it signs (relayed by m) is taken: the harness below can
+    // tell a refusal from a failure to deliver.
+    let mut relay = Mallory::new(&mesh.m, &mesh.v, &mesh.folder).await;
+    let record = relay
+        .record("from-the-laptop.txt", FileKind::File, "seed.txt")
+        .await;
+    let record = {
+        let t = thief.lock().await;
+        record.forge_signature(t.keys(), &relay.log.mesh(), &mesh.folder)
+    };
+    let changes = relay.index.forge_put(&[record]);
+    relay.push(changes).await;
+    assert!(eventually(|| mesh.fv.join("from-the-laptop.txt").exists()).await);
+
+    let prefix: String = r_id.to_string().chars().take(7).collect();
+    let removed = members::remove(&mesh.v, &prefix).await.unwrap();
+    assert_eq!(removed.device_id, r_id.to_string());
+    assert_eq!(removed.name, "thief");
+    assert_eq!(removed.epoch, 1);
+    assert_eq!(removed.rekeyed, 2, "the new key goes to m and r");
+
+    // Cut off: v and m drop r within seconds and keep it out.
+    let v_transport = mesh.v.lock().await.transport().clone();
+    let m_transport = mesh.m.lock().await.transport().clone();
+    let r_transport = thief.lock().await.transport().clone();
+    let mut dropped = false;
+    for _ in 0..100 {
+        let (v_peers, m_peers) = (
+            v_transport.connected_peers().await,
+            m_transport.connected_peers().await,
+        );
+        if !v_peers.contains(&r_peer) && !m_peers.contains(&r_peer) {
+            dropped = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(dropped, "the removed device is still connected");
+    let pull = SyncRequest::Pull {
+        membership: Vec::new(),
+        folders: Vec::new(),
+    };
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert!(
+        protocol::doc(&r_transport, v_peer, &pull).await.is_err(),
+        "the removed device still gets answers"
+    );
+
+    // Those who stay keep syncing, under the new key.
+    mesh.still_syncs().await;
+    let secret = b"written after the removal: for v and m only".to_vec();
+    mesh.write_on_m("after.txt", &secret).await;
+    assert!(!ft.join("after.txt").exists());
+    let v_ring = {
+        let v = mesh.v.lock().await;
+        v.log().key_ring(v.keys())
+    };
+    assert_eq!(v_ring.current().unwrap().epoch().0, 1);
+
+    // The new file's chunk, as m's chunk server serves it, opens with v's keys and with none
+    // of the keys the removed device holds.
+    let mallory = Mallory::new(&mesh.m, &mesh.v, &mesh.folder).await;
+    let list_hash = mallory.chunks_of("after.txt");
+    let list = mesh
+        .v
+        .lock()
+        .await
+        .state()
+        .chunk_list(&list_hash)
+        .unwrap()
+        .unwrap();
+    let (sink, mut got) = tokio::sync::mpsc::channel(8);
+    let m_peer = m_transport.local_peer_id();
+    let ids: Vec<_> = list.iter().map(|c| c.id).collect();
+    meshsync_transport::chunks::fetch(&v_transport, vec![m_peer], ids, sink).await;
+    let fetched = got.recv().await.expect("m serves the chunk");
+    let r_ring = {
+        let t = thief.lock().await;
+        t.log().key_ring(t.keys())
+    };
+    assert!(r_ring.get(meshsync_crdt::Epoch(1)).is_none());
+    assert!(r_ring.get(meshsync_crdt::Epoch(0)).is_some());
+    for key in r_ring.newest_first() {
+        let opened = content::open_chunk(
+            &key.chunk_key(),
+            &key.chunk_id_key(),
+            key.epoch(),
+            &fetched.id,
+            fetched.data.clone(),
+        );
+        assert!(opened.is_err(), "epoch {} opens it", key.epoch());
+    }
+    let plain = content::open_chunk_in(&v_ring, None, &fetched.id, fetched.data).unwrap();
+    assert_eq!(&*plain, &secret[..]);
+
+    // A record the removed device signs in the new epoch, relayed by m, is refused.
+    let mut relay = Mallory::new(&mesh.m, &mesh.v, &mesh.folder).await;
+    let mut record = relay
+        .record("from-the-thief.txt", FileKind::File, "seed.txt")
+        .await;
+    record.epoch = meshsync_crdt::Epoch(1);
+    let record = {
+        let t = thief.lock().await;
+        record.forge_signature(t.keys(), &relay.log.mesh(), &mesh.folder)
+    };
+    let changes = relay.index.forge_put(&[record]);
+    relay.push(changes).await;
+    mesh.still_syncs().await;
+    assert!(!mesh.fv.join("from-the-thief.txt").exists());
+
+    // A device that joins after the removal is wrapped only the new key, and still gets the
+    // files written before it (their chunks sealed in epoch 0, whose key it reads through the
+    // chain the removal holds).
+    let late = common::mallory::start(mesh.dir.path(), "late").await;
+    let code = meshsync_node::device::mesh::invite(
+        &mesh.v,
+        meshsync_crdt::Role::Device,
+        Duration::from_secs(60),
+    )
+    .await
+    .unwrap();
+    meshsync_node::device::mesh::join(&late, &code)
+        .await
+        .unwrap();
+    let fl = mesh.dir.path().join("L");
+    std::fs::create_dir_all(&fl).unwrap();
+    late.lock()
+        .await
+        .add_folder(&fl, Some(mesh.folder.clone()))
+        .unwrap();
+    let seed = fl.join("seed.txt");
+    assert!(
+        eventually(|| std::fs::read(&seed).is_ok_and(|d| d == b"seed content from m")).await,
+        "a file of epoch 0 never reached the late joiner"
+    );
+    let after = fl.join("after.txt");
+    assert!(eventually(|| std::fs::read(&after).is_ok_and(|d| d == secret)).await);
+}
