@@ -56,6 +56,19 @@ pub enum Request {
     Remove {
         device: String,
     },
+    /// Rename this device, or (admins) another member.
+    Name {
+        device: Option<String>,
+        name: String,
+    },
+    Role {
+        device: String,
+        role: String,
+    },
+    Admin {
+        device: String,
+        grant: bool,
+    },
 }
 
 impl Request {
@@ -75,6 +88,9 @@ impl Request {
             Request::Versions { .. } | Request::Restore { .. } => "`versions`/`restore`",
             Request::Gc => "`gc`",
             Request::Remove { .. } => "`remove`",
+            Request::Name { .. } => "`name`",
+            Request::Role { .. } => "`role`",
+            Request::Admin { .. } => "`admin`",
         }
     }
 }
@@ -202,6 +218,18 @@ pub struct DeviceInfo {
     pub admin: bool,
     pub this_device: bool,
     pub connected: bool,
+    /// When it was last connected (Unix seconds), if ever seen.
+    #[serde(default)]
+    pub last_seen: Option<u64>,
+    /// Where it is connected from (for this device: where it listens).
+    #[serde(default)]
+    pub addresses: Vec<String>,
+    /// The newest key epoch wrapped to it (none for a storage peer).
+    #[serde(default)]
+    pub epoch: Option<u64>,
+    /// For a removed device: the key epoch its removal started.
+    #[serde(default)]
+    pub removed_in: Option<u64>,
 }
 
 /// One conflict copy for `meshsync conflicts`.
@@ -253,6 +281,14 @@ pub struct Removed {
     pub epoch: u64,
     /// Devices the new mesh key is wrapped to.
     pub rekeyed: usize,
+}
+
+/// A member `meshsync name`, `role` or `admin` changed, and how.
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq)]
+pub struct Changed {
+    pub device_id: String,
+    pub name: String,
+    pub what: String,
 }
 
 /// The mesh `meshsync join` joined.

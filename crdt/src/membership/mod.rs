@@ -122,6 +122,11 @@ pub enum Action {
         device: DeviceId,
         admin: bool,
     },
+    /// Renames a member (signed by an admin, or by the member itself).
+    SetName {
+        device: DeviceId,
+        name: SealedName,
+    },
 }
 
 /// One membership change, before signing.
@@ -480,7 +485,14 @@ impl<'a> Graph<'a> {
                 view.wraps.extend(wrapped.iter().cloned());
                 continue;
             }
-            if !view.is_admin(&signer) {
+            // A member may rename itself and take itself out; everything else is an admin's.
+            let own = match &entry.action {
+                Action::SetName { device, .. } | Action::Remove { device, .. } => {
+                    *device == signer && view.is_member(&signer)
+                }
+                _ => false,
+            };
+            if !own && !view.is_admin(&signer) {
                 view.ignored.insert(hash, Ignored::NotAdmin(signer));
                 continue;
             }
@@ -547,6 +559,13 @@ impl<'a> Graph<'a> {
                         continue;
                     }
                     member.role = *role;
+                }
+                Action::SetName { device, name } => {
+                    let Some(member) = view.members.get_mut(device) else {
+                        view.ignored.insert(hash, Ignored::NotAMember(*device));
+                        continue;
+                    };
+                    member.name = name.clone();
                 }
                 Action::SetAdmin { device, admin } => {
                     let Some(member) = view.members.get_mut(device) else {
@@ -869,7 +888,7 @@ impl MembershipLog {
         &self.entries
     }
 
-    /// Removes `device` as `admin`: a new epoch whose fresh key is wrapped to every remaining
+    /// Removes `device` as `admin` (or as itself, leaving): a new epoch whose fresh key is wrapped to every remaining
     /// member that holds keys, with every key of `ring` sealed under it. Returns the new key.
     pub fn remove(
         &mut self,
@@ -903,15 +922,37 @@ impl MembershipLog {
             .newest_first()
             .map(|old| old.seal_under(&key, &self.mesh))
             .collect();
-        self.append(
-            admin,
-            Action::Remove {
-                device,
-                wraps,
-                chain,
-            },
-        )?;
+        let action = Action::Remove {
+            device,
+            wraps,
+            chain,
+        };
+        if device == admin.device_id() {
+            self.append_unchecked(admin, action); // leaving: a member may remove itself
+        } else {
+            self.append(admin, action)?;
+        }
         Ok(key)
+    }
+
+    /// Renames `device` (this device itself, or any member if `signer` is an admin).
+    pub fn rename(
+        &mut self,
+        signer: &DeviceKeys,
+        device: DeviceId,
+        name: SealedName,
+    ) -> Result<EntryHash, MembershipError> {
+        if !self.view.is_member(&device) {
+            return Err(MembershipError::Malformed(format!(
+                "{device} is not a member of this mesh"
+            )));
+        }
+        let action = Action::SetName { device, name };
+        if device == signer.device_id() {
+            Ok(self.append_unchecked(signer, action))
+        } else {
+            self.append(signer, action)
+        }
     }
 
     /// Every mesh key `keys`' device can open: those wrapped to it, and the older ones sealed

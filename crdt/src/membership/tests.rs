@@ -484,3 +484,42 @@ fn a_removal_rotates_the_key_for_those_who_stay_and_later_joiners_read_the_past(
     let ring = log.key_ring(&stays);
     assert!(log.remove(&stays, late.device_id(), &ring).is_err());
 }
+
+#[test]
+fn a_member_renames_and_removes_itself_but_nobody_else() {
+    let admin = DeviceKeys::generate();
+    let key0 = MeshKey::generate(Epoch(0));
+    let (mut log, mesh) = MembershipLog::create(&admin, "admin", &key0);
+    let (a, b) = (DeviceKeys::generate(), DeviceKeys::generate());
+    for device in [&a, &b] {
+        log.append(&admin, add(device, Role::Device)).unwrap();
+    }
+    let name =
+        |who: &DeviceKeys, text: &str| SealedName::seal(&key0, &mesh, &who.device_id(), text);
+    log.rename(&a, a.device_id(), name(&a, "renamed")).unwrap();
+    let seen = &log.view().members[&a.device_id()].name;
+    assert_eq!(
+        seen.open(&key0, &mesh, &a.device_id()).as_deref(),
+        Some("renamed")
+    );
+    // a renaming b is not its to do: refused here, and ignored by every replica if forged.
+    assert!(log.rename(&a, b.device_id(), name(&b, "hijacked")).is_err());
+    let forged = log.append_unchecked(
+        &a,
+        Action::SetName {
+            device: b.device_id(),
+            name: name(&b, "hijacked"),
+        },
+    );
+    assert!(log.view().ignored.contains_key(&forged));
+    // a leaves: a new epoch, its key not wrapped to a.
+    let ring = log.key_ring(&a);
+    log.remove(&a, a.device_id(), &ring).unwrap();
+    assert!(!log.view().is_member(&a.device_id()));
+    assert_eq!(log.view().epoch, Epoch(1));
+    assert!(log.key_ring(&b).get(Epoch(1)).is_some());
+    assert!(log.key_ring(&a).get(Epoch(1)).is_none());
+    // b cannot remove admin: not an admin.
+    let ring = log.key_ring(&b);
+    assert!(log.remove(&b, admin.device_id(), &ring).is_err());
+}

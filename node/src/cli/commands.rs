@@ -158,6 +158,28 @@ pub fn remove(home: &Home, device: String, json: bool) -> anyhow::Result<()> {
     show(json, &removed, print::removed)
 }
 
+pub fn rename(home: &Home, device: Option<String>, name: String) -> anyhow::Result<()> {
+    let changed: control::Changed = ask(home, &Request::Name { device, name })?;
+    print!("{}", print::changed(&changed));
+    Ok(())
+}
+
+pub fn set_role(home: &Home, device: String, role: String) -> anyhow::Result<()> {
+    let changed: control::Changed = ask(home, &Request::Role { device, role })?;
+    print!("{}", print::changed(&changed));
+    Ok(())
+}
+
+pub fn admin(home: &Home, action: super::AdminAction) -> anyhow::Result<()> {
+    let (device, grant) = match action {
+        super::AdminAction::Grant { device } => (device, true),
+        super::AdminAction::Revoke { device } => (device, false),
+    };
+    let changed: control::Changed = ask(home, &Request::Admin { device, grant })?;
+    print!("{}", print::changed(&changed));
+    Ok(())
+}
+
 /// Prints `reply` as JSON, or as `human` renders it.
 fn show<T: Serialize + ?Sized>(
     json: bool,

@@ -122,6 +122,21 @@ pub enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Rename this device (or, for an admin, another member with --device).
+    Name {
+        name: String,
+        /// The member to rename (device ID, prefix or name); default: this device.
+        #[arg(long)]
+        device: Option<String>,
+    },
+    /// Change a member's role (admins only): device (reads and writes) or read-only (reads;
+    /// its changes are refused by every other device).
+    Role { device: String, role: String },
+    /// Make a member an admin, or no longer one (admins only; the last admin stays one).
+    Admin {
+        #[command(subcommand)]
+        action: AdminAction,
+    },
     /// Manage static peer addresses (dialed besides the devices found on the LAN).
     Peer {
         #[command(subcommand)]
@@ -151,6 +166,14 @@ pub enum FolderAction {
     },
     /// Stop syncing a folder on this device (its files stay).
     Remove { id: String },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum AdminAction {
+    /// Make DEVICE an admin.
+    Grant { device: String },
+    /// Make DEVICE no longer an admin.
+    Revoke { device: String },
 }
 
 #[derive(Debug, Subcommand)]
@@ -195,5 +218,8 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Restore { path, version } => restore(&home, path, version),
         Command::Gc { json } => gc(&home, json),
         Command::Remove { device, json } => remove(&home, device, json),
+        Command::Name { name, device } => rename(&home, device, name),
+        Command::Role { device, role } => set_role(&home, device, role),
+        Command::Admin { action } => admin(&home, action),
     }
 }

@@ -4,8 +4,8 @@
 use std::fmt::Write;
 
 use crate::control::{
-    ConflictCopy, DeviceInfo, DeviceStatus, FolderInfo, GcReport, IgnoreList, Removed, Restored,
-    Status, StoragePeerStatus, VersionList,
+    Changed, ConflictCopy, DeviceInfo, DeviceStatus, FolderInfo, GcReport, IgnoreList, Removed,
+    Restored, Status, StoragePeerStatus, VersionList,
 };
 
 /// `text` with control characters shown escaped (`\u{1b}`): names and paths come from other
@@ -157,25 +157,53 @@ fn storage_status(status: &StoragePeerStatus) -> String {
 
 /// `meshsync devices`.
 pub fn devices(list: &[DeviceInfo]) -> String {
+    devices_at(list, crate::versions::now_secs())
+}
+
+/// [`devices`] as of `now` (Unix seconds).
+fn devices_at(list: &[DeviceInfo], now: u64) -> String {
     let mut out = String::new();
     for d in list {
+        let state = if d.this_device {
+            "(this device)".to_string()
+        } else if let Some(epoch) = d.removed_in {
+            format!("removed (key epoch {epoch} started without it)")
+        } else if d.connected {
+            match d.addresses.first() {
+                Some(addr) => format!("connected from {}", clean(addr)),
+                None => "connected".to_string(),
+            }
+        } else {
+            match d.last_seen {
+                Some(at) => format!("offline, last seen {} ago", ago(now.saturating_sub(at))),
+                None => "offline, never seen by this device".to_string(),
+            }
+        };
+        let epoch = d
+            .epoch
+            .map(|e| format!(" key epoch {e}"))
+            .unwrap_or_default();
         let _ = writeln!(
             out,
-            "{} {:<12} {:<9}{}{}",
+            "{} {:<12} {:<9}{}{} {state}",
             d.id,
             clean(&d.name),
             d.role,
             if d.admin { " admin" } else { "" },
-            if d.this_device {
-                " (this device)"
-            } else if d.connected {
-                " connected"
-            } else {
-                " offline"
-            }
+            epoch,
         );
     }
     out
+}
+
+/// A duration in the largest whole unit ("3 min", "2 h", "5 days").
+fn ago(secs: u64) -> String {
+    match secs {
+        0..=119 => format!("{secs} s"),
+        120..=7_199 => format!("{} min", secs / 60),
+        7_200..=172_799 => format!("{} h", secs / 3600),
+        _ => format!("{} days", secs / 86_400),
+    }
 }
 
 /// `meshsync conflicts`.
@@ -265,6 +293,10 @@ pub fn gc(report: &GcReport) -> String {
     out
 }
 
+pub fn changed(c: &Changed) -> String {
+    format!("{} ({}): {}\n", clean(&c.name), c.device_id, clean(&c.what))
+}
+
 pub fn removed(r: &Removed) -> String {
     format!(
         "removed {} ({})\nkey epoch {} started: the new mesh key is wrapped to {} device{}; \
@@ -285,6 +317,7 @@ mod tests {
     use super::*;
     use crate::control::*;
 
+    const NOW: u64 = 1_790_000_000;
     const DEV_A: &str = "AAAAAAA-BBBBBBB-CCCCCCC-DDDDDDD-EEEEEEE-FFFFFFF-GGGGGGG-HHHHHHH";
     const DEV_B: &str = "BBBBBBB-CCCCCCC-DDDDDDD-EEEEEEE-FFFFFFF-GGGGGGG-HHHHHHH-IIIIIII";
     const DEV_S: &str = "SSSSSSS-TTTTTTT-UUUUUUU-VVVVVVV-WWWWWWW-XXXXXXX-YYYYYYY-ZZZZZZZ";
@@ -404,6 +437,10 @@ mod tests {
             admin: false,
             this_device: false,
             connected: true,
+            last_seen: None,
+            addresses: vec![],
+            epoch: Some(0),
+            removed_in: None,
         }];
         let out = devices(&list);
         assert!(!out.contains('\u{1b}') && !out.contains('\u{7}'), "{out:?}");
@@ -420,6 +457,10 @@ mod tests {
                 admin: true,
                 this_device: true,
                 connected: true,
+                last_seen: None,
+                addresses: vec!["/ip4/192.168.1.10/tcp/22000".into()],
+                epoch: Some(1),
+                removed_in: None,
             },
             DeviceInfo {
                 id: DEV_B.into(),
@@ -428,9 +469,37 @@ mod tests {
                 admin: false,
                 this_device: false,
                 connected: false,
+                last_seen: Some(NOW - 7_500),
+                addresses: vec![],
+                epoch: Some(1),
+                removed_in: None,
+            },
+            DeviceInfo {
+                id: DEV_A.into(),
+                name: "nas".into(),
+                role: "device".into(),
+                admin: true,
+                this_device: false,
+                connected: true,
+                last_seen: Some(NOW),
+                addresses: vec!["/ip4/192.168.1.20/tcp/22000".into()],
+                epoch: Some(1),
+                removed_in: None,
+            },
+            DeviceInfo {
+                id: DEV_B.into(),
+                name: String::new(),
+                role: "removed".into(),
+                admin: false,
+                this_device: false,
+                connected: false,
+                last_seen: Some(NOW - 900_000),
+                addresses: vec![],
+                epoch: None,
+                removed_in: Some(1),
             },
         ];
-        insta::assert_snapshot!(devices(&list));
+        insta::assert_snapshot!(devices_at(&list, NOW));
     }
 
     #[test]

@@ -68,6 +68,16 @@ pub async fn handle(device: &Shared, request: Request) -> anyhow::Result<serde_j
         }
         Request::Gc => control::reply(history::gc(device).await?),
         Request::Remove { device: who } => control::reply(members::remove(device, &who).await?),
+        Request::Name { device: who, name } => {
+            control::reply(members::rename(device, who.as_deref(), &name).await?)
+        }
+        Request::Role { device: who, role } => {
+            let role: Role = role.parse().map_err(|e: String| anyhow::anyhow!(e))?;
+            control::reply(members::set_role(device, &who, role).await?)
+        }
+        Request::Admin { device: who, grant } => {
+            control::reply(members::set_admin(device, &who, grant).await?)
+        }
         Request::Scan {
             folder,
             allow_deletes,

@@ -1,4 +1,6 @@
-//! Managing who is in the mesh (admins only): removing a device. A removal is a signed entry
+//! Managing who is in the mesh: removing a device, naming one, its role, who is an admin
+//! (admins only; a device may rename itself). Each is a signed entry in the membership log,
+//! pushed to the connected members at once (the others pull it). A removal is a signed entry
 //! in the membership log that starts a new key epoch: a fresh mesh key, wrapped to every
 //! member that stays, with the older keys sealed under it (so what was written before stays
 //! readable to them and to devices that join later). From then on this device writes with the
@@ -6,16 +8,18 @@
 //! and storage peer does the same as soon as it learns of the entry (pushed at once, or pulled
 //! within the second).
 
-use meshsync_crdt::{DeviceId, Member};
+use anyhow::Context;
+use meshsync_crdt::{Action, DeviceId, Member, Role, SealedName};
+use meshsync_transport::{PeerId, Transport};
 
 use super::{sync, Device, Shared};
-use crate::control::Removed;
+use crate::control::{Changed, Removed};
 use crate::protocol::{SyncChanges, SyncRequest};
 use crate::state::Batch;
 
 /// `meshsync remove WHO`.
 pub async fn remove(device: &Shared, who: &str) -> anyhow::Result<Removed> {
-    let (removed, allowed, push, transport) = {
+    let (removed, (allowed, push, transport)) = {
         let mut d = device.lock().await;
         let member = d.member_named(who)?;
         if member.device == d.keys.device_id() {
@@ -25,12 +29,6 @@ pub async fn remove(device: &Shared, who: &str) -> anyhow::Result<Removed> {
         let ring = d.key_ring();
         let keys = d.keys.clone();
         let key = d.log.remove(&keys, member.device, &ring)?;
-        let saved = d.log.save();
-        d.state.commit(Batch {
-            membership: Some(saved),
-            ..Batch::default()
-        })?;
-        let allowed = d.membership_changed();
         let rekeyed = d
             .log
             .view()
@@ -38,17 +36,13 @@ pub async fn remove(device: &Shared, who: &str) -> anyhow::Result<Removed> {
             .values()
             .filter(|m| m.role.holds_mesh_key() && m.device != keys.device_id())
             .count();
-        let push = SyncRequest::Push(SyncChanges {
-            membership: d.log.changes_since(&[]),
-            ..SyncChanges::default()
-        });
         let removed = Removed {
             device_id: member.device.to_string(),
             name,
             epoch: key.epoch().0,
             rekeyed,
         };
-        (removed, allowed, push, d.transport.clone())
+        (removed, d.publish_membership()?)
     };
     tracing::warn!(device = %removed.device_id, name = %removed.name, epoch = removed.epoch, "device removed; new key epoch");
     transport.set_allowed(allowed).await;
@@ -56,7 +50,133 @@ pub async fn remove(device: &Shared, who: &str) -> anyhow::Result<Removed> {
     Ok(removed)
 }
 
+/// `meshsync name NEW_NAME`: renames this device (`who` = `None`) or, for an admin, a member.
+pub async fn rename(device: &Shared, who: Option<&str>, name: &str) -> anyhow::Result<Changed> {
+    let name = super::mesh::capped_name(name);
+    if name.is_empty() {
+        anyhow::bail!("a device name cannot be empty");
+    }
+    change(device, who, |d, member| {
+        let key = d.mesh_key()?;
+        let mesh = d.log.mesh();
+        let sealed = SealedName::seal(&key, &mesh, &member.device, &name);
+        let keys = d.keys.clone();
+        d.log.rename(&keys, member.device, sealed)?;
+        Ok(format!("now called {name:?}"))
+    })
+    .await
+}
+
+/// `meshsync role DEVICE device|read-only` (admins).
+pub async fn set_role(device: &Shared, who: &str, role: Role) -> anyhow::Result<Changed> {
+    if !matches!(role, Role::Device | Role::ReadOnly) {
+        anyhow::bail!("a member's role can be device or read-only (storage peers join as such)");
+    }
+    change(device, Some(who), |d, member| {
+        if member.role == Role::Storage {
+            anyhow::bail!("a storage peer's role cannot change");
+        }
+        let keys = d.keys.clone();
+        d.log.append(
+            &keys,
+            Action::SetRole {
+                device: member.device,
+                role,
+            },
+        )?;
+        Ok(format!("now {role}"))
+    })
+    .await
+}
+
+/// `meshsync admin grant|revoke DEVICE` (admins; the last admin stays one).
+pub async fn set_admin(device: &Shared, who: &str, admin: bool) -> anyhow::Result<Changed> {
+    change(device, Some(who), |d, member| {
+        let admins = d.log.view().members.values().filter(|m| m.admin).count();
+        if !admin && member.admin && admins == 1 {
+            anyhow::bail!(
+                "{} is the last admin: make another device an admin first",
+                d.member_name(member)
+            );
+        }
+        if admin && member.role == Role::Storage {
+            anyhow::bail!("a storage peer cannot be an admin");
+        }
+        let keys = d.keys.clone();
+        d.log.append(
+            &keys,
+            Action::SetAdmin {
+                device: member.device,
+                admin,
+            },
+        )?;
+        Ok(if admin {
+            "now an admin"
+        } else {
+            "no longer an admin"
+        }
+        .to_string())
+    })
+    .await
+}
+
+/// Appends what `make` signs for the member `who` names (this device if `None`), commits it
+/// and tells the mesh. Refused unless the entry counts.
+async fn change(
+    device: &Shared,
+    who: Option<&str>,
+    make: impl FnOnce(&mut Device, &Member) -> anyhow::Result<String>,
+) -> anyhow::Result<Changed> {
+    let (changed, (allowed, push, transport)) = {
+        let mut d = device.lock().await;
+        let member = match who {
+            Some(who) => d.member_named(who)?,
+            None => {
+                let me = d.keys.device_id();
+                d.log
+                    .view()
+                    .members
+                    .get(&me)
+                    .cloned()
+                    .context("this device is not a member of a mesh")?
+            }
+        };
+        let ignored_before = d.log.view().ignored.len();
+        let what = make(&mut d, &member)?;
+        if d.log.view().ignored.len() > ignored_before {
+            // Signed, but it does not count (the rules of the log say no): say so plainly.
+            anyhow::bail!("the mesh's rules do not allow this change (see `meshsync devices`)");
+        }
+        let changed = Changed {
+            device_id: member.device.to_string(),
+            name: d.member_name(d.log.view().members.get(&member.device).unwrap_or(&member)),
+            what,
+        };
+        (changed, d.publish_membership()?)
+    };
+    transport.set_allowed(allowed).await;
+    sync::push_to_devices(transport, Default::default(), push);
+    Ok(changed)
+}
+
 impl Device {
+    /// After this device signed a membership entry: commits the log, takes in what it changed
+    /// (keys, who may connect) and returns who may connect, the push that tells the connected
+    /// members, and the transport to do both with once the lock is released.
+    fn publish_membership(&mut self) -> anyhow::Result<(Vec<PeerId>, SyncRequest, Transport)> {
+        let saved = self.log.save();
+        self.state.commit(Batch {
+            membership: Some(saved),
+            ..Batch::default()
+        })?;
+        let allowed = self.membership_changed();
+        let push = SyncRequest::Push(SyncChanges {
+            membership: self.log.changes_since(&[]),
+            ..SyncChanges::default()
+        });
+        Ok((allowed, push, self.transport.clone()))
+    }
+
     /// The current member `who` names: its device ID, a unique prefix of it, or its name.
     pub(crate) fn member_named(&self, who: &str) -> anyhow::Result<Member> {
         let who = who.trim();

@@ -84,6 +84,8 @@ pub struct Device {
     pub(crate) sealing: Sealing,
     /// Sealed chunks of old versions this device keeps (`HOME/chunks`).
     pub(crate) store: Arc<StdMutex<ChunkStore>>,
+    /// When each member was last connected (Unix seconds), kept across restarts.
+    pub(crate) last_seen: BTreeMap<meshsync_crdt::DeviceId, u64>,
 }
 
 /// The device behind its lock, as every task and handler holds it.
@@ -102,6 +104,7 @@ pub async fn start(home: Home, network: Network) -> anyhow::Result<Shared> {
         .await;
     net::dial_all(&transport, net::static_addrs(&home, &state)).await;
     let sealing = Sealing::load(&state)?;
+    let last_seen = state.get(&status::LAST_SEEN)?;
     let store = Arc::new(StdMutex::new(ChunkStore::open(
         &home.path().join("chunks"),
     )?));
@@ -121,6 +124,7 @@ pub async fn start(home: Home, network: Network) -> anyhow::Result<Shared> {
         pair_ip: network.pair_ip(),
         sealing,
         store: store.clone(),
+        last_seen,
     }));
     {
         let mut d = device.lock().await;

@@ -14,18 +14,29 @@ use super::{Device, Shared};
 use crate::control::{
     ConflictCopy, DeviceInfo, DeviceStatus, FolderStatus, NotWritten, PeerStatus,
 };
-use crate::state::in_sync;
+use crate::state::{in_sync, MetaKey};
+
+/// When each member was last connected (Unix seconds).
+pub(crate) const LAST_SEEN: MetaKey<BTreeMap<meshsync_crdt::DeviceId, u64>> =
+    MetaKey::new("last_seen");
 
 /// What the transport says, asked without holding the device lock.
 struct NetView {
     connected: BTreeSet<PeerId>,
+    /// The addresses each connected peer is reached at.
+    addrs: BTreeMap<PeerId, Vec<String>>,
     listen: Vec<String>,
 }
 
 async fn net_view(device: &Shared) -> NetView {
     let transport = device.lock().await.transport.clone();
+    let connected = transport.connected().await;
     NetView {
-        connected: transport.connected_peers().await.into_iter().collect(),
+        connected: connected.iter().map(|(p, _)| *p).collect(),
+        addrs: connected
+            .into_iter()
+            .map(|(p, a)| (p, a.iter().map(|a| a.to_string()).collect()))
+            .collect(),
         listen: transport
             .listen_addrs()
             .await
@@ -44,7 +55,7 @@ pub async fn status(device: &Shared) -> DeviceStatus {
 /// `meshsync devices`.
 pub async fn devices(device: &Shared) -> Vec<DeviceInfo> {
     let net = net_view(device).await;
-    device.lock().await.devices(&net.connected)
+    device.lock().await.devices(&net)
 }
 
 impl Device {
@@ -84,21 +95,60 @@ impl Device {
         }
     }
 
-    fn devices(&self, connected: &BTreeSet<PeerId>) -> Vec<DeviceInfo> {
+    fn devices(&self, net: &NetView) -> Vec<DeviceInfo> {
         let me = self.keys.device_id();
-        self.log
-            .view()
+        let view = self.log.view();
+        let mut list: Vec<DeviceInfo> = view
             .members
             .values()
-            .map(|m| DeviceInfo {
-                id: m.device.to_string(),
-                name: self.member_name(m),
-                role: m.role.to_string(),
-                admin: m.admin,
-                this_device: m.device == me,
-                connected: m.device == me || connected.contains(&m.device.to_peer_id()),
+            .map(|m| {
+                let peer = m.device.to_peer_id();
+                DeviceInfo {
+                    id: m.device.to_string(),
+                    name: self.member_name(m),
+                    role: m.role.to_string(),
+                    admin: m.admin,
+                    this_device: m.device == me,
+                    connected: m.device == me || net.connected.contains(&peer),
+                    last_seen: self.last_seen.get(&m.device).copied(),
+                    addresses: match m.device == me {
+                        true => net.listen.clone(),
+                        false => net.addrs.get(&peer).cloned().unwrap_or_default(),
+                    },
+                    epoch: view.wraps_for(&m.device).last().map(|w| w.epoch.0),
+                    removed_in: None,
+                }
             })
-            .collect()
+            .collect();
+        list.extend(view.removed.iter().map(|(device, epoch)| DeviceInfo {
+            id: device.to_string(),
+            name: String::new(),
+            role: "removed".into(),
+            admin: false,
+            this_device: *device == me,
+            connected: false,
+            last_seen: self.last_seen.get(device).copied(),
+            addresses: Vec::new(),
+            epoch: None,
+            removed_in: Some(epoch.0),
+        }));
+        list
+    }
+
+    /// Notes that `peer` is connected now (or was until now): `meshsync devices` shows when a
+    /// member was last seen. Saved when a peer goes away.
+    pub(crate) fn saw(&mut self, peer: &PeerId, gone: bool) {
+        let Some(device) = meshsync_crdt::DeviceId::from_peer_id(peer) else {
+            return;
+        };
+        self.last_seen.insert(device, crate::versions::now_secs());
+        if gone {
+            let mut batch = crate::state::Batch::default();
+            batch.put(&LAST_SEEN, &self.last_seen);
+            if let Err(error) = self.state.commit(batch) {
+                tracing::warn!(%error, "saving when members were last seen failed");
+            }
+        }
     }
 
     /// Conflict copies, for `meshsync conflicts`: those the index calls for (concurrent

@@ -63,7 +63,11 @@ async fn pull_on_connect(device: Shared) {
     let mut events = device.lock().await.transport.subscribe();
     loop {
         match events.recv().await {
+            Ok(meshsync_transport::Event::Disconnected { peer }) => {
+                device.lock().await.saw(&peer, true);
+            }
             Ok(meshsync_transport::Event::Connected { peer, .. }) => {
+                device.lock().await.saw(&peer, false);
                 if let Err(error) = sync::pull(&device, peer).await {
                     tracing::info!(%peer, %error, "pull on connect failed");
                 }

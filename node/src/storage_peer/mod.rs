@@ -241,9 +241,21 @@ impl Storage {
                 admin: m.admin,
                 this_device: m.device == me,
                 connected: m.device == me || connected.contains(&m.device.to_peer_id()),
+                last_seen: None,
+                addresses: Vec::new(),
+                epoch: log_epoch(self.log.as_ref(), &m.device),
+                removed_in: None,
             })
             .collect()
     }
+}
+
+/// The newest key epoch wrapped to `device` in `log`.
+fn log_epoch(
+    log: Option<&meshsync_crdt::MembershipLog>,
+    device: &meshsync_crdt::DeviceId,
+) -> Option<u64> {
+    log?.view().wraps_for(device).last().map(|w| w.epoch.0)
 }
 
 /// Answers the CLI on a storage peer.
