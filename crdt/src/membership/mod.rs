@@ -127,6 +127,16 @@ pub enum Action {
         device: DeviceId,
         name: SealedName,
     },
+    /// Starts key epoch `epoch` without removing anyone: a fresh key wrapped to every member
+    /// that holds keys, older keys chained. An admin signs one when the log says the mesh
+    /// needs it ([`MembershipView::needs_rotation`]): after concurrent removals, or when a
+    /// member lacks the current key. Counts only if it starts the very next epoch, so of two
+    /// concurrent rotations one counts.
+    Rotate {
+        epoch: Epoch,
+        wraps: Vec<WrappedKey>,
+        chain: Vec<SealedKey>,
+    },
 }
 
 /// One membership change, before signing.
@@ -263,6 +273,8 @@ pub enum Ignored {
     StorageCannotBeAdmin,
     BadGenesis,
     MissingParents,
+    /// A rotation that does not start the next epoch (another one did first).
+    StaleRotation,
 }
 
 /// The members of the mesh as computed from one set of entries.
@@ -294,6 +306,24 @@ impl MembershipView {
             Some(member) => member.role == Role::Device,
             None => self.removed.get(device).is_some_and(|&at| epoch < at),
         }
+    }
+
+    /// Whether an admin should start a new key epoch: no key counts for the current epoch
+    /// (concurrent removals), or a member that holds keys lacks it (added concurrently with a
+    /// removal). Every replica with the same entries says the same.
+    pub fn needs_rotation(&self) -> bool {
+        let current = |device: &DeviceId| {
+            self.wraps
+                .iter()
+                .any(|w| w.recipient == *device && w.epoch == self.epoch)
+        };
+        let keyed = self.wraps.iter().any(|w| w.epoch == self.epoch);
+        !keyed
+            || self
+                .members
+                .values()
+                .filter(|m| m.role.holds_mesh_key() && m.kem.is_some())
+                .any(|m| !current(&m.device))
     }
 
     /// Mesh keys wrapped to `device`, newest epoch last.
@@ -543,7 +573,12 @@ impl<'a> Graph<'a> {
                     view.members.remove(device);
                     view.epoch = Epoch(view.epoch.0 + 1);
                     view.removed.insert(*device, view.epoch);
-                    view.wraps.extend(wraps.iter().cloned());
+                    // A removal concurrent with another wrapped its key for an epoch that
+                    // other removal took: those wraps do not count (the mesh then needs a
+                    // rotation).
+                    let epoch = view.epoch;
+                    view.wraps
+                        .extend(wraps.iter().filter(|w| w.epoch == epoch).cloned());
                     revocations.push(Revocation {
                         at: i,
                         device: *device,
@@ -559,6 +594,15 @@ impl<'a> Graph<'a> {
                         continue;
                     }
                     member.role = *role;
+                }
+                Action::Rotate { epoch, wraps, .. } => {
+                    if *epoch != Epoch(view.epoch.0 + 1) {
+                        view.ignored.insert(hash, Ignored::StaleRotation);
+                        continue;
+                    }
+                    view.epoch = *epoch;
+                    view.wraps
+                        .extend(wraps.iter().filter(|w| w.epoch == *epoch).cloned());
                 }
                 Action::SetName { device, name } => {
                     let Some(member) = view.members.get_mut(device) else {
@@ -907,21 +951,7 @@ impl MembershipLog {
                 "the last admin cannot be removed (make another device an admin first)".into(),
             ));
         }
-        let key = MeshKey::generate(Epoch(self.view.epoch.0 + 1));
-        let wraps = self
-            .view
-            .members
-            .values()
-            .filter(|m| m.device != device && m.role.holds_mesh_key())
-            .filter_map(|m| {
-                let kem = m.kem.as_ref()?;
-                key.wrap_for(&self.mesh, &m.device, kem).ok()
-            })
-            .collect();
-        let chain = ring
-            .newest_first()
-            .map(|old| old.seal_under(&key, &self.mesh))
-            .collect();
+        let (key, wraps, chain) = self.next_key(Some(device), ring);
         let action = Action::Remove {
             device,
             wraps,
@@ -933,6 +963,50 @@ impl MembershipLog {
             self.append(admin, action)?;
         }
         Ok(key)
+    }
+
+    /// Starts a new key epoch as `admin` without removing anyone (see [`Action::Rotate`]).
+    pub fn rotate(
+        &mut self,
+        admin: &DeviceKeys,
+        ring: &KeyRing,
+    ) -> Result<MeshKey, MembershipError> {
+        let (key, wraps, chain) = self.next_key(None, ring);
+        let epoch = key.epoch();
+        self.append(
+            admin,
+            Action::Rotate {
+                epoch,
+                wraps,
+                chain,
+            },
+        )?;
+        Ok(key)
+    }
+
+    /// A fresh key for the next epoch, wrapped to every member that holds keys (but
+    /// `leaving`), and every key of `ring` sealed under it.
+    fn next_key(
+        &self,
+        leaving: Option<DeviceId>,
+        ring: &KeyRing,
+    ) -> (MeshKey, Vec<WrappedKey>, Vec<SealedKey>) {
+        let key = MeshKey::generate(Epoch(self.view.epoch.0 + 1));
+        let wraps = self
+            .view
+            .members
+            .values()
+            .filter(|m| Some(m.device) != leaving && m.role.holds_mesh_key())
+            .filter_map(|m| {
+                let kem = m.kem.as_ref()?;
+                key.wrap_for(&self.mesh, &m.device, kem).ok()
+            })
+            .collect();
+        let chain = ring
+            .newest_first()
+            .map(|old| old.seal_under(&key, &self.mesh))
+            .collect();
+        (key, wraps, chain)
     }
 
     /// Renames `device` (this device itself, or any member if `signer` is an admin).
@@ -970,7 +1044,7 @@ impl MembershipLog {
             .iter()
             .filter(|(hash, _)| !self.view.ignored.contains_key(hash))
             .filter_map(|(_, entry)| match &entry.action {
-                Action::Remove { chain, .. } => Some(chain),
+                Action::Remove { chain, .. } | Action::Rotate { chain, .. } => Some(chain),
                 _ => None,
             })
             .flatten()

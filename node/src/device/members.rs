@@ -50,6 +50,37 @@ pub async fn remove(device: &Shared, who: &str) -> anyhow::Result<Removed> {
     Ok(removed)
 }
 
+/// Starts a new key epoch if this device is an admin and the log says the mesh needs one
+/// (concurrent removals took an epoch without a key, or a member lacks the current key; see
+/// `MembershipView::needs_rotation`). Run every few seconds; of two admins rotating at once,
+/// one rotation counts and the next look settles the rest.
+pub async fn rotate_if_needed(device: &Shared) -> anyhow::Result<bool> {
+    let (allowed, push, transport) = {
+        let mut d = device.lock().await;
+        let me = d.keys.device_id();
+        let view = d.log.view();
+        if !view.is_admin(&me) || !view.needs_rotation() {
+            return Ok(false);
+        }
+        // At most one a minute from here: a member no key can be wrapped to (a bad public
+        // key) must not make this device rotate for ever.
+        if d.rotated_at.is_some_and(|at| at.elapsed() < std::time::Duration::from_secs(60)) {
+            return Ok(false);
+        }
+        d.rotated_at = Some(std::time::Instant::now());
+        let (ring, keys) = (d.key_ring(), d.keys.clone());
+        let key = d.log.rotate(&keys, &ring)?;
+        tracing::warn!(
+            epoch = key.epoch().0,
+            "the mesh needed a new key epoch; started it"
+        );
+        d.publish_membership()?
+    };
+    transport.set_allowed(allowed).await;
+    sync::push_to_devices(transport, Default::default(), push);
+    Ok(true)
+}
+
 /// `meshsync name NEW_NAME`: renames this device (`who` = `None`) or, for an admin, a member.
 pub async fn rename(device: &Shared, who: Option<&str>, name: &str) -> anyhow::Result<Changed> {
     let name = super::mesh::capped_name(name);

@@ -86,6 +86,9 @@ pub struct Device {
     pub(crate) store: Arc<StdMutex<ChunkStore>>,
     /// When each member was last connected (Unix seconds), kept across restarts.
     pub(crate) last_seen: BTreeMap<meshsync_crdt::DeviceId, u64>,
+    /// When this device last started a key epoch on its own (see
+    /// `members::rotate_if_needed`).
+    pub(crate) rotated_at: Option<std::time::Instant>,
 }
 
 /// The device behind its lock, as every task and handler holds it.
@@ -125,6 +128,7 @@ pub async fn start(home: Home, network: Network) -> anyhow::Result<Shared> {
         sealing,
         store: store.clone(),
         last_seen,
+        rotated_at: None,
     }));
     {
         let mut d = device.lock().await;

@@ -17,7 +17,7 @@ use meshsync_transport::PeerId;
 use tokio::sync::mpsc::UnboundedReceiver;
 
 use super::scan::{self, ScanOptions};
-use super::{history, materialise, sync, Shared};
+use super::{history, materialise, members, sync, Shared};
 use crate::net;
 
 /// Quiet time before a changed folder is rescanned.
@@ -90,6 +90,14 @@ async fn rounds(device: Shared) {
         }
         if tick.is_multiple_of(10) {
             redial_static_peers(&device).await;
+        }
+        if tick.is_multiple_of(4) {
+            if let Err(error) = members::rotate_if_needed(&device).await {
+                tracing::warn!(
+                    error = format!("{error:#}"),
+                    "starting a new key epoch failed"
+                );
+            }
         }
         if tick.is_multiple_of(600) {
             if let Err(error) = history::gc(&device).await {
