@@ -1,7 +1,7 @@
 //! Removing a device (a stolen laptop): three real devices in one process over the in-memory
 //! transport (and a fourth, the stolen laptop). After `remove`, the removed device is disconnected and let in nowhere, the new
 //! content the others write is sealed under a key it never held (shown by running the real
-//! decryption code with every key it holds), a record it signs for the new epoch is refused
+//! decryption code with every key it holds, on a chunk and on a sealed index change), a record it signs for the new epoch is refused
 //! even when a member relays it, and the devices that stay keep syncing.
 
 mod common;
@@ -139,6 +139,19 @@ async fn a_removed_device_is_cut_off_and_reads_nothing_new() {
     }
     let plain = content::open_chunk_in(&v_ring, None, &fetched.id, fetched.data).unwrap();
     assert_eq!(&*plain, &secret[..]);
+    // Nor the sealed index change m made for storage peers (names, sizes, chunk lists).
+    let (m_id, sealed) = {
+        let m = mesh.m.lock().await;
+        let me = m.keys().device_id();
+        (me, m.state().sealed_after(&me, 0, usize::MAX).unwrap())
+    };
+    let (_, newest) = sealed.last().expect("m sealed its changes");
+    let newest = meshsync_crdt::SealedChange::decode(newest).unwrap();
+    assert_eq!((newest.author, newest.epoch.0), (m_id, 1));
+    for key in r_ring.newest_first() {
+        assert!(newest.open(key).is_err(), "epoch {} opens it", key.epoch());
+    }
+    assert!(newest.open(v_ring.current().unwrap()).is_ok());
 
     // A record the removed device signs in the new epoch, relayed by m, is refused.
     let mut relay = Mallory::new(&mesh.m, &mesh.v, &mesh.folder).await;

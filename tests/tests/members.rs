@@ -1,13 +1,14 @@
 //! Managing members from the command line, with real daemons on loopback: only an admin may
 //! change who is in the mesh (a non-admin is refused with a clear message), a device renames
 //! itself, an admin grants and revokes admin and changes roles (the last admin stays one), and
-//! `meshsync remove` cuts a device off at once: the others drop it, list it as removed, and keep
+//! `meshsync remove` cuts a device off at once: the others and the storage peer drop it, list it as removed, and keep
 //! syncing without it.
 
 use std::time::Duration;
 
 use meshsync_tests::{
-    alice_and_bob, invite, meshsync, meshsync_ok, path_text, same, wait_until, Daemon,
+    alice_and_bob, free_loopback_addr, invite, meshsync, meshsync_ok, path_text, same, wait_until,
+    Daemon,
 };
 
 const LONG: Duration = Duration::from_secs(30);
@@ -40,8 +41,26 @@ fn admins_manage_members_and_a_removed_device_is_cut_off() {
     std::fs::create_dir_all(&fc).unwrap();
     meshsync_ok(&hc, &["init", "--name", "carol"]);
     meshsync_ok(&hc, &["join", &invite(&a.home, "device")]);
+    // A storage peer at a fixed address carol knows.
+    let (hs, s_addr) = (root.join("s"), free_loopback_addr());
+    meshsync_ok(&hs, &["init", "--storage", "--name", "nas"]);
+    meshsync_ok(&hs, &["join", &invite(&a.home, "storage")]);
+    let _s = Daemon::start_on(&hs, &s_addr);
+    meshsync_ok(&hc, &["peer", "add", &s_addr]);
     let c = Daemon::start(&hc);
     meshsync_ok(&c.home, &["folder", "add", path_text(&fc), "--id", "docs"]);
+    let reaches_storage = |home: &std::path::Path| {
+        let status: serde_json::Value =
+            serde_json::from_str(&meshsync_ok(home, &["status", "--json"])).unwrap();
+        status["peers"].as_array().is_some_and(|p| {
+            p.iter()
+                .any(|p| p["role"] == "storage" && p["connected"] == true)
+        })
+    };
+    assert!(
+        wait_until(LONG, || reaches_storage(&c.home)),
+        "carol never reached the storage peer"
+    );
     std::fs::write(fa.join("first.txt"), "to everyone").unwrap();
     meshsync_ok(&a.home, &["scan"]);
     assert!(wait_until(LONG, || same(
@@ -85,7 +104,16 @@ fn admins_manage_members_and_a_removed_device_is_cut_off() {
             .as_array()
             .is_some_and(|p| p.iter().all(|p| p["connected"] == false))
     });
-    assert!(carol_peers_gone, "carol is still connected");
+    assert!(
+        carol_peers_gone,
+        "carol is still connected (to a member or the storage peer)"
+    );
+    // ...and stays out (her daemon keeps dialing the storage peer's address).
+    std::thread::sleep(Duration::from_secs(2));
+    assert!(
+        !reaches_storage(&c.home),
+        "the storage peer let carol back in"
+    );
     for home in [&a.home, &b.home] {
         assert!(wait_until(LONG, || devices(home)
             .iter()

@@ -64,7 +64,9 @@ pub async fn rotate_if_needed(device: &Shared) -> anyhow::Result<bool> {
         }
         // At most one a minute from here: a member no key can be wrapped to (a bad public
         // key) must not make this device rotate for ever.
-        if d.rotated_at.is_some_and(|at| at.elapsed() < std::time::Duration::from_secs(60)) {
+        if d.rotated_at
+            .is_some_and(|at| at.elapsed() < std::time::Duration::from_secs(60))
+        {
             return Ok(false);
         }
         d.rotated_at = Some(std::time::Instant::now());
