@@ -362,6 +362,7 @@ mod tests {
                 device: laptop.device_id(),
                 wraps: vec![],
                 chain: vec![],
+                wipe: false,
             },
         )
         .unwrap();

@@ -179,6 +179,7 @@ fn run(replica_count: usize, ops: Vec<Op>) {
                         device: outsider.device_id(),
                         wraps: vec![],
                         chain: vec![],
+                        wipe: false,
                     }
                 };
                 let _ = r.log.append(&r.keys, action);
@@ -192,6 +193,7 @@ fn run(replica_count: usize, ops: Vec<Op>) {
                         device,
                         wraps: vec![],
                         chain: vec![],
+                        wipe: false,
                     },
                 );
             }

@@ -23,6 +23,8 @@ pub enum Request {
     },
     Join {
         code: String,
+        #[serde(default)]
+        accept_wipe: bool,
     },
     FolderAdd {
         path: PathBuf,
@@ -55,6 +57,8 @@ pub enum Request {
     /// Remove a member (by device ID, a unique prefix of it, or its name).
     Remove {
         device: String,
+        #[serde(default)]
+        wipe: bool,
     },
     /// Rename this device, or (admins) another member.
     Name {
@@ -230,6 +234,9 @@ pub struct DeviceInfo {
     /// For a removed device: the key epoch its removal started.
     #[serde(default)]
     pub removed_in: Option<u64>,
+    /// Whether it accepted remote wipe when it joined.
+    #[serde(default)]
+    pub remote_wipe: bool,
 }
 
 /// One conflict copy for `meshsync conflicts`.
@@ -281,6 +288,10 @@ pub struct Removed {
     pub epoch: u64,
     /// Devices the new mesh key is wrapped to.
     pub rekeyed: usize,
+    /// With --wipe: whether the device accepted remote wipe when it joined (if not, it is
+    /// only refused).
+    #[serde(default)]
+    pub wipe: Option<bool>,
 }
 
 /// A member `meshsync name`, `role` or `admin` changed, and how.

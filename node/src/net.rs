@@ -95,6 +95,17 @@ pub fn other_members(log: &MembershipLog, me: &DeviceId) -> Vec<PeerId> {
         .collect()
 }
 
+/// Removed devices that accepted remote wipe when they joined: let through the door, should
+/// they come back, to hear of their removal and nothing else.
+pub fn notice_peers(log: &MembershipLog) -> Vec<PeerId> {
+    let view = log.view();
+    view.removed
+        .keys()
+        .filter(|d| view.accepts_wipe.contains(d))
+        .map(|d| d.to_peer_id())
+        .collect()
+}
+
 /// The addresses to dial besides what mDNS finds: `peers` from config.toml and the
 /// addresses of the inviter this home joined through.
 pub fn static_addrs(home: &Home, state: &State) -> Vec<Multiaddr> {

@@ -17,12 +17,13 @@ pub async fn join(
     state: &State,
     keys: &DeviceKeys,
     code: &str,
+    accept_wipe: bool,
 ) -> anyhow::Result<(MeshId, Vec<String>)> {
     if !state.load()?.folders.is_empty() {
         anyhow::bail!(ALREADY_SYNCING);
     }
     let payload = handshake(home, keys, code).await?;
-    let (log, addrs) = commit(state, keys, payload)?;
+    let (log, addrs) = commit(state, keys, payload, accept_wipe)?;
     Ok((log.mesh(), addrs))
 }
 
@@ -44,17 +45,23 @@ pub async fn handshake(home: &Home, keys: &DeviceKeys, code: &str) -> anyhow::Re
 }
 
 /// The state half of joining: verifies the inviter's membership log, checks this device is in
-/// it, and commits it with the inviter's addresses. Returns the log and those addresses.
+/// it, records whether it accepts remote wipe (`accept_wipe`: an entry it signs, which the
+/// others learn when they next pull), and commits it with the inviter's addresses. Returns the
+/// log and those addresses.
 pub fn commit(
     state: &State,
     keys: &DeviceKeys,
     payload: JoinPayload,
+    accept_wipe: bool,
 ) -> anyhow::Result<(MembershipLog, Vec<String>)> {
     let mut log = MembershipLog::empty(payload.mesh);
     log.apply(&payload.membership)
         .context("the inviter's membership log does not verify")?;
     if !log.view().is_member(&keys.device_id()) {
         anyhow::bail!("the inviter did not add this device");
+    }
+    if accept_wipe {
+        log.set_wipe_policy(keys, true)?;
     }
     let mut batch = Batch {
         mesh: Some(payload.mesh),

@@ -173,6 +173,11 @@ impl SignedRelease {
     }
 }
 
+/// `/meshsync/removed/1`: a removed device that comes back asks, and is answered with the signed
+/// entries that removed it (`Vec<ByteBuf>`, empty for anyone else), and nothing more.
+pub const REMOVED: meshsync_transport::StreamProtocol =
+    meshsync_transport::StreamProtocol::new("/meshsync/removed/1");
+
 /// Sends one request on `protocol` and decodes the reply: the one request helper.
 pub async fn request<Q: Serialize, R: DeserializeOwned>(
     transport: &Transport,

@@ -60,7 +60,7 @@ async fn a_removed_device_is_cut_off_and_reads_nothing_new() {
     assert!(eventually(|| mesh.fv.join("from-the-laptop.txt").exists()).await);
 
     let prefix: String = r_id.to_string().chars().take(7).collect();
-    let removed = members::remove(&mesh.v, &prefix).await.unwrap();
+    let removed = members::remove(&mesh.v, &prefix, false).await.unwrap();
     assert_eq!(removed.device_id, r_id.to_string());
     assert_eq!(removed.name, "thief");
     assert_eq!(removed.epoch, 1);

@@ -81,6 +81,7 @@ async fn the_storage_peer_stores_only_what_writing_members_signed() {
             device: gone.device_id(),
             wraps: vec![],
             chain: vec![],
+            wipe: false,
         },
     )
     .unwrap();

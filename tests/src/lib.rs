@@ -90,6 +90,11 @@ impl Daemon {
             .expect("status is JSON")
     }
 
+    /// Whether the daemon process has ended (by itself).
+    pub fn exited(&mut self) -> bool {
+        self.child.try_wait().ok().flatten().is_some()
+    }
+
     pub fn kill(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();

@@ -25,6 +25,9 @@ pub struct Allowed {
 struct AllowedInner {
     anyone: bool,
     peers: HashSet<PeerId>,
+    /// Removed devices let through the door for one thing only: to be told of their removal
+    /// (see [`Allowed::set_notice`]). Not members: [`Allowed::contains`] says no.
+    notice: HashSet<PeerId>,
 }
 
 impl Allowed {
@@ -39,6 +42,25 @@ impl Allowed {
     pub fn contains(&self, peer: &PeerId) -> bool {
         let inner = self.inner.read().expect("allowed lock");
         inner.anyone || inner.peers.contains(peer)
+    }
+
+    /// Whether the door lets `peer` in: a member, or a removed device to be told of it.
+    pub fn admits(&self, peer: &PeerId) -> bool {
+        let inner = self.inner.read().expect("allowed lock");
+        inner.anyone || inner.peers.contains(peer) || inner.notice.contains(peer)
+    }
+
+    /// Whether `peer` is let in only to be told of its removal.
+    pub fn is_notice(&self, peer: &PeerId) -> bool {
+        let inner = self.inner.read().expect("allowed lock");
+        inner.notice.contains(peer) && !inner.peers.contains(peer)
+    }
+
+    /// Replaces the removed devices let in to hear of their removal (and nothing else: every
+    /// protocol but the one that tells them refuses them, and the node neither pulls from nor
+    /// fetches from them).
+    pub fn set_notice(&self, peers: impl IntoIterator<Item = PeerId>) {
+        self.inner.write().expect("allowed lock").notice = peers.into_iter().collect();
     }
 
     /// Replaces the set; returns the peers that were removed.
@@ -87,7 +109,7 @@ impl Gate {
     }
 
     fn check(&mut self, peer: PeerId, addr: &Multiaddr) -> Result<(), ConnectionDenied> {
-        if self.allowed.contains(&peer) {
+        if self.allowed.admits(&peer) {
             Ok(())
         } else {
             self.events.push_back(GateEvent::Refused {

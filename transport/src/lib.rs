@@ -264,13 +264,16 @@ impl Transport {
         self.connected().await.into_iter().map(|(p, _)| p).collect()
     }
 
-    /// Connected peers with the listen addresses they announced.
+    /// Connected members with the listen addresses they announced (a removed device let in
+    /// only to hear of its removal is not one).
     pub async fn connected(&self) -> Vec<(PeerId, Vec<Multiaddr>)> {
         let (tx, rx) = oneshot::channel();
         if self.commands.send(Command::Connected(tx)).await.is_err() {
             return Vec::new();
         }
-        rx.await.unwrap_or_default()
+        let mut peers = rx.await.unwrap_or_default();
+        peers.retain(|(peer, _)| self.allowed.contains(peer));
+        peers
     }
 
     pub async fn listen_addrs(&self) -> Vec<Multiaddr> {

@@ -66,6 +66,33 @@ where
     F: Fn(PeerId, Vec<u8>) -> Fut + Clone + Send + Sync + 'static,
     Fut: Future<Output = Option<Vec<u8>>> + Send,
 {
+    serve_for(transport, protocol, false, handler)
+}
+
+/// [`serve`] that also answers removed devices let in to hear of their removal
+/// ([`crate::Allowed::set_notice`]): only for the protocol that tells them.
+pub fn serve_notice<F, Fut>(
+    transport: &Transport,
+    protocol: StreamProtocol,
+    handler: F,
+) -> Result<(), TransportError>
+where
+    F: Fn(PeerId, Vec<u8>) -> Fut + Clone + Send + Sync + 'static,
+    Fut: Future<Output = Option<Vec<u8>>> + Send,
+{
+    serve_for(transport, protocol, true, handler)
+}
+
+fn serve_for<F, Fut>(
+    transport: &Transport,
+    protocol: StreamProtocol,
+    notice: bool,
+    handler: F,
+) -> Result<(), TransportError>
+where
+    F: Fn(PeerId, Vec<u8>) -> Fut + Clone + Send + Sync + 'static,
+    Fut: Future<Output = Option<Vec<u8>>> + Send,
+{
     let mut incoming = transport
         .control()
         .accept(protocol.clone())
@@ -74,7 +101,9 @@ where
     let limit = crate::limit::InboundLimit::default();
     tokio::spawn(async move {
         while let Some((peer, mut stream)) = incoming.next().await {
-            if !transport.allowed().contains(&peer) {
+            let let_in = transport.allowed().contains(&peer)
+                || (notice && transport.allowed().is_notice(&peer));
+            if !let_in {
                 tracing::warn!(peer = %crate::describe(&peer), %protocol, "stream from a non-member refused");
                 continue;
             }

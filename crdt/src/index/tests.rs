@@ -379,6 +379,7 @@ fn removed_stranger_and_read_only_authors_are_rejected() {
                 device: w.laptop.device_id(),
                 wraps: vec![],
                 chain: vec![],
+                wipe: false,
             },
         )
         .unwrap();

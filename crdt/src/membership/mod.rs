@@ -108,11 +108,14 @@ pub enum Action {
         wrapped: Option<WrappedKey>,
     },
     /// Removes a device and starts a new epoch, whose key is wrapped to every remaining device;
-    /// `chain` holds every older epoch's key sealed under the new one.
+    /// `chain` holds every older epoch's key sealed under the new one. `wipe`: the device is
+    /// asked to erase what it holds if it ever comes back (it does so only if it accepted
+    /// remote wipe when it joined, see [`Action::WipePolicy`]).
     Remove {
         device: DeviceId,
         wraps: Vec<WrappedKey>,
         chain: Vec<SealedKey>,
+        wipe: bool,
     },
     SetRole {
         device: DeviceId,
@@ -136,6 +139,11 @@ pub enum Action {
         epoch: Epoch,
         wraps: Vec<WrappedKey>,
         chain: Vec<SealedKey>,
+    },
+    /// Whether this device accepts remote wipe (signed by the device itself, when it joins).
+    WipePolicy {
+        device: DeviceId,
+        accepts: bool,
     },
 }
 
@@ -288,6 +296,8 @@ pub struct MembershipView {
     pub ignored: BTreeMap<EntryHash, Ignored>,
     /// Wrapped mesh keys from counted entries.
     pub wraps: Vec<WrappedKey>,
+    /// Devices that accepted remote wipe when they joined.
+    pub accepts_wipe: BTreeSet<DeviceId>,
 }
 
 impl MembershipView {
@@ -517,9 +527,9 @@ impl<'a> Graph<'a> {
             }
             // A member may rename itself and take itself out; everything else is an admin's.
             let own = match &entry.action {
-                Action::SetName { device, .. } | Action::Remove { device, .. } => {
-                    *device == signer && view.is_member(&signer)
-                }
+                Action::SetName { device, .. }
+                | Action::Remove { device, .. }
+                | Action::WipePolicy { device, .. } => *device == signer && view.is_member(&signer),
                 _ => false,
             };
             if !own && !view.is_admin(&signer) {
@@ -603,6 +613,13 @@ impl<'a> Graph<'a> {
                     view.epoch = *epoch;
                     view.wraps
                         .extend(wraps.iter().filter(|w| w.epoch == *epoch).cloned());
+                }
+                Action::WipePolicy { device, accepts } => {
+                    if *accepts {
+                        view.accepts_wipe.insert(*device);
+                    } else {
+                        view.accepts_wipe.remove(device);
+                    }
                 }
                 Action::SetName { device, name } => {
                     let Some(member) = view.members.get_mut(device) else {
@@ -940,6 +957,17 @@ impl MembershipLog {
         device: DeviceId,
         ring: &KeyRing,
     ) -> Result<MeshKey, MembershipError> {
+        self.remove_with(admin, device, ring, false)
+    }
+
+    /// [`MembershipLog::remove`], asking the device to wipe itself if it comes back (`wipe`).
+    pub fn remove_with(
+        &mut self,
+        admin: &DeviceKeys,
+        device: DeviceId,
+        ring: &KeyRing,
+        wipe: bool,
+    ) -> Result<MeshKey, MembershipError> {
         if !self.view.is_member(&device) {
             return Err(MembershipError::Malformed(format!(
                 "{device} is not a member of this mesh"
@@ -956,6 +984,7 @@ impl MembershipLog {
             device,
             wraps,
             chain,
+            wipe,
         };
         if device == admin.device_id() {
             self.append_unchecked(admin, action); // leaving: a member may remove itself
@@ -1009,6 +1038,21 @@ impl MembershipLog {
         (key, wraps, chain)
     }
 
+    /// Says whether `keys`' device (a member) accepts remote wipe: an entry it signs itself.
+    pub fn set_wipe_policy(
+        &mut self,
+        keys: &DeviceKeys,
+        accepts: bool,
+    ) -> Result<EntryHash, MembershipError> {
+        let device = keys.device_id();
+        if !self.view.is_member(&device) {
+            return Err(MembershipError::Malformed(format!(
+                "{device} is not a member of this mesh"
+            )));
+        }
+        Ok(self.append_unchecked(keys, Action::WipePolicy { device, accepts }))
+    }
+
     /// Renames `device` (this device itself, or any member if `signer` is an admin).
     pub fn rename(
         &mut self,
@@ -1026,6 +1070,46 @@ impl MembershipLog {
             Ok(self.append_unchecked(signer, action))
         } else {
             self.append(signer, action)
+        }
+    }
+
+    /// The signed entries (as signed, so they verify on their own) of the counted removals of
+    /// `device`: what a member tells a removed device that comes back, and nothing else.
+    pub fn removal_notice(&self, device: &DeviceId) -> Vec<Vec<u8>> {
+        self.entries
+            .iter()
+            .filter(|(hash, entry)| {
+                !self.view.ignored.contains_key(hash)
+                    && matches!(&entry.action, Action::Remove { device: d, .. } if d == device)
+            })
+            .filter_map(|(hash, _)| self.raw_entry(hash))
+            .collect()
+    }
+
+    /// One entry as signed (for tests of what a forger could send).
+    #[doc(hidden)]
+    pub fn raw_entry(&self, hash: &EntryHash) -> Option<Vec<u8>> {
+        match self.doc.get(ROOT, hash.to_hex()).ok()??.0 {
+            automerge::Value::Scalar(s) => match s.as_ref() {
+                automerge::ScalarValue::Bytes(bytes) => Some(bytes.clone()),
+                _ => None,
+            },
+            _ => None,
+        }
+    }
+
+    /// Checks a removal notice against this log (the one a removed device still holds): the
+    /// entry must be for this mesh, verify, remove `me`, and be signed by a device this log
+    /// says is an admin. Returns whether it asks for a wipe; `None` if it is no such removal
+    /// (forged, for another device or mesh, or signed by a non-admin).
+    pub fn check_removal(&self, signed: &[u8], me: &DeviceId) -> Option<bool> {
+        let entry = SignedEntry::decode_verified(signed, &self.mesh).ok()?;
+        if !self.view.is_admin(&entry.signer) {
+            return None;
+        }
+        match entry.action {
+            Action::Remove { device, wipe, .. } if device == *me => Some(wipe),
+            _ => None,
         }
     }
 

@@ -64,6 +64,7 @@ fn creator_is_admin_and_adds_and_removes_devices() {
                 device: laptop.device_id(),
                 wraps: vec![],
                 chain: vec![],
+                wipe: false,
             },
         )
         .unwrap();
@@ -216,6 +217,7 @@ fn removed_signer_is_ignored_after_and_concurrently_with_removal() {
                 device: second_admin.device_id(),
                 wraps: vec![],
                 chain: vec![],
+                wipe: false,
             },
         )
         .unwrap();
@@ -265,6 +267,7 @@ fn removal_beats_concurrent_re_add_but_not_a_later_one() {
                 device: laptop.device_id(),
                 wraps: vec![],
                 chain: vec![],
+                wipe: false,
             },
         )
         .unwrap();
@@ -275,6 +278,7 @@ fn removal_beats_concurrent_re_add_but_not_a_later_one() {
                 device: laptop.device_id(),
                 wraps: vec![],
                 chain: vec![],
+                wipe: false,
             },
         )
         .unwrap();
@@ -309,6 +313,7 @@ fn replayed_entries_change_nothing() {
                 device: laptop.device_id(),
                 wraps: vec![],
                 chain: vec![],
+                wipe: false,
             },
         )
         .unwrap();
@@ -368,6 +373,7 @@ fn last_admin_stays_and_storage_cannot_be_admin() {
                 device: m.admin.device_id(),
                 wraps: vec![],
                 chain: vec![],
+                wipe: false,
             },
         )
         .unwrap();
@@ -522,4 +528,53 @@ fn a_member_renames_and_removes_itself_but_nobody_else() {
     // b cannot remove admin: not an admin.
     let ring = log.key_ring(&b);
     assert!(log.remove(&b, admin.device_id(), &ring).is_err());
+}
+
+#[test]
+fn a_removal_notice_verifies_against_the_removed_devices_own_log() {
+    let admin = DeviceKeys::generate();
+    let key0 = MeshKey::generate(Epoch(0));
+    let (mut log, _) = MembershipLog::create(&admin, "admin", &key0);
+    let (gone, other) = (DeviceKeys::generate(), DeviceKeys::generate());
+    for device in [&gone, &other] {
+        log.append(&admin, add(device, Role::Device)).unwrap();
+    }
+    // What the removed device still holds: the log before its removal.
+    let held = MembershipLog::load(log.mesh(), &log.save()).unwrap();
+    let ring = log.key_ring(&admin);
+    log.remove_with(&admin, gone.device_id(), &ring, true)
+        .unwrap();
+    let notice = log.removal_notice(&gone.device_id());
+    assert_eq!(notice.len(), 1);
+    assert_eq!(
+        held.check_removal(&notice[0], &gone.device_id()),
+        Some(true)
+    );
+    // Not for another device; nothing for a device that was not removed.
+    assert_eq!(held.check_removal(&notice[0], &other.device_id()), None);
+    assert!(log.removal_notice(&other.device_id()).is_empty());
+    // A removal signed by a non-admin (forged onto the wire) orders nothing.
+    let mut forged_log = MembershipLog::load(log.mesh(), &log.save()).unwrap();
+    let forged = forged_log.append_unchecked(
+        &other,
+        Action::Remove {
+            device: gone.device_id(),
+            wraps: vec![],
+            chain: vec![],
+            wipe: true,
+        },
+    );
+    assert!(forged_log.view().ignored.contains_key(&forged));
+    let raw = forged_log.raw_entry(&forged).unwrap();
+    assert_eq!(held.check_removal(&raw, &gone.device_id()), None);
+    // Nor does one from another mesh, or garbage.
+    let (mut elsewhere, _) = MembershipLog::create(&admin, "admin", &key0);
+    elsewhere.append(&admin, add(&gone, Role::Device)).unwrap();
+    let ring = elsewhere.key_ring(&admin);
+    elsewhere
+        .remove_with(&admin, gone.device_id(), &ring, true)
+        .unwrap();
+    let foreign = elsewhere.removal_notice(&gone.device_id());
+    assert_eq!(held.check_removal(&foreign[0], &gone.device_id()), None);
+    assert_eq!(held.check_removal(b"garbage", &gone.device_id()), None);
 }

@@ -153,8 +153,8 @@ pub fn gc(home: &Home, json: bool) -> anyhow::Result<()> {
     show(json, &report, print::gc)
 }
 
-pub fn remove(home: &Home, device: String, json: bool) -> anyhow::Result<()> {
-    let removed: control::Removed = ask(home, &Request::Remove { device })?;
+pub fn remove(home: &Home, device: String, wipe: bool, json: bool) -> anyhow::Result<()> {
+    let removed: control::Removed = ask(home, &Request::Remove { device, wipe })?;
     show(json, &removed, print::removed)
 }
 
@@ -219,6 +219,7 @@ async fn run_daemon(home: Home, listen: Vec<String>, mdns: bool) -> anyhow::Resu
     let network = Network::tcp(listen, mdns);
     let path = home.path().to_path_buf();
     let role = home.config()?.role().map_err(|e| anyhow::anyhow!(e))?;
+    let stop = std::sync::Arc::new(tokio::sync::Notify::new());
     let control = if role == Role::Storage {
         let storage = crate::storage_peer::start(home, network).await?;
         let (transport, id) = {
@@ -234,6 +235,12 @@ async fn run_daemon(home: Home, listen: Vec<String>, mdns: bool) -> anyhow::Resu
         let device = crate::device::start(home, network).await?;
         let (transport, id) = {
             let d = device.lock().await;
+            let stopped = d.stopped();
+            let stop = stop.clone();
+            tokio::spawn(async move {
+                stopped.notified().await;
+                stop.notify_one();
+            });
             (d.transport().clone(), d.keys().device_id())
         };
         announce(&format!("device {id}"), &transport).await;
@@ -246,6 +253,7 @@ async fn run_daemon(home: Home, listen: Vec<String>, mdns: bool) -> anyhow::Resu
     tokio::select! {
         _ = tokio::signal::ctrl_c() => {}
         _ = term.recv() => {}
+        _ = stop.notified() => {}
         result = control => { result??; }
     }
     let _ = std::fs::remove_file(control::socket_path(&path));
@@ -263,11 +271,14 @@ async fn announce(what: &str, transport: &meshsync_transport::Transport) {
 }
 
 /// `meshsync join CODE`: through the running daemon if there is one, else directly.
-pub fn join(home: Home, code: String) -> anyhow::Result<()> {
+pub fn join(home: Home, code: String, accept_wipe: bool) -> anyhow::Result<()> {
     runtime()?.block_on(async move {
         home.load_keys()?;
         let message = "pairing with the inviting device";
-        let request = Request::Join { code: code.clone() };
+        let request = Request::Join {
+            code: code.clone(),
+            accept_wipe,
+        };
         let through_daemon: Option<control::Joined> =
             with_spinner(message, control::call(home.path(), &request)).await?;
         if let Some(joined) = through_daemon {
@@ -276,8 +287,11 @@ pub fn join(home: Home, code: String) -> anyhow::Result<()> {
         }
         let keys = home.load_keys()?;
         let state = crate::state::State::open(home.path())?;
-        let (mesh, _) =
-            with_spinner(message, crate::pairing::join(&home, &state, &keys, &code)).await?;
+        let (mesh, _) = with_spinner(
+            message,
+            crate::pairing::join(&home, &state, &keys, &code, accept_wipe),
+        )
+        .await?;
         println!("joined mesh {mesh}; start the daemon with `meshsync up`");
         Ok(())
     })

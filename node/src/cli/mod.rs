@@ -60,7 +60,14 @@ pub enum Command {
         expires: String,
     },
     /// Join the mesh of an invite code (with or without this home's daemon running).
-    Join { code: String },
+    Join {
+        code: String,
+        /// If this device is ever removed from the mesh (stolen, say) and reaches a member
+        /// again, let it erase its synced folders' content, its keys and its state when told
+        /// to (`meshsync remove --wipe`). Best effort: only if it comes back online.
+        #[arg(long)]
+        accept_remote_wipe: bool,
+    },
     /// Manage synced folders.
     Folder {
         #[command(subcommand)]
@@ -119,6 +126,10 @@ pub enum Command {
     /// DEVICE is its device ID, a unique prefix of it, or its name.
     Remove {
         device: String,
+        /// Also order it to erase its folders' content, keys and state should it come back
+        /// (best effort; only a device that joined with --accept-remote-wipe obeys).
+        #[arg(long)]
+        wipe: bool,
         #[arg(long)]
         json: bool,
     },
@@ -199,7 +210,10 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Id { device, peer_id } => id(&home, device, peer_id),
         Command::Peer { action } => peer(&home, action),
         Command::Up { listen, no_mdns } => up(home, listen, !no_mdns),
-        Command::Join { code } => join(home, code),
+        Command::Join {
+            code,
+            accept_remote_wipe,
+        } => join(home, code, accept_remote_wipe),
         Command::Invite { role, expires } => invite(&home, role, &expires),
         Command::Folder { action } => folder(&home, action),
         Command::Status { json } => status(&home, json),
@@ -217,7 +231,7 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Versions { path, json } => versions(&home, path, json),
         Command::Restore { path, version } => restore(&home, path, version),
         Command::Gc { json } => gc(&home, json),
-        Command::Remove { device, json } => remove(&home, device, json),
+        Command::Remove { device, wipe, json } => remove(&home, device, wipe, json),
         Command::Name { name, device } => rename(&home, device, name),
         Command::Role { device, role } => set_role(&home, device, role),
         Command::Admin { action } => admin(&home, action),

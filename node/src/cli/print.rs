@@ -306,7 +306,11 @@ pub fn removed(r: &Removed) -> String {
         r.epoch,
         r.rekeyed,
         if r.rekeyed == 1 { "" } else { "s" },
-    )
+    ) + match r.wipe {
+        Some(true) => "wipe ordered: it erases its folders, keys and state if it ever reaches a member or storage peer again (best effort)\n",
+        Some(false) => "wipe ordered, but it did not accept remote wipe when it joined: it is only refused\n",
+        None => "",
+    }
 }
 
 #[cfg(test)]
@@ -441,6 +445,7 @@ mod tests {
             addresses: vec![],
             epoch: Some(0),
             removed_in: None,
+            remote_wipe: false,
         }];
         let out = devices(&list);
         assert!(!out.contains('\u{1b}') && !out.contains('\u{7}'), "{out:?}");
@@ -461,6 +466,7 @@ mod tests {
                 addresses: vec!["/ip4/192.168.1.10/tcp/22000".into()],
                 epoch: Some(1),
                 removed_in: None,
+                remote_wipe: false,
             },
             DeviceInfo {
                 id: DEV_B.into(),
@@ -473,6 +479,7 @@ mod tests {
                 addresses: vec![],
                 epoch: Some(1),
                 removed_in: None,
+                remote_wipe: false,
             },
             DeviceInfo {
                 id: DEV_A.into(),
@@ -485,6 +492,7 @@ mod tests {
                 addresses: vec!["/ip4/192.168.1.20/tcp/22000".into()],
                 epoch: Some(1),
                 removed_in: None,
+                remote_wipe: false,
             },
             DeviceInfo {
                 id: DEV_B.into(),
@@ -497,6 +505,7 @@ mod tests {
                 addresses: vec![],
                 epoch: None,
                 removed_in: Some(1),
+                remote_wipe: true,
             },
         ];
         insta::assert_snapshot!(devices_at(&list, NOW));

@@ -19,8 +19,8 @@ pub async fn handle(device: &Shared, request: Request) -> anyhow::Result<serde_j
             let code = mesh::invite(device, role, Duration::from_secs(expires_secs)).await?;
             control::reply(InviteCode { code })
         }
-        Request::Join { code } => {
-            let mesh = mesh::join(device, &code).await?;
+        Request::Join { code, accept_wipe } => {
+            let mesh = mesh::join_with(device, &code, accept_wipe).await?;
             control::reply(Joined {
                 mesh: mesh.to_string(),
             })
@@ -67,7 +67,9 @@ pub async fn handle(device: &Shared, request: Request) -> anyhow::Result<serde_j
             control::reply(history::restore(device, &path, version).await?)
         }
         Request::Gc => control::reply(history::gc(device).await?),
-        Request::Remove { device: who } => control::reply(members::remove(device, &who).await?),
+        Request::Remove { device: who, wipe } => {
+            control::reply(members::remove(device, &who, wipe).await?)
+        }
         Request::Name { device: who, name } => {
             control::reply(members::rename(device, who.as_deref(), &name).await?)
         }

@@ -14,11 +14,12 @@ use meshsync_transport::{PeerId, Transport};
 
 use super::{sync, Device, Shared};
 use crate::control::{Changed, Removed};
+use crate::protocol::{self, ByteBuf};
 use crate::protocol::{SyncChanges, SyncRequest};
 use crate::state::Batch;
 
-/// `meshsync remove WHO`.
-pub async fn remove(device: &Shared, who: &str) -> anyhow::Result<Removed> {
+/// `meshsync remove WHO [--wipe]`.
+pub async fn remove(device: &Shared, who: &str, wipe: bool) -> anyhow::Result<Removed> {
     let (removed, (allowed, push, transport)) = {
         let mut d = device.lock().await;
         let member = d.member_named(who)?;
@@ -28,7 +29,8 @@ pub async fn remove(device: &Shared, who: &str) -> anyhow::Result<Removed> {
         let name = d.member_name(&member);
         let ring = d.key_ring();
         let keys = d.keys.clone();
-        let key = d.log.remove(&keys, member.device, &ring)?;
+        let accepts = d.log.view().accepts_wipe.contains(&member.device);
+        let key = d.log.remove_with(&keys, member.device, &ring, wipe)?;
         let rekeyed = d
             .log
             .view()
@@ -41,6 +43,7 @@ pub async fn remove(device: &Shared, who: &str) -> anyhow::Result<Removed> {
             name,
             epoch: key.epoch().0,
             rekeyed,
+            wipe: wipe.then_some(accepts),
         };
         (removed, d.publish_membership()?)
     };
@@ -232,5 +235,113 @@ impl Device {
             ([], []) => anyhow::bail!("no member of this mesh is called or starts with {who:?} (see `meshsync devices`)"),
             _ => anyhow::bail!("{who:?} names more than one member; give more of the device ID (see `meshsync devices`)"),
         }
+    }
+}
+
+/// Serves `/meshsync/removed/1`: a removed device that accepted remote wipe is let through the
+/// door (`net::notice_peers`) and told of its removal — the signed entries that removed it —
+/// and nothing else. A member asking gets nothing.
+pub(crate) fn serve_notice(device: &Shared, transport: &Transport) -> anyhow::Result<()> {
+    let device = device.clone();
+    meshsync_transport::rpc::serve_notice(transport, protocol::REMOVED, move |peer, _| {
+        let device = device.clone();
+        async move {
+            let notice = match DeviceId::from_peer_id(&peer) {
+                Some(id) => device.lock().await.log.removal_notice(&id),
+                None => Vec::new(),
+            };
+            let notice: Vec<ByteBuf> = notice.into_iter().map(ByteBuf::from).collect();
+            postcard::to_stdvec(&notice).ok()
+        }
+    })?;
+    Ok(())
+}
+
+/// Asks `peer` whether this device was removed (after `peer` refused a pull). If a removal
+/// signed by an admin of the log this device holds names it, this device stops syncing; if
+/// the removal asks for a wipe and this device accepted remote wipe when it joined, it first
+/// erases the content of its folders, its keys and its state. Returns whether it was removed.
+pub(crate) async fn ask_if_removed(device: &Shared, peer: PeerId) -> anyhow::Result<bool> {
+    let transport = device.lock().await.transport.clone();
+    let notice: Vec<ByteBuf> = protocol::request(&transport, peer, protocol::REMOVED, &()).await?;
+    let order = {
+        let d = device.lock().await;
+        let me = d.keys.device_id();
+        let order = notice
+            .iter()
+            .take(16)
+            .filter_map(|signed| d.log.check_removal(signed, &me))
+            .reduce(|a, b| a || b);
+        order.map(|wipe| (wipe, d.log.view().accepts_wipe.contains(&me)))
+    };
+    match order {
+        None => Ok(false),
+        Some((true, true)) => {
+            tracing::error!("this device was removed from the mesh with a wipe order it accepted when it joined: erasing its folders, keys and state");
+            wipe(device).await?;
+            Ok(true)
+        }
+        Some(_) => {
+            tracing::error!(
+                "this device was removed from the mesh: nothing syncs any more (its files stay)"
+            );
+            Ok(true)
+        }
+    }
+}
+
+/// Erases the content of every synced folder (the folders stay, empty), this device's keys,
+/// its state and its chunk store, then stops the device. Holds the device lock to the end, so
+/// nothing else runs meanwhile.
+async fn wipe(device: &Shared) -> anyhow::Result<()> {
+    let d = device.lock().await;
+    for (_, path) in d.folder_list() {
+        match crate::disk::FolderRoot::open(&path) {
+            Ok(root) => empty_folder(&root),
+            Err(error) => tracing::warn!(folder = %path.display(), %error, "folder not wiped"),
+        }
+    }
+    let home = d.home.path().to_path_buf();
+    for gone in ["keys", "chunks"] {
+        if let Err(error) = std::fs::remove_dir_all(home.join(gone)) {
+            tracing::warn!(%gone, %error, "not removed");
+        }
+    }
+    if let Err(error) = std::fs::remove_file(home.join("state.redb")) {
+        tracing::warn!(%error, "state not removed");
+    }
+    tracing::error!("wiped; stopping");
+    d.stop.notify_one();
+    Ok(())
+}
+
+/// Removes everything inside `root` (links as links, never followed).
+fn empty_folder(root: &crate::disk::FolderRoot) {
+    let mut dirs = vec![String::new()];
+    let mut emptied = Vec::new();
+    while let Some(dir) = dirs.pop() {
+        let Ok(names) = root.read_dir_kinds(&dir) else {
+            continue;
+        };
+        for (name, kind) in names {
+            let rel = match dir.as_str() {
+                "" => name,
+                _ => format!("{dir}/{name}"),
+            };
+            match kind {
+                crate::disk::Kind::Dir => dirs.push(rel),
+                _ => {
+                    let _ = root.remove_file(&rel);
+                }
+            }
+        }
+        if !dir.is_empty() {
+            emptied.push(dir);
+        }
+    }
+    // Deepest first: each is empty by then.
+    emptied.sort_by_key(|d| std::cmp::Reverse(d.matches('/').count()));
+    for dir in emptied {
+        let _ = root.remove_dir(&dir);
     }
 }

@@ -42,6 +42,9 @@ impl Device {
     /// in, for the caller to hand the transport once the device lock is released.
     pub(crate) fn membership_changed(&mut self) -> Vec<PeerId> {
         *self.keys_ring.lock().expect("key lock") = self.log.key_ring(&self.keys);
+        self.transport
+            .allowed()
+            .set_notice(net::notice_peers(&self.log));
         net::other_members(&self.log, &self.keys.device_id())
     }
 
@@ -214,6 +217,11 @@ pub async fn invite(device: &Shared, role: Role, valid_for: Duration) -> anyhow:
 /// `meshsync join` through the running daemon: pairs (without holding the device lock),
 /// takes the inviter's log, lets the members in and dials the inviter.
 pub async fn join(device: &Shared, code: &str) -> anyhow::Result<MeshId> {
+    join_with(device, code, false).await
+}
+
+/// [`join`], saying whether this device accepts remote wipe should it ever be removed.
+pub async fn join_with(device: &Shared, code: &str, accept_wipe: bool) -> anyhow::Result<MeshId> {
     let (home, keys) = {
         let d = device.lock().await;
         if !d.folders.is_empty() {
@@ -224,7 +232,7 @@ pub async fn join(device: &Shared, code: &str) -> anyhow::Result<MeshId> {
     let payload = pairing::handshake(&home, &keys, code).await?;
     let (mesh, addrs, transport, allowed) = {
         let mut d = device.lock().await;
-        let (log, addrs) = pairing::commit(&d.state, &keys, payload)?;
+        let (log, addrs) = pairing::commit(&d.state, &keys, payload, accept_wipe)?;
         d.log = log;
         (
             d.log.mesh(),

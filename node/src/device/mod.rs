@@ -89,6 +89,9 @@ pub struct Device {
     /// When this device last started a key epoch on its own (see
     /// `members::rotate_if_needed`).
     pub(crate) rotated_at: Option<std::time::Instant>,
+    /// Told once the device must stop (it wiped itself after its removal): `meshsync up`
+    /// ends.
+    pub(crate) stop: Arc<tokio::sync::Notify>,
 }
 
 /// The device behind its lock, as every task and handler holds it.
@@ -105,6 +108,7 @@ pub async fn start(home: Home, network: Network) -> anyhow::Result<Shared> {
     transport
         .set_allowed(net::other_members(&log, &keys.device_id()))
         .await;
+    transport.allowed().set_notice(net::notice_peers(&log));
     net::dial_all(&transport, net::static_addrs(&home, &state)).await;
     let sealing = Sealing::load(&state)?;
     let last_seen = state.get(&status::LAST_SEEN)?;
@@ -129,6 +133,7 @@ pub async fn start(home: Home, network: Network) -> anyhow::Result<Shared> {
         store: store.clone(),
         last_seen,
         rotated_at: None,
+        stop: Arc::new(tokio::sync::Notify::new()),
     }));
     {
         let mut d = device.lock().await;
@@ -145,6 +150,7 @@ pub async fn start(home: Home, network: Network) -> anyhow::Result<Shared> {
         }),
     )?;
     sync::serve(&device, &transport)?;
+    members::serve_notice(&device, &transport)?;
     tasks::spawn_all(&device, changed);
     Ok(device)
 }
@@ -156,6 +162,11 @@ impl Device {
 
     pub fn keys(&self) -> &DeviceKeys {
         &self.keys
+    }
+
+    /// Told when the device must stop (see `members::wipe`).
+    pub fn stopped(&self) -> Arc<tokio::sync::Notify> {
+        self.stop.clone()
     }
 
     pub fn home(&self) -> &Home {

@@ -117,6 +117,7 @@ impl Device {
                     },
                     epoch: view.wraps_for(&m.device).last().map(|w| w.epoch.0),
                     removed_in: None,
+                    remote_wipe: view.accepts_wipe.contains(&m.device),
                 }
             })
             .collect();
@@ -131,6 +132,7 @@ impl Device {
             addresses: Vec::new(),
             epoch: None,
             removed_in: Some(epoch.0),
+            remote_wipe: view.accepts_wipe.contains(device),
         }));
         list
     }

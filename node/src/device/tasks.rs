@@ -67,9 +67,19 @@ async fn pull_on_connect(device: Shared) {
                 device.lock().await.saw(&peer, true);
             }
             Ok(meshsync_transport::Event::Connected { peer, .. }) => {
+                let transport = device.lock().await.transport.clone();
+                if !transport.allowed().contains(&peer) {
+                    continue; // a removed device, let in only to hear of it
+                }
                 device.lock().await.saw(&peer, false);
                 if let Err(error) = sync::pull(&device, peer).await {
                     tracing::info!(%peer, %error, "pull on connect failed");
+                    // Refused: maybe because this device was removed. Ask.
+                    match members::ask_if_removed(&device, peer).await {
+                        Ok(true) => return,
+                        Ok(false) => {}
+                        Err(error) => tracing::debug!(%peer, %error, "no removal notice"),
+                    }
                 }
             }
             Ok(_) | Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => {}

@@ -94,6 +94,7 @@ pub async fn start(home: Home, network: Network) -> anyhow::Result<SharedStorage
         transport
             .set_allowed(net::other_members(log, &keys.device_id()))
             .await;
+        transport.allowed().set_notice(net::notice_peers(log));
     }
     net::dial_all(&transport, net::static_addrs(&home, &state)).await;
     let store = Arc::new(StdMutex::new(store));
@@ -111,8 +112,34 @@ pub async fn start(home: Home, network: Network) -> anyhow::Result<SharedStorage
     }));
     chunks::start_serving(&transport, Arc::new(StoreSource(store)))?;
     serve::start(&storage, &transport)?;
+    serve_removal_notice(&storage, &transport)?;
     tokio::spawn(learn_membership(storage.clone()));
     Ok(storage)
+}
+
+/// Tells a removed device that comes back of its removal, as a device does (a NAS may be the
+/// only node a stolen laptop still reaches).
+fn serve_removal_notice(s: &SharedStorage, transport: &Transport) -> anyhow::Result<()> {
+    let s = s.clone();
+    meshsync_transport::rpc::serve_notice(transport, protocol::REMOVED, move |peer, _| {
+        let s = s.clone();
+        async move {
+            let notice = match meshsync_crdt::DeviceId::from_peer_id(&peer) {
+                Some(id) => s
+                    .lock()
+                    .await
+                    .log
+                    .as_ref()
+                    .map(|log| log.removal_notice(&id))
+                    .unwrap_or_default(),
+                None => Vec::new(),
+            };
+            let notice: Vec<protocol::ByteBuf> =
+                notice.into_iter().map(protocol::ByteBuf::from).collect();
+            postcard::to_stdvec(&notice).ok()
+        }
+    })?;
+    Ok(())
 }
 
 /// Learns membership changes (new devices, removals) from the devices it meets, every second.
@@ -158,6 +185,7 @@ async fn apply_membership(s: &SharedStorage, changes: SyncChanges) -> anyhow::Re
             membership: Some(log.save()),
             ..Batch::default()
         })?;
+        st.transport.allowed().set_notice(net::notice_peers(log));
         (
             st.transport.clone(),
             net::other_members(log, &st.keys.device_id()),
@@ -245,6 +273,7 @@ impl Storage {
                 addresses: Vec::new(),
                 epoch: log_epoch(self.log.as_ref(), &m.device),
                 removed_in: None,
+                remote_wipe: false,
             })
             .collect()
     }
@@ -277,7 +306,7 @@ pub async fn handle_control(
             control::reply(control::Status::Storage(status))
         }
         Request::Devices => control::reply(s.lock().await.devices(&connected)),
-        Request::Join { code } => {
+        Request::Join { code, .. } => {
             let (home, keys) = {
                 let st = s.lock().await;
                 if st.log.is_some() {
@@ -288,7 +317,7 @@ pub async fn handle_control(
             let payload = pairing::handshake(&home, &keys, &code).await?;
             let (mesh, addrs, allowed) = {
                 let mut st = s.lock().await;
-                let (log, addrs) = pairing::commit(&st.state, &keys, payload)?;
+                let (log, addrs) = pairing::commit(&st.state, &keys, payload, false)?;
                 let allowed = net::other_members(&log, &keys.device_id());
                 let mesh = log.mesh();
                 st.log = Some(log);
