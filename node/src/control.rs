@@ -73,6 +73,7 @@ pub enum Request {
         device: String,
         grant: bool,
     },
+    Leave,
 }
 
 impl Request {
@@ -95,6 +96,7 @@ impl Request {
             Request::Name { .. } => "`name`",
             Request::Role { .. } => "`role`",
             Request::Admin { .. } => "`admin`",
+            Request::Leave => "`leave`",
         }
     }
 }
@@ -292,6 +294,12 @@ pub struct Removed {
     /// only refused).
     #[serde(default)]
     pub wipe: Option<bool>,
+}
+
+/// `meshsync leave` is done: how many members heard it at once.
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq)]
+pub struct Left {
+    pub told: usize,
 }
 
 /// A member `meshsync name`, `role` or `admin` changed, and how.

@@ -1,7 +1,7 @@
 //! Managing members from the command line, with real daemons on loopback: only an admin may
 //! change who is in the mesh (a non-admin is refused with a clear message), a device renames
 //! itself, an admin grants and revokes admin and changes roles (the last admin stays one), and
-//! `meshsync remove` cuts a device off at once: the others and the storage peer drop it, list it as removed, and keep
+//! `meshsync remove` cuts a device off at once (and `meshsync leave` takes one out by itself): the others and the storage peer drop it, list it as removed, and keep
 //! syncing without it.
 
 use std::time::Duration;
@@ -132,4 +132,22 @@ fn admins_manage_members_and_a_removed_device_is_cut_off() {
     let bobby = member(&listed, "bobby").unwrap();
     assert_eq!(bobby["epoch"], 1, "{bobby}");
     assert!(bobby["connected"] == true, "{bobby}");
+
+    // Bob leaves: alice hears it at once, his daemon stops, his state (and every key the mesh
+    // wrapped to him) is gone, his files stay.
+    let mut b = b;
+    let out = meshsync_ok(&b.home, &["leave"]);
+    assert!(out.contains("2 members heard it"), "{out}"); // alice and the storage peer
+    assert!(wait_until(LONG, || b.exited()), "bob's daemon did not stop");
+    assert!(!b.home.join("state.redb").exists());
+    assert!(b.home.join("keys").exists(), "his own identity stays");
+    assert!(fb.join("after.txt").exists(), "his files stay");
+    let removed = devices(&a.home)
+        .iter()
+        .filter(|d| d["role"] == "removed")
+        .count();
+    assert_eq!(removed, 2, "carol and bob");
+    // Alice, alone now, is still the last admin and cannot leave without one.
+    let why = refused(&a.home, &["leave"]);
+    assert!(why.contains("last admin"), "{why}");
 }

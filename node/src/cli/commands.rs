@@ -158,6 +158,16 @@ pub fn remove(home: &Home, device: String, wipe: bool, json: bool) -> anyhow::Re
     show(json, &removed, print::removed)
 }
 
+pub fn leave(home: &Home) -> anyhow::Result<()> {
+    let left: control::Left = ask(home, &Request::Leave)?;
+    println!(
+        "left the mesh ({} member{} heard it at once); its keys and state are forgotten and the daemon stopped; your files stay",
+        left.told,
+        if left.told == 1 { "" } else { "s" }
+    );
+    Ok(())
+}
+
 pub fn rename(home: &Home, device: Option<String>, name: String) -> anyhow::Result<()> {
     let changed: control::Changed = ask(home, &Request::Name { device, name })?;
     print!("{}", print::changed(&changed));

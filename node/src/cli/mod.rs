@@ -148,6 +148,9 @@ pub enum Command {
         #[command(subcommand)]
         action: AdminAction,
     },
+    /// Take this device out of the mesh (the daemon must run, to tell the others): it signs its
+    /// own removal, forgets the mesh's keys and state, and its daemon stops. Files stay.
+    Leave,
     /// Manage static peer addresses (dialed besides the devices found on the LAN).
     Peer {
         #[command(subcommand)]
@@ -235,5 +238,6 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Name { name, device } => rename(&home, device, name),
         Command::Role { device, role } => set_role(&home, device, role),
         Command::Admin { action } => admin(&home, action),
+        Command::Leave => leave(&home),
     }
 }

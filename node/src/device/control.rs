@@ -77,6 +77,7 @@ pub async fn handle(device: &Shared, request: Request) -> anyhow::Result<serde_j
             let role: Role = role.parse().map_err(|e: String| anyhow::anyhow!(e))?;
             control::reply(members::set_role(device, &who, role).await?)
         }
+        Request::Leave => control::reply(members::leave(device).await?),
         Request::Admin { device: who, grant } => {
             control::reply(members::set_admin(device, &who, grant).await?)
         }

@@ -13,7 +13,7 @@ use meshsync_crdt::{Action, DeviceId, Member, Role, SealedName};
 use meshsync_transport::{PeerId, Transport};
 
 use super::{sync, Device, Shared};
-use crate::control::{Changed, Removed};
+use crate::control::{Changed, Left, Removed};
 use crate::protocol::{self, ByteBuf};
 use crate::protocol::{SyncChanges, SyncRequest};
 use crate::state::Batch;
@@ -51,6 +51,50 @@ pub async fn remove(device: &Shared, who: &str, wipe: bool) -> anyhow::Result<Re
     transport.set_allowed(allowed).await;
     sync::push_to_devices(transport, Default::default(), push);
     Ok(removed)
+}
+
+/// `meshsync leave`: takes this device out of the mesh. It signs its own removal (a new key
+/// epoch for the others, which it wraps to them and then forgets), tells the connected members
+/// (and waits for their answer, so the news leaves with it), forgets the mesh — its state with
+/// the membership log and every key wrapped to it, and its chunk store — and stops. The synced
+/// files stay, as plain files; the home keeps its own identity and can join a mesh again.
+pub async fn leave(device: &Shared) -> anyhow::Result<Left> {
+    let (push, transport, told_to) = {
+        let mut d = device.lock().await;
+        let me = d.keys.device_id();
+        if !d.log.view().is_member(&me) {
+            anyhow::bail!("this device is not a member of a mesh");
+        }
+        let (ring, keys) = (d.key_ring(), d.keys.clone());
+        let key = d.log.remove(&keys, me, &ring)?;
+        drop(key); // the others' new key: this device forgets it at once
+        let (_, push, transport) = d.publish_membership()?;
+        let told_to = transport.connected_peers().await;
+        (push, transport, told_to)
+    };
+    let mut told = 0;
+    for peer in &told_to {
+        if protocol::doc(&transport, *peer, &push).await.is_ok() {
+            told += 1;
+        }
+    }
+    if told == 0 {
+        tracing::warn!("no member was online to hear that this device left; they learn it when they next meet it or another member that heard");
+    }
+    let d = device.lock().await;
+    *d.keys_ring.lock().expect("key lock") = meshsync_crdt::KeyRing::default();
+    let home = d.home.path().to_path_buf();
+    let _ = std::fs::remove_dir_all(home.join("chunks"));
+    std::fs::remove_file(home.join("state.redb"))
+        .context("forgetting the mesh (removing the state database)")?;
+    tracing::warn!(told, "left the mesh; stopping");
+    // Stops once this answer has reached the CLI.
+    let stop = d.stop.clone();
+    tokio::spawn(async move {
+        tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+        stop.notify_one();
+    });
+    Ok(Left { told })
 }
 
 /// Starts a new key epoch if this device is an admin and the log says the mesh needs one
