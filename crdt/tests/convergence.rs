@@ -11,6 +11,9 @@ use meshsync_crdt::{
 };
 use proptest::prelude::*;
 
+mod common;
+use common::shuffle;
+
 #[derive(Clone, Debug)]
 enum Op {
     /// Replica writes `content` to one of a few paths (content 0 means delete).
@@ -48,15 +51,6 @@ struct Replica {
     keys: DeviceKeys,
     log: MembershipLog,
     index: FolderIndex,
-}
-
-fn shuffle<T>(items: &mut [T], mut seed: u64) {
-    for i in (1..items.len()).rev() {
-        seed = seed
-            .wrapping_mul(6364136223846793005)
-            .wrapping_add(1442695040888963407);
-        items.swap(i, (seed >> 33) as usize % (i + 1));
-    }
 }
 
 fn deliver(

@@ -10,6 +10,9 @@ use std::collections::BTreeSet;
 use meshsync_crdt::{Action, DeviceKeys, Epoch, MembershipLog, MeshKey, Role, SealedName};
 use proptest::prelude::*;
 
+mod common;
+use common::shuffle;
+
 #[derive(Clone, Debug)]
 enum Op {
     /// Replica `by` adds (or re-adds) or removes one of a few outside devices.
@@ -47,15 +50,6 @@ fn op(replicas: usize) -> impl Strategy<Value = Op> {
 struct Replica {
     keys: DeviceKeys,
     log: MembershipLog,
-}
-
-fn shuffle<T>(items: &mut [T], mut seed: u64) {
-    for i in (1..items.len()).rev() {
-        seed = seed
-            .wrapping_mul(6364136223846793005)
-            .wrapping_add(1442695040888963407);
-        items.swap(i, (seed >> 33) as usize % (i + 1));
-    }
 }
 
 fn deliver(replicas: &mut [Replica], from: usize, to: usize, seed: u64, pieces: u8) {

@@ -18,24 +18,7 @@ use meshsync_node::protocol::{self, SyncRequest};
 async fn a_removed_device_is_cut_off_and_reads_nothing_new() {
     // v (admin), m and r stay; a fourth device, a writer, plays the stolen laptop.
     let mesh = mesh().await;
-    let thief = common::mallory::start(mesh.dir.path(), "thief").await;
-    let code = meshsync_node::device::mesh::invite(
-        &mesh.v,
-        meshsync_crdt::Role::Device,
-        Duration::from_secs(60),
-    )
-    .await
-    .unwrap();
-    meshsync_node::device::mesh::join(&thief, &code)
-        .await
-        .unwrap();
-    let ft = mesh.dir.path().join("T");
-    std::fs::create_dir_all(&ft).unwrap();
-    thief
-        .lock()
-        .await
-        .add_folder(&ft, Some(mesh.folder.clone()))
-        .unwrap();
+    let (thief, ft) = mesh.join_device("thief", "T").await;
     assert!(eventually(|| ft.join("seed.txt").exists()).await);
     let (v_peer, r_peer, r_id) = {
         let (v, t) = (mesh.v.lock().await, thief.lock().await);
@@ -171,23 +154,7 @@ async fn a_removed_device_is_cut_off_and_reads_nothing_new() {
     // A device that joins after the removal is wrapped only the new key, and still gets the
     // files written before it (their chunks sealed in epoch 0, whose key it reads through the
     // chain the removal holds).
-    let late = common::mallory::start(mesh.dir.path(), "late").await;
-    let code = meshsync_node::device::mesh::invite(
-        &mesh.v,
-        meshsync_crdt::Role::Device,
-        Duration::from_secs(60),
-    )
-    .await
-    .unwrap();
-    meshsync_node::device::mesh::join(&late, &code)
-        .await
-        .unwrap();
-    let fl = mesh.dir.path().join("L");
-    std::fs::create_dir_all(&fl).unwrap();
-    late.lock()
-        .await
-        .add_folder(&fl, Some(mesh.folder.clone()))
-        .unwrap();
+    let (_late, fl) = mesh.join_device("late", "L").await;
     let seed = fl.join("seed.txt");
     assert!(
         eventually(|| std::fs::read(&seed).is_ok_and(|d| d == b"seed content from m")).await,

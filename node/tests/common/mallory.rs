@@ -116,6 +116,23 @@ pub async fn mesh() -> Mesh {
 }
 
 impl Mesh {
+    /// A new full device `name`, invited by `v`, syncing the folder at `dir/folder`.
+    pub async fn join_device(&self, name: &str, folder: &str) -> (Shared, PathBuf) {
+        let device = start(self.dir.path(), name).await;
+        let code = mesh::invite(&self.v, Role::Device, Duration::from_secs(60))
+            .await
+            .unwrap();
+        mesh::join(&device, &code).await.unwrap();
+        let path = self.dir.path().join(folder);
+        std::fs::create_dir_all(&path).unwrap();
+        device
+            .lock()
+            .await
+            .add_folder(&path, Some(self.folder.clone()))
+            .unwrap();
+        (device, path)
+    }
+
     /// Writes `name` on `m`, scans, and waits until `v` has it.
     pub async fn write_on_m(&self, name: &str, content: &[u8]) {
         std::fs::write(self.fm.join(name), content).unwrap();

@@ -46,7 +46,10 @@ pub(super) fn flush(
             continue;
         }
         if p.size >= OWN_FSYNC {
-            root.open_read(&p.tmp)?.sync_data()?;
+            // One whose folder moved meanwhile fails to install below, and is reported there.
+            if let Ok(file) = root.open_read(&p.tmp) {
+                file.sync_data()?;
+            }
         } else {
             flush_all = true;
         }
@@ -87,6 +90,13 @@ pub(super) fn install(
     for (i, w) in work.iter().enumerate() {
         let prepared = assembly.pending.remove(&i);
         let tmp = prepared.as_ref().map(|p| (p.tmp.clone(), p.ino));
+        if assembly.broken.contains(&i) {
+            // Reported with the problems above; only its temp file to remove.
+            if let Some((tmp, ino)) = tmp {
+                strays.remove(root, &tmp, ino, None);
+            }
+            continue;
+        }
         let list = lists.get(&w.record.chunks);
         match install_one(root, w, prepared, list, keys, me) {
             Ok(Outcome::Holds(file)) => {

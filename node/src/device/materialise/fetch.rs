@@ -55,6 +55,9 @@ pub(super) struct Assembly {
     pub(super) flushes: Vec<(usize, tokio::task::JoinHandle<std::io::Result<()>>)>,
     /// Steps that could not be prepared, and why (e.g. a parent that is a symlink here).
     pub(super) problems: Vec<(usize, String)>,
+    /// Steps whose temp file could no longer be written (its folder moved or became a link
+    /// meanwhile): reported, not installed, their temp file removed.
+    pub(super) broken: std::collections::BTreeSet<usize>,
 }
 
 /// Where this device already holds chunks: current files (re-checked when read) and link
@@ -279,6 +282,9 @@ impl Assembly {
                 }
             };
             for (i, offset) in self.wanted_at.remove(&chunk.id).unwrap_or_default() {
+                if self.broken.contains(&i) {
+                    continue;
+                }
                 let Some(p) = self.pending.get_mut(&i) else {
                     continue;
                 };
@@ -289,20 +295,32 @@ impl Assembly {
                     }
                 } else {
                     if last_open.as_ref().is_none_or(|(at, _)| *at != i) {
-                        last_open = Some((i, root.open_write(&p.tmp)?));
+                        last_open = root.open_write(&p.tmp).ok().map(|file| (i, file));
                     }
-                    if let Some((_, file)) = &last_open {
-                        file.write_all_at(&plain, offset)
-                            .with_context(|| format!("writing into {}", p.tmp))?;
+                    let written = match &last_open {
+                        Some((at, file)) if *at == i => file
+                            .write_all_at(&plain, offset)
+                            .with_context(|| format!("writing into {}", p.tmp)),
+                        _ => Err(anyhow::anyhow!(
+                            "its temp file {} is no longer where it was made (its folder moved or became a link)",
+                            p.tmp
+                        )),
+                    };
+                    if let Err(error) = written {
+                        // This file only: the rest of the batch goes on.
+                        self.problems.push((i, format!("{error:#}")));
+                        self.broken.insert(i);
+                        continue;
                     }
                 }
                 p.left -= 1;
                 if p.left == 0 && p.link.is_none() && p.size >= OWN_FSYNC {
                     // A big file is flushed on its own as soon as it is complete, while the
                     // rest of the batch is still arriving.
-                    let file = root.open_read(&p.tmp)?;
-                    self.flushes
-                        .push((i, tokio::task::spawn_blocking(move || file.sync_data())));
+                    if let Ok(file) = root.open_read(&p.tmp) {
+                        self.flushes
+                            .push((i, tokio::task::spawn_blocking(move || file.sync_data())));
+                    }
                 }
             }
         }
