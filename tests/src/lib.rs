@@ -61,6 +61,21 @@ impl Daemon {
 
     /// [`Daemon::start`] listening on `addr` (a loopback multiaddr).
     pub fn start_on(home: &Path, addr: &str) -> Daemon {
+        let daemon = Daemon::spawn_on(home, addr);
+        let ready = wait_until(std::time::Duration::from_secs(20), || {
+            meshsync(home, &["status", "--json"]).status.success()
+        });
+        assert!(ready, "daemon in {} did not come up", home.display());
+        daemon
+    }
+
+    /// Starts the daemon on loopback without waiting for it to answer (it may stop by itself
+    /// before it would).
+    pub fn spawn(home: &Path) -> Daemon {
+        Daemon::spawn_on(home, "/ip4/127.0.0.1/tcp/0")
+    }
+
+    fn spawn_on(home: &Path, addr: &str) -> Daemon {
         let log = std::fs::File::create(home.join("daemon.log")).expect("daemon log");
         let child = Command::new(meshsync_bin())
             .arg("--home")
@@ -73,15 +88,10 @@ impl Daemon {
             .stderr(log)
             .spawn()
             .expect("meshsync up starts");
-        let daemon = Daemon {
+        Daemon {
             home: home.to_path_buf(),
             child,
-        };
-        let ready = wait_until(std::time::Duration::from_secs(20), || {
-            meshsync(home, &["status", "--json"]).status.success()
-        });
-        assert!(ready, "daemon in {} did not come up", home.display());
-        daemon
+        }
     }
 
     /// `meshsync status --json` as a value.
