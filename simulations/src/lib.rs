@@ -2,8 +2,14 @@
 //! and Yamux over libp2p's in-memory transport, so mesh-wide behaviour (discovery, state
 //! spreading) can be measured at sizes a handful of machines cannot reach.
 //!
+//! - [`sim`]: the real device engine on many nodes under a seeded schedule of partitions and
+//!   concurrent edits, with the checks that no write is lost and every folder converges
+//!   (`meshsync-sim`).
+//!
 //! [`Mesh::start`] makes `n` members that all allow one another, each told only the address of
 //! node 0 (as if each had paired with it); peer exchange must do the rest.
+
+pub mod sim;
 
 use std::time::{Duration, Instant};
 

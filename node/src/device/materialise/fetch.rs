@@ -85,8 +85,9 @@ impl Device {
     }
 }
 
-/// The chunk lists of the files `work` writes: from this device's state, else asked of `from`
-/// (each checked against its hash; a list that does not match is ignored).
+/// The chunk lists of the files `work` writes: from this device's state, else asked of `from`,
+/// then of the other connected members (each checked against its hash; a list that does not
+/// match is ignored).
 pub(super) async fn chunk_lists(
     device: &Shared,
     transport: &Transport,
@@ -107,21 +108,29 @@ pub(super) async fn chunk_lists(
             }
         }
     }
-    let ask: Vec<ChunkListHash> = wanted
-        .into_iter()
-        .filter(|h| !lists.contains_key(h))
-        .collect();
-    if ask.is_empty() {
-        return Ok(lists);
-    }
-    if let SyncReply::ChunkLists(got) =
-        protocol::doc(transport, from, &SyncRequest::ChunkLists(ask)).await?
-    {
+    // From `from` first, then from the other members: the peer a catch-up asks may lack a
+    // list that a third device has (it may be waiting for it too).
+    let mut others = transport.connected_peers().await;
+    others.retain(|p| *p != from);
+    for peer in std::iter::once(from).chain(others) {
+        let ask: Vec<ChunkListHash> = wanted
+            .iter()
+            .filter(|h| !lists.contains_key(h))
+            .copied()
+            .collect();
+        if ask.is_empty() {
+            break;
+        }
+        let Ok(SyncReply::ChunkLists(got)) =
+            protocol::doc(transport, peer, &SyncRequest::ChunkLists(ask)).await
+        else {
+            continue; // unreachable, refused (a storage peer), or not a list: ask the next
+        };
         for (hash, list) in got {
             if content::valid_list(&hash, &list) {
                 lists.insert(hash, list);
             } else {
-                tracing::warn!(peer = %from, "chunk list malformed or not matching its hash; ignored");
+                tracing::warn!(%peer, "chunk list malformed or not matching its hash; ignored");
             }
         }
     }
