@@ -132,7 +132,12 @@ impl MembershipLog {
 
     /// The signed entries (as signed, so they verify on their own) of the counted removals of
     /// `device`: what a member tells a removed device that comes back, and nothing else.
+    /// Nothing while `device` is a member (one removed and added back is told nothing of its
+    /// old removal).
     pub fn removal_notice(&self, device: &DeviceId) -> Vec<Vec<u8>> {
+        if self.view.is_member(device) || !self.view.removed.contains_key(device) {
+            return Vec::new();
+        }
         self.entries
             .iter()
             .filter(|(hash, entry)| {

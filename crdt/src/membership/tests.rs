@@ -577,4 +577,8 @@ fn a_removal_notice_verifies_against_the_removed_devices_own_log() {
     let foreign = elsewhere.removal_notice(&gone.device_id());
     assert_eq!(held.check_removal(&foreign[0], &gone.device_id()), None);
     assert_eq!(held.check_removal(b"garbage", &gone.device_id()), None);
+    // Added back, it is told nothing of its old removal.
+    log.append(&admin, add(&gone, Role::Device)).unwrap();
+    assert!(log.view().is_member(&gone.device_id()));
+    assert!(log.removal_notice(&gone.device_id()).is_empty());
 }
