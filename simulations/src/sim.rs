@@ -286,6 +286,19 @@ pub async fn run(options: Options) -> anyhow::Result<Report> {
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
+    // A device may still be rewriting a file it already holds (a newer record of the same
+    // content): its temp file is gone within moments. One that stays is a leak.
+    let temps = || {
+        nodes
+            .iter()
+            .flat_map(|n| tree(&n.folder).into_keys())
+            .filter(|p| p.contains(".meshsync-tmp-"))
+            .count()
+    };
+    let settle = Instant::now();
+    while temps() > 0 && settle.elapsed() < Duration::from_secs(15) {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
     if std::fs::read_dir(&outside)?.count() != 0 {
         report
             .failures

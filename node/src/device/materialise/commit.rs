@@ -142,6 +142,16 @@ pub(super) fn install(
     installed
 }
 
+/// Removes the temp files a materialise made (path and inode each) when it fails before
+/// installing them, wherever their folders are by now.
+pub(super) fn remove_temps(root: &FolderRoot, temps: &[(String, u64)]) {
+    let mut strays = Strays::default();
+    for (tmp, ino) in temps {
+        strays.remove(root, tmp, *ino, None);
+    }
+    strays.find_and_remove(root);
+}
+
 /// Temp files not where they were made (their folder was moved, or replaced by a link, while
 /// they were filled): by name, with the inode each was made with.
 #[derive(Default)]
@@ -261,9 +271,47 @@ fn make_room(root: &FolderRoot, rel: &str, incoming: Kind, me: &DeviceId) -> any
         return Ok(()); // it was empty
     }
     let copy = conflict_name_for(rel, here.mtime_ns, me);
-    root.rename_new(rel, &copy)?;
-    tracing::warn!(path = rel, copy = %copy, "a different kind of entry was here: kept as a conflict copy");
+    if root.entry(&copy)?.is_some() && same_entry(root, rel, &copy) {
+        // Kept already under that name (as the conflict copy of its own record, written for
+        // the version that lost): nothing to keep twice.
+        root.remove_file(rel)?;
+        tracing::info!(path = rel, copy = %copy, "a different kind of entry was here, already kept as its conflict copy");
+        return Ok(());
+    }
+    // A copy of another content under that name: the next free numbered name.
+    let mut name = copy.clone();
+    for n in 2.. {
+        match root.rename_new(rel, &name) {
+            Ok(()) => break,
+            Err(_) if n <= 20 && root.entry(&name)?.is_some() => {
+                name = format!("{copy}-{n}");
+            }
+            Err(error) => return Err(error.into()),
+        }
+    }
+    tracing::warn!(path = rel, copy = %name, "a different kind of entry was here: kept as a conflict copy");
     Ok(())
+}
+
+/// Whether `a` and `b` are the same link (target) or the same file (bytes), neither followed.
+fn same_entry(root: &FolderRoot, a: &str, b: &str) -> bool {
+    let (Ok(Some(x)), Ok(Some(y))) = (root.entry(a), root.entry(b)) else {
+        return false;
+    };
+    match (x.kind, y.kind) {
+        (Kind::Symlink, Kind::Symlink) => {
+            matches!((root.read_link(a), root.read_link(b)), (Ok(p), Ok(q)) if p == q)
+        }
+        (Kind::File, Kind::File) if x.len == y.len => {
+            let read = |rel: &str| -> Option<Vec<u8>> {
+                let mut bytes = Vec::new();
+                std::io::Read::read_to_end(&mut root.open_read(rel).ok()?, &mut bytes).ok()?;
+                Some(bytes)
+            };
+            matches!((read(a), read(b)), (Some(p), Some(q)) if p == q)
+        }
+        _ => false,
+    }
 }
 
 /// Places the new entry `tmp` at `w.path`: a conflict copy never replaces anything.

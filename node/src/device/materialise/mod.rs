@@ -68,10 +68,30 @@ pub(crate) async fn materialise(
         );
         blocking(move || fetch::prepare(&root, &work, &lists, &held, &keys)).await?
     };
-    let mut assembly = fetch::fetch(&job.transport, &job.keys, job.root.clone(), assembly).await?;
+    // Temp files this materialise made: removed if it fails before installing them.
+    let temps: Vec<(String, u64)> = assembly
+        .pending
+        .values()
+        .map(|p| (p.tmp.clone(), p.ino))
+        .collect();
+    let fetched = fetch::fetch(&job.transport, &job.keys, job.root.clone(), assembly).await;
+    let mut assembly = match fetched {
+        Ok(assembly) => assembly,
+        Err(error) => {
+            commit::remove_temps(&job.root, &temps);
+            return Err(error);
+        }
+    };
     let mut flushed = BTreeSet::new();
     for (i, flush) in std::mem::take(&mut assembly.flushes) {
-        flush.await?.context("flushing a written file")?;
+        let flushed_ok = match flush.await {
+            Ok(result) => result.context("flushing a written file"),
+            Err(error) => Err(error.into()),
+        };
+        if let Err(error) = flushed_ok {
+            commit::remove_temps(&job.root, &temps);
+            return Err(error);
+        }
         flushed.insert(i);
     }
     let mut batch = Batch::default();
@@ -86,10 +106,15 @@ pub(crate) async fn materialise(
         let olds = job.plan.olds;
         let (store, folder) = (job.store.clone(), folder.clone());
         blocking(move || {
-            commit::flush(&root, &assembly, &flushed)?;
-            keep_replaced(
-                &store, &keys, &root, &folder, &work, &olds, &lists, &mut batch,
-            )?;
+            let ready = commit::flush(&root, &assembly, &flushed).and_then(|()| {
+                keep_replaced(
+                    &store, &keys, &root, &folder, &work, &olds, &lists, &mut batch,
+                )
+            });
+            if let Err(error) = ready {
+                commit::remove_temps(&root, &temps);
+                return Err(error);
+            }
             let installed = commit::install(&root, &work, assembly, &lists, &keys, &me);
             Ok((installed, batch))
         })
