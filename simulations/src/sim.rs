@@ -166,161 +166,214 @@ pub async fn run(options: Options) -> anyhow::Result<Report> {
     let outside = dir.path().join("outside");
     std::fs::create_dir_all(&outside)?;
     let (nodes, folder) = start(dir.path(), options.nodes).await?;
-    let mut report = Report {
-        nodes: options.nodes,
-        seed: options.seed,
-        ..Report::default()
+    let mut sim = Sim {
+        groups: vec![(0..nodes.len()).collect()],
+        nodes,
+        folder,
+        outside,
+        written: Vec::new(),
+        last_heal: Instant::now(),
+        report: Report {
+            nodes: options.nodes,
+            seed: options.seed,
+            ..Report::default()
+        },
     };
-    // Every write made: path and content, all of which must survive somewhere.
-    let mut written: Vec<(String, Vec<u8>)> = Vec::new();
-    let mut groups: Vec<BTreeSet<usize>> = vec![(0..nodes.len()).collect()];
-    let mut last_heal = Instant::now();
     for (step, event) in schedule(&options).into_iter().enumerate() {
+        sim.play(step, event).await?;
+        tokio::time::sleep(Duration::from_millis(30)).await;
+    }
+    sim.report.writes = sim.written.len();
+    sim.converge(options.converge_within).await;
+    sim.check_leftovers().await?;
+    Ok(sim.report)
+}
+
+/// One run in progress.
+struct Sim {
+    nodes: Vec<Node>,
+    folder: FolderId,
+    /// A folder beside the synced ones that nothing may write into.
+    outside: PathBuf,
+    /// Every write made (path, content): each must survive somewhere.
+    written: Vec<(String, Vec<u8>)>,
+    /// Who reaches whom now: one group, or the two sides of a partition.
+    groups: Vec<BTreeSet<usize>>,
+    last_heal: Instant,
+    report: Report,
+}
+
+impl Sim {
+    /// Carries out one event of the schedule.
+    async fn play(&mut self, step: usize, event: Event) -> anyhow::Result<()> {
         match event {
             Event::Create { node, name } => {
                 let content = format!("{name} written by node {node} at step {step}");
-                write(&nodes[node], &folder, &name, content.as_bytes()).await?;
-                written.push((name, content.into_bytes()));
+                self.write(node, &name, content).await?;
             }
             Event::ConcurrentEdit { name } => {
-                for (side, group) in groups.iter().enumerate() {
-                    let node = *group.iter().next().expect("groups are not empty");
+                let firsts: Vec<usize> = self
+                    .groups
+                    .iter()
+                    .map(|g| *g.iter().next().expect("groups are not empty"))
+                    .collect();
+                for (side, node) in firsts.into_iter().enumerate() {
                     let content = format!("{name}: side {side}, node {node}, step {step}");
-                    write(&nodes[node], &folder, &name, content.as_bytes()).await?;
-                    written.push((name.clone(), content.into_bytes()));
+                    self.write(node, &name, content).await?;
                 }
             }
-            Event::LinkAndDirectory { name } => {
-                let (a, b) = match groups.as_slice() {
-                    [one] => (*one.iter().next().unwrap(), *one.iter().last().unwrap()),
-                    [left, right, ..] => {
-                        (*left.iter().next().unwrap(), *right.iter().next().unwrap())
-                    }
-                    [] => unreachable!("there is always a group"),
-                };
-                std::os::unix::fs::symlink(&outside, nodes[a].folder.join(&name))?;
-                scan::scan(&nodes[a].device, &folder, requested()).await?;
-                // The other side makes a folder of that name, unless the link already reached
-                // it (a person would not write through it; this harness must not either).
-                if b != a && std::fs::symlink_metadata(nodes[b].folder.join(&name)).is_err() {
-                    let inner = format!("{name}/inside.txt");
-                    let content = format!("{inner} written by node {b} at step {step}");
-                    if write(&nodes[b], &folder, &inner, content.as_bytes())
-                        .await
-                        .is_ok()
-                    {
-                        written.push((inner, content.into_bytes()));
-                    }
-                }
-            }
+            Event::LinkAndDirectory { name } => self.link_and_directory(step, &name).await?,
             Event::Partition { left } => {
-                let right: BTreeSet<usize> =
-                    (0..nodes.len()).filter(|i| !left.contains(i)).collect();
-                groups = vec![left, right];
-                apply_groups(&nodes, &groups).await;
-                report.partitions += 1;
+                let right = (0..self.nodes.len())
+                    .filter(|i| !left.contains(i))
+                    .collect();
+                self.groups = vec![left, right];
+                apply_groups(&self.nodes, &self.groups).await;
+                self.report.partitions += 1;
             }
             Event::Heal => {
-                groups = vec![(0..nodes.len()).collect()];
-                apply_groups(&nodes, &groups).await;
-                last_heal = Instant::now();
+                self.groups = vec![(0..self.nodes.len()).collect()];
+                apply_groups(&self.nodes, &self.groups).await;
+                self.last_heal = Instant::now();
             }
         }
-        tokio::time::sleep(Duration::from_millis(30)).await;
+        Ok(())
     }
-    report.writes = written.len();
 
-    // Converged: every folder the same, holding every write.
-    let deadline = last_heal + options.converge_within;
-    loop {
-        let trees: Vec<BTreeMap<String, Vec<u8>>> =
-            nodes.iter().map(|n| synced(&n.folder)).collect();
-        let same = trees.windows(2).all(|w| w[0] == w[1]);
-        let contents: BTreeSet<&Vec<u8>> = trees[0].values().collect();
-        if same && written.iter().all(|(_, c)| contents.contains(c)) {
-            report.convergence = Some(last_heal.elapsed());
-            break;
+    /// Writes `rel` on `node`, has it scanned, and records the write.
+    async fn write(&mut self, node: usize, rel: &str, content: String) -> anyhow::Result<()> {
+        write(&self.nodes[node], &self.folder, rel, content.as_bytes()).await?;
+        self.written.push((rel.to_string(), content.into_bytes()));
+        Ok(())
+    }
+
+    /// A link out of the folder on one side; on the other, a folder of that name holding a
+    /// file, unless the link already reached it (a person would not write through it; this
+    /// harness must not either).
+    async fn link_and_directory(&mut self, step: usize, name: &str) -> anyhow::Result<()> {
+        let first = |g: &BTreeSet<usize>| *g.iter().next().expect("groups are not empty");
+        let (a, b) = match self.groups.as_slice() {
+            [one] => (
+                first(one),
+                *one.iter().last().expect("groups are not empty"),
+            ),
+            [left, right, ..] => (first(left), first(right)),
+            [] => unreachable!("there is always a group"),
+        };
+        std::os::unix::fs::symlink(&self.outside, self.nodes[a].folder.join(name))?;
+        scan::scan(&self.nodes[a].device, &self.folder, requested()).await?;
+        if b != a && std::fs::symlink_metadata(self.nodes[b].folder.join(name)).is_err() {
+            let inner = format!("{name}/inside.txt");
+            let content = format!("{inner} written by node {b} at step {step}");
+            let _ = self.write(b, &inner, content).await; // not a write if the link won the race
         }
-        if Instant::now() > deadline {
-            let differ = (1..trees.len()).filter(|i| trees[*i] != trees[0]).count();
-            report.failures.push(format!(
-                "not converged {:?} after the last heal: {differ} of {} folders differ from node 0's",
-                options.converge_within,
-                trees.len() - 1
-            ));
-            for (i, t) in trees.iter().enumerate().skip(1) {
-                let differ: Vec<String> =
-                    t.iter()
-                        .filter(|(k, v)| trees[0].get(*k) != Some(v))
-                        .map(|(k, v)| format!("{k} = {:?}", String::from_utf8_lossy(v)))
-                        .chain(trees[0].iter().filter(|(k, _)| !t.contains_key(*k)).map(
-                            |(k, v)| {
-                                format!("(only node 0) {k} = {:?}", String::from_utf8_lossy(v))
-                            },
-                        ))
-                        .take(12)
-                        .collect();
-                if !differ.is_empty() {
-                    report
-                        .failures
-                        .push(format!("node {i} differs: {differ:#?}"));
-                }
+        Ok(())
+    }
+
+    /// Waits until every folder is the same and holds every write; says why not by `within`
+    /// after the last heal.
+    async fn converge(&mut self, within: Duration) {
+        let deadline = self.last_heal + within;
+        loop {
+            let trees: Vec<BTreeMap<String, Vec<u8>>> =
+                self.nodes.iter().map(|n| synced(&n.folder)).collect();
+            let same = trees.windows(2).all(|w| w[0] == w[1]);
+            let contents: BTreeSet<&Vec<u8>> = trees[0].values().collect();
+            if same && self.written.iter().all(|(_, c)| contents.contains(c)) {
+                self.report.convergence = Some(self.last_heal.elapsed());
+                return;
             }
-            for (i, n) in nodes.iter().enumerate() {
-                let status = device::status::status(&n.device).await;
-                let f = &status.folders[0];
-                report.failures.push(format!(
-                    "node {i}: in sync {}, needs {} files, not written {:?}, unavailable {:?}",
-                    f.in_sync, f.need_files, f.not_written, f.unavailable
+            if Instant::now() > deadline {
+                let differ = (1..trees.len()).filter(|i| trees[*i] != trees[0]).count();
+                self.report.failures.push(format!(
+                    "not converged {within:?} after the last heal: {differ} of {} folders differ from node 0's",
+                    trees.len() - 1
                 ));
+                self.explain(&trees).await;
+                return;
             }
-            for (name, content) in &written {
-                if !contents.contains(content) {
-                    report.failures.push(format!(
-                        "lost write: {name:?} = {:?}",
-                        String::from_utf8_lossy(content)
-                    ));
-                }
-            }
-            break;
+            tokio::time::sleep(Duration::from_millis(100)).await;
         }
-        tokio::time::sleep(Duration::from_millis(100)).await;
     }
-    // A device may still be rewriting a file it already holds (a newer record of the same
-    // content): its temp file is gone within moments. One that stays is a leak.
-    let temps = || {
-        nodes
-            .iter()
-            .flat_map(|n| tree(&n.folder).into_keys())
-            .filter(|p| p.contains(".meshsync-tmp-"))
-            .count()
-    };
-    let settle = Instant::now();
-    while temps() > 0 && settle.elapsed() < Duration::from_secs(15) {
-        tokio::time::sleep(Duration::from_millis(100)).await;
+
+    /// What differs from node 0's folder, what each node still needs, which writes are lost.
+    async fn explain(&mut self, trees: &[BTreeMap<String, Vec<u8>>]) {
+        let shown = |k: &String, v: &Vec<u8>| format!("{k} = {:?}", String::from_utf8_lossy(v));
+        for (i, t) in trees.iter().enumerate().skip(1) {
+            let differ: Vec<String> = t
+                .iter()
+                .filter(|(k, v)| trees[0].get(*k) != Some(v))
+                .map(|(k, v)| shown(k, v))
+                .chain(
+                    trees[0]
+                        .iter()
+                        .filter(|(k, _)| !t.contains_key(*k))
+                        .map(|(k, v)| format!("(only node 0) {}", shown(k, v))),
+                )
+                .take(12)
+                .collect();
+            if !differ.is_empty() {
+                self.report
+                    .failures
+                    .push(format!("node {i} differs: {differ:#?}"));
+            }
+        }
+        for (i, n) in self.nodes.iter().enumerate() {
+            let status = device::status::status(&n.device).await;
+            let f = &status.folders[0];
+            self.report.failures.push(format!(
+                "node {i}: in sync {}, needs {} files, not written {:?}, unavailable {:?}",
+                f.in_sync, f.need_files, f.not_written, f.unavailable
+            ));
+        }
+        let contents: BTreeSet<&Vec<u8>> = trees[0].values().collect();
+        for (name, content) in &self.written {
+            if !contents.contains(content) {
+                self.report
+                    .failures
+                    .push(format!("lost write: {}", shown(name, content)));
+            }
+        }
     }
-    if std::fs::read_dir(&outside)?.count() != 0 {
-        report
-            .failures
-            .push("something was written outside every folder".into());
-    }
-    for (i, n) in nodes.iter().enumerate() {
-        let temps: Vec<String> = tree(&n.folder)
-            .into_keys()
-            .filter(|p| p.contains(".meshsync-tmp-"))
-            .collect();
-        if !temps.is_empty() {
-            report
+
+    /// Nothing outside any folder, no temp file left (a rewrite in progress may finish first),
+    /// and each node's traffic and the process's peak memory into the report.
+    async fn check_leftovers(&mut self) -> anyhow::Result<()> {
+        let temps = |n: &Node| -> Vec<String> {
+            tree(&n.folder)
+                .into_keys()
+                .filter(|p| p.contains(".meshsync-tmp-"))
+                .collect()
+        };
+        let settle = Instant::now();
+        while self.nodes.iter().any(|n| !temps(n).is_empty())
+            && settle.elapsed() < Duration::from_secs(15)
+        {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        if std::fs::read_dir(&self.outside)?.count() != 0 {
+            self.report
                 .failures
-                .push(format!("node {i} keeps temp files {temps:?}"));
+                .push("something was written outside every folder".into());
         }
-        let transport = n.device.lock().await.transport().clone();
-        let traffic = transport.traffic();
-        report.bytes_in.push(traffic.values().map(|t| t.0).sum());
-        report.bytes_out.push(traffic.values().map(|t| t.1).sum());
+        for (i, n) in self.nodes.iter().enumerate() {
+            let left = temps(n);
+            if !left.is_empty() {
+                self.report
+                    .failures
+                    .push(format!("node {i} keeps temp files {left:?}"));
+            }
+            let traffic = n.device.lock().await.transport().traffic();
+            self.report
+                .bytes_in
+                .push(traffic.values().map(|t| t.0).sum());
+            self.report
+                .bytes_out
+                .push(traffic.values().map(|t| t.1).sum());
+        }
+        self.report.peak_rss = peak_rss();
+        Ok(())
     }
-    report.peak_rss = peak_rss();
-    Ok(report)
 }
 
 /// `n` devices paired by node 0 (the admin), all syncing one folder.
