@@ -290,6 +290,10 @@ pub struct Removed {
     pub epoch: u64,
     /// Devices the new mesh key is wrapped to.
     pub rekeyed: usize,
+    /// Folders in which the removed device's changes after the last one this device holds
+    /// are refused by every replica (its cutoff).
+    #[serde(default)]
+    pub cut_off: usize,
     /// With --wipe: whether the device accepted remote wipe when it joined (if not, it is
     /// only refused).
     #[serde(default)]

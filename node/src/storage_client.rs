@@ -458,6 +458,7 @@ mod tests {
             .map(|shard| ShardChange {
                 shard,
                 change: vec![shard as u8; 150_000],
+                signature: meshsync_crdt::Signature::from_bytes(&[0; 64]),
             })
             .collect();
         let lists: Vec<(ChunkListHash, Vec<ChunkRef>)> = (0..100u32)

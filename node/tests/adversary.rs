@@ -17,7 +17,7 @@ use meshsync_node::state::Batch;
 
 /// Forges one record per entry of `records` into Mallory's index and returns the changes.
 fn forged(mallory: &mut Mallory, records: &[FileRecord]) -> Vec<ShardChange> {
-    mallory.index.forge_put(records)
+    mallory.forge(records)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -107,6 +107,7 @@ async fn bombs_and_floods_are_refused_within_bounded_memory() {
         let index = vec![ShardChange {
             shard: 0,
             change: change.clone(),
+            signature: meshsync_crdt::Signature::from_bytes(&[0; 64]),
         }];
         let reply = mallory.push(index).await;
         assert!(matches!(reply, SyncReply::Ok), "{reply:?}");

@@ -8,7 +8,7 @@ mod common;
 
 use std::time::Duration;
 
-use common::mallory::{eventually, mesh, Mallory};
+use common::mallory::{eventually, mesh, stolen, Mallory};
 use meshsync_crdt::FileKind;
 use meshsync_node::chunks::content;
 use meshsync_node::device::members;
@@ -28,17 +28,17 @@ async fn a_removed_device_is_cut_off_and_reads_nothing_new() {
             t.keys().device_id(),
         )
     };
-    // While it is a member, a record it signs (relayed by m) is taken: the harness below can
+    // While it is a member, a change it signs (relayed by m) is taken: the harness below can
     // tell a refusal from a failure to deliver.
-    let mut relay = Mallory::new(&mesh.m, &mesh.v, &mesh.folder).await;
+    let thief_keys = stolen(thief.lock().await.keys());
+    let mut relay = Mallory::new(&mesh.m, &mesh.v, &mesh.folder)
+        .await
+        .writing_as(&thief_keys);
     let record = relay
         .record("from-the-laptop.txt", FileKind::File, "seed.txt")
-        .await;
-    let record = {
-        let t = thief.lock().await;
-        record.forge_signature(t.keys(), &relay.log.mesh(), &mesh.folder)
-    };
-    let changes = relay.index.forge_put(&[record]);
+        .await
+        .forge_signature(&thief_keys, &relay.log.mesh(), &mesh.folder);
+    let changes = relay.forge(&[record]);
     relay.push(changes).await;
     assert!(eventually(|| mesh.fv.join("from-the-laptop.txt").exists()).await);
 
@@ -136,20 +136,22 @@ async fn a_removed_device_is_cut_off_and_reads_nothing_new() {
     }
     assert!(newest.open(v_ring.current().unwrap()).is_ok());
 
-    // A record the removed device signs in the new epoch, relayed by m, is refused.
-    let mut relay = Mallory::new(&mesh.m, &mesh.v, &mesh.folder).await;
-    let mut record = relay
-        .record("from-the-thief.txt", FileKind::File, "seed.txt")
-        .await;
-    record.epoch = meshsync_crdt::Epoch(1);
-    let record = {
-        let t = thief.lock().await;
-        record.forge_signature(t.keys(), &relay.log.mesh(), &mesh.folder)
-    };
-    let changes = relay.index.forge_put(&[record]);
-    relay.push(changes).await;
+    // A change the removed device signs afterwards, relayed by m, is refused: whether its
+    // record claims the new epoch or the old one it could still sign in (its cutoff).
+    assert_eq!(removed.cut_off, 1);
+    let mut relay = Mallory::new(&mesh.m, &mesh.v, &mesh.folder)
+        .await
+        .writing_as(&thief_keys);
+    for (path, epoch) in [("from-the-thief.txt", 1), ("claims-epoch-0.txt", 0)] {
+        let mut record = relay.record(path, FileKind::File, "seed.txt").await;
+        record.epoch = meshsync_crdt::Epoch(epoch);
+        let record = record.forge_signature(&thief_keys, &relay.log.mesh(), &mesh.folder);
+        let changes = relay.forge(&[record]);
+        relay.push(changes).await;
+    }
     mesh.still_syncs().await;
     assert!(!mesh.fv.join("from-the-thief.txt").exists());
+    assert!(!mesh.fv.join("claims-epoch-0.txt").exists());
 
     // A device that joins after the removal is wrapped only the new key, and still gets the
     // files written before it (their chunks sealed in epoch 0, whose key it reads through the

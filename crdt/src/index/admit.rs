@@ -14,8 +14,9 @@ use super::*;
 /// A peer's shard change whose every operation passed admission: its puts are (path, record,
 /// the operations it replaces).
 pub(super) struct Admitted {
-    shard: u16,
-    change: automerge::Change,
+    pub(super) shard: u16,
+    pub(super) change: automerge::Change,
+    signature: Signature,
     puts: Vec<(String, FileRecord, Vec<automerge::legacy::OpId>)>,
 }
 
@@ -96,11 +97,13 @@ impl FolderIndex {
             pending.retain(|a| !failed.contains(&a.change.hash()));
         };
         let mut by_shard: BTreeMap<u16, Vec<automerge::Change>> = BTreeMap::new();
+        let mut signatures: Vec<(u16, ChangeHash, Signature)> = Vec::new();
         for (admitted, is_ready) in pending.into_iter().zip(ready) {
             if !is_ready {
                 self.held.push(admitted);
                 continue;
             }
+            signatures.push((admitted.shard, admitted.change.hash(), admitted.signature));
             report
                 .paths
                 .extend(admitted.puts.into_iter().map(|(path, _, _)| path));
@@ -129,6 +132,12 @@ impl FolderIndex {
             .flat_map_iter(|(shard, changes)| apply_to(shard, changes))
             .collect();
         report.refused.extend(refused);
+        for (id, hash, signature) in signatures {
+            let shard = self.shards.get_mut(&id).expect("a shard that took changes exists");
+            if shard.doc.get_change_by_hash(&hash).is_some() {
+                shard.signatures.insert(hash, signature);
+            }
+        }
         Ok(report)
     }
 
@@ -142,8 +151,9 @@ impl FolderIndex {
         })
     }
 
-    /// Decodes and checks one change of a peer: every operation puts a well-formed record,
-    /// signed by a device that may write, in the right shard.
+    /// Decodes and checks one change of a peer: it is signed by the device its actor names (and
+    /// not past that device's cutoff, if it was removed), and every operation puts a
+    /// well-formed record of that device's, who may write, in the right shard.
     fn admit_change(&self, view: &MembershipView, c: ShardChange) -> Result<Admitted, IndexError> {
         if c.shard >= SHARDS {
             return Err(IndexError::BadShard(c.shard));
@@ -153,6 +163,16 @@ impl FolderIndex {
         }
         let change = crate::bounds::bounded_change(&c.change, MAX_CHANGE_BYTES, MAX_OPS_PER_CHANGE)
             .map_err(IndexError::Load)?;
+        let (signer, incarnation) =
+            signed::verify_change(&self.mesh, &self.folder, c.shard, &change, &c.signature)?;
+        if let Some(cutoff) = self.cutoff_of(view, &signer) {
+            if !cutoff.admits(c.shard, incarnation, change.seq(), &change.hash()) {
+                return Err(IndexError::PastCutoff {
+                    device: signer,
+                    change: change.hash().to_string(),
+                });
+            }
+        }
         let mut puts = Vec::new();
         for op in change.decode().operations {
             let path = admit_op(&op)?;
@@ -168,6 +188,13 @@ impl FolderIndex {
             };
             let record = FileRecord::decode(&path, bytes)?;
             record.verify(&self.mesh, &self.folder)?;
+            if record.author != signer {
+                return Err(IndexError::NotTheSigner {
+                    path,
+                    author: record.author,
+                    signer,
+                });
+            }
             if path == SHARED_RULES_PATH && !record.deleted && record.kind != FileKind::File {
                 return Err(IndexError::ForbiddenOp(format!(
                     "{path:?} may only be a regular file"
@@ -185,6 +212,7 @@ impl FolderIndex {
         Ok(Admitted {
             shard: c.shard,
             change,
+            signature: c.signature,
             puts,
         })
     }

@@ -18,16 +18,20 @@ impl FileRecord {
 }
 
 impl FolderIndex {
-    /// Puts `record` under its path, unchecked, in one change per record, and returns the
-    /// changes not yet taken.
-    pub fn forge_put(&mut self, records: &[FileRecord]) -> Vec<ShardChange> {
+    /// Puts `record` under its path, unchecked, in one change per record signed by `keys`
+    /// (as whatever actor this replica has), and returns the changes not yet taken.
+    pub fn forge_put(&mut self, keys: &DeviceKeys, records: &[FileRecord]) -> Vec<ShardChange> {
+        let (mesh, folder) = (self.mesh, self.folder.clone());
         for record in records {
             let shard = shard_of(&self.folder, &record.path);
             let s = self.shard_mut(shard);
             s.doc
                 .put(ROOT, record.path.as_str(), record.encode())
                 .expect("a put at the root always works");
-            s.doc.commit();
+            if let Some(hash) = s.doc.commit() {
+                let signature = signed::sign_change(keys, &mesh, &folder, shard, &hash);
+                s.signatures.insert(hash, signature);
+            }
         }
         self.take_local_changes()
     }

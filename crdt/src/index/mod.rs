@@ -80,6 +80,21 @@ pub struct FileUpdate {
     pub chunks: ChunkListHash,
 }
 
+impl From<&FileRecord> for FileUpdate {
+    /// The same content, to write again as a new version.
+    fn from(r: &FileRecord) -> Self {
+        FileUpdate {
+            path: r.path.clone(),
+            kind: r.kind,
+            size: r.size,
+            mode: r.mode,
+            mtime_ns: r.mtime_ns,
+            deleted: r.deleted,
+            chunks: r.chunks,
+        }
+    }
+}
+
 /// One signed version of one path.
 #[derive(Clone, PartialEq, Eq, Debug)]
 pub struct FileRecord {
@@ -205,6 +220,8 @@ pub struct PathState {
 pub struct ShardChange {
     pub shard: u16,
     pub change: Vec<u8>,
+    /// The signature of the device the change's actor names (see [`signed`]).
+    pub signature: Signature,
 }
 
 /// Encodes a batch of shard changes of one folder (the plaintext of a sealed index change).
@@ -236,6 +253,16 @@ pub enum IndexError {
     Malformed { path: String, reason: String },
     #[error("record for {path:?} has a bad signature (claims author {author:?})")]
     BadSignature { path: String, author: DeviceId },
+    #[error("change {change} is not signed by the device its actor names")]
+    BadChangeSignature { change: String },
+    #[error("record for {path:?} is by {author:?}, but the change putting it is {signer:?}'s")]
+    NotTheSigner {
+        path: String,
+        author: DeviceId,
+        signer: DeviceId,
+    },
+    #[error("change {change} of removed device {device:?} comes after its cutoff")]
+    PastCutoff { device: DeviceId, change: String },
     #[error("record for {path:?} is by {author:?}, who may not write in epoch {epoch}")]
     NotAWriter {
         path: String,
@@ -337,6 +364,18 @@ struct Shard {
     doc: AutoCommit,
     /// Heads at the last [`FolderIndex::take_local_changes`].
     sent: Vec<ChangeHash>,
+    /// Each change's signature (see [`signed`]).
+    signatures: std::collections::HashMap<ChangeHash, Signature>,
+}
+
+impl Shard {
+    fn outgoing(&self, id: u16, change: &automerge::Change) -> Option<ShardChange> {
+        Some(ShardChange {
+            shard: id,
+            change: change.raw_bytes().to_vec(),
+            signature: *self.signatures.get(&change.hash())?,
+        })
+    }
 }
 
 /// The index of one folder on one replica.
@@ -382,6 +421,7 @@ impl FolderIndex {
         self.shards.entry(shard).or_insert_with(|| Shard {
             doc: AutoCommit::new().with_actor(actor.clone()),
             sent: Vec::new(),
+            signatures: Default::default(),
         })
     }
 
@@ -421,8 +461,10 @@ impl FolderIndex {
         out
     }
 
-    /// Signs and records new versions of paths, written by `keys` in `epoch`. Signing runs on
-    /// every core; each touched shard gets one Automerge change.
+    /// Signs and records new versions of paths, written by `keys` in `epoch` (as the actor
+    /// [`actor_for`] gives `keys`' device, incarnation 0, unless [`FolderIndex::with_actor`]
+    /// set one of that device). Signing runs on every core; each touched shard gets one
+    /// Automerge change, signed too.
     pub fn write(
         &mut self,
         keys: &DeviceKeys,
@@ -439,6 +481,13 @@ impl FolderIndex {
             }
         }
         let author = keys.device_id();
+        if actor_device(&self.actor).map(|(d, _)| d) != Some(author) {
+            let actor = actor_for(&author, 0);
+            for shard in self.shards.values_mut() {
+                shard.doc.set_actor(actor.clone());
+            }
+            self.actor = actor;
+        }
         let records: Vec<FileRecord> = updates
             .into_par_iter()
             .map(|u| {
@@ -480,14 +529,18 @@ impl FolderIndex {
         for shard in by_shard.keys() {
             self.shard_mut(*shard);
         }
+        let (mesh, folder) = (self.mesh, &self.folder);
         self.shards
             .par_iter_mut()
-            .filter_map(|(id, shard)| Some((shard, by_shard.get(id)?)))
-            .try_for_each(|(shard, records)| -> Result<(), IndexError> {
+            .filter_map(|(id, shard)| Some((id, shard, by_shard.get(id)?)))
+            .try_for_each(|(id, shard, records)| -> Result<(), IndexError> {
                 for record in records {
                     shard.doc.put(ROOT, record.path.as_str(), record.encode())?;
                 }
-                shard.doc.commit();
+                if let Some(hash) = shard.doc.commit() {
+                    let signature = signed::sign_change(keys, &mesh, folder, *id, &hash);
+                    shard.signatures.insert(hash, signature);
+                }
                 Ok(())
             })?;
         Ok(records)
@@ -513,10 +566,7 @@ impl FolderIndex {
                 if change.actor_id() != &self.actor {
                     continue; // a peer's change, applied here: not ours to announce
                 }
-                out.push(ShardChange {
-                    shard: id,
-                    change: change.raw_bytes().to_vec(),
-                });
+                out.extend(shard.outgoing(id, &change));
             }
             shard.sent = heads;
         }
@@ -547,26 +597,24 @@ impl FolderIndex {
                 .into_iter()
                 .filter(|h| shard.doc.get_change_by_hash(h).is_some())
                 .collect();
-            for change in shard.doc.get_changes(&known) {
-                out.push(ShardChange {
-                    shard: id,
-                    change: change.raw_bytes().to_vec(),
-                });
-            }
+            let changes = shard.doc.get_changes(&known);
+            out.extend(changes.iter().filter_map(|c| shard.outgoing(id, c)));
         }
         out
     }
 
-    /// One shard, saved, if it exists.
+    /// One shard, saved with its changes' signatures, if it exists.
     pub fn save_shard(&mut self, shard: u16) -> Option<Vec<u8>> {
-        self.shards.get_mut(&shard).map(|s| s.doc.save())
+        self.shards
+            .get_mut(&shard)
+            .map(|s| signed::encode_saved(s.doc.save(), &s.signatures))
     }
 
     /// Every non-empty shard, saved (compressed, with history).
     pub fn save(&mut self) -> Vec<(u16, Vec<u8>)> {
         self.shards
             .par_iter_mut()
-            .map(|(id, shard)| (*id, shard.doc.save()))
+            .map(|(id, shard)| (*id, signed::encode_saved(shard.doc.save(), &shard.signatures)))
             .collect()
     }
 
@@ -584,16 +632,19 @@ impl FolderIndex {
                 if id >= SHARDS {
                     return Err(IndexError::BadShard(id));
                 }
-                let doc = AutoCommit::load(&bytes)
-                    .map_err(|e| IndexError::Load(e.to_string()))?
-                    .with_actor(actor.clone());
-                Ok((id, doc))
+                let (doc, signatures) = signed::decode_saved(&bytes)?;
+                Ok((id, doc.with_actor(actor.clone()), signatures))
             })
             .collect::<Result<Vec<_>, IndexError>>()?
             .into_iter()
-            .map(|(id, mut doc)| {
+            .map(|(id, mut doc, signatures)| {
                 let sent = doc.get_heads();
-                (id, Shard { doc, sent })
+                let shard = Shard {
+                    doc,
+                    sent,
+                    signatures,
+                };
+                (id, shard)
             })
             .collect();
         Ok(FolderIndex {
@@ -663,5 +714,10 @@ fn path_state(doc: &AutoCommit, path: &str) -> Option<PathState> {
 mod admit;
 #[cfg(feature = "forge")]
 mod forge;
+pub mod signed;
+
+pub use signed::{actor_device, folder_tag, Dropped};
+#[cfg(test)]
+mod signed_tests;
 #[cfg(test)]
 mod tests;

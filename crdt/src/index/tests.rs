@@ -1,4 +1,5 @@
 use super::*;
+use crate::keys::Signature;
 use crate::membership::{Action, MembershipLog, Role};
 use crate::MeshKey;
 
@@ -29,14 +30,14 @@ impl FolderIndex {
     }
 }
 
-struct World {
-    admin: DeviceKeys,
-    laptop: DeviceKeys,
-    log: MembershipLog,
-    folder: FolderId,
+pub(crate) struct World {
+    pub(crate) admin: DeviceKeys,
+    pub(crate) laptop: DeviceKeys,
+    pub(crate) log: MembershipLog,
+    pub(crate) folder: FolderId,
 }
 
-fn world() -> World {
+pub(crate) fn world() -> World {
     let admin = DeviceKeys::generate();
     let laptop = DeviceKeys::generate();
     let (mut log, _) = MembershipLog::create(&admin, "admin", &MeshKey::generate(Epoch(0)));
@@ -75,13 +76,13 @@ fn an_old_record_bundled_ahead_of_the_newer_one_it_replaces_rolls_nothing_back()
     let second = author.take_local_changes();
     // A member holding both replays the author's first, genuinely signed record "over" the
     // second: its change replaces the second's value and depends on the second's change.
-    let mut replayer = FolderIndex::new(mesh, w.folder.clone());
+    // (The author's own keys, stolen: no other member may put the author's record.)
+    let mut replayer =
+        FolderIndex::new(mesh, w.folder.clone()).with_actor(actor_for(&w.admin.device_id(), 9));
     replayer.apply_all(w.log.view(), first.clone()).unwrap();
     replayer.apply_all(w.log.view(), second.clone()).unwrap();
-    let shard = replayer.shard_mut(shard_of(&w.folder, "p"));
-    shard.doc.put(ROOT, "p", old.encode()).unwrap();
-    shard.doc.commit();
-    let replay = replayer.take_local_changes();
+    replayer.take_local_changes();
+    let replay = forge(&mut replayer, &w.admin, "p", &old);
     // The victim has the first version, gets the replay before the second arrives, then
     // the second: it must end on version 2.
     let mut victim = FolderIndex::new(mesh, w.folder.clone());
@@ -152,7 +153,8 @@ fn a_version_may_not_jump_ahead() {
     b.apply_all(w.log.view(), a.take_local_changes()).unwrap();
     // A member signs version u64::MAX of a.txt (its own index lets it: it builds the
     // record by hand). Every replica refuses it; nothing is wedged.
-    let mut forged = FolderIndex::new(mesh, w.folder.clone());
+    let mut forged =
+        FolderIndex::new(mesh, w.folder.clone()).with_actor(actor_for(&w.laptop.device_id(), 0));
     forged
         .apply_all(w.log.view(), b.changes_since(&BTreeMap::new()))
         .unwrap();
@@ -161,10 +163,8 @@ fn a_version_may_not_jump_ahead() {
     record.author = w.laptop.device_id();
     let bytes = signed_bytes(&mesh, &w.folder, "a.txt", &record.stored_fields());
     record.signature = w.laptop.sign(SIGNING_CONTEXT, &bytes);
-    let shard = forged.shard_mut(shard_of(&w.folder, "a.txt"));
-    shard.doc.put(ROOT, "a.txt", record.encode()).unwrap();
-    shard.doc.commit();
-    let refused = b.apply_all(w.log.view(), forged.take_local_changes());
+    forged.take_local_changes();
+    let refused = b.apply_all(w.log.view(), forge(&mut forged, &w.laptop, "a.txt", &record));
     assert!(
         matches!(refused, Err(IndexError::VersionJump { .. })),
         "{refused:?}"
@@ -256,11 +256,20 @@ fn concurrent_edits_keep_both_and_identical_ones_do_not_conflict() {
     assert_eq!(b.get("x").unwrap().winner.version, 3);
 }
 
-fn forge(index: &mut FolderIndex, path: &str, record: &FileRecord) -> Vec<ShardChange> {
+/// Puts `record` as it is, in a change signed by `keys` (as whatever actor `index` has).
+pub(crate) fn forge(
+    index: &mut FolderIndex,
+    keys: &DeviceKeys,
+    path: &str,
+    record: &FileRecord,
+) -> Vec<ShardChange> {
     let shard = shard_of(&index.folder, path);
+    let (mesh, folder) = (index.mesh, index.folder.clone());
     let s = index.shard_mut(shard);
     s.doc.put(ROOT, path, record.encode()).unwrap();
-    s.doc.commit();
+    let hash = s.doc.commit().unwrap();
+    s.signatures
+        .insert(hash, signed::sign_change(keys, &mesh, &folder, shard, &hash));
     index.take_local_changes()
 }
 
@@ -277,7 +286,7 @@ fn forged_signature_is_rejected() {
     a.take_local_changes();
     record.size = 1_000_000; // altered after signing
     record.version = 2;
-    let changes = forge(&mut a, "f", &record);
+    let changes = forge(&mut a, &w.admin, "f", &record);
     assert!(matches!(
         b.apply_all(w.log.view(), changes),
         Err(IndexError::BadSignature { .. })
@@ -300,7 +309,7 @@ fn one_bad_change_leaves_the_rest_of_the_batch_applied() {
         .remove(0);
     a.take_local_changes();
     record.size = 7; // altered after signing
-    batch.extend(forge(&mut a, "bad", &record));
+    batch.extend(forge(&mut a, &w.admin, "bad", &record));
     a.write(&w.admin, Epoch(0), vec![update("also-good", 3)])
         .unwrap();
     batch.extend(a.take_local_changes());
@@ -328,7 +337,7 @@ fn wrong_mesh_or_folder_is_rejected() {
     let mut b = FolderIndex::new(w.log.mesh(), w.folder.clone());
     assert!(matches!(
         b.apply_all(w.log.view(), elsewhere.take_local_changes()),
-        Err(IndexError::BadSignature { .. })
+        Err(IndexError::BadChangeSignature { .. })
     ));
     let mut other_folder = FolderIndex::new(w.log.mesh(), FolderId::new("other").unwrap());
     other_folder
@@ -406,12 +415,23 @@ fn replaying_an_old_version_is_rejected() {
         .remove(0);
     a.write(&w.admin, Epoch(0), vec![update("f", 2)]).unwrap();
     b.apply_all(w.log.view(), a.take_local_changes()).unwrap();
-    // A buggy or hostile member re-puts the old, validly signed record over the new one.
-    let mut evil = FolderIndex::new(mesh, w.folder.clone());
+    // Another member re-puts the old, validly signed record over the new one: not its own
+    // record, so not its to put.
+    let mut evil = FolderIndex::new(mesh, w.folder.clone()).with_actor(actor_for(&w.laptop.device_id(), 0));
     evil.apply_all(w.log.view(), b.changes_since(&BTreeMap::new()))
         .unwrap();
     evil.take_local_changes();
-    let changes = forge(&mut evil, "f", &old);
+    let changes = forge(&mut evil, &w.laptop, "f", &old);
+    assert!(matches!(
+        b.apply_all(w.log.view(), changes),
+        Err(IndexError::NotTheSigner { .. })
+    ));
+    // The author's own keys, stolen, do it: a replay.
+    let mut evil = FolderIndex::new(mesh, w.folder.clone()).with_actor(actor_for(&w.admin.device_id(), 9));
+    evil.apply_all(w.log.view(), b.changes_since(&BTreeMap::new()))
+        .unwrap();
+    evil.take_local_changes();
+    let changes = forge(&mut evil, &w.admin, "f", &old);
     assert!(matches!(
         b.apply_all(w.log.view(), changes.clone()),
         Err(IndexError::StaleVersion { .. })
@@ -444,6 +464,7 @@ fn bad_paths_and_garbage_are_refused() {
             vec![ShardChange {
                 shard: 0,
                 change: garbage,
+                signature: Signature::from_bytes(&[0; 64]),
             }],
         );
         assert!(result.is_err());
@@ -478,11 +499,12 @@ fn save_and_load_keep_everything() {
 
 #[test]
 fn a_twin_of_a_known_change_is_refused_alone() {
-    // Anyone can make a change under another replica's actor ID and sequence number; a replica
-    // that already holds the genuine one must refuse the twin without failing the batch.
+    // A device's stolen keys can make a second change under its actor ID and sequence number;
+    // a replica that already holds the genuine one must refuse the twin without failing the
+    // batch.
     let w = world();
     let mesh = w.log.mesh();
-    let actor = automerge::ActorId::random();
+    let actor = actor_for(&w.admin.device_id(), 0);
     let mut a = FolderIndex::new(mesh, w.folder.clone()).with_actor(actor.clone());
     a.write(&w.admin, Epoch(0), vec![update("p", 1)]).unwrap();
     let genuine = a.take_local_changes();

@@ -236,6 +236,7 @@ impl MembershipView {
                     return Err(Ignored::AlreadyMember(*device));
                 }
                 self.removed.remove(device);
+                self.cutoffs.retain(|(d, _), _| d != device);
                 let member = Member {
                     device: *device,
                     name: name.clone(),
@@ -273,6 +274,19 @@ impl MembershipView {
                 } else {
                     self.accepts_wipe.remove(device);
                 }
+            }
+            Action::Cutoff {
+                device,
+                folder,
+                last,
+            } => {
+                if !self.removed.contains_key(device) {
+                    return Err(Ignored::NotRemoved(*device));
+                }
+                self.cutoffs
+                    .entry((*device, *folder))
+                    .or_default()
+                    .merge(last);
             }
             Action::SetName { device, name } => {
                 let member = self

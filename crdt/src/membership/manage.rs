@@ -5,6 +5,9 @@
 
 use super::*;
 
+/// Change marks per cutoff entry (about 40 bytes each, well inside an entry's size cap).
+const MARKS_PER_ENTRY: usize = 1024;
+
 impl MembershipLog {
     /// Removes `device` as `admin` (or as itself, leaving): a new epoch whose fresh key is wrapped to every remaining
     /// member that holds keys, with every key of `ring` sealed under it. Returns the new key.
@@ -49,6 +52,28 @@ impl MembershipLog {
             self.append(admin, action)?;
         }
         Ok(key)
+    }
+
+    /// Names, as `admin`, the last index changes of the removed `device` that count in one
+    /// folder (see [`Action::Cutoff`]); large sets are split over several entries.
+    pub fn cut_off(
+        &mut self,
+        admin: &DeviceKeys,
+        device: DeviceId,
+        folder: FolderTag,
+        last: Vec<ChangeMark>,
+    ) -> Result<(), MembershipError> {
+        // An empty cutoff still counts: nothing the device signed in this folder is kept.
+        let parts: Vec<&[ChangeMark]> = if last.is_empty() {
+            vec![&[]]
+        } else {
+            last.chunks(MARKS_PER_ENTRY).collect()
+        };
+        for part in parts {
+            let last = part.to_vec();
+            self.append(admin, Action::Cutoff { device, folder, last })?;
+        }
+        Ok(())
     }
 
     /// Starts a new key epoch as `admin` without removing anyone (see [`Action::Rotate`]).

@@ -145,6 +145,14 @@ pub enum Action {
         device: DeviceId,
         accepts: bool,
     },
+    /// The last index changes of a removed `device` that count in one folder (an admin signs
+    /// one per folder it holds, with the removal): every later change the device signs there
+    /// is refused, whatever epoch it claims. Counts only once the device is removed.
+    Cutoff {
+        device: DeviceId,
+        folder: FolderTag,
+        last: Vec<ChangeMark>,
+    },
 }
 
 /// One membership change, before signing.
@@ -283,6 +291,8 @@ pub enum Ignored {
     MissingParents,
     /// A rotation that does not start the next epoch (another one did first).
     StaleRotation,
+    /// A cutoff for a device that is not removed.
+    NotRemoved(DeviceId),
 }
 
 /// The members of the mesh as computed from one set of entries.
@@ -298,6 +308,8 @@ pub struct MembershipView {
     pub wraps: Vec<WrappedKey>,
     /// Devices that accepted remote wipe when they joined.
     pub accepts_wipe: BTreeSet<DeviceId>,
+    /// Removed devices' cutoffs, per folder ([`Action::Cutoff`]).
+    pub cutoffs: BTreeMap<(DeviceId, FolderTag), Cutoff>,
 }
 
 impl MembershipView {
@@ -649,9 +661,11 @@ fn unix_now() -> u64 {
         .unwrap_or(0)
 }
 
+mod cutoff;
 mod evaluate;
 mod manage;
 
+pub use cutoff::{ChangeMark, Cutoff, FolderTag};
 pub use manage::KeyRing;
 
 #[cfg(test)]

@@ -306,6 +306,10 @@ pub fn removed(r: &Removed) -> String {
         r.epoch,
         r.rekeyed,
         if r.rekeyed == 1 { "" } else { "s" },
+    ) + &format!(
+        "its changes after the last one this device holds are refused in {} folder{}, whatever key epoch they claim\n",
+        r.cut_off,
+        if r.cut_off == 1 { "" } else { "s" },
     ) + match r.wipe {
         Some(true) => "wipe ordered: it erases its folders, keys and state if it ever reaches a member or storage peer again (best effort)\n",
         Some(false) => "wipe ordered, but it did not accept remote wipe when it joined: it is only refused\n",

@@ -31,6 +31,12 @@ pub async fn remove(device: &Shared, who: &str, wipe: bool) -> anyhow::Result<Re
         let keys = d.keys.clone();
         let accepts = d.log.view().accepts_wipe.contains(&member.device);
         let key = d.log.remove_with(&keys, member.device, &ring, wipe)?;
+        // Its cutoff: every later change it signs is refused, whatever epoch it claims.
+        let d = &mut *d;
+        for folder in d.folders.values_mut() {
+            let (tag, marks) = folder.index.last_changes_of(&member.device);
+            d.log.cut_off(&keys, member.device, tag, marks)?;
+        }
         let rekeyed = d
             .log
             .view()
@@ -43,6 +49,7 @@ pub async fn remove(device: &Shared, who: &str, wipe: bool) -> anyhow::Result<Re
             name,
             epoch: key.epoch().0,
             rekeyed,
+            cut_off: d.folders.len(),
             wipe: wipe.then_some(accepts),
         };
         (removed, d.publish_membership()?)

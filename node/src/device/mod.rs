@@ -31,6 +31,7 @@
 
 pub mod conflict;
 pub mod control;
+mod cutoff;
 pub mod folder;
 pub mod history;
 pub mod ignore;

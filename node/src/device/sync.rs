@@ -198,6 +198,9 @@ impl Device {
         self.sealing
             .keep_forwarded(&mesh, &view, &self.state, changes.sealed, &mut batch);
         let mut changed = Vec::new();
+        if allowed.is_some() {
+            self.drop_past_cutoffs(&view, &mut batch, &mut changed)?;
+        }
         // Storage peers have no folder state to give.
         let folders = if self.is_storage(peer) {
             Vec::new()

@@ -12,7 +12,8 @@ use std::time::{Duration, Instant};
 
 use meshsync_crdt::index::{actor_for, ShardChange};
 use meshsync_crdt::{
-    ChunkListHash, FileKind, FileRecord, FolderId, FolderIndex, MembershipLog, Role, Signature,
+    ChunkListHash, DeviceKeys, FileKind, FileRecord, FolderId, FolderIndex, MembershipLog, Role,
+    Signature,
 };
 use meshsync_node::control::DeviceStatus;
 use meshsync_node::device::{self, mesh, scan, Shared};
@@ -182,6 +183,11 @@ impl Mesh {
     }
 }
 
+/// A copy of a device's keys, as a thief who took its disk has them.
+pub fn stolen(keys: &DeviceKeys) -> DeviceKeys {
+    DeviceKeys::from_seeds(keys.signing_seed(), keys.kem_seed())
+}
+
 /// Mallory, sending from one member's transport with its keys.
 pub struct Mallory {
     pub via: Shared,
@@ -191,22 +197,26 @@ pub struct Mallory {
     /// Her own replica of the folder's index (fed by pulls from the victim), in which she
     /// forges.
     pub index: FolderIndex,
+    /// The keys her changes are signed with (`via`'s, unless [`Mallory::writing_as`]).
+    pub keys: DeviceKeys,
 }
 
 impl Mallory {
     /// Mallory with `via`'s keys, caught up with `victim`.
     pub async fn new(via: &Shared, victim: &Shared, folder: &FolderId) -> Mallory {
         let victim = victim.lock().await.transport().local_peer_id();
-        let (mesh, me) = {
+        let (mesh, keys) = {
             let d = via.lock().await;
-            (d.log().mesh(), d.keys().device_id())
+            (d.log().mesh(), stolen(d.keys()))
         };
+        let me = keys.device_id();
         let mut mallory = Mallory {
             via: via.clone(),
             victim,
             folder: folder.clone(),
             log: MembershipLog::empty(mesh),
             index: FolderIndex::new(mesh, folder.clone()).with_actor(actor_for(&me, 0xbad)),
+            keys,
         };
         mallory.catch_up().await;
         mallory
@@ -227,6 +237,21 @@ impl Mallory {
             assert!(report.refused.is_empty(), "{:?}", report.refused);
         }
         self.index.take_local_changes();
+    }
+
+    /// Mallory making changes as another device (whose keys she holds too), still sending
+    /// from the member she came in through: a relay of that device's changes.
+    pub fn writing_as(mut self, keys: &DeviceKeys) -> Mallory {
+        self.index = self
+            .index
+            .with_actor(actor_for(&keys.device_id(), 0xbad));
+        self.keys = stolen(keys);
+        self
+    }
+
+    /// Puts each record as it is, one signed change per record (see `FolderIndex::forge_put`).
+    pub fn forge(&mut self, records: &[FileRecord]) -> Vec<ShardChange> {
+        self.index.forge_put(&self.keys, records)
     }
 
     pub async fn request(&self, request: &SyncRequest) -> SyncReply {

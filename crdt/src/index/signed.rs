@@ -1,0 +1,257 @@
+//! Signed changes: every Automerge change of a shard is signed by the device that made it, over
+//! the change's hash (which covers its actor, sequence number, dependencies and operations) in
+//! this mesh, folder and shard. The actor names the device ([`actor_for`]), and every record a
+//! change puts must be that device's own: so a member can only relay another device's changes
+//! as they were made — never replay an old record of someone else's in a change of its own,
+//! nor make a change that claims another device's actor. The signatures travel with the
+//! changes ([`ShardChange::signature`]) and are saved beside each shard's document.
+//!
+//! # Removed devices
+//! When an admin removes a device, it names the removed device's last changes it holds, per
+//! folder and shard ([`Cutoff`], in the membership log). From then on every replica refuses
+//! that device's later changes, whatever epoch their records claim — and a replica that took
+//! some before it heard of the removal (from the device itself, or relayed by a member that had
+//! not heard either) drops them, with every change made on top of them
+//! ([`FolderIndex::drop_past_cutoffs`]): its own such records it writes again.
+
+use std::collections::{BTreeSet, HashMap, HashSet};
+
+use automerge::{ActorId, AutoCommit, ChangeHash};
+use serde::{Deserialize, Serialize};
+
+use super::*;
+use crate::membership::{ChangeMark, Cutoff, FolderTag};
+
+const CHANGE_CONTEXT: &str = "meshsync index change v1";
+/// Starts a saved shard: its document, then the signatures of its changes.
+const SAVED_MAGIC: [u8; 4] = *b"MSI2";
+/// The first bytes of a bare Automerge document (a shard saved before changes were signed).
+const AUTOMERGE_MAGIC: [u8; 4] = [0x85, 0x6f, 0x4a, 0x83];
+
+/// The device an index actor belongs to ([`actor_for`]: its ID, then an incarnation).
+pub fn actor_device(actor: &ActorId) -> Option<(DeviceId, u32)> {
+    let bytes = actor.to_bytes();
+    if bytes.len() != 36 {
+        return None;
+    }
+    let device = DeviceId::from_bytes(bytes[..32].try_into().expect("32 bytes")).ok()?;
+    let incarnation = u32::from_be_bytes(bytes[32..].try_into().expect("4 bytes"));
+    Some((device, incarnation))
+}
+
+/// What a folder's ID is called in the membership log (which storage peers read): a hash, so
+/// that the log never shows a folder's name.
+pub fn folder_tag(mesh: &MeshId, folder: &FolderId) -> FolderTag {
+    let mut hasher = blake3::Hasher::new_derive_key("meshsync folder tag v1");
+    hasher.update(mesh.as_bytes());
+    hasher.update(folder.as_str().as_bytes());
+    FolderTag(*hasher.finalize().as_bytes())
+}
+
+fn signed_change(mesh: &MeshId, folder: &FolderId, shard: u16, hash: &ChangeHash) -> Vec<u8> {
+    postcard::to_stdvec(&(mesh, folder, shard, hash.0)).expect("change names always encode")
+}
+
+pub(super) fn sign_change(
+    keys: &DeviceKeys,
+    mesh: &MeshId,
+    folder: &FolderId,
+    shard: u16,
+    hash: &ChangeHash,
+) -> Signature {
+    keys.sign(CHANGE_CONTEXT, &signed_change(mesh, folder, shard, hash))
+}
+
+/// Checks that `change` is signed by the device its actor names; returns that device and the
+/// actor's incarnation.
+pub(super) fn verify_change(
+    mesh: &MeshId,
+    folder: &FolderId,
+    shard: u16,
+    change: &automerge::Change,
+    signature: &Signature,
+) -> Result<(DeviceId, u32), IndexError> {
+    let bad = || IndexError::BadChangeSignature {
+        change: change.hash().to_string(),
+    };
+    let (device, incarnation) = actor_device(change.actor_id()).ok_or_else(bad)?;
+    verify(
+        &device,
+        CHANGE_CONTEXT,
+        &signed_change(mesh, folder, shard, &change.hash()),
+        signature,
+    )
+    .map_err(|_| bad())?;
+    Ok((device, incarnation))
+}
+
+#[derive(Serialize, Deserialize)]
+struct Saved {
+    doc: Vec<u8>,
+    signatures: Vec<([u8; 32], Signature)>,
+}
+
+/// A shard as saved: its document and its changes' signatures.
+pub(super) fn encode_saved(doc: Vec<u8>, signatures: &HashMap<ChangeHash, Signature>) -> Vec<u8> {
+    let mut signatures: Vec<([u8; 32], Signature)> =
+        signatures.iter().map(|(h, s)| (h.0, *s)).collect();
+    signatures.sort_by_key(|(h, _)| *h);
+    let mut out = SAVED_MAGIC.to_vec();
+    postcard::to_io(&Saved { doc, signatures }, &mut out).expect("a saved shard always encodes");
+    out
+}
+
+/// Inverse of [`encode_saved`].
+pub(super) fn decode_saved(
+    bytes: &[u8],
+) -> Result<(AutoCommit, HashMap<ChangeHash, Signature>), IndexError> {
+    if bytes.starts_with(&AUTOMERGE_MAGIC) {
+        return Err(IndexError::Load(
+            "this shard was saved by a meshsync from before index changes were signed, and \
+             cannot be relayed to peers: move the home aside and pair this device again (the \
+             folders' files are not touched)"
+                .into(),
+        ));
+    }
+    let body = bytes
+        .strip_prefix(&SAVED_MAGIC)
+        .ok_or_else(|| IndexError::Load("not a saved shard".into()))?;
+    let saved: Saved = postcard::from_bytes(body).map_err(|e| IndexError::Load(e.to_string()))?;
+    let doc = AutoCommit::load(&saved.doc).map_err(|e| IndexError::Load(e.to_string()))?;
+    let signatures = saved
+        .signatures
+        .into_iter()
+        .map(|(h, s)| (ChangeHash(h), s))
+        .collect();
+    Ok((doc, signatures))
+}
+
+/// What [`FolderIndex::drop_past_cutoffs`] took out.
+#[derive(Debug, Default)]
+pub struct Dropped {
+    /// Paths whose state may have changed.
+    pub paths: BTreeSet<String>,
+    /// How many changes were dropped.
+    pub changes: usize,
+    /// This replica's own records that were dropped (they were made on top of a removed
+    /// device's late change), newest per path: the caller writes them again.
+    pub own: Vec<FileRecord>,
+}
+
+impl FolderIndex {
+    /// The cutoff a removed `device` has in this folder, if an admin named one.
+    pub(super) fn cutoff_of<'v>(
+        &self,
+        view: &'v MembershipView,
+        device: &DeviceId,
+    ) -> Option<&'v Cutoff> {
+        view.cutoffs.get(&(*device, folder_tag(&self.mesh, &self.folder)))
+    }
+
+    /// The marks naming `device`'s last change per shard and incarnation that this replica
+    /// holds: what a removal of `device` puts in the log for this folder.
+    pub fn last_changes_of(&mut self, device: &DeviceId) -> (FolderTag, Vec<ChangeMark>) {
+        let mut marks: BTreeMap<(u16, u32), ChangeMark> = BTreeMap::new();
+        for (&shard, s) in self.shards.iter_mut() {
+            for change in s.doc.get_changes(&[]) {
+                let Some((author, incarnation)) = actor_device(change.actor_id()) else {
+                    continue;
+                };
+                if author != *device {
+                    continue;
+                }
+                let mark = ChangeMark {
+                    shard,
+                    incarnation,
+                    seq: change.seq(),
+                    hash: change.hash().0,
+                };
+                let slot = marks.entry((shard, incarnation)).or_insert(mark);
+                if mark.seq > slot.seq {
+                    *slot = mark;
+                }
+            }
+        }
+        (
+            folder_tag(&self.mesh, &self.folder),
+            marks.into_values().collect(),
+        )
+    }
+
+    /// Takes out every change a removed device made after its cutoff, with every change that
+    /// depends on one, by rebuilding the shards that hold any from the changes that remain.
+    /// Cheap when no removal names a cutoff for this folder.
+    pub fn drop_past_cutoffs(&mut self, view: &MembershipView) -> Result<Dropped, IndexError> {
+        let tag = folder_tag(&self.mesh, &self.folder);
+        let cutoffs: HashMap<DeviceId, &Cutoff> = view
+            .cutoffs
+            .iter()
+            .filter(|((_, t), _)| *t == tag)
+            .map(|((device, _), cutoff)| (*device, cutoff))
+            .collect();
+        let mut dropped = Dropped::default();
+        if cutoffs.is_empty() {
+            return Ok(dropped);
+        }
+        self.held.retain(|a| {
+            let Some((device, incarnation)) = actor_device(a.change.actor_id()) else {
+                return false;
+            };
+            cutoffs.get(&device).is_none_or(|c| {
+                c.admits(a.shard, incarnation, a.change.seq(), &a.change.hash())
+            })
+        });
+        let mut own: BTreeMap<String, FileRecord> = BTreeMap::new();
+        let me = actor_device(&self.actor).map(|(d, _)| d);
+        for (&shard, s) in self.shards.iter_mut() {
+            let changes = s.doc.get_changes(&[]);
+            let mut out: HashSet<ChangeHash> = HashSet::new();
+            for change in &changes {
+                let late = actor_device(change.actor_id()).is_some_and(|(device, inc)| {
+                    cutoffs.get(&device).is_some_and(|c| {
+                        !c.admits(shard, inc, change.seq(), &change.hash())
+                    })
+                });
+                // Changes come in causal order: a dependent follows what it depends on.
+                if late || change.deps().iter().any(|d| out.contains(d)) {
+                    out.insert(change.hash());
+                }
+            }
+            if out.is_empty() {
+                continue;
+            }
+            let keep: Vec<automerge::Change> = changes
+                .iter()
+                .filter(|c| !out.contains(&c.hash()))
+                .cloned()
+                .collect();
+            for change in changes.iter().filter(|c| out.contains(&c.hash())) {
+                let mine = actor_device(change.actor_id()).map(|(d, _)| d) == me;
+                for op in change.decode().operations {
+                    let Ok(path) = admit_op(&op) else { continue };
+                    if mine {
+                        if let automerge::legacy::OpType::Put(automerge::ScalarValue::Bytes(b)) =
+                            &op.action
+                        {
+                            if let Ok(record) = FileRecord::decode(&path, b) {
+                                let newer = own.get(&path).is_none_or(|r| r.version < record.version);
+                                if newer {
+                                    own.insert(path.clone(), record);
+                                }
+                            }
+                        }
+                    }
+                    dropped.paths.insert(path);
+                }
+            }
+            let mut doc = AutoCommit::new().with_actor(self.actor.clone());
+            doc.apply_changes(keep)?;
+            s.signatures.retain(|h, _| !out.contains(h));
+            s.sent = doc.get_heads();
+            s.doc = doc;
+            dropped.changes += out.len();
+        }
+        dropped.own = own.into_values().collect();
+        Ok(dropped)
+    }
+}
