@@ -165,3 +165,102 @@ async fn a_removed_device_is_cut_off_and_reads_nothing_new() {
     let after = fl.join("after.txt");
     assert!(eventually(|| std::fs::read(&after).is_ok_and(|d| d == secret)).await);
 }
+
+/// Who each device lets in: `allowed[i]` for `devices[i]`.
+async fn partition(devices: &[&meshsync_node::device::Shared], allowed: &[Vec<usize>]) {
+    let mut peers = Vec::new();
+    for d in devices {
+        peers.push(d.lock().await.transport().local_peer_id());
+    }
+    for (d, allow) in devices.iter().zip(allowed) {
+        let transport = d.lock().await.transport().clone();
+        transport
+            .set_allowed(allow.iter().map(|&i| peers[i]).collect::<Vec<_>>())
+            .await;
+    }
+    for (i, d) in devices.iter().enumerate() {
+        let transport = d.lock().await.transport().clone();
+        for &j in &allowed[i] {
+            let theirs = devices[j].lock().await.transport().clone();
+            transport
+                .dial_peer(peers[j], theirs.listen_addrs().await)
+                .await;
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn changes_a_removed_device_made_through_a_member_that_had_not_heard_are_dropped_everywhere()
+{
+    // The stolen laptop t reaches only m, which has not heard of its removal: m takes what t
+    // writes (a new file and an overwrite of seed.txt, claiming the old epoch as they may) and
+    // writes on top. When m meets v again, v refuses t's late changes, m drops them with what
+    // was built on them and writes its own again: every replica ends without them.
+    let mesh = mesh().await;
+    let (thief, ft) = mesh.join_device("thief", "T").await;
+    assert!(eventually(|| ft.join("seed.txt").exists()).await);
+    let (v, m, r) = (&mesh.v, &mesh.m, &mesh.r);
+    let all = [v, m, r, &thief];
+    // v and r on one side; m and t on the other.
+    partition(&all, &[vec![2], vec![3], vec![0], vec![1]]).await;
+    let prefix: String = {
+        let t = thief.lock().await;
+        t.keys().device_id().to_string().chars().take(7).collect()
+    };
+    let removed = members::remove(v, &prefix, false).await.unwrap();
+    assert_eq!(removed.cut_off, 1);
+    partition(&all, &[vec![2], vec![3], vec![0], vec![1]]).await; // the removal re-allowed m
+
+    std::fs::write(
+        ft.join("late.txt"),
+        b"written by the thief after its removal",
+    )
+    .unwrap();
+    std::fs::write(ft.join("seed.txt"), b"overwritten by the thief").unwrap();
+    meshsync_node::device::scan::scan(&thief, &mesh.folder, common::mallory::requested())
+        .await
+        .unwrap();
+    assert!(
+        eventually(|| std::fs::read(mesh.fm.join("seed.txt"))
+            .is_ok_and(|d| d == b"overwritten by the thief"))
+        .await,
+        "m (unaware) never took the thief's change"
+    );
+    assert!(mesh.fm.join("late.txt").exists());
+    // m writes on top, unaware.
+    std::fs::write(
+        mesh.fm.join("late.txt"),
+        b"m's edit on top of the thief's file",
+    )
+    .unwrap();
+    std::fs::write(mesh.fm.join("mine.txt"), b"m's own, made while apart").unwrap();
+    meshsync_node::device::scan::scan(m, &mesh.folder, common::mallory::requested())
+        .await
+        .unwrap();
+
+    // m meets v and r again; t stays out.
+    partition(&all, &[vec![1, 2], vec![0, 2], vec![0, 1], vec![]]).await;
+    let seed_back = |root: &std::path::Path| {
+        std::fs::read(root.join("seed.txt")).is_ok_and(|d| d == b"seed content from m")
+    };
+    assert!(
+        eventually(|| seed_back(&mesh.fm)).await,
+        "m kept the thief's overwrite"
+    );
+    assert!(seed_back(&mesh.fv));
+    let mine = |root: &std::path::Path| {
+        std::fs::read(root.join("mine.txt")).is_ok_and(|d| d == b"m's own, made while apart")
+    };
+    assert!(
+        eventually(|| mine(&mesh.fv)).await,
+        "m's own write was lost"
+    );
+    // m's edit of the thief's file is m's own write: written again, it reaches v too.
+    let edit = |root: &std::path::Path| {
+        std::fs::read(root.join("late.txt"))
+            .is_ok_and(|d| d == b"m's edit on top of the thief's file")
+    };
+    assert!(eventually(|| edit(&mesh.fv)).await, "m's edit was lost");
+    assert!(edit(&mesh.fm));
+    mesh.still_syncs().await;
+}

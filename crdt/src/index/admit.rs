@@ -133,7 +133,10 @@ impl FolderIndex {
             .collect();
         report.refused.extend(refused);
         for (id, hash, signature) in signatures {
-            let shard = self.shards.get_mut(&id).expect("a shard that took changes exists");
+            let shard = self
+                .shards
+                .get_mut(&id)
+                .expect("a shard that took changes exists");
             if shard.doc.get_change_by_hash(&hash).is_some() {
                 shard.signatures.insert(hash, signature);
             }

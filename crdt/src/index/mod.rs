@@ -614,7 +614,12 @@ impl FolderIndex {
     pub fn save(&mut self) -> Vec<(u16, Vec<u8>)> {
         self.shards
             .par_iter_mut()
-            .map(|(id, shard)| (*id, signed::encode_saved(shard.doc.save(), &shard.signatures)))
+            .map(|(id, shard)| {
+                (
+                    *id,
+                    signed::encode_saved(shard.doc.save(), &shard.signatures),
+                )
+            })
             .collect()
     }
 

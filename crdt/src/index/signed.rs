@@ -145,7 +145,8 @@ impl FolderIndex {
         view: &'v MembershipView,
         device: &DeviceId,
     ) -> Option<&'v Cutoff> {
-        view.cutoffs.get(&(*device, folder_tag(&self.mesh, &self.folder)))
+        view.cutoffs
+            .get(&(*device, folder_tag(&self.mesh, &self.folder)))
     }
 
     /// The marks naming `device`'s last change per shard and incarnation that this replica
@@ -197,9 +198,9 @@ impl FolderIndex {
             let Some((device, incarnation)) = actor_device(a.change.actor_id()) else {
                 return false;
             };
-            cutoffs.get(&device).is_none_or(|c| {
-                c.admits(a.shard, incarnation, a.change.seq(), &a.change.hash())
-            })
+            cutoffs
+                .get(&device)
+                .is_none_or(|c| c.admits(a.shard, incarnation, a.change.seq(), &a.change.hash()))
         });
         let mut own: BTreeMap<String, FileRecord> = BTreeMap::new();
         let me = actor_device(&self.actor).map(|(d, _)| d);
@@ -208,9 +209,9 @@ impl FolderIndex {
             let mut out: HashSet<ChangeHash> = HashSet::new();
             for change in &changes {
                 let late = actor_device(change.actor_id()).is_some_and(|(device, inc)| {
-                    cutoffs.get(&device).is_some_and(|c| {
-                        !c.admits(shard, inc, change.seq(), &change.hash())
-                    })
+                    cutoffs
+                        .get(&device)
+                        .is_some_and(|c| !c.admits(shard, inc, change.seq(), &change.hash()))
                 });
                 // Changes come in causal order: a dependent follows what it depends on.
                 if late || change.deps().iter().any(|d| out.contains(d)) {
@@ -234,7 +235,8 @@ impl FolderIndex {
                             &op.action
                         {
                             if let Ok(record) = FileRecord::decode(&path, b) {
-                                let newer = own.get(&path).is_none_or(|r| r.version < record.version);
+                                let newer =
+                                    own.get(&path).is_none_or(|r| r.version < record.version);
                                 if newer {
                                     own.insert(path.clone(), record);
                                 }

@@ -34,7 +34,11 @@ fn a_member_cannot_put_another_devices_old_record_beside_the_current_one() {
     );
     let state = victim.get("p").unwrap();
     assert_eq!(state.winner.version, 2);
-    assert!(state.losers.is_empty(), "no conflict copy: {:?}", state.losers);
+    assert!(
+        state.losers.is_empty(),
+        "no conflict copy: {:?}",
+        state.losers
+    );
 }
 
 #[test]
@@ -70,10 +74,16 @@ fn a_change_must_carry_the_signature_of_the_device_its_actor_names() {
     let mut genuine = honest.take_local_changes();
     genuine[0].signature = Signature::from_bytes(&[0; 64]);
     let report = b.apply(w.log.view(), genuine.clone()).unwrap();
-    assert!(matches!(report.refused[..], [IndexError::BadChangeSignature { .. }]));
+    assert!(matches!(
+        report.refused[..],
+        [IndexError::BadChangeSignature { .. }]
+    ));
     genuine[0].signature = changes[0].signature;
     let report = b.apply(w.log.view(), genuine).unwrap();
-    assert!(matches!(report.refused[..], [IndexError::BadChangeSignature { .. }]));
+    assert!(matches!(
+        report.refused[..],
+        [IndexError::BadChangeSignature { .. }]
+    ));
     assert!(b.is_empty());
 }
 
@@ -99,7 +109,10 @@ fn signatures_are_saved_with_the_shard_and_relayed_from_it() {
     let error = FolderIndex::load(w.log.mesh(), w.folder.clone(), vec![(3, bare.save())])
         .err()
         .unwrap();
-    assert!(error.to_string().contains("pair this device again"), "{error}");
+    assert!(
+        error.to_string().contains("pair this device again"),
+        "{error}"
+    );
 }
 
 /// The laptop's changes: `before` (the admin saw it), then `late` (made after its removal, or
@@ -166,7 +179,11 @@ fn a_removed_devices_changes_after_its_cutoff_are_refused_whatever_epoch_they_cl
         .refused
         .iter()
         .all(|e| matches!(e, IndexError::PastCutoff { .. })));
-    assert_eq!(fresh.get("a").unwrap().winner.size, 1, "before the cutoff: kept");
+    assert_eq!(
+        fresh.get("a").unwrap().winner.size,
+        1,
+        "before the cutoff: kept"
+    );
     assert!(fresh.get("evil").is_none());
     // A cutoff signed by someone who is not an admin counts for nothing.
     let mut w2 = removal().w;
@@ -210,7 +227,11 @@ fn a_replica_that_took_late_changes_before_it_heard_drops_them_and_keeps_its_own
     let dropped = member.drop_past_cutoffs(w.log.view()).unwrap();
     assert!(dropped.changes >= 2, "{dropped:?}");
     assert!(member.get("evil").is_none());
-    assert_eq!(member.get("a").unwrap().winner.size, 1, "back to before the cutoff");
+    assert_eq!(
+        member.get("a").unwrap().winner.size,
+        1,
+        "back to before the cutoff"
+    );
     // Its own write on top of the late change is handed back to be written again.
     let own: Vec<&str> = dropped.own.iter().map(|r| r.path.as_str()).collect();
     assert!(own.contains(&"a"), "{own:?}");

@@ -164,7 +164,10 @@ fn a_version_may_not_jump_ahead() {
     let bytes = signed_bytes(&mesh, &w.folder, "a.txt", &record.stored_fields());
     record.signature = w.laptop.sign(SIGNING_CONTEXT, &bytes);
     forged.take_local_changes();
-    let refused = b.apply_all(w.log.view(), forge(&mut forged, &w.laptop, "a.txt", &record));
+    let refused = b.apply_all(
+        w.log.view(),
+        forge(&mut forged, &w.laptop, "a.txt", &record),
+    );
     assert!(
         matches!(refused, Err(IndexError::VersionJump { .. })),
         "{refused:?}"
@@ -268,8 +271,10 @@ pub(crate) fn forge(
     let s = index.shard_mut(shard);
     s.doc.put(ROOT, path, record.encode()).unwrap();
     let hash = s.doc.commit().unwrap();
-    s.signatures
-        .insert(hash, signed::sign_change(keys, &mesh, &folder, shard, &hash));
+    s.signatures.insert(
+        hash,
+        signed::sign_change(keys, &mesh, &folder, shard, &hash),
+    );
     index.take_local_changes()
 }
 
@@ -417,7 +422,8 @@ fn replaying_an_old_version_is_rejected() {
     b.apply_all(w.log.view(), a.take_local_changes()).unwrap();
     // Another member re-puts the old, validly signed record over the new one: not its own
     // record, so not its to put.
-    let mut evil = FolderIndex::new(mesh, w.folder.clone()).with_actor(actor_for(&w.laptop.device_id(), 0));
+    let mut evil =
+        FolderIndex::new(mesh, w.folder.clone()).with_actor(actor_for(&w.laptop.device_id(), 0));
     evil.apply_all(w.log.view(), b.changes_since(&BTreeMap::new()))
         .unwrap();
     evil.take_local_changes();
@@ -427,7 +433,8 @@ fn replaying_an_old_version_is_rejected() {
         Err(IndexError::NotTheSigner { .. })
     ));
     // The author's own keys, stolen, do it: a replay.
-    let mut evil = FolderIndex::new(mesh, w.folder.clone()).with_actor(actor_for(&w.admin.device_id(), 9));
+    let mut evil =
+        FolderIndex::new(mesh, w.folder.clone()).with_actor(actor_for(&w.admin.device_id(), 9));
     evil.apply_all(w.log.view(), b.changes_since(&BTreeMap::new()))
         .unwrap();
     evil.take_local_changes();

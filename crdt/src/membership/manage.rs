@@ -71,7 +71,14 @@ impl MembershipLog {
         };
         for part in parts {
             let last = part.to_vec();
-            self.append(admin, Action::Cutoff { device, folder, last })?;
+            self.append(
+                admin,
+                Action::Cutoff {
+                    device,
+                    folder,
+                    last,
+                },
+            )?;
         }
         Ok(())
     }

@@ -62,7 +62,6 @@ impl Device {
     }
 }
 
-
 /// Takes away files (and empty folders) at `paths` that no record names any more, unless they
 /// were changed here since they were written (the scanner then records them as this device's).
 fn forget_unrecorded(
@@ -90,7 +89,9 @@ fn forget_unrecorded(
             Ok(Some(e)) if e.kind == Kind::Dir && old.kind == FileKind::Directory => {
                 root.remove_dir(&path).is_ok()
             }
-            Ok(Some(e)) if e.kind != Kind::Dir && e.len == old.size && e.mtime_ns == old.mtime_ns => {
+            Ok(Some(e))
+                if e.kind != Kind::Dir && e.len == old.size && e.mtime_ns == old.mtime_ns =>
+            {
                 root.remove_file(&path).is_ok()
             }
             _ => false,

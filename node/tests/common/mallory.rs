@@ -242,9 +242,7 @@ impl Mallory {
     /// Mallory making changes as another device (whose keys she holds too), still sending
     /// from the member she came in through: a relay of that device's changes.
     pub fn writing_as(mut self, keys: &DeviceKeys) -> Mallory {
-        self.index = self
-            .index
-            .with_actor(actor_for(&keys.device_id(), 0xbad));
+        self.index = self.index.with_actor(actor_for(&keys.device_id(), 0xbad));
         self.keys = stolen(keys);
         self
     }
