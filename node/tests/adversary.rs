@@ -223,3 +223,43 @@ async fn no_jump_and_no_replay_moves_a_path_back_or_out_of_reach() {
     assert!(eventually(|| std::fs::read(&on_m).is_ok_and(|d| d == b"other content from m")).await);
     mesh.write_on_m("f.txt", b"f version three").await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn twin_changes_made_with_stolen_keys_do_not_split_the_replicas() {
+    // Mallory holds m's keys and signs a change under m's own actor with the sequence number
+    // m's next change in that shard will take; v gets hers first, then m's genuine one. Every
+    // replica keeps the same twin, m's write survives (written again if its twin lost), and
+    // later changes in that shard still flow.
+    let mesh = mesh().await;
+    let mut mallory = Mallory::new(&mesh.m, &mesh.v, &mesh.folder)
+        .await
+        .as_incarnation(0);
+    let record = mallory.record("twin.txt", FileKind::File, "seed.txt").await;
+    let changes = forged(&mut mallory, &[record]);
+    assert!(matches!(
+        mallory.push(changes).await,
+        meshsync_node::protocol::SyncReply::Ok
+    ));
+    assert!(eventually(|| mesh.fv.join("twin.txt").exists()).await);
+    mesh.write_on_m("twin.txt", b"m's own twin.txt").await;
+    // Another path in the same shard: its change depends on m's twin.
+    let shard = meshsync_crdt::index::shard_of(&mesh.folder, "twin.txt");
+    let next = (0..)
+        .map(|i| format!("same-shard-{i}.txt"))
+        .find(|p| meshsync_crdt::index::shard_of(&mesh.folder, p) == shard)
+        .unwrap();
+    mesh.write_on_m(&next, b"after the twins").await;
+    let same = |name: &str| {
+        let (v, m) = (
+            std::fs::read(mesh.fv.join(name)),
+            std::fs::read(mesh.fm.join(name)),
+        );
+        v.is_ok() && v.ok() == m.ok()
+    };
+    assert!(eventually(|| same("twin.txt")).await);
+    assert_eq!(
+        std::fs::read(mesh.fm.join("twin.txt")).unwrap(),
+        b"m's own twin.txt"
+    );
+    mesh.still_syncs().await;
+}

@@ -26,23 +26,56 @@ const MAX_HELD_CHANGES: usize = 10_000;
 const MAX_HELD_BYTES: usize = 64 * 1024 * 1024;
 
 /// Applies admitted `changes` to one shard. Automerge takes a batch whole or not at all, and
-/// refuses one holding a change that reuses another's actor ID and sequence number — which
-/// anyone can make, since actor IDs are not signed. So if the batch is refused, each change is
-/// applied alone and only the offenders are refused.
-fn apply_to(shard: &mut Shard, changes: Vec<automerge::Change>) -> Vec<IndexError> {
+/// refuses one holding a change that reuses another's actor ID and sequence number: a twin,
+/// which only the device the actor names can sign — so its keys are in someone else's hands.
+/// If the batch is refused, each change is applied alone. Of two twins every replica keeps the
+/// one with the lower hash, so they cannot split the mesh: a replica holding the other drops it
+/// (with what was built on it, see [`Shard::rebuild_without`]) and takes the lower one.
+fn apply_to(
+    shard: &mut Shard,
+    actor: &ActorId,
+    me: Option<DeviceId>,
+    changes: Vec<automerge::Change>,
+) -> (Vec<IndexError>, Dropped) {
+    let mut dropped = Dropped::default();
     if shard.doc.apply_changes(changes.clone()).is_ok() {
-        return Vec::new();
+        return (Vec::new(), dropped);
     }
-    changes
-        .into_iter()
-        .filter_map(|change| {
-            let hash = change.hash();
-            let error = shard.doc.apply_changes([change]).err()?;
-            Some(IndexError::ForbiddenOp(format!(
-                "change {hash} refused by the document: {error}"
-            )))
-        })
-        .collect()
+    let mut refused = Vec::new();
+    for change in changes {
+        let Err(error) = shard.doc.apply_changes([change.clone()]) else {
+            continue;
+        };
+        let twin = shard
+            .doc
+            .get_changes(&[])
+            .into_iter()
+            .find(|c| c.actor_id() == change.actor_id() && c.seq() == change.seq());
+        let signer = actor_device(change.actor_id()).map(|(d, _)| d);
+        let Some(twin) = twin else {
+            refused.push(IndexError::ForbiddenOp(format!(
+                "change {} refused by the document: {error}",
+                change.hash()
+            )));
+            continue;
+        };
+        let equivocation = IndexError::Equivocation {
+            device: signer.map_or_else(|| "?".into(), |d| d.to_string()),
+            seq: change.seq(),
+        };
+        let lower = change.hash() < twin.hash();
+        if lower {
+            let gone = twin.hash();
+            let rebuilt = shard.rebuild_without(actor, me, |c| c.hash() == gone, &mut dropped);
+            if let Err(error) = rebuilt.and_then(|()| Ok(shard.doc.apply_changes([change])?)) {
+                refused.push(error);
+                continue;
+            }
+        }
+        refused.push(equivocation);
+    }
+    dropped.newest_own_only();
+    (refused, dropped)
 }
 
 impl FolderIndex {
@@ -127,11 +160,16 @@ impl FolderIndex {
                 work.push((shard, changes));
             }
         }
-        let refused: Vec<IndexError> = work
+        let (actor, me) = (&self.actor, actor_device(&self.actor).map(|(d, _)| d));
+        let results: Vec<(Vec<IndexError>, Dropped)> = work
             .into_par_iter()
-            .flat_map_iter(|(shard, changes)| apply_to(shard, changes))
+            .map(|(shard, changes)| apply_to(shard, actor, me, changes))
             .collect();
-        report.refused.extend(refused);
+        for (refused, dropped) in results {
+            report.refused.extend(refused);
+            report.paths.extend(dropped.paths.iter().cloned());
+            report.dropped.merge(dropped);
+        }
         for (id, hash, signature) in signatures {
             let shard = self
                 .shards

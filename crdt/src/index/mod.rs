@@ -261,6 +261,8 @@ pub enum IndexError {
         author: DeviceId,
         signer: DeviceId,
     },
+    #[error("device {device} signed two different changes numbered {seq} in one shard (its keys may be in someone else's hands: remove it); the one with the lower hash is kept")]
+    Equivocation { device: String, seq: u64 },
     #[error("change {change} of removed device {device:?} comes after its cutoff")]
     PastCutoff { device: DeviceId, change: String },
     #[error("record for {path:?} is by {author:?}, who may not write in epoch {epoch}")]
@@ -306,6 +308,8 @@ pub struct ApplyReport {
     pub shards: usize,
     /// Changes left out, and why (see [`FolderIndex::apply`]).
     pub refused: Vec<IndexError>,
+    /// Changes taken out again: the twin that lost (see [`FolderIndex::apply`]).
+    pub dropped: Dropped,
 }
 
 /// How far a record's version may run ahead of the versions this replica knows of its path

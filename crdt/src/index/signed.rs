@@ -202,58 +202,87 @@ impl FolderIndex {
                 .get(&device)
                 .is_none_or(|c| c.admits(a.shard, incarnation, a.change.seq(), &a.change.hash()))
         });
-        let mut own: BTreeMap<String, FileRecord> = BTreeMap::new();
         let me = actor_device(&self.actor).map(|(d, _)| d);
         for (&shard, s) in self.shards.iter_mut() {
-            let changes = s.doc.get_changes(&[]);
-            let mut out: HashSet<ChangeHash> = HashSet::new();
-            for change in &changes {
-                let late = actor_device(change.actor_id()).is_some_and(|(device, inc)| {
+            let late = |change: &automerge::Change| {
+                actor_device(change.actor_id()).is_some_and(|(device, inc)| {
                     cutoffs
                         .get(&device)
                         .is_some_and(|c| !c.admits(shard, inc, change.seq(), &change.hash()))
-                });
-                // Changes come in causal order: a dependent follows what it depends on.
-                if late || change.deps().iter().any(|d| out.contains(d)) {
-                    out.insert(change.hash());
-                }
-            }
-            if out.is_empty() {
-                continue;
-            }
-            let keep: Vec<automerge::Change> = changes
-                .iter()
-                .filter(|c| !out.contains(&c.hash()))
-                .cloned()
-                .collect();
-            for change in changes.iter().filter(|c| out.contains(&c.hash())) {
-                let mine = actor_device(change.actor_id()).map(|(d, _)| d) == me;
-                for op in change.decode().operations {
-                    let Ok(path) = admit_op(&op) else { continue };
-                    if mine {
-                        if let automerge::legacy::OpType::Put(automerge::ScalarValue::Bytes(b)) =
-                            &op.action
-                        {
-                            if let Ok(record) = FileRecord::decode(&path, b) {
-                                let newer =
-                                    own.get(&path).is_none_or(|r| r.version < record.version);
-                                if newer {
-                                    own.insert(path.clone(), record);
-                                }
-                            }
-                        }
-                    }
-                    dropped.paths.insert(path);
-                }
-            }
-            let mut doc = AutoCommit::new().with_actor(self.actor.clone());
-            doc.apply_changes(keep)?;
-            s.signatures.retain(|h, _| !out.contains(h));
-            s.sent = doc.get_heads();
-            s.doc = doc;
-            dropped.changes += out.len();
+                })
+            };
+            s.rebuild_without(&self.actor, me, late, &mut dropped)?;
         }
-        dropped.own = own.into_values().collect();
+        dropped.newest_own_only();
         Ok(dropped)
+    }
+}
+
+impl Dropped {
+    pub(super) fn merge(&mut self, other: Dropped) {
+        self.paths.extend(other.paths);
+        self.changes += other.changes;
+        self.own.extend(other.own);
+        self.newest_own_only();
+    }
+
+    /// Keeps, of this replica's own dropped records, the newest per path.
+    pub(super) fn newest_own_only(&mut self) {
+        let mut newest: BTreeMap<String, FileRecord> = BTreeMap::new();
+        for record in self.own.drain(..) {
+            if newest
+                .get(&record.path)
+                .is_none_or(|r| r.version < record.version)
+            {
+                newest.insert(record.path.clone(), record);
+            }
+        }
+        self.own = newest.into_values().collect();
+    }
+}
+
+impl Shard {
+    /// Rebuilds this shard's document without the changes `is_root` picks and every change
+    /// that depends on one (the signatures of what leaves go too), noting in `dropped` the paths
+    /// they touched and the records of this replica's device (`me`) among them.
+    pub(super) fn rebuild_without(
+        &mut self,
+        actor: &ActorId,
+        me: Option<DeviceId>,
+        is_root: impl Fn(&automerge::Change) -> bool,
+        dropped: &mut Dropped,
+    ) -> Result<(), IndexError> {
+        let changes = self.doc.get_changes(&[]);
+        let mut out: HashSet<ChangeHash> = HashSet::new();
+        for change in &changes {
+            // Changes come in causal order: a dependent follows what it depends on.
+            if is_root(change) || change.deps().iter().any(|d| out.contains(d)) {
+                out.insert(change.hash());
+            }
+        }
+        if out.is_empty() {
+            return Ok(());
+        }
+        let (gone, keep): (Vec<automerge::Change>, Vec<automerge::Change>) =
+            changes.into_iter().partition(|c| out.contains(&c.hash()));
+        for change in &gone {
+            let mine = me.is_some() && actor_device(change.actor_id()).map(|(d, _)| d) == me;
+            for op in change.decode().operations {
+                let Ok(path) = admit_op(&op) else { continue };
+                if let (true, automerge::legacy::OpType::Put(automerge::ScalarValue::Bytes(b))) =
+                    (mine, &op.action)
+                {
+                    dropped.own.extend(FileRecord::decode(&path, b).ok());
+                }
+                dropped.paths.insert(path);
+            }
+        }
+        let mut doc = AutoCommit::new().with_actor(actor.clone());
+        doc.apply_changes(keep)?;
+        self.signatures.retain(|h, _| !out.contains(h));
+        self.sent = doc.get_heads();
+        self.doc = doc;
+        dropped.changes += out.len();
+        Ok(())
     }
 }

@@ -505,10 +505,11 @@ fn save_and_load_keep_everything() {
 }
 
 #[test]
-fn a_twin_of_a_known_change_is_refused_alone() {
-    // A device's stolen keys can make a second change under its actor ID and sequence number;
-    // a replica that already holds the genuine one must refuse the twin without failing the
-    // batch.
+fn twins_do_not_split_replicas() {
+    // A device's stolen keys can make a second change under its actor ID and sequence number.
+    // Whichever a replica gets first, every replica ends with the twin of lower hash, without
+    // failing the rest of the batch; a replica's own write on top of the twin that lost is
+    // handed back to be written again.
     let w = world();
     let mesh = w.log.mesh();
     let actor = actor_for(&w.admin.device_id(), 0);
@@ -522,16 +523,54 @@ fn a_twin_of_a_known_change_is_refused_alone() {
     let twin = twin_maker.take_local_changes();
     assert_eq!(genuine[0].shard, twin[0].shard);
     assert_ne!(genuine[0].change, twin[0].change);
-    let mut b = FolderIndex::new(mesh, w.folder.clone());
-    b.apply_all(w.log.view(), genuine).unwrap();
     let mut other = FolderIndex::new(mesh, w.folder.clone());
     other
         .write(&w.laptop, Epoch(0), vec![update("q", 3)])
         .unwrap();
-    let mut batch = twin;
-    batch.extend(other.take_local_changes());
-    let report = b.apply(w.log.view(), batch).unwrap();
-    assert_eq!(report.refused.len(), 1, "{report:?}");
-    assert_eq!(b.get("p").unwrap().winner.size, 1);
-    assert!(b.get("q").is_some());
+    let q = other.take_local_changes();
+    let replica = |first: &[ShardChange], second: &[ShardChange]| {
+        let mut r = FolderIndex::new(mesh, w.folder.clone());
+        r.apply(w.log.view(), first.to_vec()).unwrap();
+        // The replica writes on top of what it got first (as the laptop).
+        let on_top = r.write(&w.laptop, Epoch(0), vec![update("p", 7)]).unwrap();
+        r.take_local_changes();
+        let mut batch = second.to_vec();
+        batch.extend(q.clone());
+        let report = r.apply(w.log.view(), batch).unwrap();
+        assert!(
+            report
+                .refused
+                .iter()
+                .all(|e| matches!(e, IndexError::Equivocation { .. })),
+            "{report:?}"
+        );
+        assert!(r.get("q").is_some());
+        (r, on_top, report.dropped)
+    };
+    let (mut b, _, b_dropped) = replica(&genuine, &twin);
+    let (mut c, _, c_dropped) = replica(&twin, &genuine);
+    let kept = |r: &mut FolderIndex| {
+        r.changes_since(&BTreeMap::new())
+            .iter()
+            .any(|c| c.change == genuine[0].change)
+    };
+    // Sizes tell the twins apart; the replica whose first twin lost dropped its own write.
+    let genuine_hash = automerge::Change::from_bytes(genuine[0].change.clone())
+        .unwrap()
+        .hash();
+    let twin_hash = automerge::Change::from_bytes(twin[0].change.clone())
+        .unwrap()
+        .hash();
+    let genuine_wins = genuine_hash < twin_hash;
+    assert_eq!(kept(&mut b), genuine_wins);
+    assert_eq!(kept(&mut c), genuine_wins);
+    let (loser_side, winner_side) = if genuine_wins {
+        (&c_dropped, &b_dropped)
+    } else {
+        (&b_dropped, &c_dropped)
+    };
+    assert_eq!(winner_side.changes, 0);
+    assert!(loser_side.changes >= 2, "{loser_side:?}");
+    assert_eq!(loser_side.own.len(), 1);
+    assert_eq!(loser_side.own[0].path, "p");
 }

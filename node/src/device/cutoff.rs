@@ -6,8 +6,8 @@
 
 use std::collections::BTreeSet;
 
-use meshsync_crdt::index::{shard_of, FileUpdate};
-use meshsync_crdt::{FileKind, FolderId};
+use meshsync_crdt::index::{shard_of, Dropped, FileUpdate};
+use meshsync_crdt::{DeviceKeys, Epoch, FileKind, FolderId};
 
 use super::folder::Folder;
 use super::serve::ChunkMap;
@@ -35,31 +35,46 @@ impl Device {
             }
             tracing::warn!(%id, changes = dropped.changes, paths = dropped.paths.len(),
                 "dropped a removed device's changes made after its cutoff");
-            let updates: Vec<FileUpdate> = dropped.own.iter().map(FileUpdate::from).collect();
-            let records = folder.index.write(&self.keys, epoch, updates)?;
             let mut map = self.chunk_map.lock().expect("chunk map lock");
-            for (old, new) in dropped.own.iter().zip(&records) {
-                let here = folder.local.get(&old.path).filter(|l| l.is(old)).cloned();
-                if let Some(file) = here {
-                    let file = LocalFile {
-                        version: new.version,
-                        ..file
-                    };
-                    folder.set_local(id, &mut map, batch, old.path.clone(), Some(file));
-                }
-            }
-            let shards: BTreeSet<u16> = dropped.paths.iter().map(|p| shard_of(id, p)).collect();
-            for shard in shards {
-                if let Some(bytes) = folder.index.save_shard(shard) {
-                    batch.shards.push((id.clone(), shard, bytes));
-                }
-            }
-            forget_unrecorded(id, folder, &mut map, batch, &dropped.paths);
-            drop(map);
+            settle_dropped(id, folder, &self.keys, epoch, &mut map, batch, &dropped)?;
             changed.push((id.clone(), dropped.paths));
         }
         Ok(())
     }
+}
+
+/// After changes left a folder's index (`dropped`: past a cutoff, or the twin that lost):
+/// writes this device's own records among them again (`keys`, in `epoch`), saves the shards
+/// they touched, and takes away what no record names any more.
+pub(super) fn settle_dropped(
+    id: &FolderId,
+    folder: &mut Folder,
+    keys: &DeviceKeys,
+    epoch: Epoch,
+    map: &mut ChunkMap,
+    batch: &mut Batch,
+    dropped: &Dropped,
+) -> anyhow::Result<()> {
+    let updates: Vec<FileUpdate> = dropped.own.iter().map(FileUpdate::from).collect();
+    let records = folder.index.write(keys, epoch, updates)?;
+    for (old, new) in dropped.own.iter().zip(&records) {
+        let here = folder.local.get(&old.path).filter(|l| l.is(old)).cloned();
+        if let Some(file) = here {
+            let file = LocalFile {
+                version: new.version,
+                ..file
+            };
+            folder.set_local(id, map, batch, old.path.clone(), Some(file));
+        }
+    }
+    let shards: BTreeSet<u16> = dropped.paths.iter().map(|p| shard_of(id, p)).collect();
+    for shard in shards {
+        if let Some(bytes) = folder.index.save_shard(shard) {
+            batch.shards.push((id.clone(), shard, bytes));
+        }
+    }
+    forget_unrecorded(id, folder, map, batch, &dropped.paths);
+    Ok(())
 }
 
 /// Takes away files (and empty folders) at `paths` that no record names any more, unless they

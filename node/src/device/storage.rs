@@ -291,6 +291,18 @@ fn admit(
     for error in &report.refused {
         tracing::warn!(folder = %payload.folder, %error, "refused a change from a sealed change");
     }
+    if report.dropped.changes > 0 {
+        let mut map = d.chunk_map.lock().expect("chunk map lock");
+        super::cutoff::settle_dropped(
+            &payload.folder,
+            folder,
+            &d.keys,
+            view.epoch,
+            &mut map,
+            batch,
+            &report.dropped,
+        )?;
+    }
     let shards: BTreeSet<u16> = report
         .paths
         .iter()

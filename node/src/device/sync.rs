@@ -216,6 +216,19 @@ impl Device {
             }
             let report = folder.index.apply(&view, folder_changes)?;
             note_refused(&id, *peer, &report.refused);
+            if report.dropped.changes > 0 {
+                let mut map = self.chunk_map.lock().expect("chunk map lock");
+                let (keys, epoch) = (&self.keys, view.epoch);
+                super::cutoff::settle_dropped(
+                    &id,
+                    folder,
+                    keys,
+                    epoch,
+                    &mut map,
+                    &mut batch,
+                    &report.dropped,
+                )?;
+            }
             let shards: BTreeSet<u16> = report.paths.iter().map(|p| shard_of(&id, p)).collect();
             for shard in shards {
                 if let Some(bytes) = folder.index.save_shard(shard) {

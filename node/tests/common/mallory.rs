@@ -247,6 +247,13 @@ impl Mallory {
         self
     }
 
+    /// Mallory writing as incarnation `n` of her keys' device: 0 is the device's own actor,
+    /// so her next change in a shard takes the sequence number the device's next one will.
+    pub fn as_incarnation(mut self, n: u32) -> Mallory {
+        self.index = self.index.with_actor(actor_for(&self.keys.device_id(), n));
+        self
+    }
+
     /// Puts each record as it is, one signed change per record (see `FolderIndex::forge_put`).
     pub fn forge(&mut self, records: &[FileRecord]) -> Vec<ShardChange> {
         self.index.forge_put(&self.keys, records)
