@@ -128,7 +128,17 @@ fn run(replica_count: usize, ops: Vec<Op>) {
                 let r = &mut replicas[by];
                 if device != r.keys.device_id() {
                     let ring = r.log.key_ring(&r.keys);
-                    let _ = r.log.remove(&r.keys, device, &ring);
+                    if r.log.remove(&r.keys, device, &ring).is_ok() {
+                        // Its cutoff in one folder, as this remover saw it.
+                        let mark = meshsync_crdt::membership::ChangeMark {
+                            shard: by as u16,
+                            incarnation: 0,
+                            seq: (10 * by + replica) as u64,
+                            hash: [by as u8; 32],
+                        };
+                        let folder = meshsync_crdt::membership::FolderTag([7; 32]);
+                        r.log.cut_off(&r.keys, device, folder, vec![mark]).unwrap();
+                    }
                 }
             }
             Op::Admin { by, replica, grant } => {
@@ -184,6 +194,7 @@ fn run(replica_count: usize, ops: Vec<Op>) {
         assert_eq!(first.members, view.members, "members differ");
         assert_eq!(first.removed, view.removed, "removed devices differ");
         assert_eq!(first.epoch, view.epoch, "epochs differ");
+        assert_eq!(first.cutoffs, view.cutoffs, "cutoffs differ");
         let ignored = |v: &meshsync_crdt::MembershipView| -> BTreeSet<_> {
             v.ignored.keys().copied().collect()
         };

@@ -233,7 +233,7 @@ async fn twin_changes_made_with_stolen_keys_do_not_split_the_replicas() {
     let mesh = mesh().await;
     let mut mallory = Mallory::new(&mesh.m, &mesh.v, &mesh.folder)
         .await
-        .as_incarnation(0);
+        .in_incarnation(0);
     let record = mallory.record("twin.txt", FileKind::File, "seed.txt").await;
     let changes = forged(&mut mallory, &[record]);
     assert!(matches!(

@@ -20,12 +20,16 @@ pub struct ChangeMark {
     pub hash: [u8; 32],
 }
 
+/// A removed device's last change that counts in one shard and incarnation: its sequence
+/// number, and its hash (or hashes, if two removals named different ones).
+pub type LastChange = (u64, BTreeSet<[u8; 32]>);
+
 /// The changes a removed device may still have made in one shard: per incarnation, the sequence
 /// number of its last change that counts, and that change's hash (or hashes, if two removals
 /// named different ones).
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Cutoff {
-    pub last: BTreeMap<(u16, u32), (u64, BTreeSet<[u8; 32]>)>,
+    pub last: BTreeMap<(u16, u32), LastChange>,
 }
 
 impl Cutoff {

@@ -249,7 +249,7 @@ impl Mallory {
 
     /// Mallory writing as incarnation `n` of her keys' device: 0 is the device's own actor,
     /// so her next change in a shard takes the sequence number the device's next one will.
-    pub fn as_incarnation(mut self, n: u32) -> Mallory {
+    pub fn in_incarnation(mut self, n: u32) -> Mallory {
         self.index = self.index.with_actor(actor_for(&self.keys.device_id(), n));
         self
     }
