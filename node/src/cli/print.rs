@@ -516,6 +516,23 @@ mod tests {
     }
 
     #[test]
+    fn device_removed() {
+        let mut removed = Removed {
+            device_id: DEV_B.into(),
+            name: "stolen laptop".into(),
+            epoch: 2,
+            rekeyed: 1,
+            cut_off: 2,
+            wipe: Some(true),
+        };
+        let mut out = super::removed(&removed);
+        removed.wipe = Some(false);
+        removed.cut_off = 1;
+        out += &super::removed(&removed);
+        insta::assert_snapshot!(out);
+    }
+
+    #[test]
     fn conflicts_list() {
         assert_eq!(conflicts(&[]), "no conflicts\n");
         let list = [
