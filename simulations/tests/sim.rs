@@ -14,6 +14,7 @@ async fn small_meshes_under_partitions_lose_no_write_and_converge() {
             seed,
             events: 14,
             converge_within: Duration::from_secs(60),
+            faults: true,
         })
         .await
         .unwrap();

@@ -183,6 +183,26 @@ impl Device {
         &self.log
     }
 
+    /// A digest of this device's replicated state: the heads of its membership log and of
+    /// every shard of every folder's index. Two devices with the same digest hold the same
+    /// state.
+    pub fn replica_digest(&mut self) -> String {
+        let mut hasher = blake3::Hasher::new();
+        for head in self.log.heads() {
+            hasher.update(&head.0);
+        }
+        for (id, folder) in self.folders.iter_mut() {
+            hasher.update(id.as_str().as_bytes());
+            for (shard, heads) in folder.index.heads() {
+                hasher.update(&shard.to_le_bytes());
+                for head in heads {
+                    hasher.update(&head.0);
+                }
+            }
+        }
+        hasher.finalize().to_hex().to_string()
+    }
+
     /// Reads and seals chunks of current local files and kept versions (what this device
     /// serves).
     pub(crate) fn served(&self) -> Served {

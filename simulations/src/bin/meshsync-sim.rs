@@ -26,6 +26,9 @@ struct Args {
     /// Run these sizes one after another instead of --nodes (e.g. 3,10,30,50).
     #[arg(long, value_delimiter = ',')]
     sizes: Vec<usize>,
+    /// Partitions and edits only: no crashes and restarts, joins or removals.
+    #[arg(long)]
+    no_faults: bool,
     /// Also write the CSV table here.
     #[arg(long)]
     csv: Option<std::path::PathBuf>,
@@ -53,6 +56,7 @@ async fn main() -> anyhow::Result<()> {
             seed: args.seed,
             events: args.events,
             converge_within: Duration::from_secs(args.converge_secs),
+            faults: !args.no_faults,
         };
         let report = sim::run(options).await?;
         println!(

@@ -1,0 +1,404 @@
+//! A seeded simulation of a mesh of real devices (the device engine of `meshsync-node`, each
+//! with its own home and folder on disk and its own runtime, over libp2p's in-memory
+//! transport) under faults, checked at the end: every member's folder byte-identical and its
+//! replicated state (membership and index heads) identical, every write made during the run
+//! present (as the file or a conflict copy) unless a device deleted it, nothing written
+//! outside any folder, no temp file left, and a removed device holding nothing written after
+//! every member knew of its removal.
+//!
+//! The schedule ([`schedule`]) comes from the seed alone, so a failing `--seed` replays the
+//! same events (thread timing may differ, the events do not).
+//!
+//! Faults: partitions (the mesh split in two groups that cannot reach each other) and heals;
+//! concurrent creates and edits of the same paths on both sides of a partition; a symlink out
+//! of the folder on one side and a directory of the same name on the other; deletes and
+//! renames; a device crashing (its runtime shut down with every task in flight) while a large
+//! file travels, and restarting from its home; a device joining, and one being removed
+//! (`--faults`, on by default). Not yet (issue 12): slow and lossy links, storage peers.
+
+mod check;
+mod node;
+mod schedule;
+
+use std::collections::BTreeSet;
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use meshsync_crdt::FolderId;
+use meshsync_transport::PeerId;
+
+use node::Node;
+use schedule::{schedule, Dice, Event};
+
+/// What to run.
+#[derive(Clone, Debug)]
+pub struct Options {
+    pub nodes: usize,
+    pub seed: u64,
+    /// Events in the schedule.
+    pub events: usize,
+    /// How long the mesh may take to converge after the last heal.
+    pub converge_within: Duration,
+    /// Crashes and restarts, joins and removals too.
+    pub faults: bool,
+}
+
+/// What a run measured, and what its checks found (empty `failures`: all held).
+#[derive(Debug, Default)]
+pub struct Report {
+    pub nodes: usize,
+    pub seed: u64,
+    pub writes: usize,
+    pub partitions: usize,
+    /// Crashes (each while a large file travels), joins and removals played.
+    pub crashes: usize,
+    pub joins: usize,
+    pub removals: usize,
+    /// From the last heal until every folder was identical with every write in it.
+    pub convergence: Option<Duration>,
+    /// Bytes each node received and sent (over the whole run).
+    pub bytes_in: Vec<u64>,
+    pub bytes_out: Vec<u64>,
+    /// The process's peak resident memory (all nodes), bytes.
+    pub peak_rss: u64,
+    pub failures: Vec<String>,
+}
+
+impl Report {
+    /// One CSV line: nodes, seed, writes, partitions, crashes, joins, removals, convergence ms, mean bytes in per node,
+    /// mean bytes out per node, peak RSS MiB, checks.
+    pub fn csv(&self) -> String {
+        let mean = |v: &[u64]| v.iter().sum::<u64>() / v.len().max(1) as u64;
+        format!(
+            "{},{},{},{},{},{},{},{},{},{},{},{}",
+            self.nodes,
+            self.seed,
+            self.writes,
+            self.partitions,
+            self.crashes,
+            self.joins,
+            self.removals,
+            self.convergence.map_or(-1, |d| d.as_millis() as i64),
+            mean(&self.bytes_in),
+            mean(&self.bytes_out),
+            self.peak_rss >> 20,
+            if self.failures.is_empty() {
+                "ok"
+            } else {
+                "FAILED"
+            }
+        )
+    }
+
+    pub const CSV_HEADER: &'static str =
+        "nodes,seed,writes,partitions,crashes,joins,removals,convergence_ms,bytes_in_per_node,bytes_out_per_node,peak_rss_mib,checks";
+}
+
+/// Runs one simulation and checks it.
+pub async fn run(options: Options) -> anyhow::Result<Report> {
+    anyhow::ensure!(options.nodes >= 2, "a mesh needs at least two nodes");
+    let dir = tempfile::tempdir()?;
+    let outside = dir.path().join("outside");
+    std::fs::create_dir_all(&outside)?;
+    let (nodes, folder) = start(dir.path(), options.nodes).await?;
+    let mut sim = Sim {
+        dir: dir.path().to_path_buf(),
+        members: (0..nodes.len()).collect(),
+        groups: vec![(0..nodes.len()).collect()],
+        nodes,
+        folder,
+        outside,
+        written: Vec::new(),
+        removed: Vec::new(),
+        last_heal: Instant::now(),
+        report: Report {
+            nodes: options.nodes,
+            seed: options.seed,
+            ..Report::default()
+        },
+    };
+    for (step, event) in schedule(&options).into_iter().enumerate() {
+        sim.play(step, event).await?;
+        tokio::time::sleep(Duration::from_millis(30)).await;
+    }
+    sim.report.writes = sim.written.len();
+    sim.converge(options.converge_within).await;
+    sim.check_leftovers().await?;
+    sim.check_removed();
+    for node in &mut sim.nodes {
+        node.crash().await?; // each device's runtime down before the folders go
+    }
+    Ok(sim.report)
+}
+
+/// A write made during the run, which must survive somewhere unless a device deleted it.
+pub(super) struct Write {
+    name: String,
+    content: Vec<u8>,
+    deleted: bool,
+}
+
+/// One run in progress.
+pub(super) struct Sim {
+    dir: PathBuf,
+    nodes: Vec<Node>,
+    /// Nodes in the mesh (running or crashed); a removed one is not.
+    members: BTreeSet<usize>,
+    folder: FolderId,
+    /// A folder beside the synced ones that nothing may write into.
+    outside: PathBuf,
+    written: Vec<Write>,
+    /// Removed nodes, each with how many writes had been made when every member knew.
+    removed: Vec<(usize, usize)>,
+    /// Who reaches whom now: one group, or the two sides of a partition (over members).
+    groups: Vec<BTreeSet<usize>>,
+    last_heal: Instant,
+    report: Report,
+}
+
+impl Sim {
+    /// Carries out one event of the schedule.
+    async fn play(&mut self, step: usize, event: Event) -> anyhow::Result<()> {
+        match event {
+            Event::Create { node, name } => {
+                let content = format!("{name} written by node {node} at step {step}");
+                self.write(node, &name, content.into_bytes()).await?;
+            }
+            Event::ConcurrentEdit { name } => {
+                let firsts: Vec<usize> = self
+                    .groups
+                    .iter()
+                    .filter_map(|g| self.first_running(g))
+                    .collect();
+                for (side, node) in firsts.into_iter().enumerate() {
+                    let content = format!("{name}: side {side}, node {node}, step {step}");
+                    self.write(node, &name, content.into_bytes()).await?;
+                }
+            }
+            Event::LinkAndDirectory { name } => self.link_and_directory(step, &name).await?,
+            Event::Delete { node, pick } => self.delete(node, pick).await?,
+            Event::Rename { node, pick, to } => self.rename(node, pick, &to).await?,
+            Event::CrashDuringTransfer {
+                writer,
+                crashed,
+                name,
+                seed,
+            } => {
+                let mut dice = Dice::new(seed);
+                let content: Vec<u8> = (0..BIG_FILE / 8)
+                    .flat_map(|_| dice.next().to_le_bytes())
+                    .collect();
+                self.write(writer, &name, content).await?;
+                tokio::time::sleep(Duration::from_millis(dice.below(150) as u64)).await;
+                self.nodes[crashed].crash().await?;
+                self.report.crashes += 1;
+            }
+            Event::Restart { node } => {
+                self.nodes[node].start().await?;
+                self.apply_groups().await;
+            }
+            Event::Join { node } => self.join(node).await?,
+            Event::Remove { node } => self.remove(node).await?,
+            Event::Partition { left } => {
+                let right = self.members.difference(&left).copied().collect();
+                let left = self.members.intersection(&left).copied().collect();
+                self.groups = vec![left, right];
+                self.apply_groups().await;
+                self.report.partitions += 1;
+            }
+            Event::Heal => {
+                self.groups = vec![self.members.clone()];
+                self.apply_groups().await;
+                self.last_heal = Instant::now();
+            }
+        }
+        Ok(())
+    }
+
+    fn first_running(&self, group: &BTreeSet<usize>) -> Option<usize> {
+        group.iter().copied().find(|&i| self.nodes[i].is_running())
+    }
+
+    /// Writes `rel` on `node`, has it scanned, and records the write.
+    async fn write(&mut self, node: usize, rel: &str, content: Vec<u8>) -> anyhow::Result<()> {
+        self.nodes[node].write(&self.folder, rel, &content).await?;
+        self.written.push(Write {
+            name: rel.to_string(),
+            content,
+            deleted: false,
+        });
+        Ok(())
+    }
+
+    /// The regular files `node` holds (conflict copies too), in name order.
+    fn files_of(&self, node: usize) -> Vec<(String, Vec<u8>)> {
+        check::synced(&self.nodes[node].folder)
+            .into_iter()
+            .filter(|(rel, _)| {
+                std::fs::symlink_metadata(self.nodes[node].folder.join(rel))
+                    .is_ok_and(|m| m.is_file())
+            })
+            .collect()
+    }
+
+    /// `node` deletes one of its files: that write need not survive (unless written again).
+    async fn delete(&mut self, node: usize, pick: usize) -> anyhow::Result<()> {
+        let files = self.files_of(node);
+        let Some((rel, content)) = files.get(pick % files.len().max(1)).cloned() else {
+            return Ok(());
+        };
+        std::fs::remove_file(self.nodes[node].folder.join(&rel))?;
+        for write in self.written.iter_mut().filter(|w| w.content == content) {
+            write.deleted = true;
+        }
+        self.nodes[node].scan(&self.folder).await
+    }
+
+    /// `node` renames one of its files to `to` (its content must survive under some name).
+    async fn rename(&mut self, node: usize, pick: usize, to: &str) -> anyhow::Result<()> {
+        let files = self.files_of(node);
+        let Some((rel, _)) = files.get(pick % files.len().max(1)) else {
+            return Ok(());
+        };
+        let root = &self.nodes[node].folder;
+        std::fs::create_dir_all(root.join(to).parent().expect("a file has a parent"))?;
+        if std::fs::symlink_metadata(root.join(to)).is_ok() {
+            return Ok(()); // a person would not rename over another file
+        }
+        std::fs::rename(root.join(rel), root.join(to))?;
+        self.nodes[node].scan(&self.folder).await
+    }
+
+    /// A link out of the folder on one side; on the other, a folder of that name holding a
+    /// file, unless the link already reached it (a person would not write through it; this
+    /// harness must not either).
+    async fn link_and_directory(&mut self, step: usize, name: &str) -> anyhow::Result<()> {
+        let running: Vec<Vec<usize>> = self
+            .groups
+            .iter()
+            .map(|g| {
+                g.iter()
+                    .copied()
+                    .filter(|&i| self.nodes[i].is_running())
+                    .collect()
+            })
+            .collect();
+        let (a, b) = match running.as_slice() {
+            [one] if !one.is_empty() => (one[0], *one.last().expect("not empty")),
+            [left, right] if !left.is_empty() && !right.is_empty() => (left[0], right[0]),
+            _ => return Ok(()),
+        };
+        std::os::unix::fs::symlink(&self.outside, self.nodes[a].folder.join(name))?;
+        self.nodes[a].scan(&self.folder).await?;
+        if b != a && std::fs::symlink_metadata(self.nodes[b].folder.join(name)).is_err() {
+            let inner = format!("{name}/inside.txt");
+            let content = format!("{inner} written by node {b} at step {step}");
+            let _ = self.write(b, &inner, content.into_bytes()).await; // not a write if the link won the race
+        }
+        Ok(())
+    }
+
+    /// A new device, invited by node 0, joins and takes the folder.
+    async fn join(&mut self, node: usize) -> anyhow::Result<()> {
+        anyhow::ensure!(node == self.nodes.len(), "nodes join in order");
+        let code = self.nodes[0].invite().await?;
+        let joiner = Node::create(&self.dir, node).await?;
+        joiner.join(code, Some(self.folder.clone())).await?;
+        self.nodes.push(joiner);
+        self.members.insert(node);
+        for group in &mut self.groups {
+            if group.contains(&0) {
+                group.insert(node);
+            }
+        }
+        self.apply_groups().await;
+        self.report.joins += 1;
+        Ok(())
+    }
+
+    /// Node 0 removes `node` once every write so far has reached every member, and waits until
+    /// every member knows (from then on, nothing written may reach the removed device).
+    async fn remove(&mut self, node: usize) -> anyhow::Result<()> {
+        if !self.settle(Duration::from_secs(120)).await {
+            self.report.failures.push(format!(
+                "the mesh did not settle before node {node}'s removal"
+            ));
+        }
+        self.nodes[0].remove(&self.nodes[node]).await?;
+        self.members.remove(&node);
+        for group in &mut self.groups {
+            group.remove(&node);
+        }
+        let gone = self.nodes[node].device_id().await;
+        let since = Instant::now();
+        loop {
+            let mut all = true;
+            for &i in &self.members {
+                let d = self.nodes[i].device().lock().await;
+                all &= d.log().view().removed.keys().any(|r| r.to_string() == gone);
+            }
+            if all {
+                break;
+            }
+            if since.elapsed() > Duration::from_secs(60) {
+                self.report.failures.push(format!(
+                    "node {node}'s removal did not reach every member in 60 s"
+                ));
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        self.removed.push((node, self.written.len()));
+        self.report.removals += 1;
+        Ok(())
+    }
+
+    /// Lets each running member reach only the members of its own group, and has them dial.
+    async fn apply_groups(&self) {
+        for group in &self.groups {
+            for &i in group.iter().filter(|&&i| self.nodes[i].is_running()) {
+                let allowed: Vec<PeerId> = group
+                    .iter()
+                    .filter(|&&j| j != i)
+                    .map(|&j| self.nodes[j].peer)
+                    .collect();
+                let transport = self.nodes[i].device().lock().await.transport().clone();
+                transport.set_allowed(allowed).await;
+            }
+        }
+        // Those in a group dial each other again (peer exchange and static addresses would, in
+        // seconds; a heal should not wait for that).
+        for group in &self.groups {
+            let running: Vec<usize> = group
+                .iter()
+                .copied()
+                .filter(|&i| self.nodes[i].is_running())
+                .collect();
+            for &i in &running {
+                let transport = self.nodes[i].device().lock().await.transport().clone();
+                for &j in running.iter().filter(|&&j| j != i) {
+                    let theirs = self.nodes[j].device().lock().await.transport().clone();
+                    let addrs = theirs.listen_addrs().await;
+                    transport.dial_peer(self.nodes[j].peer, addrs).await;
+                }
+            }
+        }
+    }
+}
+
+/// Size of the file that travels while a device crashes.
+const BIG_FILE: usize = 8 << 20;
+
+/// `n` devices paired by node 0 (the admin), all syncing one folder.
+async fn start(dir: &std::path::Path, n: usize) -> anyhow::Result<(Vec<Node>, FolderId)> {
+    let mut nodes = Vec::new();
+    for i in 0..n {
+        nodes.push(Node::create(dir, i).await?);
+    }
+    let folder = nodes[0].join(String::new(), None).await?;
+    for joiner in &nodes[1..] {
+        let code = nodes[0].invite().await?;
+        joiner.join(code, Some(folder.clone())).await?;
+    }
+    Ok((nodes, folder))
+}
