@@ -332,7 +332,8 @@ async fn worker(
             }
         };
         let mut in_flight: VecDeque<Vec<ChunkId>> = VecDeque::new();
-        let result: Result<(), FrameError> = async {
+        let cut = transport.cut_off(peer);
+        let exchange = async {
             loop {
                 while in_flight.len() < 2 {
                     let batch = take_batch(&shared, &peer, peer_count);
@@ -377,8 +378,11 @@ async fn worker(
                 }
                 in_flight.pop_front();
             }
-        }
-        .await;
+        };
+        let result: Result<(), FrameError> = tokio::select! {
+            result = exchange => result,
+            () = cut => Err(FrameError::Closed),
+        };
         match result {
             Ok(()) => {
                 let _ = stream.close().await;

@@ -171,6 +171,8 @@ pub struct Transport {
     control: libp2p_stream::Control,
     commands: mpsc::Sender<Command>,
     events: Arc<tokio::sync::broadcast::Sender<Event>>,
+    /// Peers this node has just cut off (see [`Transport::cut_off`]).
+    cuts: Arc<tokio::sync::broadcast::Sender<PeerId>>,
     counters: Arc<std::sync::Mutex<HashMap<PeerId, Arc<Counters>>>>,
 }
 
@@ -198,6 +200,7 @@ impl Transport {
             control,
             commands,
             events: events.clone(),
+            cuts: Arc::new(tokio::sync::broadcast::channel(64).0),
             counters: Arc::default(),
         };
         tokio::spawn(run_swarm(
@@ -224,7 +227,33 @@ impl Transport {
     /// Replaces the allowed set and disconnects every peer that left it.
     pub async fn set_allowed(&self, peers: impl IntoIterator<Item = PeerId>) {
         for peer in self.allowed.set(peers) {
-            let _ = self.commands.send(Command::Disconnect(peer)).await;
+            self.disconnect(peer).await;
+        }
+    }
+
+    /// Resolves once `peer` is cut off: disallowed or disconnected by this node, or its last
+    /// connection closed. A request waiting on a stream to `peer` races this, so it ends at
+    /// once instead of at its timeout (a closing connection waits for its streams). Watches
+    /// from the moment it is called.
+    pub fn cut_off(&self, peer: PeerId) -> impl std::future::Future<Output = ()> + Send + 'static {
+        use tokio::sync::broadcast::error::RecvError;
+        let mut cuts = self.cuts.subscribe();
+        let mut events = self.events.subscribe();
+        async move {
+            loop {
+                tokio::select! {
+                    cut = cuts.recv() => match cut {
+                        Ok(p) if p == peer => return,
+                        Err(RecvError::Closed) => std::future::pending::<()>().await,
+                        _ => {}
+                    },
+                    event = events.recv() => match event {
+                        Ok(Event::Disconnected { peer: p }) if p == peer => return,
+                        Err(RecvError::Closed) => std::future::pending::<()>().await,
+                        _ => {}
+                    },
+                }
+            }
         }
     }
 
@@ -256,6 +285,7 @@ impl Transport {
 
     /// Closes every connection to `peer` without changing who is allowed (it may come back).
     pub async fn disconnect(&self, peer: PeerId) {
+        let _ = self.cuts.send(peer);
         let _ = self.commands.send(Command::Disconnect(peer)).await;
     }
 

@@ -29,6 +29,19 @@ pub async fn request(
     protocol: StreamProtocol,
     request: &[u8],
 ) -> Result<Vec<u8>, TransportError> {
+    let cut = transport.cut_off(peer);
+    tokio::select! {
+        reply = exchange(transport, peer, protocol, request) => reply,
+        () = cut => Err(TransportError::Stream { peer, reason: "disconnected".into() }),
+    }
+}
+
+async fn exchange(
+    transport: &Transport,
+    peer: PeerId,
+    protocol: StreamProtocol,
+    request: &[u8],
+) -> Result<Vec<u8>, TransportError> {
     let mut control = transport.control();
     let mut stream = tokio::time::timeout(TIMEOUT, control.open_stream(peer, protocol))
         .await
