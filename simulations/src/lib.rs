@@ -9,6 +9,7 @@
 //! [`Mesh::start`] makes `n` members that all allow one another, each told only the address of
 //! node 0 (as if each had paired with it); peer exchange must do the rest.
 
+pub mod plot;
 pub mod sim;
 
 use std::time::{Duration, Instant};

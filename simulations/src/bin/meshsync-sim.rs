@@ -32,6 +32,9 @@ struct Args {
     /// Also write the CSV table here.
     #[arg(long)]
     csv: Option<std::path::PathBuf>,
+    /// Draw convergence time and bytes per node against the number of nodes (SVG).
+    #[arg(long)]
+    plot: Option<std::path::PathBuf>,
 }
 
 #[tokio::main(flavor = "multi_thread")]
@@ -50,6 +53,7 @@ async fn main() -> anyhow::Result<()> {
     };
     let mut table = vec![Report::CSV_HEADER.to_string()];
     let mut failed = false;
+    let mut reports = Vec::new();
     for nodes in sizes {
         let options = Options {
             nodes,
@@ -60,11 +64,14 @@ async fn main() -> anyhow::Result<()> {
         };
         let report = sim::run(options).await?;
         println!(
-            "{nodes} nodes, seed {}: {} writes, {} partitions, converged in {}, \
-             {:.1} KiB in per node, peak RSS {} MiB",
+            "{nodes} nodes, seed {}: {} writes, {} partitions, {} crashes, {} joins, {} removals, \
+             converged in {}, {:.1} KiB in per node, peak RSS {} MiB",
             report.seed,
             report.writes,
             report.partitions,
+            report.crashes,
+            report.joins,
+            report.removals,
             report
                 .convergence
                 .map_or("never".to_string(), |d| format!("{:.2} s", d.as_secs_f64())),
@@ -78,16 +85,23 @@ async fn main() -> anyhow::Result<()> {
             failed = true;
             println!(
                 "  replay: cargo run --release -p meshsync-simulations --bin meshsync-sim -- \
-                 --nodes {nodes} --seed {} --events {}",
-                args.seed, args.events
+                 --nodes {nodes} --seed {} --events {}{}",
+                args.seed,
+                args.events,
+                if args.no_faults { " --no-faults" } else { "" }
             );
         }
         table.push(report.csv());
+        reports.push(report);
     }
     let csv = table.join("\n") + "\n";
     print!("{csv}");
     if let Some(path) = &args.csv {
         std::fs::write(path, &csv)?;
+    }
+    if let Some(path) = &args.plot {
+        meshsync_simulations::plot::scaling(&reports, path)?;
+        println!("plot: {}", path.display());
     }
     if failed {
         std::process::exit(1);
