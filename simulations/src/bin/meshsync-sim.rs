@@ -61,6 +61,7 @@ async fn main() -> anyhow::Result<()> {
             events: args.events,
             converge_within: Duration::from_secs(args.converge_secs),
             faults: !args.no_faults,
+            storage: !args.no_faults,
         };
         let report = sim::run(options).await?;
         println!(

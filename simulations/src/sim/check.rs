@@ -182,6 +182,31 @@ impl Sim {
     }
 }
 
+impl Sim {
+    /// The storage peer's disk holds no name and no content of any write (every file under
+    /// its home scanned for each; a large file by a slice of its middle).
+    pub(super) fn check_storage_plaintext(&mut self) {
+        let Some(storage) = &self.storage else { return };
+        let mut needles: Vec<(String, Vec<u8>)> = Vec::new();
+        for w in &self.written {
+            let base = w.name.rsplit('/').next().unwrap_or(&w.name).to_string();
+            needles.push((format!("the name {base:?}"), base.into_bytes()));
+            let middle = w.content.len() / 2;
+            let slice = &w.content[middle.saturating_sub(24)..(middle + 24).min(w.content.len())];
+            needles.push((format!("the content of {:?}", w.name), slice.to_vec()));
+        }
+        for (rel, bytes) in tree(&storage.home) {
+            for (what, needle) in &needles {
+                if memchr::memmem::find(&bytes, needle).is_some() {
+                    self.report.failures.push(format!(
+                        "the storage peer's {rel} holds {what} in plaintext"
+                    ));
+                }
+            }
+        }
+    }
+}
+
 /// Every file under `root` (links as "link -> target"), the daemon's own files left out.
 pub(super) fn synced(root: &Path) -> BTreeMap<String, Vec<u8>> {
     tree(root)

@@ -27,7 +27,7 @@ use std::time::{Duration, Instant};
 use meshsync_crdt::FolderId;
 use meshsync_transport::PeerId;
 
-use node::Node;
+use node::{Node, StorageNode};
 use schedule::{schedule, Dice, Event};
 
 /// What to run.
@@ -41,6 +41,8 @@ pub struct Options {
     pub converge_within: Duration,
     /// Crashes and restarts, joins and removals too.
     pub faults: bool,
+    /// A storage peer in the mesh (sometimes the only meeting point of two groups).
+    pub storage: bool,
 }
 
 /// What a run measured, and what its checks found (empty `failures`: all held).
@@ -54,6 +56,8 @@ pub struct Report {
     pub crashes: usize,
     pub joins: usize,
     pub removals: usize,
+    /// Partitions only the storage peer bridged (writes crossed through it).
+    pub bridged: usize,
     /// From the last heal until every folder was identical with every write in it.
     pub convergence: Option<Duration>,
     /// Bytes each node received and sent (over the whole run).
@@ -65,16 +69,17 @@ pub struct Report {
 }
 
 impl Report {
-    /// One CSV line: nodes, seed, writes, partitions, crashes, joins, removals, convergence ms, mean bytes in per node,
+    /// One CSV line: nodes, seed, writes, partitions, bridged, crashes, joins, removals, convergence ms, mean bytes in per node,
     /// mean bytes out per node, peak RSS MiB, checks.
     pub fn csv(&self) -> String {
         let mean = |v: &[u64]| v.iter().sum::<u64>() / v.len().max(1) as u64;
         format!(
-            "{},{},{},{},{},{},{},{},{},{},{},{}",
+            "{},{},{},{},{},{},{},{},{},{},{},{},{}",
             self.nodes,
             self.seed,
             self.writes,
             self.partitions,
+            self.bridged,
             self.crashes,
             self.joins,
             self.removals,
@@ -91,7 +96,7 @@ impl Report {
     }
 
     pub const CSV_HEADER: &'static str =
-        "nodes,seed,writes,partitions,crashes,joins,removals,convergence_ms,bytes_in_per_node,bytes_out_per_node,peak_rss_mib,checks";
+        "nodes,seed,writes,partitions,bridged,crashes,joins,removals,convergence_ms,bytes_in_per_node,bytes_out_per_node,peak_rss_mib,checks";
 }
 
 /// Runs one simulation and checks it.
@@ -103,7 +108,13 @@ pub async fn run(options: Options) -> anyhow::Result<Report> {
     let outside = dir.path().join("outside");
     std::fs::create_dir_all(&outside)?;
     let (nodes, folder) = start(dir.path(), options.nodes).await?;
+    let storage = match options.storage {
+        true => Some(StorageNode::create(dir.path(), nodes[0].invite_storage().await?).await?),
+        false => None,
+    };
     let mut sim = Sim {
+        storage,
+        bridge: false,
         dir: dir.path().to_path_buf(),
         members: (0..nodes.len()).collect(),
         groups: vec![(0..nodes.len()).collect()],
@@ -119,6 +130,7 @@ pub async fn run(options: Options) -> anyhow::Result<Report> {
             ..Report::default()
         },
     };
+    sim.everyone_knows_the_storage_peer().await?;
     for (step, event) in schedule(&options).into_iter().enumerate() {
         sim.play(step, event).await?;
         tokio::time::sleep(Duration::from_millis(30)).await;
@@ -127,8 +139,12 @@ pub async fn run(options: Options) -> anyhow::Result<Report> {
     sim.converge(options.converge_within).await;
     sim.check_leftovers().await?;
     sim.check_removed();
+    sim.check_storage_plaintext();
     for node in &mut sim.nodes {
         node.crash().await?; // each device's runtime down before the folders go
+    }
+    if let Some(storage) = sim.storage.take() {
+        storage.stop();
     }
     Ok(sim.report)
 }
@@ -154,6 +170,9 @@ pub(super) struct Sim {
     removed: Vec<(usize, usize)>,
     /// Who reaches whom now: one group, or the two sides of a partition (over members).
     groups: Vec<BTreeSet<usize>>,
+    storage: Option<StorageNode>,
+    /// Whether the storage peer reaches both sides of the partition (else only node 0's).
+    bridge: bool,
     last_heal: Instant,
     report: Report,
 }
@@ -208,7 +227,18 @@ impl Sim {
                 self.apply_groups().await;
                 self.report.partitions += 1;
             }
+            Event::BridgedPartition { left } => {
+                let right = self.members.difference(&left).copied().collect();
+                let left = self.members.intersection(&left).copied().collect();
+                self.groups = vec![left, right];
+                self.bridge = true;
+                self.apply_groups().await;
+                self.report.partitions += 1;
+                self.report.bridged += 1;
+                self.across_the_bridge(step).await?;
+            }
             Event::Heal => {
+                self.bridge = false;
                 self.groups = vec![self.members.clone()];
                 self.apply_groups().await;
                 self.last_heal = Instant::now();
@@ -355,17 +385,87 @@ impl Sim {
         Ok(())
     }
 
-    /// Lets each running member reach only the members of its own group, and has them dial.
+    /// Waits until every device's log has the storage peer (a device that never heard of it
+    /// would not let it in, so it could be no meeting point).
+    async fn everyone_knows_the_storage_peer(&self) -> anyhow::Result<()> {
+        let Some(storage) = &self.storage else {
+            return Ok(());
+        };
+        let since = Instant::now();
+        for node in &self.nodes {
+            loop {
+                let known = node
+                    .device()
+                    .lock()
+                    .await
+                    .log()
+                    .view()
+                    .members
+                    .keys()
+                    .any(|m| m.to_peer_id() == storage.peer);
+                if known {
+                    break;
+                }
+                anyhow::ensure!(
+                    since.elapsed() < Duration::from_secs(60),
+                    "the storage peer's joining never spread"
+                );
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        }
+        self.apply_groups().await;
+        Ok(())
+    }
+
+    /// With the two sides of a partition bridged by the storage peer alone, a write on each
+    /// side must reach the other (through what the storage peer holds) within a minute.
+    async fn across_the_bridge(&mut self, step: usize) -> anyhow::Result<()> {
+        let sides: Vec<usize> = self
+            .groups
+            .iter()
+            .filter_map(|g| self.first_running(g))
+            .collect();
+        let [a, b] = sides[..] else { return Ok(()) };
+        let name = |n: usize| format!("bridged-{step}-from-{n}.txt");
+        for n in [a, b] {
+            let content = format!("{} through the storage peer", name(n));
+            self.write(n, &name(n), content.into_bytes()).await?;
+        }
+        let since = Instant::now();
+        let arrived = |from: usize, to: usize| self.nodes[to].folder.join(name(from)).exists();
+        while !(arrived(a, b) && arrived(b, a)) {
+            if since.elapsed() > Duration::from_secs(60) {
+                self.report.failures.push(format!(
+                    "step {step}: the storage peer did not carry writes between nodes {a} and {b} in 60 s"
+                ));
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        Ok(())
+    }
+
+    /// Lets each running member reach only the members of its own group (and the storage peer
+    /// if it reaches that group), and has them dial.
     async fn apply_groups(&self) {
+        let storage = self.storage.as_ref().map(|s| s.peer);
         for group in &self.groups {
+            let reaches_storage = self.bridge || group.contains(&0);
             for &i in group.iter().filter(|&&i| self.nodes[i].is_running()) {
-                let allowed: Vec<PeerId> = group
+                let mut allowed: Vec<PeerId> = group
                     .iter()
                     .filter(|&&j| j != i)
                     .map(|&j| self.nodes[j].peer)
                     .collect();
+                allowed.extend(storage.filter(|_| reaches_storage));
                 let transport = self.nodes[i].device().lock().await.transport().clone();
                 transport.set_allowed(allowed).await;
+                if let (Some(s), true) = (&self.storage, reaches_storage) {
+                    let theirs = s.transport().await;
+                    transport
+                        .dial_peer(s.peer, theirs.listen_addrs().await)
+                        .await;
+                }
             }
         }
         // Those in a group dial each other again (peer exchange and static addresses would, in

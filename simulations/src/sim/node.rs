@@ -153,3 +153,62 @@ fn requested() -> scan::ScanOptions {
         ..Default::default()
     }
 }
+
+/// A storage peer of the mesh: it stores and serves what devices seal, and can read nothing.
+pub(super) struct StorageNode {
+    pub home: PathBuf,
+    pub peer: PeerId,
+    running: (
+        meshsync_node::storage_peer::SharedStorage,
+        tokio::runtime::Runtime,
+    ),
+}
+
+impl StorageNode {
+    /// A storage peer at `dir/storage`, joined with `code` (an invite for the storage role).
+    pub async fn create(dir: &Path, code: String) -> anyhow::Result<StorageNode> {
+        let path = dir.join("storage");
+        let home = Home::locate(Some(path.clone()))?;
+        home.init("storage", Role::Storage)?;
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .enable_all()
+            .build()?;
+        let storage = rt
+            .spawn(async move {
+                {
+                    let state = meshsync_node::state::State::open(home.path())?;
+                    let keys = home.open_for_daemon()?;
+                    meshsync_node::pairing::join(&home, &state, &keys, &code, false).await?;
+                }
+                meshsync_node::storage_peer::start(home, Network::memory()).await
+            })
+            .await??;
+        let peer = storage.lock().await.transport().local_peer_id();
+        Ok(StorageNode {
+            home: path,
+            peer,
+            running: (storage, rt),
+        })
+    }
+
+    pub async fn transport(&self) -> meshsync_transport::Transport {
+        self.running.0.lock().await.transport().clone()
+    }
+
+    /// Stops it (at the end of a run).
+    pub fn stop(self) {
+        self.running.1.shutdown_background();
+    }
+}
+
+impl Node {
+    /// An invite for a storage peer, made by this node.
+    pub async fn invite_storage(&self) -> anyhow::Result<String> {
+        let device = self.device().clone();
+        self.run(
+            async move { mesh::invite(&device, Role::Storage, Duration::from_secs(600)).await },
+        )
+        .await
+    }
+}

@@ -64,6 +64,8 @@ pub(super) enum Event {
     Remove { node: usize },
     /// The mesh splits in two groups (over every member, running or not).
     Partition { left: BTreeSet<usize> },
+    /// The mesh splits in two groups that only the storage peer reaches both of.
+    BridgedPartition { left: BTreeSet<usize> },
     /// Everyone reaches everyone again.
     Heal,
 }
@@ -166,19 +168,16 @@ fn next_event(options: &Options, dice: &mut Dice, cast: &mut Cast, i: usize) -> 
             Event::Remove { node }
         }
         16 | 17 if !cast.partitioned => {
-            let mut left: BTreeSet<usize> = cast
-                .members
-                .iter()
-                .copied()
-                .filter(|_| dice.below(2) == 0)
-                .collect();
-            left.insert(0);
-            if left.len() == cast.members.len() {
-                let last = *cast.members.iter().last().expect("members");
-                left.remove(&last);
-            }
             cast.partitioned = true;
-            Event::Partition { left }
+            Event::Partition {
+                left: split(dice, &cast.members),
+            }
+        }
+        18 if options.storage && !cast.partitioned => {
+            cast.partitioned = true;
+            Event::BridgedPartition {
+                left: split(dice, &cast.members),
+            }
         }
         16..=19 => {
             cast.partitioned = false;
@@ -187,4 +186,19 @@ fn next_event(options: &Options, dice: &mut Dice, cast: &mut Cast, i: usize) -> 
         _ => return None,
     };
     Some(event)
+}
+
+/// A random side of `members` holding node 0, and not all of them.
+fn split(dice: &mut Dice, members: &BTreeSet<usize>) -> BTreeSet<usize> {
+    let mut left: BTreeSet<usize> = members
+        .iter()
+        .copied()
+        .filter(|_| dice.below(2) == 0)
+        .collect();
+    left.insert(0);
+    if left.len() == members.len() {
+        let last = *members.iter().last().expect("members");
+        left.remove(&last);
+    }
+    left
 }
