@@ -21,6 +21,8 @@ pub struct Network {
     /// libp2p's in-memory transport (with the same Noise and Yamux upgrades) instead of TCP
     /// and QUIC: many nodes in one process, for simulations and tests.
     pub memory: bool,
+    /// With `memory`: slow and lossy links (simulations).
+    pub shape: Option<meshsync_transport::shape::LinkShape>,
 }
 
 impl Network {
@@ -30,6 +32,7 @@ impl Network {
             listen,
             mdns,
             memory: false,
+            shape: None,
         }
     }
 
@@ -39,6 +42,7 @@ impl Network {
             listen: Vec::new(),
             mdns: false,
             memory: true,
+            shape: None,
         }
     }
 
@@ -62,7 +66,11 @@ impl Network {
 /// Starts the node's transport as `network` says.
 pub fn start_transport(keys: &DeviceKeys, network: &Network) -> anyhow::Result<Transport> {
     if network.memory {
-        return Ok(Transport::start(Config::memory(keys.libp2p_keypair()))?);
+        let config = Config {
+            shape: network.shape,
+            ..Config::memory(keys.libp2p_keypair())
+        };
+        return Ok(Transport::start(config)?);
     }
     let mut config = Config::tcp_and_quic(keys.libp2p_keypair(), "0.0.0.0");
     config.mdns = network.mdns;

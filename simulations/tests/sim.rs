@@ -19,6 +19,7 @@ async fn small_meshes_under_faults_lose_no_write_and_converge() {
             converge_within: Duration::from_secs(60),
             faults: true,
             storage: true,
+            bad_links: true,
         })
         .await
         .unwrap();

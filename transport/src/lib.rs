@@ -29,6 +29,7 @@ pub mod limit;
 pub mod pair;
 pub mod peers;
 pub mod rpc;
+pub mod shape;
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -74,6 +75,8 @@ pub struct Config {
     pub max_connections: u32,
     /// Serve and use `/meshsync/peers/1` (off for pairing endpoints).
     pub peer_exchange: bool,
+    /// With the in-memory transport: slow and lossy links (simulations).
+    pub shape: Option<shape::LinkShape>,
 }
 
 impl Config {
@@ -96,6 +99,7 @@ impl Config {
             max_connections_per_peer: 4,
             max_connections: 256,
             peer_exchange: true,
+            shape: None,
         }
     }
 
@@ -405,6 +409,7 @@ fn build_swarm(config: &Config) -> Result<Swarm<Behaviour>, TransportError> {
     };
     let idle = |c: libp2p::swarm::Config| c.with_idle_connection_timeout(Duration::from_secs(300));
     let builder = libp2p::SwarmBuilder::with_existing_identity(config.keypair.clone()).with_tokio();
+    let shape = config.shape;
     let swarm = if config.memory {
         builder
             .with_other_transport(|key| {
@@ -412,6 +417,12 @@ fn build_swarm(config: &Config) -> Result<Swarm<Behaviour>, TransportError> {
                 use libp2p::Transport as _;
                 Ok::<_, Box<dyn std::error::Error + Send + Sync>>(
                     libp2p::core::transport::MemoryTransport::default()
+                        .map(move |stream, _| match shape {
+                            Some(shape) => {
+                                futures::future::Either::Left(shape::Shaped::new(stream, shape))
+                            }
+                            None => futures::future::Either::Right(stream),
+                        })
                         .upgrade(Version::V1)
                         .authenticate(noise::Config::new(key)?)
                         .multiplex(yamux_config.clone())

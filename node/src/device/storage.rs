@@ -10,6 +10,7 @@ use anyhow::Context;
 use meshsync_crdt::index::shard_of;
 use meshsync_crdt::{ChunkId, DeviceId, FolderId, KeyRing, MembershipView, SealedChange};
 use meshsync_transport::{PeerId, Transport};
+use tracing::Instrument;
 
 use super::{materialise, Device, Shared};
 use crate::chunks::content;
@@ -174,8 +175,19 @@ async fn pull(device: &Shared, transport: &Transport, peer: PeerId) -> anyhow::R
         if device.lock().await.sealing.applied == before {
             return Ok(()); // nothing usable (a gap, or forged changes): reported, not retried now
         }
+        // Written in their own task: content may be slow to come (from this storage peer or
+        // any device), and the exchange must not wait for it — this device's next change
+        // reaches the storage peer on the next round, not after every file is written.
         for (folder, paths) in changed {
-            materialise::materialise(device, peer, &folder, paths).await?;
+            let device = device.clone();
+            tokio::spawn(
+                async move {
+                    if let Err(error) = materialise::materialise(&device, peer, &folder, paths).await {
+                        tracing::info!(%folder, error = format!("{error:#}"), "writing what a storage peer gave failed; retried on a later pull");
+                    }
+                }
+                .in_current_span(),
+            );
         }
         if !more {
             return Ok(());

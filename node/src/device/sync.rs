@@ -154,7 +154,7 @@ pub(crate) async fn pull(device: &Shared, peer: PeerId) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Admits changes from `peer`, persists them, and materialises what changed.
+/// Admits changes from `peer`, persists them, and starts materialising what changed.
 pub(crate) async fn apply_changes(
     device: &Shared,
     peer: PeerId,
@@ -168,8 +168,19 @@ pub(crate) async fn apply_changes(
     if let Some(allowed) = allowed {
         transport.set_allowed(allowed).await;
     }
+    // Written in their own task: content may be slow to come, and neither the peer waiting
+    // for this answer nor this device's next pulls (storage exchanges among them) may wait
+    // for it. What fails is retried by the catch-up.
     for (folder, paths) in changed {
-        materialise::materialise(device, peer, &folder, paths).await?;
+        let device = device.clone();
+        tokio::spawn(
+            async move {
+                if let Err(error) = materialise::materialise(&device, peer, &folder, paths).await {
+                    tracing::info!(%folder, error = format!("{error:#}"), "writing what a peer sent failed; retried");
+                }
+            }
+            .in_current_span(),
+        );
     }
     Ok(())
 }

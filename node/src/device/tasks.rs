@@ -90,6 +90,7 @@ async fn pull_on_connect(device: Shared) {
 
 async fn rounds(device: Shared) {
     let mut tick = 0u64;
+    let catching_up = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
     loop {
         tokio::time::sleep(ROUND).await;
         tick += 1;
@@ -124,8 +125,16 @@ async fn rounds(device: Shared) {
                 tracing::info!(%peer, %error, "pull failed");
             }
         }
+        // In its own task, one at a time: a file whose content is slow to come must not hold
+        // up the next round's pulls.
         if let (Some(peer), true) = (peers.first(), tick.is_multiple_of(2)) {
-            catch_up(&device, *peer).await;
+            if !catching_up.swap(true, std::sync::atomic::Ordering::AcqRel) {
+                let (device, peer, flag) = (device.clone(), *peer, catching_up.clone());
+                tokio::spawn(async move {
+                    catch_up(&device, peer).await;
+                    flag.store(false, std::sync::atomic::Ordering::Release);
+                });
+            }
         }
     }
 }

@@ -29,6 +29,10 @@ struct Args {
     /// Partitions and edits only: no crashes and restarts, joins or removals.
     #[arg(long)]
     no_faults: bool,
+    /// Every fourth device on slow, lossy links (4 MiB/s; one write in 5,000 breaks the
+    /// connection).
+    #[arg(long)]
+    bad_links: bool,
     /// Also write the CSV table here.
     #[arg(long)]
     csv: Option<std::path::PathBuf>,
@@ -62,6 +66,7 @@ async fn main() -> anyhow::Result<()> {
             converge_within: Duration::from_secs(args.converge_secs),
             faults: !args.no_faults,
             storage: !args.no_faults,
+            bad_links: args.bad_links,
         };
         let report = sim::run(options).await?;
         println!(

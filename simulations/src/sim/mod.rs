@@ -14,7 +14,9 @@
 //! of the folder on one side and a directory of the same name on the other; deletes and
 //! renames; a device crashing (its runtime shut down with every task in flight) while a large
 //! file travels, and restarting from its home; a device joining, and one being removed
-//! (`--faults`, on by default). Not yet (issue 12): slow and lossy links, storage peers.
+//! (all on by default; `--no-faults` leaves partitions and edits only); every fourth device
+//! on slow, lossy links; a storage peer,
+//! sometimes the only meeting point of two groups, whose disk is scanned for plaintext.
 
 mod check;
 mod node;
@@ -25,6 +27,7 @@ use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use meshsync_crdt::FolderId;
+use meshsync_transport::shape::LinkShape;
 use meshsync_transport::PeerId;
 
 use node::{Node, StorageNode};
@@ -43,6 +46,19 @@ pub struct Options {
     pub faults: bool,
     /// A storage peer in the mesh (sometimes the only meeting point of two groups).
     pub storage: bool,
+    /// Every fourth device on slow, lossy links ([`BAD_LINK`]).
+    pub bad_links: bool,
+}
+
+/// The links of a device with bad ones: 4 MiB/s, and one write in 5,000 breaks the connection.
+pub const BAD_LINK: LinkShape = LinkShape {
+    bytes_per_sec: 4 << 20,
+    breaks_per_million_writes: 200,
+};
+
+/// Whether device `node` has bad links.
+fn bad_link(bad_links: bool, node: usize) -> Option<LinkShape> {
+    (bad_links && node % 4 == 3).then_some(BAD_LINK)
 }
 
 /// What a run measured, and what its checks found (empty `failures`: all held).
@@ -107,7 +123,8 @@ pub async fn run(options: Options) -> anyhow::Result<Report> {
     let dir = tempfile::tempdir()?;
     let outside = dir.path().join("outside");
     std::fs::create_dir_all(&outside)?;
-    let (nodes, folder) = start(dir.path(), options.nodes).await?;
+    let shape = |i: usize| bad_link(options.bad_links, i);
+    let (nodes, folder) = start(dir.path(), options.nodes, shape).await?;
     let storage = match options.storage {
         true => Some(StorageNode::create(dir.path(), nodes[0].invite_storage().await?).await?),
         false => None,
@@ -115,6 +132,7 @@ pub async fn run(options: Options) -> anyhow::Result<Report> {
     let mut sim = Sim {
         storage,
         bridge: false,
+        bad_links: options.bad_links,
         dir: dir.path().to_path_buf(),
         members: (0..nodes.len()).collect(),
         groups: vec![(0..nodes.len()).collect()],
@@ -173,6 +191,7 @@ pub(super) struct Sim {
     storage: Option<StorageNode>,
     /// Whether the storage peer reaches both sides of the partition (else only node 0's).
     bridge: bool,
+    bad_links: bool,
     last_heal: Instant,
     report: Report,
 }
@@ -334,7 +353,7 @@ impl Sim {
     async fn join(&mut self, node: usize) -> anyhow::Result<()> {
         anyhow::ensure!(node == self.nodes.len(), "nodes join in order");
         let code = self.nodes[0].invite().await?;
-        let joiner = Node::create(&self.dir, node).await?;
+        let joiner = Node::create(&self.dir, node, bad_link(self.bad_links, node)).await?;
         joiner.join(code, Some(self.folder.clone())).await?;
         self.nodes.push(joiner);
         self.members.insert(node);
@@ -435,8 +454,25 @@ impl Sim {
         let arrived = |from: usize, to: usize| self.nodes[to].folder.join(name(from)).exists();
         while !(arrived(a, b) && arrived(b, a)) {
             if since.elapsed() > Duration::from_secs(60) {
+                let (ab, ba) = (arrived(a, b), arrived(b, a));
+                let mut why = Vec::new();
+                for n in [a, b] {
+                    let status = self.nodes[n].status().await;
+                    let f = &status.folders[0];
+                    why.push(format!(
+                        "node {n}: needs {} files, unavailable {:?}, storage {:?}",
+                        f.need_files, f.unavailable, status.storage
+                    ));
+                }
+                let (ta, tb) = (
+                    check::synced(&self.nodes[a].folder),
+                    check::synced(&self.nodes[b].folder),
+                );
+                let only_a: Vec<&String> = ta.keys().filter(|k| !tb.contains_key(*k)).collect();
+                let only_b: Vec<&String> = tb.keys().filter(|k| !ta.contains_key(*k)).collect();
+                why.push(format!("only on {a}: {only_a:?}; only on {b}: {only_b:?}"));
                 self.report.failures.push(format!(
-                    "step {step}: the storage peer did not carry writes between nodes {a} and {b} in 60 s"
+                    "step {step}: the storage peer did not carry writes between nodes {a} and {b} in 60 s (arrived {a}→{b} {ab}, {b}→{a} {ba}): {why:?}"
                 ));
                 break;
             }
@@ -492,10 +528,14 @@ impl Sim {
 const BIG_FILE: usize = 8 << 20;
 
 /// `n` devices paired by node 0 (the admin), all syncing one folder.
-async fn start(dir: &std::path::Path, n: usize) -> anyhow::Result<(Vec<Node>, FolderId)> {
+async fn start(
+    dir: &std::path::Path,
+    n: usize,
+    shape: impl Fn(usize) -> Option<LinkShape>,
+) -> anyhow::Result<(Vec<Node>, FolderId)> {
     let mut nodes = Vec::new();
     for i in 0..n {
-        nodes.push(Node::create(dir, i).await?);
+        nodes.push(Node::create(dir, i, shape(i)).await?);
     }
     let folder = nodes[0].join(String::new(), None).await?;
     for joiner in &nodes[1..] {

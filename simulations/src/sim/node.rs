@@ -11,10 +11,13 @@ use meshsync_crdt::{FolderId, Role};
 use meshsync_node::device::{self, members, mesh, scan, Shared};
 use meshsync_node::home::Home;
 use meshsync_node::net::Network;
+use meshsync_transport::shape::LinkShape;
 use meshsync_transport::PeerId;
 
 pub(super) struct Node {
     home: PathBuf,
+    /// Slow and lossy links, if this node has them.
+    shape: Option<LinkShape>,
     pub folder: PathBuf,
     pub peer: PeerId,
     /// The device and the runtime it runs on; `None` while crashed.
@@ -23,13 +26,14 @@ pub(super) struct Node {
 
 impl Node {
     /// A fresh device at `dir/home{i}` with its folder at `dir/folder{i}` (not yet in a mesh).
-    pub async fn create(dir: &Path, i: usize) -> anyhow::Result<Node> {
+    pub async fn create(dir: &Path, i: usize, shape: Option<LinkShape>) -> anyhow::Result<Node> {
         let home = dir.join(format!("home{i}"));
         Home::locate(Some(home.clone()))?.init(&format!("node{i}"), Role::Device)?;
         let folder = dir.join(format!("folder{i}"));
         std::fs::create_dir_all(&folder)?;
         let mut node = Node {
             home,
+            shape,
             folder,
             peer: PeerId::random(),
             running: None,
@@ -45,7 +49,15 @@ impl Node {
             .enable_all()
             .build()?;
         let home = Home::locate(Some(self.home.clone()))?;
-        let device = rt.spawn(device::start(home, Network::memory())).await??;
+        let device = rt
+            .spawn(device::start(
+                home,
+                Network {
+                    shape: self.shape,
+                    ..Network::memory()
+                },
+            ))
+            .await??;
         self.peer = device.lock().await.transport().local_peer_id();
         self.running = Some((device, rt));
         Ok(())
