@@ -324,27 +324,30 @@ impl Sealing {
 }
 
 /// Reads, seals and sends chunks, about 4 MiB a request, three requests in flight.
+/// Pushes the sealed chunks `ids` that `served` holds; returns how many it does not hold.
 pub(crate) async fn push_chunks(
     transport: &Transport,
     peer: PeerId,
     served: impl ChunkSource + 'static,
     ids: Vec<ChunkId>,
-) -> anyhow::Result<()> {
+) -> anyhow::Result<usize> {
     let (tx, mut rx) = tokio::sync::mpsc::channel::<Vec<(ChunkId, ByteBuf)>>(2);
     let reader = tokio::task::spawn_blocking(move || {
         let mut batch = Vec::new();
         let mut size = 0;
+        let mut skipped = 0;
         for id in ids {
             // A chunk no current file holds any more (edited since) is skipped: the newer
             // version's change brings its own chunks.
             let Some(sealed) = served.get(&id) else {
+                skipped += 1;
                 continue;
             };
             size += sealed.len();
             batch.push((id, ByteBuf::from(sealed.to_vec())));
             if size >= PUSH_BUDGET {
                 if tx.blocking_send(std::mem::take(&mut batch)).is_err() {
-                    return;
+                    return skipped;
                 }
                 size = 0;
             }
@@ -352,6 +355,7 @@ pub(crate) async fn push_chunks(
         if !batch.is_empty() {
             let _ = tx.blocking_send(batch);
         }
+        skipped
     });
     let mut in_flight = tokio::task::JoinSet::new();
     while let Some(batch) = rx.recv().await {
@@ -370,8 +374,7 @@ pub(crate) async fn push_chunks(
     while let Some(done) = in_flight.join_next().await {
         done??;
     }
-    reader.await?;
-    Ok(())
+    Ok(reader.await?)
 }
 
 #[cfg(test)]

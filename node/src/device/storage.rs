@@ -80,7 +80,7 @@ pub async fn sync_with_storage(device: &Shared, peer: PeerId) -> anyhow::Result<
         if theirs >= *have {
             continue;
         }
-        push(device, &transport, peer, author, theirs).await?;
+        push(device, &transport, peer, author, theirs, *author != me).await?;
         if *author == me {
             let mut d = device.lock().await;
             let view = d.sealing.storage.entry(storage).or_default();
@@ -99,13 +99,16 @@ pub async fn sync_with_storage(device: &Shared, peer: PeerId) -> anyhow::Result<
 }
 
 /// Sends the storage peer `author`'s sealed changes after number `from` that this device
-/// holds, each preceded by the sealed chunks it names that the storage peer lacks.
+/// holds, each preceded by the sealed chunks it names that the storage peer lacks. Another
+/// author's changes (`forwarded`) go only with every chunk they name: held by the storage peer
+/// without them, they would look pushed to their author, who would then never send the chunks.
 async fn push(
     device: &Shared,
     transport: &Transport,
     peer: PeerId,
     author: &DeviceId,
     from: u64,
+    forwarded: bool,
 ) -> anyhow::Result<()> {
     let mut from = from;
     loop {
@@ -145,7 +148,10 @@ async fn push(
             else {
                 anyhow::bail!("unexpected storage reply");
             };
-            push_chunks(transport, peer, served.clone(), missing).await?;
+            let lacking = push_chunks(transport, peer, served.clone(), missing).await?;
+            if forwarded && lacking > 0 {
+                return Ok(()); // its author (or this device, once it holds the files) sends them
+            }
         }
         let blobs = blobs.into_iter().map(ByteBuf::from).collect();
         protocol::sealed(transport, peer, &StoreRequest::Put(blobs)).await?;
