@@ -161,9 +161,7 @@ pub async fn run(options: Options) -> anyhow::Result<Report> {
     for node in &mut sim.nodes {
         node.crash().await?; // each device's runtime down before the folders go
     }
-    if let Some(storage) = sim.storage.take() {
-        storage.stop();
-    }
+    drop(sim.storage.take());
     Ok(sim.report)
 }
 

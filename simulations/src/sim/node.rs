@@ -170,10 +170,8 @@ fn requested() -> scan::ScanOptions {
 pub(super) struct StorageNode {
     pub home: PathBuf,
     pub peer: PeerId,
-    running: (
-        meshsync_node::storage_peer::SharedStorage,
-        tokio::runtime::Runtime,
-    ),
+    storage: meshsync_node::storage_peer::SharedStorage,
+    rt: Option<tokio::runtime::Runtime>,
 }
 
 impl StorageNode {
@@ -200,17 +198,22 @@ impl StorageNode {
         Ok(StorageNode {
             home: path,
             peer,
-            running: (storage, rt),
+            storage,
+            rt: Some(rt),
         })
     }
 
     pub async fn transport(&self) -> meshsync_transport::Transport {
-        self.running.0.lock().await.transport().clone()
+        self.storage.lock().await.transport().clone()
     }
 
-    /// Stops it (at the end of a run).
-    pub fn stop(self) {
-        self.running.1.shutdown_background();
+}
+
+impl Drop for StorageNode {
+    fn drop(&mut self) {
+        if let Some(rt) = self.rt.take() {
+            rt.shutdown_background();
+        }
     }
 }
 
@@ -222,5 +225,15 @@ impl Node {
             async move { mesh::invite(&device, Role::Storage, Duration::from_secs(600)).await },
         )
         .await
+    }
+}
+
+impl Drop for Node {
+    /// A run that ends early (an error) drops its nodes inside the async harness, where a
+    /// runtime may not block: each is shut down in the background.
+    fn drop(&mut self) {
+        if let Some((_, rt)) = self.running.take() {
+            rt.shutdown_background();
+        }
     }
 }
