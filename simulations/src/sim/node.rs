@@ -206,7 +206,6 @@ impl StorageNode {
     pub async fn transport(&self) -> meshsync_transport::Transport {
         self.storage.lock().await.transport().clone()
     }
-
 }
 
 impl Drop for StorageNode {
