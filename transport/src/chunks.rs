@@ -332,8 +332,11 @@ async fn worker(
             }
         };
         let mut in_flight: VecDeque<Vec<ChunkId>> = VecDeque::new();
+        // Raced against each read only (the other awaits here are not safe to cancel: a
+        // chunk taken off its batch could be dropped on its way to the sink).
         let cut = transport.cut_off(peer);
-        let exchange = async {
+        tokio::pin!(cut);
+        let result: Result<(), FrameError> = async {
             loop {
                 while in_flight.len() < 2 {
                     let batch = take_batch(&shared, &peer, peer_count);
@@ -348,10 +351,12 @@ async fn worker(
                     return Ok(());
                 };
                 while !batch.is_empty() {
-                    let (status, id, data) =
-                        tokio::time::timeout(REPLY, read_response(&mut stream))
-                            .await
-                            .map_err(|_| FrameError::Timeout(REPLY))??;
+                    let (status, id, data) = tokio::select! {
+                        read = tokio::time::timeout(REPLY, read_response(&mut stream)) => {
+                            read.map_err(|_| FrameError::Timeout(REPLY))??
+                        }
+                        () = &mut cut => return Err(FrameError::Closed),
+                    };
                     if batch.first() != Some(&id) {
                         return Err(FrameError::Malformed("chunk answered out of order".into()));
                     }
@@ -378,11 +383,8 @@ async fn worker(
                 }
                 in_flight.pop_front();
             }
-        };
-        let result: Result<(), FrameError> = tokio::select! {
-            result = exchange => result,
-            () = cut => Err(FrameError::Closed),
-        };
+        }
+        .await;
         match result {
             Ok(()) => {
                 let _ = stream.close().await;
