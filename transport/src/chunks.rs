@@ -352,6 +352,7 @@ async fn worker(
                 };
                 while !batch.is_empty() {
                     let (status, id, data) = tokio::select! {
+                        biased;
                         read = tokio::time::timeout(REPLY, read_response(&mut stream)) => {
                             read.map_err(|_| FrameError::Timeout(REPLY))??
                         }

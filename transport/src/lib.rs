@@ -235,27 +235,19 @@ impl Transport {
         }
     }
 
-    /// Resolves once `peer` is cut off: disallowed or disconnected by this node, or its last
-    /// connection closed. A request waiting on a stream to `peer` races this, so it ends at
-    /// once instead of at its timeout (a closing connection waits for its streams). Watches
-    /// from the moment it is called.
+    /// Resolves once this node cuts `peer` off (disallows or disconnects it). A request
+    /// waiting on a stream to `peer` races this, so it ends at once instead of at its timeout:
+    /// a closing connection waits for its streams, and a reply will not come. (A connection
+    /// the other side closes ends its streams by itself.) Watches from the moment it is called.
     pub fn cut_off(&self, peer: PeerId) -> impl std::future::Future<Output = ()> + Send + 'static {
         use tokio::sync::broadcast::error::RecvError;
         let mut cuts = self.cuts.subscribe();
-        let mut events = self.events.subscribe();
         async move {
             loop {
-                tokio::select! {
-                    cut = cuts.recv() => match cut {
-                        Ok(p) if p == peer => return,
-                        Err(RecvError::Closed) => std::future::pending::<()>().await,
-                        _ => {}
-                    },
-                    event = events.recv() => match event {
-                        Ok(Event::Disconnected { peer: p }) if p == peer => return,
-                        Err(RecvError::Closed) => std::future::pending::<()>().await,
-                        _ => {}
-                    },
+                match cuts.recv().await {
+                    Ok(p) if p == peer => return,
+                    Err(RecvError::Closed) => std::future::pending::<()>().await,
+                    _ => {}
                 }
             }
         }

@@ -31,6 +31,7 @@ pub async fn request(
 ) -> Result<Vec<u8>, TransportError> {
     let cut = transport.cut_off(peer);
     tokio::select! {
+        biased; // a reply that is there wins
         reply = exchange(transport, peer, protocol, request) => reply,
         () = cut => Err(TransportError::Stream { peer, reason: "disconnected".into() }),
     }
