@@ -1,6 +1,6 @@
 //! Signed changes and removed devices' cutoffs.
 
-use super::tests::{forge, update, world, World};
+use super::tests::{forge, remove_laptop, update, world, World};
 use super::*;
 use crate::membership::{Action, ChangeMark};
 
@@ -141,17 +141,7 @@ fn removal() -> Removal {
         .unwrap();
     let late = laptop.take_local_changes();
     let unaware = crate::membership::MembershipLog::load(w.log.mesh(), &w.log.save()).unwrap();
-    w.log
-        .append(
-            &w.admin,
-            Action::Remove {
-                device: w.laptop.device_id(),
-                wraps: vec![],
-                chain: vec![],
-                wipe: false,
-            },
-        )
-        .unwrap();
+    remove_laptop(&mut w);
     let (tag, marks) = admin.last_changes_of(&w.laptop.device_id());
     assert_eq!(marks.len(), 1);
     w.log

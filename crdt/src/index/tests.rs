@@ -37,6 +37,21 @@ pub(crate) struct World {
     pub(crate) folder: FolderId,
 }
 
+/// The admin removes the laptop (no keys wrapped: the index tests need only the view).
+pub(crate) fn remove_laptop(w: &mut World) {
+    w.log
+        .append(
+            &w.admin,
+            Action::Remove {
+                device: w.laptop.device_id(),
+                wraps: vec![],
+                chain: vec![],
+                wipe: false,
+            },
+        )
+        .unwrap();
+}
+
 pub(crate) fn world() -> World {
     let admin = DeviceKeys::generate();
     let laptop = DeviceKeys::generate();
@@ -386,17 +401,7 @@ fn removed_stranger_and_read_only_authors_are_rejected() {
     a.write(&w.laptop, Epoch(0), vec![update("before", 1)])
         .unwrap();
     let before = a.take_local_changes();
-    w.log
-        .append(
-            &w.admin,
-            Action::Remove {
-                device: w.laptop.device_id(),
-                wraps: vec![],
-                chain: vec![],
-                wipe: false,
-            },
-        )
-        .unwrap();
+    remove_laptop(&mut w);
     b.apply_all(w.log.view(), before).unwrap();
     a.write(&w.laptop, Epoch(1), vec![update("after", 1)])
         .unwrap();

@@ -10,7 +10,6 @@ use anyhow::Context;
 use meshsync_crdt::index::shard_of;
 use meshsync_crdt::{ChunkId, DeviceId, FolderId, KeyRing, MembershipView, SealedChange};
 use meshsync_transport::{PeerId, Transport};
-use tracing::Instrument;
 
 use super::{materialise, Device, Shared};
 use crate::chunks::content;
@@ -185,15 +184,7 @@ async fn pull(device: &Shared, transport: &Transport, peer: PeerId) -> anyhow::R
         // any device), and the exchange must not wait for it — this device's next change
         // reaches the storage peer on the next round, not after every file is written.
         for (folder, paths) in changed {
-            let device = device.clone();
-            tokio::spawn(
-                async move {
-                    if let Err(error) = materialise::materialise(&device, peer, &folder, paths).await {
-                        tracing::info!(%folder, error = format!("{error:#}"), "writing what a storage peer gave failed; retried on a later pull");
-                    }
-                }
-                .in_current_span(),
-            );
+            materialise::spawn(device, peer, folder, paths);
         }
         if !more {
             return Ok(());

@@ -172,15 +172,7 @@ pub(crate) async fn apply_changes(
     // for this answer nor this device's next pulls (storage exchanges among them) may wait
     // for it. What fails is retried by the catch-up.
     for (folder, paths) in changed {
-        let device = device.clone();
-        tokio::spawn(
-            async move {
-                if let Err(error) = materialise::materialise(&device, peer, &folder, paths).await {
-                    tracing::info!(%folder, error = format!("{error:#}"), "writing what a peer sent failed; retried");
-                }
-            }
-            .in_current_span(),
-        );
+        materialise::spawn(device, peer, folder, paths);
     }
     Ok(())
 }

@@ -22,6 +22,7 @@ use std::sync::{Arc, Mutex as StdMutex};
 use anyhow::Context;
 use meshsync_crdt::{ChunkId, DeviceId, FolderId, KeyRing};
 use meshsync_transport::{PeerId, Transport};
+use tracing::Instrument;
 
 use super::ignore::Rules;
 use super::{Device, Shared};
@@ -121,6 +122,21 @@ pub(crate) async fn materialise(
         .await?
     };
     device.lock().await.record_materialised(folder, installed)
+}
+
+/// [`materialise`] in a task of its own, for a caller that must not wait for content (a
+/// peer waiting for an answer, the pull round, a storage exchange). What fails is retried by
+/// the catch-up, which retries whatever the index wants that is not on disk.
+pub(crate) fn spawn(device: &Shared, from: PeerId, folder: FolderId, paths: BTreeSet<String>) {
+    let device = device.clone();
+    tokio::spawn(
+        async move {
+            if let Err(error) = materialise(&device, from, &folder, paths).await {
+                tracing::info!(%folder, error = format!("{error:#}"), "writing what arrived failed; retried by the catch-up");
+            }
+        }
+        .in_current_span(),
+    );
 }
 
 /// Runs blocking file work off the async workers.
