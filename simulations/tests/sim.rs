@@ -20,6 +20,7 @@ async fn small_meshes_under_faults_lose_no_write_and_converge() {
             faults: true,
             storage: true,
             bad_links: true,
+            versus_edits: false,
         })
         .await
         .unwrap();

@@ -33,6 +33,9 @@ struct Args {
     /// connection).
     #[arg(long)]
     bad_links: bool,
+    /// Some concurrent edits become a delete or rename on one side while the other edits.
+    #[arg(long)]
+    versus_edits: bool,
     /// Also write the CSV table here.
     #[arg(long)]
     csv: Option<std::path::PathBuf>,
@@ -67,6 +70,7 @@ async fn main() -> anyhow::Result<()> {
             faults: !args.no_faults,
             storage: !args.no_faults,
             bad_links: args.bad_links,
+            versus_edits: args.versus_edits,
         };
         let report = sim::run(options).await?;
         println!(

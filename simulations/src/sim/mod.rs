@@ -12,7 +12,7 @@
 //! Faults: partitions (the mesh split in two groups that cannot reach each other) and heals;
 //! concurrent creates and edits of the same paths on both sides of a partition; a symlink out
 //! of the folder on one side and a directory of the same name on the other; deletes and
-//! renames; a device crashing (its runtime shut down with every task in flight) while a large
+//! renames (with `--versus-edits`, also of a file the other side of a partition is editing); a device crashing (its runtime shut down with every task in flight) while a large
 //! file travels, and restarting from its home; a device joining, and one being removed
 //! (all on by default; `--no-faults` leaves partitions and edits only); every fourth device
 //! on slow, lossy links; a storage peer,
@@ -22,7 +22,7 @@ mod check;
 mod node;
 mod schedule;
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
@@ -48,6 +48,9 @@ pub struct Options {
     pub storage: bool,
     /// Every fourth device on slow, lossy links ([`BAD_LINK`]).
     pub bad_links: bool,
+    /// Some concurrent edits become a delete or a rename on one side while the other edits
+    /// (off by default: it finds failures still open, see the session-5 note).
+    pub versus_edits: bool,
 }
 
 /// The links of a device with bad ones: 4 MiB/s, and one write in 5,000 breaks the connection.
@@ -213,6 +216,8 @@ impl Sim {
                     self.write(node, &name, content.into_bytes()).await?;
                 }
             }
+            Event::DeleteVersusEdit { pick } => self.versus_edit(step, pick, None).await?,
+            Event::RenameVersusEdit { pick, to } => self.versus_edit(step, pick, Some(&to)).await?,
             Event::LinkAndDirectory { name } => self.link_and_directory(step, &name).await?,
             Event::Delete { node, pick } => self.delete(node, pick).await?,
             Event::Rename { node, pick, to } => self.rename(node, pick, &to).await?,
@@ -316,6 +321,60 @@ impl Sim {
         }
         std::fs::rename(root.join(rel), root.join(to))?;
         self.nodes[node].scan(&self.folder).await
+    }
+
+    /// Two nodes (one on each side of a partition, if there is one) hold the same file: the
+    /// first deletes it (`to` = `None`) or renames it to `to`, the second edits it. The edit
+    /// must survive (as the file or a conflict copy); a rename keeps the old content too.
+    async fn versus_edit(
+        &mut self,
+        step: usize,
+        pick: usize,
+        to: Option<&str>,
+    ) -> anyhow::Result<()> {
+        let running: Vec<Vec<usize>> = self
+            .groups
+            .iter()
+            .map(|g| {
+                g.iter()
+                    .copied()
+                    .filter(|&i| self.nodes[i].is_running())
+                    .collect()
+            })
+            .collect();
+        let (a, b) = match running.as_slice() {
+            [one] if one.len() >= 2 => (one[0], *one.last().expect("not empty")),
+            [left, right] if !left.is_empty() && !right.is_empty() => (left[0], right[0]),
+            _ => return Ok(()),
+        };
+        let theirs: BTreeMap<String, Vec<u8>> = self.files_of(b).into_iter().collect();
+        let both: Vec<(String, Vec<u8>)> = self
+            .files_of(a)
+            .into_iter()
+            .filter(|(rel, content)| theirs.get(rel) == Some(content))
+            .collect();
+        let Some((rel, content)) = both.get(pick % both.len().max(1)).cloned() else {
+            return Ok(());
+        };
+        let root = self.nodes[a].folder.clone();
+        match to {
+            None => {
+                std::fs::remove_file(root.join(&rel))?;
+                for write in self.written.iter_mut().filter(|w| w.content == content) {
+                    write.deleted = true;
+                }
+            }
+            Some(to) => {
+                if std::fs::symlink_metadata(root.join(to)).is_ok() {
+                    return Ok(());
+                }
+                std::fs::create_dir_all(root.join(to).parent().expect("a file has a parent"))?;
+                std::fs::rename(root.join(&rel), root.join(to))?;
+            }
+        }
+        self.nodes[a].scan(&self.folder).await?;
+        let edit = format!("{rel} edited by node {b} at step {step} while node {a} moved it");
+        self.write(b, &rel, edit.into_bytes()).await
     }
 
     /// A link out of the folder on one side; on the other, a folder of that name holding a

@@ -39,6 +39,10 @@ pub(super) enum Event {
     Create { node: usize, name: String },
     /// Both sides of the current partition (or two nodes, if none) edit the same path.
     ConcurrentEdit { name: String },
+    /// One side of the partition deletes a file both sides hold while the other edits it.
+    DeleteVersusEdit { pick: usize },
+    /// One side renames a file both sides hold to `to` while the other edits it.
+    RenameVersusEdit { pick: usize, to: String },
     /// A link out of the folder on one side, a directory holding a file on the other.
     LinkAndDirectory { name: String },
     /// Node `node` deletes one of the files it holds (the `pick`-th, in name order).
@@ -120,8 +124,20 @@ fn next_event(options: &Options, dice: &mut Dice, cast: &mut Cast, i: usize) -> 
             node: dice.pick(&running)?,
             name: format!("dir{}/created-{i}.txt", dice.below(3)),
         },
-        7 | 8 => Event::ConcurrentEdit {
+        7 | 8 if !options.versus_edits => Event::ConcurrentEdit {
             name: format!("shared-{i}.txt"),
+        },
+        7 | 8 => match dice.below(3) {
+            0 => Event::ConcurrentEdit {
+                name: format!("shared-{i}.txt"),
+            },
+            1 => Event::DeleteVersusEdit {
+                pick: dice.below(1000),
+            },
+            _ => Event::RenameVersusEdit {
+                pick: dice.below(1000),
+                to: format!("dir{}/moved-{i}.txt", dice.below(3)),
+            },
         },
         9 => Event::LinkAndDirectory {
             name: format!("race-{i}"),
