@@ -206,11 +206,7 @@ impl Sim {
                 self.write(node, &name, content.into_bytes()).await?;
             }
             Event::ConcurrentEdit { name } => {
-                let firsts: Vec<usize> = self
-                    .groups
-                    .iter()
-                    .filter_map(|g| self.first_running(g))
-                    .collect();
+                let firsts = self.firsts();
                 for (side, node) in firsts.into_iter().enumerate() {
                     let content = format!("{name}: side {side}, node {node}, step {step}");
                     self.write(node, &name, content.into_bytes()).await?;
@@ -269,10 +265,6 @@ impl Sim {
         Ok(())
     }
 
-    fn first_running(&self, group: &BTreeSet<usize>) -> Option<usize> {
-        group.iter().copied().find(|&i| self.nodes[i].is_running())
-    }
-
     /// Writes `rel` on `node`, has it scanned, and records the write.
     async fn write(&mut self, node: usize, rel: &str, content: Vec<u8>) -> anyhow::Result<()> {
         self.nodes[node].write(&self.folder, rel, &content).await?;
@@ -301,11 +293,60 @@ impl Sim {
         let Some((rel, content)) = files.get(pick % files.len().max(1)).cloned() else {
             return Ok(());
         };
-        std::fs::remove_file(self.nodes[node].folder.join(&rel))?;
+        self.remove_file(node, &rel, &content)?;
+        self.nodes[node].scan(&self.folder).await
+    }
+
+    /// Removes `rel` (holding `content`) on `node`: that write need not survive any more.
+    fn remove_file(&mut self, node: usize, rel: &str, content: &[u8]) -> anyhow::Result<()> {
+        std::fs::remove_file(self.nodes[node].folder.join(rel))?;
         for write in self.written.iter_mut().filter(|w| w.content == content) {
             write.deleted = true;
         }
-        self.nodes[node].scan(&self.folder).await
+        Ok(())
+    }
+
+    /// Renames `rel` to `to` on `node`, unless `to` is taken (a person would not rename over
+    /// another file). Returns whether it did.
+    fn move_file(&self, node: usize, rel: &str, to: &str) -> anyhow::Result<bool> {
+        let root = &self.nodes[node].folder;
+        if std::fs::symlink_metadata(root.join(to)).is_ok() {
+            return Ok(false);
+        }
+        std::fs::create_dir_all(root.join(to).parent().expect("a file has a parent"))?;
+        std::fs::rename(root.join(rel), root.join(to))?;
+        Ok(true)
+    }
+
+    /// Running members of each group, in order.
+    fn running(&self) -> Vec<Vec<usize>> {
+        self.groups
+            .iter()
+            .map(|g| {
+                g.iter()
+                    .copied()
+                    .filter(|&i| self.nodes[i].is_running())
+                    .collect()
+            })
+            .collect()
+    }
+
+    /// The first running node of each group that has one.
+    fn firsts(&self) -> Vec<usize> {
+        self.running()
+            .iter()
+            .filter_map(|g| g.first().copied())
+            .collect()
+    }
+
+    /// Two running nodes to play a race: the first of each side of a partition, or the first
+    /// and last of the one group (the same node if only one runs).
+    fn two_sides(&self) -> Option<(usize, usize)> {
+        match self.running().as_slice() {
+            [one] if !one.is_empty() => Some((one[0], *one.last().expect("not empty"))),
+            [left, right] if !left.is_empty() && !right.is_empty() => Some((left[0], right[0])),
+            _ => None,
+        }
     }
 
     /// `node` renames one of its files to `to` (its content must survive under some name).
@@ -314,12 +355,9 @@ impl Sim {
         let Some((rel, _)) = files.get(pick % files.len().max(1)) else {
             return Ok(());
         };
-        let root = &self.nodes[node].folder;
-        std::fs::create_dir_all(root.join(to).parent().expect("a file has a parent"))?;
-        if std::fs::symlink_metadata(root.join(to)).is_ok() {
-            return Ok(()); // a person would not rename over another file
+        if !self.move_file(node, &rel.clone(), to)? {
+            return Ok(());
         }
-        std::fs::rename(root.join(rel), root.join(to))?;
         self.nodes[node].scan(&self.folder).await
     }
 
@@ -332,20 +370,8 @@ impl Sim {
         pick: usize,
         to: Option<&str>,
     ) -> anyhow::Result<()> {
-        let running: Vec<Vec<usize>> = self
-            .groups
-            .iter()
-            .map(|g| {
-                g.iter()
-                    .copied()
-                    .filter(|&i| self.nodes[i].is_running())
-                    .collect()
-            })
-            .collect();
-        let (a, b) = match running.as_slice() {
-            [one] if one.len() >= 2 => (one[0], *one.last().expect("not empty")),
-            [left, right] if !left.is_empty() && !right.is_empty() => (left[0], right[0]),
-            _ => return Ok(()),
+        let Some((a, b)) = self.two_sides().filter(|(a, b)| a != b) else {
+            return Ok(());
         };
         let theirs: BTreeMap<String, Vec<u8>> = self.files_of(b).into_iter().collect();
         let both: Vec<(String, Vec<u8>)> = self
@@ -356,21 +382,15 @@ impl Sim {
         let Some((rel, content)) = both.get(pick % both.len().max(1)).cloned() else {
             return Ok(());
         };
-        let root = self.nodes[a].folder.clone();
-        match to {
+        let moved = match to {
             None => {
-                std::fs::remove_file(root.join(&rel))?;
-                for write in self.written.iter_mut().filter(|w| w.content == content) {
-                    write.deleted = true;
-                }
+                self.remove_file(a, &rel, &content)?;
+                true
             }
-            Some(to) => {
-                if std::fs::symlink_metadata(root.join(to)).is_ok() {
-                    return Ok(());
-                }
-                std::fs::create_dir_all(root.join(to).parent().expect("a file has a parent"))?;
-                std::fs::rename(root.join(&rel), root.join(to))?;
-            }
+            Some(to) => self.move_file(a, &rel, to)?,
+        };
+        if !moved {
+            return Ok(());
         }
         self.nodes[a].scan(&self.folder).await?;
         let edit = format!("{rel} edited by node {b} at step {step} while node {a} moved it");
@@ -381,20 +401,8 @@ impl Sim {
     /// file, unless the link already reached it (a person would not write through it; this
     /// harness must not either).
     async fn link_and_directory(&mut self, step: usize, name: &str) -> anyhow::Result<()> {
-        let running: Vec<Vec<usize>> = self
-            .groups
-            .iter()
-            .map(|g| {
-                g.iter()
-                    .copied()
-                    .filter(|&i| self.nodes[i].is_running())
-                    .collect()
-            })
-            .collect();
-        let (a, b) = match running.as_slice() {
-            [one] if !one.is_empty() => (one[0], *one.last().expect("not empty")),
-            [left, right] if !left.is_empty() && !right.is_empty() => (left[0], right[0]),
-            _ => return Ok(()),
+        let Some((a, b)) = self.two_sides() else {
+            return Ok(());
         };
         std::os::unix::fs::symlink(&self.outside, self.nodes[a].folder.join(name))?;
         self.nodes[a].scan(&self.folder).await?;
@@ -496,11 +504,7 @@ impl Sim {
     /// With the two sides of a partition bridged by the storage peer alone, a write on each
     /// side must reach the other (through what the storage peer holds) within a minute.
     async fn across_the_bridge(&mut self, step: usize) -> anyhow::Result<()> {
-        let sides: Vec<usize> = self
-            .groups
-            .iter()
-            .filter_map(|g| self.first_running(g))
-            .collect();
+        let sides = self.firsts();
         let [a, b] = sides[..] else { return Ok(()) };
         let name = |n: usize| format!("bridged-{step}-from-{n}.txt");
         for n in [a, b] {
@@ -563,12 +567,7 @@ impl Sim {
         }
         // Those in a group dial each other again (peer exchange and static addresses would, in
         // seconds; a heal should not wait for that).
-        for group in &self.groups {
-            let running: Vec<usize> = group
-                .iter()
-                .copied()
-                .filter(|&i| self.nodes[i].is_running())
-                .collect();
+        for running in self.running() {
             for &i in &running {
                 let transport = self.nodes[i].device().lock().await.transport().clone();
                 for &j in running.iter().filter(|&&j| j != i) {
