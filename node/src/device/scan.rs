@@ -152,7 +152,9 @@ pub enum Decision {
     /// same edit made elsewhere); only the local state takes that version.
     Same(u64),
     /// A newer version waits to be written here; writing it will keep this edit as a conflict
-    /// copy. Recording the edit now would silently supersede that version.
+    /// copy. Recording the edit now would silently supersede that version. (A newer
+    /// *deletion* does not wait: an edit made here outlives a delete made elsewhere, so the
+    /// edit is recorded over it and comes back everywhere.)
     Wait,
     /// This device never had a version of the path, yet holds other content there than the
     /// index's winner (two folders merged, or a file made on both sides while apart): the
@@ -167,7 +169,7 @@ pub fn classify(found: Option<&LocalFile>, winner: Option<&FileRecord>, base: u6
     let Some(w) = winner else {
         return Decision::Record;
     };
-    if w.version > base && found.is_some() && base > 0 {
+    if w.version > base && found.is_some() && base > 0 && !w.deleted {
         return Decision::Wait;
     }
     match found {
@@ -699,5 +701,12 @@ mod tests {
         let deleted = record(1, ChunkListHash::default(), true);
         assert_eq!(classify(None, Some(&deleted), 1), Decision::Same(1));
         assert_eq!(classify(None, Some(&w), 1), Decision::Record);
+        // A newer deletion (2, say a rename elsewhere) over the version this device edited (1):
+        // the edit is recorded over the delete rather than waiting for a delete that keeps it.
+        let deleted_later = record(2, ChunkListHash::default(), true);
+        assert_eq!(
+            classify(Some(&file(b)), Some(&deleted_later), 1),
+            Decision::Record
+        );
     }
 }

@@ -95,10 +95,12 @@ async fn main() -> anyhow::Result<()> {
             failed = true;
             println!(
                 "  replay: cargo run --release -p meshsync-simulations --bin meshsync-sim -- \
-                 --nodes {nodes} --seed {} --events {}{}",
+                 --nodes {nodes} --seed {} --events {}{}{}{}",
                 args.seed,
                 args.events,
-                if args.no_faults { " --no-faults" } else { "" }
+                if args.no_faults { " --no-faults" } else { "" },
+                if args.bad_links { " --bad-links" } else { "" },
+                if args.versus_edits { " --versus-edits" } else { "" },
             );
         }
         table.push(report.csv());

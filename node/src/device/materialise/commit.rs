@@ -31,6 +31,9 @@ pub(super) struct Installed {
     pub(super) problems: Vec<(String, String)>,
     /// The chunk lists of what was written, to keep.
     pub(super) lists: Vec<(ChunkListHash, Vec<ChunkRef>)>,
+    /// A file edited here was kept in place of a deletion: the folder wants a rescan, which
+    /// records the edit over the delete.
+    pub(super) kept_edit: bool,
 }
 
 /// Before anything is renamed into place, its data must be on disk: the files not `flushed`
@@ -117,7 +120,7 @@ pub(super) fn install(
                 }
                 tracing::warn!(path = %w.path, "concurrent edit kept as a conflict copy");
             }
-            Ok(Outcome::Skipped) => {}
+            Ok(Outcome::Skipped) => installed.kept_edit |= w.step == Step::Delete,
             Ok(Outcome::Unavailable) => installed.unavailable.push(w.path.clone()),
             Err(error) => {
                 tracing::warn!(path = %w.path, error = format!("{error:#}"), "not written");

@@ -237,6 +237,9 @@ impl Device {
             }
         }
         f.problems.extend(installed.problems);
+        if installed.kept_edit {
+            let _ = self.changes.send(folder.clone());
+        }
         let mut map = self.chunk_map.lock().expect("chunk map lock");
         for (path, file) in installed.updates {
             f.unavailable.remove(&path);
