@@ -74,6 +74,15 @@ pub enum Request {
         grant: bool,
     },
     Leave,
+    /// Settle a conflict: keep the original (the copy goes) or the copy's content at the
+    /// original path; what goes stays restorable.
+    Resolve {
+        folder: String,
+        copy: String,
+        keep_copy: bool,
+    },
+    /// The files with kept old versions, most recently replaced first.
+    KeptFiles,
 }
 
 impl Request {
@@ -97,6 +106,8 @@ impl Request {
             Request::Role { .. } => "`role`",
             Request::Admin { .. } => "`admin`",
             Request::Leave => "`leave`",
+            Request::Resolve { .. } => "the web page's conflict resolution",
+            Request::KeptFiles => "the web page's old versions",
         }
     }
 }
@@ -347,6 +358,27 @@ pub struct VersionInfo {
     pub stored_here: bool,
 }
 
+/// A file with kept old versions (the web page lists the most recently replaced).
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq)]
+pub struct KeptFile {
+    pub folder: String,
+    pub path: String,
+    /// The path on this device, for `meshsync versions` / `restore`.
+    pub absolute: String,
+    pub versions: usize,
+    /// Unix seconds when its newest kept version was replaced.
+    pub last_replaced_at: u64,
+}
+
+/// A conflict settled by hand.
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq)]
+pub struct Resolved {
+    pub folder: String,
+    pub path: String,
+    /// "original" or "copy".
+    pub kept: String,
+}
+
 /// What `meshsync restore` wrote.
 #[derive(Serialize, Deserialize, Debug, Clone, PartialEq)]
 pub struct Restored {
@@ -453,7 +485,18 @@ pub async fn call<T: DeserializeOwned>(
     write.write_all(text.as_bytes()).await?;
     let mut line = String::new();
     BufReader::new(read).read_line(&mut line).await?;
-    match serde_json::from_str::<Reply>(&line)? {
+    if line.is_empty() {
+        anyhow::bail!(
+            "the daemon for {} closed the connection without answering {}: it may have stopped \
+             (see its log); start it again with `meshsync up`",
+            home.display(),
+            request.command()
+        );
+    }
+    let reply = serde_json::from_str::<Reply>(&line).map_err(|error| {
+        anyhow::anyhow!("the daemon answered {} with something this CLI cannot read ({error}); is it another version? Restart it with this one's `meshsync up`", request.command())
+    })?;
+    match reply {
         Reply::Ok(value) => Ok(Some(serde_json::from_value(value).map_err(|error| {
             anyhow::anyhow!("the daemon answered {} in a form this CLI does not read ({error}); is it another version?", request.command())
         })?)),

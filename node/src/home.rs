@@ -35,9 +35,9 @@ pub enum HomeError {
     LooseKeyPermissions { path: PathBuf, mode: u32 },
     #[error("key file {path} is damaged ({reason}); restore it from a backup, or make a new device with `meshsync init` in an empty home")]
     BadKeyFile { path: PathBuf, reason: String },
-    #[error("config file {path} is invalid: {reason}")]
+    #[error("config file {path} is invalid: {reason}; fix it (its comments say what each setting takes) and try again")]
     BadConfig { path: PathBuf, reason: String },
-    #[error("{path}: {source}")]
+    #[error("{path}: {source}{}", io_hint(source))]
     Io {
         path: PathBuf,
         source: std::io::Error,
@@ -48,6 +48,19 @@ pub enum HomeError {
     NoDefaultHome,
     #[error(transparent)]
     PeerAddr(#[from] PeerAddrError),
+}
+
+/// What to do about an I/O error on a home's file.
+fn io_hint(error: &std::io::Error) -> &'static str {
+    match error.kind() {
+        std::io::ErrorKind::PermissionDenied => {
+            "; run meshsync as the user who owns this home, or pass --home DIR"
+        }
+        std::io::ErrorKind::NotFound => {
+            "; the home is incomplete: restore it from a backup, or make a new one with `meshsync init`"
+        }
+        _ => "",
+    }
 }
 
 fn io(path: &Path) -> impl FnOnce(std::io::Error) -> HomeError + '_ {
@@ -69,6 +82,17 @@ pub struct Config {
     /// How long overwritten and deleted files stay restorable, e.g. "30d".
     #[serde(default)]
     pub retention: Option<String>,
+    /// The local web page's port on 127.0.0.1 (0: any free port; `meshsync web` prints the
+    /// address). The page is never served on another interface.
+    #[serde(default = "default_web_port")]
+    pub web_port: u16,
+}
+
+/// The web page's default port (Syncthing's is 8384).
+pub const DEFAULT_WEB_PORT: u16 = 8385;
+
+fn default_web_port() -> u16 {
+    DEFAULT_WEB_PORT
 }
 
 fn default_role() -> String {
@@ -201,7 +225,11 @@ impl Home {
              \n\
              # Addresses of other devices to dial, besides those found on the LAN by mDNS.\n\
              # Managed with `meshsync peer add|list|remove`, e.g. \"/ip4/192.168.1.20/tcp/22000\".\n\
-             peers = []\n"
+             peers = []\n\
+             \n\
+             # The local web page, on 127.0.0.1 only (`meshsync web` prints its link; 0 = any\n\
+             # free port; `meshsync up --no-web` turns it off).\n\
+             # web_port = {DEFAULT_WEB_PORT}\n"
         );
         write_private(&self.path.join(CONFIG_FILE), &Zeroizing::new(config))?;
         // The signing key goes last: its presence is what marks the home as initialised.
@@ -245,12 +273,12 @@ pub enum PeerAddrError {
     #[error("{0:?} is not a multiaddr; write it like /ip4/192.168.1.20/tcp/22000 or /ip4/192.168.1.20/udp/22000/quic-v1")]
     Syntax(String),
     #[error(
-        "{0:?} must name an IP address (or DNS name) and a TCP port or a QUIC (udp/…/quic-v1) port"
+        "{0:?} must name an IP address (or DNS name) and a TCP port or a QUIC (udp/…/quic-v1) port, e.g. /ip4/192.168.1.20/tcp/22000"
     )]
     Incomplete(String),
     #[error("{0:?} is not in the peer list (see `meshsync peer list`)")]
     NotListed(String),
-    #[error("{0:?} is already in the peer list")]
+    #[error("{0:?} is already in the peer list; nothing changed (see `meshsync peer list`)")]
     Duplicate(String),
 }
 

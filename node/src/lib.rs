@@ -15,6 +15,7 @@
 //! - [`versions`]: old versions kept for the retention period.
 //! - [`home`]: the home directory — key files (mode 0600), config.
 //! - [`control`]: the Unix control socket and its typed requests and replies.
+//! - [`notify`]: readiness, status and watchdog for systemd (`sd_notify`).
 //! - [`cli`]: the command line; [`demo`]: `meshsync demo`.
 //!
 //! Modules depend one way: `cli` → `device`/`storage_peer` → `storage_client`, `versions`,
@@ -28,9 +29,11 @@ pub mod device;
 pub mod disk;
 pub mod home;
 pub mod net;
+pub mod notify;
 pub mod pairing;
 pub mod protocol;
 pub mod state;
 pub mod storage_client;
 pub mod storage_peer;
 pub mod versions;
+pub mod web;

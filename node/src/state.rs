@@ -249,6 +249,20 @@ impl State {
         })
     }
 
+    /// The synced folders and their paths, without loading their index (for
+    /// `meshsync service install`, which must name every folder the daemon may write).
+    pub fn folders(&self) -> Result<BTreeMap<FolderId, PathBuf>, StateError> {
+        let txn = self.db.begin_read().map_err(|e| self.err(e))?;
+        let table = txn.open_table(FOLDERS).map_err(|e| self.err(e))?;
+        let mut folders = BTreeMap::new();
+        for row in table.iter().map_err(|e| self.err(e))? {
+            let (id, path) = row.map_err(|e| self.err(e))?;
+            let id = FolderId::new(id.value()).map_err(|e| self.err(e))?;
+            folders.insert(id, PathBuf::from(path.value()));
+        }
+        Ok(folders)
+    }
+
     pub fn chunk_list(&self, hash: &ChunkListHash) -> Result<Option<Vec<ChunkRef>>, StateError> {
         let txn = self.db.begin_read().map_err(|e| self.err(e))?;
         let table = txn.open_table(LISTS).map_err(|e| self.err(e))?;

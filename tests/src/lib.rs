@@ -75,13 +75,40 @@ impl Daemon {
         Daemon::spawn_on(home, "/ip4/127.0.0.1/tcp/0")
     }
 
+    /// [`Daemon::start`] with its web page on, on a free loopback port (`meshsync web`
+    /// prints the link).
+    pub fn start_with_web(home: &Path) -> Daemon {
+        use std::io::Write;
+        let config = home.join("config.toml");
+        let text = std::fs::read_to_string(&config).expect("config.toml");
+        if !text.contains("\nweb_port = 0") {
+            let mut file = std::fs::OpenOptions::new()
+                .append(true)
+                .open(&config)
+                .expect("config.toml");
+            writeln!(file, "\nweb_port = 0").expect("config written");
+        }
+        let daemon = Daemon::spawn_with(home, "/ip4/127.0.0.1/tcp/0", true);
+        let ready = wait_until(std::time::Duration::from_secs(20), || {
+            meshsync(home, &["web"]).status.success()
+        });
+        assert!(ready, "the web page of {} did not come up", home.display());
+        daemon
+    }
+
     fn spawn_on(home: &Path, addr: &str) -> Daemon {
+        Daemon::spawn_with(home, addr, false)
+    }
+
+    fn spawn_with(home: &Path, addr: &str, web: bool) -> Daemon {
         let log = std::fs::File::create(home.join("daemon.log")).expect("daemon log");
         let child = Command::new(meshsync_bin())
             .arg("--home")
             .arg(home)
             // Loopback only, and no mDNS: tests send nothing beyond this machine.
             .args(["up", "--listen", addr, "--no-mdns"])
+            // The page only where a test looks at it (each on a port of its own).
+            .args(if web { &[][..] } else { &["--no-web"][..] })
             .env_remove("MESHSYNC_HOME")
             .env("RUST_LOG", "info")
             .stdout(std::process::Stdio::null())
@@ -209,6 +236,15 @@ pub fn alice_and_bob(root: &Path) -> Joined {
     meshsync_ok(&ha, &["folder", "add", path_text(&fa), "--id", "docs"]);
     meshsync_ok(&hb, &["join", &invite(&ha, "device")]);
     Joined { a, hb, fa, fb }
+}
+
+/// The link `meshsync web` prints for `home`: (address, secret).
+pub fn web_link(home: &Path) -> (String, String) {
+    let out = meshsync_ok(home, &["web"]);
+    let link = out.lines().last().expect("a link").trim().to_string();
+    let rest = link.strip_prefix("http://").expect("an http link");
+    let (addr, token) = rest.split_once("/?token=").expect("a token in the link");
+    (addr.to_string(), token.to_string())
 }
 
 /// A path as command-line text.

@@ -37,7 +37,7 @@ const MAX_FAILED_ATTEMPTS: u32 = 20;
 /// Why pairing failed.
 #[derive(Debug, thiserror::Error)]
 pub enum PairError {
-    #[error("this is not a meshsync invite code (it starts with {PREFIX})")]
+    #[error("this is not a meshsync invite code (it starts with {PREFIX}); copy the last line `meshsync invite` printed")]
     NotAnInvite,
     #[error("the invite code is damaged or incomplete: copy the whole line again")]
     Damaged,
@@ -47,9 +47,9 @@ pub enum PairError {
     Unreachable(String),
     #[error("the inviting device refused: {0}")]
     Refused(String),
-    #[error("the pairing handshake failed: wrong, used or expired code")]
+    #[error("the pairing handshake failed: wrong, used or expired code; ask for a new one with `meshsync invite`")]
     Handshake,
-    #[error("the device that answered is not the one that made this invite")]
+    #[error("the device that answered is not the one that made this invite; ask for a new code with `meshsync invite` and try again")]
     WrongInviter,
     #[error("pairing: {0}")]
     Frame(#[from] FrameError),

@@ -59,9 +59,18 @@ pub fn peer(home: &Home, action: PeerAction) -> anyhow::Result<()> {
     Ok(())
 }
 
-pub fn invite(home: &Home, role: String, expires: &str) -> anyhow::Result<()> {
+pub fn invite(home: &Home, role: String, expires: &str, qr: bool) -> anyhow::Result<()> {
     let expires_secs = parse_duration(expires)?;
     let reply: control::InviteCode = ask(home, &Request::Invite { role, expires_secs })?;
+    if qr {
+        let code = qrcode::QrCode::new(reply.code.as_bytes())?;
+        let picture = code
+            .render::<qrcode::render::unicode::Dense1x2>()
+            .dark_color(qrcode::render::unicode::Dense1x2::Light)
+            .light_color(qrcode::render::unicode::Dense1x2::Dark)
+            .build();
+        println!("{picture}");
+    }
     println!("Give this code to the new device; it works once, for {expires}:");
     println!("{}", reply.code);
     Ok(())
@@ -206,29 +215,25 @@ fn show<T: Serialize + ?Sized>(
 
 /// `meshsync up`: a device daemon, or for a storage home, the storage peer; both answer the
 /// control socket until stopped (Ctrl-C, SIGTERM).
-pub fn up(home: Home, listen: Vec<String>, mdns: bool) -> anyhow::Result<()> {
+pub fn up(home: Home, listen: Vec<String>, mdns: bool, web: bool) -> anyhow::Result<()> {
     limit_malloc_arenas();
-    runtime()?.block_on(run_daemon(home, listen, mdns))
+    runtime()?.block_on(run_daemon(home, listen, mdns, web))
 }
 
-async fn run_daemon(home: Home, listen: Vec<String>, mdns: bool) -> anyhow::Result<()> {
-    let _ = tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
-        )
-        .with_writer(std::io::stderr)
-        .try_init();
+async fn run_daemon(home: Home, listen: Vec<String>, mdns: bool, web: bool) -> anyhow::Result<()> {
+    super::logs::init();
     let listen = listen
         .iter()
         .map(|a| {
             a.parse()
-                .with_context(|| format!("{a:?} is not a multiaddr"))
+                .with_context(|| format!("{a:?} is not a multiaddr; write it like /ip4/0.0.0.0/tcp/22000 or /ip4/0.0.0.0/udp/22000/quic-v1"))
         })
         .collect::<anyhow::Result<Vec<_>>>()?;
     let network = Network::tcp(listen, mdns);
     let path = home.path().to_path_buf();
-    let role = home.config()?.role().map_err(|e| anyhow::anyhow!(e))?;
+    let config = home.config()?;
+    let role = config.role().map_err(|e| anyhow::anyhow!(e))?;
+    let web_port = web.then_some(config.web_port);
     let stop = std::sync::Arc::new(tokio::sync::Notify::new());
     let control = if role == Role::Storage {
         let storage = crate::storage_peer::start(home, network).await?;
@@ -237,6 +242,14 @@ async fn run_daemon(home: Home, listen: Vec<String>, mdns: bool) -> anyhow::Resu
             (s.transport().clone(), s.device_id())
         };
         announce(&format!("storage peer {id}"), &transport).await;
+        let backend: crate::web::Backend = {
+            let storage = storage.clone();
+            std::sync::Arc::new(move |request| {
+                let storage = storage.clone();
+                Box::pin(async move { crate::storage_peer::handle_control(&storage, request).await })
+            })
+        };
+        start_web(&path, web_port, backend, true).await;
         tokio::spawn(control::serve(path.clone(), move |request| {
             let storage = storage.clone();
             async move { crate::storage_peer::handle_control(&storage, request).await }
@@ -254,11 +267,20 @@ async fn run_daemon(home: Home, listen: Vec<String>, mdns: bool) -> anyhow::Resu
             (d.transport().clone(), d.keys().device_id())
         };
         announce(&format!("device {id}"), &transport).await;
+        let backend: crate::web::Backend = {
+            let device = device.clone();
+            std::sync::Arc::new(move |request| {
+                let device = device.clone();
+                Box::pin(async move { crate::device::control::handle(&device, request).await })
+            })
+        };
+        start_web(&path, web_port, backend, false).await;
         tokio::spawn(control::serve(path.clone(), move |request| {
             let device = device.clone();
             async move { crate::device::control::handle(&device, request).await }
         }))
     };
+    tokio::spawn(crate::notify::when_serving(path.clone()));
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
     tokio::select! {
         _ = tokio::signal::ctrl_c() => {}
@@ -266,8 +288,35 @@ async fn run_daemon(home: Home, listen: Vec<String>, mdns: bool) -> anyhow::Resu
         _ = stop.notified() => {}
         result = control => { result??; }
     }
+    crate::notify::stopping();
     let _ = std::fs::remove_file(control::socket_path(&path));
     println!("meshsync stopped");
+    Ok(())
+}
+
+/// Starts the web page unless turned off; a page that cannot start (its port taken, say) is
+/// reported and the daemon runs on without it.
+async fn start_web(
+    home: &std::path::Path,
+    port: Option<u16>,
+    backend: crate::web::Backend,
+    read_only: bool,
+) {
+    let Some(port) = port else {
+        let _ = std::fs::remove_file(home.join(crate::web::ADDRESS_FILE));
+        return;
+    };
+    match crate::web::start(home, port, backend, read_only).await {
+        Ok(addr) => println!("web page on http://{addr}/ (`meshsync web` prints the link to open)"),
+        Err(error) => tracing::warn!("{error:#}"),
+    }
+}
+
+/// `meshsync web`: the link to this home's running page (its last line).
+pub fn web(home: &Home) -> anyhow::Result<()> {
+    let link = crate::web::link(home.path())?;
+    println!("Open meshsync's page in a browser on this machine (the link carries a secret: keep it to yourself):");
+    println!("{link}");
     Ok(())
 }
 
@@ -358,7 +407,7 @@ async fn with_spinner<T>(message: &str, work: impl std::future::Future<Output = 
 fn parse_duration(text: &str) -> anyhow::Result<u64> {
     let secs = crate::home::parse_duration(text).map_err(|e| anyhow::anyhow!(e))?;
     if secs == 0 {
-        anyhow::bail!("an invite must be valid for some time");
+        anyhow::bail!("an invite must be valid for some time; give --expires a duration like 10m or 1h");
     }
     Ok(secs)
 }

@@ -3,7 +3,11 @@
 //! and a `join` without a daemon talks to the daemon over the control socket.
 
 pub mod commands;
+pub mod generate;
+pub mod logs;
 pub mod print;
+pub mod service;
+pub mod watch;
 
 use std::path::PathBuf;
 
@@ -49,7 +53,12 @@ pub enum Command {
         /// Do not announce or look for devices on the LAN by mDNS (static peers only).
         #[arg(long)]
         no_mdns: bool,
+        /// Do not serve the local web page (on 127.0.0.1, port `web_port` in config.toml).
+        #[arg(long)]
+        no_web: bool,
     },
+    /// Print the link to this device's local web page (the daemon must run).
+    Web,
     /// Print a one-time invite code for another device (the last line of output).
     Invite {
         /// device, read-only or storage.
@@ -58,6 +67,9 @@ pub enum Command {
         /// How long the code stays valid, e.g. 10m, 1h, 600s.
         #[arg(long, default_value = "1h")]
         expires: String,
+        /// Also print the code as a QR code, to scan from the other device.
+        #[arg(long)]
+        qr: bool,
     },
     /// Join the mesh of an invite code (with or without this home's daemon running).
     Join {
@@ -75,8 +87,12 @@ pub enum Command {
     },
     /// Show this device, its peers and its folders.
     Status {
-        #[arg(long)]
+        #[arg(long, conflicts_with = "watch")]
         json: bool,
+        /// Show it again every second, with live progress bars for folders not in sync, until
+        /// Ctrl-C (one plain line per folder per second when not on a terminal).
+        #[arg(long)]
+        watch: bool,
     },
     /// Ask the daemon to rescan now.
     Scan {
@@ -163,6 +179,21 @@ pub enum Command {
         #[arg(long)]
         dir: Option<PathBuf>,
     },
+    /// Run the daemon as a systemd service: `service install --user`, then
+    /// `systemctl --user enable --now meshsync`.
+    Service {
+        #[command(subcommand)]
+        action: service::ServiceAction,
+    },
+    /// Print a shell completion script, e.g. `meshsync completions bash >
+    /// ~/.local/share/bash-completion/completions/meshsync`.
+    Completions { shell: clap_complete::Shell },
+    /// Print the man page (roff), e.g. `meshsync man | man -l -`; with --dir, write one page
+    /// per command there.
+    Man {
+        #[arg(long, value_name = "DIR")]
+        dir: Option<PathBuf>,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -206,20 +237,39 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
     if let Command::Demo { dir } = &cli.command {
         return crate::demo::run_demo(dir.as_deref());
     }
+    match &cli.command {
+        Command::Completions { shell } => return generate::completions(*shell),
+        Command::Man { dir } => return generate::man(dir.as_deref()),
+        _ => {}
+    }
     let home = crate::home::Home::locate(cli.home)?;
     match cli.command {
-        Command::Demo { .. } => unreachable!("handled above"),
+        Command::Demo { .. } | Command::Completions { .. } | Command::Man { .. } => {
+            unreachable!("handled above")
+        }
         Command::Init { name, storage } => init(&home, name, storage),
         Command::Id { device, peer_id } => id(&home, device, peer_id),
         Command::Peer { action } => peer(&home, action),
-        Command::Up { listen, no_mdns } => up(home, listen, !no_mdns),
+        Command::Up {
+            listen,
+            no_mdns,
+            no_web,
+        } => up(home, listen, !no_mdns, !no_web),
+        Command::Web => web(&home),
         Command::Join {
             code,
             accept_remote_wipe,
         } => join(home, code, accept_remote_wipe),
-        Command::Invite { role, expires } => invite(&home, role, &expires),
+        Command::Invite { role, expires, qr } => invite(&home, role, &expires, qr),
         Command::Folder { action } => folder(&home, action),
-        Command::Status { json } => status(&home, json),
+        Command::Status { watch: true, .. } => watch::watch(&home),
+        Command::Status { json, .. } => status(&home, json),
+        Command::Service {
+            action: service::ServiceAction::Install(args),
+        } => service::install(&home, &args),
+        Command::Service {
+            action: service::ServiceAction::Uninstall(args),
+        } => service::uninstall(&args),
         Command::Scan {
             folder,
             allow_deletes,

@@ -5,7 +5,7 @@ use std::time::Duration;
 use meshsync_crdt::{FolderId, Role};
 
 use super::scan::{self, ScanOptions};
-use super::{history, members, mesh, status, Shared};
+use super::{history, members, mesh, resolve, status, Shared};
 use crate::control::{self, FolderAdded, FolderInfo, InviteCode, Joined, Request, ScanDone};
 
 /// Answers one CLI request.
@@ -78,6 +78,12 @@ pub async fn handle(device: &Shared, request: Request) -> anyhow::Result<serde_j
             control::reply(members::set_role(device, &who, role).await?)
         }
         Request::Leave => control::reply(members::leave(device).await?),
+        Request::Resolve {
+            folder,
+            copy,
+            keep_copy,
+        } => control::reply(resolve::resolve(device, &folder, &copy, keep_copy).await?),
+        Request::KeptFiles => control::reply(resolve::kept_files(device).await?),
         Request::Admin { device: who, grant } => {
             control::reply(members::set_admin(device, &who, grant).await?)
         }

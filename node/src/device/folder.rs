@@ -162,20 +162,20 @@ impl Device {
     /// Adds a folder: `id` joins an existing mesh folder or creates a new one.
     pub fn add_folder(&mut self, path: &Path, id: Option<FolderId>) -> anyhow::Result<FolderId> {
         let path = std::fs::canonicalize(path)
-            .with_context(|| format!("{} does not exist", path.display()))?;
+            .with_context(|| format!("{} does not exist; create it, or check the path", path.display()))?;
         if !path.is_dir() {
-            anyhow::bail!("{} is not a folder", path.display());
+            anyhow::bail!("{} is not a folder; give the path of a directory to sync", path.display());
         }
         let probe = path.join(".meshsync-probe");
         std::fs::write(&probe, b"")
-            .with_context(|| format!("{} is not writable", path.display()))?;
+            .with_context(|| format!("{} is not writable by this user; fix its permissions (the daemon writes synced files there)", path.display()))?;
         let _ = std::fs::remove_file(&probe);
         if self.folders.values().any(|f| f.path == path) {
-            anyhow::bail!("{} is already synced", path.display());
+            anyhow::bail!("{} is already synced (see `meshsync folder list`)", path.display());
         }
         let id = id.unwrap_or_else(FolderId::random);
         if self.folders.contains_key(&id) {
-            anyhow::bail!("folder {id} is already on this device");
+            anyhow::bail!("folder {id} is already on this device (see `meshsync folder list`); give another --id");
         }
         std::fs::write(path.join(MARKER), format!("meshsync folder {id}\n"))?;
         let index = FolderIndex::new(self.log.mesh(), id.clone())

@@ -33,7 +33,7 @@ fn locate(d: &Device, path: &Path) -> anyhow::Result<(FolderId, PathBuf, String)
     // The parent may be a symlinked temp dir: resolve what exists.
     let (dir, name) = match (absolute.parent(), absolute.file_name()) {
         (Some(dir), Some(name)) => (dir.to_path_buf(), name.to_owned()),
-        _ => anyhow::bail!("{} is not a file path", path.display()),
+        _ => anyhow::bail!("{} is not a file path; give the path of a file inside a synced folder", path.display()),
     };
     let dir = std::fs::canonicalize(&dir).unwrap_or(dir);
     let absolute = dir.join(name);
@@ -254,7 +254,7 @@ fn install(root: &FolderRoot, assembling: Assembling, rel: &str, mode: u32) -> a
         drop(file);
         let _ = root.remove_file(&tmp);
         anyhow::bail!(
-            "{} of the version's chunks are on no device or storage peer reachable now; nothing was changed",
+            "{} of the version's chunks are on no device or storage peer reachable now; nothing was changed. Try again when a device or storage peer that holds them is connected (see `meshsync status`)",
             wanted.len()
         );
     }

@@ -70,7 +70,7 @@ pub async fn leave(device: &Shared) -> anyhow::Result<Left> {
         let mut d = device.lock().await;
         let me = d.keys.device_id();
         if !d.log.view().is_member(&me) {
-            anyhow::bail!("this device is not a member of a mesh");
+            anyhow::bail!("this device is not a member of a mesh; join one with `meshsync join CODE`");
         }
         let (ring, keys) = (d.key_ring(), d.keys.clone());
         let key = d.log.remove(&keys, me, &ring)?;
@@ -141,7 +141,7 @@ pub async fn rotate_if_needed(device: &Shared) -> anyhow::Result<bool> {
 pub async fn rename(device: &Shared, who: Option<&str>, name: &str) -> anyhow::Result<Changed> {
     let name = super::mesh::capped_name(name);
     if name.is_empty() {
-        anyhow::bail!("a device name cannot be empty");
+        anyhow::bail!("a device name cannot be empty; give one, e.g. `meshsync name laptop`");
     }
     change(device, who, |d, member| {
         let key = d.mesh_key()?;
@@ -161,7 +161,7 @@ pub async fn set_role(device: &Shared, who: &str, role: Role) -> anyhow::Result<
     }
     change(device, Some(who), |d, member| {
         if member.role == Role::Storage {
-            anyhow::bail!("a storage peer's role cannot change");
+            anyhow::bail!("a storage peer's role cannot change; to replace it, `meshsync remove` it and invite one with `meshsync invite --role storage`");
         }
         let keys = d.keys.clone();
         d.log.append(
@@ -187,7 +187,7 @@ pub async fn set_admin(device: &Shared, who: &str, admin: bool) -> anyhow::Resul
             );
         }
         if admin && member.role == Role::Storage {
-            anyhow::bail!("a storage peer cannot be an admin");
+            anyhow::bail!("a storage peer cannot be an admin; make a device one instead (see `meshsync devices`)");
         }
         let keys = d.keys.clone();
         d.log.append(
@@ -225,7 +225,7 @@ async fn change(
                     .members
                     .get(&me)
                     .cloned()
-                    .context("this device is not a member of a mesh")?
+                    .context("this device is not a member of a mesh; join one with `meshsync join CODE`")?
             }
         };
         let ignored_before = d.log.view().ignored.len();

@@ -154,7 +154,7 @@ pub async fn invite(device: &Shared, role: Role, valid_for: Duration) -> anyhow:
     let (keys, mesh, transport, pair_ip) = {
         let d = device.lock().await;
         if !d.log.view().is_admin(&d.keys.device_id()) {
-            anyhow::bail!("only an admin device can invite; this device is not an admin");
+            anyhow::bail!("only an admin device can invite; this device is not an admin: run `meshsync invite` on an admin device, or have an admin make this one an admin with `meshsync admin grant`");
         }
         (
             d.keys.clone(),

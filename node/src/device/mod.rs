@@ -37,6 +37,7 @@ pub mod history;
 pub mod ignore;
 pub mod materialise;
 pub mod members;
+pub mod resolve;
 pub mod mesh;
 pub mod scan;
 pub mod serve;

@@ -149,7 +149,9 @@ pub enum Decision {
     /// A new signed record.
     Record,
     /// Nothing new: this content already is the index's winner (just written here, or the
-    /// same edit made elsewhere); only the local state takes that version.
+    /// same edit made elsewhere); only the local state takes that version. (Not when other
+    /// versions stand concurrent with the winner: a file touched here then is recorded anew,
+    /// which settles the conflict — how "keep the original" works.)
     Same(u64),
     /// A newer version waits to be written here; writing it will keep this edit as a conflict
     /// copy. Recording the edit now would silently supersede that version. (A newer
@@ -164,8 +166,14 @@ pub enum Decision {
 }
 
 /// Decides what the scanned state `found` of a path needs, given the index's `winner` there and
-/// the version this device last held (`base`, 0 if none).
-pub fn classify(found: Option<&LocalFile>, winner: Option<&FileRecord>, base: u64) -> Decision {
+/// the version this device last held (`base`, 0 if none); `conflicted`: other versions stand
+/// concurrent with the winner.
+pub fn classify(
+    found: Option<&LocalFile>,
+    winner: Option<&FileRecord>,
+    base: u64,
+    conflicted: bool,
+) -> Decision {
     let Some(w) = winner else {
         return Decision::Record;
     };
@@ -175,6 +183,7 @@ pub fn classify(found: Option<&LocalFile>, winner: Option<&FileRecord>, base: u6
     match found {
         Some(file)
             if !w.deleted
+                && !(conflicted && base > 0)
                 && w.chunks == file.list_hash
                 && w.mode & 0o777 == file.mode
                 && w.kind == file.kind =>
@@ -232,10 +241,12 @@ impl Device {
         let mut new = Vec::new();
         let mut concurrent = Vec::new();
         for scan in scanned {
-            let winner = f.index.get(&scan.path).map(|s| s.winner);
+            let state = f.index.get(&scan.path);
+            let conflicted = state.as_ref().is_some_and(|s| !s.losers.is_empty());
+            let winner = state.map(|s| s.winner);
             let local = f.local.get(&scan.path);
             let base = local.map(|l| l.version).unwrap_or(0);
-            match classify(scan.file.as_ref(), winner.as_ref(), base) {
+            match classify(scan.file.as_ref(), winner.as_ref(), base, conflicted) {
                 Decision::Record => new.push((update_for(&scan, local.map(|l| l.kind)), scan)),
                 Decision::Same(version) => same.push((scan, version)),
                 Decision::Wait => {}
@@ -683,30 +694,34 @@ mod tests {
     fn classify_records_new_content_and_recognises_the_winner() {
         let a = ChunkListHash([1; 32]);
         let b = ChunkListHash([2; 32]);
-        assert_eq!(classify(Some(&file(a)), None, 0), Decision::Record);
+        assert_eq!(classify(Some(&file(a)), None, 0, false), Decision::Record);
         let w = record(1, a, false);
-        assert_eq!(classify(Some(&file(a)), Some(&w), 0), Decision::Same(1));
+        assert_eq!(classify(Some(&file(a)), Some(&w), 0, false), Decision::Same(1));
         // A peer's setuid or setgid bits are not written here: the file is still the same.
         let mut suid = w.clone();
         suid.mode = 0o106_644;
-        assert_eq!(classify(Some(&file(a)), Some(&suid), 0), Decision::Same(1));
-        assert_eq!(classify(Some(&file(b)), Some(&w), 1), Decision::Record);
+        assert_eq!(classify(Some(&file(a)), Some(&suid), 0, false), Decision::Same(1));
+        assert_eq!(classify(Some(&file(b)), Some(&w), 1, false), Decision::Record);
         // Never had a version here, other content: not a successor, a conflict.
-        assert_eq!(classify(Some(&file(b)), Some(&w), 0), Decision::Conflict);
+        assert_eq!(classify(Some(&file(b)), Some(&w), 0, false), Decision::Conflict);
         // A newer version (2) waits to be written over the version this device had (1): the
         // local edit must not supersede it.
         let newer = record(2, a, false);
-        assert_eq!(classify(Some(&file(b)), Some(&newer), 1), Decision::Wait);
+        assert_eq!(classify(Some(&file(b)), Some(&newer), 1, false), Decision::Wait);
         // A deletion that is already the winner needs no new record.
         let deleted = record(1, ChunkListHash::default(), true);
-        assert_eq!(classify(None, Some(&deleted), 1), Decision::Same(1));
-        assert_eq!(classify(None, Some(&w), 1), Decision::Record);
+        assert_eq!(classify(None, Some(&deleted), 1, false), Decision::Same(1));
+        assert_eq!(classify(None, Some(&w), 1, false), Decision::Record);
         // A newer deletion (2, say a rename elsewhere) over the version this device edited (1):
         // the edit is recorded over the delete rather than waiting for a delete that keeps it.
         let deleted_later = record(2, ChunkListHash::default(), true);
         assert_eq!(
-            classify(Some(&file(b)), Some(&deleted_later), 1),
+            classify(Some(&file(b)), Some(&deleted_later), 1, false),
             Decision::Record
         );
+        // The winner touched here while versions stand concurrent with it: recorded anew (it
+        // settles the conflict); a device that never had a version just takes the winner's.
+        assert_eq!(classify(Some(&file(a)), Some(&w), 1, true), Decision::Record);
+        assert_eq!(classify(Some(&file(a)), Some(&w), 0, true), Decision::Same(1));
     }
 }

@@ -310,7 +310,7 @@ pub async fn handle_control(
             let (home, keys) = {
                 let st = s.lock().await;
                 if st.log.is_some() {
-                    anyhow::bail!("this storage peer already belongs to a mesh");
+                    anyhow::bail!("this storage peer already belongs to a mesh; for another mesh, make a new one in an empty home with `meshsync --home DIR init --storage`");
                 }
                 (st.home.clone(), st.keys.clone())
             };
@@ -330,7 +330,7 @@ pub async fn handle_control(
             })
         }
         other => anyhow::bail!(
-            "a storage peer holds no folders and no key: {} is for devices",
+            "a storage peer holds no folders and no key: {} is for devices; run it with a device's --home",
             other.command()
         ),
     }
