@@ -39,7 +39,9 @@ pub async fn handshake(home: &Home, keys: &DeviceKeys, code: &str) -> anyhow::Re
     let payload: JoinPayload =
         postcard::from_bytes(&payload).context("the inviter sent an unreadable reply")?;
     if payload.mesh != invite.mesh {
-        anyhow::bail!("the inviter answered for another mesh; ask for a new code with `meshsync invite`");
+        anyhow::bail!(
+            "the inviter answered for another mesh; ask for a new code with `meshsync invite`"
+        );
     }
     Ok(payload)
 }
@@ -58,7 +60,9 @@ pub fn commit(
     log.apply(&payload.membership)
         .context("the inviter's membership log does not verify")?;
     if !log.view().is_member(&keys.device_id()) {
-        anyhow::bail!("the inviter did not add this device; ask for a new code with `meshsync invite`");
+        anyhow::bail!(
+            "the inviter did not add this device; ask for a new code with `meshsync invite`"
+        );
     }
     if accept_wipe {
         log.set_wipe_policy(keys, true)?;

@@ -49,7 +49,9 @@ fn post(addr: &str, path: &str, cookie: &str, extra: &str, body: &str) -> (u16, 
 
 /// The CSRF token in the page's forms.
 fn csrf_of(page: &str) -> String {
-    let at = page.find(r#"name="csrf" value=""#).expect("a form with a CSRF token");
+    let at = page
+        .find(r#"name="csrf" value=""#)
+        .expect("a form with a CSRF token");
     let rest = &page[at + r#"name="csrf" value=""#.len()..];
     rest[..rest.find('"').unwrap()].to_string()
 }
@@ -105,7 +107,10 @@ fn the_page_refuses_strangers_foreign_hosts_and_other_sites() {
     assert!(page.contains("Devices") && page.contains("alice"), "{page}");
     assert!(head.to_ascii_lowercase().contains("x-frame-options: deny"));
     let port = addr.rsplit_once(':').unwrap().1;
-    assert_eq!(get(&addr, &format!("localhost:{port}"), "/", Some(&token)).0, 200);
+    assert_eq!(
+        get(&addr, &format!("localhost:{port}"), "/", Some(&token)).0,
+        200
+    );
     for host in [
         format!("evil.example:{port}"),
         format!("127.0.0.1.evil.example:{port}"),
@@ -117,7 +122,10 @@ fn the_page_refuses_strangers_foreign_hosts_and_other_sites() {
 
     // No page shows a key or the web secret.
     for secret in home_secrets(&home) {
-        assert!(!page.contains(&secret), "the page shows a secret of the home");
+        assert!(
+            !page.contains(&secret),
+            "the page shows a secret of the home"
+        );
     }
 
     // A state change needs the page's CSRF token and no foreign origin.
@@ -129,12 +137,17 @@ fn the_page_refuses_strangers_foreign_hosts_and_other_sites() {
     assert_eq!(post(&addr, "/invite", &token, foreign, &form(&csrf)).0, 403);
     let cross = "Sec-Fetch-Site: cross-site\r\n";
     assert_eq!(post(&addr, "/invite", &token, cross, &form(&csrf)).0, 403);
-    assert!(!get(&addr, &addr, "/", Some(&token)).2.contains(r#"id="invite-code""#));
+    assert!(!get(&addr, &addr, "/", Some(&token))
+        .2
+        .contains(r#"id="invite-code""#));
     // The page's own form: an invite, shown with its QR code.
     let same = format!("Origin: http://{addr}\r\nSec-Fetch-Site: same-origin\r\n");
     assert_eq!(post(&addr, "/invite", &token, &same, &form(&csrf)).0, 303);
     let page = get(&addr, &addr, "/", Some(&token)).2;
-    assert!(page.contains(r#"id="invite-code""#) && page.contains("<svg"), "{page}");
+    assert!(
+        page.contains(r#"id="invite-code""#) && page.contains("<svg"),
+        "{page}"
+    );
 }
 
 #[test]
@@ -146,9 +159,18 @@ fn a_storage_peers_page_only_shows() {
     let (addr, token) = web_link(&home);
     let (status, _, page) = get(&addr, &addr, "/", Some(&token));
     assert_eq!(status, 200);
-    assert!(page.contains("Storage peer") && !page.contains("<form"), "{page}");
+    assert!(
+        page.contains("Storage peer") && !page.contains("<form"),
+        "{page}"
+    );
     let same = format!("Origin: http://{addr}\r\n");
-    let (status, _, body) = post(&addr, "/invite", &token, &same, "csrf=x&role=device&minutes=1");
+    let (status, _, body) = post(
+        &addr,
+        "/invite",
+        &token,
+        &same,
+        "csrf=x&role=device&minutes=1",
+    );
     assert_eq!(status, 403, "{body}");
     assert!(body.contains("only shows"), "{body}");
 }

@@ -246,7 +246,9 @@ async fn run_daemon(home: Home, listen: Vec<String>, mdns: bool, web: bool) -> a
             let storage = storage.clone();
             std::sync::Arc::new(move |request| {
                 let storage = storage.clone();
-                Box::pin(async move { crate::storage_peer::handle_control(&storage, request).await })
+                Box::pin(
+                    async move { crate::storage_peer::handle_control(&storage, request).await },
+                )
             })
         };
         start_web(&path, web_port, backend, true).await;
@@ -407,7 +409,9 @@ async fn with_spinner<T>(message: &str, work: impl std::future::Future<Output = 
 fn parse_duration(text: &str) -> anyhow::Result<u64> {
     let secs = crate::home::parse_duration(text).map_err(|e| anyhow::anyhow!(e))?;
     if secs == 0 {
-        anyhow::bail!("an invite must be valid for some time; give --expires a duration like 10m or 1h");
+        anyhow::bail!(
+            "an invite must be valid for some time; give --expires a duration like 10m or 1h"
+        );
     }
     Ok(secs)
 }

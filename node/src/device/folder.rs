@@ -161,17 +161,27 @@ fn remove_temp_files(path: &Path) {
 impl Device {
     /// Adds a folder: `id` joins an existing mesh folder or creates a new one.
     pub fn add_folder(&mut self, path: &Path, id: Option<FolderId>) -> anyhow::Result<FolderId> {
-        let path = std::fs::canonicalize(path)
-            .with_context(|| format!("{} does not exist; create it, or check the path", path.display()))?;
+        let path = std::fs::canonicalize(path).with_context(|| {
+            format!(
+                "{} does not exist; create it, or check the path",
+                path.display()
+            )
+        })?;
         if !path.is_dir() {
-            anyhow::bail!("{} is not a folder; give the path of a directory to sync", path.display());
+            anyhow::bail!(
+                "{} is not a folder; give the path of a directory to sync",
+                path.display()
+            );
         }
         let probe = path.join(".meshsync-probe");
         std::fs::write(&probe, b"")
             .with_context(|| format!("{} is not writable by this user; fix its permissions (the daemon writes synced files there)", path.display()))?;
         let _ = std::fs::remove_file(&probe);
         if self.folders.values().any(|f| f.path == path) {
-            anyhow::bail!("{} is already synced (see `meshsync folder list`)", path.display());
+            anyhow::bail!(
+                "{} is already synced (see `meshsync folder list`)",
+                path.display()
+            );
         }
         let id = id.unwrap_or_else(FolderId::random);
         if self.folders.contains_key(&id) {

@@ -33,7 +33,10 @@ fn locate(d: &Device, path: &Path) -> anyhow::Result<(FolderId, PathBuf, String)
     // The parent may be a symlinked temp dir: resolve what exists.
     let (dir, name) = match (absolute.parent(), absolute.file_name()) {
         (Some(dir), Some(name)) => (dir.to_path_buf(), name.to_owned()),
-        _ => anyhow::bail!("{} is not a file path; give the path of a file inside a synced folder", path.display()),
+        _ => anyhow::bail!(
+            "{} is not a file path; give the path of a file inside a synced folder",
+            path.display()
+        ),
     };
     let dir = std::fs::canonicalize(&dir).unwrap_or(dir);
     let absolute = dir.join(name);

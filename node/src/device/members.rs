@@ -70,7 +70,9 @@ pub async fn leave(device: &Shared) -> anyhow::Result<Left> {
         let mut d = device.lock().await;
         let me = d.keys.device_id();
         if !d.log.view().is_member(&me) {
-            anyhow::bail!("this device is not a member of a mesh; join one with `meshsync join CODE`");
+            anyhow::bail!(
+                "this device is not a member of a mesh; join one with `meshsync join CODE`"
+            );
         }
         let (ring, keys) = (d.key_ring(), d.keys.clone());
         let key = d.log.remove(&keys, me, &ring)?;
@@ -220,12 +222,9 @@ async fn change(
             Some(who) => d.member_named(who)?,
             None => {
                 let me = d.keys.device_id();
-                d.log
-                    .view()
-                    .members
-                    .get(&me)
-                    .cloned()
-                    .context("this device is not a member of a mesh; join one with `meshsync join CODE`")?
+                d.log.view().members.get(&me).cloned().context(
+                    "this device is not a member of a mesh; join one with `meshsync join CODE`",
+                )?
             }
         };
         let ignored_before = d.log.view().ignored.len();

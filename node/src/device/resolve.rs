@@ -93,13 +93,17 @@ pub async fn kept_files(device: &Shared) -> anyhow::Result<Vec<KeptFile>> {
             seen.0 += 1;
             seen.1 = seen.1.max(entry.replaced_at);
         }
-        files.extend(by_path.into_iter().map(|(path, (versions, last))| KeptFile {
-            folder: id.to_string(),
-            absolute: f.path.join(&path).display().to_string(),
-            path,
-            versions,
-            last_replaced_at: last,
-        }));
+        files.extend(
+            by_path
+                .into_iter()
+                .map(|(path, (versions, last))| KeptFile {
+                    folder: id.to_string(),
+                    absolute: f.path.join(&path).display().to_string(),
+                    path,
+                    versions,
+                    last_replaced_at: last,
+                }),
+        );
     }
     files.sort_by_key(|k| std::cmp::Reverse(k.last_replaced_at));
     files.truncate(KEPT_FILES_SHOWN);

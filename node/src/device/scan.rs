@@ -696,18 +696,33 @@ mod tests {
         let b = ChunkListHash([2; 32]);
         assert_eq!(classify(Some(&file(a)), None, 0, false), Decision::Record);
         let w = record(1, a, false);
-        assert_eq!(classify(Some(&file(a)), Some(&w), 0, false), Decision::Same(1));
+        assert_eq!(
+            classify(Some(&file(a)), Some(&w), 0, false),
+            Decision::Same(1)
+        );
         // A peer's setuid or setgid bits are not written here: the file is still the same.
         let mut suid = w.clone();
         suid.mode = 0o106_644;
-        assert_eq!(classify(Some(&file(a)), Some(&suid), 0, false), Decision::Same(1));
-        assert_eq!(classify(Some(&file(b)), Some(&w), 1, false), Decision::Record);
+        assert_eq!(
+            classify(Some(&file(a)), Some(&suid), 0, false),
+            Decision::Same(1)
+        );
+        assert_eq!(
+            classify(Some(&file(b)), Some(&w), 1, false),
+            Decision::Record
+        );
         // Never had a version here, other content: not a successor, a conflict.
-        assert_eq!(classify(Some(&file(b)), Some(&w), 0, false), Decision::Conflict);
+        assert_eq!(
+            classify(Some(&file(b)), Some(&w), 0, false),
+            Decision::Conflict
+        );
         // A newer version (2) waits to be written over the version this device had (1): the
         // local edit must not supersede it.
         let newer = record(2, a, false);
-        assert_eq!(classify(Some(&file(b)), Some(&newer), 1, false), Decision::Wait);
+        assert_eq!(
+            classify(Some(&file(b)), Some(&newer), 1, false),
+            Decision::Wait
+        );
         // A deletion that is already the winner needs no new record.
         let deleted = record(1, ChunkListHash::default(), true);
         assert_eq!(classify(None, Some(&deleted), 1, false), Decision::Same(1));
@@ -721,7 +736,13 @@ mod tests {
         );
         // The winner touched here while versions stand concurrent with it: recorded anew (it
         // settles the conflict); a device that never had a version just takes the winner's.
-        assert_eq!(classify(Some(&file(a)), Some(&w), 1, true), Decision::Record);
-        assert_eq!(classify(Some(&file(a)), Some(&w), 0, true), Decision::Same(1));
+        assert_eq!(
+            classify(Some(&file(a)), Some(&w), 1, true),
+            Decision::Record
+        );
+        assert_eq!(
+            classify(Some(&file(a)), Some(&w), 0, true),
+            Decision::Same(1)
+        );
     }
 }

@@ -1,6 +1,7 @@
 //! Who gets in: a loopback `Host`, the home's secret (as a link's `token` once, then as a
 //! cookie), and for anything that changes state the page's CSRF token and no foreign origin.
-//! Every answer forbids framing, caching and referrers (the link's secret never leaks on).
+//! Every answer forbids framing and caching, and referrers to other sites (the link's secret
+//! never leaks on).
 
 use std::sync::Arc;
 
@@ -133,7 +134,8 @@ fn harden(mut response: Response) -> Response {
              connect-src 'self'; form-action 'self'; frame-ancestors 'none'; base-uri 'none'",
         ),
         (header::X_FRAME_OPTIONS, "DENY"),
-        (header::REFERRER_POLICY, "no-referrer"),
+        // (`no-referrer` would make the browser send `Origin: null` with the page's own forms.)
+        (header::REFERRER_POLICY, "same-origin"),
         (header::CACHE_CONTROL, "no-store"),
         (header::X_CONTENT_TYPE_OPTIONS, "nosniff"),
     ] {

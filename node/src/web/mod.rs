@@ -35,6 +35,9 @@ pub const SECRET_FILE: &str = "web-secret";
 /// Where the running daemon's page listens, in the home (written at start).
 pub const ADDRESS_FILE: &str = "web-address";
 
+/// How long the notice of an action stays on the page.
+const NOTICE_SHOWN: std::time::Duration = std::time::Duration::from_secs(20);
+
 /// Answers a request as the control socket would.
 pub type Backend =
     Arc<dyn Fn(Request) -> BoxFuture<'static, anyhow::Result<serde_json::Value>> + Send + Sync>;
@@ -49,8 +52,8 @@ pub struct Web {
     port: u16,
     /// The last invite made on the page, shown until used or expired.
     invite: Mutex<Option<page::ShownInvite>>,
-    /// One line to show after an action (what happened, or why not).
-    notice: Mutex<Option<String>>,
+    /// One line to show after an action (what happened, or why not), for [`NOTICE_SHOWN`].
+    notice: Mutex<Option<(String, std::time::Instant)>>,
     rates: rates::Rates,
 }
 
@@ -61,7 +64,15 @@ impl Web {
     }
 
     fn notify(&self, text: impl Into<String>) {
-        *self.notice.lock().expect("notice lock") = Some(text.into());
+        *self.notice.lock().expect("notice lock") = Some((text.into(), std::time::Instant::now()));
+    }
+
+    fn notice(&self) -> Option<String> {
+        let notice = self.notice.lock().expect("notice lock");
+        notice
+            .as_ref()
+            .filter(|(_, at)| at.elapsed() < NOTICE_SHOWN)
+            .map(|(text, _)| text.clone())
     }
 }
 
@@ -115,8 +126,9 @@ pub async fn start(
     let web = Arc::new(Web {
         backend,
         read_only,
-        csrf: data_encoding::HEXLOWER
-            .encode(blake3::keyed_hash(&blake3::hash(secret.as_bytes()).into(), b"csrf").as_bytes()),
+        csrf: data_encoding::HEXLOWER.encode(
+            blake3::keyed_hash(&blake3::hash(secret.as_bytes()).into(), b"csrf").as_bytes(),
+        ),
         secret,
         port: addr.port(),
         invite: Mutex::new(None),

@@ -115,7 +115,9 @@ pub fn live(view: &View, csrf: &str, read_only: bool) -> String {
         Ok(Status::Storage(status)) => out.push_str(&storage_peer(status, view)),
     }
     if read_only {
-        out.push_str(r#"<p class="muted">This page only shows: a storage peer changes nothing.</p>"#);
+        out.push_str(
+            r#"<p class="muted">This page only shows: a storage peer changes nothing.</p>"#,
+        );
     }
     out
 }
@@ -135,7 +137,9 @@ fn invite(view: &View) -> String {
                 .build()
         })
         .unwrap_or_default();
-    let left = invite.expires_at.saturating_sub(crate::versions::now_secs());
+    let left = invite
+        .expires_at
+        .saturating_sub(crate::versions::now_secs());
     format!(
         r#"<section id="invite"><h2>Invite ({role})</h2>
 <p>On the new device run <code>meshsync join CODE</code> with this code, or scan it. It works once and
@@ -155,7 +159,10 @@ fn members(view: &View, me: &str) -> String {
         } else if d.connected {
             "connected".to_string()
         } else if let Some(at) = d.last_seen {
-            format!("last seen {} ago", duration(crate::versions::now_secs().saturating_sub(at)))
+            format!(
+                "last seen {} ago",
+                duration(crate::versions::now_secs().saturating_sub(at))
+            )
         } else {
             "never seen".to_string()
         };
@@ -169,7 +176,11 @@ fn members(view: &View, me: &str) -> String {
             cls = if d.connected { " connected" } else { "" },
             id = esc(&d.id),
             name = esc(&d.name),
-            admin = if d.admin { " <small>(admin)</small>" } else { "" },
+            admin = if d.admin {
+                " <small>(admin)</small>"
+            } else {
+                ""
+            },
             role = esc(&d.role),
             seen = esc(&seen),
             bin = size(bytes.0),
@@ -205,10 +216,7 @@ fn peer_bytes(view: &View, id: &str) -> (u64, u64) {
 /// A small line chart of the last minute's in+out rate.
 fn sparkline(rates: &[(f64, f64)]) -> String {
     let (w, h) = (120.0, 24.0);
-    let max = rates
-        .iter()
-        .map(|(i, o)| i + o)
-        .fold(1.0_f64, f64::max);
+    let max = rates.iter().map(|(i, o)| i + o).fold(1.0_f64, f64::max);
     let points: Vec<String> = rates
         .iter()
         .enumerate()
@@ -243,7 +251,10 @@ fn folder(f: &FolderStatus, rate: Option<f64>, csrf: &str) -> String {
     } else {
         let rate = rate.unwrap_or(0.0);
         let eta = if rate > 1.0 {
-            format!(", about {} left", duration((f.need_bytes as f64 / rate) as u64))
+            format!(
+                ", about {} left",
+                duration((f.need_bytes as f64 / rate) as u64)
+            )
         } else {
             String::new()
         };
@@ -341,7 +352,11 @@ fn conflicts(status: &DeviceStatus, view: &View, csrf: &str) -> String {
             esc(&c.path),
             esc(&c.path),
             side(&c.path, format!("Current: {}", c.path), "original"),
-            side(&c.copy, format!("Conflict copy from {by}: {}", c.copy), "copy"),
+            side(
+                &c.copy,
+                format!("Conflict copy from {by}: {}", c.copy),
+                "copy"
+            ),
         );
     }
     out.push_str("</section>");
@@ -361,7 +376,10 @@ fn preview(root: &FolderRoot, rel: &str) -> (String, bool) {
     match std::str::from_utf8(&bytes) {
         Ok(text) if cut => (format!("{text}\n…"), true),
         Ok(text) => (text.to_string(), true),
-        Err(_) => (format!("(binary, {} bytes shown of more)", bytes.len()), true),
+        Err(_) => (
+            format!("(binary, {} bytes shown of more)", bytes.len()),
+            true,
+        ),
     }
 }
 
@@ -386,7 +404,11 @@ fn versions(view: &View, csrf: &str) -> String {
                 n = v.number,
                 size = size(v.size),
                 ago = duration(crate::versions::now_secs().saturating_sub(v.replaced_at)),
-                here = if v.stored_here { "stored here" } else { "from peers" },
+                here = if v.stored_here {
+                    "stored here"
+                } else {
+                    "from peers"
+                },
                 csrf = csrf_input(csrf),
                 path = esc(&file.absolute),
             );
@@ -407,11 +429,21 @@ fn storage(reports: &[StorageReport]) -> String {
             out,
             r#"<div class="storage-peer"><h3>{}</h3><p>{} · {}</p>"#,
             esc(short(&r.id)),
-            if r.connected { "connected" } else { "not connected" },
-            if r.holds_latest {
-                format!("holds this device's latest changes ({} of {})", r.holds_my_changes, r.my_changes)
+            if r.connected {
+                "connected"
             } else {
-                format!("behind: holds {} of this device's {} changes", r.holds_my_changes, r.my_changes)
+                "not connected"
+            },
+            if r.holds_latest {
+                format!(
+                    "holds this device's latest changes ({} of {})",
+                    r.holds_my_changes, r.my_changes
+                )
+            } else {
+                format!(
+                    "behind: holds {} of this device's {} changes",
+                    r.holds_my_changes, r.my_changes
+                )
             },
         );
         for stale in &r.stale_reports {

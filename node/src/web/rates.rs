@@ -52,8 +52,7 @@ impl Rates {
 
     fn add(&self, status: &Status) {
         let now = Instant::now();
-        let (peers, folders): (BTreeMap<String, (u64, u64)>, BTreeMap<String, u64>) = match status
-        {
+        let (peers, folders): (BTreeMap<String, (u64, u64)>, BTreeMap<String, u64>) = match status {
             Status::Device(d) => (
                 d.peers
                     .iter()

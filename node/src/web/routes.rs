@@ -53,9 +53,7 @@ async fn live(State(web): State<Arc<Web>>) -> Html<String> {
 }
 
 /// The live part, re-rendered every second.
-async fn events(
-    State(web): State<Arc<Web>>,
-) -> Sse<impl Stream<Item = Result<Event, Infallible>>> {
+async fn events(State(web): State<Arc<Web>>) -> Sse<impl Stream<Item = Result<Event, Infallible>>> {
     let stream = futures::stream::unfold(web, |web| async move {
         tokio::time::sleep(Duration::from_secs(1)).await;
         let view = gather(&web).await;
@@ -126,7 +124,7 @@ async fn gather(web: &Web) -> View {
         conflicts,
         kept,
         invite,
-        notice: web.notice.lock().expect("notice lock").take(),
+        notice: web.notice(),
         peer_rates,
         folder_rates,
     }
@@ -195,7 +193,11 @@ async fn resolve(State(web): State<Arc<Web>>, Form(form): Form<ResolveForm>) -> 
     match web.ask::<Resolved>(request).await {
         Ok(r) => web.notify(format!(
             "Kept the {} at {}; the other version stays restorable under Old versions.",
-            if r.kept == "copy" { "conflict copy's content" } else { "original" },
+            if r.kept == "copy" {
+                "conflict copy's content"
+            } else {
+                "original"
+            },
             r.path
         )),
         Err(error) => web.notify(format!("Not resolved: {error:#}")),
