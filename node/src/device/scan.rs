@@ -180,10 +180,11 @@ pub fn classify(
     if w.version > base && found.is_some() && base > 0 && !w.deleted {
         return Decision::Wait;
     }
+    let settles_conflict = conflicted && base > 0;
     match found {
         Some(file)
             if !w.deleted
-                && !(conflicted && base > 0)
+                && !settles_conflict
                 && w.chunks == file.list_hash
                 && w.mode & 0o777 == file.mode
                 && w.kind == file.kind =>

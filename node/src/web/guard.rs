@@ -18,21 +18,22 @@ pub const COOKIE: &str = "meshsync_web";
 /// Checks every request before it reaches a route.
 pub async fn guard(State(web): State<Arc<Web>>, request: Request, next: Next) -> Response {
     let response = match check(&web, &request) {
-        Err(refused) => refused,
-        Ok(Some(redirect)) => redirect,
-        Ok(None) => next.run(request).await,
+        Some(refused_or_redirect) => refused_or_redirect,
+        None => next.run(request).await,
     };
     harden(response)
 }
 
-fn check(web: &Web, request: &Request) -> Result<Option<Response>, Response> {
+/// `None` to let the request through; else the answer instead (a refusal, or the link's
+/// redirect that sets the cookie).
+fn check(web: &Web, request: &Request) -> Option<Response> {
     let headers = request.headers();
     let host = headers
         .get(header::HOST)
         .and_then(|h| h.to_str().ok())
         .unwrap_or("");
     if !is_our_host(host, web.port) {
-        return Err(refuse(
+        return Some(refuse(
             StatusCode::MISDIRECTED_REQUEST,
             "This page answers only at its loopback address (127.0.0.1). Open the link \
              `meshsync web` prints.",
@@ -40,20 +41,20 @@ fn check(web: &Web, request: &Request) -> Result<Option<Response>, Response> {
     }
     if request.method() != Method::GET && request.method() != Method::HEAD {
         if web.read_only {
-            return Err(refuse(
+            return Some(refuse(
                 StatusCode::FORBIDDEN,
                 "A storage peer's page only shows: make changes from a device.",
             ));
         }
         if !same_origin(headers, host) {
-            return Err(refuse(
+            return Some(refuse(
                 StatusCode::FORBIDDEN,
                 "Refused: the request came from another site.",
             ));
         }
     }
     if has_secret_cookie(headers, &web.secret) {
-        return Ok(None);
+        return None;
     }
     let token = request.uri().query().and_then(|q| {
         q.split('&')
@@ -69,9 +70,9 @@ fn check(web: &Web, request: &Request) -> Result<Option<Response>, Response> {
         if let Ok(value) = HeaderValue::from_str(&cookie) {
             redirect.headers_mut().insert(header::SET_COOKIE, value);
         }
-        return Ok(Some(redirect));
+        return Some(redirect);
     }
-    Err(refuse(
+    Some(refuse(
         StatusCode::UNAUTHORIZED,
         "This is meshsync's page. Open the link that `meshsync web` prints on this machine.",
     ))

@@ -16,9 +16,12 @@ pub struct Rates {
     inner: Mutex<Inner>,
 }
 
+/// When, each member's (bytes in, bytes out) and each folder's bytes still needed.
+type Sample = (Instant, BTreeMap<String, (u64, u64)>, BTreeMap<String, u64>);
+
 #[derive(Default)]
 struct Inner {
-    last: Option<(Instant, BTreeMap<String, (u64, u64)>, BTreeMap<String, u64>)>,
+    last: Option<Sample>,
     /// Per member: (bytes/s in, bytes/s out), oldest first.
     peers: BTreeMap<String, VecDeque<(f64, f64)>>,
     /// Per folder: bytes/s of need that went away, oldest first.

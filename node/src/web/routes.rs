@@ -130,11 +130,12 @@ async fn gather(web: &Web) -> View {
     }
 }
 
-fn check_csrf(web: &Web, token: &str) -> Result<(), Response> {
+/// The refusal of a form without the page's CSRF token, if it is one.
+fn check_csrf(web: &Web, token: &str) -> Option<Response> {
     if guard::equal(token, &web.csrf) {
-        Ok(())
+        None
     } else {
-        Err((
+        Some((
             StatusCode::FORBIDDEN,
             "Refused: this form did not come from meshsync's page (reload the page and try again).",
         )
@@ -150,7 +151,7 @@ struct InviteForm {
 }
 
 async fn invite(State(web): State<Arc<Web>>, Form(form): Form<InviteForm>) -> Response {
-    if let Err(refused) = check_csrf(&web, &form.csrf) {
+    if let Some(refused) = check_csrf(&web, &form.csrf) {
         return refused;
     }
     let members: Vec<DeviceInfo> = web.ask(Request::Devices).await.unwrap_or_default();
@@ -182,7 +183,7 @@ struct ResolveForm {
 }
 
 async fn resolve(State(web): State<Arc<Web>>, Form(form): Form<ResolveForm>) -> Response {
-    if let Err(refused) = check_csrf(&web, &form.csrf) {
+    if let Some(refused) = check_csrf(&web, &form.csrf) {
         return refused;
     }
     let request = Request::Resolve {
@@ -212,7 +213,7 @@ struct FolderForm {
 }
 
 async fn allow_deletes(State(web): State<Arc<Web>>, Form(form): Form<FolderForm>) -> Response {
-    if let Err(refused) = check_csrf(&web, &form.csrf) {
+    if let Some(refused) = check_csrf(&web, &form.csrf) {
         return refused;
     }
     let request = Request::Scan {
@@ -234,7 +235,7 @@ struct RestoreForm {
 }
 
 async fn restore(State(web): State<Arc<Web>>, Form(form): Form<RestoreForm>) -> Response {
-    if let Err(refused) = check_csrf(&web, &form.csrf) {
+    if let Some(refused) = check_csrf(&web, &form.csrf) {
         return refused;
     }
     let request = Request::Restore {

@@ -100,7 +100,11 @@ async fn main() -> anyhow::Result<()> {
                 args.events,
                 if args.no_faults { " --no-faults" } else { "" },
                 if args.bad_links { " --bad-links" } else { "" },
-                if args.versus_edits { " --versus-edits" } else { "" },
+                if args.versus_edits {
+                    " --versus-edits"
+                } else {
+                    ""
+                },
             );
         }
         table.push(report.csv());
