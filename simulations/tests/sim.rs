@@ -1,5 +1,6 @@
 //! A few small seeded runs of `meshsync-sim` (four real devices, short schedules of
-//! partitions (one bridged only by a storage peer), concurrent edits, deletes and renames, a crash while a large file travels and a
+//! partitions (one bridged only by a storage peer), concurrent edits, deletes and renames (some
+//! racing an edit on the other side: the edit must survive), a crash while a large file travels and a
 //! restart, a device joining and one removed): a regression in merging, conflict handling,
 //! recovery or removal that loses a write or leaves folders apart fails here. The large runs
 //! are in the README.
@@ -20,7 +21,7 @@ async fn small_meshes_under_faults_lose_no_write_and_converge() {
             faults: true,
             storage: true,
             bad_links: true,
-            versus_edits: false,
+            versus_edits: true,
         })
         .await
         .unwrap();
