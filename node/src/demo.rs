@@ -57,7 +57,8 @@ fn start_on(home: &Path, addr: &str) -> anyhow::Result<Daemon> {
     let child = Command::new(exe()?)
         .arg("--home")
         .arg(home)
-        .args(["up", "--listen", addr, "--no-mdns"])
+        // No web page: the demo's daemons are gone when it ends (and 8385 may be the user's).
+        .args(["up", "--listen", addr, "--no-mdns", "--no-web"])
         .stdout(Stdio::null())
         .stderr(log)
         .spawn()?;
