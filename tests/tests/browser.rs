@@ -1,7 +1,7 @@
 //! The web page in a real browser (Debian's headless Chromium, driven over WebDriver by
 //! chromedriver): two real daemons; on A's page a person makes an invite, B joins with it and
-//! B's page shows its folder go to "in sync"; a conflict is settled from A's page and an old
-//! version restored from it. Screenshots of each page go to `target/web-screenshots/`.
+//! B's page shows its folder go to "in sync"; a conflict is settled from A's page, an old
+//! version restored from it, and deletions the mass-delete guard held are allowed from it. Screenshots of each page go to `target/web-screenshots/`.
 //!
 //! Needs `chromium` and `chromium-driver` (`.ci/run` installs them and sets
 //! `MESHSYNC_REQUIRE_BROWSER=1`, which makes their absence a failure; elsewhere the test says
@@ -263,5 +263,24 @@ async fn a_person_pairs_resolves_and_restores_from_the_page() {
         fb.join("notes.txt")
     ) == before_original));
     screenshot(&client, "7-restored").await;
+
+    // Most of the folder deleted on A: the mass-delete guard holds it until allowed on the page.
+    for i in 0..40 {
+        std::fs::remove_file(fa.join(format!("note-{i:02}.txt"))).unwrap();
+    }
+    let _ = meshsync(&ha, &["scan"]);
+    wait_text(&client, "#folder-docs .held", |t| {
+        t.contains("40 deletions held")
+    })
+    .await;
+    assert!(fb.join("note-00.txt").exists(), "a held delete reached B");
+    screenshot(&client, "8-held-deletes").await;
+    click(&client, "#folder-docs .held button").await;
+    assert!(
+        wait_until(Duration::from_secs(60), || !fb.join("note-00.txt").exists()
+            && !fb.join("note-39.txt").exists()),
+        "allowing the deletions on the page did not carry them out"
+    );
+    assert!(fb.join("photos.bin").exists() && fb.join("notes.txt").exists());
     client.close().await.unwrap();
 }
