@@ -33,9 +33,24 @@ fn text(bytes: &[u8]) -> String {
 }
 
 /// A temporary directory outside /tmp: a service's private /tmp would hide a home there, so
-/// `service install` refuses one (and Unix socket paths must stay short).
+/// `service install` refuses one (and Unix socket paths must stay short). Cargo's target
+/// directory unless the checkout itself is under /tmp (as a CI clone may be); then the user's
+/// home directory.
 fn workdir() -> tempfile::TempDir {
-    tempfile::tempdir_in(env!("CARGO_TARGET_TMPDIR")).unwrap()
+    let target = std::path::Path::new(env!("CARGO_TARGET_TMPDIR"));
+    let in_tmp = |p: &std::path::Path| p.starts_with("/tmp") || p.starts_with("/var/tmp");
+    if !in_tmp(target) {
+        return tempfile::tempdir_in(target).unwrap();
+    }
+    let home = std::path::PathBuf::from(std::env::var_os("HOME").expect("HOME is set"));
+    assert!(
+        !in_tmp(&home),
+        "no directory outside /tmp to make a test home in"
+    );
+    tempfile::Builder::new()
+        .prefix(".meshsync-test-")
+        .tempdir_in(home)
+        .unwrap()
 }
 
 /// `meshsync init` in `dir/name`.

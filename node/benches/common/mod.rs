@@ -70,7 +70,13 @@ pub fn start(home: &Path) -> Daemon {
     let child = Command::new(bin())
         .arg("--home")
         .arg(home)
-        .args(["up", "--listen", "/ip4/127.0.0.1/tcp/0", "--no-mdns"])
+        .args([
+            "up",
+            "--listen",
+            "/ip4/127.0.0.1/tcp/0",
+            "--no-mdns",
+            "--no-web",
+        ])
         .env("RUST_LOG", "warn")
         .stdout(Stdio::null())
         .stderr(log)

@@ -40,8 +40,8 @@ pub struct View {
     pub notice: Option<String>,
     /// Per member: the last minute of (in, out) bytes/s.
     pub peer_rates: BTreeMap<String, Vec<(f64, f64)>>,
-    /// Per folder: bytes/s its need shrinks at.
-    pub folder_rates: BTreeMap<String, f64>,
+    /// Per folder: its rate (bytes/s) and, while syncing, (bytes received, most needed).
+    pub folder_rates: BTreeMap<String, (f64, Option<(u64, u64)>)>,
 }
 
 /// Escapes text for HTML content and attribute values.
@@ -238,23 +238,27 @@ fn folders(status: &DeviceStatus, view: &View, csrf: &str) -> String {
         out.push_str("<p>No folders yet: add one with <code>meshsync folder add PATH</code>.</p>");
     }
     for f in &status.folders {
-        out.push_str(&folder(f, view.folder_rates.get(&f.id).copied(), csrf));
+        let (rate, progress) = view.folder_rates.get(&f.id).copied().unwrap_or_default();
+        out.push_str(&folder(f, rate, progress, csrf));
     }
     out.push_str("</section>");
     out
 }
 
-fn folder(f: &FolderStatus, rate: Option<f64>, csrf: &str) -> String {
-    let total = f.local_files as u64 + f.need_files;
+fn folder(f: &FolderStatus, rate: f64, progress: Option<(u64, u64)>, csrf: &str) -> String {
+    let files = f.local_files as u64 + f.need_files;
+    // Bytes while syncing (big files show progress before they land), else files.
+    let (value, max) = match progress {
+        Some((done, most)) if !f.in_sync && most > 0 => (done, most),
+        _ if files == 0 => (1, 1),
+        _ => (f.local_files as u64, files),
+    };
     let (state, detail) = if f.in_sync {
         ("in sync".to_string(), format!("{} files", f.local_files))
     } else {
-        let rate = rate.unwrap_or(0.0);
+        let left = progress.map_or(f.need_bytes, |(done, most)| most.saturating_sub(done));
         let eta = if rate > 1.0 {
-            format!(
-                ", about {} left",
-                duration((f.need_bytes as f64 / rate) as u64)
-            )
+            format!(", about {} left", duration((left as f64 / rate) as u64))
         } else {
             String::new()
         };
@@ -272,11 +276,10 @@ fn folder(f: &FolderStatus, rate: Option<f64>, csrf: &str) -> String {
         r#"<div class="folder" id="folder-{id}" data-id="{id}"><h3>{path}</h3>
 <p><span class="state {cls}">{state}</span> <span class="detail">{detail}</span></p>
 <progress max="{max}" value="{value}"></progress>"#,
+        max = max.max(1),
         id = esc(&f.id),
         path = esc(&f.path),
         cls = if f.in_sync { "in-sync" } else { "syncing" },
-        max = total.max(1),
-        value = if total == 0 { 1 } else { f.local_files as u64 },
     );
     if f.conflicts > 0 {
         let _ = write!(out, "<p>{} conflicts (below)</p>", f.conflicts);

@@ -1,5 +1,11 @@
 //! Transfer rates for the page: once a second the status is sampled; each member's bytes in
 //! and out and each folder's bytes still needed become rates over the last minute.
+//!
+//! A folder's need shrinks only as whole files land, so while one big file arrives it would
+//! show no progress at all. So a folder that starts syncing opens an *episode*: the most it
+//! needed, and the bytes received from every member since. Its progress is the bytes received
+//! against that need (at most 99 % until the need is gone), its rate the faster of the need
+//! shrinking and the bytes arriving.
 
 use std::collections::{BTreeMap, VecDeque};
 use std::sync::{Arc, Mutex};
@@ -26,6 +32,22 @@ struct Inner {
     peers: BTreeMap<String, VecDeque<(f64, f64)>>,
     /// Per folder: bytes/s of need that went away, oldest first.
     folders: BTreeMap<String, VecDeque<f64>>,
+    /// Bytes/s received from all members, oldest first.
+    inbound: VecDeque<f64>,
+    /// Bytes received from all members so far (at the last sample).
+    received: u64,
+    /// Per folder not in sync: (the most it needed, `received` when it started).
+    episodes: BTreeMap<String, (u64, u64)>,
+}
+
+/// The average of the last five values of `history`.
+fn recent(history: &VecDeque<f64>) -> f64 {
+    let recent: Vec<f64> = history.iter().rev().take(5).copied().collect();
+    if recent.is_empty() {
+        0.0
+    } else {
+        recent.iter().sum::<f64>() / recent.len() as f64
+    }
 }
 
 impl Rates {
@@ -39,18 +61,20 @@ impl Rates {
             .unwrap_or_default()
     }
 
-    /// The rate a folder's need shrank at over the last five seconds (bytes/s).
+    /// A folder's rate over the last five seconds (bytes/s): its need shrinking, or the bytes
+    /// arriving, whichever is faster.
     pub fn folder(&self, folder: &str) -> f64 {
         let inner = self.inner.lock().expect("rates lock");
-        let Some(history) = inner.folders.get(folder) else {
-            return 0.0;
-        };
-        let recent: Vec<f64> = history.iter().rev().take(5).copied().collect();
-        if recent.is_empty() {
-            0.0
-        } else {
-            recent.iter().sum::<f64>() / recent.len() as f64
-        }
+        let shrinking = inner.folders.get(folder).map_or(0.0, recent);
+        shrinking.max(recent(&inner.inbound))
+    }
+
+    /// A syncing folder's progress: (bytes received since it started, the most it needed).
+    pub fn progress(&self, folder: &str) -> Option<(u64, u64)> {
+        let inner = self.inner.lock().expect("rates lock");
+        let (peak, start) = *inner.episodes.get(folder)?;
+        let done = inner.received.saturating_sub(start).min(peak * 99 / 100);
+        Some((done, peak))
     }
 
     fn add(&self, status: &Status) {
@@ -75,6 +99,16 @@ impl Rates {
             ),
         };
         let mut inner = self.inner.lock().expect("rates lock");
+        let received: u64 = peers.values().map(|(i, _)| i).sum();
+        for (id, need) in &folders {
+            if *need == 0 {
+                inner.episodes.remove(id);
+            } else {
+                let since = inner.received;
+                let episode = inner.episodes.entry(id.clone()).or_insert((0, since));
+                episode.0 = episode.0.max(*need);
+            }
+        }
         if let Some((then, last_peers, last_folders)) = &inner.last {
             let secs = now.duration_since(*then).as_secs_f64().max(0.001);
             let rate = |new: u64, old: u64| new.saturating_sub(old) as f64 / secs;
@@ -98,7 +132,10 @@ impl Rates {
             for (id, r) in folder_rates {
                 push(inner.folders.entry(id).or_default(), r);
             }
+            let arriving = rate(received, inner.received);
+            push(&mut inner.inbound, arriving);
         }
+        inner.received = received;
         inner.last = Some((now, peers, folders));
     }
 }

@@ -114,7 +114,10 @@ async fn gather(web: &Web) -> View {
         Ok(Status::Device(d)) => d
             .folders
             .iter()
-            .map(|f| (f.id.clone(), web.rates.folder(&f.id)))
+            .map(|f| {
+                let progress = web.rates.progress(&f.id);
+                (f.id.clone(), (web.rates.folder(&f.id), progress))
+            })
             .collect(),
         _ => Default::default(),
     };

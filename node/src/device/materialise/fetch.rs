@@ -1,5 +1,6 @@
 //! Getting the bytes of the files a plan writes: their chunk lists, a temp file per file filled
-//! with the chunks this device already holds (read from current local files and re-checked),
+//! with the chunks this device already holds (read from current local files and re-checked, or
+//! from its own store of old versions),
 //! then the rest fetched from every connected peer and written into place as it arrives, so
 //! memory holds only what is in flight, never whole files.
 //!
@@ -60,19 +61,46 @@ pub(super) struct Assembly {
     pub(super) broken: std::collections::BTreeSet<usize>,
 }
 
-/// Where this device already holds chunks: current files (re-checked when read) and link
-/// targets.
+/// Where this device already holds chunks: current files (re-checked when read), link
+/// targets, and its own chunk store (old versions it kept, opened and checked like any chunk).
 #[derive(Default)]
 pub(super) struct Held {
     files: HashMap<ChunkId, Vec<(FileAt, ChunkRef)>>,
     links: HashMap<ChunkId, Vec<u8>>,
+    store: Option<Arc<std::sync::Mutex<crate::chunks::ChunkStore>>>,
+}
+
+impl Held {
+    /// Chunk `c` from a current file here, else from this device's store: checked against
+    /// its ID either way (a file may have been edited since it was scanned).
+    fn chunk(&self, c: &ChunkRef, keys: &KeyRing) -> Option<Vec<u8>> {
+        use std::os::unix::fs::FileExt;
+        let in_file = self
+            .files
+            .get(&c.id)
+            .into_iter()
+            .flatten()
+            .find_map(|(src, at)| {
+                let mut data = vec![0u8; at.len as usize];
+                src.open()?.read_exact_at(&mut data, at.offset).ok()?;
+                content::key_of(keys, &c.id, &data).map(|_| data)
+            });
+        in_file.or_else(|| {
+            let sealed = self.store.as_ref()?.lock().ok()?.get(&c.id).ok()??;
+            let plain = content::open_chunk_in(keys, None, &c.id, sealed).ok()?;
+            (plain.len() == c.len as usize).then(|| plain.to_vec())
+        })
+    }
 }
 
 impl Device {
     /// Where this device holds the chunks of `lists` now.
     pub(super) fn held_chunks(&self, lists: &Lists) -> Held {
         let map = self.chunk_map.lock().expect("chunk map lock");
-        let mut held = Held::default();
+        let mut held = Held {
+            store: Some(self.store.clone()),
+            ..Held::default()
+        };
         for c in lists.values().flatten() {
             if let Some(places) = map.locations.get(&c.id) {
                 held.files.insert(c.id, places.clone());
@@ -240,17 +268,7 @@ impl Assembly {
         file.set_len(size)?;
         let mut left = 0usize;
         for c in list {
-            let here = held
-                .files
-                .get(&c.id)
-                .into_iter()
-                .flatten()
-                .find_map(|(src, at)| {
-                    let mut data = vec![0u8; at.len as usize];
-                    src.open()?.read_exact_at(&mut data, at.offset).ok()?;
-                    content::key_of(keys, &c.id, &data).map(|_| data)
-                });
-            match here {
+            match held.chunk(c, keys) {
                 Some(data) => file.write_all_at(&data, c.offset)?,
                 None => {
                     self.want(c.id, i, c.offset);

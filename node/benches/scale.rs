@@ -1,0 +1,255 @@
+//! The whole daemon at the size of a photo library or a source tree: `cargo bench -p
+//! meshsync-node --bench scale [-- N ...]` (default 100000 files; `-- 1000000` for a million).
+//!
+//! Two real daemons on loopback; a folder of N small files (1–16 KiB, nested like a source
+//! tree). For each N it prints: the first scan's rate (files/s, warm: the files were just
+//! written), the initial sync to the second device (files/s, MB/s) with `status --json`
+//! latency meanwhile, each daemon's peak and steady RSS, the time from `meshsync up` to a
+//! first `status` answer and to "in sync" after a restart with nothing changed, a 1,000-file
+//! change on A reaching B (repeated, with B's RSS after each), and the state database's size
+//! per file. `SCALE_BENCH_CHANGES` sets how many changes (default 50); `SCALE_BENCH_DIR` where
+//! the folders go (default /tmp; N files need about N × 17 KiB there).
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use common::{run, start, Daemon};
+
+/// A file's path in a tree like a source checkout: 1,000 folders of up to 100 files, two deep.
+fn tree_path(i: usize) -> String {
+    format!(
+        "src/module_{:02}/part_{:02}/file_{i:07}.rs",
+        i / 10_000 % 100,
+        i / 100 % 100
+    )
+}
+
+/// Deterministic incompressible-ish content of 1–16 KiB for file `i`, version `v`.
+fn content(i: usize, v: u64) -> Vec<u8> {
+    let len = 1024 + (i * 7919) % (15 * 1024);
+    let mut x = (i as u64 + 1).wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ v.wrapping_mul(31) | 1;
+    (0..len)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x as u8
+        })
+        .collect()
+}
+
+fn write_tree(root: &Path, n: usize) -> u64 {
+    let mut bytes = 0;
+    for i in 0..n {
+        let path = root.join(tree_path(i));
+        if i % 100 == 0 {
+            std::fs::create_dir_all(path.parent().unwrap()).unwrap();
+        }
+        let data = content(i, 0);
+        bytes += data.len() as u64;
+        std::fs::write(path, data).unwrap();
+    }
+    bytes
+}
+
+fn status(home: &Path) -> Option<serde_json::Value> {
+    let out = std::process::Command::new(common::bin())
+        .arg("--home")
+        .arg(home)
+        .args(["status", "--json"])
+        .output()
+        .ok()?;
+    out.status
+        .success()
+        .then(|| serde_json::from_slice(&out.stdout).ok())
+        .flatten()
+}
+
+/// Whether `home`'s folder holds `n` files and is in sync.
+fn in_sync_with(home: &Path, n: usize) -> bool {
+    status(home).is_some_and(|s| {
+        s["folders"][0]["in_sync"] == true
+            && s["folders"][0]["local_files"].as_u64() == Some(n as u64)
+    })
+}
+
+fn rss_mb(d: &Daemon) -> f64 {
+    let status = std::fs::read_to_string(format!("/proc/{}/status", d.0.id())).unwrap_or_default();
+    status
+        .lines()
+        .find(|l| l.starts_with("VmRSS:"))
+        .and_then(|l| l.split_whitespace().nth(1))
+        .and_then(|kb| kb.parse::<f64>().ok())
+        .map_or(f64::NAN, |kb| kb / 1024.0)
+}
+
+fn dir_size(path: &Path) -> u64 {
+    std::fs::read_dir(path)
+        .map(|entries| {
+            entries
+                .flatten()
+                .map(|e| match e.metadata() {
+                    Ok(m) if m.is_dir() => dir_size(&e.path()),
+                    Ok(m) => m.len(),
+                    Err(_) => 0,
+                })
+                .sum()
+        })
+        .unwrap_or(0)
+}
+
+fn wait_for(timeout: Duration, mut check: impl FnMut() -> bool) -> Option<Duration> {
+    let start = Instant::now();
+    while start.elapsed() < timeout {
+        if check() {
+            return Some(start.elapsed());
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    None
+}
+
+fn percentile(sorted: &[f64], p: f64) -> f64 {
+    if sorted.is_empty() {
+        return f64::NAN;
+    }
+    sorted[((sorted.len() - 1) as f64 * p).round() as usize]
+}
+
+fn main() {
+    let sizes: Vec<usize> = std::env::args()
+        .skip(1)
+        .filter_map(|a| a.replace('_', "").parse().ok())
+        .collect();
+    let sizes = if sizes.is_empty() {
+        vec![100_000]
+    } else {
+        sizes
+    };
+    let changes: usize = std::env::var("SCALE_BENCH_CHANGES")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(50);
+    for n in sizes {
+        bench(n, changes);
+    }
+}
+
+fn bench(n: usize, changes: usize) {
+    let base = PathBuf::from(std::env::var("SCALE_BENCH_DIR").unwrap_or_else(|_| "/tmp".into()));
+    let dir = tempfile::tempdir_in(base).unwrap();
+    let (ha, hb) = (dir.path().join("a"), dir.path().join("b"));
+    let (fa, fb) = (dir.path().join("A"), dir.path().join("B"));
+    std::fs::create_dir_all(&fb).unwrap();
+    println!("== {n} files");
+    let bytes = write_tree(&fa, n);
+    println!("  tree written: {:.1} MB", bytes as f64 / 1e6);
+    run(&ha, &["init", "--name", "a"]);
+    run(&hb, &["init", "--name", "b"]);
+    let a = start(&ha);
+    let t = Instant::now();
+    run(&ha, &["folder", "add", fa.to_str().unwrap(), "--id", "big"]);
+    let scan = t.elapsed().as_secs_f64();
+    println!(
+        "  first scan (warm):      {:>9.0} files/s  ({scan:.2} s)   goal ≥ 20,000",
+        n as f64 / scan
+    );
+    let code = run(&ha, &["invite"])
+        .lines()
+        .last()
+        .unwrap()
+        .trim()
+        .to_string();
+    run(&hb, &["join", &code]);
+    let b = start(&hb);
+    let t = Instant::now();
+    run(&hb, &["folder", "add", fb.to_str().unwrap(), "--id", "big"]);
+    let mut latencies = Vec::new();
+    let synced = wait_for(Duration::from_secs(3600), || {
+        let asked = Instant::now();
+        let done = status(&hb).is_some_and(|s| {
+            s["folders"][0]["in_sync"] == true
+                && s["folders"][0]["local_files"].as_u64() == Some(n as u64)
+        });
+        latencies.push(asked.elapsed().as_secs_f64() * 1000.0);
+        done
+    })
+    .unwrap_or(t.elapsed());
+    let secs = synced.as_secs_f64();
+    latencies.sort_by(f64::total_cmp);
+    println!(
+        "  initial sync:           {:>9.0} files/s  {:.1} MB/s ({secs:.1} s)   goal ≥ 2,000 files/s",
+        n as f64 / secs,
+        bytes as f64 / 1e6 / secs
+    );
+    println!(
+        "  status --json meanwhile: p50 {:.0} ms, p99 {:.0} ms, max {:.0} ms ({} asks)",
+        percentile(&latencies, 0.5),
+        percentile(&latencies, 0.99),
+        percentile(&latencies, 1.0),
+        latencies.len()
+    );
+    println!(
+        "  peak RSS:               A {:.0} MB, B {:.0} MB",
+        a.peak_rss_mb(),
+        b.peak_rss_mb()
+    );
+    std::thread::sleep(Duration::from_secs(5));
+    println!(
+        "  steady RSS (idle 5 s):  A {:.0} MB, B {:.0} MB   goal < 500 MB at 1M",
+        rss_mb(&a),
+        rss_mb(&b)
+    );
+    drop(b);
+    let t = Instant::now();
+    let b = start(&hb);
+    let first_answer = t.elapsed().as_secs_f64();
+    let in_sync = wait_for(Duration::from_secs(600), || in_sync_with(&hb, n))
+        .map_or(f64::NAN, |d| d.as_secs_f64() + first_answer);
+    println!(
+        "  restart, nothing changed: first status {first_answer:.2} s, in sync {in_sync:.2} s   goal < 5 s"
+    );
+    let mut times = Vec::new();
+    let mut rss = Vec::new();
+    for round in 0..changes {
+        let version = round as u64 + 1;
+        let first = (round * 1000) % n.saturating_sub(1000).max(1);
+        for i in first..first + 1000.min(n) {
+            std::fs::write(fa.join(tree_path(i)), content(i, version)).unwrap();
+        }
+        let last = fb.join(tree_path(first + 1000.min(n) - 1));
+        let expect = content(first + 1000.min(n) - 1, version);
+        let t = Instant::now();
+        run(&ha, &["scan"]);
+        let took = wait_for(Duration::from_secs(120), || {
+            std::fs::read(&last).is_ok_and(|d| d == expect) && in_sync_with(&hb, n)
+        })
+        .map_or(f64::NAN, |_| t.elapsed().as_secs_f64());
+        times.push(took);
+        rss.push(rss_mb(&b));
+    }
+    if !times.is_empty() {
+        let mut sorted = times.clone();
+        sorted.sort_by(f64::total_cmp);
+        println!(
+            "  1,000-file change A→B ({changes}×): p50 {:.2} s, max {:.2} s   goal < 1 s",
+            percentile(&sorted, 0.5),
+            percentile(&sorted, 1.0)
+        );
+        println!(
+            "  B's RSS after each change: first {:.0} MB, last {:.0} MB, max {:.0} MB   goal: flat",
+            rss[0],
+            rss[rss.len() - 1],
+            rss.iter().copied().fold(f64::MIN, f64::max)
+        );
+    }
+    let state_a = dir_size(&ha) as f64;
+    println!(
+        "  home on disk per file:  A {:.0} B/file ({:.1} MB), B {:.0} B/file",
+        state_a / n as f64,
+        state_a / 1e6,
+        dir_size(&hb) as f64 / n as f64
+    );
+}
