@@ -3,9 +3,11 @@
 //! Prints (a) 1 GiB of incompressible data in 4 files, MB/s; (b) 10,000 files of 1–16 KiB,
 //! files/s; (c) 1 MiB overwritten, and 1 MiB inserted, in the middle of a 256 MiB file: seconds
 //! and bytes on the wire; (d) latency from a small file's write on A to it being complete on
-//! B, p50 and p99; (e) peak RSS of each daemon; and, measured in the same run on one core, raw
-//! BLAKE3 and AES-256-GCM rates for comparison. `SYNC_BENCH_SCALE=0.25` shrinks (a)–(c);
-//! `SYNC_BENCH_ONLY=ac` runs only the parts named.
+//! B, p50 and p99; (f) 1 GiB in 4 files already on disk, timed from `folder add` on A until B
+//! has every byte, with each daemon's CPU-seconds per GiB; (e) peak RSS of each daemon; and,
+//! measured in the same run on one core, raw BLAKE3 and AES-256-GCM rates for comparison.
+//! `SYNC_BENCH_SCALE=0.25` shrinks (a)–(c) and (f); `SYNC_BENCH_ONLY=ac` runs only the parts
+//! named.
 
 mod common;
 
@@ -29,7 +31,7 @@ fn main() {
         .ok()
         .and_then(|s| s.parse().ok())
         .unwrap_or(1.0);
-    let only = std::env::var("SYNC_BENCH_ONLY").unwrap_or_else(|_| "abcd".into());
+    let only = std::env::var("SYNC_BENCH_ONLY").unwrap_or_else(|_| "abcdf".into());
     let dir =
         tempfile::tempdir_in(std::env::var("SYNC_BENCH_DIR").unwrap_or_else(|_| "/tmp".into()))
             .unwrap();
@@ -196,6 +198,45 @@ fn main() {
         lat[lat.len() / 2].as_secs_f64() * 1000.0,
         lat[lat.len() - 1].as_secs_f64() * 1000.0
     );
+    }
+    // (f) 1 GiB in 4 files already on disk, timed from the moment A is told to look at it.
+    if only.contains('f') {
+        let each = ((256u64 << 20) as f64 * scale) as usize;
+        let (da, db) = (dir.path().join("bulk-a"), dir.path().join("bulk-b"));
+        std::fs::create_dir_all(&db).unwrap();
+        run(
+            &hb,
+            &["folder", "add", db.to_str().unwrap(), "--id", "bulk"],
+        );
+        std::fs::create_dir_all(&da).unwrap();
+        for i in 0..4 {
+            std::fs::write(da.join(format!("big{i}.bin")), random(each, 200 + i)).unwrap();
+        }
+        let (cpu_a, cpu_b) = (a.cpu_seconds(), b.cpu_seconds());
+        let t = Instant::now();
+        run(
+            &ha,
+            &["folder", "add", da.to_str().unwrap(), "--id", "bulk"],
+        );
+        let scanned = t.elapsed();
+        for i in 0..4 {
+            let p = db.join(format!("big{i}.bin"));
+            wait(Duration::from_secs(600), || same_len(&p, each as u64));
+        }
+        let took = t.elapsed();
+        let gib = (each * 4) as f64 / (1u64 << 30) as f64;
+        println!(
+            "  (f) {} MiB in 4 files on disk, from `folder add` on A to complete on B: {:.1} s, {:.0} MB/s (goal 400); A's scan {:.2} s",
+            (each * 4) >> 20,
+            took.as_secs_f64(),
+            (each * 4) as f64 / 1e6 / took.as_secs_f64(),
+            scanned.as_secs_f64()
+        );
+        println!(
+            "      CPU-seconds per GiB: A {:.2}, B {:.2} (goal ≤ 2.5 each)",
+            (a.cpu_seconds() - cpu_a) / gib,
+            (b.cpu_seconds() - cpu_b) / gib
+        );
     }
     println!(
         "  (e) peak RSS: A {:.0} MB, B {:.0} MB (goal < 100 MB each)",
