@@ -135,7 +135,6 @@ pub async fn start(
         notice: Mutex::new(None),
         rates: rates::Rates::default(),
     });
-    tokio::spawn(rates::sample(web.clone()));
     let app = routes::router(web);
     tokio::spawn(async move {
         if let Err(error) = axum::serve(listener, app).await {

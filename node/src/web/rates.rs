@@ -1,5 +1,7 @@
-//! Transfer rates for the page: once a second the status is sampled; each member's bytes in
-//! and out and each folder's bytes still needed become rates over the last minute.
+//! Transfer rates for the page: each status the page renders is a sample (about one a second
+//! while someone looks, none otherwise: an idle daemon does no work for an unwatched page);
+//! each member's bytes in and out and each folder's bytes still needed become rates over the
+//! last minute.
 //!
 //! A folder's need shrinks only as whole files land, so while one big file arrives it would
 //! show no progress at all. So a folder that starts syncing opens an *episode*: the most it
@@ -8,11 +10,10 @@
 //! shrinking and the bytes arriving.
 
 use std::collections::{BTreeMap, VecDeque};
-use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::sync::Mutex;
+use std::time::Instant;
 
-use super::Web;
-use crate::control::{Request, Status};
+use crate::control::Status;
 
 /// Samples kept: one a second, one minute.
 const KEPT: usize = 60;
@@ -77,7 +78,8 @@ impl Rates {
         Some((done, peak))
     }
 
-    fn add(&self, status: &Status) {
+    /// Takes the status just asked for the page as a sample.
+    pub fn add(&self, status: &Status) {
         let now = Instant::now();
         let (peers, folders): (BTreeMap<String, (u64, u64)>, BTreeMap<String, u64>) = match status {
             Status::Device(d) => (
@@ -145,15 +147,4 @@ fn push<T>(history: &mut VecDeque<T>, value: T) {
         history.pop_front();
     }
     history.push_back(value);
-}
-
-/// Samples the status once a second for as long as the page serves.
-pub async fn sample(web: Arc<Web>) {
-    let mut tick = tokio::time::interval(Duration::from_secs(1));
-    loop {
-        tick.tick().await;
-        if let Ok(status) = web.ask::<Status>(Request::Status).await {
-            web.rates.add(&status);
-        }
-    }
 }

@@ -82,6 +82,9 @@ async fn style() -> Response {
 /// Everything the page shows, asked of the daemon as the CLI would.
 async fn gather(web: &Web) -> View {
     let status = web.ask::<Status>(Request::Status).await;
+    if let Ok(status) = &status {
+        web.rates.add(status);
+    }
     let devices: Vec<DeviceInfo> = web.ask(Request::Devices).await.unwrap_or_default();
     let device = matches!(status, Ok(Status::Device(_)));
     let (conflicts, kept) = if device {
