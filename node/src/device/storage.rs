@@ -236,10 +236,23 @@ async fn apply_sealed(
                 sealed.seq
             ))
         } else {
-            sealed
-                .check_author(&mesh, &view)
-                .err()
-                .map(|error| format!("served a change not signed by its author: {error}"))
+            match sealed.check_author(&mesh, &view) {
+                Ok(()) => None,
+                // Made by a device that may not write now (removed since, or made read-only):
+                // the storage peer rightly kept it, and this device refuses it. Not the
+                // storage peer's fault, so not reported; a removed device's changes are
+                // passed for good (the peer stops serving them), a read-only one's wait.
+                Err(meshsync_crdt::SealedError::NotAWriter(author)) => {
+                    tracing::debug!(%author, seq = sealed.seq, "sealed change of a device that may not write: refused");
+                    if view.removed.contains_key(&author) {
+                        d.sealing.applied.insert(author, sealed.seq);
+                    } else {
+                        stopped.insert(author);
+                    }
+                    continue;
+                }
+                Err(error) => Some(format!("served a change not signed by its author: {error}")),
+            }
         };
         if let Some(problem) = problem {
             if let Some(storage) = storage {
