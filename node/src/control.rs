@@ -156,6 +156,10 @@ pub struct FolderStatus {
     pub held_deletes: usize,
     /// Paths no source could give intact (not written).
     pub unavailable: Vec<String>,
+    /// Nothing here yet and no member has answered for this folder: not "in sync" with
+    /// anything yet (a folder just added on a device that joins an existing one).
+    #[serde(default)]
+    pub waiting_for_peers: bool,
     /// Paths that could not be written on this device, and why (retried; the rest of the
     /// folder syncs on).
     #[serde(default)]

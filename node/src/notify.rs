@@ -135,6 +135,7 @@ mod tests {
             conflicts: 0,
             held_deletes: 0,
             unavailable: vec![],
+            waiting_for_peers: false,
             not_written: vec![],
         };
         let peer = |connected| PeerStatus {

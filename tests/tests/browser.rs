@@ -183,7 +183,11 @@ async fn a_person_pairs_resolves_and_restores_from_the_page() {
     loop {
         let state = wait_text(&client, "#folder-docs .state", |_| true).await;
         let detail = wait_text(&client, "#folder-docs .detail", |_| true).await;
-        // (Before B heard A's index the folder is "in sync" with nothing.)
+        // Before a member answers, B's empty folder waits; it is never "in sync" with nothing.
+        assert!(
+            !(state == "in sync" && detail == "0 files"),
+            "B's page said in sync before it had heard of any file"
+        );
         if state == "in sync" && detail == "42 files" {
             break;
         }

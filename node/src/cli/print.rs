@@ -72,7 +72,7 @@ fn device_status(status: &DeviceStatus) -> String {
             "  {} {}  {}  {} files, need {} files ({} B), {} conflicts{held}",
             clean(&f.id),
             clean(&f.path),
-            if f.in_sync { "in sync" } else { "syncing" },
+            folder_state(f),
             f.local_files,
             f.need_files,
             f.need_bytes,
@@ -317,6 +317,17 @@ pub fn removed(r: &Removed) -> String {
     }
 }
 
+/// A folder's state in one phrase.
+pub fn folder_state(f: &crate::control::FolderStatus) -> &'static str {
+    if f.waiting_for_peers {
+        "waiting for another device"
+    } else if f.in_sync {
+        "in sync"
+    } else {
+        "syncing"
+    }
+}
+
 #[cfg(test)]
 mod tests {
     //! Every human-readable format, on fixed replies (IDs and times are fixed inputs, so the
@@ -365,6 +376,7 @@ mod tests {
                     conflicts: 1,
                     held_deletes: 0,
                     unavailable: vec![],
+                    waiting_for_peers: false,
                     not_written: vec![],
                 },
                 FolderStatus {
@@ -377,6 +389,7 @@ mod tests {
                     conflicts: 0,
                     held_deletes: 12,
                     unavailable: vec!["2026/beach.jpg".into()],
+                    waiting_for_peers: false,
                     not_written: vec![NotWritten {
                         path: "L/x.txt".into(),
                         why: "L/x.txt: L is a symlink or a file on this device, not a folder; nothing is written through it".into(),

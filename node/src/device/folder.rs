@@ -34,10 +34,15 @@ pub(crate) struct Folder {
     /// Paths that could not be written on this device, and why (a parent that is a link or a
     /// file here, a name this file system refuses, …). Retried; never blocks the others.
     pub(crate) problems: BTreeMap<String, String>,
+    /// Whether this device has anything to go by: an index it held when loaded, or a member
+    /// that syncs this folder has answered with its changes since. Until then an empty folder
+    /// is "waiting for another device", not "in sync".
+    pub(crate) heard: bool,
 }
 
 impl Folder {
     fn new(path: PathBuf, index: FolderIndex, local: BTreeMap<String, LocalFile>) -> Folder {
+        let heard = !index.is_empty();
         Folder {
             shared_path: Arc::new(path.clone()),
             path,
@@ -46,6 +51,7 @@ impl Folder {
             held_deletes: 0,
             unavailable: BTreeSet::new(),
             problems: BTreeMap::new(),
+            heard,
         }
     }
 

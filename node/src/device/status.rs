@@ -225,6 +225,7 @@ fn folder_status(id: &FolderId, f: &Folder) -> FolderStatus {
         conflicts,
         held_deletes: f.held_deletes,
         unavailable: f.unavailable.iter().cloned().collect(),
+        waiting_for_peers: !f.heard && f.index.is_empty(),
         not_written: f
             .problems
             .iter()

@@ -304,6 +304,7 @@ fn admit(
     let Some(folder) = d.folders.get_mut(&payload.folder) else {
         return Ok(None);
     };
+    folder.heard = true;
     for (hash, list) in &payload.lists {
         if content::valid_list(hash, list) {
             batch.lists.push((*hash, list.clone()));

@@ -214,6 +214,7 @@ impl Device {
             let Some(folder) = self.folders.get_mut(&id) else {
                 continue;
             };
+            folder.heard = true; // a member that syncs it answered, with changes or none
             if folder_changes.is_empty() {
                 continue;
             }

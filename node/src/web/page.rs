@@ -253,7 +253,12 @@ fn folder(f: &FolderStatus, rate: f64, progress: Option<(u64, u64)>, csrf: &str)
         _ if files == 0 => (1, 1),
         _ => (f.local_files as u64, files),
     };
-    let (state, detail) = if f.in_sync {
+    let (state, detail) = if f.waiting_for_peers {
+        (
+            "waiting for another device".to_string(),
+            "no device that syncs this folder has answered yet".to_string(),
+        )
+    } else if f.in_sync {
         ("in sync".to_string(), format!("{} files", f.local_files))
     } else {
         let left = progress.map_or(f.need_bytes, |(done, most)| most.saturating_sub(done));
@@ -279,7 +284,11 @@ fn folder(f: &FolderStatus, rate: f64, progress: Option<(u64, u64)>, csrf: &str)
         max = max.max(1),
         id = esc(&f.id),
         path = esc(&f.path),
-        cls = if f.in_sync { "in-sync" } else { "syncing" },
+        cls = if f.in_sync && !f.waiting_for_peers {
+            "in-sync"
+        } else {
+            "syncing"
+        },
     );
     if f.conflicts > 0 {
         let _ = write!(out, "<p>{} conflicts (below)</p>", f.conflicts);
