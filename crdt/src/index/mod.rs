@@ -436,10 +436,26 @@ impl FolderIndex {
     }
 
     /// Every path with a record, with its state, in no particular order.
+    ///
+    /// One pass over each shard's map: only a path with concurrent values is looked up again
+    /// for all of them (a lookup per path made `status` and the catch-up walk cost a search of
+    /// the shard for every file).
     pub fn iter(&self) -> impl Iterator<Item = (String, PathState)> + '_ {
         self.shards.values().flat_map(|shard| {
-            shard.doc.keys(ROOT).filter_map(|path| {
-                let state = path_state(&shard.doc, &path)?;
+            shard.doc.map_range(ROOT, ..).filter_map(|item| {
+                let path = item.key.into_owned();
+                let state = match item.conflict {
+                    true => path_state(&shard.doc, &path)?,
+                    false => match &item.value {
+                        automerge::ValueRef::Scalar(automerge::ScalarValueRef::Bytes(bytes)) => {
+                            PathState {
+                                winner: FileRecord::decode(&path, bytes).ok()?,
+                                losers: Vec::new(),
+                            }
+                        }
+                        _ => return None,
+                    },
+                };
                 Some((path, state))
             })
         })

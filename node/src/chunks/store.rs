@@ -66,7 +66,10 @@ impl ChunkStore {
             move |source| StoreError::Io { path, source }
         };
         fs::create_dir_all(dir.join("packs")).map_err(io(dir))?;
-        let db = Database::create(dir.join("index.redb")).map_err(db_err)?;
+        let db = redb::Builder::new()
+            .set_cache_size(crate::state::CACHE_BYTES)
+            .create(dir.join("index.redb"))
+            .map_err(db_err)?;
         let txn = db.begin_write().map_err(db_err)?;
         let (pack, pack_len) = {
             txn.open_table(CHUNKS).map_err(db_err)?;

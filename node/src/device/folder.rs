@@ -38,7 +38,21 @@ pub(crate) struct Folder {
     /// that syncs this folder has answered with its changes since. Until then an empty folder
     /// is "waiting for another device", not "in sync".
     pub(crate) heard: bool,
+    /// Bumped whenever `local` changes.
+    local_generation: u64,
+    /// What [`Folder::needs`] last found, and the index heads and local generation it was
+    /// found at: nothing changed since, nothing to walk again (at a million files the walk
+    /// costs a good part of a second, and the catch-up asks every second).
+    needs_found: Option<(NeedsMark, BTreeSet<String>)>,
 }
+
+/// What [`Folder::needs`] depends on: the index heads, the local generation, and the ignore
+/// rules files as they are on disk (the local one is never synced, so never a local change).
+type NeedsMark = (
+    BTreeMap<u16, Vec<automerge::ChangeHash>>,
+    u64,
+    Vec<Option<(i64, u64, u64)>>,
+);
 
 impl Folder {
     fn new(path: PathBuf, index: FolderIndex, local: BTreeMap<String, LocalFile>) -> Folder {
@@ -52,6 +66,8 @@ impl Folder {
             unavailable: BTreeSet::new(),
             problems: BTreeMap::new(),
             heard,
+            local_generation: 0,
+            needs_found: None,
         }
     }
 
@@ -75,6 +91,7 @@ impl Folder {
                 self.local.remove(&path);
             }
         }
+        self.local_generation += 1;
         batch.local.push((id.clone(), path, file));
     }
 
@@ -91,8 +108,27 @@ impl Folder {
         FolderRoot::open(&self.path)
     }
 
-    /// Paths whose winning version is not on disk here yet (ignored paths excepted).
-    pub(crate) fn needs(&self) -> BTreeSet<String> {
+    /// Paths whose winning version is not on disk here yet (ignored paths excepted). Walks
+    /// the index only when it or what this device holds changed since the last time (an edit
+    /// of the ignore rules is a local change too).
+    pub(crate) fn needs(&mut self) -> BTreeSet<String> {
+        let rules = self.root().ok();
+        let rules = [super::ignore::IGNORE_FILE, super::ignore::LOCAL_IGNORE_FILE].map(|file| {
+            let entry = rules.as_ref()?.entry(file).ok()??;
+            Some((entry.mtime_ns, entry.len, entry.ino))
+        });
+        let mark = (self.index.heads(), self.local_generation, rules.to_vec());
+        if let Some((at, found)) = &self.needs_found {
+            if *at == mark {
+                return found.clone();
+            }
+        }
+        let found = self.walk_needs();
+        self.needs_found = Some((mark, found.clone()));
+        found
+    }
+
+    fn walk_needs(&self) -> BTreeSet<String> {
         let rules = Rules::load_at(&self.path);
         self.index
             .iter()
@@ -219,7 +255,8 @@ impl Device {
         Ok(folder.path)
     }
 
-    /// Watches a folder; changes outside `.meshsync*` files trigger a debounced rescan.
+    /// Watches a folder; changes outside `.meshsync*` files trigger a debounced rescan of the
+    /// folders they were in (of everything when the watcher lost track: its queue overflowed).
     pub(crate) fn watch(&mut self, id: &FolderId, path: &Path) {
         use notify::Watcher;
         let tx = self.changes.clone();
@@ -232,9 +269,27 @@ impl Device {
                 p.strip_prefix(&root)
                     .is_ok_and(|rel| super::ignore::is_own_file(&rel.to_string_lossy()))
             });
-            if !ours && !matches!(event.kind, notify::EventKind::Access(_)) {
-                let _ = tx.send(id.clone());
+            if ours || matches!(event.kind, notify::EventKind::Access(_)) {
+                return;
             }
+            let mut dirs = BTreeSet::new();
+            for path in &event.paths {
+                match path.strip_prefix(&root) {
+                    Ok(rel) => match rel.to_str() {
+                        Some(rel) => dirs.insert(crate::disk::parent_of(rel).to_string()),
+                        None => continue, // not UTF-8: never synced
+                    },
+                    Err(_) => dirs.insert(String::new()),
+                };
+            }
+            let scope = match event.need_rescan() || dirs.is_empty() {
+                true => super::scan::Scope::All,
+                false => super::scan::Scope::Dirs(dirs),
+            };
+            let _ = tx.send(super::scan::Rescan {
+                folder: id.clone(),
+                scope,
+            });
         };
         // Links inside the folder are synced as links: the watcher never follows one out.
         let config = notify::Config::default().with_follow_symlinks(false);
@@ -250,9 +305,9 @@ impl Device {
     }
 
     /// Paths whose winning version is not on disk here yet, per folder.
-    pub(crate) fn needs(&self) -> Vec<(FolderId, BTreeSet<String>)> {
+    pub(crate) fn needs(&mut self) -> Vec<(FolderId, BTreeSet<String>)> {
         self.folders
-            .iter()
+            .iter_mut()
             .map(|(id, f)| (id.clone(), f.needs()))
             .filter(|(_, paths)| !paths.is_empty())
             .collect()

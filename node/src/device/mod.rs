@@ -77,7 +77,7 @@ pub struct Device {
     pub(crate) transport: Transport,
     /// Folder watchers (kept alive) and where they report.
     watchers: Vec<notify::RecommendedWatcher>,
-    pub(crate) changes: tokio::sync::mpsc::UnboundedSender<FolderId>,
+    pub(crate) changes: tokio::sync::mpsc::UnboundedSender<scan::Rescan>,
     /// One materialise at a time, so a catch-up never fetches what a pull is fetching.
     pub(crate) materialising: Arc<Mutex<()>>,
     /// The IP the pairing endpoint listens on.
@@ -117,7 +117,7 @@ pub async fn start(home: Home, network: Network) -> anyhow::Result<Shared> {
     let store = Arc::new(StdMutex::new(ChunkStore::open(
         &home.path().join("chunks"),
     )?));
-    let (changes, changed) = tokio::sync::mpsc::unbounded_channel::<FolderId>();
+    let (changes, changed) = tokio::sync::mpsc::unbounded_channel::<scan::Rescan>();
     let device = Arc::new(Mutex::new(Device {
         home,
         keys,

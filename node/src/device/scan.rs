@@ -24,7 +24,7 @@ use super::ignore::{is_own_file, Rules, IGNORE_FILE};
 use super::serve::unix_nanos;
 use super::{sync, Device, Shared};
 use crate::chunks::{content, ChunkRef};
-use crate::disk::{Entry, FolderRoot, Kind};
+use crate::disk::{parent_of, Entry, FolderRoot, Kind};
 use crate::protocol::{ByteBuf, SyncChanges, SyncRequest};
 use crate::state::{Batch, LocalFile};
 
@@ -80,10 +80,33 @@ pub async fn scan_all(device: &Shared, options: ScanOptions) -> anyhow::Result<(
 /// many paths changed.
 #[tracing::instrument(skip_all, fields(folder = %id))]
 pub async fn scan(device: &Shared, id: &FolderId, options: ScanOptions) -> anyhow::Result<usize> {
+    scan_in(device, id, options, Scope::All).await
+}
+
+/// Rescans the part of one folder `scope` names (see [`scan`]).
+pub async fn scan_in(
+    device: &Shared,
+    id: &FolderId,
+    options: ScanOptions,
+    scope: Scope,
+) -> anyhow::Result<usize> {
+    let path = device.lock().await.folder(id)?.path.clone();
+    // The folders a targeted scan lists, as they are on disk now (a gone one gives way to the
+    // nearest ancestor still there).
+    let scope = match scope {
+        Scope::All => Scope::All,
+        Scope::Dirs(dirs) => {
+            let path = path.clone();
+            tokio::task::spawn_blocking(move || {
+                Ok::<_, anyhow::Error>(Scope::Dirs(scope_dirs(&FolderRoot::open(&path)?, &dirs)))
+            })
+            .await??
+        }
+    };
     let (root, local, key) = {
         let d = device.lock().await;
         let f = d.folder(id)?;
-        (f.path.clone(), f.local.clone(), d.mesh_key()?)
+        (f.path.clone(), local_in(&f.local, &scope), d.mesh_key()?)
     };
     if !root.join(MARKER).exists() {
         anyhow::bail!(
@@ -93,16 +116,26 @@ pub async fn scan(device: &Shared, id: &FolderId, options: ScanOptions) -> anyho
     }
     let id_key = key.chunk_id_key();
     let wait_settle = !options.requested;
+    let retry = Rescan {
+        folder: id.clone(),
+        scope: scope.clone(),
+    };
     let walked = tokio::task::spawn_blocking(move || {
-        walk(&FolderRoot::open(&root)?, &local, &id_key, wait_settle)
+        walk(
+            &FolderRoot::open(&root)?,
+            &local,
+            &id_key,
+            wait_settle,
+            &scope,
+        )
     })
     .await??;
     let mut d = device.lock().await;
     if let Some(delay) = walked.retry_after {
-        let (changes, id) = (d.changes.clone(), id.clone());
+        let changes = d.changes.clone();
         tokio::spawn(async move {
             tokio::time::sleep(delay).await;
-            let _ = changes.send(id);
+            let _ = changes.send(retry);
         });
     }
     let f = d
@@ -135,6 +168,35 @@ pub async fn scan(device: &Shared, id: &FolderId, options: ScanOptions) -> anyho
         sync::push_to_devices(d.transport.clone(), storage, push);
     }
     Ok(count)
+}
+
+/// A rescan the watcher (or a scan that found a file still being written) asks for.
+#[derive(Clone, Debug)]
+pub struct Rescan {
+    pub folder: FolderId,
+    pub scope: Scope,
+}
+
+/// What a walk of `scope` compares against: all this device holds, or what it holds in and
+/// under the scope's folders (not a copy of a million entries for a change of a few).
+fn local_in(local: &BTreeMap<String, LocalFile>, scope: &Scope) -> BTreeMap<String, LocalFile> {
+    let Scope::Dirs(dirs) = scope else {
+        return local.clone();
+    };
+    if dirs.contains("") {
+        return local.clone();
+    }
+    let mut out = BTreeMap::new();
+    for dir in dirs {
+        let below = format!("{dir}/");
+        out.extend(
+            local
+                .range::<String, _>(below.clone()..)
+                .take_while(|(rel, _)| rel.starts_with(&below))
+                .map(|(rel, file)| (rel.clone(), file.clone())),
+        );
+    }
+    out
 }
 
 /// Whether the guard holds back a scan's `deletes` in a folder of `files_here` files: at least
@@ -256,7 +318,11 @@ impl Device {
         }
         if !concurrent.is_empty() {
             keep_aside(&f.path, &concurrent, &self.keys.device_id());
-            let _ = self.changes.send(id.clone()); // the copies are recorded by a rescan
+            // The copies are recorded by a rescan.
+            let _ = self.changes.send(Rescan {
+                folder: id.clone(),
+                scope: Scope::All,
+            });
         }
         let (updates, new): (Vec<FileUpdate>, Vec<Scanned>) = new.into_iter().unzip();
         let records = f.index.write(&self.keys, epoch, updates)?;
@@ -354,14 +420,24 @@ pub fn walk(
     local: &BTreeMap<String, LocalFile>,
     id_key: &ChunkIdKey,
     wait_settle: bool,
+    scope: &Scope,
 ) -> anyhow::Result<Walked> {
     let rules = Rules::load(root);
     let mut walked = Walked::default();
     let mut seen = BTreeSet::new();
     // Folders that could not be read: what this device had under them is not taken as deleted.
     let mut unreadable: Vec<String> = Vec::new();
-    let mut stack = vec![String::new()];
+    let (mut stack, only) = match scope {
+        Scope::All => (vec![String::new()], false),
+        Scope::Dirs(dirs) => (scope_dirs(root, dirs).into_iter().collect(), true),
+    };
+    // A targeted walk: each folder listed, with the names it holds and whether each is a folder.
+    let mut listed: Vec<(String, BTreeMap<String, bool>)> = Vec::new();
+    let mut done: BTreeSet<String> = BTreeSet::new();
     while let Some(dir) = stack.pop() {
+        if !done.insert(dir.clone()) {
+            continue;
+        }
         let entries = match root.read_dir(&dir) {
             Ok(entries) => entries,
             Err(error) if !dir.is_empty() => {
@@ -371,6 +447,13 @@ pub fn walk(
             }
             Err(error) => return Err(error.into()),
         };
+        if only {
+            let names = entries
+                .iter()
+                .map(|(name, e)| (name.clone(), e.kind == Kind::Dir))
+                .collect();
+            listed.push((dir.clone(), names));
+        }
         for (name, entry) in entries {
             let rel = if dir.is_empty() {
                 name
@@ -391,7 +474,12 @@ pub fn walk(
             if rules.ignores(&rel, is_dir) {
                 continue; // ignored: neither recorded nor deleted
             }
-            if is_dir {
+            // A targeted walk enters only folders this device did not know as folders: what
+            // is under a known one did not change unless the watcher named it too.
+            let known_dir = local
+                .get(&rel)
+                .is_some_and(|l| l.kind == FileKind::Directory);
+            if is_dir && !(only && known_dir) {
                 stack.push(rel.clone());
             }
             match examine(root, &rel, &entry, local.get(&rel), id_key, wait_settle)? {
@@ -407,10 +495,17 @@ pub fn walk(
             }
         }
     }
-    for (rel, file) in local {
-        let is_dir = file.kind == FileKind::Directory;
+    let gone: Vec<&String> = match only {
+        false => local.keys().filter(|rel| !seen.contains(*rel)).collect(),
+        true => listed
+            .iter()
+            .flat_map(|(dir, names)| gone_under(local, dir, names))
+            .collect(),
+    };
+    for rel in gone {
+        let is_dir = local[rel].kind == FileKind::Directory;
         let under_unreadable = unreadable.iter().any(|dir| rel.starts_with(dir.as_str()));
-        if !seen.contains(rel) && !under_unreadable && !rules.ignores(rel, is_dir) {
+        if !under_unreadable && !rules.ignores(rel, is_dir) && !is_own_file(rel) {
             walked.changed.push(Scanned {
                 path: rel.clone(),
                 file: None,
@@ -419,6 +514,94 @@ pub fn walk(
         }
     }
     Ok(walked)
+}
+
+/// Which part of a folder a scan looks at.
+#[derive(Clone, Debug, Default)]
+pub enum Scope {
+    /// All of it (the first scan, `meshsync scan`, the periodic safety net).
+    #[default]
+    All,
+    /// These folders, by relative path ("" is the top), as the watcher named them: what each
+    /// holds, and all of what is under a folder this device did not know as one. A million-file
+    /// folder's change of a few files costs a listing of their folders, not a walk of it all.
+    Dirs(BTreeSet<String>),
+}
+
+/// The folders of a targeted walk that are there: one that is gone (or is no longer a
+/// folder) is replaced by its nearest ancestor that is, whose listing shows it gone.
+fn scope_dirs(root: &FolderRoot, dirs: &BTreeSet<String>) -> BTreeSet<String> {
+    let mut out = BTreeSet::new();
+    for dir in dirs {
+        let mut dir = dir.as_str();
+        while !dir.is_empty()
+            && !root
+                .entry(dir)
+                .ok()
+                .flatten()
+                .is_some_and(|e| e.kind == Kind::Dir)
+        {
+            dir = parent_of(dir);
+        }
+        out.insert(dir.to_string());
+    }
+    out
+}
+
+/// What this device held in `dir` that its listing (`names`: name → is a folder) no longer
+/// shows: children not there, and everything under a child that is no longer a folder.
+fn gone_under<'a>(
+    local: &'a BTreeMap<String, LocalFile>,
+    dir: &str,
+    names: &BTreeMap<String, bool>,
+) -> Vec<&'a String> {
+    use std::ops::Bound::{Excluded, Included, Unbounded};
+    let prefix = if dir.is_empty() {
+        String::new()
+    } else {
+        format!("{dir}/")
+    };
+    let mut gone = Vec::new();
+    let mut from = prefix.clone();
+    let mut include = true;
+    loop {
+        let lower = match include {
+            true => Included(from.clone()),
+            false => Excluded(from.clone()),
+        };
+        let Some((rel, _)) = local.range::<String, _>((lower, Unbounded)).next() else {
+            break;
+        };
+        let Some(rest) = rel.strip_prefix(&prefix) else {
+            break;
+        };
+        match rest.split_once('/') {
+            None => {
+                if !names.contains_key(rest) {
+                    gone.push(rel);
+                }
+                (from, include) = (rel.clone(), false);
+            }
+            Some((child, _)) => {
+                // Deeper: all of the child's subtree is gone if the child is not a folder now;
+                // else it is the child's own listing's business.
+                let child = format!("{prefix}{child}");
+                let end = format!("{child}0"); // just past every "child/…"
+                if names.get(&child[prefix.len()..]) != Some(&true) {
+                    gone.extend(
+                        local
+                            .range::<String, _>((
+                                Included(format!("{child}/")),
+                                Excluded(end.clone()),
+                            ))
+                            .map(|(rel, _)| rel),
+                    );
+                }
+                (from, include) = (end, true);
+            }
+        }
+    }
+    gone
 }
 
 /// What [`examine`] found at one path.
@@ -574,7 +757,7 @@ mod tests {
         std::os::unix::fs::symlink("sub/a.txt", root.join("link")).unwrap();
         let key = id_key();
         let door = FolderRoot::open(root).unwrap();
-        let first = walk(&door, &BTreeMap::new(), &key, false).unwrap();
+        let first = walk(&door, &BTreeMap::new(), &key, false, &Scope::All).unwrap();
         let paths: BTreeSet<&str> = first.changed.iter().map(|s| s.path.as_str()).collect();
         assert_eq!(
             paths,
@@ -586,12 +769,15 @@ mod tests {
 
         // Nothing changed: nothing to record.
         let local = local_of(&first);
-        assert!(walk(&door, &local, &key, false).unwrap().changed.is_empty());
+        assert!(walk(&door, &local, &key, false, &Scope::All)
+            .unwrap()
+            .changed
+            .is_empty());
 
         // An edit, a deletion.
         std::fs::write(root.join("sub/a.txt"), "hello, world").unwrap();
         std::fs::remove_file(root.join("link")).unwrap();
-        let second = walk(&door, &local, &key, false).unwrap();
+        let second = walk(&door, &local, &key, false, &Scope::All).unwrap();
         let edited = second
             .changed
             .iter()
@@ -603,16 +789,95 @@ mod tests {
         assert_eq!(second.changed.len(), 2);
     }
 
+    /// What a walk reports, as (path, still there) pairs.
+    fn changes(walked: &Walked) -> BTreeSet<(String, bool)> {
+        walked
+            .changed
+            .iter()
+            .map(|s| (s.path.clone(), s.file.is_some()))
+            .collect()
+    }
+
+    #[test]
+    fn a_walk_of_the_folders_the_watcher_named_finds_what_a_full_walk_finds_there() {
+        let dir = tempfile::tempdir().unwrap();
+        let root = dir.path();
+        for d in ["a/deep", "b/deep", "c", "gone/inner", "was_dir"] {
+            std::fs::create_dir_all(root.join(d)).unwrap();
+        }
+        for f in [
+            "top.txt",
+            "a/1",
+            "a/deep/2",
+            "b/3",
+            "b/deep/4",
+            "c/5",
+            "c-x",
+            "c.y",
+            "c0",
+            "gone/6",
+            "gone/inner/7",
+            "was_dir/8",
+        ] {
+            std::fs::write(root.join(f), f).unwrap();
+        }
+        let (key, door) = (id_key(), FolderRoot::open(root).unwrap());
+        let local = local_of(&walk(&door, &BTreeMap::new(), &key, false, &Scope::All).unwrap());
+
+        // In "a": an edit, a new file, a new folder with a file; "gone" removed whole; "was_dir"
+        // became a file; in "c": a file removed (its siblings c-x, c.y, c0 stay).
+        std::fs::write(root.join("a/1"), "edited").unwrap();
+        std::fs::write(root.join("a/new"), "n").unwrap();
+        std::fs::create_dir_all(root.join("a/fresh/sub")).unwrap();
+        std::fs::write(root.join("a/fresh/sub/9"), "9").unwrap();
+        std::fs::remove_dir_all(root.join("gone")).unwrap();
+        std::fs::remove_dir_all(root.join("was_dir")).unwrap();
+        std::fs::write(root.join("was_dir"), "now a file").unwrap();
+        std::fs::remove_file(root.join("c/5")).unwrap();
+        // Changed too, but not named by the watcher: a targeted walk does not look there.
+        std::fs::write(root.join("b/deep/4"), "unnamed").unwrap();
+
+        let full = changes(&walk(&door, &local, &key, false, &Scope::All).unwrap());
+        let named = Scope::Dirs(BTreeSet::from([
+            "a".to_string(),
+            "gone/inner".to_string(), // gone: its nearest ancestor there is listed instead
+            "c".to_string(),
+        ]));
+        let targeted = changes(&walk(&door, &local, &key, false, &named).unwrap());
+        let mut expected = full.clone();
+        expected.remove(&("b/deep/4".to_string(), true));
+        assert_eq!(targeted, expected);
+        for change in [
+            ("a/1", true),
+            ("a/new", true),
+            ("a/fresh/sub/9", true),
+            ("gone", false),
+            ("gone/6", false),
+            ("gone/inner/7", false),
+            ("was_dir", true),
+            ("was_dir/8", false),
+            ("c/5", false),
+        ] {
+            assert!(
+                targeted.contains(&(change.0.to_string(), change.1)),
+                "{change:?}"
+            );
+        }
+        assert!(!targeted
+            .iter()
+            .any(|(p, _)| p.starts_with("c-") || p.starts_with("c.") || p == "c0"));
+    }
+
     #[test]
     fn walk_leaves_a_file_just_written_for_later_unless_asked() {
         let dir = tempfile::tempdir().unwrap();
         std::fs::write(dir.path().join("fresh.txt"), "x").unwrap();
         let key = id_key();
         let door = FolderRoot::open(dir.path()).unwrap();
-        let waited = walk(&door, &BTreeMap::new(), &key, true).unwrap();
+        let waited = walk(&door, &BTreeMap::new(), &key, true, &Scope::All).unwrap();
         assert_eq!(waited.retry_after, Some(SETTLE));
         assert!(waited.changed.is_empty());
-        let asked = walk(&door, &BTreeMap::new(), &key, false).unwrap();
+        let asked = walk(&door, &BTreeMap::new(), &key, false, &Scope::All).unwrap();
         assert_eq!(asked.retry_after, None);
         assert_eq!(asked.changed.len(), 1);
     }
@@ -623,24 +888,24 @@ mod tests {
         let key = id_key();
         let door = FolderRoot::open(dir.path()).unwrap();
         std::fs::write(dir.path().join("big.bin"), vec![7u8; 100_000]).unwrap();
-        let first = walk(&door, &BTreeMap::new(), &key, false).unwrap();
+        let first = walk(&door, &BTreeMap::new(), &key, false, &Scope::All).unwrap();
         let local = local_of(&first);
         // Rewritten in place: truncated first (the file is empty for a moment).
         std::fs::File::create(dir.path().join("big.bin")).unwrap();
         std::thread::sleep(SETTLE * 2); // older than an ordinary save's settle time
-        let waited = walk(&door, &local, &key, true).unwrap();
+        let waited = walk(&door, &local, &key, true, &Scope::All).unwrap();
         assert!(waited.changed.is_empty(), "{:?}", waited.changed);
         let after = waited.retry_after.unwrap();
         assert!(after > SETTLE && after <= TRUNCATE_SETTLE, "{after:?}");
         // Still empty a second later: it really is empty now.
         std::thread::sleep(TRUNCATE_SETTLE);
-        let later = walk(&door, &local, &key, true).unwrap();
+        let later = walk(&door, &local, &key, true, &Scope::All).unwrap();
         assert_eq!(later.changed.len(), 1);
         assert_eq!(later.changed[0].file.as_ref().unwrap().size, 0);
         // An ordinary save is not held longer than before.
         std::fs::write(dir.path().join("small.txt"), "x").unwrap();
         std::thread::sleep(SETTLE * 2);
-        let saved = walk(&door, &local, &key, true).unwrap();
+        let saved = walk(&door, &local, &key, true, &Scope::All).unwrap();
         assert!(saved.changed.iter().any(|s| s.path == "small.txt"));
     }
 

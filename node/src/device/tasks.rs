@@ -9,14 +9,14 @@
 //!   while a member is missing, redial the static addresses; every 30 s (and at start) rescan
 //!   every folder as a safety net; every 5 min, forget versions past the retention.
 
-use std::collections::BTreeSet;
+use std::collections::BTreeMap;
 use std::time::Duration;
 
 use meshsync_crdt::FolderId;
 use meshsync_transport::PeerId;
 use tokio::sync::mpsc::UnboundedReceiver;
 
-use super::scan::{self, ScanOptions};
+use super::scan::{self, Rescan, ScanOptions, Scope};
 use super::{history, materialise, members, sync, Shared};
 use crate::net;
 
@@ -29,20 +29,21 @@ const ROUND: Duration = Duration::from_millis(500);
 
 /// Starts every background task of `device`; `changed` receives the folders the watchers saw
 /// change.
-pub(crate) fn spawn_all(device: &Shared, changed: UnboundedReceiver<FolderId>) {
+pub(crate) fn spawn_all(device: &Shared, changed: UnboundedReceiver<Rescan>) {
     tokio::spawn(watch(device.clone(), changed));
     tokio::spawn(pull_on_connect(device.clone()));
     tokio::spawn(rounds(device.clone()));
 }
 
-async fn watch(device: Shared, mut changed: UnboundedReceiver<FolderId>) {
+async fn watch(device: Shared, mut changed: UnboundedReceiver<Rescan>) {
     while let Some(first) = changed.recv().await {
-        let mut pending: BTreeSet<FolderId> = BTreeSet::from([first]);
+        let mut pending: BTreeMap<FolderId, Scope> = BTreeMap::new();
+        add(&mut pending, first);
         let deadline = tokio::time::Instant::now() + DEBOUNCE_MAX;
         loop {
             tokio::select! {
                 more = changed.recv() => match more {
-                    Some(id) => { pending.insert(id); }
+                    Some(rescan) => add(&mut pending, rescan),
                     None => return,
                 },
                 _ = tokio::time::sleep(DEBOUNCE) => break,
@@ -51,12 +52,30 @@ async fn watch(device: Shared, mut changed: UnboundedReceiver<FolderId>) {
                 break;
             }
         }
-        for id in pending {
-            if let Err(error) = scan::scan(&device, &id, ScanOptions::default()).await {
+        for (id, scope) in pending {
+            if let Err(error) = scan::scan_in(&device, &id, ScanOptions::default(), scope).await {
                 tracing::warn!(folder = %id, %error, "scan after change failed");
             }
         }
     }
+}
+
+/// Folds one more rescan into the pending ones (a whole-folder one takes in the rest).
+fn add(pending: &mut BTreeMap<FolderId, Scope>, rescan: Rescan) {
+    /// Past this many folders, one walk of everything is cheaper than listing each.
+    const MAX_DIRS: usize = 10_000;
+    let scope = pending.entry(rescan.folder).or_insert(rescan.scope.clone());
+    let merged = match (std::mem::take(scope), rescan.scope) {
+        (Scope::Dirs(mut dirs), Scope::Dirs(more)) => {
+            dirs.extend(more);
+            match dirs.len() > MAX_DIRS {
+                true => Scope::All,
+                false => Scope::Dirs(dirs),
+            }
+        }
+        _ => Scope::All,
+    };
+    *scope = merged;
 }
 
 async fn pull_on_connect(device: Shared) {

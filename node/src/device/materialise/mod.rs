@@ -238,7 +238,10 @@ impl Device {
         }
         f.problems.extend(installed.problems);
         if installed.kept_edit {
-            let _ = self.changes.send(folder.clone());
+            let _ = self.changes.send(crate::device::scan::Rescan {
+                folder: folder.clone(),
+                scope: Default::default(),
+            });
         }
         let mut map = self.chunk_map.lock().expect("chunk map lock");
         for (path, file) in installed.updates {
