@@ -535,11 +535,11 @@ fn scope_dirs(root: &FolderRoot, dirs: &BTreeSet<String>) -> BTreeSet<String> {
     for dir in dirs {
         let mut dir = dir.as_str();
         while !dir.is_empty()
-            && !root
+            && root
                 .entry(dir)
                 .ok()
                 .flatten()
-                .is_some_and(|e| e.kind == Kind::Dir)
+                .is_none_or(|e| e.kind != Kind::Dir)
         {
             dir = parent_of(dir);
         }

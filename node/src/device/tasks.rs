@@ -1,7 +1,7 @@
 //! The device's background tasks, started once by [`spawn_all`]:
 //!
-//! - **watch**: folder watcher events, debounced (a folder is rescanned once its changes settle
-//!   for 50 ms, at most 500 ms late);
+//! - **watch**: folder watcher events, debounced (the folders holding the changed paths are
+//!   rescanned once their changes settle for 50 ms, at most 500 ms late);
 //! - **on connect**: a member that connects is pulled from at once (a NAS or laptop coming
 //!   back syncs without waiting for the next round);
 //! - **rounds**, every 0.5 s: pull from every connected member; every 1 s, catch up paths
