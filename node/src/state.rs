@@ -148,12 +148,6 @@ pub struct Loaded {
     pub local: BTreeMap<FolderId, BTreeMap<String, LocalFile>>,
 }
 
-/// redb's page cache for a database (its default is 1 GiB, and it fills with every page a
-/// daemon ever touches: at 100k files the state database alone is several hundred MB, so a
-/// daemon's memory grew with every change it took). The B-tree's inner pages fit in this;
-/// leaves come from the operating system's page cache, which is not the daemon's memory.
-pub const CACHE_BYTES: usize = 32 * 1024 * 1024;
-
 pub struct State {
     path: PathBuf,
     db: Database,
@@ -163,7 +157,7 @@ impl State {
     pub fn open(home: &Path) -> Result<State, StateError> {
         let path = home.join("state.redb");
         let db = redb::Builder::new()
-            .set_cache_size(CACHE_BYTES)
+            .set_cache_size(crate::chunks::store::CACHE_BYTES)
             .create(&path)
             .map_err(|e| StateError {
                 path: path.clone(),

@@ -58,6 +58,12 @@ pub struct ChunkStore {
     pack_len: u64,
 }
 
+/// redb's page cache for a database (its default is 1 GiB, and it fills with every page a
+/// daemon ever touches: at 100k files the state database alone is several hundred MB, so a
+/// daemon's memory grew with every change it took). The B-tree's inner pages fit in this;
+/// leaves come from the operating system's page cache, which is not the daemon's memory.
+pub const CACHE_BYTES: usize = 32 * 1024 * 1024;
+
 impl ChunkStore {
     /// Opens (or creates) the store in `dir`.
     pub fn open(dir: &Path) -> Result<ChunkStore, StoreError> {
@@ -67,7 +73,7 @@ impl ChunkStore {
         };
         fs::create_dir_all(dir.join("packs")).map_err(io(dir))?;
         let db = redb::Builder::new()
-            .set_cache_size(crate::state::CACHE_BYTES)
+            .set_cache_size(CACHE_BYTES)
             .create(dir.join("index.redb"))
             .map_err(db_err)?;
         let txn = db.begin_write().map_err(db_err)?;

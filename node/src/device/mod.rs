@@ -45,6 +45,7 @@ pub mod status;
 pub mod storage;
 pub mod sync;
 pub mod tasks;
+pub mod walk;
 
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex as StdMutex};

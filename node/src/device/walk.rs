@@ -1,0 +1,563 @@
+//! Walking a folder: what changed on disk since this device last recorded it. Everything is
+//! read through the folder's door ([`FolderRoot`]); a link is recorded as a link, never
+//! followed. [`Scope`] says how much of the folder to look at: all of it, or the folders the
+//! watcher named.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::time::Duration;
+
+use meshsync_crdt::keys::ChunkIdKey;
+use meshsync_crdt::{ChunkListHash, FileKind};
+
+use super::ignore::{is_own_file, Rules, IGNORE_FILE};
+use super::serve::unix_nanos;
+use crate::chunks::{content, ChunkRef};
+use crate::disk::{parent_of, Entry, FolderRoot, Kind};
+use crate::state::LocalFile;
+
+/// Files modified more recently than this are still being written: they wait for a rescan.
+pub const SETTLE: Duration = Duration::from_millis(40);
+
+/// A file that was just emptied (a program rewriting it in place truncates it first) waits
+/// this long before its empty state is believed: publishing it would give every other device
+/// an empty "version" for a moment. Ordinary saves keep the [`SETTLE`] latency.
+pub const TRUNCATE_SETTLE: Duration = Duration::from_secs(1);
+
+/// One scanned path's new state (`file: None`: it is gone).
+#[derive(Debug)]
+pub struct Scanned {
+    pub path: String,
+    pub file: Option<LocalFile>,
+    pub refs: Vec<ChunkRef>,
+}
+
+/// What a walk found.
+#[derive(Debug, Default)]
+pub struct Walked {
+    pub changed: Vec<Scanned>,
+    /// Some file was left for later because it is still being written: rescan after this.
+    pub retry_after: Option<Duration>,
+}
+
+/// What a walk of `scope` compares against: all this device holds, or what it holds in and
+/// under the scope's folders (not a copy of a million entries for a change of a few).
+pub(super) fn local_in(
+    local: &BTreeMap<String, LocalFile>,
+    scope: &Scope,
+) -> BTreeMap<String, LocalFile> {
+    let Scope::Dirs(dirs) = scope else {
+        return local.clone();
+    };
+    if dirs.contains("") {
+        return local.clone();
+    }
+    let mut out = BTreeMap::new();
+    for dir in dirs {
+        let below = format!("{dir}/");
+        out.extend(
+            local
+                .range::<String, _>(below.clone()..)
+                .take_while(|(rel, _)| rel.starts_with(&below))
+                .map(|(rel, file)| (rel.clone(), file.clone())),
+        );
+    }
+    out
+}
+
+/// Walks the folder; returns what changed since `local`, and whether some file was left for
+/// later because it is still being written (only when `wait_settle`). Everything is read
+/// through the folder's door: a link is recorded as a link, never followed.
+pub fn walk(
+    root: &FolderRoot,
+    local: &BTreeMap<String, LocalFile>,
+    id_key: &ChunkIdKey,
+    wait_settle: bool,
+    scope: &Scope,
+) -> anyhow::Result<Walked> {
+    let rules = Rules::load(root);
+    let mut walked = Walked::default();
+    let mut seen = BTreeSet::new();
+    // Folders that could not be read: what this device had under them is not taken as deleted.
+    let mut unreadable: Vec<String> = Vec::new();
+    let (mut stack, only) = match scope {
+        Scope::All => (vec![String::new()], false),
+        Scope::Dirs(dirs) => (scope_dirs(root, dirs).into_iter().collect(), true),
+    };
+    // A targeted walk: each folder listed, with the names it holds and whether each is a folder.
+    let mut listed: Vec<(String, BTreeMap<String, bool>)> = Vec::new();
+    let mut done: BTreeSet<String> = BTreeSet::new();
+    while let Some(dir) = stack.pop() {
+        if !done.insert(dir.clone()) {
+            continue;
+        }
+        let entries = match root.read_dir(&dir) {
+            Ok(entries) => entries,
+            Err(error) if !dir.is_empty() => {
+                tracing::warn!(%dir, %error, "cannot read a folder; its files are left as they were");
+                unreadable.push(format!("{dir}/"));
+                continue;
+            }
+            Err(error) => return Err(error.into()),
+        };
+        if only {
+            let names = entries
+                .iter()
+                .map(|(name, e)| (name.clone(), e.kind == Kind::Dir))
+                .collect();
+            listed.push((dir.clone(), names));
+        }
+        for (name, entry) in entries {
+            let rel = if dir.is_empty() {
+                name
+            } else {
+                format!("{dir}/{name}")
+            };
+            let rules_not_a_file = rel == IGNORE_FILE && entry.kind != Kind::File;
+            if is_own_file(&rel) || rules_not_a_file {
+                // The daemon's own files (temp files come and go) are never synced; the
+                // `.meshsync/` folder is entered only for the shared ignore rules.
+                if rel == ".meshsync" && entry.kind == Kind::Dir {
+                    stack.push(rel);
+                }
+                continue;
+            }
+            seen.insert(rel.clone());
+            let is_dir = entry.kind == Kind::Dir;
+            if rules.ignores(&rel, is_dir) {
+                continue; // ignored: neither recorded nor deleted
+            }
+            // A targeted walk enters only folders this device did not know as folders: what
+            // is under a known one did not change unless the watcher named it too.
+            let known_dir = local
+                .get(&rel)
+                .is_some_and(|l| l.kind == FileKind::Directory);
+            if is_dir && !(only && known_dir) {
+                stack.push(rel.clone());
+            }
+            match examine(root, &rel, &entry, local.get(&rel), id_key, wait_settle)? {
+                Examined::Unchanged => {}
+                Examined::Unsettled(after) => {
+                    walked.retry_after = Some(walked.retry_after.map_or(after, |a| a.min(after)));
+                }
+                Examined::Changed(file, refs) => walked.changed.push(Scanned {
+                    path: rel,
+                    file: Some(file),
+                    refs,
+                }),
+            }
+        }
+    }
+    let gone: Vec<&String> = match only {
+        false => local.keys().filter(|rel| !seen.contains(*rel)).collect(),
+        true => listed
+            .iter()
+            .flat_map(|(dir, names)| gone_under(local, dir, names))
+            .collect(),
+    };
+    for rel in gone {
+        let is_dir = local[rel].kind == FileKind::Directory;
+        let under_unreadable = unreadable.iter().any(|dir| rel.starts_with(dir.as_str()));
+        if !under_unreadable && !rules.ignores(rel, is_dir) && !is_own_file(rel) {
+            walked.changed.push(Scanned {
+                path: rel.clone(),
+                file: None,
+                refs: vec![],
+            });
+        }
+    }
+    Ok(walked)
+}
+
+/// Which part of a folder a scan looks at.
+#[derive(Clone, Debug, Default)]
+pub enum Scope {
+    /// All of it (the first scan, `meshsync scan`, the periodic safety net).
+    #[default]
+    All,
+    /// These folders, by relative path ("" is the top), as the watcher named them: what each
+    /// holds, and all of what is under a folder this device did not know as one. A million-file
+    /// folder's change of a few files costs a listing of their folders, not a walk of it all.
+    Dirs(BTreeSet<String>),
+}
+
+/// The folders of a targeted walk that are there: one that is gone (or is no longer a
+/// folder) is replaced by its nearest ancestor that is, whose listing shows it gone.
+pub(super) fn scope_dirs(root: &FolderRoot, dirs: &BTreeSet<String>) -> BTreeSet<String> {
+    let mut out = BTreeSet::new();
+    for dir in dirs {
+        let mut dir = dir.as_str();
+        while !dir.is_empty()
+            && root
+                .entry(dir)
+                .ok()
+                .flatten()
+                .is_none_or(|e| e.kind != Kind::Dir)
+        {
+            dir = parent_of(dir);
+        }
+        out.insert(dir.to_string());
+    }
+    out
+}
+
+/// What this device held in `dir` that its listing (`names`: name → is a folder) no longer
+/// shows: children not there, and everything under a child that is no longer a folder.
+fn gone_under<'a>(
+    local: &'a BTreeMap<String, LocalFile>,
+    dir: &str,
+    names: &BTreeMap<String, bool>,
+) -> Vec<&'a String> {
+    use std::ops::Bound::{Excluded, Included, Unbounded};
+    let prefix = if dir.is_empty() {
+        String::new()
+    } else {
+        format!("{dir}/")
+    };
+    let mut gone = Vec::new();
+    let mut from = prefix.clone();
+    let mut include = true;
+    loop {
+        let lower = match include {
+            true => Included(from.clone()),
+            false => Excluded(from.clone()),
+        };
+        let Some((rel, _)) = local.range::<String, _>((lower, Unbounded)).next() else {
+            break;
+        };
+        let Some(rest) = rel.strip_prefix(&prefix) else {
+            break;
+        };
+        match rest.split_once('/') {
+            None => {
+                if !names.contains_key(rest) {
+                    gone.push(rel);
+                }
+                (from, include) = (rel.clone(), false);
+            }
+            Some((child, _)) => {
+                // Deeper: all of the child's subtree is gone if the child is not a folder now;
+                // else it is the child's own listing's business.
+                let child = format!("{prefix}{child}");
+                let end = format!("{child}0"); // just past every "child/…"
+                if names.get(&child[prefix.len()..]) != Some(&true) {
+                    gone.extend(
+                        local
+                            .range::<String, _>((
+                                Included(format!("{child}/")),
+                                Excluded(end.clone()),
+                            ))
+                            .map(|(rel, _)| rel),
+                    );
+                }
+                (from, include) = (end, true);
+            }
+        }
+    }
+    gone
+}
+
+/// What [`examine`] found at one path.
+enum Examined {
+    Unchanged,
+    /// Still being written: left for a rescan after this long.
+    Unsettled(Duration),
+    Changed(LocalFile, Vec<ChunkRef>),
+}
+
+/// Looks at one entry against what this device last recorded there (`known`).
+fn examine(
+    root: &FolderRoot,
+    rel: &str,
+    entry: &Entry,
+    known: Option<&LocalFile>,
+    id_key: &ChunkIdKey,
+    wait_settle: bool,
+) -> anyhow::Result<Examined> {
+    match entry.kind {
+        Kind::Dir => {
+            if known.is_some_and(|l| l.kind == FileKind::Directory) {
+                return Ok(Examined::Unchanged);
+            }
+            // A real mtime, so a conflict copy of this folder is named by a real date.
+            let dir = LocalFile {
+                mtime_ns: entry.mtime_ns,
+                ..LocalFile::directory(entry.mode, 0, ChunkListHash::default())
+            };
+            Ok(Examined::Changed(dir, vec![]))
+        }
+        Kind::Symlink => examine_link(root, rel, entry, known, id_key),
+        Kind::File => examine_file(root, rel, entry, known, id_key, wait_settle),
+        Kind::Other => Ok(Examined::Unchanged), // sockets, devices, fifos: not synced
+    }
+}
+
+fn examine_file(
+    root: &FolderRoot,
+    rel: &str,
+    entry: &Entry,
+    known: Option<&LocalFile>,
+    id_key: &ChunkIdKey,
+    wait_settle: bool,
+) -> anyhow::Result<Examined> {
+    let age = unix_nanos(std::time::SystemTime::now()).saturating_sub(entry.mtime_ns);
+    if wait_settle && (0..SETTLE.as_nanos() as i64).contains(&age) {
+        // Still being written: recording it now would publish a torn version.
+        return Ok(Examined::Unsettled(SETTLE));
+    }
+    let emptied = entry.len == 0 && known.is_some_and(|l| l.kind == FileKind::File && l.size > 0);
+    if wait_settle && emptied && (0..TRUNCATE_SETTLE.as_nanos() as i64).contains(&age) {
+        // Just truncated: most likely rewritten in place right now.
+        let left = TRUNCATE_SETTLE.saturating_sub(Duration::from_nanos(age as u64));
+        return Ok(Examined::Unsettled(left.max(SETTLE)));
+    }
+    let same = known.is_some_and(|l| {
+        l.kind == FileKind::File
+            && l.size == entry.len
+            && l.mtime_ns == entry.mtime_ns
+            && l.mode == entry.mode
+    });
+    if same {
+        return Ok(Examined::Unchanged);
+    }
+    let Ok(file) = root.open_read(rel) else {
+        return Ok(Examined::Unsettled(SETTLE)); // replaced meanwhile (by a link, or gone)
+    };
+    // A write in progress can keep mtime still while the size grows: if the file is not
+    // exactly what it was when we started reading, it is not settled yet (checked after every
+    // block, so a growing file costs one block, not a whole pass).
+    let unchanged = || {
+        file.metadata().is_ok_and(|now| {
+            now.len() == entry.len && now.modified().map(unix_nanos).ok() == Some(entry.mtime_ns)
+        })
+    };
+    let refs = content::chunk_file(&file, id_key, unchanged)?;
+    let size: u64 = refs.iter().flatten().map(|c| u64::from(c.len)).sum();
+    // …and the path must still name the file that was read (not one renamed over it).
+    let after = root.entry(rel).ok().flatten();
+    let replaced = after.is_none_or(|a| a.ino != entry.ino || a.mtime_ns != entry.mtime_ns);
+    let Some(refs) = refs.filter(|_| size == entry.len && !replaced) else {
+        return Ok(Examined::Unsettled(SETTLE));
+    };
+    let file = LocalFile {
+        kind: FileKind::File,
+        size,
+        mtime_ns: entry.mtime_ns,
+        mode: entry.mode,
+        chunks: refs.clone(),
+        version: 0,
+        list_hash: content::chunk_list_hash(&refs),
+    };
+    Ok(Examined::Changed(file, refs))
+}
+
+/// A symlink is synced as a link, never followed: its content is the target path.
+fn examine_link(
+    root: &FolderRoot,
+    rel: &str,
+    entry: &Entry,
+    known: Option<&LocalFile>,
+    id_key: &ChunkIdKey,
+) -> anyhow::Result<Examined> {
+    let Ok(target) = root.read_link(rel) else {
+        return Ok(Examined::Unsettled(SETTLE)); // replaced meanwhile
+    };
+    let refs = content::chunk_stream(&target[..], id_key, |_, _| {})?;
+    let list_hash = content::chunk_list_hash(&refs);
+    if known.is_some_and(|l| l.kind == FileKind::Symlink && l.list_hash == list_hash) {
+        return Ok(Examined::Unchanged);
+    }
+    let link = LocalFile {
+        kind: FileKind::Symlink,
+        size: target.len() as u64,
+        mtime_ns: entry.mtime_ns,
+        mode: 0o777,
+        chunks: refs.clone(),
+        version: 0,
+        list_hash,
+    };
+    Ok(Examined::Changed(link, refs))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use meshsync_crdt::{Epoch, MeshKey};
+
+    fn id_key() -> ChunkIdKey {
+        MeshKey::generate(Epoch(0)).chunk_id_key()
+    }
+
+    fn local_of(walked: &Walked) -> BTreeMap<String, LocalFile> {
+        walked
+            .changed
+            .iter()
+            .filter_map(|s| Some((s.path.clone(), s.file.clone()?)))
+            .collect()
+    }
+
+    #[test]
+    fn walk_finds_new_changed_and_gone_paths_and_skips_own_and_ignored_files() {
+        let dir = tempfile::tempdir().unwrap();
+        let root = dir.path();
+        std::fs::write(root.join(MARKER), "m").unwrap();
+        std::fs::create_dir_all(root.join("sub")).unwrap();
+        std::fs::create_dir_all(root.join(".meshsync")).unwrap();
+        std::fs::write(root.join(".meshsync/ignore"), "*.tmp\n").unwrap();
+        std::fs::write(root.join(".meshsync/ignore.local"), "").unwrap();
+        std::fs::write(root.join("sub/a.txt"), "hello").unwrap();
+        std::fs::write(root.join("junk.tmp"), "x").unwrap();
+        std::os::unix::fs::symlink("sub/a.txt", root.join("link")).unwrap();
+        let key = id_key();
+        let door = FolderRoot::open(root).unwrap();
+        let first = walk(&door, &BTreeMap::new(), &key, false, &Scope::All).unwrap();
+        let paths: BTreeSet<&str> = first.changed.iter().map(|s| s.path.as_str()).collect();
+        assert_eq!(
+            paths,
+            BTreeSet::from([".meshsync/ignore", "sub", "sub/a.txt", "link"])
+        );
+        let link = first.changed.iter().find(|s| s.path == "link").unwrap();
+        assert_eq!(link.file.as_ref().unwrap().kind, FileKind::Symlink);
+        assert_eq!(link.file.as_ref().unwrap().size, "sub/a.txt".len() as u64);
+
+        // Nothing changed: nothing to record.
+        let local = local_of(&first);
+        assert!(walk(&door, &local, &key, false, &Scope::All)
+            .unwrap()
+            .changed
+            .is_empty());
+
+        // An edit, a deletion.
+        std::fs::write(root.join("sub/a.txt"), "hello, world").unwrap();
+        std::fs::remove_file(root.join("link")).unwrap();
+        let second = walk(&door, &local, &key, false, &Scope::All).unwrap();
+        let edited = second
+            .changed
+            .iter()
+            .find(|s| s.path == "sub/a.txt")
+            .unwrap();
+        assert_eq!(edited.file.as_ref().unwrap().size, 12);
+        let gone = second.changed.iter().find(|s| s.path == "link").unwrap();
+        assert!(gone.file.is_none());
+        assert_eq!(second.changed.len(), 2);
+    }
+
+    /// What a walk reports, as (path, still there) pairs.
+    fn changes(walked: &Walked) -> BTreeSet<(String, bool)> {
+        walked
+            .changed
+            .iter()
+            .map(|s| (s.path.clone(), s.file.is_some()))
+            .collect()
+    }
+
+    #[test]
+    fn a_walk_of_the_folders_the_watcher_named_finds_what_a_full_walk_finds_there() {
+        let dir = tempfile::tempdir().unwrap();
+        let root = dir.path();
+        for d in ["a/deep", "b/deep", "c", "gone/inner", "was_dir"] {
+            std::fs::create_dir_all(root.join(d)).unwrap();
+        }
+        for f in [
+            "top.txt",
+            "a/1",
+            "a/deep/2",
+            "b/3",
+            "b/deep/4",
+            "c/5",
+            "c-x",
+            "c.y",
+            "c0",
+            "gone/6",
+            "gone/inner/7",
+            "was_dir/8",
+        ] {
+            std::fs::write(root.join(f), f).unwrap();
+        }
+        let (key, door) = (id_key(), FolderRoot::open(root).unwrap());
+        let local = local_of(&walk(&door, &BTreeMap::new(), &key, false, &Scope::All).unwrap());
+
+        // In "a": an edit, a new file, a new folder with a file; "gone" removed whole; "was_dir"
+        // became a file; in "c": a file removed (its siblings c-x, c.y, c0 stay).
+        std::fs::write(root.join("a/1"), "edited").unwrap();
+        std::fs::write(root.join("a/new"), "n").unwrap();
+        std::fs::create_dir_all(root.join("a/fresh/sub")).unwrap();
+        std::fs::write(root.join("a/fresh/sub/9"), "9").unwrap();
+        std::fs::remove_dir_all(root.join("gone")).unwrap();
+        std::fs::remove_dir_all(root.join("was_dir")).unwrap();
+        std::fs::write(root.join("was_dir"), "now a file").unwrap();
+        std::fs::remove_file(root.join("c/5")).unwrap();
+        // Changed too, but not named by the watcher: a targeted walk does not look there.
+        std::fs::write(root.join("b/deep/4"), "unnamed").unwrap();
+
+        let full = changes(&walk(&door, &local, &key, false, &Scope::All).unwrap());
+        let named = Scope::Dirs(BTreeSet::from([
+            "a".to_string(),
+            "gone/inner".to_string(), // gone: its nearest ancestor there is listed instead
+            "c".to_string(),
+        ]));
+        let targeted = changes(&walk(&door, &local, &key, false, &named).unwrap());
+        let mut expected = full.clone();
+        expected.remove(&("b/deep/4".to_string(), true));
+        assert_eq!(targeted, expected);
+        for change in [
+            ("a/1", true),
+            ("a/new", true),
+            ("a/fresh/sub/9", true),
+            ("gone", false),
+            ("gone/6", false),
+            ("gone/inner/7", false),
+            ("was_dir", true),
+            ("was_dir/8", false),
+            ("c/5", false),
+        ] {
+            assert!(
+                targeted.contains(&(change.0.to_string(), change.1)),
+                "{change:?}"
+            );
+        }
+        assert!(!targeted
+            .iter()
+            .any(|(p, _)| p.starts_with("c-") || p.starts_with("c.") || p == "c0"));
+    }
+
+    #[test]
+    fn walk_leaves_a_file_just_written_for_later_unless_asked() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("fresh.txt"), "x").unwrap();
+        let key = id_key();
+        let door = FolderRoot::open(dir.path()).unwrap();
+        let waited = walk(&door, &BTreeMap::new(), &key, true, &Scope::All).unwrap();
+        assert_eq!(waited.retry_after, Some(SETTLE));
+        assert!(waited.changed.is_empty());
+        let asked = walk(&door, &BTreeMap::new(), &key, false, &Scope::All).unwrap();
+        assert_eq!(asked.retry_after, None);
+        assert_eq!(asked.changed.len(), 1);
+    }
+
+    #[test]
+    fn a_file_just_emptied_is_not_published_until_it_stays_empty() {
+        let dir = tempfile::tempdir().unwrap();
+        let key = id_key();
+        let door = FolderRoot::open(dir.path()).unwrap();
+        std::fs::write(dir.path().join("big.bin"), vec![7u8; 100_000]).unwrap();
+        let first = walk(&door, &BTreeMap::new(), &key, false, &Scope::All).unwrap();
+        let local = local_of(&first);
+        // Rewritten in place: truncated first (the file is empty for a moment).
+        std::fs::File::create(dir.path().join("big.bin")).unwrap();
+        std::thread::sleep(SETTLE * 2); // older than an ordinary save's settle time
+        let waited = walk(&door, &local, &key, true, &Scope::All).unwrap();
+        assert!(waited.changed.is_empty(), "{:?}", waited.changed);
+        let after = waited.retry_after.unwrap();
+        assert!(after > SETTLE && after <= TRUNCATE_SETTLE, "{after:?}");
+        // Still empty a second later: it really is empty now.
+        std::thread::sleep(TRUNCATE_SETTLE);
+        let later = walk(&door, &local, &key, true, &Scope::All).unwrap();
+        assert_eq!(later.changed.len(), 1);
+        assert_eq!(later.changed[0].file.as_ref().unwrap().size, 0);
+        // An ordinary save is not held longer than before.
+        std::fs::write(dir.path().join("small.txt"), "x").unwrap();
+        std::thread::sleep(SETTLE * 2);
+        let saved = walk(&door, &local, &key, true, &Scope::All).unwrap();
+        assert!(saved.changed.iter().any(|s| s.path == "small.txt"));
+    }
+}
