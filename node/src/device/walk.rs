@@ -381,6 +381,7 @@ fn examine_link(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::device::folder::MARKER;
     use meshsync_crdt::{Epoch, MeshKey};
 
     fn id_key() -> ChunkIdKey {
