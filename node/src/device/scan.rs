@@ -19,7 +19,7 @@ use meshsync_crdt::{ChunkListHash, FileKind, FileRecord, FolderId, MeshKey};
 use super::conflict::conflict_name_for;
 use super::folder::MARKER;
 use super::serve::unix_nanos;
-use super::walk::{local_in, scope_dirs};
+use super::walk::local_in;
 pub use super::walk::{walk, Scanned, Scope, Walked, SETTLE, TRUNCATE_SETTLE};
 use super::{sync, Device, Shared};
 use crate::disk::FolderRoot;
@@ -52,27 +52,30 @@ pub async fn scan_all(device: &Shared, options: ScanOptions) -> anyhow::Result<(
 
 /// Rescans one folder, records what changed, and pushes it to connected devices. Returns how
 /// many paths changed.
-#[tracing::instrument(skip_all, fields(folder = %id))]
 pub async fn scan(device: &Shared, id: &FolderId, options: ScanOptions) -> anyhow::Result<usize> {
     scan_in(device, id, options, Scope::All).await
 }
 
-/// Rescans the part of one folder `scope` names (see [`scan`]).
+/// Rescans the part of one folder `scope` names (see [`scan`]). While the mass-delete guard
+/// holds deletions back, every scan looks at all of the folder: a scan of a few folders would
+/// see only their share of the deletions, too few to hold, and record them.
+#[tracing::instrument(skip_all, fields(folder = %id))]
 pub async fn scan_in(
     device: &Shared,
     id: &FolderId,
     options: ScanOptions,
     scope: Scope,
 ) -> anyhow::Result<usize> {
-    let path = device.lock().await.folder(id)?.path.clone();
-    // The folders a targeted scan lists, as they are on disk now (a gone one gives way to the
-    // nearest ancestor still there).
-    let scope = match scope {
-        Scope::All => Scope::All,
-        Scope::Dirs(dirs) => {
-            let path = path.clone();
+    let (path, holding) = {
+        let d = device.lock().await;
+        let f = d.folder(id)?;
+        (f.path.clone(), f.held_deletes > 0)
+    };
+    let scope = match (scope, holding) {
+        (Scope::Dirs(_), true) | (Scope::All, _) => Scope::All,
+        (dirs, false) => {
             tokio::task::spawn_blocking(move || {
-                Ok::<_, anyhow::Error>(Scope::Dirs(scope_dirs(&FolderRoot::open(&path)?, &dirs)))
+                Ok::<_, anyhow::Error>(dirs.there(&FolderRoot::open(&path)?))
             })
             .await??
         }

@@ -64,18 +64,17 @@ async fn watch(device: Shared, mut changed: UnboundedReceiver<Rescan>) {
 fn add(pending: &mut BTreeMap<FolderId, Scope>, rescan: Rescan) {
     /// Past this many folders, one walk of everything is cheaper than listing each.
     const MAX_DIRS: usize = 10_000;
-    let scope = pending.entry(rescan.folder).or_insert(rescan.scope.clone());
-    let merged = match (std::mem::take(scope), rescan.scope) {
-        (Scope::Dirs(mut dirs), Scope::Dirs(more)) => {
+    let Some(scope) = pending.get_mut(&rescan.folder) else {
+        pending.insert(rescan.folder, rescan.scope);
+        return;
+    };
+    *scope = match (std::mem::take(scope), rescan.scope) {
+        (Scope::Dirs(mut dirs), Scope::Dirs(more)) if dirs.len() + more.len() <= MAX_DIRS => {
             dirs.extend(more);
-            match dirs.len() > MAX_DIRS {
-                true => Scope::All,
-                false => Scope::Dirs(dirs),
-            }
+            Scope::Dirs(dirs)
         }
         _ => Scope::All,
     };
-    *scope = merged;
 }
 
 async fn pull_on_connect(device: Shared) {

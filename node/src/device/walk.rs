@@ -81,7 +81,7 @@ pub fn walk(
     let mut unreadable: Vec<String> = Vec::new();
     let (mut stack, only) = match scope {
         Scope::All => (vec![String::new()], false),
-        Scope::Dirs(dirs) => (scope_dirs(root, dirs).into_iter().collect(), true),
+        Scope::Dirs(dirs) => (dirs.iter().cloned().collect(), true),
     };
     // A targeted walk: each folder listed, with the names it holds and whether each is a folder.
     let mut listed: Vec<(String, BTreeMap<String, bool>)> = Vec::new();
@@ -177,12 +177,22 @@ pub enum Scope {
     /// These folders, by relative path ("" is the top), as the watcher named them: what each
     /// holds, and all of what is under a folder this device did not know as one. A million-file
     /// folder's change of a few files costs a listing of their folders, not a walk of it all.
+    /// A walk lists them as given: see [`Scope::there`].
     Dirs(BTreeSet<String>),
 }
 
-/// The folders of a targeted walk that are there: one that is gone (or is no longer a
-/// folder) is replaced by its nearest ancestor that is, whose listing shows it gone.
-pub(super) fn scope_dirs(root: &FolderRoot, dirs: &BTreeSet<String>) -> BTreeSet<String> {
+impl Scope {
+    /// This scope with the folders that are there: one that is gone (or is no longer a folder)
+    /// gives way to its nearest ancestor that is, whose listing shows it gone.
+    pub fn there(self, root: &FolderRoot) -> Scope {
+        match self {
+            Scope::All => Scope::All,
+            Scope::Dirs(dirs) => Scope::Dirs(nearest_folders(root, &dirs)),
+        }
+    }
+}
+
+fn nearest_folders(root: &FolderRoot, dirs: &BTreeSet<String>) -> BTreeSet<String> {
     let mut out = BTreeSet::new();
     for dir in dirs {
         let mut dir = dir.as_str();
@@ -495,7 +505,8 @@ mod tests {
             "a".to_string(),
             "gone/inner".to_string(), // gone: its nearest ancestor there is listed instead
             "c".to_string(),
-        ]));
+        ]))
+        .there(&door);
         let targeted = changes(&walk(&door, &local, &key, false, &named).unwrap());
         let mut expected = full.clone();
         expected.remove(&("b/deep/4".to_string(), true));
