@@ -154,8 +154,9 @@ async fn a_person_pairs_resolves_and_restores_from_the_page() {
     let (fa, fb) = (root.path().join("A"), root.path().join("B"));
     std::fs::create_dir_all(&fa).unwrap();
     std::fs::create_dir_all(&fb).unwrap();
+    std::fs::create_dir_all(fa.join("notes")).unwrap();
     for i in 0..40 {
-        std::fs::write(fa.join(format!("note-{i:02}.txt")), format!("note {i}\n")).unwrap();
+        std::fs::write(fa.join(format!("notes/{i:02}.txt")), format!("note {i}\n")).unwrap();
     }
     std::fs::write(fa.join("photos.bin"), random(64 << 20, 7)).unwrap();
     std::fs::write(fa.join("notes.txt"), b"the first draft\n").unwrap();
@@ -199,7 +200,7 @@ async fn a_person_pairs_resolves_and_restores_from_the_page() {
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     assert!(same(&fa.join("photos.bin"), &fb.join("photos.bin")));
-    assert!(same(&fa.join("note-39.txt"), &fb.join("note-39.txt")));
+    assert!(same(&fa.join("notes/39.txt"), &fb.join("notes/39.txt")));
     screenshot(&client, "3-in-sync").await;
 
     // Back on A's page: the used invite is no longer shown; B is listed.
@@ -268,21 +269,22 @@ async fn a_person_pairs_resolves_and_restores_from_the_page() {
     ) == before_original));
     screenshot(&client, "7-restored").await;
 
-    // Most of the folder deleted on A: the mass-delete guard holds it until allowed on the page.
-    for i in 0..40 {
-        std::fs::remove_file(fa.join(format!("note-{i:02}.txt"))).unwrap();
-    }
+    // Most of the folder gone from A at once: the mass-delete guard holds it until allowed on
+    // the page.
+    std::fs::rename(fa.join("notes"), root.path().join("notes-away")).unwrap();
     let _ = meshsync(&ha, &["scan"]);
     wait_text(&client, "#folder-docs .held", |t| {
-        t.contains("40 deletions held")
+        t.contains("41 deletions held") // 40 files and their folder
     })
     .await;
-    assert!(fb.join("note-00.txt").exists(), "a held delete reached B");
+    assert!(fb.join("notes/00.txt").exists(), "a held delete reached B");
     screenshot(&client, "8-held-deletes").await;
     click(&client, "#folder-docs .held button").await;
     assert!(
-        wait_until(Duration::from_secs(60), || !fb.join("note-00.txt").exists()
-            && !fb.join("note-39.txt").exists()),
+        wait_until(Duration::from_secs(60), || !fb
+            .join("notes/00.txt")
+            .exists()
+            && !fb.join("notes/39.txt").exists()),
         "allowing the deletions on the page did not carry them out"
     );
     assert!(fb.join("photos.bin").exists() && fb.join("notes.txt").exists());

@@ -1,6 +1,8 @@
 //! The daemon's log on stderr: `RUST_LOG` filters it (default `info`), and it is coloured only
 //! for a person at a terminal. Written to a file, a pipe or the journal it is plain text, and
-//! `NO_COLOR` (<https://no-color.org>) turns colour off everywhere.
+//! `NO_COLOR` (<https://no-color.org>) turns colour off everywhere. `MESHSYNC_LOG_SPANS=1`
+//! also logs each span (a scan, a materialise, a sync exchange) as it closes, with the time it
+//! was busy and idle: where a slow change spends its time.
 
 use std::io::IsTerminal;
 
@@ -15,6 +17,11 @@ pub fn init() {
             std::io::stderr().is_terminal(),
             std::env::var_os("NO_COLOR"),
         ))
+        .with_span_events(if std::env::var_os("MESHSYNC_LOG_SPANS").is_some() {
+            tracing_subscriber::fmt::format::FmtSpan::CLOSE
+        } else {
+            tracing_subscriber::fmt::format::FmtSpan::NONE
+        })
         .with_writer(std::io::stderr)
         .try_init();
 }

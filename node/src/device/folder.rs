@@ -2,9 +2,10 @@
 //! and what it could not do (deletions held back, paths no source could give). Adding,
 //! removing and watching folders.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex as StdMutex};
+use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use meshsync_crdt::{DeviceKeys, FolderId, FolderIndex, MembershipLog};
@@ -21,6 +22,38 @@ pub const MARKER: &str = ".meshsync-folder";
 /// Prefix of the temp files a device assembles incoming files in.
 pub const TEMP_PREFIX: &str = ".meshsync-tmp-";
 
+/// How long deletions this device recorded count towards the mass-delete guard.
+const DELETE_WINDOW: Duration = Duration::from_secs(60);
+
+/// Deletions this device recorded in the last [`DELETE_WINDOW`]: the watcher may see a disk
+/// going away, or a slow `rm -r`, in slices each too small to hold; the guard adds them up.
+#[derive(Default)]
+pub(crate) struct RecentDeletes(VecDeque<(Instant, usize)>);
+
+impl RecentDeletes {
+    /// How many deletions were recorded in the window before `now`.
+    pub(crate) fn count(&mut self, now: Instant) -> usize {
+        while let Some(&(at, _)) = self.0.front() {
+            if now.saturating_duration_since(at) < DELETE_WINDOW {
+                break;
+            }
+            self.0.pop_front();
+        }
+        self.0.iter().map(|(_, n)| n).sum()
+    }
+
+    pub(crate) fn add(&mut self, now: Instant, deletes: usize) {
+        if deletes > 0 {
+            self.0.push_back((now, deletes));
+        }
+    }
+
+    /// The user confirmed: what came before no longer counts.
+    pub(crate) fn clear(&mut self) {
+        self.0.clear();
+    }
+}
+
 pub(crate) struct Folder {
     pub(crate) path: PathBuf,
     /// The same path, shared by every entry of the chunk map.
@@ -29,6 +62,8 @@ pub(crate) struct Folder {
     pub(crate) local: BTreeMap<String, LocalFile>,
     /// Deletions the mass-delete guard is holding back.
     pub(crate) held_deletes: usize,
+    /// Deletions recorded lately, which the guard adds to a scan's own.
+    pub(crate) recent_deletes: RecentDeletes,
     /// Paths the index wants whose content no source could give intact (never written).
     pub(crate) unavailable: BTreeSet<String>,
     /// Paths that could not be written on this device, and why (a parent that is a link or a
@@ -40,15 +75,28 @@ pub(crate) struct Folder {
     pub(crate) heard: bool,
     /// Bumped whenever `local` changes.
     local_generation: u64,
-    /// What [`Folder::needs`] last found, and the index heads and local generation it was
+    /// What [`Folder::survey`] last found, and the index heads and local generation it was
     /// found at: nothing changed since, nothing to walk again (at a million files the walk
-    /// costs a good part of a second, and the catch-up asks every second).
-    needs_found: Option<(NeedsMark, BTreeSet<String>)>,
+    /// costs a good part of a second, and the catch-up and `status` ask every second).
+    surveyed: Option<(SurveyMark, Survey)>,
 }
 
-/// What [`Folder::needs`] depends on: the index heads, the local generation, and the ignore
+/// What a folder needs and holds, ignored paths excepted: the catch-up's work and `status`.
+#[derive(Default)]
+pub(crate) struct Survey {
+    /// Paths whose winning record this device does not hold.
+    pub(crate) needs: BTreeSet<String>,
+    /// The size of what `needs` names.
+    pub(crate) need_bytes: u64,
+    /// Paths with concurrent records.
+    pub(crate) conflicts: u64,
+    /// Regular files this device holds.
+    pub(crate) files: usize,
+}
+
+/// What [`Folder::survey`] depends on: the index heads, the local generation, and the ignore
 /// rules files as they are on disk (the local one is never synced, so never a local change).
-type NeedsMark = (
+type SurveyMark = (
     BTreeMap<u16, Vec<automerge::ChangeHash>>,
     u64,
     Vec<Option<(i64, u64, u64)>>,
@@ -63,11 +111,12 @@ impl Folder {
             index,
             local,
             held_deletes: 0,
+            recent_deletes: RecentDeletes::default(),
             unavailable: BTreeSet::new(),
             problems: BTreeMap::new(),
             heard,
             local_generation: 0,
-            needs_found: None,
+            surveyed: None,
         }
     }
 
@@ -112,32 +161,41 @@ impl Folder {
     /// the index only when it or what this device holds changed since the last time (an edit
     /// of the ignore rules is a local change too).
     pub(crate) fn needs(&mut self) -> BTreeSet<String> {
+        self.survey().needs.clone()
+    }
+
+    /// What the folder needs and holds (see [`Survey`]), walked again only when the index,
+    /// the local files or the ignore rules changed since.
+    pub(crate) fn survey(&mut self) -> &Survey {
         let rules = self.root().ok();
         let rules = [super::ignore::IGNORE_FILE, super::ignore::LOCAL_IGNORE_FILE].map(|file| {
             let entry = rules.as_ref()?.entry(file).ok()??;
             Some((entry.mtime_ns, entry.len, entry.ino))
         });
         let mark = (self.index.heads(), self.local_generation, rules.to_vec());
-        if let Some((at, found)) = &self.needs_found {
-            if *at == mark {
-                return found.clone();
-            }
+        if self.surveyed.as_ref().is_none_or(|(at, _)| *at != mark) {
+            self.surveyed = Some((mark, self.walk_survey()));
         }
-        let found = self.walk_needs();
-        self.needs_found = Some((mark, found.clone()));
-        found
+        &self.surveyed.as_ref().expect("surveyed above").1
     }
 
-    fn walk_needs(&self) -> BTreeSet<String> {
+    fn walk_survey(&self) -> Survey {
         let rules = Rules::load_at(&self.path);
-        self.index
-            .iter()
-            .filter(|(path, state)| {
-                !rules.ignores_record(path, &state.winner)
-                    && !in_sync(self.local.get(path), &state.winner)
-            })
-            .map(|(path, _)| path)
-            .collect()
+        let mut survey = Survey::default();
+        for (path, state) in self.index.iter() {
+            if rules.ignores_record(&path, &state.winner) {
+                continue;
+            }
+            if !state.losers.is_empty() {
+                survey.conflicts += 1;
+            }
+            if !in_sync(self.local.get(&path), &state.winner) {
+                survey.need_bytes += state.winner.size;
+                survey.needs.insert(path);
+            }
+        }
+        survey.files = self.file_count();
+        survey
     }
 
     /// How many regular files this device holds in the folder.

@@ -11,13 +11,14 @@
 //!    storage peers, and pushed to connected devices.
 
 use std::collections::BTreeSet;
+use std::time::Instant;
 
 use anyhow::Context;
 use meshsync_crdt::index::{shard_of, FileUpdate};
 use meshsync_crdt::{ChunkListHash, FileKind, FileRecord, FolderId, MeshKey};
 
 use super::conflict::conflict_name_for;
-use super::folder::MARKER;
+use super::folder::{RecentDeletes, MARKER};
 use super::serve::unix_nanos;
 use super::walk::local_in;
 pub use super::walk::{walk, Scanned, Scope, Walked, SETTLE, TRUNCATE_SETTLE};
@@ -120,12 +121,19 @@ pub async fn scan_in(
         .get_mut(id)
         .context("folder removed while scanning")?;
     let deletes = walked.changed.iter().filter(|s| s.file.is_none()).count();
-    let held = mass_delete_held(deletes, f.file_count(), options.allow_mass_delete);
+    let files_here = f.file_count();
+    let held = guard(
+        &mut f.recent_deletes,
+        deletes,
+        files_here,
+        options.allow_mass_delete,
+        Instant::now(),
+    );
     f.held_deletes = if held { deletes } else { 0 };
     let scanned: Vec<Scanned> = if held {
         tracing::warn!(
             deletes,
-            files_here = f.file_count(),
+            files_here,
             "mass delete held back; run `meshsync scan --allow-deletes {id}` if it is intended"
         );
         walked
@@ -154,8 +162,31 @@ pub struct Rescan {
     pub scope: Scope,
 }
 
-/// Whether the guard holds back a scan's `deletes` in a folder of `files_here` files: at least
-/// [`MASS_DELETE_MIN`] and more than half, unless the user allowed it.
+/// Whether the guard holds back a scan's `deletes` in a folder of `files_here` files, counting
+/// the deletions recorded lately (`recent`) with them; deletions it lets through join
+/// `recent`. The user's confirmation starts the count afresh (what was confirmed does not
+/// count either).
+fn guard(
+    recent: &mut RecentDeletes,
+    deletes: usize,
+    files_here: usize,
+    allowed: bool,
+    now: Instant,
+) -> bool {
+    if allowed {
+        recent.clear();
+    }
+    let before = recent.count(now);
+    let held = deletes > 0 && mass_delete_held(deletes + before, files_here + before, allowed);
+    if !held && !allowed {
+        recent.add(now, deletes);
+    }
+    held
+}
+
+/// Whether the guard holds back `deletes` in a folder of `files_here` files: at least
+/// [`MASS_DELETE_MIN`] and more than half, unless the user allowed it. A scan counts the
+/// deletions recorded lately with its own (and those files with the folder's).
 pub fn mass_delete_held(deletes: usize, files_here: usize, allowed: bool) -> bool {
     !allowed && deletes >= MASS_DELETE_MIN && deletes * 2 > files_here
 }
@@ -371,6 +402,7 @@ fn keep_aside(root: &std::path::Path, concurrent: &[Scanned], me: &meshsync_crdt
 mod tests {
     use super::*;
     use meshsync_crdt::{DeviceKeys, Epoch, FolderIndex, MeshId};
+    use std::time::Duration;
 
     #[test]
     fn mass_delete_guard_holds_most_of_a_folder_only() {
@@ -382,6 +414,31 @@ mod tests {
             "half the folder is not more than half"
         );
         assert!(mass_delete_held(11, 20, false));
+    }
+
+    #[test]
+    fn a_mass_delete_seen_in_slices_is_still_held() {
+        let mut recent = RecentDeletes::default();
+        let t0 = Instant::now();
+        let later = |s| t0 + Duration::from_secs(s);
+        // 30 files; the watcher sees 8 of 25 deletions go, then the other 17.
+        assert!(!guard(&mut recent, 8, 30, false, t0), "8 alone are few");
+        assert!(guard(&mut recent, 17, 22, false, later(1)), "8 + 17 of 30");
+        assert!(guard(&mut recent, 17, 22, false, later(2)), "still held");
+        // Confirmed by the user: through, and the count starts afresh.
+        assert!(!guard(&mut recent, 17, 22, true, later(3)));
+        assert!(
+            !guard(&mut recent, 4, 5, false, later(4)),
+            "4 after the confirmation"
+        );
+        // A minute on, earlier deletions no longer count.
+        let mut recent = RecentDeletes::default();
+        assert!(!guard(&mut recent, 9, 30, false, t0));
+        assert!(!guard(&mut recent, 9, 21, false, later(61)), "9, not 18");
+        assert!(
+            !guard(&mut recent, 0, 12, false, later(62)),
+            "nothing to hold"
+        );
     }
 
     fn record(version: u64, chunks: ChunkListHash, deleted: bool) -> FileRecord {

@@ -4,12 +4,11 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 
-use meshsync_crdt::{FileKind, FolderId};
+use meshsync_crdt::FolderId;
 use meshsync_transport::PeerId;
 
 use super::conflict::{conflict_name, original_of_conflict};
 use super::folder::Folder;
-use super::ignore::Rules;
 use super::{Device, Shared};
 use crate::control::{
     ConflictCopy, DeviceInfo, DeviceStatus, FolderStatus, NotWritten, PeerStatus,
@@ -59,7 +58,7 @@ pub async fn devices(device: &Shared) -> Vec<DeviceInfo> {
 }
 
 impl Device {
-    fn status(&self, connected: &BTreeSet<PeerId>, listen: Vec<String>) -> DeviceStatus {
+    fn status(&mut self, connected: &BTreeSet<PeerId>, listen: Vec<String>) -> DeviceStatus {
         let traffic = self.transport.traffic();
         let me = self.keys.device_id();
         let peers = self
@@ -88,7 +87,7 @@ impl Device {
             peers,
             folders: self
                 .folders
-                .iter()
+                .iter_mut()
                 .map(|(id, f)| folder_status(id, f))
                 .collect(),
             storage: self.storage_reports(connected),
@@ -196,32 +195,21 @@ impl Device {
 }
 
 /// One folder's line of `status`: in sync or what it still needs (ignored paths excepted).
-fn folder_status(id: &FolderId, f: &Folder) -> FolderStatus {
-    let rules = Rules::load_at(&f.path);
-    let (mut need_files, mut need_bytes, mut conflicts) = (0u64, 0u64, 0u64);
-    for (path, state) in f.index.iter() {
-        if rules.ignores_record(&path, &state.winner) {
-            continue;
-        }
-        if !state.losers.is_empty() {
-            conflicts += 1;
-        }
-        if !in_sync(f.local.get(&path), &state.winner) {
-            need_files += 1;
-            need_bytes += state.winner.size;
-        }
-    }
+fn folder_status(id: &FolderId, f: &mut Folder) -> FolderStatus {
+    let survey = f.survey();
+    let (need_files, need_bytes, conflicts) = (
+        survey.needs.len() as u64,
+        survey.need_bytes,
+        survey.conflicts,
+    );
+    let local_files = survey.files;
     FolderStatus {
         id: id.to_string(),
         path: f.path.display().to_string(),
         in_sync: need_files == 0,
         need_files,
         need_bytes,
-        local_files: f
-            .local
-            .values()
-            .filter(|l| l.kind == FileKind::File)
-            .count(),
+        local_files,
         conflicts,
         held_deletes: f.held_deletes,
         unavailable: f.unavailable.iter().cloned().collect(),

@@ -54,11 +54,14 @@ pub(crate) async fn materialise(
 ) -> anyhow::Result<()> {
     let gate = device.lock().await.materialising.clone();
     let _one_at_a_time = gate.lock().await;
+    let mut took = Phases::default();
     let Some(job) = device.lock().await.job(folder, paths)? else {
         return Ok(());
     };
+    took.mark("plan");
     let work = Arc::new(job.plan.work);
     let lists = Arc::new(fetch::chunk_lists(device, &job.transport, from, &work).await?);
+    took.mark("lists");
     let held = device.lock().await.held_chunks(&lists);
     let assembly = {
         let (root, work, lists, keys) = (
@@ -69,6 +72,7 @@ pub(crate) async fn materialise(
         );
         blocking(move || fetch::prepare(&root, &work, &lists, &held, &keys)).await?
     };
+    took.mark("prepare");
     // Temp files this materialise made: removed if it fails before installing them.
     let temps: Vec<(String, u64)> = assembly
         .pending
@@ -83,6 +87,7 @@ pub(crate) async fn materialise(
             return Err(error);
         }
     };
+    took.mark("fetch");
     let mut flushed = BTreeSet::new();
     for (i, flush) in std::mem::take(&mut assembly.flushes) {
         let flushed_ok = match flush.await {
@@ -107,7 +112,9 @@ pub(crate) async fn materialise(
         let olds = job.plan.olds;
         let (store, folder) = (job.store.clone(), folder.clone());
         blocking(move || {
+            let mut took = Phases::default();
             let ready = commit::flush(&root, &assembly, &flushed).and_then(|()| {
+                took.mark("flush");
                 keep_replaced(
                     &store, &keys, &root, &folder, &work, &olds, &lists, &mut batch,
                 )
@@ -116,12 +123,52 @@ pub(crate) async fn materialise(
                 commit::remove_temps(&root, &temps);
                 return Err(error);
             }
+            took.mark("keep");
             let installed = commit::install(&root, &work, assembly, &lists, &keys, &me);
+            took.mark("install");
+            tracing::debug!(files = work.len(), took = %took, "installed");
             Ok((installed, batch))
         })
         .await?
     };
-    device.lock().await.record_materialised(folder, installed)
+    took.mark("installing");
+    let recorded = device.lock().await.record_materialised(folder, installed);
+    took.mark("record");
+    tracing::debug!(files = work.len(), took = %took, "materialised");
+    recorded
+}
+
+/// How long each phase of a materialise took, for the debug log.
+struct Phases {
+    last: std::time::Instant,
+    each: Vec<(&'static str, std::time::Duration)>,
+}
+
+impl Default for Phases {
+    fn default() -> Phases {
+        Phases {
+            last: std::time::Instant::now(),
+            each: Vec::new(),
+        }
+    }
+}
+
+impl Phases {
+    fn mark(&mut self, phase: &'static str) {
+        let now = std::time::Instant::now();
+        self.each.push((phase, now - self.last));
+        self.last = now;
+    }
+}
+
+impl std::fmt::Display for Phases {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        for (i, (phase, took)) in self.each.iter().enumerate() {
+            let sep = if i == 0 { "" } else { " " };
+            write!(f, "{sep}{phase} {:.1} ms", took.as_secs_f64() * 1e3)?;
+        }
+        Ok(())
+    }
 }
 
 /// [`materialise`] in a task of its own, for a caller that must not wait for content (a
