@@ -73,6 +73,10 @@ pub struct SyncChanges {
     /// peers the sender may never meet.
     #[serde(default)]
     pub sealed: Vec<ByteBuf>,
+    /// The answer to a pull stopped short of everything the puller lacks (a message has a
+    /// size budget): pull again.
+    #[serde(default)]
+    pub more: bool,
 }
 
 #[derive(Serialize, Deserialize, Debug)]

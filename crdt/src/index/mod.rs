@@ -606,7 +606,20 @@ impl FolderIndex {
         &mut self,
         their_heads: &BTreeMap<u16, Vec<ChangeHash>>,
     ) -> Vec<ShardChange> {
-        let mut out = Vec::new();
+        self.changes_since_within(their_heads, usize::MAX).0
+    }
+
+    /// The changes that a replica with `their_heads` lacks, whole shards at a time, stopping
+    /// before the shard that would take them past `budget` bytes (at least one shard is
+    /// given). Returns them and whether more remain: a new replica of a million-file folder
+    /// lacks far more than one message may carry, and takes it in slices.
+    pub fn changes_since_within(
+        &mut self,
+        their_heads: &BTreeMap<u16, Vec<ChangeHash>>,
+        budget: usize,
+    ) -> (Vec<ShardChange>, bool) {
+        let mut out: Vec<ShardChange> = Vec::new();
+        let mut bytes = 0usize;
         for (&id, shard) in self.shards.iter_mut() {
             let theirs = their_heads.get(&id).cloned().unwrap_or_default();
             if shard.doc.get_heads() == theirs {
@@ -618,9 +631,18 @@ impl FolderIndex {
                 .filter(|h| shard.doc.get_change_by_hash(h).is_some())
                 .collect();
             let changes = shard.doc.get_changes(&known);
-            out.extend(changes.iter().filter_map(|c| shard.outgoing(id, c)));
+            let mine: Vec<ShardChange> = changes
+                .iter()
+                .filter_map(|c| shard.outgoing(id, c))
+                .collect();
+            let size: usize = mine.iter().map(|c| c.change.len() + 64).sum();
+            if !out.is_empty() && bytes.saturating_add(size) > budget {
+                return (out, true);
+            }
+            bytes += size;
+            out.extend(mine);
         }
-        out
+        (out, false)
     }
 
     /// One shard, saved with its changes' signatures, if it exists.

@@ -579,3 +579,31 @@ fn twins_do_not_split_replicas() {
     assert_eq!(loser_side.own.len(), 1);
     assert_eq!(loser_side.own[0].path, "p");
 }
+
+#[test]
+fn a_new_replica_takes_a_big_index_in_slices() {
+    let w = world();
+    let mesh = w.log.mesh();
+    let mut a = FolderIndex::new(mesh, w.folder.clone());
+    let files: Vec<_> = (0..400)
+        .map(|i| update(&format!("dir/f{i}.txt"), 1))
+        .collect();
+    a.write(&w.admin, Epoch(0), files).unwrap();
+    a.take_local_changes();
+    let mut b = FolderIndex::new(mesh, w.folder.clone());
+    let (mut rounds, mut more) = (0, true);
+    while more {
+        let (slice, left) = a.changes_since_within(&b.heads(), 4096);
+        assert!(!slice.is_empty(), "each slice carries something");
+        let bytes: usize = slice.iter().map(|c| c.change.len()).sum();
+        let shards: BTreeSet<u16> = slice.iter().map(|c| c.shard).collect();
+        assert!(bytes <= 4096 || shards.len() == 1, "over budget: {bytes}");
+        b.apply_all(w.log.view(), slice).unwrap();
+        (more, rounds) = (left, rounds + 1);
+    }
+    assert!(rounds > 2, "a small budget takes several slices ({rounds})");
+    assert_eq!(b.heads(), a.heads());
+    assert_eq!(b.get("dir/f399.txt").unwrap().winner.version, 1);
+    let (rest, more) = a.changes_since_within(&b.heads(), 4096);
+    assert!(rest.is_empty() && !more);
+}

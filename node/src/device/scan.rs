@@ -374,6 +374,7 @@ impl Device {
             folders: vec![(id.clone(), changes)],
             heads: self.sealing.heads(),
             sealed,
+            more: false,
         })))
     }
 }

@@ -20,6 +20,10 @@ use crate::state::Batch;
 
 /// At most this many chunk lists are answered per request.
 const MAX_LISTS_PER_REQUEST: usize = 10_000;
+/// About how many bytes of index changes one answer to a pull carries (a message may be at
+/// most `rpc::MAX_MESSAGE`, 64 MiB; a new device of a million-file folder lacks some 150 MB).
+/// Smaller answers also keep each apply, and the device lock it holds, short.
+const PULL_BUDGET: usize = 8 * 1024 * 1024;
 
 /// Answers `/meshsync/doc/1` for `device`.
 pub(crate) fn serve(device: &Shared, transport: &Transport) -> anyhow::Result<()> {
@@ -81,14 +85,22 @@ impl Device {
             changes.heads.clear();
             return changes;
         }
-        // One answer per folder, however often a request names it.
+        // One answer per folder, however often a request names it; at most about
+        // `PULL_BUDGET` bytes of changes, the rest at the next pull.
         let folders: std::collections::BTreeMap<_, _> = folders.into_iter().collect();
+        let mut budget = PULL_BUDGET;
         for (id, heads) in folders {
             if let Some(folder) = self.folders.get_mut(&id) {
+                if budget == 0 {
+                    changes.more = true;
+                    break;
+                }
                 let heads = heads.iter().map(|(s, h)| (*s, from_heads(h))).collect();
-                changes
-                    .folders
-                    .push((id, folder.index.changes_since(&heads)));
+                let (slice, more) = folder.index.changes_since_within(&heads, budget);
+                let bytes: usize = slice.iter().map(|c| c.change.len() + 64).sum();
+                budget = budget.saturating_sub(bytes);
+                changes.more |= more;
+                changes.folders.push((id, slice));
             }
         }
         changes
@@ -132,10 +144,23 @@ pub(crate) async fn pull(device: &Shared, peer: PeerId) -> anyhow::Result<()> {
             d.is_storage(&peer),
         )
     };
-    match protocol::doc(&transport, peer, &request).await? {
-        SyncReply::Changes(changes) => apply_changes(device, peer, changes).await?,
-        SyncReply::Refused(reason) => anyhow::bail!("peer refused: {reason}"),
-        _ => anyhow::bail!("unexpected reply"),
+    let mut request = request;
+    loop {
+        match protocol::doc(&transport, peer, &request).await? {
+            SyncReply::Changes(changes) => {
+                let more = changes.more;
+                apply_changes(device, peer, changes).await?;
+                let next = device.lock().await.pull_request(&peer);
+                // Pulling again only while the last answer moved this device on: a peer
+                // that keeps saying "more" without giving anything new is not followed.
+                if !more || same_heads(&next, &request) {
+                    break;
+                }
+                request = next;
+            }
+            SyncReply::Refused(reason) => anyhow::bail!("peer refused: {reason}"),
+            _ => anyhow::bail!("unexpected reply"),
+        }
     }
     if storage {
         let device = device.clone();
@@ -152,6 +177,10 @@ pub(crate) async fn pull(device: &Shared, peer: PeerId) -> anyhow::Result<()> {
         );
     }
     Ok(())
+}
+
+fn same_heads(a: &SyncRequest, b: &SyncRequest) -> bool {
+    postcard::to_stdvec(a).ok() == postcard::to_stdvec(b).ok()
 }
 
 /// Admits changes from `peer`, persists them, and starts materialising what changed.
