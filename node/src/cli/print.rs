@@ -78,14 +78,15 @@ fn device_status(status: &DeviceStatus) -> String {
             f.need_bytes,
             f.conflicts,
         );
-        for path in &f.unavailable {
+        for path in f.unavailable.iter().take(LIST_AT_MOST) {
             let _ = writeln!(
                 out,
                 "    unavailable: {} (no source has intact data for it yet; not written)",
                 clean(path)
             );
         }
-        for n in &f.not_written {
+        more_lines(&mut out, f.unavailable.len(), "unavailable");
+        for n in f.not_written.iter().take(LIST_AT_MOST) {
             let _ = writeln!(
                 out,
                 "    not written: {}: {}",
@@ -93,6 +94,7 @@ fn device_status(status: &DeviceStatus) -> String {
                 clean(&n.why)
             );
         }
+        more_lines(&mut out, f.not_written.len(), "not written");
     }
     if !status.storage.is_empty() {
         let _ = writeln!(out, "storage peers:");
@@ -325,6 +327,20 @@ pub fn folder_state(f: &crate::control::FolderStatus) -> &'static str {
         "in sync"
     } else {
         "syncing"
+    }
+}
+
+/// How many paths of one kind `status` lists per folder (`--json` gives them all).
+const LIST_AT_MOST: usize = 20;
+
+/// "… and N more" after a list cut at [`LIST_AT_MOST`].
+fn more_lines(out: &mut String, total: usize, what: &str) {
+    if total > LIST_AT_MOST {
+        let _ = writeln!(
+            out,
+            "    … and {} more {what} (`meshsync status --json` lists them all)",
+            total - LIST_AT_MOST
+        );
     }
 }
 

@@ -8,7 +8,8 @@
 //!
 //! Replaced and deleted files stay restorable: before anything is installed, the chunks the new
 //! version does not reuse are sealed into this device's chunk store ([`crate::versions`]).
-//! One materialise runs at a time per device, so a catch-up never fetches what a pull is
+//! A big plan is carried out in batches of its steps, in its order, each recorded as it is
+//! done. One materialise runs at a time per device, so a catch-up never fetches what a pull is
 //! already fetching. The device lock is held only to plan and to record, never across the
 //! network or the disk work.
 
@@ -54,12 +55,37 @@ pub(crate) async fn materialise(
 ) -> anyhow::Result<()> {
     let gate = device.lock().await.materialising.clone();
     let _one_at_a_time = gate.lock().await;
-    let mut took = Phases::default();
-    let Some(job) = device.lock().await.job(folder, paths)? else {
+    let Some(mut job) = device.lock().await.job(folder, paths)? else {
         return Ok(());
     };
-    took.mark("plan");
-    let work = Arc::new(job.plan.work);
+    let plan = std::mem::take(&mut job.plan);
+    let olds = Arc::new(plan.olds);
+    let mut work = plan.work;
+    while !work.is_empty() {
+        let rest = work.split_off(work.len().min(BATCH));
+        let slice = std::mem::replace(&mut work, rest);
+        write_batch(device, from, folder, &job, slice, olds.clone()).await?;
+    }
+    Ok(())
+}
+
+/// How many steps of a plan are carried out at a time, in the plan's order: a new device of
+/// a big folder writes (and records, and shows) its files a batch at a time, with a bounded
+/// number of temp files, instead of all at the end.
+const BATCH: usize = 5_000;
+
+/// Carries out `work`, the next steps of `job`'s plan: chunk lists, temp files filled from
+/// local sources and peers, flushed, old versions kept, installed, recorded.
+async fn write_batch(
+    device: &Shared,
+    from: PeerId,
+    folder: &FolderId,
+    job: &Job,
+    work: Vec<Work>,
+    olds: Arc<std::collections::HashMap<String, LocalFile>>,
+) -> anyhow::Result<()> {
+    let mut took = Phases::default();
+    let work = Arc::new(work);
     let lists = Arc::new(fetch::chunk_lists(device, &job.transport, from, &work).await?);
     took.mark("lists");
     let held = device.lock().await.held_chunks(&lists);
@@ -109,7 +135,6 @@ pub(crate) async fn materialise(
             job.keys.clone(),
             job.me,
         );
-        let olds = job.plan.olds;
         let (store, folder) = (job.store.clone(), folder.clone());
         blocking(move || {
             let mut took = Phases::default();
