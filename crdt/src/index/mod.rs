@@ -224,6 +224,13 @@ pub struct ShardChange {
     pub signature: Signature,
 }
 
+impl ShardChange {
+    /// About how many bytes it takes in a message (the change and its signature).
+    pub fn size(&self) -> usize {
+        self.change.len() + 64
+    }
+}
+
 /// Encodes a batch of shard changes of one folder (the plaintext of a sealed index change).
 pub fn encode_changes(folder: &FolderId, changes: &[ShardChange]) -> Vec<u8> {
     postcard::to_stdvec(&(folder, changes)).expect("changes always encode")
@@ -635,7 +642,7 @@ impl FolderIndex {
                 .iter()
                 .filter_map(|c| shard.outgoing(id, c))
                 .collect();
-            let size: usize = mine.iter().map(|c| c.change.len() + 64).sum();
+            let size: usize = mine.iter().map(ShardChange::size).sum();
             if !out.is_empty() && bytes.saturating_add(size) > budget {
                 return (out, true);
             }

@@ -9,7 +9,7 @@
 
 use std::collections::BTreeSet;
 
-use meshsync_crdt::index::shard_of;
+use meshsync_crdt::index::{shard_of, ShardChange};
 use meshsync_crdt::FolderId;
 use meshsync_transport::{rpc, PeerId, Transport};
 use tracing::Instrument;
@@ -97,7 +97,7 @@ impl Device {
                 }
                 let heads = heads.iter().map(|(s, h)| (*s, from_heads(h))).collect();
                 let (slice, more) = folder.index.changes_since_within(&heads, budget);
-                let bytes: usize = slice.iter().map(|c| c.change.len() + 64).sum();
+                let bytes: usize = slice.iter().map(ShardChange::size).sum();
                 budget = budget.saturating_sub(bytes);
                 changes.more |= more;
                 changes.folders.push((id, slice));
