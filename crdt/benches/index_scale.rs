@@ -45,6 +45,12 @@ fn rss_mb() -> f64 {
     status_mb("VmRSS:")
 }
 
+/// Bytes the program holds allocated (glibc's count over every arena), in MB.
+fn heap_mb() -> f64 {
+    // SAFETY: mallinfo2 only reads glibc's allocator statistics.
+    unsafe { libc::mallinfo2().uordblks as f64 / 1e6 }
+}
+
 fn peak_mb() -> f64 {
     status_mb("VmHWM:")
 }
@@ -113,6 +119,7 @@ fn child(dir: &Path) {
     let mut index = FolderIndex::load(mesh, folder, saved).unwrap();
     let load = start.elapsed();
     let after = rss_mb();
+    println!("  allocated after load: {:.1} MB", heap_mb());
     println!(
         "  load:    {:>8.3} s  resident {:.1} -> {:.1} MB (before: {:.1} MB of saved bytes, freed by the load)  peak {:.1} MB  [{} paths]",
         load.as_secs_f64(),
@@ -145,6 +152,19 @@ fn child(dir: &Path) {
             rss_mb()
         );
     }
+    let (before, heap_before) = (rss_mb(), heap_mb());
+    let start = Instant::now();
+    let loose = index.loose_shards();
+    let saved = index.compact(usize::MAX).unwrap();
+    println!(
+        "  compact: {:>7.1} ms for {loose} changed shards ({:.1} MB saved whole); resident {before:.1} -> {:.1} MB, allocated {heap_before:.1} -> {:.1} MB",
+        start.elapsed().as_secs_f64() * 1000.0,
+        saved.iter().map(|(_, s)| match s {
+            meshsync_crdt::SavedShard::Whole(b) | meshsync_crdt::SavedShard::Piece(_, b) => b.len(),
+        }).sum::<usize>() as f64 / 1e6,
+        rss_mb(),
+        heap_mb()
+    );
 }
 
 fn run(n: usize, scratch: &Path) {

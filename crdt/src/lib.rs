@@ -25,7 +25,9 @@ pub mod name;
 pub mod sealed;
 
 pub use id::{ChunkId, DeviceId, DeviceIdError, Epoch, FolderId, IdError, MeshId};
-pub use index::{ChunkListHash, FileKind, FileRecord, FolderIndex, IndexError, PathState};
+pub use index::{
+    ChunkListHash, FileKind, FileRecord, FolderIndex, IndexError, PathState, SavedShard,
+};
 pub use keys::{DeviceKeys, KemPublicKey, KeyError, MeshKey, SealedKey, Signature, WrappedKey};
 pub use membership::{
     Action, KeyRing, Member, MembershipError, MembershipLog, MembershipView, Role,

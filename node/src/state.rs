@@ -8,7 +8,7 @@
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
-use meshsync_crdt::{ChunkId, ChunkListHash, DeviceId, FolderId, MeshId};
+use meshsync_crdt::{ChunkId, ChunkListHash, DeviceId, FolderId, MeshId, SavedShard};
 use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
 use serde::{Deserialize, Serialize};
 
@@ -17,6 +17,9 @@ use crate::chunks::ChunkRef;
 const META: TableDefinition<&str, &[u8]> = TableDefinition::new("meta");
 const FOLDERS: TableDefinition<&str, &str> = TableDefinition::new("folders");
 const SHARDS: TableDefinition<(&str, u16), &[u8]> = TableDefinition::new("shards");
+/// Pieces saved after a shard's whole save, by folder, shard and number (see
+/// [`meshsync_crdt::SavedShard`]).
+const SHARD_PIECES: TableDefinition<(&str, u16, u32), &[u8]> = TableDefinition::new("shard_pieces");
 const LISTS: TableDefinition<&[u8], &[u8]> = TableDefinition::new("chunk_lists");
 const LOCAL: TableDefinition<(&str, &str), &[u8]> = TableDefinition::new("local_files");
 /// Sealed changes by (author, sequence number): a device's own (to push to storage peers), or
@@ -104,7 +107,7 @@ pub struct Batch {
     pub mesh: Option<MeshId>,
     pub membership: Option<Vec<u8>>,
     pub folders: Vec<(FolderId, PathBuf)>,
-    pub shards: Vec<(FolderId, u16, Vec<u8>)>,
+    pub shards: Vec<(FolderId, u16, SavedShard)>,
     pub lists: Vec<(ChunkListHash, Vec<ChunkRef>)>,
     pub local: Vec<(FolderId, String, Option<LocalFile>)>,
     /// Meta entries to set (see [`MetaKey`] and [`Batch::put`]).
@@ -144,6 +147,7 @@ pub struct Loaded {
     pub mesh: Option<MeshId>,
     pub membership: Option<Vec<u8>>,
     pub folders: BTreeMap<FolderId, PathBuf>,
+    /// Each folder's saved shards: each shard's whole save, then its pieces in order.
     pub shards: BTreeMap<FolderId, Vec<(u16, Vec<u8>)>>,
     pub local: BTreeMap<FolderId, BTreeMap<String, LocalFile>>,
 }
@@ -169,6 +173,7 @@ impl State {
             txn.open_table(META).map_err(|e| state.err(e))?;
             txn.open_table(FOLDERS).map_err(|e| state.err(e))?;
             txn.open_table(SHARDS).map_err(|e| state.err(e))?;
+            txn.open_table(SHARD_PIECES).map_err(|e| state.err(e))?;
             txn.open_table(LISTS).map_err(|e| state.err(e))?;
             txn.open_table(LOCAL).map_err(|e| state.err(e))?;
             txn.open_table(SEALED).map_err(|e| state.err(e))?;
@@ -221,6 +226,21 @@ impl State {
         {
             let (key, bytes) = row.map_err(|x| e(&x))?;
             let (folder, shard) = key.value();
+            let folder = FolderId::new(folder).map_err(|x| e(&x))?;
+            shards
+                .entry(folder)
+                .or_default()
+                .push((shard, bytes.value().to_vec()));
+        }
+        // Pieces come after every whole save, in key order: by shard, then by number.
+        for row in txn
+            .open_table(SHARD_PIECES)
+            .map_err(|x| e(&x))?
+            .iter()
+            .map_err(|x| e(&x))?
+        {
+            let (key, bytes) = row.map_err(|x| e(&x))?;
+            let (folder, shard, _) = key.value();
             let folder = FolderId::new(folder).map_err(|x| e(&x))?;
             shards
                 .entry(folder)
@@ -437,6 +457,13 @@ impl State {
             shards
                 .retain_in((id.as_str(), 0)..=(id.as_str(), u16::MAX), |_, _| false)
                 .map_err(|e| self.err(e))?;
+            let mut pieces = txn.open_table(SHARD_PIECES).map_err(|e| self.err(e))?;
+            pieces
+                .retain_in(
+                    (id.as_str(), 0, 0)..=(id.as_str(), u16::MAX, u32::MAX),
+                    |_, _| false,
+                )
+                .map_err(|e| self.err(e))?;
             let mut local = txn.open_table(LOCAL).map_err(|e| self.err(e))?;
             let keys: Vec<String> = local
                 .iter()
@@ -481,10 +508,26 @@ impl State {
                     .map_err(|e| self.err(e))?;
             }
             let mut shards = txn.open_table(SHARDS).map_err(|e| self.err(e))?;
-            for (folder, shard, bytes) in &batch.shards {
-                shards
-                    .insert((folder.as_str(), *shard), &bytes[..])
-                    .map_err(|e| self.err(e))?;
+            let mut pieces = txn.open_table(SHARD_PIECES).map_err(|e| self.err(e))?;
+            for (folder, shard, saved) in &batch.shards {
+                let folder = folder.as_str();
+                match saved {
+                    SavedShard::Whole(bytes) => {
+                        shards
+                            .insert((folder, *shard), &bytes[..])
+                            .map_err(|e| self.err(e))?;
+                        pieces
+                            .retain_in((folder, *shard, 0)..=(folder, *shard, u32::MAX), |_, _| {
+                                false
+                            })
+                            .map_err(|e| self.err(e))?;
+                    }
+                    SavedShard::Piece(n, bytes) => {
+                        pieces
+                            .insert((folder, *shard, *n), &bytes[..])
+                            .map_err(|e| self.err(e))?;
+                    }
+                }
             }
             let mut lists = txn.open_table(LISTS).map_err(|e| self.err(e))?;
             for (hash, list) in &batch.lists {

@@ -25,6 +25,8 @@ use crate::membership::{ChangeMark, Cutoff, FolderTag};
 const CHANGE_CONTEXT: &str = "meshsync index change v1";
 /// Starts a saved shard: its document, then the signatures of its changes.
 const SAVED_MAGIC: [u8; 4] = *b"MSI2";
+/// Starts a piece of a saved shard: changes since the save before, with their signatures.
+const PIECE_MAGIC: [u8; 4] = *b"MSP1";
 /// The first bytes of a bare Automerge document (a shard saved before changes were signed).
 const AUTOMERGE_MAGIC: [u8; 4] = [0x85, 0x6f, 0x4a, 0x83];
 
@@ -124,6 +126,55 @@ pub(super) fn decode_saved(
         .map(|(h, s)| (ChangeHash(h), s))
         .collect();
     Ok((doc, signatures))
+}
+
+#[derive(Serialize, Deserialize)]
+struct Piece {
+    /// The changes' raw bytes, one after another.
+    changes: Vec<u8>,
+    signatures: Vec<([u8; 32], Signature)>,
+}
+
+/// A piece of a saved shard: `changes` and their signatures.
+pub(super) fn encode_piece(
+    changes: &[automerge::Change],
+    signatures: &HashMap<ChangeHash, Signature>,
+) -> Vec<u8> {
+    let piece = Piece {
+        changes: changes
+            .iter()
+            .flat_map(|c| c.raw_bytes())
+            .copied()
+            .collect(),
+        signatures: changes
+            .iter()
+            .filter_map(|c| Some((c.hash().0, *signatures.get(&c.hash())?)))
+            .collect(),
+    };
+    let mut out = PIECE_MAGIC.to_vec();
+    postcard::to_io(&piece, &mut out).expect("a piece always encodes");
+    out
+}
+
+/// Adds a piece of a saved shard (see [`encode_piece`]) to `doc` and `signatures`.
+pub(super) fn load_piece(
+    doc: &mut AutoCommit,
+    signatures: &mut HashMap<ChangeHash, Signature>,
+    bytes: &[u8],
+) -> Result<(), IndexError> {
+    let body = bytes
+        .strip_prefix(&PIECE_MAGIC)
+        .ok_or_else(|| IndexError::Load("not a piece of a saved shard".into()))?;
+    let piece: Piece = postcard::from_bytes(body).map_err(|e| IndexError::Load(e.to_string()))?;
+    doc.load_incremental(&piece.changes)
+        .map_err(|e| IndexError::Load(e.to_string()))?;
+    signatures.extend(
+        piece
+            .signatures
+            .into_iter()
+            .map(|(h, s)| (ChangeHash(h), s)),
+    );
+    Ok(())
 }
 
 /// What [`FolderIndex::drop_past_cutoffs`] took out.
@@ -282,6 +333,8 @@ impl Shard {
         self.signatures.retain(|h, _| !out.contains(h));
         self.sent = doc.get_heads();
         self.doc = doc;
+        self.saved = None; // what was saved still holds the dropped changes
+        self.compact_heads = Vec::new();
         dropped.changes += out.len();
         Ok(())
     }

@@ -509,6 +509,96 @@ fn save_and_load_keep_everything() {
     assert_eq!(b.get("d/77"), a.get("d/77"));
 }
 
+/// What a device persists of each shard as it saves: a whole save replaces the shard's
+/// earlier saves, a piece follows them (as the node's state keeps them).
+fn persist(store: &mut BTreeMap<u16, Vec<Vec<u8>>>, index: &mut FolderIndex) {
+    for shard in 0..SHARDS {
+        match index.save_shard(shard) {
+            Some(SavedShard::Whole(bytes)) => {
+                store.insert(shard, vec![bytes]);
+            }
+            Some(SavedShard::Piece(n, bytes)) => {
+                let saves = store.get_mut(&shard).expect("a piece follows a whole");
+                assert_eq!(saves.len(), n as usize, "pieces are numbered in order");
+                saves.push(bytes);
+            }
+            None => {}
+        }
+    }
+}
+
+fn stored(store: &BTreeMap<u16, Vec<Vec<u8>>>) -> Vec<(u16, Vec<u8>)> {
+    store
+        .iter()
+        .flat_map(|(shard, saves)| saves.iter().map(|bytes| (*shard, bytes.clone())))
+        .collect()
+}
+
+#[test]
+fn a_shard_is_saved_whole_then_in_pieces_and_loads_the_same() {
+    let w = world();
+    let mesh = w.log.mesh();
+    let mut a = FolderIndex::new(mesh, w.folder.clone());
+    let mut store = BTreeMap::new();
+    a.write(
+        &w.admin,
+        Epoch(0),
+        (0..300).map(|i| update(&format!("d/{i}"), 1)).collect(),
+    )
+    .unwrap();
+    persist(&mut store, &mut a);
+    let wholes = store.len();
+    assert!(
+        store.values().all(|saves| saves.len() == 1),
+        "first saves are whole"
+    );
+    // Small changes after it are saved as pieces, and a shard with nothing new not at all.
+    for round in 2..6u8 {
+        a.write(
+            &w.admin,
+            Epoch(0),
+            vec![update("d/7", round), update("d/8", round)],
+        )
+        .unwrap();
+        persist(&mut store, &mut a);
+    }
+    let pieces: usize = store.values().map(|saves| saves.len() - 1).sum();
+    assert_eq!(store.len(), wholes);
+    assert!(pieces >= 4, "changes saved as pieces ({pieces})");
+    assert!(
+        a.save_shard(shard_of(&w.folder, "d/7")).is_none(),
+        "nothing new"
+    );
+    // A whole and its pieces load as the index was, and the loaded index goes on in pieces.
+    let mut b = FolderIndex::load(mesh, w.folder.clone(), stored(&store)).unwrap();
+    assert_eq!(b.heads(), a.heads());
+    assert_eq!(b.get("d/7"), a.get("d/7"));
+    assert_eq!(b.get("d/8").unwrap().winner.version, 5);
+    b.write(&w.admin, Epoch(0), vec![update("d/7", 9)]).unwrap();
+    persist(&mut store, &mut b);
+    let c = FolderIndex::load(mesh, w.folder.clone(), stored(&store)).unwrap();
+    assert_eq!(c.get("d/7"), b.get("d/7"));
+    // Pieces that grow as big as the whole make the next save whole again.
+    let shard = shard_of(&w.folder, "d/7");
+    let mut wholes_again = 0;
+    for round in 0..200u32 {
+        let paths: Vec<FileUpdate> = (0..300)
+            .map(|i| format!("d/{i}"))
+            .filter(|p| shard_of(&w.folder, p) == shard)
+            .map(|p| update(&p, (round % 250) as u8 + 2))
+            .collect();
+        b.write(&w.admin, Epoch(0), paths).unwrap();
+        if let Some(SavedShard::Whole(_)) = b.save_shard(shard) {
+            wholes_again += 1;
+        }
+    }
+    assert!(
+        wholes_again >= 1,
+        "pieces are compacted into a whole now and then"
+    );
+    assert!(wholes_again < 100, "but not every time ({wholes_again})");
+}
+
 #[test]
 fn twins_do_not_split_replicas() {
     // A device's stolen keys can make a second change under its actor ID and sequence number.

@@ -79,6 +79,9 @@ pub(crate) struct Folder {
     /// found at: nothing changed since, nothing to walk again (at a million files the walk
     /// costs a good part of a second, and the catch-up and `status` ask every second).
     surveyed: Option<(SurveyMark, Survey)>,
+    /// The index heads at the last round of [`Device::compact_quiet_indexes`]: the same at
+    /// the next, the index was quiet in between.
+    quiet_heads: Option<BTreeMap<u16, Vec<automerge::ChangeHash>>>,
 }
 
 /// What a folder needs and holds, ignored paths excepted: the catch-up's work and `status`.
@@ -117,6 +120,7 @@ impl Folder {
             heard,
             local_generation: 0,
             surveyed: None,
+            quiet_heads: None,
         }
     }
 
@@ -362,6 +366,28 @@ impl Device {
         }
     }
 
+    /// Loads again, from their saves, up to [`COMPACT_SHARDS`] shards of each folder whose
+    /// index did not change since the last round (see [`FolderIndex::compact`]); the saves
+    /// replace what the state held of those shards. A quiet index goes back to its compact
+    /// form a few shards at a time, the device lock held briefly each time.
+    pub(crate) fn compact_quiet_indexes(&mut self) -> anyhow::Result<()> {
+        let mut batch = Batch::default();
+        for (id, f) in self.folders.iter_mut() {
+            let heads = f.index.heads();
+            if f.quiet_heads.as_ref() == Some(&heads) {
+                let compacted = f.index.compact(COMPACT_SHARDS)?;
+                if !compacted.is_empty() {
+                    tracing::debug!(folder = %id, shards = compacted.len(), "compacted");
+                }
+                for (shard, saved) in compacted {
+                    batch.shards.push((id.clone(), shard, saved));
+                }
+            }
+            f.quiet_heads = Some(heads);
+        }
+        Ok(self.state.commit(batch)?)
+    }
+
     /// Paths whose winning version is not on disk here yet, per folder.
     pub(crate) fn needs(&mut self) -> Vec<(FolderId, BTreeSet<String>)> {
         self.folders
@@ -383,6 +409,9 @@ impl Device {
         self.folders.get(id).with_context(|| no_folder(id))
     }
 }
+
+/// How many shards of a folder's index one round compacts (at a million files, ~4 ms each).
+const COMPACT_SHARDS: usize = 16;
 
 /// The error for a folder ID this device does not sync.
 pub(crate) fn no_folder(id: &FolderId) -> String {

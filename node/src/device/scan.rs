@@ -145,15 +145,29 @@ pub async fn scan_in(
         walked.changed
     };
     let count = scanned.len();
-    if count == 0 {
-        return Ok(0);
-    }
-    if let Some(push) = d.record_scan(id, scanned, &key)? {
-        let storage = d.storage_peers().into_iter().collect();
-        sync::push_to_devices(d.transport.clone(), storage, push);
+    // Recorded a slice at a time, the device let go of in between: a first scan of a million
+    // files holds the lock, and the memory of its records, seals and push, for a slice only,
+    // and each push stays well within a message.
+    let mut scanned = scanned.into_iter();
+    loop {
+        let slice: Vec<Scanned> = scanned.by_ref().take(RECORD_SLICE).collect();
+        if slice.is_empty() {
+            break;
+        }
+        if let Some(push) = d.record_scan(id, slice, &key)? {
+            let storage = d.storage_peers().into_iter().collect();
+            sync::push_to_devices(d.transport.clone(), storage, push);
+        }
+        if !scanned.as_slice().is_empty() {
+            drop(d);
+            d = device.lock().await;
+        }
     }
     Ok(count)
 }
+
+/// How many scanned paths are recorded, committed and pushed together.
+const RECORD_SLICE: usize = 50_000;
 
 /// A rescan the watcher (or a scan that found a file still being written) asks for.
 #[derive(Clone, Debug)]
