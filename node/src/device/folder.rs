@@ -124,8 +124,8 @@ impl Folder {
         }
     }
 
-    /// Records what this device now holds at `path` (`None`: nothing): in memory, in the
-    /// chunk map it serves from, and in `batch`.
+    /// Records what this device now holds at `path` (`None`: nothing): in memory, and in
+    /// `batch` with where its chunks lie (see [`ChunkMap`]).
     pub(crate) fn set_local(
         &mut self,
         id: &FolderId,
@@ -134,13 +134,17 @@ impl Folder {
         path: String,
         file: Option<LocalFile>,
     ) {
+        map.record(
+            &self.file_at(&path),
+            self.local.get(&path),
+            file.as_ref(),
+            batch,
+        );
         match &file {
             Some(file) => {
-                map.remember(self.file_at(&path), file);
                 self.local.insert(path.clone(), file.clone());
             }
             None => {
-                map.forget(&self.path.join(&path));
                 self.local.remove(&path);
             }
         }
@@ -221,6 +225,8 @@ pub(crate) fn load_all(
 ) -> anyhow::Result<BTreeMap<FolderId, Folder>> {
     let mut loaded = state.load()?;
     let mut folders = BTreeMap::new();
+    let fill_places = !state.has_places()?;
+    let mut batch = Batch::default();
     for (id, path) in loaded.folders {
         let shards = loaded.shards.remove(&id).unwrap_or_default();
         let index = FolderIndex::load(log.mesh(), id.clone(), shards)?
@@ -228,14 +234,18 @@ pub(crate) fn load_all(
         let local = loaded.local.remove(&id).unwrap_or_default();
         remove_temp_files(&path);
         let folder = Folder::new(path, index, local);
-        {
-            let mut map = chunk_map.lock().expect("chunk map lock");
-            for (rel, file) in &folder.local {
-                map.remember(folder.file_at(rel), file);
+        // Link targets are served from memory; where files' chunks lie is in the state,
+        // except in a state from before it was: filled in once from the local files.
+        let mut map = chunk_map.lock().expect("chunk map lock");
+        for (rel, file) in &folder.local {
+            if fill_places || file.kind == meshsync_crdt::FileKind::Symlink {
+                map.record(&folder.file_at(rel), None, Some(file), &mut batch);
             }
         }
+        drop(map);
         folders.insert(id, folder);
     }
+    state.commit(batch)?;
     Ok(folders)
 }
 
@@ -309,11 +319,7 @@ impl Device {
     /// Stops syncing a folder on this device (its files stay where they are).
     pub fn remove_folder(&mut self, id: &FolderId) -> anyhow::Result<PathBuf> {
         let folder = self.folders.remove(id).with_context(|| no_folder(id))?;
-        self.state.remove_folder(id)?;
-        self.chunk_map
-            .lock()
-            .expect("chunk map lock")
-            .forget_under(&folder.path);
+        self.state.remove_folder(id, &folder.path)?;
         Ok(folder.path)
     }
 

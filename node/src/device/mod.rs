@@ -148,6 +148,7 @@ pub async fn start(home: Home, network: Network) -> anyhow::Result<Shared> {
         &transport,
         Arc::new(Served {
             map: chunk_map,
+            state: device.lock().await.state.clone(),
             keys: ring,
             store,
         }),
@@ -210,6 +211,7 @@ impl Device {
     pub(crate) fn served(&self) -> Served {
         Served {
             map: self.chunk_map.clone(),
+            state: self.state.clone(),
             keys: self.keys_ring.clone(),
             store: self.store.clone(),
         }

@@ -1,8 +1,8 @@
 //! Serving chunks (`/meshsync/chunks/1`) from the synced files themselves, so a device keeps no
 //! second copy of its folders.
 //!
-//! [`ChunkMap`] knows every current file holding each chunk, and the size and mtime each file
-//! had when its chunks were recorded; [`Served`] reads a chunk from a file that still matches,
+//! The state records every current file holding each chunk, and the size and mtime each file
+//! had when its chunks were recorded ([`ChunkMap::record`], [`places`]); [`Served`] reads a chunk from a file that still matches,
 //! seals it, and falls back to the chunk store (old versions). Symlink targets are served from
 //! memory. Every chunk read from a file is hashed again before it is sealed, so a file edited
 //! since its scan never has other bytes sealed under a chunk's key and nonce. The chunk server
@@ -10,7 +10,7 @@
 //! device lock.
 
 use std::collections::HashMap;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::{Arc, Mutex as StdMutex};
 
 use meshsync_crdt::{ChunkId, FileKind, KeyRing};
@@ -18,7 +18,7 @@ use meshsync_transport::chunks::ChunkSource;
 
 use crate::chunks::{content, ChunkRef, ChunkStore};
 use crate::disk::FolderRoot;
-use crate::state::LocalFile;
+use crate::state::{Batch, LocalFile, Placed, State};
 
 /// A synced file: its folder and its path there. It is read only through the folder's
 /// [`FolderRoot`] (no symlink followed).
@@ -29,120 +29,109 @@ pub(crate) struct FileAt {
 }
 
 impl FileAt {
-    /// The file's absolute path (the chunk map's key; never opened as such).
-    fn key(&self) -> PathBuf {
-        self.root.join(&self.rel)
-    }
-
     /// Opens the file for reading through the folder's door.
     pub(crate) fn open(&self) -> Option<std::fs::File> {
         FolderRoot::open(&self.root).ok()?.open_read(&self.rel).ok()
     }
 }
 
-/// Where the chunks of current files lie on disk, for serving them.
+/// Where the chunks of current files lie: recorded in the state ([`State::places`]: at a million
+/// files, a map in memory took ~600 bytes per file), except link targets, which are few and
+/// served from memory.
 #[derive(Default)]
 pub(crate) struct ChunkMap {
-    /// Every current file holding each chunk, and where in it.
-    pub(crate) locations: HashMap<ChunkId, Vec<(FileAt, ChunkRef)>>,
-    /// Size and mtime of each file when its chunks were recorded, and its chunks: a file that
-    /// no longer matches is not served from (its chunks may have moved).
-    files: HashMap<PathBuf, Recorded>,
     /// Symlink targets, served from memory.
     pub(crate) links: HashMap<ChunkId, Vec<u8>>,
 }
 
-/// What the chunk map recorded of one file.
-struct Recorded {
-    size: u64,
-    mtime_ns: i64,
-    chunks: Vec<ChunkId>,
-}
-
 impl ChunkMap {
-    /// Records where the chunks of a current local file (or link) can be read from, in place
-    /// of what that path held before.
-    pub(crate) fn remember(&mut self, at: FileAt, file: &LocalFile) {
-        let path = at.key();
-        self.forget(&path);
-        if file.kind == FileKind::Symlink {
-            let target = FolderRoot::open(&at.root).and_then(|root| root.read_link(&at.rel));
-            let Ok(bytes) = target else {
-                return;
-            };
-            for c in &file.chunks {
-                if let Some(part) = bytes.get(c.range().start as usize..c.range().end as usize) {
-                    self.links.insert(c.id, part.to_vec());
+    /// Records in `batch` that the file (or link) at `at` holds `file` now (`None`: nothing),
+    /// in place of `old`.
+    pub(crate) fn record(
+        &mut self,
+        at: &FileAt,
+        old: Option<&LocalFile>,
+        file: Option<&LocalFile>,
+        batch: &mut Batch,
+    ) {
+        for c in old.iter().flat_map(|old| &old.chunks) {
+            batch
+                .places
+                .push((c.id, at.root.clone(), at.rel.clone(), None));
+        }
+        let Some(file) = file else { return };
+        match file.kind {
+            FileKind::Symlink => {
+                let target = FolderRoot::open(&at.root).and_then(|root| root.read_link(&at.rel));
+                let Ok(bytes) = target else {
+                    return;
+                };
+                for c in &file.chunks {
+                    let range = c.range().start as usize..c.range().end as usize;
+                    if let Some(part) = bytes.get(range) {
+                        self.links.insert(c.id, part.to_vec());
+                    }
                 }
             }
-            return;
-        }
-        for c in &file.chunks {
-            self.locations
-                .entry(c.id)
-                .or_default()
-                .push((at.clone(), *c));
-        }
-        let chunks = file.chunks.iter().map(|c| c.id).collect();
-        self.files.insert(
-            path,
-            Recorded {
-                size: file.size,
-                mtime_ns: file.mtime_ns,
-                chunks,
-            },
-        );
-    }
-
-    /// Forgets what `path` held (deleted, or about to be re-recorded).
-    pub(crate) fn forget(&mut self, path: &Path) {
-        let Some(recorded) = self.files.remove(path) else {
-            return;
-        };
-        for id in recorded.chunks {
-            if let Some(places) = self.locations.get_mut(&id) {
-                places.retain(|(at, _)| at.key() != path);
-                if places.is_empty() {
-                    self.locations.remove(&id);
+            FileKind::File => {
+                for c in &file.chunks {
+                    let placed = Placed {
+                        offset: c.offset,
+                        len: c.len,
+                        size: file.size,
+                        mtime_ns: file.mtime_ns,
+                    };
+                    batch
+                        .places
+                        .push((c.id, at.root.clone(), at.rel.clone(), Some(placed)));
                 }
             }
+            FileKind::Directory => {}
         }
-    }
-
-    /// Forgets every file under `root` (a folder no longer synced).
-    pub(crate) fn forget_under(&mut self, root: &Path) {
-        let gone: Vec<PathBuf> = self
-            .files
-            .keys()
-            .filter(|path| path.starts_with(root))
-            .cloned()
-            .collect();
-        for path in gone {
-            self.forget(&path);
-        }
-    }
-
-    /// The places holding `id`, each with the (size, mtime) recorded for its file.
-    fn places(&self, id: &ChunkId) -> Vec<Place> {
-        self.locations
-            .get(id)
-            .into_iter()
-            .flatten()
-            .map(|(at, chunk)| Place {
-                at: at.clone(),
-                chunk: *chunk,
-                recorded: self.files.get(&at.key()).map(|r| (r.size, r.mtime_ns)),
-            })
-            .collect()
     }
 }
 
 /// Where a chunk lies: the file, the chunk's place in it, and the (size, mtime) the file had
 /// when its chunks were recorded.
-struct Place {
-    at: FileAt,
-    chunk: ChunkRef,
-    recorded: Option<(u64, i64)>,
+pub(crate) struct Place {
+    pub(crate) at: FileAt,
+    pub(crate) chunk: ChunkRef,
+    pub(crate) recorded: (u64, i64),
+}
+
+/// Where each of `ids` lies in current files, by the state's record.
+pub(crate) fn places<'a>(
+    state: &State,
+    ids: impl IntoIterator<Item = &'a ChunkId>,
+) -> HashMap<ChunkId, Vec<Place>> {
+    let found = match state.places(ids) {
+        Ok(found) => found,
+        Err(error) => {
+            tracing::warn!(%error, "cannot read where chunks lie");
+            return HashMap::new();
+        }
+    };
+    found
+        .into_iter()
+        .map(|(id, rows)| {
+            let places = rows
+                .into_iter()
+                .map(|(root, rel, placed)| Place {
+                    at: FileAt {
+                        root: Arc::new(root),
+                        rel,
+                    },
+                    chunk: ChunkRef {
+                        id,
+                        offset: placed.offset,
+                        len: placed.len,
+                    },
+                    recorded: (placed.size, placed.mtime_ns),
+                })
+                .collect();
+            (id, places)
+        })
+        .collect()
 }
 
 /// Nanoseconds since the Unix epoch (0 before it or when unknown).
@@ -156,6 +145,8 @@ pub(crate) fn unix_nanos(time: std::time::SystemTime) -> i64 {
 #[derive(Clone)]
 pub(crate) struct Served {
     pub(crate) map: Arc<StdMutex<ChunkMap>>,
+    /// The state, which records where the chunks of current files lie.
+    pub(crate) state: State,
     /// Every mesh key this device holds (a chunk is sealed with its own epoch's).
     pub(crate) keys: Arc<StdMutex<KeyRing>>,
     /// Old versions' chunks, already sealed.
@@ -166,15 +157,15 @@ impl ChunkSource for Served {
     fn get(&self, id: &ChunkId) -> Option<bytes::Bytes> {
         use std::os::unix::fs::FileExt;
         let ring = self.keys.lock().ok()?.clone();
-        let places = {
+        {
             let map = self.map.lock().ok()?;
             if let Some(target) = map.links.get(id) {
                 let key = content::key_of(&ring, id, target)?;
                 let sealed = content::seal_chunk(&key.chunk_key(), key.epoch(), id, target);
                 return Some(sealed.into());
             }
-            map.places(id)
-        };
+        }
+        let places = places(&self.state, [id]).remove(id).unwrap_or_default();
         for Place {
             at,
             chunk,
@@ -188,7 +179,7 @@ impl ChunkSource for Served {
             // it had when its chunks were recorded is not even read.
             let Ok(meta) = file.metadata() else { continue };
             let mtime_ns = meta.modified().map(unix_nanos).unwrap_or(0);
-            if recorded != Some((meta.len(), mtime_ns)) {
+            if recorded != (meta.len(), mtime_ns) {
                 continue;
             }
             // Re-hashed before sealing (which also finds the epoch whose key made its ID): the
@@ -208,5 +199,78 @@ impl ChunkSource for Served {
             .ok()
             .flatten()
             .map(Into::into)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use meshsync_crdt::{ChunkListHash, FolderId};
+
+    fn file(chunks: &[(u8, u64, u32)], size: u64, mtime_ns: i64) -> LocalFile {
+        LocalFile {
+            kind: FileKind::File,
+            size,
+            mtime_ns,
+            mode: 0o644,
+            chunks: chunks
+                .iter()
+                .map(|&(id, offset, len)| ChunkRef {
+                    id: ChunkId([id; 32]),
+                    offset,
+                    len,
+                })
+                .collect(),
+            version: 1,
+            list_hash: ChunkListHash::default(),
+        }
+    }
+
+    #[test]
+    fn where_chunks_lie_is_kept_in_the_state_and_follows_each_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let state = State::open(dir.path()).unwrap();
+        assert!(!state.has_places().unwrap());
+        let root = Arc::new(dir.path().join("folder"));
+        let at = |rel: &str| FileAt {
+            root: root.clone(),
+            rel: rel.into(),
+        };
+        let mut map = ChunkMap::default();
+        let v1 = file(&[(1, 0, 100), (2, 100, 50)], 150, 7);
+        let other = file(&[(2, 0, 50)], 50, 9);
+        let mut batch = Batch::default();
+        map.record(&at("a/x"), None, Some(&v1), &mut batch);
+        map.record(&at("y"), None, Some(&other), &mut batch);
+        state.commit(batch).unwrap();
+        assert!(state.has_places().unwrap());
+        let found = places(&state, &[ChunkId([1; 32]), ChunkId([2; 32])]);
+        let one = &found[&ChunkId([1; 32])];
+        assert_eq!(one.len(), 1);
+        assert_eq!((one[0].at.rel.as_str(), one[0].chunk.offset), ("a/x", 0));
+        assert_eq!(one[0].recorded, (150, 7));
+        let mut two: Vec<(String, u64)> = found[&ChunkId([2; 32])]
+            .iter()
+            .map(|p| (p.at.rel.clone(), p.chunk.offset))
+            .collect();
+        two.sort();
+        assert_eq!(two, [("a/x".into(), 100), ("y".into(), 0)]);
+
+        // A new version keeps chunk 2 at another offset and drops chunk 1; "y" is deleted.
+        let v2 = file(&[(3, 0, 10), (2, 10, 50)], 60, 8);
+        let mut batch = Batch::default();
+        map.record(&at("a/x"), Some(&v1), Some(&v2), &mut batch);
+        map.record(&at("y"), Some(&other), None, &mut batch);
+        state.commit(batch).unwrap();
+        let found = places(&state, &[ChunkId([1; 32]), ChunkId([2; 32])]);
+        assert!(!found.contains_key(&ChunkId([1; 32])), "chunk 1 is gone");
+        let two = &found[&ChunkId([2; 32])];
+        assert_eq!(two.len(), 1);
+        assert_eq!((two[0].chunk.offset, two[0].recorded), (10, (60, 8)));
+
+        // A folder no longer synced takes its places along.
+        let id = FolderId::new("f").unwrap();
+        state.remove_folder(&id, &root).unwrap();
+        assert!(!state.has_places().unwrap());
     }
 }

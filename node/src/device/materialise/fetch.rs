@@ -96,15 +96,17 @@ impl Held {
 impl Device {
     /// Where this device holds the chunks of `lists` now.
     pub(super) fn held_chunks(&self, lists: &Lists) -> Held {
-        let map = self.chunk_map.lock().expect("chunk map lock");
         let mut held = Held {
             store: Some(self.store.clone()),
             ..Held::default()
         };
+        let ids = lists.values().flatten().map(|c| &c.id);
+        for (id, places) in crate::device::serve::places(&self.state, ids) {
+            let places = places.into_iter().map(|p| (p.at, p.chunk));
+            held.files.insert(id, places.collect());
+        }
+        let map = self.chunk_map.lock().expect("chunk map lock");
         for c in lists.values().flatten() {
-            if let Some(places) = map.locations.get(&c.id) {
-                held.files.insert(c.id, places.clone());
-            }
             if let Some(target) = map.links.get(&c.id) {
                 held.links.insert(c.id, target.clone());
             }
