@@ -326,50 +326,8 @@ impl Device {
     /// Watches a folder; changes outside `.meshsync*` files trigger a debounced rescan of the
     /// folders they were in (of everything when the watcher lost track: its queue overflowed).
     pub(crate) fn watch(&mut self, id: &FolderId, path: &Path) {
-        use notify::Watcher;
-        let tx = self.changes.clone();
-        let id = id.clone();
-        let root = path.to_path_buf();
-        let handler = move |event: notify::Result<notify::Event>| {
-            let Ok(event) = event else { return };
-            // The daemon's own files do not trigger a scan; the shared ignore rules do.
-            let ours = event.paths.iter().all(|p| {
-                p.strip_prefix(&root)
-                    .is_ok_and(|rel| super::ignore::is_own_file(&rel.to_string_lossy()))
-            });
-            if ours || matches!(event.kind, notify::EventKind::Access(_)) {
-                return;
-            }
-            let mut dirs = BTreeSet::new();
-            for path in &event.paths {
-                match path.strip_prefix(&root) {
-                    Ok(rel) => match rel.to_str() {
-                        Some(rel) => dirs.insert(crate::disk::parent_of(rel).to_string()),
-                        None => continue, // not UTF-8: never synced
-                    },
-                    Err(_) => dirs.insert(String::new()),
-                };
-            }
-            let scope = match event.need_rescan() || dirs.is_empty() {
-                true => super::scan::Scope::All,
-                false => super::scan::Scope::Dirs(dirs),
-            };
-            let _ = tx.send(super::scan::Rescan {
-                folder: id.clone(),
-                scope,
-            });
-        };
-        // Links inside the folder are synced as links: the watcher never follows one out.
-        let config = notify::Config::default().with_follow_symlinks(false);
-        match notify::RecommendedWatcher::new(handler, config) {
-            Ok(mut watcher) => match watcher.watch(path, notify::RecursiveMode::Recursive) {
-                Ok(()) => self.watchers.push(watcher),
-                Err(error) => {
-                    tracing::warn!(path = %path.display(), %error, "cannot watch; relying on periodic scans")
-                }
-            },
-            Err(error) => tracing::warn!(%error, "no file watcher; relying on periodic scans"),
-        }
+        self.watchers
+            .extend(watcher_for(self.changes.clone(), id.clone(), path));
     }
 
     /// Loads again, from their saves, up to [`COMPACT_SHARDS`] shards of each folder whose
@@ -413,6 +371,63 @@ impl Device {
     /// The folder `id`, or an error that says how to list them.
     pub(crate) fn folder(&self, id: &FolderId) -> anyhow::Result<&Folder> {
         self.folders.get(id).with_context(|| no_folder(id))
+    }
+}
+
+/// A watcher of the folder `id` at `path` (`None`: it cannot be watched; periodic scans still
+/// see its changes): changes outside `.meshsync*` files send a rescan of the folders they were
+/// in to `tx` (of everything when the watcher lost track: its queue overflowed). Setting it up
+/// visits every entry of the folder (a `stat` each, at a million files a second or two).
+pub(crate) fn watcher_for(
+    tx: tokio::sync::mpsc::UnboundedSender<super::scan::Rescan>,
+    id: FolderId,
+    path: &Path,
+) -> Option<notify::RecommendedWatcher> {
+    use notify::Watcher;
+    let root = path.to_path_buf();
+    let handler = move |event: notify::Result<notify::Event>| {
+        let Ok(event) = event else { return };
+        // The daemon's own files do not trigger a scan; the shared ignore rules do.
+        let ours = event.paths.iter().all(|p| {
+            p.strip_prefix(&root)
+                .is_ok_and(|rel| super::ignore::is_own_file(&rel.to_string_lossy()))
+        });
+        if ours || matches!(event.kind, notify::EventKind::Access(_)) {
+            return;
+        }
+        let mut dirs = BTreeSet::new();
+        for path in &event.paths {
+            match path.strip_prefix(&root) {
+                Ok(rel) => match rel.to_str() {
+                    Some(rel) => dirs.insert(crate::disk::parent_of(rel).to_string()),
+                    None => continue, // not UTF-8: never synced
+                },
+                Err(_) => dirs.insert(String::new()),
+            };
+        }
+        let scope = match event.need_rescan() || dirs.is_empty() {
+            true => super::scan::Scope::All,
+            false => super::scan::Scope::Dirs(dirs),
+        };
+        let _ = tx.send(super::scan::Rescan {
+            folder: id.clone(),
+            scope,
+        });
+    };
+    // Links inside the folder are synced as links: the watcher never follows one out.
+    let config = notify::Config::default().with_follow_symlinks(false);
+    match notify::RecommendedWatcher::new(handler, config) {
+        Ok(mut watcher) => match watcher.watch(path, notify::RecursiveMode::Recursive) {
+            Ok(()) => Some(watcher),
+            Err(error) => {
+                tracing::warn!(path = %path.display(), %error, "cannot watch; relying on periodic scans");
+                None
+            }
+        },
+        Err(error) => {
+            tracing::warn!(%error, "no file watcher; relying on periodic scans");
+            None
+        }
     }
 }
 

@@ -100,6 +100,30 @@ pub struct Device {
 /// The device behind its lock, as every task and handler holds it.
 pub type Shared = Arc<Mutex<Device>>;
 
+/// Sets up each folder's watcher in the background (at a million files a second or two of
+/// `stat`s, which would keep the device from answering), then has the folder scanned whole:
+/// that scan sees whatever changed while the daemon was down or before its watcher was there.
+async fn watch_all(device: &Shared) {
+    let (folders, tx) = {
+        let d = device.lock().await;
+        (d.folder_list(), d.changes.clone())
+    };
+    let device = device.clone();
+    tokio::spawn(async move {
+        for (folder, path) in folders {
+            let (to, id) = (tx.clone(), folder.clone());
+            let set_up = tokio::task::spawn_blocking(move || folder::watcher_for(to, id, &path));
+            if let Ok(Some(watcher)) = set_up.await {
+                device.lock().await.watchers.push(watcher);
+            }
+            let _ = tx.send(scan::Rescan {
+                folder,
+                scope: scan::Scope::All,
+            });
+        }
+    });
+}
+
 /// Starts a device on `home`: state, transport, protocol handlers, background tasks.
 pub async fn start(home: Home, network: Network) -> anyhow::Result<Shared> {
     let keys = Arc::new(home.open_for_daemon()?);
@@ -138,12 +162,7 @@ pub async fn start(home: Home, network: Network) -> anyhow::Result<Shared> {
         rotated_at: None,
         stop: Arc::new(tokio::sync::Notify::new()),
     }));
-    {
-        let mut d = device.lock().await;
-        for (id, path) in d.folder_list() {
-            d.watch(&id, &path);
-        }
-    }
+    watch_all(&device).await;
     chunks::start_serving(
         &transport,
         Arc::new(Served {

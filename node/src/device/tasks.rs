@@ -110,7 +110,8 @@ async fn pull_on_connect(device: Shared) {
 async fn rounds(device: Shared) {
     let mut tick = 0u64;
     let catching_up = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
-    let mut next_full_scan = tokio::time::Instant::now();
+    // The first whole scan comes from `watch_all`, once the watchers are there.
+    let mut next_full_scan = tokio::time::Instant::now() + safety_net_wait(Duration::ZERO);
     loop {
         tokio::time::sleep(ROUND).await;
         tick += 1;
