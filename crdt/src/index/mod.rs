@@ -384,37 +384,6 @@ struct Shard {
     compact_heads: Vec<ChangeHash>,
 }
 
-/// What the saves of a shard hold so far: a whole document, then pieces.
-struct SaveMark {
-    /// The heads the last save (whole or piece) covered.
-    heads: Vec<ChangeHash>,
-    /// How many pieces follow the whole.
-    pieces: u32,
-    /// Their bytes, together.
-    piece_bytes: usize,
-    /// The whole's bytes.
-    whole_bytes: usize,
-}
-
-/// At most this many pieces follow a shard's whole save before the next save is whole again.
-const MAX_PIECES: u32 = 64;
-
-/// Pieces of a shard may add up to this much, or the whole's size if larger, before the next
-/// save is whole again: loading costs at most about twice what the shard's whole would, and
-/// saving a shard again whole happens after it grew by half (amortised: each record is
-/// saved whole a few times, not once per change of its shard).
-const PIECE_BYTES_FLOOR: usize = 64 * 1024;
-
-/// A shard's state to persist (see [`FolderIndex::save_shard`]).
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub enum SavedShard {
-    /// All of the shard: it replaces what was saved before, pieces included.
-    Whole(Vec<u8>),
-    /// The changes since the last save, the shard's piece number `.0` after its whole:
-    /// loaded after the whole and the pieces before it.
-    Piece(u32, Vec<u8>),
-}
-
 impl Shard {
     fn outgoing(&self, id: u16, change: &automerge::Change) -> Option<ShardChange> {
         Some(ShardChange {
@@ -689,162 +658,6 @@ impl FolderIndex {
         }
         (out, false)
     }
-
-    /// What to persist of one shard (with its changes' signatures) since its last save, if
-    /// anything: the changes since then as a piece, or the whole shard when it has none saved
-    /// yet or its pieces have grown as big as its whole (see [`PIECE_BYTES_FLOOR`]). A save of
-    /// a whole Automerge document costs in proportion to the shard, a piece in proportion to
-    /// the change: at a million files a 1,000-file change touches most shards, and saving each
-    /// whole cost more than the change itself.
-    pub fn save_shard(&mut self, shard: u16) -> Option<SavedShard> {
-        let s = self.shards.get_mut(&shard)?;
-        let heads = s.doc.get_heads();
-        if let Some(mark) = &mut s.saved {
-            if mark.heads == heads {
-                return None;
-            }
-            if mark.pieces < MAX_PIECES {
-                let changes = s.doc.get_changes(&mark.heads);
-                let piece = signed::encode_piece(&changes, &s.signatures);
-                if mark.piece_bytes + piece.len() <= mark.whole_bytes.max(PIECE_BYTES_FLOOR) {
-                    mark.pieces += 1;
-                    mark.piece_bytes += piece.len();
-                    mark.heads = heads;
-                    return Some(SavedShard::Piece(mark.pieces, piece));
-                }
-            }
-        }
-        Some(SavedShard::Whole(s.save_whole()))
-    }
-
-    /// Shards changed since they were loaded: each change applied to an Automerge document
-    /// leaves it holding its operations in a form about three times the size of the same
-    /// document loaded from its save (at a million files, ~600 MB against ~230 MB). Shards
-    /// changed since [`FolderIndex::compact`] last came by.
-    pub fn loose_shards(&mut self) -> usize {
-        self.shards
-            .values_mut()
-            .filter_map(|s| s.is_loose().then_some(()))
-            .count()
-    }
-
-    /// Saves up to `max` changed shards whole and loads each again from that save, which
-    /// holds it in the least memory; returns the saves, for the caller to persist (they also
-    /// replace the shards' pieces). Meant for when the index is quiet: a shard that changes
-    /// again grows again.
-    pub fn compact(&mut self, max: usize) -> Result<Vec<(u16, SavedShard)>, IndexError> {
-        let mut out = Vec::new();
-        for (id, shard) in self.shards.iter_mut() {
-            if out.len() >= max {
-                break;
-            }
-            if !shard.is_loose() {
-                continue;
-            }
-            let actor = shard.doc.get_actor().clone();
-            let doc = shard.doc.save();
-            let fresh = AutoCommit::load(&doc).map_err(|e| IndexError::Load(e.to_string()))?;
-            shard.doc = fresh.with_actor(actor);
-            shard.compact_heads = shard.doc.get_heads();
-            let bytes = signed::encode_saved(doc, &shard.signatures);
-            shard.saved = Some(SaveMark {
-                heads: shard.doc.get_heads(),
-                pieces: 0,
-                piece_bytes: 0,
-                whole_bytes: bytes.len(),
-            });
-            out.push((*id, SavedShard::Whole(bytes)));
-        }
-        Ok(out)
-    }
-
-    /// Every non-empty shard, saved whole (compressed, with history).
-    pub fn save(&mut self) -> Vec<(u16, Vec<u8>)> {
-        self.shards
-            .par_iter_mut()
-            .map(|(id, shard)| (*id, shard.save_whole()))
-            .collect()
-    }
-
-    /// Loads saved shards, in parallel: for each shard its whole save, then its pieces in
-    /// order (see [`FolderIndex::save_shard`]), as `(shard, bytes)` in that order. The records
-    /// were checked when they were admitted and the saved bytes carry Automerge's own hash
-    /// checks.
-    pub fn load(
-        mesh: MeshId,
-        folder: FolderId,
-        saved: Vec<(u16, Vec<u8>)>,
-    ) -> Result<Self, IndexError> {
-        let actor = ActorId::random();
-        let mut by_shard: BTreeMap<u16, Vec<Vec<u8>>> = BTreeMap::new();
-        for (id, bytes) in saved {
-            if id >= SHARDS {
-                return Err(IndexError::BadShard(id));
-            }
-            by_shard.entry(id).or_default().push(bytes);
-        }
-        let shards = by_shard
-            .into_par_iter()
-            .map(|(id, saves)| {
-                let mut saves = saves.into_iter();
-                let whole = saves.next().expect("a shard listed has a save");
-                let whole_bytes = whole.len();
-                let (mut doc, mut signatures) = signed::decode_saved(&whole)?;
-                let (mut pieces, mut piece_bytes) = (0, 0);
-                for piece in saves {
-                    signed::load_piece(&mut doc, &mut signatures, &piece)?;
-                    pieces += 1;
-                    piece_bytes += piece.len();
-                }
-                let mut doc = doc.with_actor(actor.clone());
-                let heads = doc.get_heads();
-                // Pieces are applied as changes: such a shard is not held compactly.
-                let compact_heads = if pieces == 0 {
-                    heads.clone()
-                } else {
-                    Vec::new()
-                };
-                let shard = Shard {
-                    doc,
-                    sent: heads.clone(),
-                    signatures,
-                    saved: Some(SaveMark {
-                        heads,
-                        pieces,
-                        piece_bytes,
-                        whole_bytes,
-                    }),
-                    compact_heads,
-                };
-                Ok((id, shard))
-            })
-            .collect::<Result<BTreeMap<u16, Shard>, IndexError>>()?;
-        Ok(FolderIndex {
-            mesh,
-            folder,
-            actor,
-            shards,
-            held: Vec::new(),
-        })
-    }
-}
-
-impl Shard {
-    fn is_loose(&mut self) -> bool {
-        self.doc.get_heads() != self.compact_heads
-    }
-
-    /// The whole shard, saved; what follows it is saved as pieces.
-    fn save_whole(&mut self) -> Vec<u8> {
-        let bytes = signed::encode_saved(self.doc.save(), &self.signatures);
-        self.saved = Some(SaveMark {
-            heads: self.doc.get_heads(),
-            pieces: 0,
-            piece_bytes: 0,
-            whole_bytes: bytes.len(),
-        });
-        bytes
-    }
 }
 
 /// Checks that an operation only puts bytes under a valid path at the root; returns the path.
@@ -904,8 +717,11 @@ fn path_state(doc: &AutoCommit, path: &str) -> Option<PathState> {
 mod admit;
 #[cfg(feature = "forge")]
 mod forge;
+mod saved;
 pub mod signed;
 
+use saved::SaveMark;
+pub use saved::SavedShard;
 pub use signed::{actor_device, folder_tag, Dropped};
 #[cfg(test)]
 mod signed_tests;

@@ -600,6 +600,57 @@ fn a_shard_is_saved_whole_then_in_pieces_and_loads_the_same() {
 }
 
 #[test]
+fn compacting_a_changed_shard_keeps_its_records_and_saves_it_whole() {
+    let w = world();
+    let mesh = w.log.mesh();
+    let mut a = FolderIndex::new(mesh, w.folder.clone());
+    let mut store = BTreeMap::new();
+    a.write(
+        &w.admin,
+        Epoch(0),
+        (0..200).map(|i| update(&format!("d/{i}"), 1)).collect(),
+    )
+    .unwrap();
+    persist(&mut store, &mut a);
+    a.write(&w.admin, Epoch(0), vec![update("d/3", 2)]).unwrap();
+    persist(&mut store, &mut a);
+    let touched = store.len();
+    assert_eq!(
+        a.loose_shards(),
+        touched,
+        "every shard was written since its load"
+    );
+    let (heads, d3) = (a.heads(), a.get("d/3"));
+    // A few at a time: what is left stays loose until a later round.
+    let first = a.compact(5).unwrap();
+    assert_eq!(first.len(), 5);
+    assert_eq!(a.loose_shards(), touched - 5);
+    let rest = a.compact(usize::MAX).unwrap();
+    assert_eq!(first.len() + rest.len(), touched);
+    assert_eq!(a.loose_shards(), 0);
+    assert!(
+        a.compact(usize::MAX).unwrap().is_empty(),
+        "nothing left to do"
+    );
+    assert_eq!((a.heads(), a.get("d/3")), (heads, d3));
+    // The saves are whole and replace the pieces: they load as the index is.
+    for (shard, saved) in first.into_iter().chain(rest) {
+        let SavedShard::Whole(bytes) = saved else {
+            panic!("a compacted shard is saved whole");
+        };
+        store.insert(shard, vec![bytes]);
+    }
+    let mut b = FolderIndex::load(mesh, w.folder.clone(), stored(&store)).unwrap();
+    assert_eq!(b.heads(), a.heads());
+    assert_eq!(b.get("d/3").unwrap().winner.version, 2);
+    // It goes on writing, and saving in pieces, as before.
+    a.write(&w.admin, Epoch(0), vec![update("d/4", 3)]).unwrap();
+    let shard = shard_of(&w.folder, "d/4");
+    assert!(matches!(a.save_shard(shard), Some(SavedShard::Piece(1, _))));
+    assert_eq!(a.loose_shards(), 1);
+}
+
+#[test]
 fn twins_do_not_split_replicas() {
     // A device's stolen keys can make a second change under its actor ID and sequence number.
     // Whichever a replica gets first, every replica ends with the twin of lower hash, without
