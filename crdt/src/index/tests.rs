@@ -534,19 +534,21 @@ fn stored(store: &BTreeMap<u16, Vec<Vec<u8>>>) -> Vec<(u16, Vec<u8>)> {
         .collect()
 }
 
+/// An index of `n` paths `d/0`, `d/1`, …, written once and persisted.
+fn saved_index(n: usize) -> (World, FolderIndex, BTreeMap<u16, Vec<Vec<u8>>>) {
+    let w = world();
+    let mut a = FolderIndex::new(w.log.mesh(), w.folder.clone());
+    let mut store = BTreeMap::new();
+    let updates = (0..n).map(|i| update(&format!("d/{i}"), 1)).collect();
+    a.write(&w.admin, Epoch(0), updates).unwrap();
+    persist(&mut store, &mut a);
+    (w, a, store)
+}
+
 #[test]
 fn a_shard_is_saved_whole_then_in_pieces_and_loads_the_same() {
-    let w = world();
+    let (w, mut a, mut store) = saved_index(300);
     let mesh = w.log.mesh();
-    let mut a = FolderIndex::new(mesh, w.folder.clone());
-    let mut store = BTreeMap::new();
-    a.write(
-        &w.admin,
-        Epoch(0),
-        (0..300).map(|i| update(&format!("d/{i}"), 1)).collect(),
-    )
-    .unwrap();
-    persist(&mut store, &mut a);
     let wholes = store.len();
     assert!(
         store.values().all(|saves| saves.len() == 1),
@@ -601,17 +603,8 @@ fn a_shard_is_saved_whole_then_in_pieces_and_loads_the_same() {
 
 #[test]
 fn compacting_a_changed_shard_keeps_its_records_and_saves_it_whole() {
-    let w = world();
+    let (w, mut a, mut store) = saved_index(200);
     let mesh = w.log.mesh();
-    let mut a = FolderIndex::new(mesh, w.folder.clone());
-    let mut store = BTreeMap::new();
-    a.write(
-        &w.admin,
-        Epoch(0),
-        (0..200).map(|i| update(&format!("d/{i}"), 1)).collect(),
-    )
-    .unwrap();
-    persist(&mut store, &mut a);
     a.write(&w.admin, Epoch(0), vec![update("d/3", 2)]).unwrap();
     persist(&mut store, &mut a);
     let touched = store.len();
