@@ -90,6 +90,17 @@ fn status_watch_prints_each_folder_every_second_until_stopped() {
         &home,
         &["folder", "add", folder.to_str().unwrap(), "--id", "docs"],
     );
+    // A file written moments before is left to settle (40 ms) and recorded by the rescan
+    // after: wait for it, so that every line below has it.
+    let recorded = |home: &Path| {
+        let status: serde_json::Value =
+            serde_json::from_str(&ok(home, &["status", "--json"])).unwrap();
+        status["folders"][0]["local_files"] == 1
+    };
+    while !recorded(&home) {
+        assert!(Instant::now() < deadline, "a.txt was never recorded");
+        std::thread::sleep(Duration::from_millis(20));
+    }
 
     // stdout is a pipe here: plain lines, one per folder per second.
     let watch = Command::new(env!("CARGO_BIN_EXE_meshsync"))
