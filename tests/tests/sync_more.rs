@@ -215,9 +215,22 @@ fn a_killed_daemon_finishes_after_restart_and_never_shows_a_partial_file() {
             "a partial file under the final name"
         );
     }
+    // One more leftover, as a daemon killed in an earlier run would leave it.
+    let stale = p.fb.join(".meshsync-tmp-4000000000-7");
+    std::fs::write(&stale, b"half a file").unwrap();
     p.b = Daemon::start(&hb);
     assert!(wait_until(LONG, || std::fs::read(p.fb.join("large.bin"))
         .is_ok_and(|d| d == data)));
+    // Leftovers are removed (in the background, after the daemon answers).
+    let temps = || {
+        std::fs::read_dir(&p.fb)
+            .unwrap()
+            .flatten()
+            .filter(|e| e.file_name().to_string_lossy().starts_with(".meshsync-tmp-"))
+            .count()
+    };
+    assert!(wait_until(LONG, || temps() == 0), "{} temp files left", temps());
+    assert!(!stale.exists());
 }
 
 #[test]

@@ -215,8 +215,8 @@ impl Folder {
     }
 }
 
-/// Loads every folder of the state, fills the chunk map from what each holds, and removes temp
-/// files a killed daemon left behind.
+/// Loads every folder of the state and fills the chunk map from what each holds (the temp
+/// files a killed daemon left are removed by `watch_all`, in the background).
 pub(crate) fn load_all(
     state: &State,
     log: &MembershipLog,
@@ -232,7 +232,6 @@ pub(crate) fn load_all(
         let index = FolderIndex::load(log.mesh(), id.clone(), shards)?
             .with_actor(meshsync_crdt::index::actor_for(&keys.device_id(), 0));
         let local = loaded.local.remove(&id).unwrap_or_default();
-        remove_temp_files(&path);
         let folder = Folder::new(path, index, local);
         // Link targets are served from memory; where files' chunks lie is in the state,
         // except in a state from before it was: filled in once from the local files.
@@ -250,11 +249,13 @@ pub(crate) fn load_all(
 }
 
 /// Removes temp files left by a daemon that was killed while writing (they never carry a
-/// final name, so nothing is lost), through the folder's door.
-fn remove_temp_files(path: &Path) {
+/// final name, so nothing is lost), through the folder's door. Not this process's own (their
+/// names carry its PID): it may already be writing while this runs.
+pub(crate) fn remove_temp_files(path: &Path) {
     let Ok(root) = FolderRoot::open(path) else {
         return;
     };
+    let own = format!("{TEMP_PREFIX}{}-", std::process::id());
     let mut stack = vec![String::new()];
     while let Some(dir) = stack.pop() {
         for (name, kind) in root.read_dir_kinds(&dir).unwrap_or_default() {
@@ -263,7 +264,7 @@ fn remove_temp_files(path: &Path) {
             } else {
                 format!("{dir}/{name}")
             };
-            if name.starts_with(TEMP_PREFIX) && kind != Kind::Dir {
+            if name.starts_with(TEMP_PREFIX) && !name.starts_with(&own) && kind != Kind::Dir {
                 let _ = root.remove_file(&rel);
             } else if kind == Kind::Dir {
                 stack.push(rel);

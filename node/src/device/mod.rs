@@ -100,9 +100,10 @@ pub struct Device {
 /// The device behind its lock, as every task and handler holds it.
 pub type Shared = Arc<Mutex<Device>>;
 
-/// Sets up each folder's watcher in the background (at a million files a second or two of
-/// `stat`s, which would keep the device from answering), then has the folder scanned whole:
-/// that scan sees whatever changed while the daemon was down or before its watcher was there.
+/// In the background (at a million files each is a walk of seconds, which would keep the
+/// device from answering), for each folder: removes the temp files a killed daemon left, sets
+/// up the watcher, then has the folder scanned whole: that scan sees whatever changed while the
+/// daemon was down or before its watcher was there.
 async fn watch_all(device: &Shared) {
     let (folders, tx) = {
         let d = device.lock().await;
@@ -110,6 +111,13 @@ async fn watch_all(device: &Shared) {
     };
     let device = device.clone();
     tokio::spawn(async move {
+        let paths: Vec<_> = folders.iter().map(|(_, path)| path.clone()).collect();
+        let removed = tokio::task::spawn_blocking(move || {
+            for path in paths {
+                folder::remove_temp_files(&path);
+            }
+        });
+        let _ = removed.await;
         for (folder, path) in folders {
             let (to, id) = (tx.clone(), folder.clone());
             let set_up = tokio::task::spawn_blocking(move || folder::watcher_for(to, id, &path));
