@@ -226,10 +226,18 @@ fn a_killed_daemon_finishes_after_restart_and_never_shows_a_partial_file() {
         std::fs::read_dir(&p.fb)
             .unwrap()
             .flatten()
-            .filter(|e| e.file_name().to_string_lossy().starts_with(".meshsync-tmp-"))
+            .filter(|e| {
+                e.file_name()
+                    .to_string_lossy()
+                    .starts_with(".meshsync-tmp-")
+            })
             .count()
     };
-    assert!(wait_until(LONG, || temps() == 0), "{} temp files left", temps());
+    assert!(
+        wait_until(LONG, || temps() == 0),
+        "{} temp files left",
+        temps()
+    );
     assert!(!stale.exists());
 }
 

@@ -615,6 +615,40 @@ impl FolderIndex {
             .collect()
     }
 
+    /// The paths whose records changed since the index had `since` (as [`Self::heads`] gave
+    /// them): what a cache of per-path facts must look at again. `None` when that cannot be
+    /// told (a shard no longer holds those heads: rebuilt without a revoked device's changes);
+    /// then everything must be.
+    pub fn paths_changed_since(
+        &mut self,
+        since: &BTreeMap<u16, Vec<ChangeHash>>,
+    ) -> Option<BTreeSet<String>> {
+        if since.keys().any(|id| !self.shards.contains_key(id)) {
+            return None;
+        }
+        let mut paths = BTreeSet::new();
+        for (id, shard) in self.shards.iter_mut() {
+            let old = since.get(id).map_or(&[][..], Vec::as_slice);
+            if shard.doc.get_heads() == old {
+                continue;
+            }
+            if old
+                .iter()
+                .any(|h| shard.doc.get_change_by_hash(h).is_none())
+            {
+                return None;
+            }
+            for change in shard.doc.get_changes(old) {
+                for op in change.decode().operations {
+                    if let automerge::legacy::Key::Map(path) = op.key {
+                        paths.insert(path.to_string());
+                    }
+                }
+            }
+        }
+        Some(paths)
+    }
+
     /// The changes that a replica with `their_heads` lacks.
     pub fn changes_since(
         &mut self,

@@ -8,13 +8,13 @@ use std::sync::{Arc, Mutex as StdMutex};
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
-use meshsync_crdt::{DeviceKeys, FolderId, FolderIndex, MembershipLog};
+use meshsync_crdt::{DeviceKeys, FileKind, FolderId, FolderIndex, MembershipLog};
 
-use super::ignore::Rules;
 use super::serve::{ChunkMap, FileAt};
+use super::survey::{Surveyed, Touched};
 use super::Device;
 use crate::disk::{DiskError, FolderRoot, Kind};
-use crate::state::{in_sync, Batch, LocalFile, State};
+use crate::state::{Batch, LocalFile, State};
 
 /// The marker file that proves a folder is really there (an unmounted disk has none).
 pub const MARKER: &str = ".meshsync-folder";
@@ -73,41 +73,29 @@ pub(crate) struct Folder {
     /// that syncs this folder has answered with its changes since. Until then an empty folder
     /// is "waiting for another device", not "in sync".
     pub(crate) heard: bool,
-    /// Bumped whenever `local` changes.
-    local_generation: u64,
-    /// What [`Folder::survey`] last found, and the index heads and local generation it was
-    /// found at: nothing changed since, nothing to walk again (at a million files the walk
-    /// costs a good part of a second, and the catch-up and `status` ask every second).
-    surveyed: Option<(SurveyMark, Survey)>,
+    /// How many regular files `local` holds (counted as it changes: `status` and the
+    /// mass-delete guard ask often, and at a million files a count is milliseconds).
+    files: usize,
+    /// What [`Folder::survey`] last found, kept up to date path by path (see [`survey`]).
+    pub(super) surveyed: Option<Surveyed>,
+    /// Paths whose local state changed since the last survey.
+    pub(super) touched: Touched,
     /// The index heads at the last round of [`Device::compact_quiet_indexes`]: the same at
     /// the next, the index was quiet in between.
     quiet_heads: Option<BTreeMap<u16, Vec<automerge::ChangeHash>>>,
 }
 
-/// What a folder needs and holds, ignored paths excepted: the catch-up's work and `status`.
-#[derive(Default)]
-pub(crate) struct Survey {
-    /// Paths whose winning record this device does not hold.
-    pub(crate) needs: BTreeSet<String>,
-    /// The size of what `needs` names.
-    pub(crate) need_bytes: u64,
-    /// Paths with concurrent records.
-    pub(crate) conflicts: u64,
-    /// Regular files this device holds.
-    pub(crate) files: usize,
-}
-
-/// What [`Folder::survey`] depends on: the index heads, the local generation, and the ignore
-/// rules files as they are on disk (the local one is never synced, so never a local change).
-type SurveyMark = (
-    BTreeMap<u16, Vec<automerge::ChangeHash>>,
-    u64,
-    Vec<Option<(i64, u64, u64)>>,
-);
-
 impl Folder {
-    fn new(path: PathBuf, index: FolderIndex, local: BTreeMap<String, LocalFile>) -> Folder {
+    pub(super) fn new(
+        path: PathBuf,
+        index: FolderIndex,
+        local: BTreeMap<String, LocalFile>,
+    ) -> Folder {
         let heard = !index.is_empty();
+        let files = local
+            .values()
+            .filter(|l| l.kind == meshsync_crdt::FileKind::File)
+            .count();
         Folder {
             shared_path: Arc::new(path.clone()),
             path,
@@ -118,8 +106,9 @@ impl Folder {
             unavailable: BTreeSet::new(),
             problems: BTreeMap::new(),
             heard,
-            local_generation: 0,
+            files,
             surveyed: None,
+            touched: Touched::default(),
             quiet_heads: None,
         }
     }
@@ -140,6 +129,8 @@ impl Folder {
             file.as_ref(),
             batch,
         );
+        let is_file = |l: Option<&LocalFile>| l.is_some_and(|l| l.kind == FileKind::File);
+        let was_file = is_file(self.local.get(&path));
         match &file {
             Some(file) => {
                 self.local.insert(path.clone(), file.clone());
@@ -148,7 +139,10 @@ impl Folder {
                 self.local.remove(&path);
             }
         }
-        self.local_generation += 1;
+        self.files = self.files + usize::from(is_file(file.as_ref())) - usize::from(was_file);
+        if self.surveyed.is_some() {
+            self.touched.add(&path);
+        }
         batch.local.push((id.clone(), path, file));
     }
 
@@ -165,53 +159,9 @@ impl Folder {
         FolderRoot::open(&self.path)
     }
 
-    /// Paths whose winning version is not on disk here yet (ignored paths excepted). Walks
-    /// the index only when it or what this device holds changed since the last time (an edit
-    /// of the ignore rules is a local change too).
-    pub(crate) fn needs(&mut self) -> BTreeSet<String> {
-        self.survey().needs.clone()
-    }
-
-    /// What the folder needs and holds (see [`Survey`]), walked again only when the index,
-    /// the local files or the ignore rules changed since.
-    pub(crate) fn survey(&mut self) -> &Survey {
-        let rules = self.root().ok();
-        let rules = [super::ignore::IGNORE_FILE, super::ignore::LOCAL_IGNORE_FILE].map(|file| {
-            let entry = rules.as_ref()?.entry(file).ok()??;
-            Some((entry.mtime_ns, entry.len, entry.ino))
-        });
-        let mark = (self.index.heads(), self.local_generation, rules.to_vec());
-        if self.surveyed.as_ref().is_none_or(|(at, _)| *at != mark) {
-            self.surveyed = Some((mark, self.walk_survey()));
-        }
-        &self.surveyed.as_ref().expect("surveyed above").1
-    }
-
-    fn walk_survey(&self) -> Survey {
-        let rules = Rules::load_at(&self.path);
-        let mut survey = Survey::default();
-        for (path, state) in self.index.iter() {
-            if rules.ignores_record(&path, &state.winner) {
-                continue;
-            }
-            if !state.losers.is_empty() {
-                survey.conflicts += 1;
-            }
-            if !in_sync(self.local.get(&path), &state.winner) {
-                survey.need_bytes += state.winner.size;
-                survey.needs.insert(path);
-            }
-        }
-        survey.files = self.file_count();
-        survey
-    }
-
     /// How many regular files this device holds in the folder.
     pub(crate) fn file_count(&self) -> usize {
-        self.local
-            .values()
-            .filter(|l| l.kind == meshsync_crdt::FileKind::File)
-            .count()
+        self.files
     }
 }
 

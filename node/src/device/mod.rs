@@ -43,6 +43,7 @@ pub mod scan;
 pub mod serve;
 pub mod status;
 pub mod storage;
+pub mod survey;
 pub mod sync;
 pub mod tasks;
 pub mod walk;

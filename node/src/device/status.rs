@@ -200,7 +200,7 @@ fn folder_status(id: &FolderId, f: &mut Folder) -> FolderStatus {
     let (need_files, need_bytes, conflicts) = (
         survey.needs.len() as u64,
         survey.need_bytes,
-        survey.conflicts,
+        survey.conflicted.len() as u64,
     );
     let local_files = survey.files;
     FolderStatus {

@@ -134,7 +134,7 @@ fn work(path: String, record: FileRecord, step: Step, before: Option<(u64, i64)>
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use meshsync_crdt::index::FileUpdate;
     use meshsync_crdt::{
@@ -142,7 +142,7 @@ mod tests {
         SealedName,
     };
 
-    fn update(path: &str, content: u8, deleted: bool) -> FileUpdate {
+    pub(crate) fn update(path: &str, content: u8, deleted: bool) -> FileUpdate {
         FileUpdate {
             path: path.into(),
             kind: FileKind::File,
@@ -158,7 +158,7 @@ mod tests {
         }
     }
 
-    fn held(record: &FileRecord) -> LocalFile {
+    pub(crate) fn held(record: &FileRecord) -> LocalFile {
         LocalFile {
             kind: record.kind,
             size: 1,
@@ -170,12 +170,12 @@ mod tests {
         }
     }
 
-    fn no_rules() -> Rules {
+    pub(crate) fn no_rules() -> Rules {
         Rules::load_at(std::path::Path::new("/nonexistent-meshsync-test"))
     }
 
     /// Two writing members of one mesh.
-    fn two_devices() -> (DeviceKeys, DeviceKeys, MembershipLog) {
+    pub(crate) fn two_devices() -> (DeviceKeys, DeviceKeys, MembershipLog) {
         let (a, b) = (DeviceKeys::generate(), DeviceKeys::generate());
         let (mut log, _) = MembershipLog::create(&a, "a", &MeshKey::generate(Epoch(0)));
         log.append(

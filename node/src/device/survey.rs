@@ -1,0 +1,250 @@
+//! What a folder needs and holds ([`Survey`]): the catch-up's work and `status`'s figures.
+//!
+//! Both ask every second, and a walk of the whole index costs more than a second at a million
+//! files, so the survey is kept up to date path by path: after a change, only the paths whose
+//! records changed (from the index's own history, [`FolderIndex::paths_changed_since`]) and
+//! the paths whose local state changed ([`Touched`]) are looked at again. The whole index is
+//! walked only at the first survey, when the ignore rules on disk changed, when the index
+//! cannot tell what changed (a shard rebuilt without a revoked device's changes), or when too
+//! many local paths changed to list.
+//!
+//! [`FolderIndex::paths_changed_since`]: meshsync_crdt::FolderIndex::paths_changed_since
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use meshsync_crdt::index::PathState;
+
+use super::folder::Folder;
+use super::ignore::{Rules, IGNORE_FILE, LOCAL_IGNORE_FILE};
+use crate::state::{in_sync, LocalFile};
+
+/// More local paths than this changed since the last survey: walked whole instead of listed
+/// (a new device's first sync records a million; the list would cost as much as the walk).
+const MAX_TOUCHED: usize = 100_000;
+
+/// What a folder needs and holds, ignored paths excepted.
+#[derive(Default)]
+pub(crate) struct Survey {
+    /// Paths whose winning record this device does not hold, with the winner's size.
+    pub(crate) needs: BTreeMap<String, u64>,
+    /// The size of what `needs` names.
+    pub(crate) need_bytes: u64,
+    /// Paths with concurrent records.
+    pub(crate) conflicted: BTreeSet<String>,
+    /// Regular files this device holds.
+    pub(crate) files: usize,
+}
+
+/// A survey and what it was taken at.
+pub(crate) struct Surveyed {
+    survey: Survey,
+    /// The index heads it counts.
+    heads: BTreeMap<u16, Vec<automerge::ChangeHash>>,
+    /// The ignore rules files as they were on disk (the local one is never synced, so never
+    /// an index change).
+    rules: RulesMark,
+}
+
+type RulesMark = Vec<Option<(i64, u64, u64)>>;
+
+/// Paths whose local state changed since the last survey, or "too many to list".
+#[derive(Default)]
+pub(crate) struct Touched {
+    paths: BTreeSet<String>,
+    overflowed: bool,
+}
+
+impl Touched {
+    pub(crate) fn add(&mut self, path: &str) {
+        if self.overflowed {
+            return;
+        }
+        if self.paths.len() >= MAX_TOUCHED {
+            self.paths.clear();
+            self.overflowed = true;
+        } else {
+            self.paths.insert(path.to_string());
+        }
+    }
+}
+
+impl Survey {
+    /// Counts `path` as it is now, in place of what was counted for it before.
+    fn count(
+        &mut self,
+        rules: &Rules,
+        path: &str,
+        state: Option<PathState>,
+        local: Option<&LocalFile>,
+    ) {
+        if let Some(size) = self.needs.remove(path) {
+            self.need_bytes -= size;
+        }
+        self.conflicted.remove(path);
+        let Some(state) = state else {
+            return;
+        };
+        if rules.ignores_record(path, &state.winner) {
+            return;
+        }
+        if !state.losers.is_empty() {
+            self.conflicted.insert(path.to_string());
+        }
+        if !in_sync(local, &state.winner) {
+            self.need_bytes += state.winner.size;
+            self.needs.insert(path.to_string(), state.winner.size);
+        }
+    }
+}
+
+impl Folder {
+    /// Paths whose winning version is not on disk here yet (ignored paths excepted).
+    pub(crate) fn needs(&mut self) -> BTreeSet<String> {
+        self.survey().needs.keys().cloned().collect()
+    }
+
+    /// What the folder needs and holds (see [`Survey`]), brought up to date.
+    pub(crate) fn survey(&mut self) -> &Survey {
+        let rules_mark = self.rules_mark();
+        let heads = self.index.heads();
+        let touched = std::mem::take(&mut self.touched);
+        let surveyed = match self.surveyed.take() {
+            Some(s) if s.rules == rules_mark && s.heads == heads && touched.paths.is_empty() => {
+                (!touched.overflowed).then_some(s)
+            }
+            Some(mut s) if s.rules == rules_mark && !touched.overflowed => {
+                self.index.paths_changed_since(&s.heads).map(|mut paths| {
+                    paths.extend(touched.paths);
+                    let rules = Rules::load_at(&self.path);
+                    for path in paths {
+                        let state = self.index.get(&path);
+                        s.survey.count(&rules, &path, state, self.local.get(&path));
+                    }
+                    s.heads = heads.clone();
+                    s
+                })
+            }
+            _ => None,
+        };
+        let mut surveyed = surveyed.unwrap_or_else(|| Surveyed {
+            survey: self.walk(),
+            heads,
+            rules: rules_mark,
+        });
+        surveyed.survey.files = self.file_count();
+        &self.surveyed.insert(surveyed).survey
+    }
+
+    fn rules_mark(&self) -> RulesMark {
+        let root = self.root().ok();
+        [IGNORE_FILE, LOCAL_IGNORE_FILE]
+            .map(|file| {
+                let entry = root.as_ref()?.entry(file).ok()??;
+                Some((entry.mtime_ns, entry.len, entry.ino))
+            })
+            .to_vec()
+    }
+
+    /// Counts every path of the index.
+    fn walk(&self) -> Survey {
+        let rules = Rules::load_at(&self.path);
+        let mut survey = Survey::default();
+        for (path, state) in self.index.iter() {
+            let local = self.local.get(&path);
+            survey.count(&rules, &path, Some(state), local);
+        }
+        survey
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::device::materialise::plan::tests::{held, two_devices, update};
+    use crate::device::serve::ChunkMap;
+    use crate::state::Batch;
+    use meshsync_crdt::{Epoch, FolderId, FolderIndex};
+
+    /// What the kept survey says, next to what a walk of everything says.
+    fn both(folder: &mut Folder) -> [(Vec<(String, u64)>, u64, Vec<String>, usize); 2] {
+        let view = |s: &Survey| {
+            let needs = s.needs.iter().map(|(p, n)| (p.clone(), *n)).collect();
+            let conflicted = s.conflicted.iter().cloned().collect();
+            (needs, s.need_bytes, conflicted, s.files)
+        };
+        let kept = view(folder.survey());
+        let mut walked = folder.walk();
+        walked.files = folder.file_count();
+        [kept, view(&walked)]
+    }
+
+    #[test]
+    fn the_kept_survey_is_what_a_walk_of_everything_finds_after_every_kind_of_change() {
+        let (a, b, log) = two_devices();
+        let id = FolderId::random();
+        let dir = tempfile::tempdir().unwrap();
+        let index = FolderIndex::new(log.mesh(), id.clone());
+        let mut folder = Folder::new(dir.path().to_path_buf(), index, Default::default());
+        let mut other = FolderIndex::new(log.mesh(), id.clone());
+        let (mut map, mut batch) = (ChunkMap::default(), Batch::default());
+        let paths: Vec<String> = (0..40).map(|i| format!("d{}/f{i}", i % 4)).collect();
+        let mut x = 0x2545_F491_4F6C_DD1Du64;
+        let mut next = |n: usize| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            (x % n as u64) as usize
+        };
+        for round in 0..60 {
+            let path = &paths[next(paths.len())];
+            let content = (round % 250) as u8 + 1;
+            match next(5) {
+                // This device records a new version (it holds what it wrote).
+                0 => {
+                    let records = folder
+                        .index
+                        .write(&a, Epoch(0), vec![update(path, content, next(4) == 0)])
+                        .unwrap();
+                    for r in records {
+                        let local = (!r.deleted).then(|| held(&r));
+                        folder.set_local(&id, &mut map, &mut batch, r.path.clone(), local);
+                    }
+                }
+                // Another device's version arrives (concurrent with ours now and then).
+                1 | 2 => {
+                    other
+                        .write(&b, Epoch(0), vec![update(path, content, false)])
+                        .unwrap();
+                    let changes = other.take_local_changes();
+                    folder.index.apply(log.view(), changes).unwrap();
+                }
+                // What the index wants is written here.
+                3 => {
+                    if let Some(state) = folder.index.get(path) {
+                        let local = (!state.winner.deleted).then(|| held(&state.winner));
+                        folder.set_local(&id, &mut map, &mut batch, path.clone(), local);
+                    }
+                }
+                // The file is removed here.
+                _ => folder.set_local(&id, &mut map, &mut batch, path.clone(), None),
+            }
+            // Asked after most changes, not all: the kept survey catches up on several.
+            if next(3) > 0 {
+                let [kept, walked] = both(&mut folder);
+                assert_eq!(kept, walked, "round {round}");
+            }
+        }
+        let [kept, walked] = both(&mut folder);
+        assert_eq!(kept, walked);
+        assert!(!kept.0.is_empty() && !kept.2.is_empty(), "{kept:?}");
+        // The shared ignore rules on disk changed: walked whole, the ignored paths left out.
+        std::fs::create_dir(dir.path().join(".meshsync")).unwrap();
+        std::fs::write(dir.path().join(IGNORE_FILE), "d1/\n").unwrap();
+        let [kept, walked] = both(&mut folder);
+        assert_eq!(kept, walked);
+        assert!(
+            kept.0.iter().all(|(p, _)| !p.starts_with("d1/")),
+            "{kept:?}"
+        );
+    }
+}
