@@ -85,24 +85,48 @@ impl FolderIndex {
     /// replace the shards' pieces). Meant for when the index is quiet: a shard that changes
     /// again grows again.
     pub fn compact(&mut self, max: usize) -> Result<Vec<(u16, SavedShard)>, IndexError> {
-        let mut out = Vec::new();
-        for (id, shard) in self.shards.iter_mut() {
-            if out.len() >= max {
-                break;
-            }
-            if !shard.is_loose() {
-                continue;
-            }
-            let actor = shard.doc.get_actor().clone();
-            let doc = shard.doc.save();
-            let fresh = AutoCommit::load(&doc).map_err(|e| IndexError::Load(e.to_string()))?;
-            shard.doc = fresh.with_actor(actor);
-            shard.compact_heads = shard.doc.get_heads();
-            let bytes = signed::encode_saved(doc, &shard.signatures);
-            shard.saved_whole(bytes.len());
-            out.push((*id, SavedShard::Whole(bytes)));
-        }
-        Ok(out)
+        self.compact_where(max, |_, _| true)
+    }
+
+    /// [`Self::compact`], of the shards whose heads are still those in `unchanged` (the
+    /// quiet ones, while others take a stream of changes).
+    pub fn compact_unchanged(
+        &mut self,
+        max: usize,
+        unchanged: &BTreeMap<u16, Vec<ChangeHash>>,
+    ) -> Result<Vec<(u16, SavedShard)>, IndexError> {
+        self.compact_where(max, |id, heads| unchanged.get(&id) == Some(heads))
+    }
+
+    /// Compacts up to `max` loose shards that `pick` (given a shard and its heads) takes, on
+    /// every core.
+    fn compact_where(
+        &mut self,
+        max: usize,
+        pick: impl Fn(u16, &Vec<ChangeHash>) -> bool,
+    ) -> Result<Vec<(u16, SavedShard)>, IndexError> {
+        let picked: Vec<(u16, &mut Shard)> = self
+            .shards
+            .iter_mut()
+            .filter_map(|(id, shard)| {
+                let heads = shard.doc.get_heads();
+                (shard.is_loose() && pick(*id, &heads)).then_some((*id, shard))
+            })
+            .take(max)
+            .collect();
+        picked
+            .into_par_iter()
+            .map(|(id, shard)| {
+                let actor = shard.doc.get_actor().clone();
+                let doc = shard.doc.save();
+                let fresh = AutoCommit::load(&doc).map_err(|e| IndexError::Load(e.to_string()))?;
+                shard.doc = fresh.with_actor(actor);
+                shard.compact_heads = shard.doc.get_heads();
+                let bytes = signed::encode_saved(doc, &shard.signatures);
+                shard.saved_whole(bytes.len());
+                Ok((id, SavedShard::Whole(bytes)))
+            })
+            .collect()
     }
 
     /// Every non-empty shard, saved whole (compressed, with history).

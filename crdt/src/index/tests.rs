@@ -641,6 +641,22 @@ fn compacting_a_changed_shard_keeps_its_records_and_saves_it_whole() {
     let shard = shard_of(&w.folder, "d/4");
     assert!(matches!(a.save_shard(shard), Some(SavedShard::Piece(1, _))));
     assert_eq!(a.loose_shards(), 1);
+    // Only quiet shards, while another keeps changing: "d/4"'s shard changed again after the
+    // heads were taken, "d/5"'s did not.
+    a.write(&w.admin, Epoch(0), vec![update("d/5", 3)]).unwrap();
+    let quiet = a.heads();
+    a.write(&w.admin, Epoch(0), vec![update("d/4", 4)]).unwrap();
+    let other = shard_of(&w.folder, "d/5");
+    assert_ne!(shard, other, "two shards");
+    let compacted: Vec<u16> = a
+        .compact_unchanged(usize::MAX, &quiet)
+        .unwrap()
+        .into_iter()
+        .map(|(id, _)| id)
+        .collect();
+    assert_eq!(compacted, vec![other]);
+    assert_eq!(a.loose_shards(), 1);
+    assert_eq!(a.get("d/4").unwrap().winner.version, 3);
 }
 
 #[test]

@@ -133,10 +133,8 @@ async fn rounds(device: Shared) {
                 );
             }
         }
-        if tick.is_multiple_of(2) {
-            if let Err(error) = device.lock().await.compact_quiet_indexes() {
-                tracing::warn!(error = format!("{error:#}"), "compacting an index failed");
-            }
+        if let Err(error) = device.lock().await.compact_quiet_indexes() {
+            tracing::warn!(error = format!("{error:#}"), "compacting an index failed");
         }
         if tick.is_multiple_of(600) {
             if let Err(error) = history::gc(&device).await {
