@@ -757,3 +757,21 @@ fn a_new_replica_takes_a_big_index_in_slices() {
     let (rest, more) = a.changes_since_within(&b.heads(), 4096);
     assert!(rest.is_empty() && !more);
 }
+
+#[test]
+fn paths_changed_since_names_what_changed_across_a_compaction() {
+    let (w, mut a, _) = saved_index(50);
+    let before = a.heads();
+    a.write(&w.admin, Epoch(0), vec![update("d/3", 2), update("new", 1)]).unwrap();
+    let mid = a.heads();
+    a.compact(usize::MAX).unwrap();
+    a.write(&w.admin, Epoch(0), vec![update("d/7", 2)]).unwrap();
+    let from_before = a.paths_changed_since(&before).unwrap();
+    let from_mid = a.paths_changed_since(&mid).unwrap();
+    assert_eq!(
+        from_before,
+        ["d/3", "d/7", "new"].map(String::from).into(),
+        "{from_before:?}"
+    );
+    assert_eq!(from_mid, ["d/7"].map(String::from).into());
+}

@@ -138,7 +138,7 @@ pub async fn start(home: Home, network: Network) -> anyhow::Result<Shared> {
     let keys = Arc::new(home.open_for_daemon()?);
     let (state, log) = mesh::open_state(&home, &keys)?;
     let ring = Arc::new(StdMutex::new(log.key_ring(&keys)));
-    let chunk_map = Arc::new(StdMutex::new(ChunkMap::default()));
+    let chunk_map = Arc::new(StdMutex::new(ChunkMap::new(state.clone())));
     let folders = folder::load_all(&state, &log, &keys, &chunk_map)?;
     let transport = net::start_transport(&keys, &network)?;
     transport

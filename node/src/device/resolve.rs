@@ -50,12 +50,13 @@ pub async fn resolve(
             "{kept:?} is not in the folder any more; run `meshsync conflicts` to see what is left"
         );
         // What goes stays restorable: its chunks into this device's store first.
-        let olds: Vec<_> = f
+        let mut olds: Vec<_> = f
             .local
             .get(gone.as_str())
             .map(|old| (gone.clone(), old.clone(), HashSet::new()))
             .into_iter()
             .collect();
+        super::serve::with_chunks(&d.state, olds.iter_mut().map(|(_, old, _)| old));
         crate::versions::preserve(&d.store, &d.key_ring(), &root, &olds)?;
         if keep_copy {
             root.rename(copy, &original)?;

@@ -9,6 +9,7 @@
 //! calls [`Served::get`] on a blocking thread (the `ChunkSource` contract), never holding the
 //! device lock.
 
+use std::borrow::Cow;
 use std::collections::HashMap;
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex as StdMutex};
@@ -42,11 +43,23 @@ impl FileAt {
 pub(crate) struct ChunkMap {
     /// Symlink targets, served from memory.
     pub(crate) links: HashMap<ChunkId, Vec<u8>>,
+    /// Where the chunk lists of local files held without theirs are read (see
+    /// [`LocalFile::without_chunks`]).
+    state: Option<State>,
 }
 
 impl ChunkMap {
+    /// A map that reads the chunk lists it is not given from `state`.
+    pub(crate) fn new(state: State) -> ChunkMap {
+        ChunkMap {
+            links: HashMap::new(),
+            state: Some(state),
+        }
+    }
+
     /// Records in `batch` that the file (or link) at `at` holds `file` now (`None`: nothing),
-    /// in place of `old`.
+    /// in place of `old`. Either may come without its chunk list (as `Folder::local` holds
+    /// files): it is read from `batch`'s lists or the state's.
     pub(crate) fn record(
         &mut self,
         at: &FileAt,
@@ -54,19 +67,22 @@ impl ChunkMap {
         file: Option<&LocalFile>,
         batch: &mut Batch,
     ) {
-        for c in old.iter().flat_map(|old| &old.chunks) {
-            batch
-                .places
-                .push((c.id, at.root.clone(), at.rel.clone(), None));
+        if let Some(old) = old {
+            for c in self.chunks_of(old, batch).iter() {
+                batch
+                    .places
+                    .push((c.id, at.root.clone(), at.rel.clone(), None));
+            }
         }
         let Some(file) = file else { return };
+        let chunks = self.chunks_of(file, batch);
         match file.kind {
             FileKind::Symlink => {
                 let target = FolderRoot::open(&at.root).and_then(|root| root.read_link(&at.rel));
                 let Ok(bytes) = target else {
                     return;
                 };
-                for c in &file.chunks {
+                for c in chunks.iter() {
                     let range = c.range().start as usize..c.range().end as usize;
                     if let Some(part) = bytes.get(range) {
                         self.links.insert(c.id, part.to_vec());
@@ -74,7 +90,7 @@ impl ChunkMap {
                 }
             }
             FileKind::File => {
-                for c in &file.chunks {
+                for c in chunks.iter() {
                     let placed = Placed {
                         offset: c.offset,
                         len: c.len,
@@ -87,6 +103,41 @@ impl ChunkMap {
                 }
             }
             FileKind::Directory => {}
+        }
+    }
+}
+
+impl ChunkMap {
+    /// `file`'s chunk list: its own, or, for a file held without it, the one recorded under
+    /// its list hash (in `batch` if recorded there, else in the state).
+    fn chunks_of<'a>(&self, file: &'a LocalFile, batch: &Batch) -> Cow<'a, [ChunkRef]> {
+        if !file.chunks.is_empty() || file.size == 0 || file.kind == FileKind::Directory {
+            return Cow::Borrowed(&file.chunks);
+        }
+        if let Some((_, list)) = batch.lists.iter().rev().find(|(h, _)| *h == file.list_hash) {
+            return Cow::Owned(list.clone());
+        }
+        let Some(state) = &self.state else {
+            return Cow::Borrowed(&[]);
+        };
+        match state.chunk_list(&file.list_hash) {
+            Ok(Some(list)) => Cow::Owned(list),
+            Ok(None) => Cow::Borrowed(&[]),
+            Err(error) => {
+                tracing::warn!(%error, "cannot read a local file's chunk list");
+                Cow::Borrowed(&[])
+            }
+        }
+    }
+}
+
+/// Gives each of `files` (held without chunk lists) its chunk list back, from the state.
+pub(crate) fn with_chunks<'a>(state: &State, files: impl IntoIterator<Item = &'a mut LocalFile>) {
+    let map = ChunkMap::new(state.clone());
+    let none = Batch::default();
+    for file in files {
+        if let Cow::Owned(list) = map.chunks_of(file, &none) {
+            file.chunks = list;
         }
     }
 }

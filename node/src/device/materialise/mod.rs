@@ -276,9 +276,11 @@ impl Device {
         });
         let root = f.root()?;
         let rules = Rules::load(&root);
-        let plan = plan::plan(&f.index, &f.local, &rules, paths, |name| {
+        let mut plan = plan::plan(&f.index, &f.local, &rules, paths, |name| {
             root.entry(name).ok().flatten().is_some()
         });
+        // Replaced files' chunks are read to keep them (see `keep_replaced`).
+        super::serve::with_chunks(&self.state, plan.olds.values_mut());
         if plan.work.is_empty() {
             return Ok(None);
         }
