@@ -762,7 +762,8 @@ fn a_new_replica_takes_a_big_index_in_slices() {
 fn paths_changed_since_names_what_changed_across_a_compaction() {
     let (w, mut a, _) = saved_index(50);
     let before = a.heads();
-    a.write(&w.admin, Epoch(0), vec![update("d/3", 2), update("new", 1)]).unwrap();
+    a.write(&w.admin, Epoch(0), vec![update("d/3", 2), update("new", 1)])
+        .unwrap();
     let mid = a.heads();
     a.compact(usize::MAX).unwrap();
     a.write(&w.admin, Epoch(0), vec![update("d/7", 2)]).unwrap();

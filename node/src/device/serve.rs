@@ -319,6 +319,34 @@ mod tests {
         assert_eq!(two.len(), 1);
         assert_eq!((two[0].chunk.offset, two[0].recorded), (10, (60, 8)));
 
+        // Files held without their chunk lists (as `Folder::local` holds them): the lists are
+        // read from the batch or the state, so their places still follow them.
+        let mut map = ChunkMap::new(state.clone());
+        let v3 = file(&[(4, 0, 20), (5, 20, 40)], 60, 9);
+        let hash = |f: &LocalFile| content::chunk_list_hash(&f.chunks);
+        let (v2, v3) = (
+            LocalFile {
+                list_hash: hash(&v2),
+                ..v2
+            },
+            LocalFile {
+                list_hash: hash(&v3),
+                ..v3
+            },
+        );
+        let mut batch = Batch::default();
+        batch.lists.push((v2.list_hash, v2.chunks.clone()));
+        state.commit(batch).unwrap();
+        let mut batch = Batch::default();
+        batch.lists.push((v3.list_hash, v3.chunks.clone()));
+        let (old, new) = (v2.without_chunks(), v3.without_chunks());
+        map.record(&at("a/x"), Some(&old), Some(&new), &mut batch);
+        state.commit(batch).unwrap();
+        let found = places(&state, &[2, 3, 4, 5].map(|i| ChunkId([i; 32])));
+        let mut ids: Vec<u8> = found.keys().map(|id| id.0[0]).collect();
+        ids.sort();
+        assert_eq!(ids, [4, 5], "v2's chunks gone, v3's placed");
+
         // A folder no longer synced takes its places along.
         let id = FolderId::new("f").unwrap();
         state.remove_folder(&id, &root).unwrap();
