@@ -165,8 +165,11 @@ mod tests {
     use crate::state::Batch;
     use meshsync_crdt::{Epoch, FolderId, FolderIndex};
 
+    /// A survey's needs (with sizes), bytes needed, conflicted paths and file count.
+    type Seen = (Vec<(String, u64)>, u64, Vec<String>, usize);
+
     /// What the kept survey says, next to what a walk of everything says.
-    fn both(folder: &mut Folder) -> [(Vec<(String, u64)>, u64, Vec<String>, usize); 2] {
+    fn both(folder: &mut Folder) -> [Seen; 2] {
         let view = |s: &Survey| {
             let needs = s.needs.iter().map(|(p, n)| (p.clone(), *n)).collect();
             let conflicted = s.conflicted.iter().cloned().collect();
