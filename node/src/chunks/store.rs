@@ -64,6 +64,10 @@ pub struct ChunkStore {
 /// leaves come from the operating system's page cache, which is not the daemon's memory.
 pub const CACHE_BYTES: usize = 32 * 1024 * 1024;
 
+/// The chunk store's own database holds only where each chunk lies in its packs (the bytes
+/// are in the pack files): a smaller cache does.
+const STORE_CACHE_BYTES: usize = 8 * 1024 * 1024;
+
 impl ChunkStore {
     /// Opens (or creates) the store in `dir`.
     pub fn open(dir: &Path) -> Result<ChunkStore, StoreError> {
@@ -73,7 +77,7 @@ impl ChunkStore {
         };
         fs::create_dir_all(dir.join("packs")).map_err(io(dir))?;
         let db = redb::Builder::new()
-            .set_cache_size(CACHE_BYTES)
+            .set_cache_size(STORE_CACHE_BYTES)
             .create(dir.join("index.redb"))
             .map_err(db_err)?;
         let txn = db.begin_write().map_err(db_err)?;
