@@ -386,6 +386,23 @@ impl State {
         Ok(Some(list))
     }
 
+    /// The chunk lists stored under `hashes`, for each that is (one read transaction).
+    pub fn chunk_lists<'a>(
+        &self,
+        hashes: impl IntoIterator<Item = &'a ChunkListHash>,
+    ) -> Result<Vec<(ChunkListHash, Vec<ChunkRef>)>, StateError> {
+        let txn = self.db.begin_read().map_err(|e| self.err(e))?;
+        let table = txn.open_table(LISTS).map_err(|e| self.err(e))?;
+        let mut out = Vec::new();
+        for hash in hashes {
+            if let Some(bytes) = table.get(&hash.0[..]).map_err(|e| self.err(e))? {
+                let list = postcard::from_bytes(bytes.value()).map_err(|e| self.err(e))?;
+                out.push((*hash, list));
+            }
+        }
+        Ok(out)
+    }
+
     /// The value stored under `key`, or its default when none is.
     pub fn get<T: serde::de::DeserializeOwned + Default>(
         &self,

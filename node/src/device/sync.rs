@@ -54,16 +54,19 @@ async fn handle(device: &Shared, peer: PeerId, request: SyncRequest) -> SyncRepl
             }
         },
         SyncRequest::ChunkLists(hashes) => {
-            let d = device.lock().await;
-            if d.is_storage(&peer) {
-                return SyncReply::Refused("chunk lists are not for storage peers".into());
-            }
+            let state = {
+                let d = device.lock().await;
+                if d.is_storage(&peer) {
+                    return SyncReply::Refused("chunk lists are not for storage peers".into());
+                }
+                d.state.clone()
+            };
+            // Read without the device lock (thousands at a time during a first sync).
             let unique: BTreeSet<_> = hashes.into_iter().take(MAX_LISTS_PER_REQUEST).collect();
-            let lists = unique
-                .into_iter()
-                .filter_map(|hash| Some((hash, d.state.chunk_list(&hash).ok()??)))
-                .collect();
-            SyncReply::ChunkLists(lists)
+            match state.chunk_lists(&unique) {
+                Ok(lists) => SyncReply::ChunkLists(lists),
+                Err(error) => SyncReply::Refused(format!("cannot read chunk lists: {error}")),
+            }
         }
     }
 }

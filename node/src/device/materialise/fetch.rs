@@ -129,15 +129,12 @@ pub(super) async fn chunk_lists(
         .filter(|w| w.needs_content())
         .map(|w| w.record.chunks)
         .collect();
-    let mut lists = Lists::new();
-    {
-        let d = device.lock().await;
-        for hash in &wanted {
-            if let Ok(Some(list)) = d.state.chunk_list(hash) {
-                lists.insert(*hash, list);
-            }
-        }
-    }
+    let state = device.lock().await.state.clone();
+    let mut lists: Lists = state
+        .chunk_lists(&wanted)
+        .unwrap_or_default()
+        .into_iter()
+        .collect();
     // From `from` first, then from the other members: the peer a catch-up asks may lack a
     // list that a third device has (it may be waiting for it too).
     let mut others = transport.connected_peers().await;
