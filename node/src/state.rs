@@ -376,14 +376,9 @@ impl State {
         Ok(folders)
     }
 
+    /// The chunk list stored under `hash`, if one is.
     pub fn chunk_list(&self, hash: &ChunkListHash) -> Result<Option<Vec<ChunkRef>>, StateError> {
-        let txn = self.db.begin_read().map_err(|e| self.err(e))?;
-        let table = txn.open_table(LISTS).map_err(|e| self.err(e))?;
-        let Some(bytes) = table.get(&hash.0[..]).map_err(|e| self.err(e))? else {
-            return Ok(None);
-        };
-        let list: Vec<ChunkRef> = postcard::from_bytes(bytes.value()).map_err(|e| self.err(e))?;
-        Ok(Some(list))
+        Ok(self.chunk_lists([hash])?.pop().map(|(_, list)| list))
     }
 
     /// The chunk lists stored under `hashes`, for each that is (one read transaction).

@@ -110,7 +110,7 @@ impl FolderIndex {
             .iter_mut()
             .filter_map(|(id, shard)| {
                 let heads = shard.doc.get_heads();
-                (shard.is_loose() && pick(*id, &heads)).then_some((*id, shard))
+                (heads != shard.compact_heads && pick(*id, &heads)).then_some((*id, shard))
             })
             .take(max)
             .collect();

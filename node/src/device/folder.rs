@@ -95,10 +95,7 @@ impl Folder {
         local: BTreeMap<String, LocalFile>,
     ) -> Folder {
         let heard = !index.is_empty();
-        let files = local
-            .values()
-            .filter(|l| l.kind == meshsync_crdt::FileKind::File)
-            .count();
+        let files = local.values().filter(|l| is_file(Some(l))).count();
         let local_built = local.len();
         Folder {
             shared_path: Arc::new(path.clone()),
@@ -128,14 +125,9 @@ impl Folder {
         path: String,
         file: Option<LocalFile>,
     ) {
-        map.record(
-            &self.file_at(&path),
-            self.local.get(&path),
-            file.as_ref(),
-            batch,
-        );
-        let is_file = |l: Option<&LocalFile>| l.is_some_and(|l| l.kind == FileKind::File);
-        let was_file = is_file(self.local.get(&path));
+        let old = self.local.get(&path);
+        map.record(&self.file_at(&path), old, file.as_ref(), batch);
+        let was_file = is_file(old);
         match &file {
             Some(file) => {
                 self.local.insert(path.clone(), file.without_chunks());
@@ -180,6 +172,11 @@ impl Folder {
     pub(crate) fn file_count(&self) -> usize {
         self.files
     }
+}
+
+/// Whether `local` is a regular file.
+fn is_file(local: Option<&LocalFile>) -> bool {
+    local.is_some_and(|l| l.kind == FileKind::File)
 }
 
 /// Loads every folder of the state and fills the chunk map from what each holds (the temp

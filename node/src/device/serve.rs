@@ -39,27 +39,25 @@ impl FileAt {
 /// Where the chunks of current files lie: recorded in the state ([`State::places`]: at a million
 /// files, a map in memory took ~600 bytes per file), except link targets, which are few and
 /// served from memory.
-#[derive(Default)]
 pub(crate) struct ChunkMap {
     /// Symlink targets, served from memory.
     pub(crate) links: HashMap<ChunkId, Vec<u8>>,
-    /// Where the chunk lists of local files held without theirs are read (see
-    /// [`LocalFile::without_chunks`]).
-    state: Option<State>,
+    /// Where the places are recorded, and the chunk lists of local files held without theirs
+    /// are read (see [`LocalFile::without_chunks`]).
+    state: State,
 }
 
 impl ChunkMap {
-    /// A map that reads the chunk lists it is not given from `state`.
     pub(crate) fn new(state: State) -> ChunkMap {
         ChunkMap {
             links: HashMap::new(),
-            state: Some(state),
+            state,
         }
     }
 
     /// Records in `batch` that the file (or link) at `at` holds `file` now (`None`: nothing),
     /// in place of `old`. Either may come without its chunk list (as `Folder::local` holds
-    /// files): it is read from `batch`'s lists or the state's.
+    /// files): it is read from the state, or from `batch` if recorded there.
     pub(crate) fn record(
         &mut self,
         at: &FileAt,
@@ -105,24 +103,22 @@ impl ChunkMap {
             FileKind::Directory => {}
         }
     }
-}
 
-impl ChunkMap {
     /// `file`'s chunk list: its own, or, for a file held without it, the one recorded under
-    /// its list hash (in `batch` if recorded there, else in the state).
+    /// its list hash — in the state, or else in `batch` (a list recorded in this very batch:
+    /// rare, so looked for last, the batch may hold tens of thousands).
     fn chunks_of<'a>(&self, file: &'a LocalFile, batch: &Batch) -> Cow<'a, [ChunkRef]> {
-        if !file.chunks.is_empty() || file.size == 0 || file.kind == FileKind::Directory {
+        if !lacks_list(file) {
             return Cow::Borrowed(&file.chunks);
         }
-        if let Some((_, list)) = batch.lists.iter().rev().find(|(h, _)| *h == file.list_hash) {
-            return Cow::Owned(list.clone());
-        }
-        let Some(state) = &self.state else {
-            return Cow::Borrowed(&[]);
-        };
-        match state.chunk_list(&file.list_hash) {
+        match self.state.chunk_list(&file.list_hash) {
             Ok(Some(list)) => Cow::Owned(list),
-            Ok(None) => Cow::Borrowed(&[]),
+            Ok(None) => batch
+                .lists
+                .iter()
+                .rev()
+                .find(|(hash, _)| *hash == file.list_hash)
+                .map_or(Cow::Borrowed(&[]), |(_, list)| Cow::Owned(list.clone())),
             Err(error) => {
                 tracing::warn!(%error, "cannot read a local file's chunk list");
                 Cow::Borrowed(&[])
@@ -131,13 +127,25 @@ impl ChunkMap {
     }
 }
 
-/// Gives each of `files` (held without chunk lists) its chunk list back, from the state.
+/// Whether `file` is held without the chunk list it has (see [`LocalFile::without_chunks`]).
+fn lacks_list(file: &LocalFile) -> bool {
+    file.chunks.is_empty() && file.size > 0 && file.kind != FileKind::Directory
+}
+
+/// Gives each of `files` held without its chunk list that list back, from the state (one read).
 pub(crate) fn with_chunks<'a>(state: &State, files: impl IntoIterator<Item = &'a mut LocalFile>) {
-    let map = ChunkMap::new(state.clone());
-    let none = Batch::default();
+    let files: Vec<&mut LocalFile> = files.into_iter().filter(|f| lacks_list(f)).collect();
+    let hashes: Vec<_> = files.iter().map(|f| f.list_hash).collect();
+    let lists: HashMap<_, _> = match state.chunk_lists(&hashes) {
+        Ok(lists) => lists.into_iter().collect(),
+        Err(error) => {
+            tracing::warn!(%error, "cannot read local files' chunk lists");
+            return;
+        }
+    };
     for file in files {
-        if let Cow::Owned(list) = map.chunks_of(file, &none) {
-            file.chunks = list;
+        if let Some(list) = lists.get(&file.list_hash) {
+            file.chunks = list.clone();
         }
     }
 }
@@ -287,7 +295,7 @@ mod tests {
             root: root.clone(),
             rel: rel.into(),
         };
-        let mut map = ChunkMap::default();
+        let mut map = ChunkMap::new(state.clone());
         let v1 = file(&[(1, 0, 100), (2, 100, 50)], 150, 7);
         let other = file(&[(2, 0, 50)], 50, 9);
         let mut batch = Batch::default();
@@ -321,7 +329,6 @@ mod tests {
 
         // Files held without their chunk lists (as `Folder::local` holds them): the lists are
         // read from the batch or the state, so their places still follow them.
-        let mut map = ChunkMap::new(state.clone());
         let v3 = file(&[(4, 0, 20), (5, 20, 40)], 60, 9);
         let hash = |f: &LocalFile| content::chunk_list_hash(&f.chunks);
         let (v2, v3) = (

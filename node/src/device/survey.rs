@@ -189,7 +189,9 @@ mod tests {
         let index = FolderIndex::new(log.mesh(), id.clone());
         let mut folder = Folder::new(dir.path().to_path_buf(), index, Default::default());
         let mut other = FolderIndex::new(log.mesh(), id.clone());
-        let (mut map, mut batch) = (ChunkMap::default(), Batch::default());
+        let home = tempfile::tempdir().unwrap();
+        let state = crate::state::State::open(home.path()).unwrap();
+        let (mut map, mut batch) = (ChunkMap::new(state), Batch::default());
         let paths: Vec<String> = (0..40).map(|i| format!("d{}/f{i}", i % 4)).collect();
         let mut x = 0x2545_F491_4F6C_DD1Du64;
         let mut next = |n: usize| {
