@@ -85,6 +85,13 @@ impl Entry {
             mode: stat.st_mode as u32 & 0o777,
         }
     }
+
+    /// The metadata of an open file.
+    pub fn of_file(file: &File) -> Result<Entry, DiskError> {
+        rustix::fs::fstat(file)
+            .map(|stat| Entry::of(&stat))
+            .map_err(|e| io("an open file", e))
+    }
 }
 
 /// A synced folder, opened once; every synced-path operation goes through it.
@@ -222,6 +229,18 @@ impl FolderRoot {
         Ok(File::from(fd))
     }
 
+    /// Like [`FolderRoot::create_new`], after removing a file already at `rel` (a leftover of
+    /// an earlier attempt under the same temp name), with one lookup of the parent.
+    pub fn create_fresh(&self, rel: &str) -> Result<File, DiskError> {
+        let (dir, name) = self.parent(rel)?;
+        let _ = rustix::fs::unlinkat(&dir, name, AtFlags::empty());
+        let flags =
+            OFlags::WRONLY | OFlags::CREATE | OFlags::EXCL | OFlags::NOFOLLOW | OFlags::CLOEXEC;
+        let fd = rustix::fs::openat(&dir, name, flags, Mode::from_raw_mode(0o600))
+            .map_err(|e| io(rel, e))?;
+        Ok(File::from(fd))
+    }
+
     /// Appends `bytes` to the regular file `rel`, creating it (mode 0644) if missing, and
     /// flushes it.
     pub fn append(&self, rel: &str, bytes: &[u8]) -> Result<(), DiskError> {
@@ -243,6 +262,11 @@ impl FolderRoot {
             return Ok(());
         }
         split(rel)?;
+        match self.open_dir(rel, rel) {
+            Ok(_) => return Ok(()), // there already: the usual case, one lookup
+            Err(e) if e.is_not_found() => {}
+            Err(e) => return Err(e),
+        }
         let mut prefix = String::new();
         for component in rel.split('/') {
             let parent = prefix.clone();
@@ -263,6 +287,12 @@ impl FolderRoot {
     /// Renames `from` to `to` (both inside the folder), replacing a file at `to`.
     pub fn rename(&self, from: &str, to: &str) -> Result<(), DiskError> {
         let (from_dir, from_name) = self.parent(from)?;
+        if parent_of(from) == parent_of(to) {
+            // A temp file renamed into place: one lookup of the folder they share.
+            let (_, to_name) = split(to)?;
+            return rustix::fs::renameat(&from_dir, from_name, &from_dir, to_name)
+                .map_err(|e| io(to, e));
+        }
         let (to_dir, to_name) = self.parent(to)?;
         rustix::fs::renameat(&from_dir, from_name, &to_dir, to_name).map_err(|e| io(to, e))
     }
@@ -410,9 +440,22 @@ mod tests {
                 "{rel}: {refused}"
             );
             assert!(root.create_dir_all(rel).is_err(), "{rel}");
+            assert!(root.create_fresh(rel).is_err(), "{rel}");
             assert!(root.open_read(rel).is_err(), "{rel}");
             assert!(root.remove_file(rel).is_err(), "{rel}");
         }
+        // A folder that is there already is looked up in one step: a link there is not one.
+        for rel in ["L", "up", "slash", "L/x", "up/outside"] {
+            assert!(
+                matches!(root.create_dir_all(rel), Err(DiskError::Blocked { .. })),
+                "{rel}"
+            );
+        }
+        // A rename within one folder onto a link's name replaces the link, never its target.
+        std::os::unix::fs::symlink(&outside, dir.path().join("f/L2")).unwrap();
+        root.create_new("t").unwrap();
+        root.rename("t", "L2").unwrap();
+        assert_eq!(root.entry("L2").unwrap().unwrap().kind, Kind::File);
         for rel in ["../x", "/etc/passwd", "a/../b", "", "a//b", "./a"] {
             assert!(
                 matches!(root.create_new(rel), Err(DiskError::BadPath(_))),
@@ -443,6 +486,13 @@ mod tests {
             "{blocked}"
         );
         assert!(root.create_new("a").is_err(), "exclusive");
+        std::io::Write::write_all(&mut root.open_write("a").unwrap(), b"left over").unwrap();
+        root.create_fresh("a").unwrap();
+        assert_eq!(
+            root.entry("a").unwrap().unwrap().len,
+            0,
+            "fresh: the leftover is gone"
+        );
         root.create_dir_all("d/e").unwrap();
         let mut f = root.create_new("d/e/t").unwrap();
         std::io::Write::write_all(&mut f, b"x").unwrap();

@@ -6,7 +6,7 @@
 //!   ([`device::start`] with a home and a [`net::Network`], TCP/QUIC or in-memory).
 //! - [`storage_peer`]: a storage peer: stores and serves sealed changes and chunks, reads none.
 //! - [`storage_client`]: a device's sealing and bookkeeping for storage peers.
-//! - [`protocol`]: every wire message (`/meshsync/doc/1`, `/meshsync/sealed/1`, pairing payload)
+//! - [`protocol`]: every wire message (`/meshsync/doc/2`, `/meshsync/sealed/1`, pairing payload)
 //!   and the one typed request helper.
 //! - [`net`]: transports, who may connect, static addresses; [`pairing`]: joining by code.
 //! - [`disk`]: the one door to a synced folder's files (no `..`, no symlink followed).

@@ -1,7 +1,7 @@
 //! Every message meshsync nodes send each other, in one place, and the one typed request
 //! helper both protocols use.
 //!
-//! - `/meshsync/doc/1` ([`SyncRequest`] → [`SyncReply`]): between devices (and, membership
+//! - `/meshsync/doc/2` ([`SyncRequest`] → [`SyncReply`]): between devices (and, membership
 //!   only, with storage peers): pull changes since the asker's heads, push changes, fetch chunk
 //!   lists by hash.
 //! - `/meshsync/sealed/1` ([`StoreRequest`] → [`StoreReply`]): a device and a storage peer:
@@ -46,7 +46,7 @@ pub fn from_heads(heads: &Heads) -> Vec<automerge::ChangeHash> {
     heads.iter().map(|h| automerge::ChangeHash(*h)).collect()
 }
 
-/// A request on `/meshsync/doc/1`.
+/// A request on `/meshsync/doc/2`.
 #[derive(Serialize, Deserialize, Debug)]
 pub enum SyncRequest {
     /// Changes the asker lacks: membership since `membership`, and per folder per shard since
@@ -199,7 +199,7 @@ pub async fn request<Q: Serialize, R: DeserializeOwned>(
     postcard::from_bytes(&bytes).with_context(|| format!("unreadable reply on {protocol}"))
 }
 
-/// A request on `/meshsync/doc/1`.
+/// A request on `/meshsync/doc/2`.
 pub async fn doc(
     transport: &Transport,
     peer: PeerId,

@@ -17,6 +17,10 @@ use serde::{Deserialize, Serialize};
 use crate::chunks::ChunkRef;
 
 const META: TableDefinition<&str, &[u8]> = TableDefinition::new("meta");
+/// How the index in this home puts paths into shards (`meshsync_crdt::index::shard_of`):
+/// 2 since shards follow folders. Kept in [`META`] under [`LAYOUT_KEY`].
+pub const INDEX_LAYOUT: u32 = 2;
+const LAYOUT_KEY: &str = "index-layout";
 const FOLDERS: TableDefinition<&str, &str> = TableDefinition::new("folders");
 const SHARDS: TableDefinition<(&str, u16), &[u8]> = TableDefinition::new("shards");
 /// Pieces saved after a shard's whole save, by folder, shard and number (see
@@ -219,9 +223,37 @@ impl State {
             txn.open_table(SEALED).map_err(|e| state.err(e))?;
             txn.open_table(VERSIONS).map_err(|e| state.err(e))?;
             txn.open_table(CHUNK_REFS).map_err(|e| state.err(e))?;
+            state.check_layout(&txn)?;
         }
         txn.commit().map_err(|e| state.err(e))?;
         Ok(state)
+    }
+
+    /// Checks that the index this home holds puts paths in shards the way this build does
+    /// ([`INDEX_LAYOUT`]); a home with no index yet is marked as this build's.
+    fn check_layout(&self, txn: &redb::WriteTransaction) -> Result<(), StateError> {
+        let mut meta = txn.open_table(META).map_err(|e| self.err(e))?;
+        let layout = meta
+            .get(LAYOUT_KEY)
+            .map_err(|e| self.err(e))?
+            .map(|v| v.value().to_vec());
+        let empty = redb::ReadableTableMetadata::is_empty(
+            &txn.open_table(SHARDS).map_err(|e| self.err(e))?,
+        );
+        match layout {
+            Some(layout) if layout == INDEX_LAYOUT.to_le_bytes() => Ok(()),
+            None if empty.map_err(|e| self.err(e))? => {
+                meta.insert(LAYOUT_KEY, &INDEX_LAYOUT.to_le_bytes()[..])
+                    .map_err(|e| self.err(e))?;
+                Ok(())
+            }
+            _ => Err(self.err(
+                "this home's index was written by another version of meshsync, which puts \
+                 files into index shards differently; its devices cannot sync with this one. \
+                 Make a new home (`meshsync init`, then pair it again): the files in your \
+                 folders are not touched",
+            )),
+        }
     }
 
     fn err(&self, e: impl std::fmt::Display) -> StateError {
@@ -693,5 +725,38 @@ impl State {
             }
         }
         txn.commit().map_err(|e| self.err(e))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_home_whose_index_was_sharded_another_way_is_refused_with_what_to_do() {
+        let home = tempfile::tempdir().unwrap();
+        // A fresh home is marked with this build's layout, and opens again.
+        drop(State::open(home.path()).unwrap());
+        drop(State::open(home.path()).unwrap());
+        // An earlier home: shards saved, no layout named.
+        let old = tempfile::tempdir().unwrap();
+        {
+            let db = Database::create(old.path().join("state.redb")).unwrap();
+            let txn = db.begin_write().unwrap();
+            txn.open_table(META).unwrap();
+            txn.open_table(SHARDS)
+                .unwrap()
+                .insert(("docs", 7), &b"saved shard"[..])
+                .unwrap();
+            txn.commit().unwrap();
+        }
+        let refused = State::open(old.path()).err().expect("refused");
+        assert!(
+            refused.reason.contains("meshsync init"),
+            "{}",
+            refused.reason
+        );
+        // Nothing was changed in it: refused again the same way.
+        assert!(State::open(old.path()).is_err());
     }
 }

@@ -10,7 +10,7 @@
 //! - **Discovery**: mDNS on the LAN (optional), static addresses ([`Transport::dial`]), and
 //!   [`peers`] exchange among members. No relay, DHT or bootstrap node.
 //! - **Protocols**, all on libp2p streams with [`frame`]s that carry a size limit and a
-//!   timeout: `/meshsync/doc/1` ([`rpc`]: one request, one reply, for state exchange),
+//!   timeout: `/meshsync/doc/2` ([`rpc`]: one request, one reply, for state exchange),
 //!   `/meshsync/chunks/1` ([`chunks`]), `/meshsync/peers/1` ([`peers`]) and `/meshsync/pair/1`
 //!   ([`pair`], served only by a separate, short-lived pairing endpoint).
 //!

@@ -1,4 +1,4 @@
-//! One request, one reply, on a libp2p stream: the shape of `/meshsync/doc/1` (state exchange)
+//! One request, one reply, on a libp2p stream: the shape of `/meshsync/doc/2` (state exchange)
 //! and `/meshsync/peers/1`. Several requests may follow one another on the same stream.
 //! Requests and replies are frames with a size limit; anything malformed, oversized or late
 //! closes the stream with a logged reason.
@@ -13,8 +13,10 @@ use libp2p::{PeerId, StreamProtocol};
 use crate::frame;
 use crate::{Transport, TransportError};
 
-/// `/meshsync/doc/1`: exchange of the replicated state (membership and index changes).
-pub const DOC: StreamProtocol = StreamProtocol::new("/meshsync/doc/1");
+/// `/meshsync/doc/2`: exchange of the replicated state (membership and index changes).
+/// (2: index shards follow folders; a device that shards by path alone speaks 1 and is not
+/// understood, rather than having every change refused.)
+pub const DOC: StreamProtocol = StreamProtocol::new("/meshsync/doc/2");
 /// `/meshsync/sealed/1`: push and pull of sealed changes and sealed chunks to and from
 /// storage peers.
 pub const SEALED: StreamProtocol = StreamProtocol::new("/meshsync/sealed/1");

@@ -55,7 +55,7 @@ fn echo_upper(t: &Transport) {
     .unwrap();
 }
 
-/// Two members on the in-memory transport, `a` answering `/meshsync/doc/1` in upper case;
+/// Two members on the in-memory transport, `a` answering `/meshsync/doc/2` in upper case;
 /// returns `a`'s keys, `a` and `b` (not yet connected).
 async fn memory_pair() -> (DeviceKeys, Transport, Transport) {
     let (ka, kb) = (DeviceKeys::generate(), DeviceKeys::generate());

@@ -1,8 +1,12 @@
 //! The file index of one folder: signed [`FileRecord`]s in many small Automerge documents.
 //!
 //! # Layout
-//! A folder's index is split into [`SHARDS`] shards by a hash of the path; each shard is its own
-//! Automerge document, created on first write, whose root map holds `path -> record bytes`.
+//! A folder's index is split into [`SHARDS`] shards; each shard is its own Automerge document,
+//! created on first write, whose root map holds `path -> record bytes`. A path's shard is
+//! picked by its parent folder, then spread by its name over [`DIR_SHARDS`] neighbouring shards
+//! ([`shard_of`]): the files of one folder, which are so often changed together (a build, a
+//! checkout, a camera import), touch a few shards rather than one shard each, and a folder of
+//! a hundred thousand files still fills eight shards, not one.
 //! A record is ~150 bytes: version, kind, size, mode, mtime, deleted flag, the hash of its chunk
 //! list (the list itself lives outside Automerge, content-addressed), author, epoch and the
 //! author's Ed25519 signature over all of that plus mesh ID, folder ID and path.
@@ -38,6 +42,13 @@ use crate::membership::MembershipView;
 
 /// Shards per folder. Fixed, so every replica puts a path in the same shard.
 pub const SHARDS: u16 = 1024;
+/// The shards the entries of one folder (directory) are spread over.
+pub const DIR_SHARDS: u16 = 8;
+/// The most records one Automerge change of one shard holds (and at most a quarter of
+/// [`MAX_CHANGE_BYTES`] of paths and records): a write of more — a first scan of a huge folder,
+/// a device's own records written again after a cutoff — is split, so every change stays far
+/// within what peers accept ([`MAX_OPS_PER_CHANGE`], [`MAX_CHANGE_BYTES`]).
+pub const MAX_RECORDS_PER_CHANGE: usize = 20_000;
 const SIGNING_CONTEXT: &str = "meshsync file record v1";
 /// The largest encoded change the index accepts (a batch of many records is still far below).
 pub const MAX_CHANGE_BYTES: usize = 16 * 1024 * 1024;
@@ -361,14 +372,20 @@ pub fn actor_for(device: &DeviceId, incarnation: u32) -> ActorId {
     ActorId::from(bytes)
 }
 
-/// The shard a path of `folder` lives in.
+/// The shard a path of `folder` lives in: one of the [`DIR_SHARDS`] neighbouring shards its
+/// parent folder's name picks, by its own name (see "Layout" above).
 pub fn shard_of(folder: &FolderId, path: &str) -> u16 {
-    let mut hasher = blake3::Hasher::new();
-    hasher.update(folder.as_str().as_bytes());
-    hasher.update(&[0]);
-    hasher.update(path.as_bytes());
-    let hash = hasher.finalize();
-    u16::from_le_bytes([hash.as_bytes()[0], hash.as_bytes()[1]]) % SHARDS
+    let (dir, name) = path.rsplit_once('/').unwrap_or(("", path));
+    let pick = |what: u8, part: &str| -> u16 {
+        let mut hasher = blake3::Hasher::new();
+        hasher.update(folder.as_str().as_bytes());
+        hasher.update(&[0, what]);
+        hasher.update(part.as_bytes());
+        let hash = hasher.finalize();
+        u16::from_le_bytes([hash.as_bytes()[0], hash.as_bytes()[1]])
+    };
+    let first = pick(0, dir) % SHARDS;
+    (first + pick(1, name) % DIR_SHARDS) % SHARDS
 }
 
 struct Shard {
@@ -568,13 +585,24 @@ impl FolderIndex {
             .par_iter_mut()
             .filter_map(|(id, shard)| Some((id, shard, by_shard.get(id)?)))
             .try_for_each(|(id, shard, records)| -> Result<(), IndexError> {
+                let commit = |shard: &mut Shard| {
+                    if let Some(hash) = shard.doc.commit() {
+                        let signature = signed::sign_change(keys, &mesh, folder, *id, &hash);
+                        shard.signatures.insert(hash, signature);
+                    }
+                };
+                let (mut count, mut bytes) = (0, 0);
                 for record in records {
-                    shard.doc.put(ROOT, record.path.as_str(), record.encode())?;
+                    let encoded = record.encode();
+                    let size = record.path.len() + encoded.len();
+                    if count == MAX_RECORDS_PER_CHANGE || bytes + size > MAX_CHANGE_BYTES / 4 {
+                        commit(shard);
+                        (count, bytes) = (0, 0);
+                    }
+                    shard.doc.put(ROOT, record.path.as_str(), encoded)?;
+                    (count, bytes) = (count + 1, bytes + size);
                 }
-                if let Some(hash) = shard.doc.commit() {
-                    let signature = signed::sign_change(keys, &mesh, folder, *id, &hash);
-                    shard.signatures.insert(hash, signature);
-                }
+                commit(shard);
                 Ok(())
             })?;
         Ok(records)

@@ -680,9 +680,12 @@ fn twins_do_not_split_replicas() {
     assert_ne!(genuine[0].change, twin[0].change);
     let mut other = FolderIndex::new(mesh, w.folder.clone());
     other
-        .write(&w.laptop, Epoch(0), vec![update("q", 3)])
+        .write(&w.laptop, Epoch(0), vec![update("elsewhere/q", 3)])
         .unwrap();
     let q = other.take_local_changes();
+    // In another shard: the laptop writes on top in `p`'s shard below, as another replica of
+    // it (the same actor, so the same shard would make that write a twin of this one).
+    assert_ne!(q[0].shard, genuine[0].shard);
     let replica = |first: &[ShardChange], second: &[ShardChange]| {
         let mut r = FolderIndex::new(mesh, w.folder.clone());
         r.apply(w.log.view(), first.to_vec()).unwrap();
@@ -699,7 +702,7 @@ fn twins_do_not_split_replicas() {
                 .all(|e| matches!(e, IndexError::Equivocation { .. })),
             "{report:?}"
         );
-        assert!(r.get("q").is_some());
+        assert!(r.get("elsewhere/q").is_some());
         (r, on_top, report.dropped)
     };
     let (mut b, _, b_dropped) = replica(&genuine, &twin);
@@ -775,4 +778,41 @@ fn paths_changed_since_names_what_changed_across_a_compaction() {
         "{from_before:?}"
     );
     assert_eq!(from_mid, ["d/7"].map(String::from).into());
+}
+
+#[test]
+fn the_files_of_one_folder_share_a_few_shards_and_a_huge_write_is_split_into_changes_peers_accept()
+{
+    let w = world();
+    let shards_of = |paths: &mut dyn Iterator<Item = String>| -> BTreeSet<u16> {
+        paths.map(|p| shard_of(&w.folder, &p)).collect()
+    };
+    // A change to a thousand files in ten folders touches at most eighty shards (by path
+    // alone it was about six hundred); one folder's files fill all eight of its own.
+    let ten = shards_of(&mut (0..1000).map(|i| format!("src/m{}/f{i}.rs", i / 100)));
+    assert!(ten.len() <= 10 * DIR_SHARDS as usize, "{}", ten.len());
+    let one = shards_of(&mut (0..500).map(|i| format!("photos/IMG_{i:04}.jpg")));
+    assert_eq!(one.len(), DIR_SHARDS as usize);
+    // Folders are spread over every shard.
+    let folders = shards_of(&mut (0..4000).map(|d| format!("d{d}/x")));
+    assert!(folders.len() > 900, "{}", folders.len());
+
+    // More records for one shard than one change may hold: written as several changes, and a
+    // peer takes them all.
+    let target = shard_of(&w.folder, "big/0");
+    let paths: Vec<String> = (0..)
+        .map(|i| format!("big/{i}"))
+        .filter(|p| shard_of(&w.folder, p) == target)
+        .take(MAX_RECORDS_PER_CHANGE + 10)
+        .collect();
+    let mut a = FolderIndex::new(w.log.mesh(), w.folder.clone());
+    let updates = paths.iter().map(|p| update(p, 1)).collect();
+    a.write(&w.admin, Epoch(0), updates).unwrap();
+    let changes = a.take_local_changes();
+    assert_eq!(changes.len(), 2, "split in two");
+    assert!(changes.iter().all(|c| c.shard == target));
+    let mut b = FolderIndex::new(w.log.mesh(), w.folder.clone());
+    let report = b.apply_all(w.log.view(), changes).unwrap();
+    assert_eq!(report.paths.len(), paths.len());
+    assert_eq!(b.len(), paths.len());
 }

@@ -16,7 +16,7 @@
 //! - [`folder`]: a synced folder (its index and local state), add/remove, watching;
 //! - [`ignore`]: the one answer to "is this path ignored / one of the daemon's own files";
 //! - [`scan`]: disk → signed index records (classification and the mass-delete guard are pure);
-//! - [`sync`]: `/meshsync/doc/1` server and client: pull, push, admit peers' changes;
+//! - [`sync`]: `/meshsync/doc/2` server and client: pull, push, admit peers' changes;
 //! - [`materialise`]: index → disk, as `plan` (pure), `fetch` (chunks into temp files) and
 //!   `commit` (flush, rename, delete, record);
 //! - [`conflict`]: conflict-copy names;

@@ -1,4 +1,4 @@
-//! `/meshsync/doc/1` between devices: the server ([`serve`]), pulling from a peer ([`pull`]),
+//! `/meshsync/doc/2` between devices: the server ([`serve`]), pulling from a peer ([`pull`]),
 //! pushing this device's new changes ([`push_to_devices`]), and admitting what arrives
 //! ([`apply_changes`]): every membership and index change passes `meshsync-crdt`'s gate
 //! (signatures, authority, versions) before it is kept, then the changed paths are
@@ -25,7 +25,7 @@ const MAX_LISTS_PER_REQUEST: usize = 10_000;
 /// Smaller answers also keep each apply, and the device lock it holds, short.
 const PULL_BUDGET: usize = 8 * 1024 * 1024;
 
-/// Answers `/meshsync/doc/1` for `device`.
+/// Answers `/meshsync/doc/2` for `device`.
 pub(crate) fn serve(device: &Shared, transport: &Transport) -> anyhow::Result<()> {
     let device = device.clone();
     protocol::serve(

@@ -12,7 +12,7 @@
 //!   chunk's content (that needs the key); devices do, and fetch a bad one elsewhere.
 //!
 //! Devices talk to it on `/meshsync/sealed/1` ([`StoreRequest`]); membership changes travel on
-//! `/meshsync/doc/1` as between devices, but a storage peer is never sent folder state.
+//! `/meshsync/doc/2` as between devices, but a storage peer is never sent folder state.
 //! Strangers and removed devices are refused by the transport gate before any of this.
 
 mod serve;

@@ -1,4 +1,4 @@
-//! What a storage peer answers: `/meshsync/doc/1` (membership only) and `/meshsync/sealed/1`
+//! What a storage peer answers: `/meshsync/doc/2` (membership only) and `/meshsync/sealed/1`
 //! (sealed changes, sealed chunks, signed releases). Every request is checked against the
 //! membership log: only members get in (the transport gate), only writing members may store,
 //! and every sealed change must carry its author's valid signature.

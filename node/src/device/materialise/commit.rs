@@ -101,7 +101,10 @@ pub(super) fn install(
             continue;
         }
         let list = lists.get(&w.record.chunks);
-        match install_one(root, w, prepared, list, keys, me) {
+        let outcome = install_one(root, w, prepared, list, keys, me);
+        // Written: its temp file was renamed into place, nothing of it is left to look for.
+        let placed = matches!(outcome, Ok(Outcome::Holds(Some(_)) | Outcome::CopyWritten));
+        match outcome {
             Ok(Outcome::Holds(file)) => {
                 if file.as_ref().is_some_and(|f| f.kind != FileKind::Directory) {
                     touched_dirs.insert(parent_of(&w.path).to_string());
@@ -129,7 +132,7 @@ pub(super) fn install(
                     .push((w.path.clone(), format!("{error:#}")));
             }
         }
-        if let Some((tmp, ino)) = tmp {
+        if let Some((tmp, ino)) = tmp.filter(|_| !placed) {
             strays.remove(root, &tmp, ino, Some(&w.path));
         }
     }
@@ -364,10 +367,12 @@ fn install_file(
     let file = root.open_write(&p.tmp)?;
     set_mode(&file, r.mode)?;
     file.set_modified(std::time::UNIX_EPOCH + Duration::from_nanos(r.mtime_ns.max(0) as u64))?;
+    // What the file system made of that mtime (its granularity), from the file itself: the
+    // rename below does not change it.
+    let mtime_ns = crate::disk::Entry::of_file(&file).map_or(r.mtime_ns, |e| e.mtime_ns);
     drop(file);
     make_room(root, &w.path, Kind::File, me)?;
     place(root, &p.tmp, w)?;
-    let mtime_ns = root.entry(&w.path)?.map_or(r.mtime_ns, |e| e.mtime_ns);
     Ok(LocalFile {
         kind: FileKind::File,
         size: p.size,

@@ -262,8 +262,7 @@ impl Assembly {
         use std::os::unix::fs::FileExt;
         let size = content::list_size(list);
         root.create_dir_all(parent_of(&tmp))?;
-        let _ = root.remove_file(&tmp); // a leftover of this process (same PID and step)
-        let file = root.create_new(&tmp)?;
+        let file = root.create_fresh(&tmp)?; // a leftover of this process (same PID, step) goes
         file.set_len(size)?;
         let mut left = 0usize;
         for c in list {
