@@ -6,7 +6,7 @@
 //! picked by its parent folder, then spread by its name over [`DIR_SHARDS`] neighbouring shards
 //! ([`shard_of`]): the files of one folder, which are so often changed together (a build, a
 //! checkout, a camera import), touch a few shards rather than one shard each, and a folder of
-//! a hundred thousand files still fills eight shards, not one.
+//! a hundred thousand files still fills four shards, not one.
 //! A record is ~150 bytes: version, kind, size, mode, mtime, deleted flag, the hash of its chunk
 //! list (the list itself lives outside Automerge, content-addressed), author, epoch and the
 //! author's Ed25519 signature over all of that plus mesh ID, folder ID and path.
@@ -43,7 +43,7 @@ use crate::membership::MembershipView;
 /// Shards per folder. Fixed, so every replica puts a path in the same shard.
 pub const SHARDS: u16 = 1024;
 /// The shards the entries of one folder (directory) are spread over.
-pub const DIR_SHARDS: u16 = 8;
+pub const DIR_SHARDS: u16 = 4;
 /// The most records one Automerge change of one shard holds (and at most a quarter of
 /// [`MAX_CHANGE_BYTES`] of paths and records): a write of more — a first scan of a huge folder,
 /// a device's own records written again after a cutoff — is split, so every change stays far

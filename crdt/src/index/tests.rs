@@ -615,9 +615,10 @@ fn compacting_a_changed_shard_keeps_its_records_and_saves_it_whole() {
     );
     let (heads, d3) = (a.heads(), a.get("d/3"));
     // A few at a time: what is left stays loose until a later round.
-    let first = a.compact(5).unwrap();
-    assert_eq!(first.len(), 5);
-    assert_eq!(a.loose_shards(), touched - 5);
+    assert!(touched > 2, "{touched} shards");
+    let first = a.compact(2).unwrap();
+    assert_eq!(first.len(), 2);
+    assert_eq!(a.loose_shards(), touched - 2);
     let rest = a.compact(usize::MAX).unwrap();
     assert_eq!(first.len() + rest.len(), touched);
     assert_eq!(a.loose_shards(), 0);
@@ -642,11 +643,11 @@ fn compacting_a_changed_shard_keeps_its_records_and_saves_it_whole() {
     assert!(matches!(a.save_shard(shard), Some(SavedShard::Piece(1, _))));
     assert_eq!(a.loose_shards(), 1);
     // Only quiet shards, while another keeps changing: "d/4"'s shard changed again after the
-    // heads were taken, "d/5"'s did not.
-    a.write(&w.admin, Epoch(0), vec![update("d/5", 3)]).unwrap();
+    // heads were taken, "e/5"'s did not.
+    a.write(&w.admin, Epoch(0), vec![update("e/5", 3)]).unwrap();
     let quiet = a.heads();
     a.write(&w.admin, Epoch(0), vec![update("d/4", 4)]).unwrap();
-    let other = shard_of(&w.folder, "d/5");
+    let other = shard_of(&w.folder, "e/5");
     assert_ne!(shard, other, "two shards");
     let compacted: Vec<u16> = a
         .compact_unchanged(usize::MAX, &quiet)
@@ -787,8 +788,8 @@ fn the_files_of_one_folder_share_a_few_shards_and_a_huge_write_is_split_into_cha
     let shards_of = |paths: &mut dyn Iterator<Item = String>| -> BTreeSet<u16> {
         paths.map(|p| shard_of(&w.folder, &p)).collect()
     };
-    // A change to a thousand files in ten folders touches at most eighty shards (by path
-    // alone it was about six hundred); one folder's files fill all eight of its own.
+    // A change to a thousand files in ten folders touches at most forty shards (by path
+    // alone it was about six hundred); one folder's files fill all four of its own.
     let ten = shards_of(&mut (0..1000).map(|i| format!("src/m{}/f{i}.rs", i / 100)));
     assert!(ten.len() <= 10 * DIR_SHARDS as usize, "{}", ten.len());
     let one = shards_of(&mut (0..500).map(|i| format!("photos/IMG_{i:04}.jpg")));
