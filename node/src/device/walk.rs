@@ -8,6 +8,7 @@ use std::time::Duration;
 
 use meshsync_crdt::keys::ChunkIdKey;
 use meshsync_crdt::{ChunkListHash, FileKind};
+use rayon::prelude::*;
 
 use super::ignore::{is_own_file, Rules, IGNORE_FILE};
 use super::serve::unix_nanos;
@@ -106,6 +107,9 @@ pub fn walk(
                 .collect();
             listed.push((dir.clone(), names));
         }
+        // What to look at in this folder is decided in order; the looking (open, read, hash:
+        // most of a first scan) runs on every core, and its results are taken in order.
+        let mut to_examine: Vec<(String, Entry)> = Vec::with_capacity(entries.len());
         for (name, entry) in entries {
             let rel = if dir.is_empty() {
                 name
@@ -134,7 +138,14 @@ pub fn walk(
             if is_dir && !(only && known_dir) {
                 stack.push(rel.clone());
             }
-            match examine(root, &rel, &entry, local.get(&rel), id_key, wait_settle)? {
+            to_examine.push((rel, entry));
+        }
+        let examined: Vec<anyhow::Result<Examined>> = to_examine
+            .par_iter()
+            .map(|(rel, entry)| examine(root, rel, entry, local.get(rel), id_key, wait_settle))
+            .collect();
+        for ((rel, _), examined) in to_examine.into_iter().zip(examined) {
+            match examined? {
                 Examined::Unchanged => {}
                 Examined::Unsettled(after) => {
                     walked.retry_after = Some(walked.retry_after.map_or(after, |a| a.min(after)));
