@@ -40,6 +40,23 @@ pub struct Walked {
     pub retry_after: Option<Duration>,
 }
 
+impl Walked {
+    /// Notes what examining `rel` found.
+    fn take(&mut self, rel: String, examined: Examined) {
+        match examined {
+            Examined::Unchanged => {}
+            Examined::Unsettled(after) => {
+                self.retry_after = Some(self.retry_after.map_or(after, |a| a.min(after)));
+            }
+            Examined::Changed(file, refs) => self.changed.push(Scanned {
+                path: rel,
+                file: Some(file),
+                refs,
+            }),
+        }
+    }
+}
+
 /// What a walk of `scope` compares against: all this device holds, or what it holds in and
 /// under the scope's folders (not a copy of a million entries for a change of a few).
 pub(super) fn local_in(
@@ -140,22 +157,12 @@ pub fn walk(
             }
             to_examine.push((rel, entry));
         }
-        let examined: Vec<anyhow::Result<Examined>> = to_examine
-            .par_iter()
-            .map(|(rel, entry)| examine(root, rel, entry, local.get(rel), id_key, wait_settle))
-            .collect();
+        let look = |(rel, entry): &(String, Entry)| {
+            examine(root, rel, entry, local.get(rel), id_key, wait_settle)
+        };
+        let examined: Vec<anyhow::Result<Examined>> = to_examine.par_iter().map(look).collect();
         for ((rel, _), examined) in to_examine.into_iter().zip(examined) {
-            match examined? {
-                Examined::Unchanged => {}
-                Examined::Unsettled(after) => {
-                    walked.retry_after = Some(walked.retry_after.map_or(after, |a| a.min(after)));
-                }
-                Examined::Changed(file, refs) => walked.changed.push(Scanned {
-                    path: rel,
-                    file: Some(file),
-                    refs,
-                }),
-            }
+            walked.take(rel, examined?);
         }
     }
     let gone: Vec<&String> = match only {
