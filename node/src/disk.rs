@@ -230,9 +230,16 @@ impl FolderRoot {
     }
 
     /// Like [`FolderRoot::create_new`], after removing a file already at `rel` (a leftover of
-    /// an earlier attempt under the same temp name), with one lookup of the parent.
+    /// an earlier attempt under the same temp name) and making its missing parents: one
+    /// lookup of the parent when it is there.
     pub fn create_fresh(&self, rel: &str) -> Result<File, DiskError> {
-        let (dir, name) = self.parent(rel)?;
+        let (dir, name) = match self.parent(rel) {
+            Err(e) if e.is_not_found() => {
+                self.create_dir_all(parent_of(rel))?;
+                self.parent(rel)?
+            }
+            found => found?,
+        };
         let _ = rustix::fs::unlinkat(&dir, name, AtFlags::empty());
         let flags =
             OFlags::WRONLY | OFlags::CREATE | OFlags::EXCL | OFlags::NOFOLLOW | OFlags::CLOEXEC;
@@ -488,6 +495,8 @@ mod tests {
         assert!(root.create_new("a").is_err(), "exclusive");
         std::io::Write::write_all(&mut root.open_write("a").unwrap(), b"left over").unwrap();
         root.create_fresh("a").unwrap();
+        root.create_fresh("new/deeper/t").unwrap();
+        assert_eq!(root.entry("new/deeper").unwrap().unwrap().kind, Kind::Dir);
         assert_eq!(
             root.entry("a").unwrap().unwrap().len,
             0,

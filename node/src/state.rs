@@ -332,12 +332,11 @@ impl State {
             let (key, bytes) = row.map_err(|x| e(&x))?;
             let (folder, path) = key.value();
             let folder = FolderId::new(folder).map_err(|x| e(&x))?;
-            let mut file: LocalFile = postcard::from_bytes(bytes.value()).map_err(|x| e(&x))?;
-            file.chunks = Vec::new(); // held without (see `LocalFile::without_chunks`)
+            let file: LocalFile = postcard::from_bytes(bytes.value()).map_err(|x| e(&x))?;
             local
                 .entry(folder)
                 .or_default()
-                .push((path.to_string(), file));
+                .push((path.to_string(), file.without_chunks()));
         }
         let local = local
             .into_iter()
@@ -735,8 +734,16 @@ mod tests {
     #[test]
     fn a_home_whose_index_was_sharded_another_way_is_refused_with_what_to_do() {
         let home = tempfile::tempdir().unwrap();
-        // A fresh home is marked with this build's layout, and opens again.
-        drop(State::open(home.path()).unwrap());
+        // A fresh home is marked with this build's layout, and opens again once its index
+        // holds shards.
+        let state = State::open(home.path()).unwrap();
+        let mut batch = Batch::default();
+        let folder = FolderId::new("docs").unwrap();
+        batch
+            .shards
+            .push((folder, 7, SavedShard::Whole(b"saved".to_vec())));
+        state.commit(batch).unwrap();
+        drop(state);
         drop(State::open(home.path()).unwrap());
         // An earlier home: shards saved, no layout named.
         let old = tempfile::tempdir().unwrap();

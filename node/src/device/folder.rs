@@ -303,7 +303,8 @@ impl Device {
     /// heads did not move since the last round (see [`FolderIndex::compact`]); the saves
     /// replace what the state held of those shards. A quiet index goes back to its compact
     /// form a few dozen shards at a time, the device lock held briefly each time; while
-    /// changes stream in, the shards they do not touch are compacted a few at a time.
+    /// changes stream in, as many quiet shards as took changes the round before (4 to 16).
+    /// Once every index is compact again, freed pages go back to the system.
     pub(crate) fn compact_quiet_indexes(&mut self) -> anyhow::Result<()> {
         let mut batch = Batch::default();
         for (id, f) in self.folders.iter_mut() {

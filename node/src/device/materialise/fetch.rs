@@ -261,8 +261,8 @@ impl Assembly {
     ) -> anyhow::Result<Pending> {
         use std::os::unix::fs::FileExt;
         let size = content::list_size(list);
-        root.create_dir_all(parent_of(&tmp))?;
-        let file = root.create_fresh(&tmp)?; // a leftover of this process (same PID, step) goes
+        // Its folder made if missing; a leftover of this process (same PID, step) goes.
+        let file = root.create_fresh(&tmp)?;
         file.set_len(size)?;
         let mut left = 0usize;
         for c in list {
