@@ -212,7 +212,7 @@ fn run(n: usize, scratch: &Path) {
         rss_mb()
     );
     let start = Instant::now();
-    let saved = index.save();
+    let saved = index.save().unwrap();
     let save_time = start.elapsed();
     let size = write_shards(&dir.join("shards"), &saved);
     println!(
@@ -225,7 +225,7 @@ fn run(n: usize, scratch: &Path) {
     drop(saved);
 
     // A peer (a second replica loaded from the same state) changes 1,000 files, three times.
-    let mut other = FolderIndex::load(mesh, folder.clone(), index.save())
+    let mut other = FolderIndex::load(mesh, folder.clone(), index.save().unwrap())
         .unwrap()
         .with_actor(actor_for(&peer.device_id(), 0));
     for round in 0..4u64 {
@@ -245,7 +245,7 @@ fn run(n: usize, scratch: &Path) {
     }
     drop(other);
     // One-file change on the wire.
-    let mut one = FolderIndex::load(mesh, folder.clone(), index.save())
+    let mut one = FolderIndex::load(mesh, folder.clone(), index.save().unwrap())
         .unwrap()
         .with_actor(actor_for(&peer.device_id(), 1));
     one.write(&peer, Epoch(0), vec![update(n / 2, 999)])
@@ -282,7 +282,7 @@ fn run(n: usize, scratch: &Path) {
             index.write(&admin, Epoch(0), updates).unwrap();
         }
         index.take_local_changes();
-        let size: usize = index.save().iter().map(|(_, b)| b.len()).sum();
+        let size: usize = index.save().unwrap().iter().map(|(_, b)| b.len()).sum();
         sizes.push(size);
     }
     let rounds_time = start.elapsed();

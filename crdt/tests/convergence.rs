@@ -70,7 +70,7 @@ fn deliver(
         let source = &mut replicas[from];
         (
             source.log.changes_since(&to_heads),
-            source.index.changes_since(&to_index_heads),
+            source.index.changes_since(&to_index_heads).unwrap(),
         )
     };
     let mut log_changes = log_changes;
@@ -212,7 +212,7 @@ fn run(replica_count: usize, ops: Vec<Op>) {
 
     let summary = |r: &mut Replica| {
         let view = r.log.view().clone();
-        let files: BTreeMap<String, _> = r.index.iter().collect();
+        let files: BTreeMap<String, _> = r.index.iter().collect::<Result<_, _>>().unwrap();
         (
             view.members.clone(),
             view.removed.clone(),

@@ -263,6 +263,32 @@ impl State {
         }
     }
 
+    /// The saves of one shard of `folder`'s index: its whole save, then its pieces in order.
+    pub fn shard_saves(&self, folder: &FolderId, shard: u16) -> Result<Vec<Vec<u8>>, StateError> {
+        let txn = self.db.begin_read().map_err(|e| self.err(e))?;
+        let whole = txn.open_table(SHARDS).map_err(|e| self.err(e))?;
+        let whole = whole
+            .get((folder.as_str(), shard))
+            .map_err(|e| self.err(e))?
+            .ok_or_else(|| self.err(format!("shard {shard} of folder {folder} is not saved")))?;
+        let mut saves = vec![whole.value().to_vec()];
+        let pieces = txn.open_table(SHARD_PIECES).map_err(|e| self.err(e))?;
+        let key = |n| (folder.as_str(), shard, n);
+        for row in pieces
+            .range(key(0)..=key(u32::MAX))
+            .map_err(|e| self.err(e))?
+        {
+            saves.push(row.map_err(|e| self.err(e))?.1.value().to_vec());
+        }
+        Ok(saves)
+    }
+
+    /// What a folder's index reads its unloaded shards back with ([`Self::shard_saves`]).
+    pub fn shard_loader(&self, folder: &FolderId) -> meshsync_crdt::index::ShardLoader {
+        let (state, folder) = (self.clone(), folder.clone());
+        Arc::new(move |shard| state.shard_saves(&folder, shard).map_err(|e| e.to_string()))
+    }
+
     pub fn load(&self) -> Result<Loaded, StateError> {
         let e = |x: &dyn std::fmt::Display| self.err(x);
         let txn = self.db.begin_read().map_err(|x| e(&x))?;

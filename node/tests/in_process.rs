@@ -60,3 +60,87 @@ async fn two_devices_in_one_process_pair_and_sync_over_the_memory_transport() {
     assert!(status.peers[0].connected, "{status:?}");
     assert!(status.peers[0].bytes_in > 0, "{status:?}");
 }
+
+/// Waits until `done` holds of device `d`.
+async fn eventually_of(d: &Shared, what: &str, done: impl Fn(&device::Device) -> bool) {
+    let start = Instant::now();
+    while !done(&*d.lock().await) {
+        assert!(
+            start.elapsed() < Duration::from_secs(60),
+            "timed out: {what}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// A quiet index leaves memory shard by shard and answers from its saves in the state: a device
+/// that joins afterwards is sent every record, and an edit reaches devices whose shards were
+/// all unloaded (each loads back only the shards the edit touches).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unloaded_index_shards_serve_a_late_joiner_and_take_new_edits() {
+    let dir = tempfile::tempdir().unwrap();
+    let (a, b) = (device(dir.path(), "a").await, device(dir.path(), "b").await);
+    let (fa, fb, fc) = (
+        dir.path().join("A"),
+        dir.path().join("B"),
+        dir.path().join("C"),
+    );
+    for f in [&fa, &fb, &fc] {
+        std::fs::create_dir_all(f).unwrap();
+    }
+    for i in 0..300 {
+        let sub = fa.join(format!("d{}", i % 30));
+        std::fs::create_dir_all(&sub).unwrap();
+        std::fs::write(sub.join(format!("f{i}")), format!("file {i}")).unwrap();
+    }
+    let code = mesh::invite(&a, Role::Device, Duration::from_secs(60))
+        .await
+        .unwrap();
+    mesh::join(&b, &code).await.unwrap();
+    let folder = a.lock().await.add_folder(&fa, None).unwrap();
+    b.lock()
+        .await
+        .add_folder(&fb, Some(folder.clone()))
+        .unwrap();
+    let options = scan::ScanOptions {
+        requested: true,
+        ..Default::default()
+    };
+    scan::scan(&a, &folder, options).await.unwrap();
+    let has = |root: &std::path::Path, i: usize, text: &str| {
+        std::fs::read_to_string(root.join(format!("d{}/f{i}", i % 30))).is_ok_and(|t| t == text)
+    };
+    eventually("b has every file", || {
+        (0..300).all(|i| has(&fb, i, &format!("file {i}")))
+    })
+    .await;
+    for (d, name) in [(&a, "a"), (&b, "b")] {
+        eventually_of(d, &format!("{name}'s index unloaded"), |d| {
+            d.index_shards_in_memory() == 0
+        })
+        .await;
+    }
+
+    let c = device(dir.path(), "c").await;
+    let code = mesh::invite(&a, Role::Device, Duration::from_secs(60))
+        .await
+        .unwrap();
+    mesh::join(&c, &code).await.unwrap();
+    c.lock()
+        .await
+        .add_folder(&fc, Some(folder.clone()))
+        .unwrap();
+    eventually("c, joining late, has every file", || {
+        (0..300).all(|i| has(&fc, i, &format!("file {i}")))
+    })
+    .await;
+
+    std::fs::write(fa.join("d7/f7"), "edited on a").unwrap();
+    scan::scan(&a, &folder, options).await.unwrap();
+    eventually("the edit reaches b and c", || {
+        has(&fb, 7, "edited on a") && has(&fc, 7, "edited on a")
+    })
+    .await;
+    let loaded = b.lock().await.index_shards_in_memory();
+    assert!(loaded <= 4, "the edit loaded {loaded} of b's shards");
+}

@@ -104,6 +104,11 @@ impl FolderIndex {
                 Err(error) => report.refused.push(error),
             }
         }
+        let touched: BTreeSet<u16> = pending.iter().map(|a| a.shard).collect();
+        if let Err(error) = self.warm_shards(touched) {
+            self.held = pending; // checked again with the next changes
+            return Err(error);
+        }
         let mut seen = BTreeSet::new();
         pending.retain(|a| seen.insert(a.change.hash()) && !self.has_change(a));
         let ready = loop {

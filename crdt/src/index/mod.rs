@@ -399,6 +399,11 @@ struct Shard {
     /// The heads it had when it was last loaded from a whole save: changed since, it takes
     /// more memory than it needs (see [`FolderIndex::compact`]).
     compact_heads: Vec<ChangeHash>,
+    /// Whether the whole save of `compact_heads` is known to be persisted (see
+    /// [`FolderIndex::confirm_saved`]): only then may the shard be unloaded.
+    durable: bool,
+    /// Whether it was used since the last [`FolderIndex::unload_unused`].
+    used: bool,
 }
 
 impl Shard {
@@ -416,7 +421,11 @@ pub struct FolderIndex {
     mesh: MeshId,
     folder: FolderId,
     actor: ActorId,
+    /// The shards in memory…
     shards: BTreeMap<u16, Shard>,
+    /// …and those unloaded, read back from their saves when needed (see [`cold`]).
+    cold: BTreeMap<u16, cold::Cold>,
+    loader: Option<cold::ShardLoader>,
     /// Peers' changes whose dependencies have not arrived (see [`FolderIndex::apply`]).
     held: Vec<admit::Admitted>,
 }
@@ -428,6 +437,8 @@ impl FolderIndex {
             folder,
             actor: ActorId::random(),
             shards: BTreeMap::new(),
+            cold: BTreeMap::new(),
+            loader: None,
             held: Vec::new(),
         }
     }
@@ -457,44 +468,46 @@ impl FolderIndex {
             signatures: Default::default(),
             saved: None,
             compact_heads: Vec::new(),
+            durable: false,
+            used: true,
         })
     }
 
-    /// The current state of `path`, if it has a record.
+    /// The current state of `path`, if it has a record. A path of an unloaded shard is read
+    /// from its save, which is slow and, if the save cannot be read, says `None`: a caller
+    /// that looks up many paths, or acts on a path having no record, calls
+    /// [`FolderIndex::warm`] first (which reports that failure).
     pub fn get(&self, path: &str) -> Option<PathState> {
-        let shard = self.shards.get(&shard_of(&self.folder, path))?;
-        path_state(&shard.doc, path)
+        let id = shard_of(&self.folder, path);
+        match self.shards.get(&id) {
+            Some(shard) => path_state(&shard.doc, path),
+            None if self.cold.contains_key(&id) => path_state(&self.read_cold(id).ok()?.doc, path),
+            None => None,
+        }
     }
 
-    /// Every path with a record, with its state, in no particular order.
+    /// Every path with a record, with its state, in no particular order; unloaded shards are
+    /// read from their saves one at a time (and not kept).
     ///
     /// One pass over each shard's map: only a path with concurrent values is looked up again
     /// for all of them (a lookup per path made `status` and the catch-up walk cost a search of
     /// the shard for every file).
-    pub fn iter(&self) -> impl Iterator<Item = (String, PathState)> + '_ {
-        self.shards.values().flat_map(|shard| {
-            shard.doc.map_range(ROOT, ..).filter_map(|item| {
-                let path = item.key.into_owned();
-                let state = match item.conflict {
-                    true => path_state(&shard.doc, &path)?,
-                    false => match &item.value {
-                        automerge::ValueRef::Scalar(automerge::ScalarValueRef::Bytes(bytes)) => {
-                            PathState {
-                                winner: FileRecord::decode(&path, bytes).ok()?,
-                                losers: Vec::new(),
-                            }
-                        }
-                        _ => return None,
-                    },
-                };
-                Some((path, state))
-            })
-        })
+    pub fn iter(&self) -> impl Iterator<Item = Result<(String, PathState), IndexError>> + '_ {
+        let loaded = self
+            .shards
+            .values()
+            .flat_map(|shard| shard_paths(&shard.doc).map(Ok));
+        let unloaded = self.cold.keys().flat_map(|&id| match self.read_cold(id) {
+            Ok(shard) => shard_paths(&shard.doc).map(Ok).collect::<Vec<_>>(),
+            Err(error) => vec![Err(error)],
+        });
+        loaded.chain(unloaded)
     }
 
     /// Number of paths with a record (deleted ones included).
     pub fn len(&self) -> usize {
-        self.shards.values().map(|s| s.doc.length(ROOT)).sum()
+        let loaded: usize = self.shards.values().map(|s| s.doc.length(ROOT)).sum();
+        loaded + self.cold.values().map(|c| c.len).sum::<usize>()
     }
 
     pub fn is_empty(&self) -> bool {
@@ -502,14 +515,16 @@ impl FolderIndex {
     }
 
     /// Paths with concurrent versions of different content.
-    pub fn conflicts(&self) -> Vec<PathState> {
-        let mut out: Vec<PathState> = self
-            .iter()
-            .filter(|(_, state)| !state.losers.is_empty())
-            .map(|(_, state)| state)
-            .collect();
+    pub fn conflicts(&self) -> Result<Vec<PathState>, IndexError> {
+        let mut out = Vec::new();
+        for item in self.iter() {
+            let (_, state) = item?;
+            if !state.losers.is_empty() {
+                out.push(state);
+            }
+        }
         out.sort_by(|a, b| a.winner.path.cmp(&b.winner.path));
-        out
+        Ok(out)
     }
 
     /// Signs and records new versions of paths, written by `keys` in `epoch` (as the actor
@@ -539,6 +554,7 @@ impl FolderIndex {
             }
             self.actor = actor;
         }
+        self.warm(updates.iter().map(|u| u.path.as_str()))?;
         let records: Vec<FileRecord> = updates
             .into_par_iter()
             .map(|u| {
@@ -637,10 +653,13 @@ impl FolderIndex {
 
     /// Each non-empty shard's heads: what a peer compares to find what to send.
     pub fn heads(&mut self) -> BTreeMap<u16, Vec<ChangeHash>> {
-        self.shards
+        let mut heads: BTreeMap<u16, Vec<ChangeHash>> = self
+            .shards
             .iter_mut()
             .map(|(id, shard)| (*id, shard.doc.get_heads()))
-            .collect()
+            .collect();
+        heads.extend(self.cold.iter().map(|(id, c)| (*id, c.heads.clone())));
+        heads
     }
 
     /// The paths whose records changed since the index had `since` (as [`Self::heads`] gave
@@ -651,9 +670,17 @@ impl FolderIndex {
         &mut self,
         since: &BTreeMap<u16, Vec<ChangeHash>>,
     ) -> Option<BTreeSet<String>> {
-        if since.keys().any(|id| !self.shards.contains_key(id)) {
+        if since
+            .keys()
+            .any(|id| !self.shards.contains_key(id) && !self.cold.contains_key(id))
+        {
             return None;
         }
+        let moved: Vec<u16> = (self.cold.iter())
+            .filter(|(id, c)| since.get(id) != Some(&c.heads))
+            .map(|(id, _)| *id)
+            .collect();
+        self.warm_shards(moved).ok()?;
         let mut paths = BTreeSet::new();
         for (id, shard) in self.shards.iter_mut() {
             let old = since.get(id).map_or(&[][..], Vec::as_slice);
@@ -681,44 +708,62 @@ impl FolderIndex {
     pub fn changes_since(
         &mut self,
         their_heads: &BTreeMap<u16, Vec<ChangeHash>>,
-    ) -> Vec<ShardChange> {
-        self.changes_since_within(their_heads, usize::MAX).0
+    ) -> Result<Vec<ShardChange>, IndexError> {
+        Ok(self.changes_since_within(their_heads, usize::MAX)?.0)
     }
 
     /// The changes that a replica with `their_heads` lacks, whole shards at a time, stopping
     /// before the shard that would take them past `budget` bytes (at least one shard is
     /// given). Returns them and whether more remain: a new replica of a million-file folder
-    /// lacks far more than one message may carry, and takes it in slices.
+    /// lacks far more than one message may carry, and takes it in slices. Unloaded shards
+    /// are read from their saves and not kept.
     pub fn changes_since_within(
         &mut self,
         their_heads: &BTreeMap<u16, Vec<ChangeHash>>,
         budget: usize,
-    ) -> (Vec<ShardChange>, bool) {
+    ) -> Result<(Vec<ShardChange>, bool), IndexError> {
         let mut out: Vec<ShardChange> = Vec::new();
         let mut bytes = 0usize;
-        for (&id, shard) in self.shards.iter_mut() {
+        let ids: BTreeSet<u16> = self
+            .shards
+            .keys()
+            .chain(self.cold.keys())
+            .copied()
+            .collect();
+        for id in ids {
             let theirs = their_heads.get(&id).cloned().unwrap_or_default();
-            if shard.doc.get_heads() == theirs {
-                continue;
-            }
-            // Heads we do not know cannot be used as a base; what we resend is deduplicated.
-            let known: Vec<ChangeHash> = theirs
-                .into_iter()
-                .filter(|h| shard.doc.get_change_by_hash(h).is_some())
-                .collect();
-            let changes = shard.doc.get_changes(&known);
-            let mine: Vec<ShardChange> = changes
-                .iter()
-                .filter_map(|c| shard.outgoing(id, c))
-                .collect();
+            let mine = match (self.shards.get_mut(&id), self.cold.get(&id)) {
+                (Some(shard), _) => shard.changes_since(id, theirs),
+                (None, Some(cold)) if cold.heads == theirs => continue,
+                (None, _) => self.read_cold(id)?.changes_since(id, theirs),
+            };
             let size: usize = mine.iter().map(ShardChange::size).sum();
             if !out.is_empty() && bytes.saturating_add(size) > budget {
-                return (out, true);
+                return Ok((out, true));
             }
             bytes += size;
             out.extend(mine);
         }
-        (out, false)
+        Ok((out, false))
+    }
+}
+
+impl Shard {
+    /// This shard's changes that a replica with `theirs` as its heads lacks.
+    fn changes_since(&mut self, id: u16, theirs: Vec<ChangeHash>) -> Vec<ShardChange> {
+        if self.doc.get_heads() == theirs {
+            return Vec::new();
+        }
+        // Heads we do not know cannot be used as a base; what we resend is deduplicated.
+        let known: Vec<ChangeHash> = theirs
+            .into_iter()
+            .filter(|h| self.doc.get_change_by_hash(h).is_some())
+            .collect();
+        let changes = self.doc.get_changes(&known);
+        changes
+            .iter()
+            .filter_map(|c| self.outgoing(id, c))
+            .collect()
     }
 }
 
@@ -762,6 +807,24 @@ fn all_records(doc: &AutoCommit, path: &str) -> Vec<FileRecord> {
         .collect()
 }
 
+/// Every path of a shard's document, with its state.
+fn shard_paths(doc: &AutoCommit) -> impl Iterator<Item = (String, PathState)> + '_ {
+    doc.map_range(ROOT, ..).filter_map(|item| {
+        let path = item.key.into_owned();
+        let state = match item.conflict {
+            true => path_state(doc, &path)?,
+            false => match &item.value {
+                automerge::ValueRef::Scalar(automerge::ScalarValueRef::Bytes(bytes)) => PathState {
+                    winner: FileRecord::decode(&path, bytes).ok()?,
+                    losers: Vec::new(),
+                },
+                _ => return None,
+            },
+        };
+        Some((path, state))
+    })
+}
+
 fn path_state(doc: &AutoCommit, path: &str) -> Option<PathState> {
     let mut records = all_records(doc, path);
     records.sort_by_key(|r| std::cmp::Reverse(r.sort_key()));
@@ -777,11 +840,13 @@ fn path_state(doc: &AutoCommit, path: &str) -> Option<PathState> {
 }
 
 mod admit;
+pub mod cold;
 #[cfg(feature = "forge")]
 mod forge;
 mod saved;
 pub mod signed;
 
+pub use cold::ShardLoader;
 use saved::SaveMark;
 pub use saved::SavedShard;
 pub use signed::{actor_device, folder_tag, Dropped};

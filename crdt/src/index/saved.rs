@@ -122,6 +122,7 @@ impl FolderIndex {
                 let fresh = AutoCommit::load(&doc).map_err(|e| IndexError::Load(e.to_string()))?;
                 shard.doc = fresh.with_actor(actor);
                 shard.compact_heads = shard.doc.get_heads();
+                shard.durable = false; // until the caller confirms the save is persisted
                 let bytes = signed::encode_saved(doc, &shard.signatures);
                 shard.saved_whole(bytes.len());
                 Ok((id, SavedShard::Whole(bytes)))
@@ -129,12 +130,16 @@ impl FolderIndex {
             .collect()
     }
 
-    /// Every non-empty shard, saved whole (compressed, with history).
-    pub fn save(&mut self) -> Vec<(u16, Vec<u8>)> {
-        self.shards
+    /// Every non-empty shard, saved whole (compressed, with history); unloaded ones are read
+    /// from their saves.
+    pub fn save(&mut self) -> Result<Vec<(u16, Vec<u8>)>, IndexError> {
+        let ids: Vec<u16> = self.cold.keys().copied().collect();
+        self.warm_shards(ids)?;
+        Ok(self
+            .shards
             .par_iter_mut()
             .map(|(id, shard)| (*id, shard.save_whole()))
-            .collect()
+            .collect())
     }
 
     /// Loads saved shards, in parallel: for each shard its whole save, then its pieces in
@@ -156,46 +161,56 @@ impl FolderIndex {
         }
         let shards = by_shard
             .into_par_iter()
-            .map(|(id, saves)| {
-                let mut saves = saves.into_iter();
-                let whole = saves.next().expect("a shard listed has a save");
-                let whole_bytes = whole.len();
-                let (mut doc, mut signatures) = signed::decode_saved(&whole)?;
-                let (mut pieces, mut piece_bytes) = (0, 0);
-                for piece in saves {
-                    signed::load_piece(&mut doc, &mut signatures, &piece)?;
-                    pieces += 1;
-                    piece_bytes += piece.len();
-                }
-                let mut doc = doc.with_actor(actor.clone());
-                let heads = doc.get_heads();
-                // Pieces are applied as changes: such a shard is not held compactly.
-                let compact_heads = if pieces == 0 {
-                    heads.clone()
-                } else {
-                    Vec::new()
-                };
-                let shard = Shard {
-                    doc,
-                    sent: heads.clone(),
-                    signatures,
-                    saved: Some(SaveMark {
-                        heads,
-                        pieces,
-                        piece_bytes,
-                        whole_bytes,
-                    }),
-                    compact_heads,
-                };
-                Ok((id, shard))
-            })
+            .map(|(id, saves)| Ok((id, Shard::from_saves(&actor, saves)?)))
             .collect::<Result<BTreeMap<u16, Shard>, IndexError>>()?;
         Ok(FolderIndex {
             mesh,
             folder,
             actor,
             shards,
+            cold: BTreeMap::new(),
+            loader: None,
             held: Vec::new(),
+        })
+    }
+}
+
+impl Shard {
+    /// A shard from its whole save, then its pieces in order.
+    pub(super) fn from_saves(actor: &ActorId, saves: Vec<Vec<u8>>) -> Result<Shard, IndexError> {
+        let mut saves = saves.into_iter();
+        let whole = saves
+            .next()
+            .ok_or_else(|| IndexError::Load("a shard with no save".into()))?;
+        let whole_bytes = whole.len();
+        let (mut doc, mut signatures) = signed::decode_saved(&whole)?;
+        let (mut pieces, mut piece_bytes) = (0, 0);
+        for piece in saves {
+            signed::load_piece(&mut doc, &mut signatures, &piece)?;
+            pieces += 1;
+            piece_bytes += piece.len();
+        }
+        let mut doc = doc.with_actor(actor.clone());
+        let heads = doc.get_heads();
+        // Pieces are applied as changes: such a shard is not held compactly.
+        let compact_heads = if pieces == 0 {
+            heads.clone()
+        } else {
+            Vec::new()
+        };
+        Ok(Shard {
+            doc,
+            sent: heads.clone(),
+            signatures,
+            saved: Some(SaveMark {
+                heads,
+                pieces,
+                piece_bytes,
+                whole_bytes,
+            }),
+            compact_heads,
+            durable: pieces == 0,
+            used: false,
         })
     }
 }

@@ -201,11 +201,15 @@ impl FolderIndex {
     }
 
     /// The marks naming `device`'s last change per shard and incarnation that this replica
-    /// holds: what a removal of `device` puts in the log for this folder.
-    pub fn last_changes_of(&mut self, device: &DeviceId) -> (FolderTag, Vec<ChangeMark>) {
+    /// holds: what a removal of `device` puts in the log for this folder. Unloaded shards are
+    /// read from their saves (and not kept).
+    pub fn last_changes_of(
+        &mut self,
+        device: &DeviceId,
+    ) -> Result<(FolderTag, Vec<ChangeMark>), IndexError> {
         let mut marks: BTreeMap<(u16, u32), ChangeMark> = BTreeMap::new();
-        for (&shard, s) in self.shards.iter_mut() {
-            for change in s.doc.get_changes(&[]) {
+        let mut note = |shard: u16, doc: &mut AutoCommit| {
+            for change in doc.get_changes(&[]) {
                 let Some((author, incarnation)) = actor_device(change.actor_id()) else {
                     continue;
                 };
@@ -223,11 +227,17 @@ impl FolderIndex {
                     *slot = mark;
                 }
             }
+        };
+        for (&shard, s) in self.shards.iter_mut() {
+            note(shard, &mut s.doc);
         }
-        (
+        for &shard in self.cold.keys() {
+            note(shard, &mut self.read_cold(shard)?.doc);
+        }
+        Ok((
             folder_tag(&self.mesh, &self.folder),
             marks.into_values().collect(),
-        )
+        ))
     }
 
     /// Takes out every change a removed device made after its cutoff, with every change that
@@ -254,15 +264,30 @@ impl FolderIndex {
                 .is_none_or(|c| c.admits(a.shard, incarnation, a.change.seq(), &a.change.hash()))
         });
         let me = actor_device(&self.actor).map(|(d, _)| d);
-        for (&shard, s) in self.shards.iter_mut() {
-            let late = |change: &automerge::Change| {
+        let late = |shard: u16| {
+            let cutoffs = &cutoffs;
+            move |change: &automerge::Change| {
                 actor_device(change.actor_id()).is_some_and(|(device, inc)| {
                     cutoffs
                         .get(&device)
                         .is_some_and(|c| !c.admits(shard, inc, change.seq(), &change.hash()))
                 })
-            };
-            s.rebuild_without(&self.actor, me, late, &mut dropped)?;
+            }
+        };
+        for (&shard, s) in self.shards.iter_mut() {
+            s.rebuild_without(&self.actor, me, late(shard), &mut dropped)?;
+        }
+        // An unloaded shard is read back, and kept only if it lost changes.
+        let unloaded: Vec<u16> = self.cold.keys().copied().collect();
+        for shard in unloaded {
+            let mut s = self.read_cold(shard)?;
+            let before = dropped.changes;
+            s.rebuild_without(&self.actor, me, late(shard), &mut dropped)?;
+            if dropped.changes > before {
+                s.used = true;
+                self.cold.remove(&shard);
+                self.shards.insert(shard, s);
+            }
         }
         dropped.newest_own_only();
         Ok(dropped)
@@ -335,6 +360,7 @@ impl Shard {
         self.doc = doc;
         self.saved = None; // what was saved still holds the dropped changes
         self.compact_heads = Vec::new();
+        self.durable = false;
         dropped.changes += out.len();
         Ok(())
     }

@@ -95,11 +95,14 @@ fn signatures_are_saved_with_the_shard_and_relayed_from_it() {
         .unwrap();
     let mut b = as_device(&w, &w.admin);
     b.apply(w.log.view(), a.take_local_changes()).unwrap();
-    let saved = b.save();
+    let saved = b.save().unwrap();
     let mut reloaded = FolderIndex::load(w.log.mesh(), w.folder.clone(), saved).unwrap();
     let mut c = as_device(&w, &w.admin);
     let report = c
-        .apply(w.log.view(), reloaded.changes_since(&BTreeMap::new()))
+        .apply(
+            w.log.view(),
+            reloaded.changes_since(&BTreeMap::new()).unwrap(),
+        )
         .unwrap();
     assert!(report.refused.is_empty(), "{report:?}");
     assert_eq!(c.get("g"), a.get("g"));
@@ -142,7 +145,7 @@ fn removal() -> Removal {
     let late = laptop.take_local_changes();
     let unaware = crate::membership::MembershipLog::load(w.log.mesh(), &w.log.save()).unwrap();
     remove_laptop(&mut w);
-    let (tag, marks) = admin.last_changes_of(&w.laptop.device_id());
+    let (tag, marks) = admin.last_changes_of(&w.laptop.device_id()).unwrap();
     assert_eq!(marks.len(), 1);
     w.log
         .cut_off(&w.admin, w.laptop.device_id(), tag, marks)

@@ -153,7 +153,7 @@ fn many_shards_and_repeated_deliveries_admit_honest_successors() {
     b.apply_all(w.log.view(), second.clone()).unwrap();
     b.apply_all(w.log.view(), second.clone()).unwrap();
     let heads = BTreeMap::new();
-    let all = a.changes_since(&heads);
+    let all = a.changes_since(&heads).unwrap();
     b.apply_all(w.log.view(), all).unwrap();
 }
 
@@ -171,7 +171,7 @@ fn a_version_may_not_jump_ahead() {
     let mut forged =
         FolderIndex::new(mesh, w.folder.clone()).with_actor(actor_for(&w.laptop.device_id(), 0));
     forged
-        .apply_all(w.log.view(), b.changes_since(&BTreeMap::new()))
+        .apply_all(w.log.view(), b.changes_since(&BTreeMap::new()).unwrap())
         .unwrap();
     let mut record = forged.get("a.txt").unwrap().winner;
     record.version = u64::MAX;
@@ -266,7 +266,7 @@ fn concurrent_edits_keep_both_and_identical_ones_do_not_conflict() {
     assert_eq!(sa.losers.len(), 1);
     assert_ne!(sa.winner.chunks, sa.losers[0].chunks);
     assert!(a.get("same").unwrap().losers.is_empty());
-    assert_eq!(a.conflicts().len(), 1);
+    assert_eq!(a.conflicts().unwrap().len(), 1);
     // Resolving: a write that has seen both replaces both.
     a.write(&w.admin, Epoch(0), vec![update("x", 4)]).unwrap();
     b.apply_all(w.log.view(), a.take_local_changes()).unwrap();
@@ -429,7 +429,7 @@ fn replaying_an_old_version_is_rejected() {
     // record, so not its to put.
     let mut evil =
         FolderIndex::new(mesh, w.folder.clone()).with_actor(actor_for(&w.laptop.device_id(), 0));
-    evil.apply_all(w.log.view(), b.changes_since(&BTreeMap::new()))
+    evil.apply_all(w.log.view(), b.changes_since(&BTreeMap::new()).unwrap())
         .unwrap();
     evil.take_local_changes();
     let changes = forge(&mut evil, &w.laptop, "f", &old);
@@ -440,7 +440,7 @@ fn replaying_an_old_version_is_rejected() {
     // The author's own keys, stolen, do it: a replay.
     let mut evil =
         FolderIndex::new(mesh, w.folder.clone()).with_actor(actor_for(&w.admin.device_id(), 9));
-    evil.apply_all(w.log.view(), b.changes_since(&BTreeMap::new()))
+    evil.apply_all(w.log.view(), b.changes_since(&BTreeMap::new()).unwrap())
         .unwrap();
     evil.take_local_changes();
     let changes = forge(&mut evil, &w.admin, "f", &old);
@@ -451,7 +451,7 @@ fn replaying_an_old_version_is_rejected() {
     assert_eq!(b.get("f").unwrap().winner.version, 2);
     // Re-applying changes already held changes nothing.
     let heads = b.heads();
-    b.apply_all(w.log.view(), a.changes_since(&BTreeMap::new()))
+    b.apply_all(w.log.view(), a.changes_since(&BTreeMap::new()).unwrap())
         .unwrap();
     assert_eq!(b.heads(), heads);
 }
@@ -492,7 +492,7 @@ fn unknown_heads_and_shards_from_a_peer_are_harmless() {
     let mut heads = BTreeMap::new();
     heads.insert(shard_of(&w.folder, "x"), vec![ChangeHash([3; 32])]);
     heads.insert(SHARDS + 5, vec![ChangeHash([4; 32])]);
-    assert_eq!(a.changes_since(&heads).len(), 1);
+    assert_eq!(a.changes_since(&heads).unwrap().len(), 1);
 }
 
 #[test]
@@ -503,7 +503,7 @@ fn save_and_load_keep_everything() {
         .map(|i| update(&format!("d/{i}"), (i % 200) as u8))
         .collect();
     a.write(&w.admin, Epoch(0), updates).unwrap();
-    let saved = a.save();
+    let saved = a.save().unwrap();
     let b = FolderIndex::load(w.log.mesh(), w.folder.clone(), saved).unwrap();
     assert_eq!(b.len(), 500);
     assert_eq!(b.get("d/77"), a.get("d/77"));
@@ -710,6 +710,7 @@ fn twins_do_not_split_replicas() {
     let (mut c, _, c_dropped) = replica(&twin, &genuine);
     let kept = |r: &mut FolderIndex| {
         r.changes_since(&BTreeMap::new())
+            .unwrap()
             .iter()
             .any(|c| c.change == genuine[0].change)
     };
@@ -747,7 +748,7 @@ fn a_new_replica_takes_a_big_index_in_slices() {
     let mut b = FolderIndex::new(mesh, w.folder.clone());
     let (mut rounds, mut more) = (0, true);
     while more {
-        let (slice, left) = a.changes_since_within(&b.heads(), 4096);
+        let (slice, left) = a.changes_since_within(&b.heads(), 4096).unwrap();
         assert!(!slice.is_empty(), "each slice carries something");
         let bytes: usize = slice.iter().map(|c| c.change.len()).sum();
         let shards: BTreeSet<u16> = slice.iter().map(|c| c.shard).collect();
@@ -758,7 +759,7 @@ fn a_new_replica_takes_a_big_index_in_slices() {
     assert!(rounds > 2, "a small budget takes several slices ({rounds})");
     assert_eq!(b.heads(), a.heads());
     assert_eq!(b.get("dir/f399.txt").unwrap().winner.version, 1);
-    let (rest, more) = a.changes_since_within(&b.heads(), 4096);
+    let (rest, more) = a.changes_since_within(&b.heads(), 4096).unwrap();
     assert!(rest.is_empty() && !more);
 }
 
@@ -816,4 +817,118 @@ fn the_files_of_one_folder_share_a_few_shards_and_a_huge_write_is_split_into_cha
     let report = b.apply_all(w.log.view(), changes).unwrap();
     assert_eq!(report.paths.len(), paths.len());
     assert_eq!(b.len(), paths.len());
+}
+
+/// An index of 4,000 paths in 40 folders, compacted, whose saves sit in a shared store that
+/// its loader reads (as the node's state does), with every shard unloaded.
+fn unloaded_index() -> (
+    World,
+    FolderIndex,
+    std::sync::Arc<std::sync::Mutex<BTreeMap<u16, Vec<Vec<u8>>>>>,
+) {
+    let w = world();
+    let store = std::sync::Arc::new(std::sync::Mutex::new(BTreeMap::new()));
+    let reads = store.clone();
+    let loader: ShardLoader = std::sync::Arc::new(move |shard| {
+        (reads.lock().unwrap().get(&shard).cloned()).ok_or_else(|| format!("no shard {shard}"))
+    });
+    let mut a = FolderIndex::new(w.log.mesh(), w.folder.clone()).with_loader(loader);
+    let updates = (0..4000)
+        .map(|i| update(&format!("d{}/{i}", i % 40), 1))
+        .collect();
+    a.write(&w.admin, Epoch(0), updates).unwrap();
+    a.take_local_changes();
+    let saves = a.compact(usize::MAX).unwrap();
+    let ids: Vec<u16> = saves.iter().map(|(id, _)| *id).collect();
+    assert_eq!(
+        a.unload_unused(),
+        0,
+        "nothing is unloaded before its save is persisted"
+    );
+    for (id, saved) in saves {
+        let SavedShard::Whole(bytes) = saved else {
+            panic!("compaction saves whole")
+        };
+        store.lock().unwrap().insert(id, vec![bytes]);
+    }
+    a.confirm_saved(ids);
+    a.warm(["d0/0"]).unwrap();
+    assert!(a.unload_unused() > 100);
+    assert_eq!(
+        a.loaded_shards(),
+        1,
+        "a shard used since the last round stays"
+    );
+    assert_eq!(a.unload_unused(), 1);
+    assert_eq!(a.loaded_shards(), 0);
+    (w, a, store)
+}
+
+#[test]
+fn unloaded_shards_answer_as_if_loaded_and_a_change_loads_only_what_it_touches() {
+    let (w, mut a, _store) = unloaded_index();
+    let mut twin = FolderIndex::new(w.log.mesh(), w.folder.clone());
+    twin.apply_all(w.log.view(), a.changes_since(&BTreeMap::new()).unwrap())
+        .unwrap();
+    assert_eq!(
+        a.loaded_shards(),
+        0,
+        "serving a catch-up keeps nothing loaded"
+    );
+    assert_eq!(a.len(), 4000);
+    assert_eq!(a.heads(), twin.heads());
+    assert_eq!(a.get("d7/407"), twin.get("d7/407"));
+    let mut all: Vec<(String, PathState)> = a.iter().collect::<Result<_, _>>().unwrap();
+    all.sort_by(|x, y| x.0.cmp(&y.0));
+    let mut expected: Vec<(String, PathState)> = twin.iter().map(Result::unwrap).collect();
+    expected.sort_by(|x, y| x.0.cmp(&y.0));
+    assert_eq!(all, expected);
+    assert!(a.save_shard(shard_of(&w.folder, "d7/407")).is_none());
+
+    // The twin changes one folder; applying it loads that folder's shards only, and both
+    // write on in agreement.
+    let before = twin.heads();
+    twin.write(
+        &w.admin,
+        Epoch(0),
+        vec![update("d3/3", 2), update("d3/43", 2)],
+    )
+    .unwrap();
+    let report = a
+        .apply_all(w.log.view(), twin.changes_since(&before).unwrap())
+        .unwrap();
+    assert_eq!(report.paths.len(), 2);
+    assert!(
+        a.loaded_shards() <= 2,
+        "{} shards loaded",
+        a.loaded_shards()
+    );
+    assert_eq!(a.get("d3/3").unwrap().winner.version, 2);
+    assert_eq!(a.paths_changed_since(&before).unwrap().len(), 2);
+    a.write(&w.admin, Epoch(0), vec![update("d5/5", 3)])
+        .unwrap();
+    assert_eq!(a.get("d5/5").unwrap().winner.version, 2);
+    twin.apply_all(w.log.view(), a.take_local_changes())
+        .unwrap();
+    assert_eq!(a.heads(), twin.heads());
+    let (_, marks) = a.last_changes_of(&w.admin.device_id()).unwrap();
+    assert!(marks.len() > 100, "marks in unloaded shards too");
+}
+
+#[test]
+fn a_shard_that_cannot_be_read_back_is_an_error_not_an_empty_shard() {
+    let (w, mut a, store) = unloaded_index();
+    let shard = shard_of(&w.folder, "d1/1");
+    store.lock().unwrap().remove(&shard);
+    assert!(a.warm(["d1/1"]).is_err());
+    assert!(a
+        .write(&w.admin, Epoch(0), vec![update("d1/1", 2)])
+        .is_err());
+    assert!(a.iter().any(|item| item.is_err()));
+    assert!(a.changes_since(&BTreeMap::new()).is_err());
+    // A save of another shard in its place is refused too.
+    let other = store.lock().unwrap()[&shard_of(&w.folder, "d2/2")].clone();
+    store.lock().unwrap().insert(shard, other);
+    assert!(a.warm(["d1/1"]).is_err());
+    assert_eq!(a.len(), 4000);
 }

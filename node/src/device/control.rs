@@ -13,7 +13,7 @@ pub async fn handle(device: &Shared, request: Request) -> anyhow::Result<serde_j
     match request {
         Request::Status => control::reply(control::Status::Device(status::status(device).await)),
         Request::Devices => control::reply(status::devices(device).await),
-        Request::Conflicts => control::reply(device.lock().await.conflicts()),
+        Request::Conflicts => control::reply(device.lock().await.conflicts()?),
         Request::Invite { role, expires_secs } => {
             let role: Role = role.parse().map_err(|e: String| anyhow::anyhow!(e))?;
             let code = mesh::invite(device, role, Duration::from_secs(expires_secs)).await?;

@@ -55,6 +55,10 @@ pub(super) fn settle_dropped(
     batch: &mut Batch,
     dropped: &Dropped,
 ) -> anyhow::Result<()> {
+    // What follows looks every dropped path up: their shards are loaded at once.
+    folder
+        .index
+        .warm(dropped.paths.iter().map(String::as_str))?;
     let updates: Vec<FileUpdate> = dropped.own.iter().map(FileUpdate::from).collect();
     let records = folder.index.write(keys, epoch, updates)?;
     for (old, new) in dropped.own.iter().zip(&records) {

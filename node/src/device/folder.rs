@@ -198,7 +198,8 @@ pub(crate) fn load_all(
     for (id, path) in loaded.folders {
         let shards = loaded.shards.remove(&id).unwrap_or_default();
         let index = FolderIndex::load(log.mesh(), id.clone(), shards)?
-            .with_actor(meshsync_crdt::index::actor_for(&keys.device_id(), 0));
+            .with_actor(meshsync_crdt::index::actor_for(&keys.device_id(), 0))
+            .with_loader(state.shard_loader(&id));
         let local = loaded.local.remove(&id).unwrap_or_default();
         let folder = Folder::new(path, index, local);
         // Link targets are served from memory; where files' chunks lie is in the state,
@@ -272,7 +273,8 @@ impl Device {
         }
         std::fs::write(path.join(MARKER), format!("meshsync folder {id}\n"))?;
         let index = FolderIndex::new(self.log.mesh(), id.clone())
-            .with_actor(meshsync_crdt::index::actor_for(&self.keys.device_id(), 0));
+            .with_actor(meshsync_crdt::index::actor_for(&self.keys.device_id(), 0))
+            .with_loader(self.state.shard_loader(&id));
         self.state.commit(Batch {
             folders: vec![(id.clone(), path.clone())],
             ..Batch::default()
@@ -337,9 +339,20 @@ impl Device {
             f.quiet_heads = Some(heads);
             f.compact_local();
         }
-        let compacted = !batch.shards.is_empty();
+        let compacted: Vec<(FolderId, u16)> = (batch.shards.iter())
+            .map(|(id, shard, _)| (id.clone(), *shard))
+            .collect();
         self.state.commit(batch)?;
-        if compacted
+        let mut unloaded = 0;
+        for (id, f) in self.folders.iter_mut() {
+            let saved = compacted.iter().filter(|(of, _)| of == id);
+            f.index.confirm_saved(saved.map(|(_, shard)| *shard));
+            unloaded += f.index.unload_unused();
+        }
+        if unloaded > 0 {
+            tracing::debug!(shards = unloaded, "unloaded");
+        }
+        if (!compacted.is_empty() || unloaded > 0)
             && self
                 .folders
                 .values_mut()
@@ -365,6 +378,12 @@ impl Device {
             .iter()
             .map(|(id, f)| (id.clone(), f.path.clone()))
             .collect()
+    }
+
+    /// How many shards of the folders' indexes are in memory (the others are unloaded until
+    /// something needs them, see `meshsync_crdt::index::cold`).
+    pub fn index_shards_in_memory(&self) -> usize {
+        self.folders.values().map(|f| f.index.loaded_shards()).sum()
     }
 
     /// The folder `id`, or an error that says how to list them.

@@ -308,7 +308,7 @@ impl Device {
             // The usual case, every few minutes: no walk over the whole index.
             return Ok(None);
         }
-        kept_lists.extend(self.current_lists());
+        kept_lists.extend(self.current_lists()?);
         let referenced = self.chunks_of(&kept_lists)?;
         let mut release: Vec<ChunkId> = Vec::new();
         for c in self.chunks_of_lists(&expired_lists)? {
@@ -339,10 +339,11 @@ impl Device {
 
     /// The chunk lists of every live record (winners and conflicting versions) and every file
     /// this device holds.
-    fn current_lists(&self) -> BTreeSet<ChunkListHash> {
+    fn current_lists(&self) -> anyhow::Result<BTreeSet<ChunkListHash>> {
         let mut lists = BTreeSet::new();
         for f in self.folders.values() {
-            for (_, state) in f.index.iter() {
+            for item in f.index.iter() {
+                let (_, state) = item?;
                 for record in std::iter::once(&state.winner).chain(&state.losers) {
                     if !record.deleted {
                         lists.insert(record.chunks);
@@ -351,7 +352,7 @@ impl Device {
             }
             lists.extend(f.local.values().map(|file| file.list_hash));
         }
-        lists
+        Ok(lists)
     }
 
     fn chunks_of(&self, lists: &BTreeSet<ChunkListHash>) -> anyhow::Result<HashSet<ChunkId>> {

@@ -30,11 +30,13 @@ pub async fn remove(device: &Shared, who: &str, wipe: bool) -> anyhow::Result<Re
         let ring = d.key_ring();
         let keys = d.keys.clone();
         let accepts = d.log.view().accepts_wipe.contains(&member.device);
+        // Its cutoff in each folder: every later change it signs is refused, whatever epoch
+        // it claims (read before the removal is written, which it must follow).
+        let cutoffs = (d.folders.values_mut())
+            .map(|folder| folder.index.last_changes_of(&member.device))
+            .collect::<Result<Vec<_>, _>>()?;
         let key = d.log.remove_with(&keys, member.device, &ring, wipe)?;
-        // Its cutoff: every later change it signs is refused, whatever epoch it claims.
-        let d = &mut *d;
-        for folder in d.folders.values_mut() {
-            let (tag, marks) = folder.index.last_changes_of(&member.device);
+        for (tag, marks) in cutoffs {
             d.log.cut_off(&keys, member.device, tag, marks)?;
         }
         let rekeyed = d

@@ -303,6 +303,7 @@ impl Device {
         let mut same = Vec::new();
         let mut new = Vec::new();
         let mut concurrent = Vec::new();
+        f.index.warm(scanned.iter().map(|s| s.path.as_str()))?;
         for scan in scanned {
             let state = f.index.get(&scan.path);
             let conflicted = state.as_ref().is_some_and(|s| !s.losers.is_empty());

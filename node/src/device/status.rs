@@ -154,7 +154,7 @@ impl Device {
 
     /// Conflict copies, for `meshsync conflicts`: those the index calls for (concurrent
     /// records) and those on disk (including local edits moved aside), one entry per copy.
-    pub fn conflicts(&self) -> Vec<ConflictCopy> {
+    pub fn conflicts(&self) -> anyhow::Result<Vec<ConflictCopy>> {
         let mut out: BTreeMap<(String, String), ConflictCopy> = BTreeMap::new();
         for (id, f) in &self.folders {
             let root = f.root().ok();
@@ -162,7 +162,7 @@ impl Device {
                 root.as_ref()
                     .is_some_and(|r| r.entry(copy).ok().flatten().is_some())
             };
-            for state in f.index.conflicts() {
+            for state in f.index.conflicts()? {
                 let path = state.winner.path.clone();
                 for loser in &state.losers {
                     let copy = conflict_name(&path, loser);
@@ -190,7 +190,7 @@ impl Device {
                     });
             }
         }
-        out.into_values().collect()
+        Ok(out.into_values().collect())
     }
 }
 

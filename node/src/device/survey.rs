@@ -113,16 +113,20 @@ impl Folder {
                 (!touched.overflowed).then_some(s)
             }
             Some(mut s) if s.rules == rules_mark && !touched.overflowed => {
-                self.index.paths_changed_since(&s.heads).map(|mut paths| {
-                    paths.extend(touched.paths);
-                    let rules = Rules::load_at(&self.path);
-                    for path in paths {
-                        let state = self.index.get(&path);
-                        s.survey.count(&rules, &path, state, self.local.get(&path));
-                    }
-                    s.heads = heads.clone();
-                    s
-                })
+                // Paths whose shards cannot be read: counted again by a walk.
+                self.index
+                    .paths_changed_since(&s.heads)
+                    .and_then(|mut paths| {
+                        paths.extend(touched.paths);
+                        self.index.warm(paths.iter().map(String::as_str)).ok()?;
+                        let rules = Rules::load_at(&self.path);
+                        for path in paths {
+                            let state = self.index.get(&path);
+                            s.survey.count(&rules, &path, state, self.local.get(&path));
+                        }
+                        s.heads = heads.clone();
+                        Some(s)
+                    })
             }
             _ => None,
         };
@@ -149,7 +153,14 @@ impl Folder {
     fn walk(&self) -> Survey {
         let rules = Rules::load_at(&self.path);
         let mut survey = Survey::default();
-        for (path, state) in self.index.iter() {
+        for item in self.index.iter() {
+            let (path, state) = match item {
+                Ok(item) => item,
+                Err(error) => {
+                    tracing::warn!(%error, "a shard of the index cannot be read; its paths are not counted");
+                    continue;
+                }
+            };
             let local = self.local.get(&path);
             survey.count(&rules, &path, Some(state), local);
         }

@@ -99,7 +99,13 @@ impl Device {
                     break;
                 }
                 let heads = heads.iter().map(|(s, h)| (*s, from_heads(h))).collect();
-                let (slice, more) = folder.index.changes_since_within(&heads, budget);
+                let (slice, more) = match folder.index.changes_since_within(&heads, budget) {
+                    Ok(found) => found,
+                    Err(error) => {
+                        tracing::warn!(folder = %id, %error, "cannot read the index to answer a pull");
+                        continue;
+                    }
+                };
                 let bytes: usize = slice.iter().map(ShardChange::size).sum();
                 budget = budget.saturating_sub(bytes);
                 changes.more |= more;

@@ -266,6 +266,8 @@ impl Device {
         let Some(f) = self.folders.get_mut(folder) else {
             return Ok(None);
         };
+        let looked_up = paths.iter().chain(f.problems.keys());
+        f.index.warm(looked_up.map(String::as_str))?;
         // A path reported as not written that is in sync by now (written, or no longer
         // wanted) is no problem any more.
         let (index, local) = (&f.index, &f.local);

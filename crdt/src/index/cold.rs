@@ -1,0 +1,135 @@
+//! Unloading cold shards. At a million files the index is ~240 MB in memory, most of it in
+//! shards nothing has touched for a while: a change touches the few shards of the folders it
+//! is in. A shard that is compact, whole-saved where the caller persists shards, and unused
+//! since the last round can be unloaded ([`FolderIndex::unload_unused`]); what the index keeps of
+//! it is its heads and size, so comparing heads with a peer, counting paths and saving need
+//! nothing back. Whatever reads or changes its records loads it again from its save, through
+//! the [`ShardLoader`] the caller gave: [`FolderIndex::warm`] before a batch of lookups, and
+//! every writing call (write, apply) loads what it touches itself. A full pass (`iter`,
+//! serving a peer's catch-up, looking for a removed device's changes) reads unloaded shards one
+//! at a time and does not keep them.
+
+use std::collections::BTreeSet;
+use std::sync::Arc;
+
+use automerge::{ChangeHash, ReadDoc, ROOT};
+use rayon::prelude::*;
+
+use super::{shard_of, FolderIndex, IndexError, Shard};
+
+/// Reads a shard's saves back (its whole save, then its pieces in order) from where the caller
+/// persisted what [`FolderIndex::save_shard`] and [`FolderIndex::compact`] gave.
+pub type ShardLoader = Arc<dyn Fn(u16) -> Result<Vec<Vec<u8>>, String> + Send + Sync>;
+
+/// What the index keeps of an unloaded shard.
+pub(super) struct Cold {
+    pub(super) heads: Vec<ChangeHash>,
+    /// Its number of paths.
+    pub(super) len: usize,
+}
+
+impl FolderIndex {
+    /// Lets this index unload shards (see [`FolderIndex::unload_unused`]), reading them back
+    /// with `loader`. Without one, every shard stays in memory.
+    pub fn with_loader(mut self, loader: ShardLoader) -> Self {
+        self.loader = Some(loader);
+        self
+    }
+
+    /// Loads the shards that hold `paths`, on every core: lookups of them are then quick, and
+    /// a shard that cannot be read is reported here.
+    pub fn warm<'p>(&mut self, paths: impl IntoIterator<Item = &'p str>) -> Result<(), IndexError> {
+        let ids: BTreeSet<u16> = paths
+            .into_iter()
+            .map(|p| shard_of(&self.folder, p))
+            .collect();
+        self.warm_shards(ids)
+    }
+
+    /// Loads the shards `ids` that are unloaded, and marks all of them used.
+    pub(super) fn warm_shards(
+        &mut self,
+        ids: impl IntoIterator<Item = u16>,
+    ) -> Result<(), IndexError> {
+        let mut unloaded = Vec::new();
+        for id in ids {
+            match self.shards.get_mut(&id) {
+                Some(shard) => shard.used = true,
+                None if self.cold.contains_key(&id) => unloaded.push(id),
+                None => {}
+            }
+        }
+        let loaded: Vec<(u16, Shard)> = unloaded
+            .into_par_iter()
+            .map(|id| Ok((id, self.read_cold(id)?)))
+            .collect::<Result<_, IndexError>>()?;
+        for (id, mut shard) in loaded {
+            shard.used = true;
+            self.cold.remove(&id);
+            self.shards.insert(id, shard);
+        }
+        Ok(())
+    }
+
+    /// Reads the unloaded shard `id` from its save (the index does not keep it).
+    pub(super) fn read_cold(&self, id: u16) -> Result<Shard, IndexError> {
+        let loader = self
+            .loader
+            .as_ref()
+            .ok_or_else(|| IndexError::Load(format!("shard {id} is unloaded and no loader")))?;
+        let saves = loader(id).map_err(IndexError::Load)?;
+        let shard = Shard::from_saves(&self.actor, saves)?;
+        let expected = &self.cold.get(&id).map(|c| &c.heads);
+        if *expected != Some(&shard.compact_heads) {
+            return Err(IndexError::Load(format!(
+                "shard {id} read back is not the shard that was unloaded"
+            )));
+        }
+        Ok(shard)
+    }
+
+    /// Notes that the whole saves [`FolderIndex::compact`] gave of `ids` are persisted: those
+    /// shards may be unloaded.
+    pub fn confirm_saved(&mut self, ids: impl IntoIterator<Item = u16>) {
+        for id in ids {
+            if let Some(shard) = self.shards.get_mut(&id) {
+                shard.durable = shard.compact_heads == shard.doc.get_heads();
+            }
+        }
+    }
+
+    /// Unloads every shard that is compact, persisted as it is (see
+    /// [`FolderIndex::confirm_saved`]), has nothing unsent and was not used since the last call;
+    /// returns how many. Does nothing without a loader.
+    pub fn unload_unused(&mut self) -> usize {
+        if self.loader.is_none() {
+            return 0;
+        }
+        let mut unload = Vec::new();
+        for (&id, shard) in self.shards.iter_mut() {
+            let heads = shard.doc.get_heads();
+            let saved = shard.saved.as_ref().is_some_and(|m| m.heads == heads);
+            if !shard.used
+                && shard.durable
+                && saved
+                && heads == shard.compact_heads
+                && heads == shard.sent
+            {
+                unload.push(id);
+            }
+            shard.used = false;
+        }
+        for &id in &unload {
+            let shard = self.shards.remove(&id).expect("listed above");
+            let len = shard.doc.length(ROOT);
+            let heads = shard.compact_heads;
+            self.cold.insert(id, Cold { heads, len });
+        }
+        unload.len()
+    }
+
+    /// How many shards are in memory.
+    pub fn loaded_shards(&self) -> usize {
+        self.shards.len()
+    }
+}
