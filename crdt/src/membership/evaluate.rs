@@ -265,8 +265,7 @@ impl MembershipView {
                     return Err(Ignored::StaleRotation);
                 }
                 self.epoch = *epoch;
-                self.wraps
-                    .extend(wraps.iter().filter(|w| w.epoch == *epoch).cloned());
+                self.count_wraps(wraps);
             }
             Action::WipePolicy { device, accepts } => {
                 if *accepts {
@@ -340,12 +339,21 @@ impl MembershipView {
         self.members.remove(&device);
         self.epoch = Epoch(self.epoch.0 + 1);
         self.removed.insert(device, self.epoch);
-        // A removal concurrent with another wrapped its key for an epoch that other removal
-        // took: those wraps do not count (the mesh then needs a rotation).
-        let epoch = self.epoch;
-        self.wraps
-            .extend(wraps.iter().filter(|w| w.epoch == epoch).cloned());
+        self.count_wraps(wraps);
         revocations.push(Revocation { at, device });
         Ok(())
+    }
+
+    /// Counts the wraps of a new epoch's key (an entry that just started [`Self::epoch`]).
+    /// An entry concurrent with another that started an epoch wrapped its key for an epoch
+    /// that other entry took: those wraps do not count. Nor do any of a key wrapped to a device
+    /// that is not a member here (its admin had not heard of that device's removal): the key
+    /// may be in the removed device's hands. Either way the mesh then needs a rotation.
+    fn count_wraps(&mut self, wraps: &[WrappedKey]) {
+        let epoch = self.epoch;
+        let fresh = || wraps.iter().filter(|w| w.epoch == epoch);
+        if fresh().all(|w| self.members.contains_key(&w.recipient)) {
+            self.wraps.extend(fresh().cloned());
+        }
     }
 }
