@@ -106,6 +106,7 @@ impl FolderIndex {
             return 0;
         }
         let mut unload = Vec::new();
+        let actor = &self.actor;
         for (&id, shard) in self.shards.iter_mut() {
             let heads = shard.doc.get_heads();
             let saved = shard.saved.as_ref().is_some_and(|m| m.heads == heads);
@@ -113,7 +114,7 @@ impl FolderIndex {
                 && shard.durable
                 && saved
                 && heads == shard.compact_heads
-                && heads == shard.sent
+                && !shard.has_unsent(actor)
             {
                 unload.push(id);
             }
@@ -131,5 +132,18 @@ impl FolderIndex {
     /// How many shards are in memory.
     pub fn loaded_shards(&self) -> usize {
         self.shards.len()
+    }
+}
+
+impl Shard {
+    /// Whether it holds changes of `actor` (this replica's) that
+    /// [`FolderIndex::take_local_changes`] has not given out yet. Peers' changes applied here
+    /// are not this replica's to announce.
+    fn has_unsent(&mut self, actor: &automerge::ActorId) -> bool {
+        if self.doc.get_heads() == self.sent {
+            return false;
+        }
+        let unsent = self.doc.get_changes(&self.sent);
+        unsent.iter().any(|c| c.actor_id() == actor)
     }
 }

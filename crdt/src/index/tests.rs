@@ -932,3 +932,29 @@ fn a_shard_that_cannot_be_read_back_is_an_error_not_an_empty_shard() {
     assert!(a.warm(["d1/1"]).is_err());
     assert_eq!(a.len(), 4000);
 }
+
+#[test]
+fn a_replica_that_only_takes_peers_changes_unloads_them_too() {
+    let (w, mut a, _) = unloaded_index();
+    let store = std::sync::Arc::new(std::sync::Mutex::new(BTreeMap::new()));
+    let reads = store.clone();
+    let loader: ShardLoader = std::sync::Arc::new(move |shard| {
+        (reads.lock().unwrap().get(&shard).cloned()).ok_or_else(|| format!("no shard {shard}"))
+    });
+    let mut b = FolderIndex::new(w.log.mesh(), w.folder.clone()).with_loader(loader);
+    b.apply_all(w.log.view(), a.changes_since(&BTreeMap::new()).unwrap())
+        .unwrap();
+    let saves = b.compact(usize::MAX).unwrap();
+    let ids: Vec<u16> = saves.iter().map(|(id, _)| *id).collect();
+    for (id, saved) in saves {
+        let SavedShard::Whole(bytes) = saved else {
+            panic!("compaction saves whole")
+        };
+        store.lock().unwrap().insert(id, vec![bytes]);
+    }
+    b.confirm_saved(ids);
+    b.unload_unused(); // the shards the changes went into were used
+    b.unload_unused();
+    assert_eq!(b.loaded_shards(), 0);
+    assert_eq!(b.get("d7/407").unwrap().winner.version, 1);
+}
