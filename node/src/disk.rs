@@ -388,9 +388,47 @@ impl FolderRoot {
 
     /// The names in the folder `rel` (`""`: the root), not following links.
     pub fn read_dir(&self, rel: &str) -> Result<Vec<(String, Entry)>, DiskError> {
-        let dir = self.open_dir(rel, rel)?;
+        self.open_folder(rel)?.list()
+    }
+
+    /// Opens the folder `rel` (`""`: the root) once, no link followed on the way, to look at
+    /// and open what it holds by name (see [`OpenFolder`]).
+    pub fn open_folder(&self, rel: &str) -> Result<OpenFolder, DiskError> {
+        Ok(OpenFolder {
+            rel: rel.to_string(),
+            dir: self.open_dir(rel, rel)?,
+        })
+    }
+}
+
+/// A folder inside a [`FolderRoot`], opened once: its entries are listed, looked at and
+/// opened by name — one component, relative to its descriptor, never following a link — so
+/// a walk does not resolve every file's path from the root again (twice per file: to read it
+/// and to check it is still the file that was read).
+#[derive(Debug)]
+pub struct OpenFolder {
+    rel: String,
+    dir: OwnedFd,
+}
+
+impl OpenFolder {
+    /// `name`'s path in the folder (for messages); `name` must be one plain component.
+    fn path_of(&self, name: &str) -> Result<String, DiskError> {
+        let rel = match self.rel.is_empty() {
+            true => name.to_string(),
+            false => format!("{}/{name}", self.rel),
+        };
+        match split(name) {
+            Ok(("", _)) => Ok(rel),
+            _ => Err(DiskError::BadPath(rel)),
+        }
+    }
+
+    /// The names it holds and what each is, not following links.
+    pub fn list(&self) -> Result<Vec<(String, Entry)>, DiskError> {
+        let rel = &self.rel;
         let mut out = Vec::new();
-        let listing = rustix::fs::Dir::read_from(&dir).map_err(|e| io(rel, e))?;
+        let listing = rustix::fs::Dir::read_from(&self.dir).map_err(|e| io(rel, e))?;
         for entry in listing {
             let entry = entry.map_err(|e| io(rel, e))?;
             let Ok(name) = entry.file_name().to_str() else {
@@ -399,13 +437,41 @@ impl FolderRoot {
             if name == "." || name == ".." {
                 continue;
             }
-            match rustix::fs::statat(&dir, name, AtFlags::SYMLINK_NOFOLLOW) {
+            match rustix::fs::statat(&self.dir, name, AtFlags::SYMLINK_NOFOLLOW) {
                 Ok(stat) => out.push((name.to_string(), Entry::of(&stat))),
                 Err(rustix::io::Errno::NOENT) => {} // gone meanwhile
                 Err(e) => return Err(io(rel, e)),
             }
         }
         Ok(out)
+    }
+
+    /// What is at `name` in it, not following a link; `None` if nothing is.
+    pub fn entry(&self, name: &str) -> Result<Option<Entry>, DiskError> {
+        let path = self.path_of(name)?;
+        match rustix::fs::statat(&self.dir, name, AtFlags::SYMLINK_NOFOLLOW) {
+            Ok(stat) => Ok(Some(Entry::of(&stat))),
+            Err(rustix::io::Errno::NOENT) => Ok(None),
+            Err(e) => Err(io(&path, e)),
+        }
+    }
+
+    /// Opens the regular file `name` in it for reading (a link there is refused; a fifo
+    /// swapped in does not block).
+    pub fn open_read(&self, name: &str) -> Result<File, DiskError> {
+        let path = self.path_of(name)?;
+        let flags = OFlags::RDONLY | OFlags::NOFOLLOW | OFlags::CLOEXEC | OFlags::NONBLOCK;
+        let fd =
+            rustix::fs::openat(&self.dir, name, flags, Mode::empty()).map_err(|e| io(&path, e))?;
+        Ok(File::from(fd))
+    }
+
+    /// The target of the symlink `name` in it.
+    pub fn read_link(&self, name: &str) -> Result<Vec<u8>, DiskError> {
+        let path = self.path_of(name)?;
+        let target =
+            rustix::fs::readlinkat(&self.dir, name, Vec::new()).map_err(|e| io(&path, e))?;
+        Ok(target.into_bytes())
     }
 }
 
@@ -430,6 +496,44 @@ mod tests {
         std::fs::create_dir(dir.path().join("f")).unwrap();
         let root = FolderRoot::open(&dir.path().join("f")).unwrap();
         (dir, root)
+    }
+
+    #[test]
+    fn an_open_folder_takes_one_plain_name_and_reads_a_link_as_a_link() {
+        let (dir, root) = root();
+        std::fs::create_dir(dir.path().join("f/d")).unwrap();
+        std::fs::write(dir.path().join("f/d/a"), b"inside").unwrap();
+        std::fs::write(dir.path().join("secret"), b"outside").unwrap();
+        std::os::unix::fs::symlink(dir.path().join("secret"), dir.path().join("f/d/L")).unwrap();
+        std::os::unix::fs::symlink(dir.path(), dir.path().join("f/up")).unwrap();
+        let d = root.open_folder("d").unwrap();
+        let mut names: Vec<String> = d.list().unwrap().into_iter().map(|(n, _)| n).collect();
+        names.sort();
+        assert_eq!(names, ["L", "a"]);
+        assert_eq!(
+            std::io::read_to_string(d.open_read("a").unwrap()).unwrap(),
+            "inside"
+        );
+        assert!(d.open_read("L").is_err(), "a link is not followed");
+        assert_eq!(d.entry("L").unwrap().unwrap().kind, Kind::Symlink);
+        assert_eq!(
+            d.read_link("L").unwrap(),
+            dir.path().join("secret").as_os_str().as_encoded_bytes()
+        );
+        for bad in ["..", "../secret", "a/b", "", "."] {
+            assert!(
+                matches!(d.open_read(bad), Err(DiskError::BadPath(_))),
+                "{bad:?}"
+            );
+            assert!(
+                matches!(d.entry(bad), Err(DiskError::BadPath(_))),
+                "{bad:?}"
+            );
+        }
+        assert!(matches!(
+            root.open_folder("up"),
+            Err(DiskError::Blocked { .. })
+        ));
     }
 
     #[test]

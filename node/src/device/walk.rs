@@ -13,7 +13,7 @@ use rayon::prelude::*;
 use super::ignore::{is_own_file, Rules, IGNORE_FILE};
 use super::serve::unix_nanos;
 use crate::chunks::{content, ChunkRef};
-use crate::disk::{parent_of, Entry, FolderRoot, Kind};
+use crate::disk::{parent_of, Entry, FolderRoot, Kind, OpenFolder};
 use crate::state::LocalFile;
 
 /// Files modified more recently than this are still being written: they wait for a rescan.
@@ -108,8 +108,9 @@ pub fn walk(
         if !done.insert(dir.clone()) {
             continue;
         }
-        let entries = match root.read_dir(&dir) {
-            Ok(entries) => entries,
+        let listed_here = root.open_folder(&dir).and_then(|f| Ok((f.list()?, f)));
+        let (entries, folder) = match listed_here {
+            Ok(found) => found,
             Err(error) if !dir.is_empty() => {
                 tracing::warn!(%dir, %error, "cannot read a folder; its files are left as they were");
                 unreadable.push(format!("{dir}/"));
@@ -158,7 +159,7 @@ pub fn walk(
             to_examine.push((rel, entry));
         }
         let look = |(rel, entry): &(String, Entry)| {
-            examine(root, rel, entry, local.get(rel), id_key, wait_settle)
+            examine(&folder, rel, entry, local.get(rel), id_key, wait_settle)
         };
         let examined: Vec<anyhow::Result<Examined>> = to_examine.par_iter().map(look).collect();
         for ((rel, _), examined) in to_examine.into_iter().zip(examined) {
@@ -292,9 +293,10 @@ enum Examined {
     Changed(LocalFile, Vec<ChunkRef>),
 }
 
-/// Looks at one entry against what this device last recorded there (`known`).
+/// Looks at one entry of `folder` (at `rel`) against what this device last recorded there
+/// (`known`).
 fn examine(
-    root: &FolderRoot,
+    folder: &OpenFolder,
     rel: &str,
     entry: &Entry,
     known: Option<&LocalFile>,
@@ -313,14 +315,14 @@ fn examine(
             };
             Ok(Examined::Changed(dir, vec![]))
         }
-        Kind::Symlink => examine_link(root, rel, entry, known, id_key),
-        Kind::File => examine_file(root, rel, entry, known, id_key, wait_settle),
+        Kind::Symlink => examine_link(folder, rel, entry, known, id_key),
+        Kind::File => examine_file(folder, rel, entry, known, id_key, wait_settle),
         Kind::Other => Ok(Examined::Unchanged), // sockets, devices, fifos: not synced
     }
 }
 
 fn examine_file(
-    root: &FolderRoot,
+    folder: &OpenFolder,
     rel: &str,
     entry: &Entry,
     known: Option<&LocalFile>,
@@ -347,7 +349,8 @@ fn examine_file(
     if same {
         return Ok(Examined::Unchanged);
     }
-    let Ok(file) = root.open_read(rel) else {
+    let name = name_of(rel);
+    let Ok(file) = folder.open_read(name) else {
         return Ok(Examined::Unsettled(SETTLE)); // replaced meanwhile (by a link, or gone)
     };
     // A write in progress can keep mtime still while the size grows: if the file is not
@@ -361,7 +364,7 @@ fn examine_file(
     let refs = content::chunk_file(&file, id_key, unchanged)?;
     let size: u64 = refs.iter().flatten().map(|c| u64::from(c.len)).sum();
     // …and the path must still name the file that was read (not one renamed over it).
-    let after = root.entry(rel).ok().flatten();
+    let after = folder.entry(name).ok().flatten();
     let replaced = after.is_none_or(|a| a.ino != entry.ino || a.mtime_ns != entry.mtime_ns);
     let Some(refs) = refs.filter(|_| size == entry.len && !replaced) else {
         return Ok(Examined::Unsettled(SETTLE));
@@ -378,15 +381,20 @@ fn examine_file(
     Ok(Examined::Changed(file, refs))
 }
 
+/// The last component of `rel`.
+fn name_of(rel: &str) -> &str {
+    rel.rsplit('/').next().unwrap_or(rel)
+}
+
 /// A symlink is synced as a link, never followed: its content is the target path.
 fn examine_link(
-    root: &FolderRoot,
+    folder: &OpenFolder,
     rel: &str,
     entry: &Entry,
     known: Option<&LocalFile>,
     id_key: &ChunkIdKey,
 ) -> anyhow::Result<Examined> {
-    let Ok(target) = root.read_link(rel) else {
+    let Ok(target) = folder.read_link(name_of(rel)) else {
         return Ok(Examined::Unsettled(SETTLE)); // replaced meanwhile
     };
     let refs = content::chunk_stream(&target[..], id_key, |_, _| {})?;
