@@ -20,7 +20,7 @@ use meshsync_crdt::{ChunkListHash, FileKind, FileRecord, FolderId, MeshKey};
 use super::conflict::conflict_name_for;
 use super::folder::{RecentDeletes, MARKER};
 use super::serve::unix_nanos;
-use super::walk::local_in;
+use super::walk::{local_in, walk_in_slices};
 pub use super::walk::{walk, Scanned, Scope, Walked, SETTLE, TRUNCATE_SETTLE};
 use super::{sync, Device, Shared};
 use crate::disk::FolderRoot;
@@ -81,10 +81,13 @@ pub async fn scan_in(
             .await??
         }
     };
-    let (root, local, key) = {
+    // The mass-delete guard weighs deletions against the files held before this scan
+    // recorded any.
+    let (root, local, key, files_here) = {
         let d = device.lock().await;
         let f = d.folder(id)?;
-        (f.path.clone(), local_in(&f.local, &scope), d.mesh_key()?)
+        let local = local_in(&f.local, &scope);
+        (f.path.clone(), local, d.mesh_key()?, f.file_count())
     };
     if !root.join(MARKER).exists() {
         anyhow::bail!(
@@ -98,16 +101,30 @@ pub async fn scan_in(
         folder: id.clone(),
         scope: scope.clone(),
     };
-    let walked = tokio::task::spawn_blocking(move || {
-        walk(
+    // Changed files are recorded a slice at a time while the walk goes on (reading and hashing
+    // on every core, recording mostly on one: they overlap); deletions come at the end.
+    let (slices, mut found) = tokio::sync::mpsc::channel::<Vec<Scanned>>(1);
+    let walking = tokio::task::spawn_blocking(move || {
+        walk_in_slices(
             &FolderRoot::open(&root)?,
             &local,
             &id_key,
             wait_settle,
             &scope,
+            RECORD_SLICE,
+            &mut |slice| slices.blocking_send(slice).is_ok(),
         )
-    })
-    .await??;
+    });
+    let mut count = 0;
+    while let Some(slice) = found.recv().await {
+        count += slice.len();
+        let mut d = device.lock().await;
+        if let Some(push) = d.record_scan(id, slice, &key)? {
+            let storage = d.storage_peers().into_iter().collect();
+            sync::push_to_devices(d.transport.clone(), storage, push);
+        }
+    }
+    let walked = walking.await??;
     let mut d = device.lock().await;
     if let Some(delay) = walked.retry_after {
         let changes = d.changes.clone();
@@ -121,7 +138,6 @@ pub async fn scan_in(
         .get_mut(id)
         .context("folder removed while scanning")?;
     let deletes = walked.changed.iter().filter(|s| s.file.is_none()).count();
-    let files_here = f.file_count();
     let held = guard(
         &mut f.recent_deletes,
         deletes,
@@ -144,7 +160,7 @@ pub async fn scan_in(
     } else {
         walked.changed
     };
-    let count = scanned.len();
+    let count = count + scanned.len();
     // Recorded a slice at a time, the device let go of in between: a first scan of a million
     // files holds the lock, and the memory of its records, seals and push, for a slice only,
     // and each push stays well within a message.

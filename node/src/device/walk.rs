@@ -92,6 +92,30 @@ pub fn walk(
     wait_settle: bool,
     scope: &Scope,
 ) -> anyhow::Result<Walked> {
+    walk_in_slices(
+        root,
+        local,
+        id_key,
+        wait_settle,
+        scope,
+        usize::MAX,
+        &mut |_| true,
+    )
+}
+
+/// [`walk`], handing the files it found changed to `take` whenever `slice` of them have
+/// gathered, so that they can be recorded while the walk goes on; what it returns is the rest,
+/// with every deletion (those are known only at the end: the mass-delete guard weighs them
+/// all at once). Stops with an error when `take` says no.
+pub fn walk_in_slices(
+    root: &FolderRoot,
+    local: &BTreeMap<String, LocalFile>,
+    id_key: &ChunkIdKey,
+    wait_settle: bool,
+    scope: &Scope,
+    slice: usize,
+    take: &mut dyn FnMut(Vec<Scanned>) -> bool,
+) -> anyhow::Result<Walked> {
     let rules = Rules::load(root);
     let mut walked = Walked::default();
     let mut seen = BTreeSet::new();
@@ -164,6 +188,9 @@ pub fn walk(
         let examined: Vec<anyhow::Result<Examined>> = to_examine.par_iter().map(look).collect();
         for ((rel, _), examined) in to_examine.into_iter().zip(examined) {
             walked.take(rel, examined?);
+        }
+        if walked.changed.len() >= slice && !take(std::mem::take(&mut walked.changed)) {
+            anyhow::bail!("scan stopped: what it found could not be recorded");
         }
     }
     let gone: Vec<&String> = match only {
@@ -476,6 +503,47 @@ mod tests {
         let gone = second.changed.iter().find(|s| s.path == "link").unwrap();
         assert!(gone.file.is_none());
         assert_eq!(second.changed.len(), 2);
+    }
+
+    #[test]
+    fn a_walk_in_slices_hands_over_changed_files_as_it_goes_and_keeps_deletions_to_the_end() {
+        let dir = tempfile::tempdir().unwrap();
+        let root = dir.path();
+        for i in 0..40 {
+            std::fs::create_dir_all(root.join(format!("d{}", i % 8))).unwrap();
+            std::fs::write(root.join(format!("d{}/{i}", i % 8)), format!("{i}")).unwrap();
+        }
+        let (key, door) = (id_key(), FolderRoot::open(root).unwrap());
+        let local = local_of(&walk(&door, &BTreeMap::new(), &key, false, &Scope::All).unwrap());
+        for i in 0..40 {
+            let path = root.join(format!("d{}/{i}", i % 8));
+            match i % 4 {
+                0 => std::fs::remove_file(path).unwrap(),
+                _ => std::fs::write(path, format!("{i} again")).unwrap(),
+            }
+        }
+        let whole = changes(&walk(&door, &local, &key, false, &Scope::All).unwrap());
+        let mut slices: Vec<Vec<Scanned>> = Vec::new();
+        let mut take = |slice: Vec<Scanned>| {
+            slices.push(slice);
+            true
+        };
+        let rest = walk_in_slices(&door, &local, &key, false, &Scope::All, 7, &mut take).unwrap();
+        assert!(slices.len() >= 3, "{} slices", slices.len());
+        assert!(
+            slices.iter().flatten().all(|s| s.file.is_some()),
+            "no deletion handed over early"
+        );
+        let mut found = changes(&rest);
+        for slice in &slices {
+            found.extend(slice.iter().map(|s| (s.path.clone(), s.file.is_some())));
+        }
+        assert_eq!(found, whole);
+        assert_eq!(rest.changed.iter().filter(|s| s.file.is_none()).count(), 10);
+
+        // A taker that says no stops the walk with an error.
+        let refused = walk_in_slices(&door, &local, &key, false, &Scope::All, 7, &mut |_| false);
+        assert!(refused.is_err());
     }
 
     /// What a walk reports, as (path, still there) pairs.
