@@ -128,7 +128,6 @@ pub fn walk_in_slices(
     // A targeted walk: each folder listed, with the names it holds and whether each is a folder.
     let mut listed: Vec<(String, BTreeMap<String, bool>)> = Vec::new();
     let mut done: BTreeSet<String> = BTreeSet::new();
-    let mut looking = Looking::default();
     while let Some(dir) = stack.pop() {
         if !done.insert(dir.clone()) {
             continue;
@@ -150,9 +149,9 @@ pub fn walk_in_slices(
                 .collect();
             listed.push((dir.clone(), names));
         }
-        // What to look at in this folder is decided in order; the looking is batched with
-        // other folders' (see `Looking`).
-        let at = looking.folder(folder);
+        // What to look at in this folder is decided in order; the looking (open, read, hash:
+        // most of a first scan) runs on every core, and its results are taken in order.
+        let mut to_examine: Vec<(String, Entry)> = Vec::with_capacity(entries.len());
         for (name, entry) in entries {
             let rel = if dir.is_empty() {
                 name
@@ -181,16 +180,19 @@ pub fn walk_in_slices(
             if is_dir && !(only && known_dir) {
                 stack.push(rel.clone());
             }
-            looking.entries.push((rel, entry, at));
+            to_examine.push((rel, entry));
         }
-        if looking.is_full() || stack.is_empty() {
-            looking.look(&mut walked, local, id_key, wait_settle)?;
-            if walked.changed.len() >= slice && !take(std::mem::take(&mut walked.changed)) {
-                anyhow::bail!("scan stopped: what it found could not be recorded");
-            }
+        let look = |(rel, entry): &(String, Entry)| {
+            examine(&folder, rel, entry, local.get(rel), id_key, wait_settle)
+        };
+        let examined: Vec<anyhow::Result<Examined>> = to_examine.par_iter().map(look).collect();
+        for ((rel, _), examined) in to_examine.into_iter().zip(examined) {
+            walked.take(rel, examined?);
+        }
+        if walked.changed.len() >= slice && !take(std::mem::take(&mut walked.changed)) {
+            anyhow::bail!("scan stopped: what it found could not be recorded");
         }
     }
-    looking.look(&mut walked, local, id_key, wait_settle)?;
     let gone: Vec<&String> = match only {
         false => local.keys().filter(|rel| !seen.contains(*rel)).collect(),
         true => listed
@@ -210,61 +212,6 @@ pub fn walk_in_slices(
         }
     }
     Ok(walked)
-}
-
-/// Entries of a few folders waiting to be looked at together: opening, reading and hashing
-/// (most of a first scan) run on every core, and the results are taken in order. One batch
-/// for many small folders, not one per folder: at a hundred files a folder, the threads were
-/// woken and put to sleep again for each.
-#[derive(Default)]
-struct Looking {
-    folders: Vec<OpenFolder>,
-    /// Path, what the listing said, and the folder it is in (an index in `folders`).
-    entries: Vec<(String, Entry, usize)>,
-}
-
-impl Looking {
-    /// At most this many entries wait…
-    const ENTRIES: usize = 1024;
-    /// …in at most this many folders (each holds a descriptor open).
-    const FOLDERS: usize = 64;
-
-    /// Keeps `folder` open until its entries are looked at; returns its index.
-    fn folder(&mut self, folder: OpenFolder) -> usize {
-        self.folders.push(folder);
-        self.folders.len() - 1
-    }
-
-    fn is_full(&self) -> bool {
-        self.entries.len() >= Self::ENTRIES || self.folders.len() >= Self::FOLDERS
-    }
-
-    /// Looks at every waiting entry and notes in `walked` what each was found to be.
-    fn look(
-        &mut self,
-        walked: &mut Walked,
-        local: &BTreeMap<String, LocalFile>,
-        id_key: &ChunkIdKey,
-        wait_settle: bool,
-    ) -> anyhow::Result<()> {
-        let folders = std::mem::take(&mut self.folders);
-        let entries = std::mem::take(&mut self.entries);
-        let look = |(rel, entry, at): &(String, Entry, usize)| {
-            examine(
-                &folders[*at],
-                rel,
-                entry,
-                local.get(rel),
-                id_key,
-                wait_settle,
-            )
-        };
-        let examined: Vec<anyhow::Result<Examined>> = entries.par_iter().map(look).collect();
-        for ((rel, _, _), examined) in entries.into_iter().zip(examined) {
-            walked.take(rel, examined?);
-        }
-        Ok(())
-    }
 }
 
 /// Which part of a folder a scan looks at.
@@ -562,14 +509,14 @@ mod tests {
     fn a_walk_in_slices_hands_over_changed_files_as_it_goes_and_keeps_deletions_to_the_end() {
         let dir = tempfile::tempdir().unwrap();
         let root = dir.path();
-        for i in 0..4000 {
-            std::fs::create_dir_all(root.join(format!("d{}", i % 100))).unwrap();
-            std::fs::write(root.join(format!("d{}/{i}", i % 100)), format!("{i}")).unwrap();
+        for i in 0..40 {
+            std::fs::create_dir_all(root.join(format!("d{}", i % 8))).unwrap();
+            std::fs::write(root.join(format!("d{}/{i}", i % 8)), format!("{i}")).unwrap();
         }
         let (key, door) = (id_key(), FolderRoot::open(root).unwrap());
         let local = local_of(&walk(&door, &BTreeMap::new(), &key, false, &Scope::All).unwrap());
-        for i in 0..4000 {
-            let path = root.join(format!("d{}/{i}", i % 100));
+        for i in 0..40 {
+            let path = root.join(format!("d{}/{i}", i % 8));
             match i % 4 {
                 0 => std::fs::remove_file(path).unwrap(),
                 _ => std::fs::write(path, format!("{i} again")).unwrap(),
@@ -581,7 +528,7 @@ mod tests {
             slices.push(slice);
             true
         };
-        let rest = walk_in_slices(&door, &local, &key, false, &Scope::All, 500, &mut take).unwrap();
+        let rest = walk_in_slices(&door, &local, &key, false, &Scope::All, 7, &mut take).unwrap();
         assert!(slices.len() >= 3, "{} slices", slices.len());
         assert!(
             slices.iter().flatten().all(|s| s.file.is_some()),
@@ -592,13 +539,10 @@ mod tests {
             found.extend(slice.iter().map(|s| (s.path.clone(), s.file.is_some())));
         }
         assert_eq!(found, whole);
-        assert_eq!(
-            rest.changed.iter().filter(|s| s.file.is_none()).count(),
-            1000
-        );
+        assert_eq!(rest.changed.iter().filter(|s| s.file.is_none()).count(), 10);
 
         // A taker that says no stops the walk with an error.
-        let refused = walk_in_slices(&door, &local, &key, false, &Scope::All, 500, &mut |_| false);
+        let refused = walk_in_slices(&door, &local, &key, false, &Scope::All, 7, &mut |_| false);
         assert!(refused.is_err());
     }
 
