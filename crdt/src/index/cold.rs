@@ -80,7 +80,7 @@ impl FolderIndex {
         let saves = loader(id).map_err(IndexError::Load)?;
         let shard = Shard::from_saves(&self.actor, saves)?;
         let expected = &self.cold.get(&id).map(|c| &c.heads);
-        if *expected != Some(&shard.compact_heads) {
+        if *expected != shard.durable.as_ref() {
             return Err(IndexError::Load(format!(
                 "shard {id} read back is not the shard that was unloaded"
             )));
@@ -93,14 +93,16 @@ impl FolderIndex {
     pub fn confirm_saved(&mut self, ids: impl IntoIterator<Item = u16>) {
         for id in ids {
             if let Some(shard) = self.shards.get_mut(&id) {
-                shard.durable = shard.compact_heads == shard.doc.get_heads();
+                shard.durable = (shard.saved.as_ref())
+                    .filter(|mark| mark.pieces == 0)
+                    .map(|mark| mark.heads.clone());
             }
         }
     }
 
-    /// Unloads every shard that is compact, persisted as it is (see
-    /// [`FolderIndex::confirm_saved`]), has nothing unsent and was not used since the last call;
-    /// returns how many. Does nothing without a loader.
+    /// Unloads every shard whose whole save, as it is, is persisted (see
+    /// [`FolderIndex::confirm_saved`]), that has nothing unsent and was not used since the
+    /// last call; returns how many. Does nothing without a loader.
     pub fn unload_unused(&mut self) -> usize {
         if self.loader.is_none() {
             return 0;
@@ -109,13 +111,7 @@ impl FolderIndex {
         let actor = &self.actor;
         for (&id, shard) in self.shards.iter_mut() {
             let heads = shard.doc.get_heads();
-            let saved = shard.saved.as_ref().is_some_and(|m| m.heads == heads);
-            if !shard.used
-                && shard.durable
-                && saved
-                && heads == shard.compact_heads
-                && !shard.has_unsent(actor)
-            {
+            if !shard.used && shard.durable.as_ref() == Some(&heads) && !shard.has_unsent(actor) {
                 unload.push(id);
             }
             shard.used = false;
@@ -123,7 +119,7 @@ impl FolderIndex {
         for &id in &unload {
             let shard = self.shards.remove(&id).expect("listed above");
             let len = shard.doc.length(ROOT);
-            let heads = shard.compact_heads;
+            let heads = shard.durable.expect("unloaded only when durable");
             self.cold.insert(id, Cold { heads, len });
         }
         unload.len()

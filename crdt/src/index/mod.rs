@@ -399,9 +399,9 @@ struct Shard {
     /// The heads it had when it was last loaded from a whole save: changed since, it takes
     /// more memory than it needs (see [`FolderIndex::compact`]).
     compact_heads: Vec<ChangeHash>,
-    /// Whether the whole save of `compact_heads` is known to be persisted (see
-    /// [`FolderIndex::confirm_saved`]): only then may the shard be unloaded.
-    durable: bool,
+    /// The heads of its last whole save that the caller confirmed persisted (see
+    /// [`FolderIndex::confirm_saved`]): only while they are its heads may it be unloaded.
+    durable: Option<Vec<ChangeHash>>,
     /// Whether it was used since the last [`FolderIndex::unload_unused`].
     used: bool,
 }
@@ -468,7 +468,7 @@ impl FolderIndex {
             signatures: Default::default(),
             saved: None,
             compact_heads: Vec::new(),
-            durable: false,
+            durable: None,
             used: true,
         })
     }

@@ -99,30 +99,38 @@ impl FolderIndex {
     }
 
     /// Compacts up to `max` loose shards that `pick` (given a shard and its heads) takes, on
-    /// every core.
+    /// every core. One that nothing used since the last [`FolderIndex::unload_unused`] (with a
+    /// loader to read it back) is only saved whole: it is about to be unloaded, and loading it
+    /// again from that save would be work thrown away.
     fn compact_where(
         &mut self,
         max: usize,
         pick: impl Fn(u16, &Vec<ChangeHash>) -> bool,
     ) -> Result<Vec<(u16, SavedShard)>, IndexError> {
+        let unloads = self.loader.is_some();
         let picked: Vec<(u16, &mut Shard)> = self
             .shards
             .iter_mut()
             .filter_map(|(id, shard)| {
                 let heads = shard.doc.get_heads();
-                (heads != shard.compact_heads && pick(*id, &heads)).then_some((*id, shard))
+                let loose = heads != shard.compact_heads;
+                let leaving = unloads && !shard.used && shard.durable.as_ref() == Some(&heads);
+                (loose && !leaving && pick(*id, &heads)).then_some((*id, shard))
             })
             .take(max)
             .collect();
         picked
             .into_par_iter()
             .map(|(id, shard)| {
-                let actor = shard.doc.get_actor().clone();
                 let doc = shard.doc.save();
-                let fresh = AutoCommit::load(&doc).map_err(|e| IndexError::Load(e.to_string()))?;
-                shard.doc = fresh.with_actor(actor);
-                shard.compact_heads = shard.doc.get_heads();
-                shard.durable = false; // until the caller confirms the save is persisted
+                if !(unloads && !shard.used) {
+                    let actor = shard.doc.get_actor().clone();
+                    let fresh =
+                        AutoCommit::load(&doc).map_err(|e| IndexError::Load(e.to_string()))?;
+                    shard.doc = fresh.with_actor(actor);
+                    shard.compact_heads = shard.doc.get_heads();
+                }
+                shard.durable = None; // until the caller confirms the save is persisted
                 let bytes = signed::encode_saved(doc, &shard.signatures);
                 shard.saved_whole(bytes.len());
                 Ok((id, SavedShard::Whole(bytes)))
@@ -208,8 +216,8 @@ impl Shard {
                 piece_bytes,
                 whole_bytes,
             }),
+            durable: (pieces == 0).then(|| compact_heads.clone()),
             compact_heads,
-            durable: pieces == 0,
             used: false,
         })
     }

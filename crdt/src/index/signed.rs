@@ -360,7 +360,7 @@ impl Shard {
         self.doc = doc;
         self.saved = None; // what was saved still holds the dropped changes
         self.compact_heads = Vec::new();
-        self.durable = false;
+        self.durable = None;
         dropped.changes += out.len();
         Ok(())
     }

@@ -958,3 +958,32 @@ fn a_replica_that_only_takes_peers_changes_unloads_them_too() {
     assert_eq!(b.loaded_shards(), 0);
     assert_eq!(b.get("d7/407").unwrap().winner.version, 1);
 }
+
+#[test]
+fn a_changed_shard_nothing_uses_is_saved_whole_and_unloaded_without_being_loaded_again() {
+    let (w, mut a, store) = unloaded_index();
+    a.write(
+        &w.admin,
+        Epoch(0),
+        vec![update("d3/3", 2), update("d3/43", 2)],
+    )
+    .unwrap();
+    a.take_local_changes();
+    assert!(a.loose_shards() >= 1);
+    a.unload_unused(); // a round passes: the shards were used by the write
+    let saves = a.compact(usize::MAX).unwrap();
+    assert!(!saves.is_empty());
+    assert!(a.loose_shards() >= 1, "saved only, not loaded again");
+    let ids: Vec<u16> = saves.iter().map(|(id, _)| *id).collect();
+    for (id, saved) in saves {
+        let SavedShard::Whole(bytes) = saved else {
+            panic!("compaction saves whole")
+        };
+        store.lock().unwrap().insert(id, vec![bytes]);
+    }
+    assert_eq!(a.unload_unused(), 0, "not before the saves are confirmed");
+    a.confirm_saved(ids);
+    assert!(a.unload_unused() >= 1);
+    assert_eq!(a.loaded_shards(), 0);
+    assert_eq!(a.get("d3/43").unwrap().winner.version, 2);
+}
