@@ -20,10 +20,10 @@ use meshsync_crdt::{ChunkListHash, FileKind, FileRecord, FolderId, MeshKey};
 use super::conflict::conflict_name_for;
 use super::folder::{RecentDeletes, MARKER};
 use super::serve::unix_nanos;
-use super::walk::{local_in, walk_in_slices};
+use super::walk::{held_mark, local_in, walk_in_slices};
 pub use super::walk::{walk, Scanned, Scope, Walked, SETTLE, TRUNCATE_SETTLE};
 use super::{sync, Device, Shared};
-use crate::disk::FolderRoot;
+use crate::disk::{parent_of, FolderRoot};
 use crate::protocol::{ByteBuf, SyncChanges, SyncRequest};
 use crate::state::{Batch, LocalFile};
 
@@ -320,7 +320,14 @@ impl Device {
         let mut new = Vec::new();
         let mut concurrent = Vec::new();
         f.index.warm(scanned.iter().map(|s| s.path.as_str()))?;
+        let mut stale = BTreeSet::new();
         for scan in scanned {
+            if f.local.get(&scan.path).map(held_mark) != scan.was {
+                // This device wrote the path while the walk looked (a peer's version): what
+                // the walk saw is stale, and recording it would undo that version. Look again.
+                stale.insert(parent_of(&scan.path).to_string());
+                continue;
+            }
             let state = f.index.get(&scan.path);
             let conflicted = state.as_ref().is_some_and(|s| !s.losers.is_empty());
             let winner = state.map(|s| s.winner);
@@ -332,6 +339,12 @@ impl Device {
                 Decision::Wait => {}
                 Decision::Conflict => concurrent.push(scan),
             }
+        }
+        if !stale.is_empty() {
+            let _ = self.changes.send(Rescan {
+                folder: id.clone(),
+                scope: Scope::Dirs(stale),
+            });
         }
         if !concurrent.is_empty() {
             keep_aside(&f.path, &concurrent, &self.keys.device_id());

@@ -30,6 +30,19 @@ pub struct Scanned {
     pub path: String,
     pub file: Option<LocalFile>,
     pub refs: Vec<ChunkRef>,
+    /// What this device held there when the walk compared (see [`held_mark`]): if it holds
+    /// something else by the time the scan is recorded, this device wrote the path meanwhile
+    /// (a peer's version) and what the walk saw is stale.
+    pub was: Option<HeldMark>,
+}
+
+/// What identifies a version this device holds at a path: its version number, kind and
+/// content.
+pub type HeldMark = (u64, FileKind, ChunkListHash);
+
+/// The mark of what this device holds at a path.
+pub fn held_mark(file: &LocalFile) -> HeldMark {
+    (file.version, file.kind, file.list_hash)
 }
 
 /// What a walk found.
@@ -42,7 +55,7 @@ pub struct Walked {
 
 impl Walked {
     /// Notes what examining `rel` found.
-    fn take(&mut self, rel: String, examined: Examined) {
+    fn take(&mut self, rel: String, examined: Examined, was: Option<&LocalFile>) {
         match examined {
             Examined::Unchanged => {}
             Examined::Unsettled(after) => {
@@ -52,6 +65,7 @@ impl Walked {
                 path: rel,
                 file: Some(file),
                 refs,
+                was: was.map(held_mark),
             }),
         }
     }
@@ -187,7 +201,8 @@ pub fn walk_in_slices(
         };
         let examined: Vec<anyhow::Result<Examined>> = to_examine.par_iter().map(look).collect();
         for ((rel, _), examined) in to_examine.into_iter().zip(examined) {
-            walked.take(rel, examined?);
+            let was = local.get(&rel);
+            walked.take(rel, examined?, was);
         }
         if walked.changed.len() >= slice && !take(std::mem::take(&mut walked.changed)) {
             anyhow::bail!("scan stopped: what it found could not be recorded");
@@ -208,6 +223,7 @@ pub fn walk_in_slices(
                 path: rel.clone(),
                 file: None,
                 refs: vec![],
+                was: Some(held_mark(&local[rel])),
             });
         }
     }
