@@ -123,7 +123,8 @@ impl FolderIndex {
             .into_par_iter()
             .map(|(id, shard)| {
                 let doc = shard.doc.save();
-                if !(unloads && !shard.used) {
+                let stays = !unloads || shard.used;
+                if stays {
                     let actor = shard.doc.get_actor().clone();
                     let fresh =
                         AutoCommit::load(&doc).map_err(|e| IndexError::Load(e.to_string()))?;

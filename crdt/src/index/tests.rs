@@ -819,20 +819,23 @@ fn the_files_of_one_folder_share_a_few_shards_and_a_huge_write_is_split_into_cha
     assert_eq!(b.len(), paths.len());
 }
 
-/// An index of 4,000 paths in 40 folders, compacted, whose saves sit in a shared store that
-/// its loader reads (as the node's state does), with every shard unloaded.
-fn unloaded_index() -> (
-    World,
-    FolderIndex,
-    std::sync::Arc<std::sync::Mutex<BTreeMap<u16, Vec<Vec<u8>>>>>,
-) {
-    let w = world();
-    let store = std::sync::Arc::new(std::sync::Mutex::new(BTreeMap::new()));
+/// Where a test persists shards' saves, as the node's state does.
+type Store = std::sync::Arc<std::sync::Mutex<BTreeMap<u16, Vec<Vec<u8>>>>>;
+
+/// A loader that reads `store`.
+fn loader_of(store: &Store) -> ShardLoader {
     let reads = store.clone();
-    let loader: ShardLoader = std::sync::Arc::new(move |shard| {
+    std::sync::Arc::new(move |shard| {
         (reads.lock().unwrap().get(&shard).cloned()).ok_or_else(|| format!("no shard {shard}"))
-    });
-    let mut a = FolderIndex::new(w.log.mesh(), w.folder.clone()).with_loader(loader);
+    })
+}
+
+/// An index of 4,000 paths in 40 folders, compacted, whose saves sit in a shared store that
+/// its loader reads, with every shard unloaded.
+fn unloaded_index() -> (World, FolderIndex, Store) {
+    let w = world();
+    let store = Store::default();
+    let mut a = FolderIndex::new(w.log.mesh(), w.folder.clone()).with_loader(loader_of(&store));
     let updates = (0..4000)
         .map(|i| update(&format!("d{}/{i}", i % 40), 1))
         .collect();
@@ -936,12 +939,8 @@ fn a_shard_that_cannot_be_read_back_is_an_error_not_an_empty_shard() {
 #[test]
 fn a_replica_that_only_takes_peers_changes_unloads_them_too() {
     let (w, mut a, _) = unloaded_index();
-    let store = std::sync::Arc::new(std::sync::Mutex::new(BTreeMap::new()));
-    let reads = store.clone();
-    let loader: ShardLoader = std::sync::Arc::new(move |shard| {
-        (reads.lock().unwrap().get(&shard).cloned()).ok_or_else(|| format!("no shard {shard}"))
-    });
-    let mut b = FolderIndex::new(w.log.mesh(), w.folder.clone()).with_loader(loader);
+    let store = Store::default();
+    let mut b = FolderIndex::new(w.log.mesh(), w.folder.clone()).with_loader(loader_of(&store));
     b.apply_all(w.log.view(), a.changes_since(&BTreeMap::new()).unwrap())
         .unwrap();
     let saves = b.compact(usize::MAX).unwrap();

@@ -118,11 +118,7 @@ pub async fn scan_in(
     let mut count = 0;
     while let Some(slice) = found.recv().await {
         count += slice.len();
-        let mut d = device.lock().await;
-        if let Some(push) = d.record_scan(id, slice, &key)? {
-            let storage = d.storage_peers().into_iter().collect();
-            sync::push_to_devices(d.transport.clone(), storage, push);
-        }
+        device.lock().await.record_and_push(id, slice, &key)?;
     }
     let walked = walking.await??;
     let mut d = device.lock().await;
@@ -170,10 +166,7 @@ pub async fn scan_in(
         if slice.is_empty() {
             break;
         }
-        if let Some(push) = d.record_scan(id, slice, &key)? {
-            let storage = d.storage_peers().into_iter().collect();
-            sync::push_to_devices(d.transport.clone(), storage, push);
-        }
+        d.record_and_push(id, slice, &key)?;
         if !scanned.as_slice().is_empty() {
             drop(d);
             d = device.lock().await;
@@ -302,6 +295,21 @@ fn update_for(scan: &Scanned, previous: Option<FileKind>) -> FileUpdate {
 }
 
 impl Device {
+    /// Records one slice of a scan ([`Device::record_scan`]) and pushes what it signed to the
+    /// connected devices.
+    fn record_and_push(
+        &mut self,
+        id: &FolderId,
+        scanned: Vec<Scanned>,
+        key: &MeshKey,
+    ) -> anyhow::Result<()> {
+        if let Some(push) = self.record_scan(id, scanned, key)? {
+            let storage = self.storage_peers().into_iter().collect();
+            sync::push_to_devices(self.transport.clone(), storage, push);
+        }
+        Ok(())
+    }
+
     /// Signs records for the scanned paths that need one, updates the local state of the
     /// others, commits (with the sealed form for storage peers) and returns the push for the
     /// connected devices, if anything new was signed.
