@@ -16,6 +16,27 @@ async fn device(dir: &std::path::Path, name: &str) -> Shared {
     device::start(home, Network::memory()).await.unwrap()
 }
 
+/// `joiner` joins `admin`'s mesh as a device.
+async fn pair(admin: &Shared, joiner: &Shared) {
+    let code = mesh::invite(admin, Role::Device, Duration::from_secs(60))
+        .await
+        .unwrap();
+    mesh::join(joiner, &code).await.unwrap();
+}
+
+/// `b` joins `a`'s mesh, and both sync a folder: `fa` on `a`, `fb` on `b`.
+async fn pair_and_share(
+    a: &Shared,
+    fa: &std::path::Path,
+    b: &Shared,
+    fb: &std::path::Path,
+) -> meshsync_crdt::FolderId {
+    pair(a, b).await;
+    let folder = a.lock().await.add_folder(fa, None).unwrap();
+    b.lock().await.add_folder(fb, Some(folder.clone())).unwrap();
+    folder
+}
+
 async fn eventually(what: &str, mut done: impl FnMut() -> bool) {
     let start = Instant::now();
     while !done() {
@@ -35,15 +56,7 @@ async fn two_devices_in_one_process_pair_and_sync_over_the_memory_transport() {
     std::fs::create_dir_all(&fa).unwrap();
     std::fs::create_dir_all(&fb).unwrap();
 
-    let code = mesh::invite(&a, Role::Device, Duration::from_secs(60))
-        .await
-        .unwrap();
-    mesh::join(&b, &code).await.unwrap();
-    let folder = a.lock().await.add_folder(&fa, None).unwrap();
-    b.lock()
-        .await
-        .add_folder(&fb, Some(folder.clone()))
-        .unwrap();
+    let folder = pair_and_share(&a, &fa, &b, &fb).await;
 
     std::fs::write(fa.join("hello.txt"), b"from a, in process").unwrap();
     let options = scan::ScanOptions {
@@ -59,18 +72,6 @@ async fn two_devices_in_one_process_pair_and_sync_over_the_memory_transport() {
     assert_eq!(status.peers.len(), 1);
     assert!(status.peers[0].connected, "{status:?}");
     assert!(status.peers[0].bytes_in > 0, "{status:?}");
-}
-
-/// Waits until `done` holds of device `d`.
-async fn eventually_of(d: &Shared, what: &str, done: impl Fn(&device::Device) -> bool) {
-    let start = Instant::now();
-    while !done(&*d.lock().await) {
-        assert!(
-            start.elapsed() < Duration::from_secs(60),
-            "timed out: {what}"
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
 }
 
 /// A quiet index leaves memory shard by shard and answers from its saves in the state: a device
@@ -93,15 +94,7 @@ async fn unloaded_index_shards_serve_a_late_joiner_and_take_new_edits() {
         std::fs::create_dir_all(&sub).unwrap();
         std::fs::write(sub.join(format!("f{i}")), format!("file {i}")).unwrap();
     }
-    let code = mesh::invite(&a, Role::Device, Duration::from_secs(60))
-        .await
-        .unwrap();
-    mesh::join(&b, &code).await.unwrap();
-    let folder = a.lock().await.add_folder(&fa, None).unwrap();
-    b.lock()
-        .await
-        .add_folder(&fb, Some(folder.clone()))
-        .unwrap();
+    let folder = pair_and_share(&a, &fa, &b, &fb).await;
     let options = scan::ScanOptions {
         requested: true,
         ..Default::default()
@@ -115,17 +108,14 @@ async fn unloaded_index_shards_serve_a_late_joiner_and_take_new_edits() {
     })
     .await;
     for (d, name) in [(&a, "a"), (&b, "b")] {
-        eventually_of(d, &format!("{name}'s index unloaded"), |d| {
-            d.index_shards_in_memory() == 0
+        eventually(&format!("{name}'s index unloaded"), || {
+            d.try_lock().is_ok_and(|d| d.index_shards_in_memory() == 0)
         })
         .await;
     }
 
     let c = device(dir.path(), "c").await;
-    let code = mesh::invite(&a, Role::Device, Duration::from_secs(60))
-        .await
-        .unwrap();
-    mesh::join(&c, &code).await.unwrap();
+    pair(&a, &c).await;
     c.lock()
         .await
         .add_folder(&fc, Some(folder.clone()))
