@@ -85,52 +85,39 @@ impl FolderIndex {
     /// replace the shards' pieces). Meant for when the index is quiet: a shard that changes
     /// again grows again.
     pub fn compact(&mut self, max: usize) -> Result<Vec<(u16, SavedShard)>, IndexError> {
-        self.compact_where(max, max, |_, _| true)
+        self.compact_where(max, |_, _| true)
     }
 
     /// [`Self::compact`], of the shards whose heads are still those in `unchanged` (the
-    /// quiet ones, while others take a stream of changes): up to `max` that stay in memory,
-    /// and up to `max_leaving` that are only saved (see [`Self::compact_where`]), which costs
-    /// about half as much.
+    /// quiet ones, while others take a stream of changes).
     pub fn compact_unchanged(
         &mut self,
         max: usize,
-        max_leaving: usize,
         unchanged: &BTreeMap<u16, Vec<ChangeHash>>,
     ) -> Result<Vec<(u16, SavedShard)>, IndexError> {
-        self.compact_where(max, max_leaving, |id, heads| {
-            unchanged.get(&id) == Some(heads)
-        })
+        self.compact_where(max, |id, heads| unchanged.get(&id) == Some(heads))
     }
 
     /// Compacts up to `max` loose shards that `pick` (given a shard and its heads) takes, on
     /// every core. One that nothing used since the last [`FolderIndex::unload_unused`] (with a
-    /// loader to read it back) is only saved whole, up to `max_leaving` of them: it is about
-    /// to be unloaded, and loading it again from that save would be work thrown away.
+    /// loader to read it back) is only saved whole: it is about to be unloaded, and loading it
+    /// again from that save would be work thrown away.
     fn compact_where(
         &mut self,
         max: usize,
-        max_leaving: usize,
         pick: impl Fn(u16, &Vec<ChangeHash>) -> bool,
     ) -> Result<Vec<(u16, SavedShard)>, IndexError> {
         let unloads = self.loader.is_some();
-        let (mut staying, mut leaving) = (0, 0);
         let picked: Vec<(u16, &mut Shard)> = self
             .shards
             .iter_mut()
             .filter_map(|(id, shard)| {
                 let heads = shard.doc.get_heads();
                 let loose = heads != shard.compact_heads;
-                let leaves = unloads && !shard.used;
-                let saved = leaves && shard.durable.as_ref() == Some(&heads);
-                if !loose || saved || !pick(*id, &heads) {
-                    return None;
-                }
-                let count = if leaves { &mut leaving } else { &mut staying };
-                let room = *count < if leaves { max_leaving } else { max };
-                *count += usize::from(room);
-                room.then_some((*id, shard))
+                let leaving = unloads && !shard.used && shard.durable.as_ref() == Some(&heads);
+                (loose && !leaving && pick(*id, &heads)).then_some((*id, shard))
             })
+            .take(max)
             .collect();
         picked
             .into_par_iter()

@@ -650,7 +650,7 @@ fn compacting_a_changed_shard_keeps_its_records_and_saves_it_whole() {
     let other = shard_of(&w.folder, "e/5");
     assert_ne!(shard, other, "two shards");
     let compacted: Vec<u16> = a
-        .compact_unchanged(usize::MAX, usize::MAX, &quiet)
+        .compact_unchanged(usize::MAX, &quiet)
         .unwrap()
         .into_iter()
         .map(|(id, _)| id)

@@ -321,9 +321,7 @@ impl Device {
                     f.changed_last_round
                         .clamp(COMPACT_SHARDS_BUSY, COMPACT_SHARDS_BUSY_MAX)
                 };
-                // Shards that are only saved (nothing used them: they leave memory) cost
-                // half as much, and keep a stream's loaded shards from piling up.
-                let compacted = f.index.compact_unchanged(max, COMPACT_SHARDS, quiet)?;
+                let compacted = f.index.compact_unchanged(max, quiet)?;
                 if !compacted.is_empty() {
                     tracing::debug!(folder = %id, shards = compacted.len(), "compacted");
                 }
