@@ -851,6 +851,8 @@ use saved::SaveMark;
 pub use saved::SavedShard;
 pub use signed::{actor_device, folder_tag, Dropped};
 #[cfg(test)]
+mod cold_tests;
+#[cfg(test)]
 mod signed_tests;
 #[cfg(test)]
 mod tests;

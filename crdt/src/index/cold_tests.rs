@@ -1,0 +1,172 @@
+//! Unloading shards and reading them back (see [`super::cold`]).
+
+use super::tests::{update, world, World};
+use super::*;
+
+/// Where a test persists shards' saves, as the node's state does.
+type Store = std::sync::Arc<std::sync::Mutex<BTreeMap<u16, Vec<Vec<u8>>>>>;
+
+/// A loader that reads `store`.
+fn loader_of(store: &Store) -> ShardLoader {
+    let reads = store.clone();
+    std::sync::Arc::new(move |shard| {
+        (reads.lock().unwrap().get(&shard).cloned()).ok_or_else(|| format!("no shard {shard}"))
+    })
+}
+
+/// An index of 4,000 paths in 40 folders, compacted, whose saves sit in a shared store that
+/// its loader reads, with every shard unloaded.
+fn unloaded_index() -> (World, FolderIndex, Store) {
+    let w = world();
+    let store = Store::default();
+    let mut a = FolderIndex::new(w.log.mesh(), w.folder.clone()).with_loader(loader_of(&store));
+    let updates = (0..4000)
+        .map(|i| update(&format!("d{}/{i}", i % 40), 1))
+        .collect();
+    a.write(&w.admin, Epoch(0), updates).unwrap();
+    a.take_local_changes();
+    let saves = a.compact(usize::MAX).unwrap();
+    let ids: Vec<u16> = saves.iter().map(|(id, _)| *id).collect();
+    assert_eq!(
+        a.unload_unused(),
+        0,
+        "nothing is unloaded before its save is persisted"
+    );
+    for (id, saved) in saves {
+        let SavedShard::Whole(bytes) = saved else {
+            panic!("compaction saves whole")
+        };
+        store.lock().unwrap().insert(id, vec![bytes]);
+    }
+    a.confirm_saved(ids);
+    a.warm(["d0/0"]).unwrap();
+    assert!(a.unload_unused() > 100);
+    assert_eq!(
+        a.loaded_shards(),
+        1,
+        "a shard used since the last round stays"
+    );
+    assert_eq!(a.unload_unused(), 1);
+    assert_eq!(a.loaded_shards(), 0);
+    (w, a, store)
+}
+
+#[test]
+fn unloaded_shards_answer_as_if_loaded_and_a_change_loads_only_what_it_touches() {
+    let (w, mut a, _store) = unloaded_index();
+    let mut twin = FolderIndex::new(w.log.mesh(), w.folder.clone());
+    twin.apply_all(w.log.view(), a.changes_since(&BTreeMap::new()).unwrap())
+        .unwrap();
+    assert_eq!(
+        a.loaded_shards(),
+        0,
+        "serving a catch-up keeps nothing loaded"
+    );
+    assert_eq!(a.len(), 4000);
+    assert_eq!(a.heads(), twin.heads());
+    assert_eq!(a.get("d7/407"), twin.get("d7/407"));
+    let mut all: Vec<(String, PathState)> = a.iter().collect::<Result<_, _>>().unwrap();
+    all.sort_by(|x, y| x.0.cmp(&y.0));
+    let mut expected: Vec<(String, PathState)> = twin.iter().map(Result::unwrap).collect();
+    expected.sort_by(|x, y| x.0.cmp(&y.0));
+    assert_eq!(all, expected);
+    assert!(a.save_shard(shard_of(&w.folder, "d7/407")).is_none());
+
+    // The twin changes one folder; applying it loads that folder's shards only, and both
+    // write on in agreement.
+    let before = twin.heads();
+    twin.write(
+        &w.admin,
+        Epoch(0),
+        vec![update("d3/3", 2), update("d3/43", 2)],
+    )
+    .unwrap();
+    let report = a
+        .apply_all(w.log.view(), twin.changes_since(&before).unwrap())
+        .unwrap();
+    assert_eq!(report.paths.len(), 2);
+    assert!(
+        a.loaded_shards() <= 2,
+        "{} shards loaded",
+        a.loaded_shards()
+    );
+    assert_eq!(a.get("d3/3").unwrap().winner.version, 2);
+    assert_eq!(a.paths_changed_since(&before).unwrap().len(), 2);
+    a.write(&w.admin, Epoch(0), vec![update("d5/5", 3)])
+        .unwrap();
+    assert_eq!(a.get("d5/5").unwrap().winner.version, 2);
+    twin.apply_all(w.log.view(), a.take_local_changes())
+        .unwrap();
+    assert_eq!(a.heads(), twin.heads());
+    let (_, marks) = a.last_changes_of(&w.admin.device_id()).unwrap();
+    assert!(marks.len() > 100, "marks in unloaded shards too");
+}
+
+#[test]
+fn a_shard_that_cannot_be_read_back_is_an_error_not_an_empty_shard() {
+    let (w, mut a, store) = unloaded_index();
+    let shard = shard_of(&w.folder, "d1/1");
+    store.lock().unwrap().remove(&shard);
+    assert!(a.warm(["d1/1"]).is_err());
+    assert!(a
+        .write(&w.admin, Epoch(0), vec![update("d1/1", 2)])
+        .is_err());
+    assert!(a.iter().any(|item| item.is_err()));
+    assert!(a.changes_since(&BTreeMap::new()).is_err());
+    // A save of another shard in its place is refused too.
+    let other = store.lock().unwrap()[&shard_of(&w.folder, "d2/2")].clone();
+    store.lock().unwrap().insert(shard, other);
+    assert!(a.warm(["d1/1"]).is_err());
+    assert_eq!(a.len(), 4000);
+}
+
+#[test]
+fn a_replica_that_only_takes_peers_changes_unloads_them_too() {
+    let (w, mut a, _) = unloaded_index();
+    let store = Store::default();
+    let mut b = FolderIndex::new(w.log.mesh(), w.folder.clone()).with_loader(loader_of(&store));
+    b.apply_all(w.log.view(), a.changes_since(&BTreeMap::new()).unwrap())
+        .unwrap();
+    let saves = b.compact(usize::MAX).unwrap();
+    let ids: Vec<u16> = saves.iter().map(|(id, _)| *id).collect();
+    for (id, saved) in saves {
+        let SavedShard::Whole(bytes) = saved else {
+            panic!("compaction saves whole")
+        };
+        store.lock().unwrap().insert(id, vec![bytes]);
+    }
+    b.confirm_saved(ids);
+    b.unload_unused(); // the shards the changes went into were used
+    b.unload_unused();
+    assert_eq!(b.loaded_shards(), 0);
+    assert_eq!(b.get("d7/407").unwrap().winner.version, 1);
+}
+
+#[test]
+fn a_changed_shard_nothing_uses_is_saved_whole_and_unloaded_without_being_loaded_again() {
+    let (w, mut a, store) = unloaded_index();
+    a.write(
+        &w.admin,
+        Epoch(0),
+        vec![update("d3/3", 2), update("d3/43", 2)],
+    )
+    .unwrap();
+    a.take_local_changes();
+    assert!(a.loose_shards() >= 1);
+    a.unload_unused(); // a round passes: the shards were used by the write
+    let saves = a.compact(usize::MAX).unwrap();
+    assert!(!saves.is_empty());
+    assert!(a.loose_shards() >= 1, "saved only, not loaded again");
+    let ids: Vec<u16> = saves.iter().map(|(id, _)| *id).collect();
+    for (id, saved) in saves {
+        let SavedShard::Whole(bytes) = saved else {
+            panic!("compaction saves whole")
+        };
+        store.lock().unwrap().insert(id, vec![bytes]);
+    }
+    assert_eq!(a.unload_unused(), 0, "not before the saves are confirmed");
+    a.confirm_saved(ids);
+    assert!(a.unload_unused() >= 1);
+    assert_eq!(a.loaded_shards(), 0);
+    assert_eq!(a.get("d3/43").unwrap().winner.version, 2);
+}
