@@ -79,8 +79,7 @@ impl FolderIndex {
             .ok_or_else(|| IndexError::Load(format!("shard {id} is unloaded and no loader")))?;
         let saves = loader(id).map_err(IndexError::Load)?;
         let shard = Shard::from_saves(&self.actor, saves)?;
-        let expected = &self.cold.get(&id).map(|c| &c.heads);
-        if *expected != shard.durable.as_ref() {
+        if self.cold.get(&id).map(|c| &c.heads) != shard.durable.as_ref() {
             return Err(IndexError::Load(format!(
                 "shard {id} read back is not the shard that was unloaded"
             )));
@@ -107,22 +106,20 @@ impl FolderIndex {
         if self.loader.is_none() {
             return 0;
         }
-        let mut unload = Vec::new();
-        let actor = &self.actor;
-        for (&id, shard) in self.shards.iter_mut() {
+        let (actor, cold) = (&self.actor, &mut self.cold);
+        let before = cold.len();
+        self.shards.retain(|&id, shard| {
             let heads = shard.doc.get_heads();
-            if !shard.used && shard.durable.as_ref() == Some(&heads) && !shard.has_unsent(actor) {
-                unload.push(id);
-            }
+            let unload =
+                !shard.used && shard.durable.as_ref() == Some(&heads) && !shard.has_unsent(actor);
             shard.used = false;
-        }
-        for &id in &unload {
-            let shard = self.shards.remove(&id).expect("listed above");
-            let len = shard.doc.length(ROOT);
-            let heads = shard.durable.expect("unloaded only when durable");
-            self.cold.insert(id, Cold { heads, len });
-        }
-        unload.len()
+            if unload {
+                let len = shard.doc.length(ROOT);
+                cold.insert(id, Cold { heads, len });
+            }
+            !unload
+        });
+        cold.len() - before
     }
 
     /// How many shards are in memory.
