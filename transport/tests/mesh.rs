@@ -398,3 +398,73 @@ async fn a_member_opening_stream_after_stream_gets_the_extra_ones_closed() {
         b"X"
     );
 }
+
+/// What each side of a real TCP connection on loopback negotiated: the Noise protocol name.
+/// Negotiated as libp2p's upgrade does it (multistream-select, then the chosen handshake).
+async fn noise_between(
+    dialer: libp2p::noise::Config,
+    listener: libp2p::noise::Config,
+) -> (&'static str, &'static str) {
+    use libp2p::core::upgrade::{InboundConnectionUpgrade, OutboundConnectionUpgrade};
+    use libp2p::core::UpgradeInfo;
+    use libp2p::tcp::tokio::TcpStream;
+    use multistream_select::{dialer_select_proto, listener_select_proto, Version};
+    let socket = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let to = socket.local_addr().unwrap();
+    let accept = async {
+        let io = TcpStream(socket.accept().await.unwrap().0);
+        let (name, io) = listener_select_proto(io, listener.protocol_info())
+            .await
+            .unwrap();
+        listener
+            .upgrade_inbound(io, name)
+            .await
+            .unwrap()
+            .1
+            .protocol()
+    };
+    let dial = async {
+        let io = TcpStream(tokio::net::TcpStream::connect(to).await.unwrap());
+        let (name, io) = dialer_select_proto(io, dialer.protocol_info(), Version::V1)
+            .await
+            .unwrap();
+        dialer
+            .upgrade_outbound(io, name)
+            .await
+            .unwrap()
+            .1
+            .protocol()
+    };
+    tokio::time::timeout(Duration::from_secs(20), async {
+        tokio::join!(dial, accept)
+    })
+    .await
+    .expect("handshake in time")
+}
+
+#[tokio::test]
+async fn noise_runs_aes_gcm_where_both_offer_it_and_chachapoly_with_a_stock_peer() {
+    use libp2p::noise::{Config as Noise, PROTOCOL_AESGCM, PROTOCOL_CHACHA};
+    let key = || DeviceKeys::generate().libp2p_keypair();
+    let ours = |prefer| Noise::new(&key()).unwrap().with_aes_gcm(prefer);
+    let stock = || Noise::new(&key()).unwrap();
+    // Both offer it, the dialer prefers it.
+    let both = (PROTOCOL_AESGCM, PROTOCOL_AESGCM);
+    assert_eq!(noise_between(ours(true), ours(false)).await, both);
+    // A dialer that prefers ChaChaPoly (no AES instructions) gets it.
+    let chacha = (PROTOCOL_CHACHA, PROTOCOL_CHACHA);
+    assert_eq!(noise_between(ours(false), ours(true)).await, chacha);
+    // A peer with the stock crate connects either way.
+    assert_eq!(noise_between(ours(true), stock()).await, chacha);
+    assert_eq!(noise_between(stock(), ours(true)).await, chacha);
+    // What a node offers: AES-GCM first where this CPU has AES instructions (x86-64 here).
+    let offered: Vec<_> = libp2p::core::UpgradeInfo::protocol_info(
+        &meshsync_transport::noise_config(&key()).unwrap(),
+    )
+    .collect();
+    assert_eq!(offered.len(), 2);
+    #[cfg(target_arch = "x86_64")]
+    if std::arch::is_x86_feature_detected!("aes") {
+        assert_eq!(offered[0], PROTOCOL_AESGCM);
+    }
+}
