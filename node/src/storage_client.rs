@@ -47,6 +47,9 @@ const MAX_HEADS: usize = 4096;
 /// About how much plaintext one sealed change holds (a large batch becomes several).
 pub const SEAL_BUDGET: usize = 4 * 1024 * 1024;
 
+/// The most sealed changes one push may bring along to be passed on (the rest are skipped).
+pub const MAX_FORWARDED: usize = 64;
+
 /// How much of a push goes in one request.
 pub(crate) const PUSH_BUDGET: usize = 4 * 1024 * 1024;
 
@@ -307,7 +310,7 @@ impl Sealing {
         blobs: Vec<ByteBuf>,
         batch: &mut Batch,
     ) {
-        for blob in blobs.into_iter().take(64) {
+        for blob in blobs.into_iter().take(MAX_FORWARDED) {
             let blob = blob.into_vec();
             let Ok(sealed) = SealedChange::decode(&blob) else {
                 continue;

@@ -77,7 +77,10 @@ pub fn start(home: &Path) -> Daemon {
             "--no-mdns",
             "--no-web",
         ])
-        .env("RUST_LOG", "warn")
+        .env(
+            "RUST_LOG",
+            std::env::var("BENCH_DAEMON_LOG").unwrap_or("warn".into()),
+        )
         .stdout(Stdio::null())
         .stderr(log)
         .spawn()

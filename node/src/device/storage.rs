@@ -8,11 +8,13 @@ use std::collections::{BTreeMap, BTreeSet};
 
 use anyhow::Context;
 use meshsync_crdt::index::shard_of;
-use meshsync_crdt::{ChunkId, DeviceId, FolderId, KeyRing, MembershipView, SealedChange};
+use meshsync_crdt::{
+    ChunkId, ChunkListHash, DeviceId, FolderId, KeyRing, MembershipView, SealedChange,
+};
 use meshsync_transport::{PeerId, Transport};
 
 use super::{materialise, Device, Shared};
-use crate::chunks::content;
+use crate::chunks::{content, ChunkRef};
 use crate::control::StorageReport;
 use crate::protocol::{
     self, to_heads, ByteBuf, SealedPayload, StoreReply, StoreRequest, SyncChanges, SyncReply,
@@ -339,6 +341,41 @@ fn admit(
     Ok(Some(report.paths))
 }
 
+/// The chunk lists of folders this device syncs in the sealed form of changes a member pushed
+/// along with the same changes in the clear (`SyncChanges::sealed`, kept to pass on to
+/// storage peers). Stored with the changes, they spare the catch-up asking that member for
+/// the same lists again (a 256 MiB file's list is ~130 KB). Each must match its hash (a
+/// record names a list by hash, so no other list is ever used); a blob that does not open or
+/// decode is skipped, and its lists are asked for as before. At most as many blobs as are
+/// kept.
+pub(super) fn lists_in_forwarded(
+    d: &Device,
+    blobs: &[ByteBuf],
+) -> Vec<(ChunkListHash, Vec<ChunkRef>)> {
+    let keys = d.key_ring();
+    let mut lists = Vec::new();
+    for blob in blobs.iter().take(crate::storage_client::MAX_FORWARDED) {
+        let Ok(sealed) = SealedChange::decode(blob) else {
+            continue;
+        };
+        let Ok(plain) = open_sealed(&keys, &sealed) else {
+            continue;
+        };
+        let Ok(payload) = postcard::from_bytes::<SealedPayload>(&plain) else {
+            continue;
+        };
+        if !d.folders.contains_key(&payload.folder) {
+            continue;
+        }
+        for (hash, list) in payload.lists {
+            if content::valid_list(&hash, &list) {
+                lists.push((hash, list));
+            }
+        }
+    }
+    lists
+}
+
 /// Opens `sealed` with this device's key of its epoch.
 fn open_sealed(keys: &KeyRing, sealed: &SealedChange) -> anyhow::Result<Vec<u8>> {
     let key = keys
@@ -408,5 +445,84 @@ impl Device {
                 }
             })
             .collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use meshsync_crdt::Role;
+
+    use super::*;
+    use crate::home::Home;
+    use crate::net::Network;
+
+    async fn device(dir: &std::path::Path, name: &str) -> Shared {
+        let home = Home::locate(Some(dir.join(name))).unwrap();
+        home.init(name, Role::Device).unwrap();
+        super::super::start(home, Network::memory()).await.unwrap()
+    }
+
+    /// The sealed copies a member pushes along with its changes carry the chunk lists those
+    /// changes name: a member that syncs the folder takes them (checked against their
+    /// hashes), so it need not ask for them again; one that does not sync it, or a copy
+    /// tampered with, gives none.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn chunk_lists_come_out_of_the_sealed_copies_pushed_along_with_changes() {
+        let dir = tempfile::tempdir().unwrap();
+        let (a, b) = (device(dir.path(), "a").await, device(dir.path(), "b").await);
+        let code = super::super::mesh::invite(&a, Role::Device, Duration::from_secs(60))
+            .await
+            .unwrap();
+        super::super::mesh::join(&b, &code).await.unwrap();
+        let (fa, fb) = (dir.path().join("A"), dir.path().join("B"));
+        std::fs::create_dir_all(&fa).unwrap();
+        std::fs::create_dir_all(&fb).unwrap();
+        // Incompressible, several chunks.
+        let data: Vec<u8> = (0..600_000u32)
+            .map(|i| (i.wrapping_mul(2_654_435_761) >> 13) as u8)
+            .collect();
+        std::fs::write(fa.join("big.bin"), &data).unwrap();
+        let folder = a.lock().await.add_folder(&fa, None).unwrap();
+        let options = super::super::scan::ScanOptions {
+            requested: true,
+            ..Default::default()
+        };
+        super::super::scan::scan(&a, &folder, options)
+            .await
+            .unwrap();
+
+        let blobs = {
+            let d = a.lock().await;
+            let me = d.keys.device_id();
+            d.state.sealed_after(&me, 0, usize::MAX).unwrap()
+        };
+        assert!(!blobs.is_empty(), "a sealed its first scan");
+        let blobs: Vec<ByteBuf> = blobs.into_iter().map(|(_, b)| ByteBuf::from(b)).collect();
+
+        // b does not sync the folder yet: nothing is taken.
+        assert!(lists_in_forwarded(&*b.lock().await, &blobs).is_empty());
+        b.lock().await.add_folder(&fb, Some(folder)).unwrap();
+        let lists = lists_in_forwarded(&*b.lock().await, &blobs);
+        let whole: Vec<_> = (lists.iter())
+            .filter(|(_, list)| content::list_size(list) == data.len() as u64)
+            .collect();
+        assert_eq!(whole.len(), 1, "big.bin's list, once: {lists:?}");
+        let (hash, list) = whole[0];
+        assert!(list.len() > 1 && content::valid_list(hash, list));
+        let at_a = a.lock().await.state.chunk_list(hash).unwrap();
+        assert_eq!(at_a.as_ref(), Some(list), "the very list a recorded");
+
+        // A copy with one byte of its sealed payload changed does not open: no list from it.
+        let tampered: Vec<ByteBuf> = (blobs.iter())
+            .map(|blob| {
+                let mut blob = blob.clone().into_vec();
+                let middle = blob.len() / 2;
+                blob[middle] ^= 1;
+                ByteBuf::from(blob)
+            })
+            .collect();
+        assert!(lists_in_forwarded(&*b.lock().await, &tampered).is_empty());
     }
 }

@@ -236,6 +236,9 @@ impl Device {
         let view = self.log.view().clone();
         self.sealing
             .saw_heads(&mesh, &view, changes.heads, &mut batch);
+        batch
+            .lists
+            .extend(super::storage::lists_in_forwarded(self, &changes.sealed));
         self.sealing
             .keep_forwarded(&mesh, &view, &self.state, changes.sealed, &mut batch);
         let mut changed = Vec::new();

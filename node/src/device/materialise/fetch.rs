@@ -27,6 +27,26 @@ use crate::protocol::{self, SyncReply, SyncRequest};
 /// Files at least this big get their own fsync; smaller ones share one `syncfs` per batch.
 pub(super) const OWN_FSYNC: u64 = 4 << 20;
 
+/// Starts writing `range` of `file` to disk without waiting for it, so the flush before the
+/// file is installed finds less to write (what fails here is left to that flush).
+fn start_writeback(file: &std::fs::File, range: std::ops::Range<u64>) {
+    use std::os::fd::AsRawFd;
+    let (Ok(at), Ok(len)) = (
+        i64::try_from(range.start),
+        i64::try_from(range.end - range.start),
+    ) else {
+        return;
+    };
+    // SAFETY: `file` is open for the whole call; `sync_file_range` only reads the descriptor
+    // and the numbers, and with `SYNC_FILE_RANGE_WRITE` alone it only queues writeback.
+    unsafe {
+        libc::sync_file_range(file.as_raw_fd(), at, len, libc::SYNC_FILE_RANGE_WRITE);
+    }
+}
+
+/// How many chunks in a row one task copies from files here into a file being assembled.
+const COPY_RUN: usize = 64;
+
 /// The longest symlink target written (Linux's `PATH_MAX` less its terminator).
 const MAX_LINK: u64 = 4095;
 
@@ -73,7 +93,13 @@ pub(super) struct Held {
 impl Held {
     /// Chunk `c` from a current file here, else from this device's store: checked against
     /// its ID either way (a file may have been edited since it was scanned).
-    fn chunk(&self, c: &ChunkRef, keys: &KeyRing) -> Option<Vec<u8>> {
+    /// `open` keeps the file read last (chunks in a row mostly come from the same file).
+    fn chunk<'a>(
+        &'a self,
+        c: &ChunkRef,
+        keys: &KeyRing,
+        open: &mut Option<(&'a FileAt, std::fs::File)>,
+    ) -> Option<Vec<u8>> {
         use std::os::unix::fs::FileExt;
         let in_file = self
             .files
@@ -81,8 +107,12 @@ impl Held {
             .into_iter()
             .flatten()
             .find_map(|(src, at)| {
+                if open.as_ref().is_none_or(|(was, _)| *was != src) {
+                    *open = Some((src, src.open()?));
+                }
+                let (_, file) = open.as_ref()?;
                 let mut data = vec![0u8; at.len as usize];
-                src.open()?.read_exact_at(&mut data, at.offset).ok()?;
+                file.read_exact_at(&mut data, at.offset).ok()?;
                 content::key_of(keys, &c.id, &data).map(|_| data)
             });
         in_file.or_else(|| {
@@ -154,6 +184,11 @@ pub(super) async fn chunk_lists(
             continue; // unreachable, refused (a storage peer), or not a list: ask the next
         };
         for (hash, list) in got {
+            tracing::debug!(
+                entries = list.len(),
+                bytes = content::list_size(&list),
+                "TRACE list"
+            );
             if content::valid_list(&hash, &list) {
                 lists.insert(hash, list);
             } else {
@@ -259,19 +294,36 @@ impl Assembly {
         held: &Held,
         keys: &KeyRing,
     ) -> anyhow::Result<Pending> {
+        use rayon::prelude::*;
         use std::os::unix::fs::FileExt;
         let size = content::list_size(list);
         // Its folder made if missing; a leftover of this process (same PID, step) goes.
         let file = root.create_fresh(&tmp)?;
         file.set_len(size)?;
-        let mut left = 0usize;
-        for c in list {
-            match held.chunk(c, keys) {
-                Some(data) => file.write_all_at(&data, c.offset)?,
-                None => {
-                    self.want(c.id, i, c.offset);
-                    left += 1;
+        // Read, checked and written on every core, a run of chunks at a time (a 1 MiB edit
+        // of a 256 MiB file copies the other 255 MiB from the file it replaces).
+        let copied: Vec<Vec<bool>> = list
+            .par_chunks(COPY_RUN)
+            .map(|run| {
+                let mut open = None;
+                let copied = run
+                    .iter()
+                    .map(|c| match held.chunk(c, keys, &mut open) {
+                        Some(data) => file.write_all_at(&data, c.offset).map(|()| true),
+                        None => Ok(false),
+                    })
+                    .collect::<std::io::Result<Vec<bool>>>()?;
+                if let (Some(first), Some(last)) = (run.first(), run.last()) {
+                    start_writeback(&file, first.offset..last.range().end);
                 }
+                Ok(copied)
+            })
+            .collect::<std::io::Result<_>>()?;
+        let mut left = 0usize;
+        for (c, copied) in list.iter().zip(copied.into_iter().flatten()) {
+            if !copied {
+                self.want(c.id, i, c.offset);
+                left += 1;
             }
         }
         Ok(Pending {
