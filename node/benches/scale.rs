@@ -9,7 +9,8 @@
 //! change on A reaching B (repeated, with B's RSS after each; timed from the last write, as
 //! the watcher sees it), and the state database's size per file. `SCALE_BENCH_CHANGES` sets
 //! how many changes (default 50); `SCALE_BENCH_DIR` where the folders go (default /tmp; N
-//! files need about N × 17 KiB there).
+//! files need about N × 17 KiB there); `BENCH_DAEMON_LOG=debug` (any `RUST_LOG` filter) logs
+//! the daemons at that level and keeps their logs in the temp directory.
 //!
 //! The initial sync creates N files, so it is printed next to the rate at which this disk
 //! creates the same files with no daemon, measured just before it. That rate is not a
@@ -272,11 +273,20 @@ fn bench(n: usize, changes: usize) {
             rss[rss.len() - 1],
             rss.iter().copied().fold(f64::MIN, f64::max)
         );
+        let each: Vec<String> = rss.iter().map(|mb| format!("{mb:.0}")).collect();
+        println!("    each (MB): {}", each.join(" "));
         std::thread::sleep(Duration::from_secs(30));
         println!(
             "  B's RSS 30 s after the last change: {:.0} MB (given back once quiet)",
             rss_mb(&b)
         );
+    }
+    if std::env::var("BENCH_DAEMON_LOG").is_ok() {
+        for (home, name) in [(&ha, "a"), (&hb, "b")] {
+            let kept = std::env::temp_dir().join(format!("meshsync-scale-bench-{name}.log"));
+            std::fs::copy(home.join("daemon.log"), &kept).unwrap();
+            println!("  daemon {name}'s log: {}", kept.display());
+        }
     }
     let state_a = dir_size(&ha) as f64;
     println!(

@@ -349,8 +349,11 @@ impl Device {
             f.index.confirm_saved(saved.map(|(_, shard)| *shard));
             unloaded += f.index.unload_unused();
         }
-        if unloaded > 0 {
-            tracing::debug!(shards = unloaded, "unloaded");
+        if unloaded > 0 || !compacted.is_empty() {
+            let (loaded, loose) = (self.folders.values_mut())
+                .map(|f| (f.index.loaded_shards(), f.index.loose_shards()))
+                .fold((0, 0), |(a, b), (c, d)| (a + c, b + d));
+            tracing::debug!(unloaded, loaded, loose, "index shards in memory");
         }
         if (!compacted.is_empty() || unloaded > 0)
             && self
