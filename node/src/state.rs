@@ -5,11 +5,12 @@
 //! Everything a batch changes is written in one transaction, so a crash leaves the state as it
 //! was before or after the batch, never between.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
+use meshsync_crdt::index::ShardSummary;
 use meshsync_crdt::{ChunkId, ChunkListHash, DeviceId, FolderId, MeshId, SavedShard};
 use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
 use serde::{Deserialize, Serialize};
@@ -26,6 +27,11 @@ const SHARDS: TableDefinition<(&str, u16), &[u8]> = TableDefinition::new("shards
 /// Pieces saved after a shard's whole save, by folder, shard and number (see
 /// [`meshsync_crdt::SavedShard`]).
 const SHARD_PIECES: TableDefinition<(&str, u16, u32), &[u8]> = TableDefinition::new("shard_pieces");
+/// Each shard's heads and size as its whole save has them, written with that save and removed
+/// by any later save of the shard (see [`meshsync_crdt::index::ShardSummary`]): a start leaves
+/// a shard that has one unloaded, without reading its save.
+const SHARD_SUMMARIES: TableDefinition<(&str, u16), &[u8]> =
+    TableDefinition::new("shard_summaries");
 const LISTS: TableDefinition<&[u8], &[u8]> = TableDefinition::new("chunk_lists");
 const LOCAL: TableDefinition<(&str, &str), &[u8]> = TableDefinition::new("local_files");
 /// Where each chunk of each current file lies, for serving it and for reusing it when another
@@ -142,6 +148,9 @@ pub struct Batch {
     pub membership: Option<Vec<u8>>,
     pub folders: Vec<(FolderId, PathBuf)>,
     pub shards: Vec<(FolderId, u16, SavedShard)>,
+    /// Summaries of whole saves in `shards` (any save in `shards` removes the summary its
+    /// shard had).
+    pub summaries: Vec<(FolderId, u16, ShardSummary)>,
     pub lists: Vec<(ChunkListHash, Vec<ChunkRef>)>,
     pub local: Vec<(FolderId, String, Option<LocalFile>)>,
     /// Chunks placed (`Some`) in a file, or no longer (`None`), by chunk, folder root and path:
@@ -171,6 +180,7 @@ impl Batch {
             && self.membership.is_none()
             && self.folders.is_empty()
             && self.shards.is_empty()
+            && self.summaries.is_empty()
             && self.lists.is_empty()
             && self.local.is_empty()
             && self.places.is_empty()
@@ -185,8 +195,12 @@ pub struct Loaded {
     pub mesh: Option<MeshId>,
     pub membership: Option<Vec<u8>>,
     pub folders: BTreeMap<FolderId, PathBuf>,
-    /// Each folder's saved shards: each shard's whole save, then its pieces in order.
+    /// Each folder's saved shards: each shard's whole save, then its pieces in order; not
+    /// those in `summaries`.
     pub shards: BTreeMap<FolderId, Vec<(u16, Vec<u8>)>>,
+    /// Each folder's shards whose save was not read: their summaries (their saves are read
+    /// when the index needs them).
+    pub summaries: BTreeMap<FolderId, Vec<(u16, ShardSummary)>>,
     pub local: BTreeMap<FolderId, BTreeMap<String, LocalFile>>,
 }
 
@@ -217,6 +231,7 @@ impl State {
             txn.open_table(FOLDERS).map_err(|e| state.err(e))?;
             txn.open_table(SHARDS).map_err(|e| state.err(e))?;
             txn.open_table(SHARD_PIECES).map_err(|e| state.err(e))?;
+            txn.open_table(SHARD_SUMMARIES).map_err(|e| state.err(e))?;
             txn.open_table(LISTS).map_err(|e| state.err(e))?;
             txn.open_table(LOCAL).map_err(|e| state.err(e))?;
             txn.open_table(PLACES).map_err(|e| state.err(e))?;
@@ -315,6 +330,39 @@ impl State {
             let id = FolderId::new(id.value()).map_err(|x| e(&x))?;
             folders.insert(id, PathBuf::from(path.value()));
         }
+        // Shards with pieces are loaded whole (a summary describes a whole save only).
+        let mut with_pieces: BTreeSet<(String, u16)> = BTreeSet::new();
+        for row in txn
+            .open_table(SHARD_PIECES)
+            .map_err(|x| e(&x))?
+            .iter()
+            .map_err(|x| e(&x))?
+        {
+            let (key, _) = row.map_err(|x| e(&x))?;
+            let (folder, shard, _) = key.value();
+            with_pieces.insert((folder.to_string(), shard));
+        }
+        let mut summaries: BTreeMap<FolderId, Vec<(u16, ShardSummary)>> = BTreeMap::new();
+        for row in txn
+            .open_table(SHARD_SUMMARIES)
+            .map_err(|x| e(&x))?
+            .iter()
+            .map_err(|x| e(&x))?
+        {
+            let (key, bytes) = row.map_err(|x| e(&x))?;
+            let (folder, shard) = key.value();
+            if with_pieces.contains(&(folder.to_string(), shard)) {
+                continue;
+            }
+            let (heads, len): (Vec<[u8; 32]>, u64) =
+                postcard::from_bytes(bytes.value()).map_err(|x| e(&x))?;
+            let summary = ShardSummary {
+                heads: heads.into_iter().map(automerge::ChangeHash).collect(),
+                len: usize::try_from(len).map_err(|x| e(&x))?,
+            };
+            let folder = FolderId::new(folder).map_err(|x| e(&x))?;
+            summaries.entry(folder).or_default().push((shard, summary));
+        }
         let mut shards: BTreeMap<FolderId, Vec<(u16, Vec<u8>)>> = BTreeMap::new();
         for row in txn
             .open_table(SHARDS)
@@ -325,6 +373,11 @@ impl State {
             let (key, bytes) = row.map_err(|x| e(&x))?;
             let (folder, shard) = key.value();
             let folder = FolderId::new(folder).map_err(|x| e(&x))?;
+            let summarised = (summaries.get(&folder))
+                .is_some_and(|s| s.binary_search_by_key(&shard, |(id, _)| *id).is_ok());
+            if summarised {
+                continue; // its save is read when the index needs it
+            }
             shards
                 .entry(folder)
                 .or_default()
@@ -373,6 +426,7 @@ impl State {
             membership,
             folders,
             shards,
+            summaries,
             local,
         })
     }
@@ -624,6 +678,10 @@ impl State {
                     |_, _| false,
                 )
                 .map_err(|e| self.err(e))?;
+            let mut summaries = txn.open_table(SHARD_SUMMARIES).map_err(|e| self.err(e))?;
+            summaries
+                .retain_in((id.as_str(), 0)..=(id.as_str(), u16::MAX), |_, _| false)
+                .map_err(|e| self.err(e))?;
             let root = root.as_os_str().as_bytes();
             let mut places = txn.open_table(PLACES).map_err(|e| self.err(e))?;
             places
@@ -674,8 +732,13 @@ impl State {
             }
             let mut shards = txn.open_table(SHARDS).map_err(|e| self.err(e))?;
             let mut pieces = txn.open_table(SHARD_PIECES).map_err(|e| self.err(e))?;
+            let mut summaries = txn.open_table(SHARD_SUMMARIES).map_err(|e| self.err(e))?;
             for (folder, shard, saved) in &batch.shards {
                 let folder = folder.as_str();
+                // Whatever described the shard's save before no longer does.
+                summaries
+                    .remove((folder, *shard))
+                    .map_err(|e| self.err(e))?;
                 match saved {
                     SavedShard::Whole(bytes) => {
                         shards
@@ -693,6 +756,14 @@ impl State {
                             .map_err(|e| self.err(e))?;
                     }
                 }
+            }
+            for (folder, shard, summary) in &batch.summaries {
+                let heads: Vec<[u8; 32]> = summary.heads.iter().map(|h| h.0).collect();
+                let bytes =
+                    postcard::to_stdvec(&(heads, summary.len as u64)).map_err(|e| self.err(e))?;
+                summaries
+                    .insert((folder.as_str(), *shard), &bytes[..])
+                    .map_err(|e| self.err(e))?;
             }
             let mut lists = txn.open_table(LISTS).map_err(|e| self.err(e))?;
             for (hash, list) in &batch.lists {
@@ -791,5 +862,58 @@ mod tests {
         );
         // Nothing was changed in it: refused again the same way.
         assert!(State::open(old.path()).is_err());
+    }
+
+    /// A shard whose whole save has a summary is not read at start (its summary is given
+    /// instead); any later save of it, a piece included, takes the summary away, so a start
+    /// never trusts a summary of an older save.
+    #[test]
+    fn a_summarised_shard_is_not_read_at_start_until_a_later_save_takes_its_summary_away() {
+        let home = tempfile::tempdir().unwrap();
+        let state = State::open(home.path()).unwrap();
+        let folder = FolderId::new("docs").unwrap();
+        let summary = ShardSummary {
+            heads: vec![automerge::ChangeHash([7; 32])],
+            len: 12,
+        };
+        let mut batch = Batch::default();
+        for shard in [3, 4] {
+            let whole = SavedShard::Whole(format!("whole {shard}").into_bytes());
+            batch.shards.push((folder.clone(), shard, whole));
+        }
+        batch.summaries.push((folder.clone(), 3, summary.clone()));
+        state.commit(batch).unwrap();
+        let loaded = state.load().unwrap();
+        assert_eq!(loaded.summaries[&folder], vec![(3, summary.clone())]);
+        assert_eq!(loaded.shards[&folder], vec![(4, b"whole 4".to_vec())]);
+        // Its save is still there for the index to read when it needs it.
+        assert_eq!(
+            state.shard_saves(&folder, 3).unwrap(),
+            vec![b"whole 3".to_vec()]
+        );
+
+        // A piece saved after the whole: the shard is read at start again, whole and piece.
+        let mut batch = Batch::default();
+        let piece = SavedShard::Piece(1, b"piece".to_vec());
+        batch.shards.push((folder.clone(), 3, piece));
+        state.commit(batch).unwrap();
+        let loaded = state.load().unwrap();
+        assert!(!loaded.summaries.contains_key(&folder));
+        let three: Vec<_> = (loaded.shards[&folder].iter())
+            .filter(|(shard, _)| *shard == 3)
+            .map(|(_, bytes)| bytes.clone())
+            .collect();
+        assert_eq!(three, vec![b"whole 3".to_vec(), b"piece".to_vec()]);
+
+        // Summarised again with a new whole save; gone with the folder.
+        let mut batch = Batch::default();
+        let whole = SavedShard::Whole(b"whole 3 again".to_vec());
+        batch.shards.push((folder.clone(), 3, whole));
+        batch.summaries.push((folder.clone(), 3, summary.clone()));
+        state.commit(batch).unwrap();
+        assert_eq!(state.load().unwrap().summaries[&folder], vec![(3, summary)]);
+        state.remove_folder(&folder, Path::new("/nowhere")).unwrap();
+        let loaded = state.load().unwrap();
+        assert!(loaded.summaries.is_empty() && loaded.shards.is_empty());
     }
 }

@@ -21,6 +21,15 @@ use super::{shard_of, FolderIndex, IndexError, Shard};
 /// persisted what [`FolderIndex::save_shard`] and [`FolderIndex::compact`] gave.
 pub type ShardLoader = Arc<dyn Fn(u16) -> Result<Vec<Vec<u8>>, String> + Send + Sync>;
 
+/// What an index keeps of a shard it holds unloaded: its heads and number of paths as its
+/// whole save has them. Kept by the caller beside that save ([`FolderIndex::summary`]), it
+/// lets an index start with the shard unloaded ([`FolderIndex::start_unloaded`]).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ShardSummary {
+    pub heads: Vec<ChangeHash>,
+    pub len: usize,
+}
+
 /// What the index keeps of an unloaded shard.
 pub(super) struct Cold {
     pub(super) heads: Vec<ChangeHash>,
@@ -125,6 +134,46 @@ impl FolderIndex {
     /// How many shards are in memory.
     pub fn loaded_shards(&self) -> usize {
         self.shards.len()
+    }
+
+    /// Shard `id` as its last save left it, if that save is whole and the shard has not
+    /// changed since: what to keep beside that save (in the same commit) for a later start to
+    /// leave the shard unloaded. `None` for a shard with pieces saved after its whole, or
+    /// changes not saved yet.
+    pub fn summary(&mut self, id: u16) -> Option<ShardSummary> {
+        if let Some(cold) = self.cold.get(&id) {
+            return Some(ShardSummary {
+                heads: cold.heads.clone(),
+                len: cold.len,
+            });
+        }
+        let shard = self.shards.get_mut(&id)?;
+        let heads = shard.doc.get_heads();
+        let mark = shard.saved.as_ref()?;
+        (mark.pieces == 0 && mark.heads == heads).then(|| ShardSummary {
+            heads,
+            len: shard.doc.length(ROOT),
+        })
+    }
+
+    /// Takes shards whose saves were not loaded, by their summaries: they stay unloaded until
+    /// something reads them, through the loader (which must be set). A summary that is not
+    /// its shard's (the caller kept a stale one) is found when the shard is read back: an
+    /// error, never another shard's records. Shards already loaded are left as they are.
+    pub fn start_unloaded(
+        &mut self,
+        shards: impl IntoIterator<Item = (u16, ShardSummary)>,
+    ) -> Result<(), IndexError> {
+        for (id, summary) in shards {
+            if id >= super::SHARDS {
+                return Err(IndexError::BadShard(id));
+            }
+            if !self.shards.contains_key(&id) {
+                let (heads, len) = (summary.heads, summary.len);
+                self.cold.insert(id, Cold { heads, len });
+            }
+        }
+        Ok(())
     }
 }
 

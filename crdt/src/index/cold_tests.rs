@@ -170,3 +170,44 @@ fn a_changed_shard_nothing_uses_is_saved_whole_and_unloaded_without_being_loaded
     assert_eq!(a.loaded_shards(), 0);
     assert_eq!(a.get("d3/43").unwrap().winner.version, 2);
 }
+
+#[test]
+fn an_index_started_from_summaries_loads_nothing_and_answers_as_the_index_it_was() {
+    let (w, mut a, store) = unloaded_index();
+    // What the caller keeps beside each whole save.
+    let ids: Vec<u16> = store.lock().unwrap().keys().copied().collect();
+    let summaries: Vec<(u16, ShardSummary)> = ids
+        .iter()
+        .map(|&id| (id, a.summary(id).expect("a whole save, unchanged")))
+        .collect();
+    let mut b = FolderIndex::new(w.log.mesh(), w.folder.clone()).with_loader(loader_of(&store));
+    b.start_unloaded(summaries.clone()).unwrap();
+    assert_eq!(b.loaded_shards(), 0);
+    assert_eq!((b.len(), b.heads()), (a.len(), a.heads()));
+    assert_eq!(b.get("d5/1205").unwrap().winner.version, 1);
+    assert_eq!(
+        b.changes_since(&BTreeMap::new()).unwrap().len(),
+        a.changes_since(&BTreeMap::new()).unwrap().len()
+    );
+    // A change: its shard is loaded, changed, and has no summary until saved whole again.
+    b.write(&w.admin, Epoch(0), vec![update("d5/1205", 2)])
+        .unwrap();
+    let shard = shard_of(&w.folder, "d5/1205");
+    assert_eq!(b.loaded_shards(), 1);
+    assert_eq!(b.summary(shard), None);
+    let saved = b.compact(usize::MAX).unwrap();
+    assert_eq!(saved.len(), 1);
+    assert_eq!(b.summary(shard).unwrap().heads, b.heads()[&shard]);
+
+    // A summary that is not its shard's (kept from before a later save): an error when read.
+    let mut stale = FolderIndex::new(w.log.mesh(), w.folder.clone()).with_loader(loader_of(&store));
+    let (first, mut wrong) = summaries[0].clone();
+    wrong.heads = summaries[1].1.heads.clone();
+    stale.start_unloaded([(first, wrong)]).unwrap();
+    assert!(stale.warm_shards([first]).is_err());
+    assert!(matches!(
+        FolderIndex::new(w.log.mesh(), w.folder.clone())
+            .start_unloaded([(SHARDS, summaries[0].1.clone())]),
+        Err(IndexError::BadShard(_))
+    ));
+}

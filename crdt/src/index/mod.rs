@@ -846,7 +846,7 @@ mod forge;
 mod saved;
 pub mod signed;
 
-pub use cold::ShardLoader;
+pub use cold::{ShardLoader, ShardSummary};
 use saved::SaveMark;
 pub use saved::SavedShard;
 pub use signed::{actor_device, folder_tag, Dropped};

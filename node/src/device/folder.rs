@@ -197,9 +197,20 @@ pub(crate) fn load_all(
     let mut batch = Batch::default();
     for (id, path) in loaded.folders {
         let shards = loaded.shards.remove(&id).unwrap_or_default();
-        let index = FolderIndex::load(log.mesh(), id.clone(), shards)?
+        let read: BTreeSet<u16> = shards.iter().map(|(shard, _)| *shard).collect();
+        let mut index = FolderIndex::load(log.mesh(), id.clone(), shards)?
             .with_actor(meshsync_crdt::index::actor_for(&keys.device_id(), 0))
             .with_loader(state.shard_loader(&id));
+        // Shards whose whole save is summarised start unloaded: their saves are read when
+        // something needs them (at a million files, loading every shard took seconds).
+        index.start_unloaded(loaded.summaries.remove(&id).unwrap_or_default())?;
+        // Shards read from a whole save with no summary beside it (a home from before there
+        // were summaries): summarised now, for the next start.
+        for shard in read {
+            if let Some(summary) = index.summary(shard) {
+                batch.summaries.push((id.clone(), shard, summary));
+            }
+        }
         let local = loaded.local.remove(&id).unwrap_or_default();
         let folder = Folder::new(path, index, local);
         // Link targets are served from memory; where files' chunks lie is in the state,
@@ -326,6 +337,10 @@ impl Device {
                     tracing::debug!(folder = %id, shards = compacted.len(), "compacted");
                 }
                 for (shard, saved) in compacted {
+                    // Kept beside the whole save: a start leaves the shard unloaded.
+                    if let Some(summary) = f.index.summary(shard) {
+                        batch.summaries.push((id.clone(), shard, summary));
+                    }
                     batch.shards.push((id.clone(), shard, saved));
                 }
             }
