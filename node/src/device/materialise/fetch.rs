@@ -27,23 +27,6 @@ use crate::protocol::{self, SyncReply, SyncRequest};
 /// Files at least this big get their own fsync; smaller ones share one `syncfs` per batch.
 pub(super) const OWN_FSYNC: u64 = 4 << 20;
 
-/// Starts writing `range` of `file` to disk without waiting for it, so the flush before the
-/// file is installed finds less to write (what fails here is left to that flush).
-fn start_writeback(file: &std::fs::File, range: std::ops::Range<u64>) {
-    use std::os::fd::AsRawFd;
-    let (Ok(at), Ok(len)) = (
-        i64::try_from(range.start),
-        i64::try_from(range.end - range.start),
-    ) else {
-        return;
-    };
-    // SAFETY: `file` is open for the whole call; `sync_file_range` only reads the descriptor
-    // and the numbers, and with `SYNC_FILE_RANGE_WRITE` alone it only queues writeback.
-    unsafe {
-        libc::sync_file_range(file.as_raw_fd(), at, len, libc::SYNC_FILE_RANGE_WRITE);
-    }
-}
-
 /// How many chunks in a row one task copies from files here into a file being assembled.
 const COPY_RUN: usize = 64;
 
@@ -306,17 +289,12 @@ impl Assembly {
             .par_chunks(COPY_RUN)
             .map(|run| {
                 let mut open = None;
-                let copied = run
-                    .iter()
+                run.iter()
                     .map(|c| match held.chunk(c, keys, &mut open) {
                         Some(data) => file.write_all_at(&data, c.offset).map(|()| true),
                         None => Ok(false),
                     })
-                    .collect::<std::io::Result<Vec<bool>>>()?;
-                if let (Some(first), Some(last)) = (run.first(), run.last()) {
-                    start_writeback(&file, first.offset..last.range().end);
-                }
-                Ok(copied)
+                    .collect::<std::io::Result<Vec<bool>>>()
             })
             .collect::<std::io::Result<_>>()?;
         let mut left = 0usize;
