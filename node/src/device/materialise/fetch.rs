@@ -167,11 +167,6 @@ pub(super) async fn chunk_lists(
             continue; // unreachable, refused (a storage peer), or not a list: ask the next
         };
         for (hash, list) in got {
-            tracing::debug!(
-                entries = list.len(),
-                bytes = content::list_size(&list),
-                "TRACE list"
-            );
             if content::valid_list(&hash, &list) {
                 lists.insert(hash, list);
             } else {
