@@ -100,7 +100,8 @@ pub struct Config {
     protocols: Vec<&'static str>,
 }
 
-/// The protocol name of the stock handshake, `Noise_XX_25519_ChaChaPoly_SHA256`.
+/// meshsync patch: the protocol name of the stock handshake,
+/// `Noise_XX_25519_ChaChaPoly_SHA256`.
 pub const PROTOCOL_CHACHA: &str = "/noise";
 /// meshsync patch: the protocol name of the same handshake with AES-256-GCM,
 /// `Noise_XX_25519_AESGCM_SHA256`.
