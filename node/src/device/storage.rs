@@ -341,20 +341,19 @@ fn admit(
     Ok(Some(report.paths))
 }
 
-/// The chunk lists of folders this device syncs in the sealed form of changes a member pushed
-/// along with the same changes in the clear (`SyncChanges::sealed`, kept to pass on to
-/// storage peers). Stored with the changes, they spare the catch-up asking that member for
-/// the same lists again (a 256 MiB file's list is ~130 KB). Each must match its hash (a
-/// record names a list by hash, so no other list is ever used); a blob that does not open or
-/// decode is skipped, and its lists are asked for as before. At most as many blobs as are
-/// kept.
-pub(super) fn lists_in_forwarded(
+/// The chunk lists of folders this device syncs in sealed changes a member pushed along with
+/// the same changes in the clear (`SyncChanges::sealed`, kept to pass on to storage peers,
+/// checked by `Sealing::keep_forwarded`). Stored with the changes, they spare the catch-up
+/// asking that member for the same lists again (a 256 MiB file's list is ~130 KB). Each must
+/// match its hash (a record names a list by hash, so no other list is ever used); a blob that
+/// does not open or decode is skipped, and its lists are asked for as before.
+pub(super) fn lists_in_forwarded<'b>(
     d: &Device,
-    blobs: &[ByteBuf],
+    blobs: impl IntoIterator<Item = &'b [u8]>,
 ) -> Vec<(ChunkListHash, Vec<ChunkRef>)> {
     let keys = d.key_ring();
     let mut lists = Vec::new();
-    for blob in blobs.iter().take(crate::storage_client::MAX_FORWARDED) {
+    for blob in blobs {
         let Ok(sealed) = SealedChange::decode(blob) else {
             continue;
         };
@@ -499,12 +498,12 @@ mod tests {
             d.state.sealed_after(&me, 0, usize::MAX).unwrap()
         };
         assert!(!blobs.is_empty(), "a sealed its first scan");
-        let blobs: Vec<ByteBuf> = blobs.into_iter().map(|(_, b)| ByteBuf::from(b)).collect();
+        let blobs: Vec<Vec<u8>> = blobs.into_iter().map(|(_, blob)| blob).collect();
 
         // b does not sync the folder yet: nothing is taken.
-        assert!(lists_in_forwarded(&*b.lock().await, &blobs).is_empty());
+        assert!(lists_in_forwarded(&*b.lock().await, blobs.iter().map(|b| &b[..])).is_empty());
         b.lock().await.add_folder(&fb, Some(folder)).unwrap();
-        let lists = lists_in_forwarded(&*b.lock().await, &blobs);
+        let lists = lists_in_forwarded(&*b.lock().await, blobs.iter().map(|b| &b[..]));
         let whole: Vec<_> = (lists.iter())
             .filter(|(_, list)| content::list_size(list) == data.len() as u64)
             .collect();
@@ -515,14 +514,14 @@ mod tests {
         assert_eq!(at_a.as_ref(), Some(list), "the very list a recorded");
 
         // A copy with one byte of its sealed payload changed does not open: no list from it.
-        let tampered: Vec<ByteBuf> = (blobs.iter())
+        let tampered: Vec<Vec<u8>> = (blobs.iter())
             .map(|blob| {
-                let mut blob = blob.clone().into_vec();
+                let mut blob = blob.clone();
                 let middle = blob.len() / 2;
                 blob[middle] ^= 1;
-                ByteBuf::from(blob)
+                blob
             })
             .collect();
-        assert!(lists_in_forwarded(&*b.lock().await, &tampered).is_empty());
+        assert!(lists_in_forwarded(&*b.lock().await, tampered.iter().map(|b| &b[..])).is_empty());
     }
 }

@@ -236,11 +236,14 @@ impl Device {
         let view = self.log.view().clone();
         self.sealing
             .saw_heads(&mesh, &view, changes.heads, &mut batch);
-        batch
-            .lists
-            .extend(super::storage::lists_in_forwarded(self, &changes.sealed));
+        let kept_before = batch.sealed.len();
         self.sealing
             .keep_forwarded(&mesh, &view, &self.state, changes.sealed, &mut batch);
+        // The chunk lists in the sealed copies kept just now (those this device had already
+        // came with their lists before).
+        let kept = batch.sealed[kept_before..].iter();
+        let lists = super::storage::lists_in_forwarded(self, kept.map(|(_, _, b)| &b[..]));
+        batch.lists.extend(lists);
         let mut changed = Vec::new();
         if allowed.is_some() {
             self.drop_past_cutoffs(&view, &mut batch, &mut changed)?;
