@@ -93,6 +93,9 @@ pub struct Device {
     /// When this device last started a key epoch on its own (see
     /// `members::rotate_if_needed`).
     pub(crate) rotated_at: Option<std::time::Instant>,
+    /// When the next safety-net walk of every folder is due (each whole scan sets it: see
+    /// `scan::scan_in`).
+    pub(crate) next_full_scan: tokio::time::Instant,
     /// Told once the device must stop (it wiped itself after its removal): `meshsync up`
     /// ends.
     pub(crate) stop: Arc<tokio::sync::Notify>,
@@ -169,6 +172,8 @@ pub async fn start(home: Home, network: Network) -> anyhow::Result<Shared> {
         store: store.clone(),
         last_seen,
         rotated_at: None,
+        next_full_scan: tokio::time::Instant::now()
+            + scan::safety_net_wait(std::time::Duration::ZERO),
         stop: Arc::new(tokio::sync::Notify::new()),
     }));
     watch_all(&device).await;

@@ -11,7 +11,7 @@
 //!    storage peers, and pushed to connected devices.
 
 use std::collections::BTreeSet;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use meshsync_crdt::index::{shard_of, FileUpdate};
@@ -20,7 +20,7 @@ use meshsync_crdt::{ChunkListHash, FileKind, FileRecord, FolderId, MeshKey};
 use super::conflict::conflict_name_for;
 use super::folder::{RecentDeletes, MARKER};
 use super::serve::unix_nanos;
-use super::walk::{held_mark, local_in, walk_in_slices};
+use super::walk::{held_mark, walk_in_slices, HeldInTable};
 pub use super::walk::{walk, Scanned, Scope, Walked, SETTLE, TRUNCATE_SETTLE};
 use super::{sync, Device, Shared};
 use crate::disk::{parent_of, FolderRoot};
@@ -60,8 +60,40 @@ pub async fn scan(device: &Shared, id: &FolderId, options: ScanOptions) -> anyho
 /// Rescans the part of one folder `scope` names (see [`scan`]). While the mass-delete guard
 /// holds deletions back, every scan looks at all of the folder: a scan of a few folders would
 /// see only their share of the deletions, too few to hold, and record them.
+///
+/// A whole scan, whatever asked for it, puts off the next safety-net walk (see
+/// [`safety_net_wait`]); none starts while one is under way.
 #[tracing::instrument(skip_all, fields(folder = %id))]
 pub async fn scan_in(
+    device: &Shared,
+    id: &FolderId,
+    options: ScanOptions,
+    scope: Scope,
+) -> anyhow::Result<usize> {
+    if !matches!(scope, Scope::All) {
+        return scan_scope(device, id, options, scope).await;
+    }
+    let began = tokio::time::Instant::now();
+    device.lock().await.next_full_scan = began + FULL_SCAN_UNDER_WAY;
+    let scanned = scan_scope(device, id, options, scope).await;
+    device.lock().await.next_full_scan =
+        tokio::time::Instant::now() + safety_net_wait(began.elapsed());
+    scanned
+}
+
+/// How long until the next safety-net walk of every folder, after one that took `took`: 30 s,
+/// or long enough that the walks cost at most 1 % of a core (at a million files a walk takes
+/// seconds; the watcher's targeted rescans see the changes in between).
+pub fn safety_net_wait(took: Duration) -> Duration {
+    const EVERY: Duration = Duration::from_secs(30);
+    EVERY.max(took * 100)
+}
+
+/// While a whole scan runs, the next safety-net walk is put off by this much (the scan's end
+/// sets the real time).
+const FULL_SCAN_UNDER_WAY: Duration = Duration::from_secs(24 * 3600);
+
+async fn scan_scope(
     device: &Shared,
     id: &FolderId,
     options: ScanOptions,
@@ -83,11 +115,14 @@ pub async fn scan_in(
     };
     // The mass-delete guard weighs deletions against the files held before this scan
     // recorded any.
-    let (root, local, key, files_here) = {
+    let (root, held, key, files_here) = {
         let d = device.lock().await;
         let f = d.folder(id)?;
-        let local = local_in(&f.local, &scope);
-        (f.path.clone(), local, d.mesh_key()?, f.file_count())
+        let held = HeldInTable {
+            state: d.state.clone(),
+            folder: id.clone(),
+        };
+        (f.path.clone(), held, d.mesh_key()?, f.file_count())
     };
     if !root.join(MARKER).exists() {
         anyhow::bail!(
@@ -107,7 +142,7 @@ pub async fn scan_in(
     let walking = tokio::task::spawn_blocking(move || {
         walk_in_slices(
             &FolderRoot::open(&root)?,
-            &local,
+            &held,
             &id_key,
             wait_settle,
             &scope,
@@ -456,6 +491,18 @@ mod tests {
     use super::*;
     use meshsync_crdt::{DeviceKeys, Epoch, FolderIndex, MeshId};
     use std::time::Duration;
+
+    #[test]
+    fn the_safety_net_walks_at_most_one_percent_of_the_time() {
+        assert_eq!(
+            safety_net_wait(Duration::from_millis(40)),
+            Duration::from_secs(30)
+        );
+        assert_eq!(
+            safety_net_wait(Duration::from_secs(6)),
+            Duration::from_secs(600)
+        );
+    }
 
     #[test]
     fn mass_delete_guard_holds_most_of_a_folder_only() {

@@ -110,17 +110,15 @@ async fn pull_on_connect(device: Shared) {
 async fn rounds(device: Shared) {
     let mut tick = 0u64;
     let catching_up = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
-    // The first whole scan comes from `watch_all`, once the watchers are there.
-    let mut next_full_scan = tokio::time::Instant::now() + safety_net_wait(Duration::ZERO);
     loop {
         tokio::time::sleep(ROUND).await;
         tick += 1;
-        if tokio::time::Instant::now() >= next_full_scan {
-            let began = tokio::time::Instant::now();
+        // The first whole scan comes from `watch_all`, once the watchers are there; each
+        // whole scan sets when the next is due.
+        if tokio::time::Instant::now() >= device.lock().await.next_full_scan {
             if let Err(error) = scan::scan_all(&device, ScanOptions::default()).await {
                 tracing::warn!(%error, "scan failed");
             }
-            next_full_scan = tokio::time::Instant::now() + safety_net_wait(began.elapsed());
         }
         if tick.is_multiple_of(10) {
             redial_static_peers(&device).await;
@@ -165,14 +163,6 @@ async fn rounds(device: Shared) {
     }
 }
 
-/// How long until the next safety-net walk of every folder, after one that took `took`: 30 s,
-/// or long enough that the walks cost at most 1 % of a core (at a million files a walk takes
-/// seconds; the watcher's targeted rescans see the changes in between).
-fn safety_net_wait(took: Duration) -> Duration {
-    const EVERY: Duration = Duration::from_secs(30);
-    EVERY.max(took * 100)
-}
-
 /// Whatever the index wants that is not on disk yet is retried. Not while a materialise is
 /// under way: it is writing what just arrived, and walking the index for what it will write
 /// anyway took a tenth of both cores while changes streamed in (at 50k files).
@@ -203,22 +193,5 @@ async fn redial_static_peers(device: &Shared) {
     };
     if transport.connected_peers().await.len() < members {
         net::dial_all(&transport, addrs).await;
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn the_safety_net_walks_at_most_one_percent_of_the_time() {
-        assert_eq!(
-            safety_net_wait(Duration::from_millis(40)),
-            Duration::from_secs(30)
-        );
-        assert_eq!(
-            safety_net_wait(Duration::from_secs(6)),
-            Duration::from_secs(600)
-        );
     }
 }

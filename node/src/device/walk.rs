@@ -4,17 +4,18 @@
 //! watcher named.
 
 use std::collections::{BTreeMap, BTreeSet};
+use std::ops::Bound;
 use std::time::Duration;
 
 use meshsync_crdt::keys::ChunkIdKey;
-use meshsync_crdt::{ChunkListHash, FileKind};
+use meshsync_crdt::{ChunkListHash, FileKind, FolderId};
 use rayon::prelude::*;
 
 use super::ignore::{is_own_file, Rules, IGNORE_FILE};
 use super::serve::unix_nanos;
 use crate::chunks::{content, ChunkRef};
 use crate::disk::{parent_of, Entry, FolderRoot, Kind, OpenFolder};
-use crate::state::LocalFile;
+use crate::state::{LocalFile, State};
 
 /// Files modified more recently than this are still being written: they wait for a rescan.
 pub const SETTLE: Duration = Duration::from_millis(40);
@@ -71,44 +72,147 @@ impl Walked {
     }
 }
 
-/// What a walk of `scope` compares against: all this device holds, or what it holds in and
-/// under the scope's folders (not a copy of a million entries for a change of a few).
-pub(super) fn local_in(
-    local: &BTreeMap<String, LocalFile>,
-    scope: &Scope,
-) -> BTreeMap<String, LocalFile> {
-    let Scope::Dirs(dirs) = scope else {
-        return local.clone();
-    };
-    if dirs.contains("") {
-        return local.clone();
-    }
-    let mut out = BTreeMap::new();
-    for dir in dirs {
-        let below = format!("{dir}/");
-        out.extend(
-            local
-                .range::<String, _>(below.clone()..)
-                .take_while(|(rel, _)| rel.starts_with(&below))
-                .map(|(rel, file)| (rel.clone(), file.clone())),
-        );
-    }
-    out
+/// What this device holds in a folder, as a walk compares against it: the state's table, read
+/// a folder at a time ([`HeldInTable`]), so that a walk of a million files holds no copy of a
+/// million entries (a map, in tests).
+pub trait Held {
+    /// Hands `each` the held paths from `from` on, in path order, until it says stop.
+    fn each_from(
+        &self,
+        from: Bound<&str>,
+        each: &mut dyn FnMut(&str, LocalFile) -> bool,
+    ) -> anyhow::Result<()>;
 }
 
-/// Walks the folder; returns what changed since `local`, and whether some file was left for
-/// later because it is still being written (only when `wait_settle`). Everything is read
-/// through the folder's door: a link is recorded as a link, never followed.
+impl Held for BTreeMap<String, LocalFile> {
+    fn each_from(
+        &self,
+        from: Bound<&str>,
+        each: &mut dyn FnMut(&str, LocalFile) -> bool,
+    ) -> anyhow::Result<()> {
+        for (rel, file) in self.range::<str, _>((from, Bound::Unbounded)) {
+            if !each(rel, file.clone()) {
+                break;
+            }
+        }
+        Ok(())
+    }
+}
+
+/// What this device holds in one folder, as the state records it.
+pub struct HeldInTable {
+    pub state: State,
+    pub folder: FolderId,
+}
+
+impl Held for HeldInTable {
+    fn each_from(
+        &self,
+        from: Bound<&str>,
+        each: &mut dyn FnMut(&str, LocalFile) -> bool,
+    ) -> anyhow::Result<()> {
+        Ok(self.state.local_from(&self.folder, from, each)?)
+    }
+}
+
+/// What is held directly in one folder of the walk.
+#[derive(Default)]
+struct HeldHere {
+    /// By path.
+    files: BTreeMap<String, LocalFile>,
+    /// The children that hold something (paths): each was a folder.
+    parents: Vec<String>,
+}
+
+/// What `held` holds directly in `dir` ("" is the top): one read from the start, then one
+/// past each child folder's contents.
+fn held_here(held: &dyn Held, dir: &str) -> anyhow::Result<HeldHere> {
+    let prefix = child_prefix(dir);
+    let mut here = HeldHere::default();
+    let mut from = prefix.clone();
+    loop {
+        let mut past: Option<String> = None;
+        held.each_from(Bound::Included(&from), &mut |rel, file| {
+            let Some(rest) = rel.strip_prefix(&prefix) else {
+                return false;
+            };
+            match rest.split_once('/') {
+                None => {
+                    here.files.insert(rel.to_string(), file);
+                    true
+                }
+                Some((child, _)) => {
+                    let child = format!("{prefix}{child}");
+                    past = Some(format!("{child}0")); // '0' follows '/': past every "child/…"
+                    here.parents.push(child);
+                    false
+                }
+            }
+        })?;
+        match past {
+            Some(next) => from = next,
+            None => return Ok(here),
+        }
+    }
+}
+
+/// Everything `held` holds under the folder `dir`.
+fn held_under(held: &dyn Held, dir: &str) -> anyhow::Result<Vec<(String, LocalFile)>> {
+    let prefix = format!("{dir}/");
+    let mut out = Vec::new();
+    held.each_from(Bound::Included(&prefix), &mut |rel, file| {
+        let under = rel.starts_with(&prefix);
+        if under {
+            out.push((rel.to_string(), file));
+        }
+        under
+    })?;
+    Ok(out)
+}
+
+/// What this device held in a folder that its listing (`names`: name → is a folder) no
+/// longer shows: children not there, and everything under a child that is no longer a folder.
+fn gone_from(
+    held: &dyn Held,
+    here: &HeldHere,
+    dir: &str,
+    names: &BTreeMap<String, bool>,
+) -> anyhow::Result<Vec<(String, LocalFile)>> {
+    let name = |rel: &str| rel[child_prefix(dir).len()..].to_string();
+    let mut gone: Vec<(String, LocalFile)> = (here.files.iter())
+        .filter(|(rel, _)| !names.contains_key(&name(rel)))
+        .map(|(rel, file)| (rel.clone(), file.clone()))
+        .collect();
+    for child in &here.parents {
+        if names.get(&name(child)) != Some(&true) {
+            gone.extend(held_under(held, child)?);
+        }
+    }
+    Ok(gone)
+}
+
+/// How the paths of `dir`'s children begin.
+fn child_prefix(dir: &str) -> String {
+    if dir.is_empty() {
+        String::new()
+    } else {
+        format!("{dir}/")
+    }
+}
+
+/// Walks the folder; returns what changed since what this device holds (`held`), and whether
+/// some file was left for later because it is still being written (only when `wait_settle`).
+/// Everything is read through the folder's door: a link is recorded as a link, never followed.
 pub fn walk(
     root: &FolderRoot,
-    local: &BTreeMap<String, LocalFile>,
+    held: &dyn Held,
     id_key: &ChunkIdKey,
     wait_settle: bool,
     scope: &Scope,
 ) -> anyhow::Result<Walked> {
     walk_in_slices(
         root,
-        local,
+        held,
         id_key,
         wait_settle,
         scope,
@@ -121,9 +225,12 @@ pub fn walk(
 /// gathered, so that they can be recorded while the walk goes on; what it returns is the rest,
 /// with every deletion (those are known only at the end: the mass-delete guard weighs them
 /// all at once). Stops with an error when `take` says no.
+///
+/// Each folder is compared with what is held directly in it, read when the folder is listed:
+/// what the walk keeps grows with the changes it finds, not with the folder.
 pub fn walk_in_slices(
     root: &FolderRoot,
-    local: &BTreeMap<String, LocalFile>,
+    held: &dyn Held,
     id_key: &ChunkIdKey,
     wait_settle: bool,
     scope: &Scope,
@@ -132,15 +239,11 @@ pub fn walk_in_slices(
 ) -> anyhow::Result<Walked> {
     let rules = Rules::load(root);
     let mut walked = Walked::default();
-    let mut seen = BTreeSet::new();
-    // Folders that could not be read: what this device had under them is not taken as deleted.
-    let mut unreadable: Vec<String> = Vec::new();
+    let mut gone: Vec<(String, LocalFile)> = Vec::new();
     let (mut stack, only) = match scope {
         Scope::All => (vec![String::new()], false),
         Scope::Dirs(dirs) => (dirs.iter().cloned().collect(), true),
     };
-    // A targeted walk: each folder listed, with the names it holds and whether each is a folder.
-    let mut listed: Vec<(String, BTreeMap<String, bool>)> = Vec::new();
     let mut done: BTreeSet<String> = BTreeSet::new();
     while let Some(dir) = stack.pop() {
         if !done.insert(dir.clone()) {
@@ -150,28 +253,23 @@ pub fn walk_in_slices(
         let (entries, folder) = match listed_here {
             Ok(found) => found,
             Err(error) if !dir.is_empty() => {
+                // What this device had under it is not taken as deleted: only this folder's
+                // own listing could show that.
                 tracing::warn!(%dir, %error, "cannot read a folder; its files are left as they were");
-                unreadable.push(format!("{dir}/"));
                 continue;
             }
             Err(error) => return Err(error.into()),
         };
-        if only {
-            let names = entries
-                .iter()
-                .map(|(name, e)| (name.clone(), e.kind == Kind::Dir))
-                .collect();
-            listed.push((dir.clone(), names));
-        }
+        let here = held_here(held, &dir)?;
+        let names: BTreeMap<String, bool> = (entries.iter())
+            .map(|(name, e)| (name.clone(), e.kind == Kind::Dir))
+            .collect();
+        gone.extend(gone_from(held, &here, &dir, &names)?);
         // What to look at in this folder is decided in order; the looking (open, read, hash:
         // most of a first scan) runs on every core, and its results are taken in order.
         let mut to_examine: Vec<(String, Entry)> = Vec::with_capacity(entries.len());
         for (name, entry) in entries {
-            let rel = if dir.is_empty() {
-                name
-            } else {
-                format!("{dir}/{name}")
-            };
+            let rel = format!("{}{name}", child_prefix(&dir));
             let rules_not_a_file = rel == IGNORE_FILE && entry.kind != Kind::File;
             if is_own_file(&rel) || rules_not_a_file {
                 // The daemon's own files (temp files come and go) are never synced; the
@@ -181,49 +279,45 @@ pub fn walk_in_slices(
                 }
                 continue;
             }
-            seen.insert(rel.clone());
             let is_dir = entry.kind == Kind::Dir;
             if rules.ignores(&rel, is_dir) {
                 continue; // ignored: neither recorded nor deleted
             }
             // A targeted walk enters only folders this device did not know as folders: what
             // is under a known one did not change unless the watcher named it too.
-            let known_dir = local
-                .get(&rel)
-                .is_some_and(|l| l.kind == FileKind::Directory);
+            let known_dir = (here.files.get(&rel)).is_some_and(|l| l.kind == FileKind::Directory);
             if is_dir && !(only && known_dir) {
                 stack.push(rel.clone());
             }
             to_examine.push((rel, entry));
         }
         let look = |(rel, entry): &(String, Entry)| {
-            examine(&folder, rel, entry, local.get(rel), id_key, wait_settle)
+            examine(
+                &folder,
+                rel,
+                entry,
+                here.files.get(rel),
+                id_key,
+                wait_settle,
+            )
         };
         let examined: Vec<anyhow::Result<Examined>> = to_examine.par_iter().map(look).collect();
         for ((rel, _), examined) in to_examine.into_iter().zip(examined) {
-            let was = local.get(&rel);
+            let was = here.files.get(&rel);
             walked.take(rel, examined?, was);
         }
         if walked.changed.len() >= slice && !take(std::mem::take(&mut walked.changed)) {
             anyhow::bail!("scan stopped: what it found could not be recorded");
         }
     }
-    let gone: Vec<&String> = match only {
-        false => local.keys().filter(|rel| !seen.contains(*rel)).collect(),
-        true => listed
-            .iter()
-            .flat_map(|(dir, names)| gone_under(local, dir, names))
-            .collect(),
-    };
-    for rel in gone {
-        let is_dir = local[rel].kind == FileKind::Directory;
-        let under_unreadable = unreadable.iter().any(|dir| rel.starts_with(dir.as_str()));
-        if !under_unreadable && !rules.ignores(rel, is_dir) && !is_own_file(rel) {
+    for (rel, file) in gone {
+        let is_dir = file.kind == FileKind::Directory;
+        if !rules.ignores(&rel, is_dir) && !is_own_file(&rel) {
             walked.changed.push(Scanned {
-                path: rel.clone(),
+                path: rel,
                 file: None,
                 refs: vec![],
-                was: Some(held_mark(&local[rel])),
+                was: Some(held_mark(&file)),
             });
         }
     }
@@ -270,62 +364,6 @@ fn nearest_folders(root: &FolderRoot, dirs: &BTreeSet<String>) -> BTreeSet<Strin
         out.insert(dir.to_string());
     }
     out
-}
-
-/// What this device held in `dir` that its listing (`names`: name → is a folder) no longer
-/// shows: children not there, and everything under a child that is no longer a folder.
-fn gone_under<'a>(
-    local: &'a BTreeMap<String, LocalFile>,
-    dir: &str,
-    names: &BTreeMap<String, bool>,
-) -> Vec<&'a String> {
-    use std::ops::Bound::{Excluded, Included, Unbounded};
-    let prefix = if dir.is_empty() {
-        String::new()
-    } else {
-        format!("{dir}/")
-    };
-    let mut gone = Vec::new();
-    let mut from = prefix.clone();
-    let mut include = true;
-    loop {
-        let lower = match include {
-            true => Included(from.clone()),
-            false => Excluded(from.clone()),
-        };
-        let Some((rel, _)) = local.range::<String, _>((lower, Unbounded)).next() else {
-            break;
-        };
-        let Some(rest) = rel.strip_prefix(&prefix) else {
-            break;
-        };
-        match rest.split_once('/') {
-            None => {
-                if !names.contains_key(rest) {
-                    gone.push(rel);
-                }
-                (from, include) = (rel.clone(), false);
-            }
-            Some((child, _)) => {
-                // Deeper: all of the child's subtree is gone if the child is not a folder now;
-                // else it is the child's own listing's business.
-                let child = format!("{prefix}{child}");
-                let end = format!("{child}0"); // just past every "child/…"
-                if names.get(&child[prefix.len()..]) != Some(&true) {
-                    gone.extend(
-                        local
-                            .range::<String, _>((
-                                Included(format!("{child}/")),
-                                Excluded(end.clone()),
-                            ))
-                            .map(|(rel, _)| rel),
-                    );
-                }
-                (from, include) = (end, true);
-            }
-        }
-    }
-    gone
 }
 
 /// What [`examine`] found at one path.
@@ -467,6 +505,10 @@ mod tests {
         MeshKey::generate(Epoch(0)).chunk_id_key()
     }
 
+    fn nothing() -> BTreeMap<String, LocalFile> {
+        BTreeMap::new()
+    }
+
     fn local_of(walked: &Walked) -> BTreeMap<String, LocalFile> {
         walked
             .changed
@@ -489,7 +531,7 @@ mod tests {
         std::os::unix::fs::symlink("sub/a.txt", root.join("link")).unwrap();
         let key = id_key();
         let door = FolderRoot::open(root).unwrap();
-        let first = walk(&door, &BTreeMap::new(), &key, false, &Scope::All).unwrap();
+        let first = walk(&door, &nothing(), &key, false, &Scope::All).unwrap();
         let paths: BTreeSet<&str> = first.changed.iter().map(|s| s.path.as_str()).collect();
         assert_eq!(
             paths,
@@ -530,7 +572,7 @@ mod tests {
             std::fs::write(root.join(format!("d{}/{i}", i % 8)), format!("{i}")).unwrap();
         }
         let (key, door) = (id_key(), FolderRoot::open(root).unwrap());
-        let local = local_of(&walk(&door, &BTreeMap::new(), &key, false, &Scope::All).unwrap());
+        let local = local_of(&walk(&door, &nothing(), &key, false, &Scope::All).unwrap());
         for i in 0..40 {
             let path = root.join(format!("d{}/{i}", i % 8));
             match i % 4 {
@@ -595,7 +637,7 @@ mod tests {
             std::fs::write(root.join(f), f).unwrap();
         }
         let (key, door) = (id_key(), FolderRoot::open(root).unwrap());
-        let local = local_of(&walk(&door, &BTreeMap::new(), &key, false, &Scope::All).unwrap());
+        let local = local_of(&walk(&door, &nothing(), &key, false, &Scope::All).unwrap());
 
         // In "a": an edit, a new file, a new folder with a file; "gone" removed whole; "was_dir"
         // became a file; in "c": a file removed (its siblings c-x, c.y, c0 stay).
@@ -640,6 +682,30 @@ mod tests {
         assert!(!targeted
             .iter()
             .any(|(p, _)| p.starts_with("c-") || p.starts_with("c.") || p == "c0"));
+
+        // Compared with the state's table, read a folder at a time, the walks find the same.
+        let home = tempfile::tempdir().unwrap();
+        let state = State::open(home.path()).unwrap();
+        let folder = FolderId::new("docs").unwrap();
+        let mut batch = crate::state::Batch::default();
+        for (rel, file) in &local {
+            batch
+                .local
+                .push((folder.clone(), rel.clone(), Some(file.clone())));
+        }
+        // Another folder's files, before and after this one's in the table, are not its.
+        for other in ["doc", "docs0"] {
+            let other = FolderId::new(other).unwrap();
+            batch
+                .local
+                .push((other, "c/zz".into(), Some(local["c/5"].clone())));
+        }
+        state.commit(batch).unwrap();
+        let table = HeldInTable { state, folder };
+        let full_from_table = changes(&walk(&door, &table, &key, false, &Scope::All).unwrap());
+        assert_eq!(full_from_table, full);
+        let targeted_from_table = changes(&walk(&door, &table, &key, false, &named).unwrap());
+        assert_eq!(targeted_from_table, targeted);
     }
 
     #[test]
@@ -648,10 +714,10 @@ mod tests {
         std::fs::write(dir.path().join("fresh.txt"), "x").unwrap();
         let key = id_key();
         let door = FolderRoot::open(dir.path()).unwrap();
-        let waited = walk(&door, &BTreeMap::new(), &key, true, &Scope::All).unwrap();
+        let waited = walk(&door, &nothing(), &key, true, &Scope::All).unwrap();
         assert_eq!(waited.retry_after, Some(SETTLE));
         assert!(waited.changed.is_empty());
-        let asked = walk(&door, &BTreeMap::new(), &key, false, &Scope::All).unwrap();
+        let asked = walk(&door, &nothing(), &key, false, &Scope::All).unwrap();
         assert_eq!(asked.retry_after, None);
         assert_eq!(asked.changed.len(), 1);
     }
@@ -662,7 +728,7 @@ mod tests {
         let key = id_key();
         let door = FolderRoot::open(dir.path()).unwrap();
         std::fs::write(dir.path().join("big.bin"), vec![7u8; 100_000]).unwrap();
-        let first = walk(&door, &BTreeMap::new(), &key, false, &Scope::All).unwrap();
+        let first = walk(&door, &nothing(), &key, false, &Scope::All).unwrap();
         let local = local_of(&first);
         // Rewritten in place: truncated first (the file is empty for a moment).
         std::fs::File::create(dir.path().join("big.bin")).unwrap();

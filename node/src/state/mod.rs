@@ -298,6 +298,40 @@ impl State {
         Ok(saves)
     }
 
+    /// What this device holds in `folder`, in path order from `from` on, handed to `each`
+    /// until it says stop (`false`). Each call reads its own snapshot: a walk asks a folder at
+    /// a time, so it never holds a copy of a million entries, nor an old snapshot for long.
+    pub fn local_from(
+        &self,
+        folder: &FolderId,
+        from: std::ops::Bound<&str>,
+        each: &mut dyn FnMut(&str, LocalFile) -> bool,
+    ) -> Result<(), StateError> {
+        use std::ops::Bound;
+        let txn = self.db.begin_read().map_err(|e| self.err(e))?;
+        let table = txn.open_table(LOCAL).map_err(|e| self.err(e))?;
+        let lower = match from {
+            Bound::Included(path) => Bound::Included((folder.as_str(), path)),
+            Bound::Excluded(path) => Bound::Excluded((folder.as_str(), path)),
+            Bound::Unbounded => Bound::Included((folder.as_str(), "")),
+        };
+        let rows = table
+            .range::<(&str, &str)>((lower, Bound::Unbounded))
+            .map_err(|e| self.err(e))?;
+        for row in rows {
+            let (key, bytes) = row.map_err(|e| self.err(e))?;
+            let (in_folder, path) = key.value();
+            if in_folder != folder.as_str() {
+                break;
+            }
+            let file: LocalFile = postcard::from_bytes(bytes.value()).map_err(|e| self.err(e))?;
+            if !each(path, file) {
+                break;
+            }
+        }
+        Ok(())
+    }
+
     /// What a folder's index reads its unloaded shards back with ([`Self::shard_saves`]).
     pub fn shard_loader(&self, folder: &FolderId) -> meshsync_crdt::index::ShardLoader {
         let (state, folder) = (self.clone(), folder.clone());
