@@ -1,8 +1,8 @@
-//! Admitting a peer's index changes: each operation must put a well-formed record, signed by
-//! a device that may write, in the right shard ([`FolderIndex::admit_change`]); a change whose
-//! dependencies have not arrived is held ([`FolderIndex::ready`]); and no put may replace a
-//! version at least as new as its own, or jump a path's version ahead
-//! ([`FolderIndex::check_versions`]).
+//! Admitting a peer's index changes: a change this replica already holds is dropped unchecked;
+//! in any other, each operation must put a well-formed record, signed by a device that may
+//! write, in the right shard ([`FolderIndex::admit_change`]); a change whose dependencies have
+//! not arrived is held ([`FolderIndex::ready`]); and no put may replace a version at least as
+//! new as its own, or jump a path's version ahead ([`FolderIndex::check_versions`]).
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 
@@ -10,6 +10,30 @@ use automerge::{ActorId, ChangeHash, ReadDoc, ROOT};
 use rayon::prelude::*;
 
 use super::*;
+
+/// A peer's shard change, decoded within bounds, not yet checked.
+struct Decoded {
+    shard: u16,
+    change: automerge::Change,
+    signature: Signature,
+}
+
+/// Decodes a peer's shard change within the bounds every change must keep.
+fn decode_change(c: ShardChange) -> Result<Decoded, IndexError> {
+    if c.shard >= SHARDS {
+        return Err(IndexError::BadShard(c.shard));
+    }
+    if c.change.len() > MAX_CHANGE_BYTES {
+        return Err(IndexError::TooLarge(c.change.len()));
+    }
+    let change = crate::bounds::bounded_change(&c.change, MAX_CHANGE_BYTES, MAX_OPS_PER_CHANGE)
+        .map_err(IndexError::Load)?;
+    Ok(Decoded {
+        shard: c.shard,
+        change,
+        signature: c.signature,
+    })
+}
 
 /// A peer's shard change whose every operation passed admission: its puts are (path, record,
 /// the operations it replaces).
@@ -93,10 +117,27 @@ impl FolderIndex {
         changes: Vec<ShardChange>,
     ) -> Result<ApplyReport, IndexError> {
         let mut report = ApplyReport::default();
+        let decoded: Vec<Result<Decoded, IndexError>> =
+            changes.into_par_iter().map(decode_change).collect();
+        let mut fresh = Vec::with_capacity(decoded.len());
+        for result in decoded {
+            match result {
+                Ok(decoded) => fresh.push(decoded),
+                Err(error) => report.refused.push(error),
+            }
+        }
+        // A change this replica already holds is dropped before its signatures are checked
+        // (they are most of admission's cost). A peer resends whole shards when it does not
+        // know this replica's heads yet: at a million files, a change just made here came
+        // back whole from the peer it was pushed to, ~9,000 signatures a change.
+        let touched: BTreeSet<u16> = fresh.iter().map(|d| d.shard).collect();
+        if self.warm_shards(touched).is_ok() {
+            fresh.retain(|d| !self.holds(d.shard, &d.change.hash()));
+        }
         let mut pending = std::mem::take(&mut self.held);
-        let admitted: Vec<Result<Admitted, IndexError>> = changes
+        let admitted: Vec<Result<Admitted, IndexError>> = fresh
             .into_par_iter()
-            .map(|c| self.admit_change(view, c))
+            .map(|d| self.admit_change(view, d))
             .collect();
         for result in admitted {
             match result {
@@ -189,30 +230,27 @@ impl FolderIndex {
 
     /// Whether this replica's document already holds `admitted`.
     fn has_change(&mut self, admitted: &Admitted) -> bool {
-        self.shards.get_mut(&admitted.shard).is_some_and(|shard| {
-            shard
-                .doc
-                .get_change_by_hash(&admitted.change.hash())
-                .is_some()
-        })
+        self.holds(admitted.shard, &admitted.change.hash())
     }
 
-    /// Decodes and checks one change of a peer: it is signed by the device its actor names (and
+    /// Whether shard `id`, if loaded, holds the change `hash`.
+    fn holds(&mut self, id: u16, hash: &ChangeHash) -> bool {
+        (self.shards.get_mut(&id)).is_some_and(|shard| shard.doc.get_change_by_hash(hash).is_some())
+    }
+
+    /// Checks one decoded change of a peer: it is signed by the device its actor names (and
     /// not past that device's cutoff, if it was removed), and every operation puts a
     /// well-formed record of that device's, who may write, in the right shard.
-    fn admit_change(&self, view: &MembershipView, c: ShardChange) -> Result<Admitted, IndexError> {
-        if c.shard >= SHARDS {
-            return Err(IndexError::BadShard(c.shard));
-        }
-        if c.change.len() > MAX_CHANGE_BYTES {
-            return Err(IndexError::TooLarge(c.change.len()));
-        }
-        let change = crate::bounds::bounded_change(&c.change, MAX_CHANGE_BYTES, MAX_OPS_PER_CHANGE)
-            .map_err(IndexError::Load)?;
+    fn admit_change(&self, view: &MembershipView, d: Decoded) -> Result<Admitted, IndexError> {
+        let Decoded {
+            shard,
+            change,
+            signature,
+        } = d;
         let (signer, incarnation) =
-            signed::verify_change(&self.mesh, &self.folder, c.shard, &change, &c.signature)?;
+            signed::verify_change(&self.mesh, &self.folder, shard, &change, &signature)?;
         if let Some(cutoff) = self.cutoff_of(view, &signer) {
-            if !cutoff.admits(c.shard, incarnation, change.seq(), &change.hash()) {
+            if !cutoff.admits(shard, incarnation, change.seq(), &change.hash()) {
                 return Err(IndexError::PastCutoff {
                     device: signer,
                     change: change.hash().to_string(),
@@ -222,10 +260,10 @@ impl FolderIndex {
         let mut puts = Vec::new();
         for op in change.decode().operations {
             let path = admit_op(&op)?;
-            if shard_of(&self.folder, &path) != c.shard {
+            if shard_of(&self.folder, &path) != shard {
                 return Err(IndexError::ForbiddenOp(format!(
                     "{path:?} does not belong in shard {}",
-                    c.shard
+                    shard
                 )));
             }
             let automerge::legacy::OpType::Put(automerge::ScalarValue::Bytes(bytes)) = &op.action
@@ -256,9 +294,9 @@ impl FolderIndex {
             puts.push((path, record, op.pred.iter().cloned().collect()));
         }
         Ok(Admitted {
-            shard: c.shard,
+            shard: shard,
             change,
-            signature: c.signature,
+            signature,
             puts,
         })
     }

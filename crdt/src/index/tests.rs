@@ -315,6 +315,45 @@ fn forged_signature_is_rejected() {
 }
 
 #[test]
+fn a_change_already_held_is_dropped_unchecked_and_a_new_one_is_still_checked() {
+    let w = world();
+    let mesh = w.log.mesh();
+    let mut a = FolderIndex::new(mesh, w.folder.clone());
+    let mut b = FolderIndex::new(mesh, w.folder.clone());
+    a.write(&w.admin, Epoch(0), vec![update("f", 1)]).unwrap();
+    let changes = a.take_local_changes();
+    b.apply_all(w.log.view(), changes.clone()).unwrap();
+    let held = b.get("f").unwrap();
+    // The same change again, its signature garbled: this replica holds it already (checked
+    // when it came first), so it is dropped before any check, not refused, and changes nothing.
+    let garbled: Vec<ShardChange> = changes
+        .iter()
+        .map(|c| ShardChange {
+            signature: Signature::from_bytes(&[7; 64]),
+            ..c.clone()
+        })
+        .collect();
+    let report = b.apply(w.log.view(), garbled).unwrap();
+    assert!(report.refused.is_empty(), "{:?}", report.refused);
+    assert!(report.paths.is_empty());
+    assert_eq!(b.get("f").unwrap(), held);
+    // A change it does not hold, garbled the same way, is checked and refused.
+    a.write(&w.admin, Epoch(0), vec![update("g", 2)]).unwrap();
+    let new: Vec<ShardChange> = (a.take_local_changes().into_iter())
+        .map(|c| ShardChange {
+            signature: Signature::from_bytes(&[7; 64]),
+            ..c
+        })
+        .collect();
+    let refused = b.apply_all(w.log.view(), new);
+    assert!(
+        matches!(refused, Err(IndexError::BadChangeSignature { .. })),
+        "{refused:?}"
+    );
+    assert!(b.get("g").is_none());
+}
+
+#[test]
 fn one_bad_change_leaves_the_rest_of_the_batch_applied() {
     let w = world();
     let mesh = w.log.mesh();

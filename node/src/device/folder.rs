@@ -83,11 +83,11 @@ pub(crate) struct Folder {
     pub(super) surveyed: Option<Surveyed>,
     /// Paths whose local state changed since the last survey.
     pub(super) touched: Touched,
-    /// The index heads at the last round of [`Device::compact_quiet_indexes`]: a shard whose
+    /// The index heads at the last round of [`compact_quiet_indexes`]: a shard whose
     /// heads are the same at the next was quiet in between.
     quiet_heads: Option<BTreeMap<u16, Vec<automerge::ChangeHash>>>,
     /// How many shards took changes in the last compaction round's second (see
-    /// [`Device::compact_quiet_indexes`]).
+    /// [`compact_quiet_indexes`]).
     changed_last_round: usize,
 }
 
@@ -147,15 +147,22 @@ impl Folder {
         batch.local.push((id.clone(), path, file));
     }
 
-    /// Builds `local` again, with full nodes, once it grew by a quarter since it was last
-    /// built: a map filled one path at a time in path order (a first scan, a first sync)
-    /// leaves each node half empty, ~110 bytes a file more.
+    /// Builds `local` again, with full nodes and its paths copied, once it grew by a quarter
+    /// since it was last built. A map filled one path at a time in path order (a first scan, a
+    /// first sync) leaves each node half empty, ~110 bytes a file more; and its paths were
+    /// allocated among the many short-lived allocations of that scan or sync, so once those
+    /// are freed the paths pin their pages: at a million files a daemon sat at ~500 MB after
+    /// its first scan and sync against ~250 MB after a restart. Copied together, the paths
+    /// fill pages of their own and the old ones can go back to the system.
     pub(crate) fn compact_local(&mut self) {
         let len = self.local.len();
         if len < self.local_built.max(8_000) * 5 / 4 {
             return;
         }
-        self.local = std::mem::take(&mut self.local).into_iter().collect();
+        self.local = std::mem::take(&mut self.local)
+            .into_iter()
+            .map(|(path, file)| (path.as_str().to_owned(), file))
+            .collect();
         self.local_built = len;
     }
 
@@ -312,74 +319,99 @@ impl Device {
             .extend(watcher_for(self.changes.clone(), id.clone(), path));
     }
 
-    /// Loads again, from their saves, up to [`COMPACT_SHARDS`] shards of each folder whose
-    /// heads did not move since the last round (see [`FolderIndex::compact`]); the saves
-    /// replace what the state held of those shards. A quiet index goes back to its compact
-    /// form a few dozen shards at a time, the device lock held briefly each time; while
-    /// changes stream in, as many quiet shards as took changes the round before (4 to 16).
-    /// Once every index is compact again, freed pages go back to the system.
-    pub(crate) fn compact_quiet_indexes(&mut self) -> anyhow::Result<()> {
-        let mut batch = Batch::default();
+    /// Starts a round of compaction (see [`compact_quiet_indexes`]): for each folder, how
+    /// many of its shards whose heads did not move since the last round may be compacted
+    /// this round: [`COMPACT_SHARDS`] when the whole index was quiet; while changes stream
+    /// in, as many quiet shards as took changes the round before (4 to 16).
+    pub(crate) fn compaction_round(&mut self) -> CompactionRound {
+        let mut round = CompactionRound::default();
         for (id, f) in self.folders.iter_mut() {
             let heads = f.index.heads();
-            if let Some(quiet) = &f.quiet_heads {
+            if let Some(quiet) = f.quiet_heads.take() {
                 // While changes stream in, as many as took changes the round before (quiet
                 // now, most of them): the index keeps pace with the stream without holding the
                 // lock longer than that stream's own work did.
-                let max = if *quiet == heads {
+                let max = if quiet == heads {
                     COMPACT_SHARDS
                 } else {
                     f.changed_last_round
                         .clamp(COMPACT_SHARDS_BUSY, COMPACT_SHARDS_BUSY_MAX)
                 };
-                let compacted = f.index.compact_unchanged(max, quiet)?;
-                if !compacted.is_empty() {
-                    tracing::debug!(folder = %id, shards = compacted.len(), "compacted");
-                }
-                for (shard, saved) in compacted {
-                    // Kept beside the whole save: a start leaves the shard unloaded.
-                    if let Some(summary) = f.index.summary(shard) {
-                        batch.summaries.push((id.clone(), shard, summary));
-                    }
-                    batch.shards.push((id.clone(), shard, saved));
-                }
-            }
-            f.changed_last_round = match &f.quiet_heads {
-                Some(quiet) => heads
+                f.changed_last_round = heads
                     .iter()
                     .filter(|(id, h)| quiet.get(id) != Some(h))
-                    .count(),
-                None => 0,
-            };
+                    .count();
+                round.folders.push((id.clone(), max, quiet));
+            }
             f.quiet_heads = Some(heads);
             f.compact_local();
+        }
+        round
+    }
+
+    /// One step of a compaction round: loads again, from their saves, up to `step` of each
+    /// folder's quiet shards (see [`FolderIndex::compact`]); the saves replace what the state
+    /// held of those shards. Returns how many it compacted, and whether the round has more.
+    pub(crate) fn compact_step(
+        &mut self,
+        round: &mut CompactionRound,
+        step: usize,
+    ) -> anyhow::Result<(usize, bool)> {
+        let mut batch = Batch::default();
+        for (id, left, quiet) in round.folders.iter_mut() {
+            let Some(f) = self.folders.get_mut(id) else {
+                *left = 0;
+                continue;
+            };
+            let asked = step.min(*left);
+            let compacted = f.index.compact_unchanged(asked, quiet)?;
+            *left = if compacted.len() < asked {
+                0
+            } else {
+                *left - asked
+            };
+            if !compacted.is_empty() {
+                tracing::debug!(folder = %id, shards = compacted.len(), "compacted");
+            }
+            for (shard, saved) in compacted {
+                // Kept beside the whole save: a start leaves the shard unloaded.
+                if let Some(summary) = f.index.summary(shard) {
+                    batch.summaries.push((id.clone(), shard, summary));
+                }
+                batch.shards.push((id.clone(), shard, saved));
+            }
         }
         let compacted: Vec<(FolderId, u16)> = (batch.shards.iter())
             .map(|(id, shard, _)| (id.clone(), *shard))
             .collect();
         self.state.commit(batch)?;
-        let mut unloaded = 0;
         for (id, f) in self.folders.iter_mut() {
             let saved = compacted.iter().filter(|(of, _)| of == id);
             f.index.confirm_saved(saved.map(|(_, shard)| *shard));
+        }
+        let more = round.folders.iter().any(|(_, left, _)| *left > 0);
+        Ok((compacted.len(), more))
+    }
+
+    /// Ends a compaction round that compacted `compacted` shards: unloads the shards nothing
+    /// used since the last round, and once every index is compact again, gives freed pages
+    /// back to the system.
+    pub(crate) fn finish_compaction(&mut self, compacted: usize) {
+        let mut unloaded = 0;
+        for f in self.folders.values_mut() {
             unloaded += f.index.unload_unused();
         }
-        if unloaded > 0 || !compacted.is_empty() {
+        if unloaded > 0 || compacted > 0 {
             let (loaded, loose) = (self.folders.values_mut())
                 .map(|f| (f.index.loaded_shards(), f.index.loose_shards()))
                 .fold((0, 0), |(a, b), (c, d)| (a + c, b + d));
             tracing::debug!(unloaded, loaded, loose, "index shards in memory");
+            if loose == 0 {
+                // Every index is compact again, after a first scan, a sync or a stream of
+                // changes.
+                give_back_memory();
+            }
         }
-        if (!compacted.is_empty() || unloaded > 0)
-            && self
-                .folders
-                .values_mut()
-                .all(|f| f.index.loose_shards() == 0)
-        {
-            // Every index is compact again, after a first scan, a sync or a stream of changes.
-            give_back_memory();
-        }
-        Ok(())
     }
 
     /// Paths whose winning version is not on disk here yet, per folder.
@@ -468,9 +500,38 @@ pub(crate) fn watcher_for(
 }
 
 /// How many shards of a folder's index one round compacts (at a million files ~4 ms each, on
-/// every core: ~130 ms of lock on two; the 1,024 shards of an index that took a first sync
-/// in ~16 s).
+/// every core; the 1,024 shards of an index that took a first sync in ~16 s)…
 const COMPACT_SHARDS: usize = 64;
+/// …this many at a time, the device lock let go of in between (see
+/// [`compact_quiet_indexes`]).
+pub(crate) const COMPACT_STEP: usize = 8;
+
+/// One compaction round's work left: per folder, how many shards it may still compact, and
+/// the heads its quiet shards must still have.
+#[derive(Default)]
+pub(crate) struct CompactionRound {
+    folders: Vec<(FolderId, usize, BTreeMap<u16, Vec<automerge::ChangeHash>>)>,
+}
+
+/// A round of compaction: shards that took changes are saved whole and loaded again from
+/// that save (an Automerge document that took changes holds about three times the memory of
+/// the same loaded from its save), a few at a time, the device lock let go of between steps.
+/// A step holds it ~30 ms at a million files. Holding it for the whole round (up to 64
+/// shards, or the ~40 a 1,000-file change touches) made a change that came meanwhile wait
+/// 0.2–0.6 s for its scan or its admission.
+pub(crate) async fn compact_quiet_indexes(device: &super::Shared) -> anyhow::Result<()> {
+    let mut round = device.lock().await.compaction_round();
+    let mut compacted = 0;
+    loop {
+        let mut d = device.lock().await;
+        let (done, more) = d.compact_step(&mut round, COMPACT_STEP)?;
+        compacted += done;
+        if !more {
+            d.finish_compaction(compacted);
+            return Ok(());
+        }
+    }
+}
 
 /// The fewest quiet shards one round compacts while other shards of the index take changes
 /// (~8 ms of lock at a million files); more if more took changes the round before.

@@ -150,6 +150,7 @@ async fn scan_scope(
             &mut |slice| slices.blocking_send(slice).is_ok(),
         )
     });
+    let began = Instant::now();
     let mut count = 0;
     while let Some(slice) = found.recv().await {
         count += slice.len();
@@ -207,6 +208,7 @@ async fn scan_scope(
             d = device.lock().await;
         }
     }
+    tracing::debug!(changed = count, took = ?began.elapsed(), "scanned");
     Ok(count)
 }
 

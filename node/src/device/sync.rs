@@ -198,9 +198,13 @@ pub(crate) async fn apply_changes(
     peer: PeerId,
     changes: SyncChanges,
 ) -> anyhow::Result<()> {
+    let began = std::time::Instant::now();
     let (changed, allowed, transport) = {
         let mut d = device.lock().await;
+        let locked = began.elapsed();
         let (changed, allowed) = d.admit(&peer, changes)?;
+        let paths: usize = changed.iter().map(|(_, p)| p.len()).sum();
+        tracing::debug!(paths, ?locked, took = ?began.elapsed(), "admitted");
         (changed, allowed, d.transport.clone())
     };
     if let Some(allowed) = allowed {

@@ -131,7 +131,7 @@ async fn rounds(device: Shared) {
                 );
             }
         }
-        if let Err(error) = device.lock().await.compact_quiet_indexes() {
+        if let Err(error) = super::folder::compact_quiet_indexes(&device).await {
             tracing::warn!(error = format!("{error:#}"), "compacting an index failed");
         }
         if tick.is_multiple_of(600) {
