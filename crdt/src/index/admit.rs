@@ -294,7 +294,7 @@ impl FolderIndex {
             puts.push((path, record, op.pred.iter().cloned().collect()));
         }
         Ok(Admitted {
-            shard: shard,
+            shard,
             change,
             signature,
             puts,
