@@ -365,12 +365,19 @@ impl Device {
         let mut new = Vec::new();
         let mut concurrent = Vec::new();
         f.index.warm(scanned.iter().map(|s| s.path.as_str()))?;
-        let mut stale = BTreeSet::new();
+        let mut stale_dirs = BTreeSet::new();
         for scan in scanned {
-            if f.local.get(&scan.path).map(held_mark) != scan.was {
+            // The walk read what the state holds; memory can only differ from it after a
+            // commit that failed (memory is then ahead): the state's view is the one to trust,
+            // or the folder would be rescanned in a loop until a restart.
+            let stale = || -> anyhow::Result<bool> {
+                Ok(f.local.get(&scan.path).map(held_mark) != scan.was
+                    && (self.state.local_file(id, &scan.path)?.as_ref()).map(held_mark) != scan.was)
+            };
+            if stale()? {
                 // This device wrote the path while the walk looked (a peer's version): what
                 // the walk saw is stale, and recording it would undo that version. Look again.
-                stale.insert(parent_of(&scan.path).to_string());
+                stale_dirs.insert(parent_of(&scan.path).to_string());
                 continue;
             }
             let state = f.index.get(&scan.path);
@@ -385,10 +392,10 @@ impl Device {
                 Decision::Conflict => concurrent.push(scan),
             }
         }
-        if !stale.is_empty() {
+        if !stale_dirs.is_empty() {
             let _ = self.changes.send(Rescan {
                 folder: id.clone(),
-                scope: Scope::Dirs(stale),
+                scope: Scope::Dirs(stale_dirs),
             });
         }
         if !concurrent.is_empty() {
@@ -493,6 +500,51 @@ mod tests {
     use super::*;
     use meshsync_crdt::{DeviceKeys, Epoch, FolderIndex, MeshId};
     use std::time::Duration;
+
+    /// A commit that failed leaves memory ahead of the state, which the walk reads. A scan
+    /// then trusts the state: the path is recorded again (and the state catches up), not
+    /// taken as written meanwhile and rescanned over and over.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_scan_trusts_the_state_when_memory_is_ahead_of_it() {
+        use crate::home::Home;
+        use crate::net::Network;
+        let dir = tempfile::tempdir().unwrap();
+        let home = Home::locate(Some(dir.path().join("a"))).unwrap();
+        home.init("a", meshsync_crdt::Role::Device).unwrap();
+        let device = super::super::start(home, Network::memory()).await.unwrap();
+        let root = dir.path().join("A");
+        std::fs::create_dir_all(&root).unwrap();
+        std::fs::write(root.join("a.txt"), "first").unwrap();
+        let id = device.lock().await.add_folder(&root, None).unwrap();
+        let asked = ScanOptions {
+            requested: true,
+            ..Default::default()
+        };
+        scan(&device, &id, asked).await.unwrap();
+        let recorded = |d: &Device| d.state.local_file(&id, "a.txt").unwrap().unwrap();
+        let first = recorded(&*device.lock().await);
+
+        // What a materialise would have set in memory, its commit lost.
+        {
+            let mut d = device.lock().await;
+            let f = d.folders.get_mut(&id).unwrap();
+            let ahead = LocalFile {
+                version: first.version + 1,
+                list_hash: ChunkListHash([9; 32]),
+                ..first.without_chunks()
+            };
+            f.local.insert("a.txt".into(), ahead);
+        }
+        std::fs::write(root.join("a.txt"), "edited here").unwrap();
+        let changed = scan(&device, &id, asked).await.unwrap();
+        assert_eq!(changed, 1);
+        let d = device.lock().await;
+        let now = recorded(&d);
+        assert_eq!(now.size, "edited here".len() as u64);
+        assert_ne!(now.list_hash, first.list_hash);
+        let f = d.folder(&id).unwrap();
+        assert_eq!(f.local.get("a.txt").map(held_mark), Some(held_mark(&now)));
+    }
 
     #[test]
     fn the_safety_net_walks_at_most_one_percent_of_the_time() {

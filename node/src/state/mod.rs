@@ -298,6 +298,22 @@ impl State {
         Ok(saves)
     }
 
+    /// What this device holds at `path` in `folder`, as last committed.
+    pub fn local_file(
+        &self,
+        folder: &FolderId,
+        path: &str,
+    ) -> Result<Option<LocalFile>, StateError> {
+        let mut found = None;
+        self.local_from(folder, std::ops::Bound::Included(path), &mut |at, file| {
+            if at == path {
+                found = Some(file);
+            }
+            false
+        })?;
+        Ok(found)
+    }
+
     /// What this device holds in `folder`, in path order from `from` on, handed to `each`
     /// until it says stop (`false`). Each call reads its own snapshot: a walk asks a folder at
     /// a time, so it never holds a copy of a million entries, nor an old snapshot for long.
