@@ -1,4 +1,4 @@
-//! Admitting a peer's index changes: a change this replica already holds is dropped unchecked;
+//! Admitting a peer's index changes: a change a loaded shard already holds is dropped unchecked;
 //! in any other, each operation must put a well-formed record, signed by a device that may
 //! write, in the right shard ([`FolderIndex::admit_change`]); a change whose dependencies have
 //! not arrived is held ([`FolderIndex::ready`]); and no put may replace a version at least as
@@ -126,14 +126,12 @@ impl FolderIndex {
                 Err(error) => report.refused.push(error),
             }
         }
-        // A change this replica already holds is dropped before its signatures are checked
+        // A change a loaded shard already holds is dropped before its signatures are checked
         // (they are most of admission's cost). A peer resends whole shards when it does not
         // know this replica's heads yet: at a million files, a change just made here came
-        // back whole from the peer it was pushed to, ~9,000 signatures a change.
-        let touched: BTreeSet<u16> = fresh.iter().map(|d| d.shard).collect();
-        if self.warm_shards(touched).is_ok() {
-            fresh.retain(|d| !self.holds(d.shard, &d.change.hash()));
-        }
+        // back whole from the peer it was pushed to, ~9,000 signatures a change. Nothing is
+        // loaded for this: what a peer sends makes this replica read shards only once checked.
+        fresh.retain(|d| !self.holds(d.shard, &d.change.hash()));
         let mut pending = std::mem::take(&mut self.held);
         let admitted: Vec<Result<Admitted, IndexError>> = fresh
             .into_par_iter()
@@ -233,7 +231,7 @@ impl FolderIndex {
         self.holds(admitted.shard, &admitted.change.hash())
     }
 
-    /// Whether shard `id`, if loaded, holds the change `hash`.
+    /// Whether shard `id` is loaded and holds the change `hash`.
     fn holds(&mut self, id: u16, hash: &ChangeHash) -> bool {
         (self.shards.get_mut(&id)).is_some_and(|shard| shard.doc.get_change_by_hash(hash).is_some())
     }

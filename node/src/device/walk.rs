@@ -84,6 +84,7 @@ pub trait Held {
     ) -> anyhow::Result<()>;
 }
 
+#[cfg(test)]
 impl Held for BTreeMap<String, LocalFile> {
     fn each_from(
         &self,
@@ -178,13 +179,13 @@ fn gone_from(
     dir: &str,
     names: &BTreeMap<String, bool>,
 ) -> anyhow::Result<Vec<(String, LocalFile)>> {
-    let name = |rel: &str| rel[child_prefix(dir).len()..].to_string();
+    let skip = child_prefix(dir).len();
     let mut gone: Vec<(String, LocalFile)> = (here.files.iter())
-        .filter(|(rel, _)| !names.contains_key(&name(rel)))
+        .filter(|(rel, _)| !names.contains_key(&rel[skip..]))
         .map(|(rel, file)| (rel.clone(), file.clone()))
         .collect();
     for child in &here.parents {
-        if names.get(&name(child)) != Some(&true) {
+        if names.get(&child[skip..]) != Some(&true) {
             gone.extend(held_under(held, child)?);
         }
     }

@@ -304,14 +304,17 @@ impl State {
         folder: &FolderId,
         path: &str,
     ) -> Result<Option<LocalFile>, StateError> {
-        let mut found = None;
-        self.local_from(folder, std::ops::Bound::Included(path), &mut |at, file| {
-            if at == path {
-                found = Some(file);
-            }
-            false
-        })?;
-        Ok(found)
+        let txn = self.db.begin_read().map_err(|e| self.err(e))?;
+        let table = txn.open_table(LOCAL).map_err(|e| self.err(e))?;
+        let Some(bytes) = table
+            .get((folder.as_str(), path))
+            .map_err(|e| self.err(e))?
+        else {
+            return Ok(None);
+        };
+        Ok(Some(
+            postcard::from_bytes(bytes.value()).map_err(|e| self.err(e))?,
+        ))
     }
 
     /// What this device holds in `folder`, in path order from `from` on, handed to `each`
@@ -380,7 +383,24 @@ impl State {
             let id = FolderId::new(id.value()).map_err(|x| e(&x))?;
             folders.insert(id, PathBuf::from(path.value()));
         }
-        let summaries = self.summaries_without_pieces(&txn)?;
+        // Pieces come after every whole save, in key order: by shard, then by number.
+        let mut pieces: Vec<(FolderId, u16, Vec<u8>)> = Vec::new();
+        for row in txn
+            .open_table(SHARD_PIECES)
+            .map_err(|x| e(&x))?
+            .iter()
+            .map_err(|x| e(&x))?
+        {
+            let (key, bytes) = row.map_err(|x| e(&x))?;
+            let (folder, shard, _) = key.value();
+            let folder = FolderId::new(folder).map_err(|x| e(&x))?;
+            pieces.push((folder, shard, bytes.value().to_vec()));
+        }
+        let with_pieces: BTreeSet<(&FolderId, u16)> = pieces
+            .iter()
+            .map(|(folder, shard, _)| (folder, *shard))
+            .collect();
+        let summaries = self.summaries_without(&txn, &with_pieces)?;
         let mut shards: BTreeMap<FolderId, Vec<(u16, Vec<u8>)>> = BTreeMap::new();
         for row in txn
             .open_table(SHARDS)
@@ -401,20 +421,8 @@ impl State {
                 .or_default()
                 .push((shard, bytes.value().to_vec()));
         }
-        // Pieces come after every whole save, in key order: by shard, then by number.
-        for row in txn
-            .open_table(SHARD_PIECES)
-            .map_err(|x| e(&x))?
-            .iter()
-            .map_err(|x| e(&x))?
-        {
-            let (key, bytes) = row.map_err(|x| e(&x))?;
-            let (folder, shard, _) = key.value();
-            let folder = FolderId::new(folder).map_err(|x| e(&x))?;
-            shards
-                .entry(folder)
-                .or_default()
-                .push((shard, bytes.value().to_vec()));
+        for (folder, shard, bytes) in pieces {
+            shards.entry(folder).or_default().push((shard, bytes));
         }
         // Rows come in key order; collected, not inserted one by one, each folder's map is
         // built with full nodes (inserting in order leaves every node half empty: at a
@@ -449,24 +457,14 @@ impl State {
         })
     }
 
-    /// The summaries of shards with no pieces after their whole save (a summary describes a
-    /// whole save only: a shard with pieces is read at start), per folder, in shard order.
-    fn summaries_without_pieces(
+    /// The summaries of shards not in `with_pieces` (a summary describes a whole save only: a
+    /// shard with pieces is read at start), per folder, in shard order.
+    fn summaries_without(
         &self,
         txn: &redb::ReadTransaction,
+        with_pieces: &BTreeSet<(&FolderId, u16)>,
     ) -> Result<BTreeMap<FolderId, Vec<(u16, ShardSummary)>>, StateError> {
         let e = |x: &dyn std::fmt::Display| self.err(x);
-        let mut with_pieces: BTreeSet<(String, u16)> = BTreeSet::new();
-        for row in txn
-            .open_table(SHARD_PIECES)
-            .map_err(|x| e(&x))?
-            .iter()
-            .map_err(|x| e(&x))?
-        {
-            let (key, _) = row.map_err(|x| e(&x))?;
-            let (folder, shard, _) = key.value();
-            with_pieces.insert((folder.to_string(), shard));
-        }
         let mut summaries: BTreeMap<FolderId, Vec<(u16, ShardSummary)>> = BTreeMap::new();
         for row in txn
             .open_table(SHARD_SUMMARIES)
@@ -476,7 +474,8 @@ impl State {
         {
             let (key, bytes) = row.map_err(|x| e(&x))?;
             let (folder, shard) = key.value();
-            if with_pieces.contains(&(folder.to_string(), shard)) {
+            let folder = FolderId::new(folder).map_err(|x| e(&x))?;
+            if with_pieces.contains(&(&folder, shard)) {
                 continue;
             }
             let (heads, len): (Vec<[u8; 32]>, u64) =
@@ -485,7 +484,6 @@ impl State {
                 heads: heads.into_iter().map(automerge::ChangeHash).collect(),
                 len: usize::try_from(len).map_err(|x| e(&x))?,
             };
-            let folder = FolderId::new(folder).map_err(|x| e(&x))?;
             summaries.entry(folder).or_default().push((shard, summary));
         }
         Ok(summaries)
