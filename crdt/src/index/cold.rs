@@ -1,7 +1,8 @@
 //! Unloading cold shards. At a million files the index is ~240 MB in memory, most of it in
 //! shards nothing has touched for a while: a change touches the few shards of the folders it
-//! is in. A shard that is compact, whole-saved where the caller persists shards, and unused
-//! since the last round can be unloaded ([`FolderIndex::unload_unused`]); what the index keeps of
+//! is in. A shard whose saves (whole, then pieces) the caller confirmed persisted, and unused
+//! since the last round, can be unloaded ([`FolderIndex::unload_unused`]) without being saved
+//! again: a shard a change touched once costs no whole save when it goes. What the index keeps of
 //! it is its heads and size, so comparing heads with a peer, counting paths and saving need
 //! nothing back. Whatever reads or changes its records loads it again from its save, through
 //! the [`ShardLoader`] the caller gave: [`FolderIndex::warm`] before a batch of lookups, and
@@ -22,7 +23,7 @@ use super::{shard_of, FolderIndex, IndexError, Shard};
 pub type ShardLoader = Arc<dyn Fn(u16) -> Result<Vec<Vec<u8>>, String> + Send + Sync>;
 
 /// What an index keeps of a shard it holds unloaded: its heads and number of paths as its
-/// whole save has them. Kept by the caller beside that save ([`FolderIndex::summary`]), it
+/// saves (whole, then pieces) have them. Kept by the caller beside those saves ([`FolderIndex::summary`]), it
 /// lets an index start with the shard unloaded ([`FolderIndex::start_unloaded`]).
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct ShardSummary {
@@ -96,19 +97,18 @@ impl FolderIndex {
         Ok(shard)
     }
 
-    /// Notes that the whole saves [`FolderIndex::compact`] gave of `ids` are persisted: those
-    /// shards may be unloaded.
+    /// Notes that the last saves of `ids` ([`FolderIndex::compact`]'s whole saves, or
+    /// [`FolderIndex::save_shard`]'s wholes and pieces) are persisted: those shards may be
+    /// unloaded, and read back from their saves.
     pub fn confirm_saved(&mut self, ids: impl IntoIterator<Item = u16>) {
         for id in ids {
             if let Some(shard) = self.shards.get_mut(&id) {
-                shard.durable = (shard.saved.as_ref())
-                    .filter(|mark| mark.pieces == 0)
-                    .map(|mark| mark.heads.clone());
+                shard.durable = shard.saved.as_ref().map(|mark| mark.heads.clone());
             }
         }
     }
 
-    /// Unloads every shard whose whole save, as it is, is persisted (see
+    /// Unloads every shard whose saves, as it is, are persisted (see
     /// [`FolderIndex::confirm_saved`]), that has nothing unsent and was not used since the
     /// last call; returns how many. Does nothing without a loader.
     pub fn unload_unused(&mut self) -> usize {
@@ -121,6 +121,10 @@ impl FolderIndex {
             let heads = shard.doc.get_heads();
             let unload =
                 !shard.used && shard.durable.as_ref() == Some(&heads) && !shard.has_unsent(actor);
+            shard.busy_rounds = match shard.used {
+                true => shard.busy_rounds.saturating_add(1),
+                false => 0,
+            };
             shard.used = false;
             if unload {
                 let len = shard.doc.length(ROOT);
@@ -136,10 +140,9 @@ impl FolderIndex {
         self.shards.len()
     }
 
-    /// Shard `id` as its last save left it, if that save is whole and the shard has not
-    /// changed since: what to keep beside that save (in the same commit) for a later start to
-    /// leave the shard unloaded. `None` for a shard with pieces saved after its whole, or
-    /// changes not saved yet.
+    /// Shard `id` as its last save (whole or piece) left it, if it has not changed since:
+    /// what to keep beside that save (in the same commit) for a later start to leave the shard
+    /// unloaded. `None` for a shard with changes not saved yet.
     pub fn summary(&mut self, id: u16) -> Option<ShardSummary> {
         if let Some(cold) = self.cold.get(&id) {
             return Some(ShardSummary {
@@ -150,7 +153,7 @@ impl FolderIndex {
         let shard = self.shards.get_mut(&id)?;
         let heads = shard.doc.get_heads();
         let mark = shard.saved.as_ref()?;
-        (mark.pieces == 0 && mark.heads == heads).then(|| ShardSummary {
+        (mark.heads == heads).then(|| ShardSummary {
             heads,
             len: shard.doc.length(ROOT),
         })

@@ -189,7 +189,7 @@ fn an_index_started_from_summaries_loads_nothing_and_answers_as_the_index_it_was
         b.changes_since(&BTreeMap::new()).unwrap().len(),
         a.changes_since(&BTreeMap::new()).unwrap().len()
     );
-    // A change: its shard is loaded, changed, and has no summary until saved whole again.
+    // A change: its shard is loaded, changed, and has no summary until saved again.
     b.write(&w.admin, Epoch(0), vec![update("d5/1205", 2)])
         .unwrap();
     let shard = shard_of(&w.folder, "d5/1205");
@@ -210,4 +210,50 @@ fn an_index_started_from_summaries_loads_nothing_and_answers_as_the_index_it_was
             .start_unloaded([(SHARDS, summaries[0].1.clone())]),
         Err(IndexError::BadShard(_))
     ));
+}
+
+#[test]
+fn a_shard_saved_in_pieces_is_unloaded_as_it_is_and_a_start_leaves_it_unloaded() {
+    let (w, mut a, store) = unloaded_index();
+    a.write(&w.admin, Epoch(0), vec![update("d3/3", 2)]).unwrap();
+    a.take_local_changes();
+    let shard = shard_of(&w.folder, "d3/3");
+    let Some(SavedShard::Piece(1, piece)) = a.save_shard(shard) else {
+        panic!("a small change after a whole save is saved as a piece")
+    };
+    store.lock().unwrap().get_mut(&shard).unwrap().push(piece);
+    let summary = a.summary(shard).expect("its saves cover it as it is");
+    assert_eq!(summary.heads, a.heads()[&shard]);
+    a.unload_unused(); // a round passes: the shard was used by the write
+    assert_eq!(a.unload_unused(), 0, "not before its piece is confirmed");
+    a.confirm_saved([shard]);
+    a.warm(["d3/3"]).unwrap(); // looked at once more (what the node's survey does after a change)
+    assert!(
+        a.compact(usize::MAX).unwrap().is_empty(),
+        "no whole save for a shard about to go"
+    );
+    assert_eq!(a.unload_unused(), 0, "used this round");
+    assert_eq!(a.unload_unused(), 1);
+    assert_eq!(a.loaded_shards(), 0);
+    assert_eq!(a.get("d3/3").unwrap().winner.version, 2, "read back whole and piece");
+
+    // One that stays in use round after round is compacted (saved whole, held compactly).
+    for _ in 0..2 {
+        a.warm(["d3/3"]).unwrap();
+        a.unload_unused();
+    }
+    a.warm(["d3/3"]).unwrap();
+    let saves = a.compact(usize::MAX).unwrap();
+    assert!(matches!(saves[..], [(s, SavedShard::Whole(_))] if s == shard));
+    assert_eq!(a.loose_shards(), 0);
+
+    // A start from the summaries (the piece's included) loads nothing until asked.
+    let summaries: Vec<(u16, ShardSummary)> = (store.lock().unwrap().keys())
+        .map(|&id| (id, a.summary(id).unwrap()))
+        .collect();
+    let mut b = FolderIndex::new(w.log.mesh(), w.folder.clone()).with_loader(loader_of(&store));
+    b.start_unloaded(summaries).unwrap();
+    assert_eq!(b.loaded_shards(), 0);
+    assert_eq!(b.heads(), a.heads());
+    assert_eq!(b.get("d3/3").unwrap().winner.version, 2);
 }

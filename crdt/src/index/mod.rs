@@ -399,11 +399,13 @@ struct Shard {
     /// The heads it had when it was last loaded from a whole save: changed since, it takes
     /// more memory than it needs (see [`FolderIndex::compact`]).
     compact_heads: Vec<ChangeHash>,
-    /// The heads of its last whole save that the caller confirmed persisted (see
+    /// The heads of its last save (whole or piece) that the caller confirmed persisted (see
     /// [`FolderIndex::confirm_saved`]): only while they are its heads may it be unloaded.
     durable: Option<Vec<ChangeHash>>,
     /// Whether it was used since the last [`FolderIndex::unload_unused`].
     used: bool,
+    /// How many rounds in a row (calls of [`FolderIndex::unload_unused`]) found it used.
+    busy_rounds: u8,
 }
 
 impl Shard {
@@ -470,6 +472,7 @@ impl FolderIndex {
             compact_heads: Vec::new(),
             durable: None,
             used: true,
+            busy_rounds: 0,
         })
     }
 

@@ -99,9 +99,11 @@ impl FolderIndex {
     }
 
     /// Compacts up to `max` loose shards that `pick` (given a shard and its heads) takes, on
-    /// every core. One that nothing used since the last [`FolderIndex::unload_unused`] (with a
-    /// loader to read it back) is only saved whole: it is about to be unloaded, and loading it
-    /// again from that save would be work thrown away.
+    /// every core. With a loader to read shards back, one whose saves (whole and pieces) are
+    /// persisted as it is, is left alone unless it stays in use (used now, and in the last
+    /// two rounds): it is about to be unloaded as it is. One that nothing used since the last
+    /// [`FolderIndex::unload_unused`] is only saved whole: loading it again from that save would
+    /// be work thrown away.
     fn compact_where(
         &mut self,
         max: usize,
@@ -114,7 +116,8 @@ impl FolderIndex {
             .filter_map(|(id, shard)| {
                 let heads = shard.doc.get_heads();
                 let loose = heads != shard.compact_heads;
-                let leaving = unloads && !shard.used && shard.durable.as_ref() == Some(&heads);
+                let staying = shard.used && shard.busy_rounds >= 2;
+                let leaving = unloads && !staying && shard.durable.as_ref() == Some(&heads);
                 (loose && !leaving && pick(*id, &heads)).then_some((*id, shard))
             })
             .take(max)
@@ -212,14 +215,16 @@ impl Shard {
             sent: heads.clone(),
             signatures,
             saved: Some(SaveMark {
-                heads,
+                heads: heads.clone(),
                 pieces,
                 piece_bytes,
                 whole_bytes,
             }),
-            durable: (pieces == 0).then(|| compact_heads.clone()),
+            // Read from its saves: as it is, it is persisted.
+            durable: Some(heads),
             compact_heads,
             used: false,
+            busy_rounds: 0,
         })
     }
 }

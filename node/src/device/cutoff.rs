@@ -72,11 +72,7 @@ pub(super) fn settle_dropped(
         }
     }
     let shards: BTreeSet<u16> = dropped.paths.iter().map(|p| shard_of(id, p)).collect();
-    for shard in shards {
-        if let Some(bytes) = folder.index.save_shard(shard) {
-            batch.shards.push((id.clone(), shard, bytes));
-        }
-    }
+    folder.save_shards(id, shards, batch);
     forget_unrecorded(id, folder, map, batch, &dropped.paths);
     Ok(())
 }

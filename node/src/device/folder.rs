@@ -119,6 +119,25 @@ impl Folder {
         }
     }
 
+    /// Puts in `batch` what changed of the index's `shards` since their last saves, each with
+    /// its summary: once [`Device::commit`] has committed them, such a shard can be unloaded
+    /// as it is (no whole save first), and a start leaves it unloaded.
+    pub(crate) fn save_shards(
+        &mut self,
+        id: &FolderId,
+        shards: impl IntoIterator<Item = u16>,
+        batch: &mut Batch,
+    ) {
+        for shard in shards {
+            if let Some(saved) = self.index.save_shard(shard) {
+                if let Some(summary) = self.index.summary(shard) {
+                    batch.summaries.push((id.clone(), shard, summary));
+                }
+                batch.shards.push((id.clone(), shard, saved));
+            }
+        }
+    }
+
     /// Records what this device now holds at `path` (`None`: nothing): in memory, and in
     /// `batch` with where its chunks lie (see [`ChunkMap`]).
     pub(crate) fn set_local(
@@ -208,11 +227,11 @@ pub(crate) fn load_all(
         let mut index = FolderIndex::load(log.mesh(), id.clone(), shards)?
             .with_actor(meshsync_crdt::index::actor_for(&keys.device_id(), 0))
             .with_loader(state.shard_loader(&id));
-        // Shards whose whole save is summarised start unloaded: their saves are read when
+        // Shards whose saves are summarised start unloaded: their saves are read when
         // something needs them (at a million files, loading every shard took seconds).
         index.start_unloaded(loaded.summaries.remove(&id).unwrap_or_default())?;
-        // Shards read from a whole save with no summary beside it (a home from before there
-        // were summaries): summarised now, for the next start.
+        // Shards read with no summary beside their saves (a home from before there were
+        // summaries, or saved where none was kept): summarised now, for the next start.
         for shard in read {
             if let Some(summary) = index.summary(shard) {
                 batch.summaries.push((id.clone(), shard, summary));
@@ -381,16 +400,24 @@ impl Device {
                 batch.shards.push((id.clone(), shard, saved));
             }
         }
-        let compacted: Vec<(FolderId, u16)> = (batch.shards.iter())
+        let compacted = batch.shards.len();
+        self.commit(batch)?;
+        let more = round.folders.iter().any(|(_, left, _)| *left > 0);
+        Ok((compacted, more))
+    }
+
+    /// Commits `batch`; the shard saves in it are then persisted, and the index may unload
+    /// those shards as they are.
+    pub(crate) fn commit(&mut self, batch: Batch) -> anyhow::Result<()> {
+        let saved: Vec<(FolderId, u16)> = (batch.shards.iter())
             .map(|(id, shard, _)| (id.clone(), *shard))
             .collect();
         self.state.commit(batch)?;
         for (id, f) in self.folders.iter_mut() {
-            let saved = compacted.iter().filter(|(of, _)| of == id);
-            f.index.confirm_saved(saved.map(|(_, shard)| *shard));
+            let here = saved.iter().filter(|(of, _)| of == id);
+            f.index.confirm_saved(here.map(|(_, shard)| *shard));
         }
-        let more = round.folders.iter().any(|(_, left, _)| *left > 0);
-        Ok((compacted.len(), more))
+        Ok(())
     }
 
     /// Ends a compaction round that compacted `compacted` shards: unloads the shards nothing

@@ -437,14 +437,10 @@ impl Device {
         }
         drop(map);
         let shards: BTreeSet<u16> = records.iter().map(|r| shard_of(id, &r.path)).collect();
-        for shard in shards {
-            if let Some(bytes) = f.index.save_shard(shard) {
-                batch.shards.push((id.clone(), shard, bytes));
-            }
-        }
+        f.save_shards(id, shards, &mut batch);
         let changes = f.index.take_local_changes();
         if changes.is_empty() {
-            self.state.commit(batch)?;
+            self.commit(batch)?;
             return Ok(None);
         }
         // The same changes, sealed for storage peers, with the chunk lists they name.
@@ -464,7 +460,7 @@ impl Device {
         } else {
             Vec::new()
         };
-        self.state.commit(batch)?;
+        self.commit(batch)?;
         Ok(Some(SyncRequest::Push(SyncChanges {
             membership: vec![],
             folders: vec![(id.clone(), changes)],

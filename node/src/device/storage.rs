@@ -291,7 +291,7 @@ async fn apply_sealed(
         }
     }
     d.sealing.persist(&mut batch);
-    d.state.commit(batch)?;
+    d.commit(batch)?;
     Ok(changed.into_iter().collect())
 }
 
@@ -333,11 +333,7 @@ fn admit(
         .iter()
         .map(|p| shard_of(&payload.folder, p))
         .collect();
-    for shard in shards {
-        if let Some(bytes) = folder.index.save_shard(shard) {
-            batch.shards.push((payload.folder.clone(), shard, bytes));
-        }
-    }
+    folder.save_shards(&payload.folder, shards, batch);
     Ok(Some(report.paths))
 }
 
@@ -412,7 +408,7 @@ pub(crate) fn replay(d: &mut Device, folder: &FolderId) -> anyhow::Result<()> {
             }
         }
     }
-    d.state.commit(batch)?;
+    d.commit(batch)?;
     Ok(())
 }
 

@@ -282,14 +282,10 @@ impl Device {
                 )?;
             }
             let shards: BTreeSet<u16> = report.paths.iter().map(|p| shard_of(&id, p)).collect();
-            for shard in shards {
-                if let Some(bytes) = folder.index.save_shard(shard) {
-                    batch.shards.push((id.clone(), shard, bytes));
-                }
-            }
+            folder.save_shards(&id, shards, &mut batch);
             changed.push((id, report.paths));
         }
-        self.state.commit(batch)?;
+        self.commit(batch)?;
         Ok((changed, allowed))
     }
 }

@@ -5,7 +5,7 @@
 //! Everything a batch changes is written in one transaction, so a crash leaves the state as it
 //! was before or after the batch, never between.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::BTreeMap;
 use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -148,8 +148,8 @@ pub struct Batch {
     pub membership: Option<Vec<u8>>,
     pub folders: Vec<(FolderId, PathBuf)>,
     pub shards: Vec<(FolderId, u16, SavedShard)>,
-    /// Summaries of whole saves in `shards` (any save in `shards` removes the summary its
-    /// shard had).
+    /// Summaries of shards as the saves in `shards` leave them (any save in `shards` removes
+    /// the summary its shard had).
     pub summaries: Vec<(FolderId, u16, ShardSummary)>,
     pub lists: Vec<(ChunkListHash, Vec<ChunkRef>)>,
     pub local: Vec<(FolderId, String, Option<LocalFile>)>,
@@ -383,24 +383,12 @@ impl State {
             let id = FolderId::new(id.value()).map_err(|x| e(&x))?;
             folders.insert(id, PathBuf::from(path.value()));
         }
-        // Pieces come after every whole save, in key order: by shard, then by number.
-        let mut pieces: Vec<(FolderId, u16, Vec<u8>)> = Vec::new();
-        for row in txn
-            .open_table(SHARD_PIECES)
-            .map_err(|x| e(&x))?
-            .iter()
-            .map_err(|x| e(&x))?
-        {
-            let (key, bytes) = row.map_err(|x| e(&x))?;
-            let (folder, shard, _) = key.value();
-            let folder = FolderId::new(folder).map_err(|x| e(&x))?;
-            pieces.push((folder, shard, bytes.value().to_vec()));
-        }
-        let with_pieces: BTreeSet<(&FolderId, u16)> = pieces
-            .iter()
-            .map(|(folder, shard, _)| (folder, *shard))
-            .collect();
-        let summaries = self.summaries_without(&txn, &with_pieces)?;
+        // A summarised shard's saves are read when the index needs it.
+        let summaries = self.summaries(&txn)?;
+        let summarised = |folder: &FolderId, shard: u16| {
+            (summaries.get(folder))
+                .is_some_and(|s| s.binary_search_by_key(&shard, |(id, _)| *id).is_ok())
+        };
         let mut shards: BTreeMap<FolderId, Vec<(u16, Vec<u8>)>> = BTreeMap::new();
         for row in txn
             .open_table(SHARDS)
@@ -411,18 +399,25 @@ impl State {
             let (key, bytes) = row.map_err(|x| e(&x))?;
             let (folder, shard) = key.value();
             let folder = FolderId::new(folder).map_err(|x| e(&x))?;
-            let summarised = (summaries.get(&folder))
-                .is_some_and(|s| s.binary_search_by_key(&shard, |(id, _)| *id).is_ok());
-            if summarised {
-                continue; // its save is read when the index needs it
+            if !summarised(&folder, shard) {
+                let save = (shard, bytes.value().to_vec());
+                shards.entry(folder).or_default().push(save);
             }
-            shards
-                .entry(folder)
-                .or_default()
-                .push((shard, bytes.value().to_vec()));
         }
-        for (folder, shard, bytes) in pieces {
-            shards.entry(folder).or_default().push((shard, bytes));
+        // Pieces come after every whole save, in key order: by shard, then by number.
+        for row in txn
+            .open_table(SHARD_PIECES)
+            .map_err(|x| e(&x))?
+            .iter()
+            .map_err(|x| e(&x))?
+        {
+            let (key, bytes) = row.map_err(|x| e(&x))?;
+            let (folder, shard, _) = key.value();
+            let folder = FolderId::new(folder).map_err(|x| e(&x))?;
+            if !summarised(&folder, shard) {
+                let save = (shard, bytes.value().to_vec());
+                shards.entry(folder).or_default().push(save);
+            }
         }
         // Rows come in key order; collected, not inserted one by one, each folder's map is
         // built with full nodes (inserting in order leaves every node half empty: at a
@@ -457,12 +452,11 @@ impl State {
         })
     }
 
-    /// The summaries of shards not in `with_pieces` (a summary describes a whole save only: a
-    /// shard with pieces is read at start), per folder, in shard order.
-    fn summaries_without(
+    /// The shards' summaries (each describes its shard's saves, whole and pieces), per folder,
+    /// in shard order.
+    fn summaries(
         &self,
         txn: &redb::ReadTransaction,
-        with_pieces: &BTreeSet<(&FolderId, u16)>,
     ) -> Result<BTreeMap<FolderId, Vec<(u16, ShardSummary)>>, StateError> {
         let e = |x: &dyn std::fmt::Display| self.err(x);
         let mut summaries: BTreeMap<FolderId, Vec<(u16, ShardSummary)>> = BTreeMap::new();
@@ -475,9 +469,6 @@ impl State {
             let (key, bytes) = row.map_err(|x| e(&x))?;
             let (folder, shard) = key.value();
             let folder = FolderId::new(folder).map_err(|x| e(&x))?;
-            if with_pieces.contains(&(&folder, shard)) {
-                continue;
-            }
             let (heads, len): (Vec<[u8; 32]>, u64) =
                 postcard::from_bytes(bytes.value()).map_err(|x| e(&x))?;
             let summary = ShardSummary {
