@@ -77,33 +77,40 @@ pub fn preserve(
     olds: &[(String, LocalFile, HashSet<ChunkId>)],
 ) -> anyhow::Result<usize> {
     use std::os::unix::fs::FileExt;
-    let mut sealed: Vec<(ChunkId, Vec<u8>)> = Vec::new();
     let mut seen = HashSet::new();
-    {
-        let store = store.lock().expect("store lock");
-        for (rel, old, keep) in olds {
-            let Ok(file) = root.open_read(rel) else {
-                continue;
-            };
-            let wanted: Vec<ChunkId> = old
-                .chunks
+    let wanted: Vec<ChunkId> = (olds.iter())
+        .flat_map(|(_, old, keep)| {
+            old.chunks
                 .iter()
                 .map(|c| c.id)
-                .filter(|id| !keep.contains(id) && seen.insert(*id))
-                .collect();
-            let missing: HashSet<ChunkId> = store.missing(&wanted)?.into_iter().collect();
-            for c in &old.chunks {
-                if !missing.contains(&c.id) {
-                    continue;
-                }
-                // Sealed in the epoch whose key made its ID; bytes that are that chunk in no
-                // epoch were edited since the scan: that version's bytes are gone.
-                let chunk = content::seal_chunk_in(keys, &c.id, c.len as usize, |slot| {
-                    file.read_exact_at(slot, c.offset)
-                });
-                if let Ok(Some(chunk)) = chunk {
-                    sealed.push((c.id, chunk));
-                }
+                .filter(|id| !keep.contains(id))
+        })
+        .filter(|id| seen.insert(*id))
+        .collect();
+    // The store is held only to look and to put: whoever reads old versions from it (a
+    // materialise preparing files) is not kept waiting while these are read and sealed.
+    let mut missing: HashSet<ChunkId> = (store.lock().expect("store lock").missing(&wanted)?)
+        .into_iter()
+        .collect();
+    let mut sealed: Vec<(ChunkId, Vec<u8>)> = Vec::new();
+    for (rel, old, _) in olds {
+        if !old.chunks.iter().any(|c| missing.contains(&c.id)) {
+            continue;
+        }
+        let Ok(file) = root.open_read(rel) else {
+            continue;
+        };
+        for c in &old.chunks {
+            if !missing.remove(&c.id) {
+                continue;
+            }
+            // Sealed in the epoch whose key made its ID; bytes that are that chunk in no
+            // epoch were edited since the scan: that version's bytes are gone.
+            let chunk = content::seal_chunk_in(keys, &c.id, c.len as usize, |slot| {
+                file.read_exact_at(slot, c.offset)
+            });
+            if let Ok(Some(chunk)) = chunk {
+                sealed.push((c.id, chunk));
             }
         }
     }

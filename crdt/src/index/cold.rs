@@ -109,8 +109,9 @@ impl FolderIndex {
     }
 
     /// Unloads every shard whose saves, as it is, are persisted (see
-    /// [`FolderIndex::confirm_saved`]), that has nothing unsent and was not used since the
-    /// last call; returns how many. Does nothing without a loader.
+    /// [`FolderIndex::confirm_saved`]) and cheap to read back (a whole and at most one piece;
+    /// [`FolderIndex::compact`] saves the others whole), that has nothing unsent and was not
+    /// used since the last call; returns how many. Does nothing without a loader.
     pub fn unload_unused(&mut self) -> usize {
         if self.loader.is_none() {
             return 0;
@@ -119,8 +120,7 @@ impl FolderIndex {
         let before = cold.len();
         self.shards.retain(|&id, shard| {
             let heads = shard.doc.get_heads();
-            let unload =
-                !shard.used && shard.durable.as_ref() == Some(&heads) && !shard.has_unsent(actor);
+            let unload = !shard.used && shard.may_go(&heads) && !shard.has_unsent(actor);
             shard.busy_rounds = match shard.used {
                 true => shard.busy_rounds.saturating_add(1),
                 false => 0,

@@ -215,7 +215,8 @@ fn an_index_started_from_summaries_loads_nothing_and_answers_as_the_index_it_was
 #[test]
 fn a_shard_saved_in_pieces_is_unloaded_as_it_is_and_a_start_leaves_it_unloaded() {
     let (w, mut a, store) = unloaded_index();
-    a.write(&w.admin, Epoch(0), vec![update("d3/3", 2)]).unwrap();
+    a.write(&w.admin, Epoch(0), vec![update("d3/3", 2)])
+        .unwrap();
     a.take_local_changes();
     let shard = shard_of(&w.folder, "d3/3");
     let Some(SavedShard::Piece(1, piece)) = a.save_shard(shard) else {
@@ -235,17 +236,11 @@ fn a_shard_saved_in_pieces_is_unloaded_as_it_is_and_a_start_leaves_it_unloaded()
     assert_eq!(a.unload_unused(), 0, "used this round");
     assert_eq!(a.unload_unused(), 1);
     assert_eq!(a.loaded_shards(), 0);
-    assert_eq!(a.get("d3/3").unwrap().winner.version, 2, "read back whole and piece");
-
-    // One that stays in use round after round is compacted (saved whole, held compactly).
-    for _ in 0..2 {
-        a.warm(["d3/3"]).unwrap();
-        a.unload_unused();
-    }
-    a.warm(["d3/3"]).unwrap();
-    let saves = a.compact(usize::MAX).unwrap();
-    assert!(matches!(saves[..], [(s, SavedShard::Whole(_))] if s == shard));
-    assert_eq!(a.loose_shards(), 0);
+    assert_eq!(
+        a.get("d3/3").unwrap().winner.version,
+        2,
+        "read back whole and piece"
+    );
 
     // A start from the summaries (the piece's included) loads nothing until asked.
     let summaries: Vec<(u16, ShardSummary)> = (store.lock().unwrap().keys())
@@ -256,4 +251,42 @@ fn a_shard_saved_in_pieces_is_unloaded_as_it_is_and_a_start_leaves_it_unloaded()
     assert_eq!(b.loaded_shards(), 0);
     assert_eq!(b.heads(), a.heads());
     assert_eq!(b.get("d3/3").unwrap().winner.version, 2);
+
+    // One that stays in use round after round is compacted (saved whole, held compactly).
+    for _ in 0..2 {
+        a.warm(["d3/3"]).unwrap();
+        a.unload_unused();
+    }
+    a.warm(["d3/3"]).unwrap();
+    let saves = a.compact(usize::MAX).unwrap();
+    assert!(matches!(saves[..], [(s, SavedShard::Whole(_))] if s == shard));
+    assert_eq!(a.loose_shards(), 0);
+    let SavedShard::Whole(whole) = &saves[0].1 else {
+        unreachable!()
+    };
+    *store.lock().unwrap().get_mut(&shard).unwrap() = vec![whole.clone()];
+    a.confirm_saved([shard]);
+
+    // Two pieces: read back change by change, they would cost more than a whole save does.
+    for version in 3..5 {
+        a.write(&w.admin, Epoch(0), vec![update("d3/3", version)])
+            .unwrap();
+        a.take_local_changes();
+        let Some(SavedShard::Piece(_, piece)) = a.save_shard(shard) else {
+            panic!("a piece")
+        };
+        store.lock().unwrap().get_mut(&shard).unwrap().push(piece);
+        a.confirm_saved([shard]);
+    }
+    a.unload_unused();
+    assert_eq!(a.unload_unused(), 0, "not with two pieces to read back");
+    let saves = a.compact(usize::MAX).unwrap();
+    assert!(matches!(saves[..], [(s, SavedShard::Whole(_))] if s == shard));
+    assert_eq!(
+        a.loose_shards(),
+        1,
+        "saved whole, not loaded again: it is about to go"
+    );
+    a.confirm_saved([shard]);
+    assert_eq!(a.unload_unused(), 1);
 }

@@ -75,7 +75,8 @@ pub(crate) async fn materialise(
 const BATCH: usize = 5_000;
 
 /// Carries out `work`, the next steps of `job`'s plan: chunk lists, temp files filled from
-/// local sources and peers, flushed, old versions kept, installed, recorded.
+/// local sources and peers (while the versions they replace are kept), flushed, installed,
+/// recorded.
 async fn write_batch(
     device: &Shared,
     from: PeerId,
@@ -99,6 +100,24 @@ async fn write_batch(
         blocking(move || fetch::prepare(&root, &work, &lists, &held, &keys)).await?
     };
     took.mark("prepare");
+    // The versions about to be replaced are kept while the missing chunks arrive: it reads
+    // only the files still in place, which nothing here touches before the install.
+    let keeping = {
+        let (store, keys, root, folder) = (
+            job.store.clone(),
+            job.keys.clone(),
+            job.root.clone(),
+            folder.clone(),
+        );
+        let (work, lists) = (work.clone(), lists.clone());
+        tokio::task::spawn_blocking(move || {
+            let mut batch = Batch::default();
+            keep_replaced(
+                &store, &keys, &root, &folder, &work, &olds, &lists, &mut batch,
+            )
+            .map(|()| batch)
+        })
+    };
     // Temp files this materialise made: removed if it fails before installing them.
     let temps: Vec<(String, u64)> = assembly
         .pending
@@ -126,7 +145,18 @@ async fn write_batch(
         }
         flushed.insert(i);
     }
-    let mut batch = Batch::default();
+    let kept = match keeping.await {
+        Ok(kept) => kept,
+        Err(error) => Err(error.into()),
+    };
+    took.mark("keep");
+    let batch = match kept {
+        Ok(batch) => batch,
+        Err(error) => {
+            commit::remove_temps(&job.root, &temps);
+            return Err(error);
+        }
+    };
     let installed = {
         let (root, work, lists, keys, me) = (
             job.root.clone(),
@@ -135,20 +165,13 @@ async fn write_batch(
             job.keys.clone(),
             job.me,
         );
-        let (store, folder) = (job.store.clone(), folder.clone());
         blocking(move || {
             let mut took = Phases::default();
-            let ready = commit::flush(&root, &assembly, &flushed).and_then(|()| {
-                took.mark("flush");
-                keep_replaced(
-                    &store, &keys, &root, &folder, &work, &olds, &lists, &mut batch,
-                )
-            });
-            if let Err(error) = ready {
+            if let Err(error) = commit::flush(&root, &assembly, &flushed) {
                 commit::remove_temps(&root, &temps);
                 return Err(error);
             }
-            took.mark("keep");
+            took.mark("flush");
             let installed = commit::install(&root, &work, assembly, &lists, &keys, &me);
             took.mark("install");
             tracing::debug!(files = work.len(), took = %took, "installed");
