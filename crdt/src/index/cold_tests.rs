@@ -253,7 +253,7 @@ fn a_shard_saved_in_pieces_is_unloaded_as_it_is_and_a_start_leaves_it_unloaded()
     assert_eq!(b.get("d3/3").unwrap().winner.version, 2);
 
     // One that stays in use round after round is compacted (saved whole, held compactly).
-    for _ in 0..2 {
+    for _ in 0..super::saved::HOT_ROUNDS {
         a.warm(["d3/3"]).unwrap();
         a.unload_unused();
     }

@@ -28,6 +28,11 @@ pub(super) struct SaveMark {
 /// records), and a whole save costs ~3 ms.
 const UNLOAD_PIECES: u32 = 1;
 
+/// A shard used this many rounds in a row (and in this one) stays in memory, and is held
+/// compactly: one change keeps its shards in use for two or three rounds (admitted, written,
+/// rescanned, surveyed), and they are unloaded after it.
+pub(super) const HOT_ROUNDS: u8 = 8;
+
 /// At most this many pieces follow a shard's whole save before the next save is whole again.
 const MAX_PIECES: u32 = 64;
 
@@ -107,8 +112,8 @@ impl FolderIndex {
     /// Compacts up to `max` loose shards that `pick` (given a shard and its heads) takes, on
     /// every core. With a loader to read shards back:
     /// - one whose saves are persisted as it is, and are a whole and at most
-    ///   [`UNLOAD_PIECES`] pieces, is left alone unless it stays in use (used now, and in the
-    ///   last two rounds): it is about to be unloaded as it is;
+    ///   [`UNLOAD_PIECES`] pieces, is left alone unless it stays in use (see
+    ///   [`HOT_ROUNDS`]): it is about to be unloaded as it is;
     /// - one that does not stay in use is only saved whole: loading it again from that save
     ///   would be work thrown away (it is about to be unloaded).
     fn compact_where(
@@ -236,10 +241,10 @@ impl Shard {
 }
 
 impl Shard {
-    /// Whether it was used this round and the last two (see [`FolderIndex::unload_unused`]):
-    /// it is not about to be unloaded.
+    /// Whether it was used this round and the [`HOT_ROUNDS`] before (see
+    /// [`FolderIndex::unload_unused`]): it is not about to be unloaded.
     fn stays_in_use(&self) -> bool {
-        self.used && self.busy_rounds >= 2
+        self.used && self.busy_rounds >= HOT_ROUNDS
     }
 
     /// Whether it may be unloaded as it is, with `heads`: its saves are persisted as it is
