@@ -108,6 +108,18 @@ impl FolderIndex {
         }
     }
 
+    /// Notes that the last saves of `ids` were not persisted (the commit that held them
+    /// failed): their next saves are whole, so that no piece is ever persisted after one that
+    /// never reached the disk (read back, such a shard would lack the lost piece's changes).
+    pub fn saves_lost(&mut self, ids: impl IntoIterator<Item = u16>) {
+        for id in ids {
+            if let Some(shard) = self.shards.get_mut(&id) {
+                shard.saved = None;
+                shard.durable = None;
+            }
+        }
+    }
+
     /// Unloads every shard whose saves, as it is, are persisted (see
     /// [`FolderIndex::confirm_saved`]) and cheap to read back (a whole and at most one piece;
     /// [`FolderIndex::compact`] saves the others whole), that has nothing unsent and was not

@@ -290,3 +290,30 @@ fn a_shard_saved_in_pieces_is_unloaded_as_it_is_and_a_start_leaves_it_unloaded()
     a.confirm_saved([shard]);
     assert_eq!(a.unload_unused(), 1);
 }
+
+#[test]
+fn after_a_save_that_was_not_persisted_the_next_save_is_whole() {
+    let (w, mut a, _) = unloaded_index();
+    let shard = shard_of(&w.folder, "d3/3");
+    let same: Vec<String> = (0..4000)
+        .filter(|i| i % 40 == 3)
+        .map(|i| format!("d3/{i}"))
+        .filter(|p| shard_of(&w.folder, p) == shard)
+        .take(3)
+        .collect();
+    for (i, path) in same.iter().enumerate() {
+        a.write(&w.admin, Epoch(0), vec![update(path, 2)]).unwrap();
+        a.take_local_changes();
+        let saved = a.save_shard(shard);
+        match i {
+            0 => assert!(matches!(saved, Some(SavedShard::Piece(1, _)))),
+            // The commit that held this piece failed.
+            1 => a.saves_lost([shard]),
+            _ => assert!(
+                matches!(saved, Some(SavedShard::Whole(_))),
+                "a piece after the lost one would leave its changes out"
+            ),
+        }
+    }
+    assert_eq!(a.unload_unused(), 0, "not confirmed: it stays");
+}

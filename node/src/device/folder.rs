@@ -407,17 +407,23 @@ impl Device {
     }
 
     /// Commits `batch`; the shard saves in it are then persisted, and the index may unload
-    /// those shards as they are.
+    /// those shards as they are. If the commit fails, their next saves are whole.
     pub(crate) fn commit(&mut self, batch: Batch) -> anyhow::Result<()> {
         let saved: Vec<(FolderId, u16)> = (batch.shards.iter())
             .map(|(id, shard, _)| (id.clone(), *shard))
             .collect();
-        self.state.commit(batch)?;
+        let committed = self.state.commit(batch);
         for (id, f) in self.folders.iter_mut() {
-            let here = saved.iter().filter(|(of, _)| of == id);
-            f.index.confirm_saved(here.map(|(_, shard)| *shard));
+            let here = saved
+                .iter()
+                .filter(|(of, _)| of == id)
+                .map(|(_, shard)| *shard);
+            match committed {
+                Ok(()) => f.index.confirm_saved(here),
+                Err(_) => f.index.saves_lost(here),
+            }
         }
-        Ok(())
+        Ok(committed?)
     }
 
     /// Ends a compaction round that compacted `compacted` shards: unloads the shards nothing
