@@ -102,22 +102,7 @@ async fn write_batch(
     took.mark("prepare");
     // The versions about to be replaced are kept while the missing chunks arrive: it reads
     // only the files still in place, which nothing here touches before the install.
-    let keeping = {
-        let (store, keys, root, folder) = (
-            job.store.clone(),
-            job.keys.clone(),
-            job.root.clone(),
-            folder.clone(),
-        );
-        let (work, lists) = (work.clone(), lists.clone());
-        tokio::task::spawn_blocking(move || {
-            let mut batch = Batch::default();
-            keep_replaced(
-                &store, &keys, &root, &folder, &work, &olds, &lists, &mut batch,
-            )
-            .map(|()| batch)
-        })
-    };
+    let keeping = keep_meanwhile(job, folder, &work, &lists, olds);
     // Temp files this materialise made: removed if it fails before installing them.
     let temps: Vec<(String, u64)> = assembly
         .pending
@@ -239,6 +224,30 @@ async fn blocking<T: Send + 'static>(
     work: impl FnOnce() -> anyhow::Result<T> + Send + 'static,
 ) -> anyhow::Result<T> {
     tokio::task::spawn_blocking(work).await?
+}
+
+/// [`keep_replaced`] on a blocking thread, giving back the batch of old records it made.
+fn keep_meanwhile(
+    job: &Job,
+    folder: &FolderId,
+    work: &Arc<Vec<Work>>,
+    lists: &Arc<Lists>,
+    olds: Arc<std::collections::HashMap<String, LocalFile>>,
+) -> tokio::task::JoinHandle<anyhow::Result<Batch>> {
+    let (store, keys, root, folder) = (
+        job.store.clone(),
+        job.keys.clone(),
+        job.root.clone(),
+        folder.clone(),
+    );
+    let (work, lists) = (work.clone(), lists.clone());
+    tokio::task::spawn_blocking(move || {
+        let mut batch = Batch::default();
+        keep_replaced(
+            &store, &keys, &root, &folder, &work, &olds, &lists, &mut batch,
+        )
+        .map(|()| batch)
+    })
 }
 
 /// Files about to be replaced or deleted by another device's version stay restorable: the
