@@ -33,6 +33,7 @@ use serde::{Deserialize, Serialize};
 /// Bytes that encode as one length and a copy (not one element at a time).
 pub use serde_bytes::ByteBuf;
 
+use crate::chunks::delta::ListPiece;
 use crate::chunks::ChunkRef;
 
 /// Automerge change hashes, as they travel.
@@ -59,6 +60,9 @@ pub enum SyncRequest {
     Push(SyncChanges),
     /// The chunk lists with these hashes.
     ChunkLists(Vec<ChunkListHash>),
+    /// The chunk lists with these hashes, each as pieces against the list named beside it
+    /// where the answerer holds that one (the list of the version the asker replaces).
+    ListsSince(Vec<(ChunkListHash, Option<ChunkListHash>)>),
 }
 
 /// Changes between devices: admitted by the receiver's `meshsync-crdt` gate before use.
@@ -77,6 +81,20 @@ pub struct SyncChanges {
     /// size budget): pull again.
     #[serde(default)]
     pub more: bool,
+    /// The chunk lists the changes name, when no sealed copy carries them (a mesh without
+    /// storage peers): a changed file's list as pieces against its previous one.
+    #[serde(default)]
+    pub lists: Vec<SentList>,
+}
+
+/// A chunk list as it travels between devices: whole (no `base`, one `New` piece), or as
+/// pieces against `base`, a list the receiver most likely holds (`chunks::delta`). The
+/// receiver checks what it builds against `hash`, which a signed record names.
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq, Eq)]
+pub struct SentList {
+    pub hash: ChunkListHash,
+    pub base: Option<ChunkListHash>,
+    pub pieces: Vec<ListPiece>,
 }
 
 #[derive(Serialize, Deserialize, Debug)]
@@ -85,6 +103,7 @@ pub enum SyncReply {
     Ok,
     ChunkLists(Vec<(ChunkListHash, Vec<ChunkRef>)>),
     Refused(String),
+    Lists(Vec<SentList>),
 }
 
 /// What the inviter sends a joiner after a successful handshake.

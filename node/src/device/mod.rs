@@ -17,6 +17,7 @@
 //! - [`ignore`]: the one answer to "is this path ignored / one of the daemon's own files";
 //! - [`scan`]: disk → signed index records (classification and the mass-delete guard are pure);
 //! - [`sync`]: `/meshsync/doc/2` server and client: pull, push, admit peers' changes;
+//! - [`lists`]: chunk lists between devices, a changed file's as the pieces that differ;
 //! - [`materialise`]: index → disk, as `plan` (pure), `fetch` (chunks into temp files) and
 //!   `commit` (flush, rename, delete, record);
 //! - [`conflict`]: conflict-copy names;
@@ -35,6 +36,7 @@ mod cutoff;
 pub mod folder;
 pub mod history;
 pub mod ignore;
+mod lists;
 pub mod materialise;
 pub mod members;
 pub mod mesh;

@@ -10,7 +10,7 @@
 //! 4. The new records are signed, committed with the local state and the sealed form for
 //!    storage peers, and pushed to connected devices.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeSet, HashMap};
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
@@ -410,6 +410,9 @@ impl Device {
         let records = f.index.write(&self.keys, epoch, updates)?;
         let mut batch = Batch::default();
         let mut map = self.chunk_map.lock().expect("chunk map lock");
+        // For each new list, the list of the version it replaces (what the others most likely
+        // hold, so the new one can go to them as the pieces that differ).
+        let mut bases = HashMap::new();
         for (scan, record) in new.into_iter().zip(&records) {
             // What this device held before the edit stays restorable (its bytes come back from
             // a storage peer or another device: the edit already overwrote them here).
@@ -420,6 +423,9 @@ impl Device {
                     .is_none_or(|new| new.list_hash != old.list_hash);
                 if replaced {
                     crate::versions::record(&mut batch, id, &scan.path, old);
+                }
+                if let Some(new) = &scan.file {
+                    bases.insert(new.list_hash, old.list_hash);
                 }
             }
             let file = scan.file.map(|file| LocalFile {
@@ -444,21 +450,27 @@ impl Device {
             return Ok(None);
         }
         // The same changes, sealed for storage peers, with the chunk lists they name.
-        let lists = batch.lists.clone();
         let mesh = self.log.mesh();
+        let lists = batch.lists.clone();
         self.sealing
             .seal(&self.keys, key, mesh, id, &changes, lists, &mut batch)?;
-        // Sent along with the push for the other devices to forward, unless that makes it big
-        // (they would get it from a storage peer, or never need it).
+        // Sent along with the push for the other devices to forward to storage peers, unless
+        // the mesh has none or that makes it big (they would get it from a storage peer, or
+        // never need it). Without it, the push carries the chunk lists itself, a changed
+        // file's as the pieces that differ from its last version.
         let sealed_size: usize = batch.sealed.iter().map(|(_, _, b)| b.len()).sum();
-        let sealed = if sealed_size <= crate::storage_client::SEAL_BUDGET {
-            batch
-                .sealed
-                .iter()
+        let forward =
+            !self.storage_peers().is_empty() && sealed_size <= crate::storage_client::SEAL_BUDGET;
+        let (sealed, lists) = if forward {
+            let sealed = (batch.sealed.iter())
                 .map(|(_, _, b)| ByteBuf::from(b.clone()))
-                .collect()
+                .collect();
+            (sealed, Vec::new())
         } else {
-            Vec::new()
+            (
+                Vec::new(),
+                super::lists::to_send(&self.state, &batch.lists, &bases),
+            )
         };
         self.commit(batch)?;
         Ok(Some(SyncRequest::Push(SyncChanges {
@@ -467,6 +479,7 @@ impl Device {
             heads: self.sealing.heads(),
             sealed,
             more: false,
+            lists,
         })))
     }
 }

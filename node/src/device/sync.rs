@@ -68,6 +68,23 @@ async fn handle(device: &Shared, peer: PeerId, request: SyncRequest) -> SyncRepl
                 Err(error) => SyncReply::Refused(format!("cannot read chunk lists: {error}")),
             }
         }
+        SyncRequest::ListsSince(asked) => {
+            let state = {
+                let d = device.lock().await;
+                if d.is_storage(&peer) {
+                    return SyncReply::Refused("chunk lists are not for storage peers".into());
+                }
+                d.state.clone()
+            };
+            let asked = asked.into_iter().take(MAX_LISTS_PER_REQUEST).collect();
+            // Blocking reads and diffs, thousands at a time during a first sync.
+            let answer = tokio::task::spawn_blocking(move || super::lists::answer(&state, &asked));
+            match answer.await {
+                Ok(Ok(lists)) => SyncReply::Lists(lists),
+                Ok(Err(error)) => SyncReply::Refused(format!("cannot read chunk lists: {error}")),
+                Err(error) => SyncReply::Refused(format!("cannot answer: {error}")),
+            }
+        }
     }
 }
 
@@ -248,6 +265,10 @@ impl Device {
         let kept = batch.sealed[kept_before..].iter();
         let lists = super::storage::lists_in_forwarded(self, kept.map(|(_, _, b)| &b[..]));
         batch.lists.extend(lists);
+        if !self.is_storage(peer) {
+            let lists = super::lists::received(&self.state, changes.lists, &batch.lists);
+            batch.lists.extend(lists);
+        }
         let mut changed = Vec::new();
         if allowed.is_some() {
             self.drop_past_cutoffs(&view, &mut batch, &mut changed)?;

@@ -64,7 +64,9 @@ async fn handle_doc(s: &SharedStorage, peer: PeerId, request: SyncRequest) -> Sy
                 }
             }
         }
-        SyncRequest::ChunkLists(_) => SyncReply::ChunkLists(vec![]),
+        SyncRequest::ChunkLists(_) | SyncRequest::ListsSince(_) => {
+            SyncReply::Refused("a storage peer holds no chunk lists".into())
+        }
     }
 }
 

@@ -8,7 +8,7 @@
 //! logged, and asked again from the other sources, up to three rounds. File I/O and chunk
 //! opening run on blocking threads.
 
-use std::collections::{BTreeSet, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::Arc;
 
 use anyhow::Context;
@@ -20,9 +20,10 @@ use super::plan::Work;
 use crate::chunks::{content, ChunkRef};
 use crate::device::folder::TEMP_PREFIX;
 use crate::device::serve::FileAt;
-use crate::device::{Device, Shared};
+use crate::device::{lists, Device, Shared};
 use crate::disk::{parent_of, FolderRoot};
-use crate::protocol::{self, SyncReply, SyncRequest};
+use crate::protocol::{self, SentList, SyncReply, SyncRequest};
+use crate::state::LocalFile;
 
 /// Files at least this big get their own fsync; smaller ones share one `syncfs` per batch.
 pub(super) const OWN_FSYNC: u64 = 4 << 20;
@@ -136,15 +137,18 @@ pub(super) async fn chunk_lists(
     transport: &Transport,
     from: PeerId,
     work: &[Work],
+    olds: &HashMap<String, LocalFile>,
 ) -> anyhow::Result<Lists> {
-    let wanted: BTreeSet<ChunkListHash> = work
+    // Each wanted list, with the list of the version it replaces here (the answer can then
+    // be the pieces that differ from it).
+    let wanted: BTreeMap<ChunkListHash, Option<ChunkListHash>> = work
         .iter()
         .filter(|w| w.needs_content())
-        .map(|w| w.record.chunks)
+        .map(|w| (w.record.chunks, olds.get(&w.path).map(|old| old.list_hash)))
         .collect();
     let state = device.lock().await.state.clone();
     let mut lists: Lists = state
-        .chunk_lists(&wanted)
+        .chunk_lists(wanted.keys())
         .unwrap_or_default()
         .into_iter()
         .collect();
@@ -153,26 +157,25 @@ pub(super) async fn chunk_lists(
     let mut others = transport.connected_peers().await;
     others.retain(|p| *p != from);
     for peer in std::iter::once(from).chain(others) {
-        let ask: Vec<ChunkListHash> = wanted
+        let ask: Vec<(ChunkListHash, Option<ChunkListHash>)> = wanted
             .iter()
-            .filter(|h| !lists.contains_key(h))
-            .copied()
+            .filter(|(h, _)| !lists.contains_key(h))
+            .map(|(h, base)| (*h, *base))
             .collect();
         if ask.is_empty() {
             break;
         }
-        let Ok(SyncReply::ChunkLists(got)) =
-            protocol::doc(transport, peer, &SyncRequest::ChunkLists(ask)).await
+        let Ok(SyncReply::Lists(got)) =
+            protocol::doc(transport, peer, &SyncRequest::ListsSince(ask)).await
         else {
             continue; // unreachable, refused (a storage peer), or not a list: ask the next
         };
-        for (hash, list) in got {
-            if content::valid_list(&hash, &list) {
-                lists.insert(hash, list);
-            } else {
-                tracing::warn!(%peer, "chunk list malformed or not matching its hash; ignored");
-            }
-        }
+        let asked = |s: &SentList| wanted.contains_key(&s.hash);
+        let got = got.into_iter().filter(asked).collect();
+        // Put together against this device's copies of the bases (blocking reads).
+        let s = state.clone();
+        let got = tokio::task::spawn_blocking(move || lists::received(&s, got, &[])).await?;
+        lists.extend(got);
     }
     Ok(lists)
 }

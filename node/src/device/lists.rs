@@ -1,0 +1,258 @@
+//! Chunk lists between devices: a changed file's list goes out as the pieces that differ from
+//! the list of the version it replaces ([`chunks::delta`](crate::chunks::delta)), with a push
+//! ([`to_send`]) or in answer to `ListsSince` ([`answer`]); what arrives is put together
+//! against the receiver's own copy of that list and kept only if it hashes to the hash asked
+//! for or named ([`received`]). A receiver without the base simply asks for the list again,
+//! naming no base.
+
+use std::collections::{BTreeMap, HashMap};
+
+use meshsync_crdt::ChunkListHash;
+
+use crate::chunks::delta::{self, ListPiece};
+use crate::chunks::{content, ChunkRef};
+use crate::protocol::SentList;
+use crate::state::State;
+
+/// Lists this short go whole (a piece list would not be smaller).
+const WHOLE_BELOW: usize = 16;
+/// About how many bytes of chunk lists one push carries; lists past it are asked for.
+pub(super) const PUSH_BUDGET: usize = 4 * 1024 * 1024;
+/// The bytes one chunk takes in a list on the wire, about.
+const CHUNK_BYTES: usize = 40;
+
+/// `list` (with hash `hash`) as it goes to a device that most likely holds `base`: pieces
+/// against it when this device holds it too, else whole.
+fn encode(
+    state: &State,
+    hash: ChunkListHash,
+    list: &[ChunkRef],
+    base: Option<ChunkListHash>,
+) -> SentList {
+    let whole = |list: &[ChunkRef]| SentList {
+        hash,
+        base: None,
+        pieces: vec![ListPiece::New(list.iter().map(|c| (c.id, c.len)).collect())],
+    };
+    let Some(base) = base.filter(|b| *b != hash && list.len() >= WHOLE_BELOW) else {
+        return whole(list);
+    };
+    match state.chunk_list(&base) {
+        Ok(Some(old)) => SentList {
+            hash,
+            base: Some(base),
+            pieces: delta::diff(&old, list),
+        },
+        _ => whole(list),
+    }
+}
+
+/// The lists a push carries: each against the list of the version it replaces (`bases`,
+/// by new list hash), up to [`PUSH_BUDGET`]; the receiver asks for the rest.
+pub(super) fn to_send(
+    state: &State,
+    lists: &[(ChunkListHash, Vec<ChunkRef>)],
+    bases: &HashMap<ChunkListHash, ChunkListHash>,
+) -> Vec<SentList> {
+    let mut budget = PUSH_BUDGET;
+    let mut out = Vec::new();
+    for (hash, list) in lists {
+        let sent = encode(state, *hash, list, bases.get(hash).copied());
+        let size = sent_chunks(&sent) * CHUNK_BYTES;
+        if size > budget {
+            continue;
+        }
+        budget -= size;
+        out.push(sent);
+    }
+    out
+}
+
+/// The chunks a sent list carries in full.
+fn sent_chunks(sent: &SentList) -> usize {
+    (sent.pieces.iter())
+        .map(|p| match p {
+            ListPiece::New(chunks) => chunks.len(),
+            ListPiece::Same { .. } => 1,
+        })
+        .sum()
+}
+
+/// The answer to `ListsSince`: each list this device holds, against the base named beside
+/// it where this device holds that one too.
+pub(super) fn answer(
+    state: &State,
+    asked: &BTreeMap<ChunkListHash, Option<ChunkListHash>>,
+) -> Result<Vec<SentList>, crate::state::StateError> {
+    let held = state.chunk_lists(asked.keys())?;
+    Ok(held
+        .into_iter()
+        .map(|(hash, list)| encode(state, hash, &list, asked[&hash]))
+        .collect())
+}
+
+/// The lists in `sent` put together against this device's own copies of their bases (or the
+/// lists in `fresh`, arriving alongside), each kept only if well formed and hashing to its
+/// hash; the others are logged and left out (they are asked for again, whole).
+pub(super) fn received(
+    state: &State,
+    sent: Vec<SentList>,
+    fresh: &[(ChunkListHash, Vec<ChunkRef>)],
+) -> Vec<(ChunkListHash, Vec<ChunkRef>)> {
+    let mut out: Vec<(ChunkListHash, Vec<ChunkRef>)> = Vec::new();
+    for s in sent {
+        let base = match s.base {
+            None => Some(Vec::new()),
+            Some(b) => (fresh.iter().chain(&out))
+                .find(|(h, _)| *h == b)
+                .map(|(_, l)| l.clone())
+                .or_else(|| state.chunk_list(&b).ok().flatten()),
+        };
+        let Some(base) = base else {
+            tracing::debug!(list = ?s.hash, "the base of a sent chunk list is not held here; it will be asked for");
+            continue;
+        };
+        match delta::patch(&base, &s.pieces) {
+            Ok(list) if content::valid_list(&s.hash, &list) => out.push((s.hash, list)),
+            Ok(_) => {
+                tracing::warn!(list = ?s.hash, "a sent chunk list does not match its hash; ignored")
+            }
+            Err(error) => {
+                tracing::warn!(list = ?s.hash, %error, "a sent chunk list is malformed; ignored")
+            }
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use meshsync_crdt::Role;
+
+    use super::*;
+    use crate::device::scan::{scan, ScanOptions};
+    use crate::device::Shared;
+    use crate::home::Home;
+    use crate::net::Network;
+    use crate::protocol::{self, SyncReply, SyncRequest};
+
+    async fn device(dir: &std::path::Path, name: &str) -> Shared {
+        let home = Home::locate(Some(dir.join(name))).unwrap();
+        home.init(name, Role::Device).unwrap();
+        crate::device::start(home, Network::memory()).await.unwrap()
+    }
+
+    /// Incompressible bytes (xorshift), so content-defined cuts fall about every 64 KiB.
+    fn random(len: usize, seed: u64) -> Vec<u8> {
+        let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+        (0..len)
+            .map(|_| {
+                x ^= x << 13;
+                x ^= x >> 7;
+                x ^= x << 17;
+                (x >> 24) as u8
+            })
+            .collect()
+    }
+
+    async fn list_at(d: &Shared, folder: &meshsync_crdt::FolderId) -> Option<ChunkListHash> {
+        let d = d.lock().await;
+        (d.state.local_file(folder, "big.bin").ok().flatten()).map(|f| f.list_hash)
+    }
+
+    /// Two devices, no storage peer: an edit in the middle of a big file reaches the other
+    /// with its list as pieces against the last version's; asked for with `ListsSince`, a
+    /// device answers the same way, and whole when it does not hold the base. Pieces that do
+    /// not build the named list, or name a base the receiver lacks, give nothing.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_changed_files_list_travels_as_the_pieces_that_differ() {
+        let dir = tempfile::tempdir().unwrap();
+        let (a, b) = (device(dir.path(), "a").await, device(dir.path(), "b").await);
+        let code = crate::device::mesh::invite(&a, Role::Device, Duration::from_secs(60))
+            .await
+            .unwrap();
+        crate::device::mesh::join(&b, &code).await.unwrap();
+        let (fa, fb) = (dir.path().join("A"), dir.path().join("B"));
+        std::fs::create_dir_all(&fa).unwrap();
+        std::fs::create_dir_all(&fb).unwrap();
+        let mut data = random(8 << 20, 1);
+        std::fs::write(fa.join("big.bin"), &data).unwrap();
+        let folder = a.lock().await.add_folder(&fa, None).unwrap();
+        b.lock()
+            .await
+            .add_folder(&fb, Some(folder.clone()))
+            .unwrap();
+        let asked = ScanOptions {
+            requested: true,
+            ..Default::default()
+        };
+        let arrived = |data: Vec<u8>| {
+            let fb = fb.clone();
+            async move {
+                for _ in 0..600 {
+                    if std::fs::read(fb.join("big.bin")).is_ok_and(|d| d == data) {
+                        return true;
+                    }
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+                false
+            }
+        };
+        scan(&a, &folder, asked).await.unwrap();
+        assert!(arrived(data.clone()).await, "the first version reached b");
+        let old = list_at(&a, &folder).await.unwrap();
+
+        data[4 << 20..(4 << 20) + 100_000].copy_from_slice(&random(100_000, 9));
+        std::fs::write(fa.join("big.bin"), &data).unwrap();
+        scan(&a, &folder, asked).await.unwrap();
+        assert!(arrived(data.clone()).await, "the edit reached b");
+        let new = list_at(&a, &folder).await.unwrap();
+        assert_ne!(old, new);
+        assert_eq!(list_at(&b, &folder).await, Some(new));
+
+        // Asked for against the old list: a few chunks in full, the rest as runs.
+        let (transport, a_peer) = {
+            let (a, b) = (a.lock().await, b.lock().await);
+            (b.transport.clone(), a.keys.device_id().to_peer_id())
+        };
+        let ask = |base| SyncRequest::ListsSince(vec![(new, base)]);
+        let Ok(SyncReply::Lists(got)) = protocol::doc(&transport, a_peer, &ask(Some(old))).await
+        else {
+            panic!("a answers ListsSince");
+        };
+        assert_eq!(got.len(), 1);
+        assert_eq!(got[0].base, Some(old));
+        let whole = a.lock().await.state.chunk_list(&new).unwrap().unwrap();
+        assert!(whole.len() > 64, "{} chunks", whole.len());
+        assert!(sent_chunks(&got[0]) < 10, "{:?}", got[0].pieces);
+        let b_state = b.lock().await.state.clone();
+        assert_eq!(
+            received(&b_state, got.clone(), &[]),
+            vec![(new, whole.clone())]
+        );
+
+        // A base a does not hold: the whole list.
+        let unknown = ChunkListHash([7; 32]);
+        let Ok(SyncReply::Lists(plain)) =
+            protocol::doc(&transport, a_peer, &ask(Some(unknown))).await
+        else {
+            panic!("a answers ListsSince");
+        };
+        assert_eq!(plain[0].base, None);
+        assert_eq!(sent_chunks(&plain[0]), whole.len());
+
+        // Pieces that build another list, a base b lacks, a run outside the base: nothing.
+        let mut forged = got[0].clone();
+        forged.pieces.swap(0, 1);
+        let mut baseless = got[0].clone();
+        baseless.base = Some(unknown);
+        let mut outside = got[0].clone();
+        outside.pieces.push(ListPiece::Same {
+            from: u32::MAX - 1,
+            count: 1,
+        });
+        assert!(received(&b_state, vec![forged, baseless, outside], &[]).is_empty());
+    }
+}
