@@ -1,8 +1,11 @@
 //! Content: a file becomes FastCDC chunks, each named by a keyed BLAKE3 hash and sealed with
 //! AES-256-GCM before it is stored or sent.
 //!
-//! - **Chunking**: FastCDC (2020), 16 KiB min / 64 KiB average / 256 KiB max, so an insert in
-//!   the middle of a file changes only the chunks around it.
+//! - **Chunking**: FastCDC (2020), 16 KiB min / 32 KiB average / 128 KiB max (about 43 KiB
+//!   apart in practice, as the minimum skips the first cut points), so an edit in the middle of
+//!   a file changes only the chunks around it: a 1 MiB overwrite sends some 70 KB more than
+//!   1 MiB (with 64/256 KiB it was some 130 KB, up to 345 KB). Every file up to 16 KiB is one
+//!   chunk.
 //! - **Chunk ID** = BLAKE3 keyed with the epoch's chunk-ID key over the plaintext: equal chunks
 //!   dedupe inside the mesh; nobody without the key can test for a known file.
 //! - **Sealing**: AES-256-GCM (`ring`, AES-NI: the fastest AEAD measured on this machine) under a
@@ -22,8 +25,11 @@ use meshsync_crdt::{ChunkId, ChunkListHash, Epoch, KeyRing, MeshKey};
 use ring::aead::{Aad, LessSafeKey, Nonce, UnboundKey, AES_256_GCM};
 
 pub const MIN_CHUNK: usize = 16 * 1024;
-pub const AVG_CHUNK: usize = 64 * 1024;
-pub const MAX_CHUNK: usize = 256 * 1024;
+pub const AVG_CHUNK: usize = 32 * 1024;
+pub const MAX_CHUNK: usize = 128 * 1024;
+/// The longest chunk a list may name: what this version cuts, or what earlier versions did
+/// (64 KiB average, 256 KiB at most), whose lists stay valid.
+pub const MAX_LISTED_CHUNK: usize = 256 * 1024;
 const TAG: usize = 16;
 
 /// Why content could not be chunked or opened.
@@ -57,13 +63,13 @@ impl ChunkRef {
 }
 
 /// Whether `list` is a well-formed chunk list with the hash `hash`: it hashes to it, every
-/// chunk is between 1 byte and [`MAX_CHUNK`] long, and each offset is the sum of the lengths
+/// chunk is between 1 byte and [`MAX_LISTED_CHUNK`] long, and each offset is the sum of the lengths
 /// before it (so the list describes exactly one byte layout: no gap, no overlap, no reordering
 /// that the hash would not see). Lists from peers are admitted only if this holds.
 pub fn valid_list(hash: &ChunkListHash, list: &[ChunkRef]) -> bool {
     let mut offset = 0u64;
     for c in list {
-        if c.offset != offset || c.len == 0 || c.len as usize > MAX_CHUNK {
+        if c.offset != offset || c.len == 0 || c.len as usize > MAX_LISTED_CHUNK {
             return false;
         }
         offset += u64::from(c.len);
@@ -440,6 +446,13 @@ mod tests {
         huge[1].len = u32::MAX;
         assert!(!valid_list(&chunk_list_hash(&huge), &huge));
         assert!(valid_list(&chunk_list_hash(&[]), &[]));
+        // A list an earlier version cut (chunks up to 256 KiB) stays valid; no longer chunk.
+        let mut earlier = list.clone();
+        earlier[1].len = MAX_LISTED_CHUNK as u32;
+        assert!(MAX_LISTED_CHUNK > MAX_CHUNK);
+        assert!(valid_list(&chunk_list_hash(&earlier), &earlier));
+        earlier[1].len += 1;
+        assert!(!valid_list(&chunk_list_hash(&earlier), &earlier));
     }
 
     use super::*;

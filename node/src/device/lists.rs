@@ -144,7 +144,7 @@ mod tests {
         crate::device::start(home, Network::memory()).await.unwrap()
     }
 
-    /// Incompressible bytes (xorshift), so content-defined cuts fall about every 64 KiB.
+    /// Incompressible bytes (xorshift), so content-defined cuts fall where they would in real data.
     fn random(len: usize, seed: u64) -> Vec<u8> {
         let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
         (0..len)

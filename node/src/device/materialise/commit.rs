@@ -356,6 +356,10 @@ fn install_link(
 
 /// Gives the flushed temp file the record's mode (`& 0o777`) and mtime and renames it into
 /// place.
+/// Files this big that a new version replaces are closed for the last time off the install
+/// (see `install_file`).
+const LET_GO_FROM: u64 = 16 << 20;
+
 fn install_file(
     root: &FolderRoot,
     p: &Pending,
@@ -372,7 +376,17 @@ fn install_file(
     let mtime_ns = crate::disk::Entry::of_file(&file).map_or(r.mtime_ns, |e| e.mtime_ns);
     drop(file);
     make_room(root, &w.path, Kind::File, me)?;
+    // A big file replaced here is let go of on a thread of its own: the last close of its
+    // inode drops its cached pages and frees its blocks (some 100 ms for 256 MiB), which
+    // need not hold up the new version being recorded.
+    let replaced = w.before.filter(|(size, _)| *size >= LET_GO_FROM);
+    let old = replaced.and_then(|_| root.open_read(&w.path).ok());
     place(root, &p.tmp, w)?;
+    if let Some(old) = old {
+        let _ = std::thread::Builder::new()
+            .name("let-go".into())
+            .spawn(move || drop(old));
+    }
     Ok(LocalFile {
         kind: FileKind::File,
         size: p.size,

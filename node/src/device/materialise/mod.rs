@@ -90,6 +90,10 @@ async fn write_batch(
     let lists = Arc::new(fetch::chunk_lists(device, &job.transport, from, &work, &olds).await?);
     took.mark("lists");
     let held = device.lock().await.held_chunks(&lists);
+    // The versions about to be replaced are kept while the new ones are put together and the
+    // missing chunks arrive: it reads only the files still in place, which nothing here
+    // touches before the install.
+    let keeping = keep_meanwhile(job, folder, &work, &lists, olds);
     let assembly = {
         let (root, work, lists, keys) = (
             job.root.clone(),
@@ -100,9 +104,6 @@ async fn write_batch(
         blocking(move || fetch::prepare(&root, &work, &lists, &held, &keys)).await?
     };
     took.mark("prepare");
-    // The versions about to be replaced are kept while the missing chunks arrive: it reads
-    // only the files still in place, which nothing here touches before the install.
-    let keeping = keep_meanwhile(job, folder, &work, &lists, olds);
     // Temp files this materialise made: removed if it fails before installing them.
     let temps: Vec<(String, u64)> = assembly
         .pending
