@@ -482,6 +482,22 @@ pub fn set_mode(file: &File, mode: u32) -> std::io::Result<()> {
     file.set_permissions(std::fs::Permissions::from_mode(mode & 0o777))
 }
 
+/// Starts writing `len` bytes of `file` from `offset` to disk without waiting (Linux
+/// `sync_file_range(SYNC_FILE_RANGE_WRITE)`), so a later `fsync` of a big file finds most of
+/// it written already. Durability still comes from that `fsync` only; a failure here is
+/// ignored (the `fsync` reports what matters).
+pub fn start_writeback(file: &File, offset: u64, len: u64) {
+    use std::os::fd::AsRawFd;
+    let (Ok(offset), Ok(len)) = (i64::try_from(offset), i64::try_from(len)) else {
+        return;
+    };
+    // SAFETY: a plain syscall on a descriptor `file` owns for the duration of the call; it
+    // reads and writes no memory of this process.
+    unsafe {
+        libc::sync_file_range(file.as_raw_fd(), offset, len, libc::SYNC_FILE_RANGE_WRITE);
+    }
+}
+
 /// `rel`'s parent (`""` for the root).
 pub fn parent_of(rel: &str) -> &str {
     rel.rfind('/').map_or("", |i| &rel[..i])

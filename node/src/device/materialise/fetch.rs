@@ -282,17 +282,26 @@ impl Assembly {
         let file = root.create_fresh(&tmp)?;
         file.set_len(size)?;
         // Read, checked and written on every core, a run of chunks at a time (a 1 MiB edit
-        // of a 256 MiB file copies the other 255 MiB from the file it replaces).
+        // of a 256 MiB file copies the other 255 MiB from the file it replaces). A big file's
+        // runs start going to disk as they are written: its flush then waits for little.
         let copied: Vec<Vec<bool>> = list
             .par_chunks(COPY_RUN)
             .map(|run| {
                 let mut open = None;
-                run.iter()
+                let copied = run
+                    .iter()
                     .map(|c| match held.chunk(c, keys, &mut open) {
                         Some(data) => file.write_all_at(&data, c.offset).map(|()| true),
                         None => Ok(false),
                     })
-                    .collect::<std::io::Result<Vec<bool>>>()
+                    .collect::<std::io::Result<Vec<bool>>>()?;
+                if let (Some(first), Some(last)) = (run.first(), run.last()) {
+                    if size >= OWN_FSYNC {
+                        let end = last.range().end;
+                        crate::disk::start_writeback(&file, first.offset, end - first.offset);
+                    }
+                }
+                Ok(copied)
             })
             .collect::<std::io::Result<_>>()?;
         let mut left = 0usize;
