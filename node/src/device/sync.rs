@@ -331,7 +331,13 @@ pub(crate) fn push_to_devices(transport: Transport, storage: BTreeSet<PeerId>, p
                 if storage.contains(&peer) {
                     continue;
                 }
-                if let Err(error) = protocol::doc(&transport, peer, &push).await {
+                // Once more at once if it fails: a stream opened on a connection that was
+                // closing fails although another connection to the peer is up.
+                let mut sent = protocol::doc(&transport, peer, &push).await;
+                if sent.is_err() {
+                    sent = protocol::doc(&transport, peer, &push).await;
+                }
+                if let Err(error) = sent {
                     tracing::info!(%peer, %error, "push failed; the peer will pull");
                 }
             }
