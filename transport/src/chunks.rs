@@ -46,6 +46,12 @@ pub struct Want {
 /// `Bytes`, so that a store holding chunks in memory (or mapped) can hand them out uncopied.
 pub trait ChunkSource: Send + Sync + 'static {
     fn get(&self, id: &ChunkId) -> Option<bytes::Bytes>;
+
+    /// The chunks of one `Want`, in order: a source can share its lookups across them (one
+    /// index read, each file opened once); by default, one `get` each.
+    fn get_many(&self, ids: &[ChunkId]) -> Vec<Option<bytes::Bytes>> {
+        ids.iter().map(|id| self.get(id)).collect()
+    }
 }
 
 /// A chunk as received, not yet authenticated.
@@ -172,12 +178,10 @@ async fn serve_stream(
         }
         let source = source.clone();
         let found = tokio::task::spawn_blocking(move || {
-            want.ids
-                .into_iter()
-                .map(|id| {
-                    let data = source.get(&id).filter(|d| d.len() <= MAX_CHUNK);
-                    (id, data)
-                })
+            let found = source.get_many(&want.ids);
+            (want.ids.into_iter())
+                .zip(found.into_iter().chain(std::iter::repeat(None)))
+                .map(|(id, data)| (id, data.filter(|d| d.len() <= MAX_CHUNK)))
                 .collect::<Vec<_>>()
         })
         .await

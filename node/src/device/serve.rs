@@ -214,50 +214,78 @@ pub(crate) struct Served {
 
 impl ChunkSource for Served {
     fn get(&self, id: &ChunkId) -> Option<bytes::Bytes> {
+        self.get_many(std::slice::from_ref(id)).pop().flatten()
+    }
+
+    /// One read of where the chunks lie for the whole `Want`, and each file opened (and its
+    /// size and age checked) once for all of its chunks in it.
+    fn get_many(&self, ids: &[ChunkId]) -> Vec<Option<bytes::Bytes>> {
+        let Ok(ring) = self.keys.lock().map(|k| k.clone()) else {
+            return vec![None; ids.len()];
+        };
+        let links: Vec<Option<Vec<u8>>> = match self.map.lock() {
+            Ok(map) => ids.iter().map(|id| map.links.get(id).cloned()).collect(),
+            Err(_) => return vec![None; ids.len()],
+        };
+        let places = places(&self.state, ids);
+        let mut files: HashMap<(Arc<PathBuf>, String), Option<std::fs::File>> = HashMap::new();
+        (ids.iter().zip(links))
+            .map(|(id, link)| match link {
+                Some(target) => {
+                    let key = content::key_of(&ring, id, &target)?;
+                    let sealed = content::seal_chunk(&key.chunk_key(), key.epoch(), id, &target);
+                    Some(sealed.into())
+                }
+                None => {
+                    let here = places.get(id).map_or(&[][..], Vec::as_slice);
+                    self.from_files(&ring, id, here, &mut files)
+                        .or_else(|| self.store.lock().ok()?.get(id).ok().flatten())
+                        .map(Into::into)
+                }
+            })
+            .collect()
+    }
+}
+
+impl Served {
+    /// Chunk `id` sealed from the first of `places` whose file is still as scanned (the
+    /// receiver re-hashes every chunk anyway). `files`: the files opened so far, each checked
+    /// once (`None`: gone, or changed since its chunks were recorded).
+    fn from_files(
+        &self,
+        ring: &KeyRing,
+        id: &ChunkId,
+        places: &[Place],
+        files: &mut HashMap<(Arc<PathBuf>, String), Option<std::fs::File>>,
+    ) -> Option<Vec<u8>> {
         use std::os::unix::fs::FileExt;
-        let ring = self.keys.lock().ok()?.clone();
-        {
-            let map = self.map.lock().ok()?;
-            if let Some(target) = map.links.get(id) {
-                let key = content::key_of(&ring, id, target)?;
-                let sealed = content::seal_chunk(&key.chunk_key(), key.epoch(), id, target);
-                return Some(sealed.into());
-            }
-        }
-        let places = places(&self.state, [id]).remove(id).unwrap_or_default();
         for Place {
             at,
             chunk,
             recorded,
         } in places
         {
-            let Some(file) = at.open() else {
-                continue;
-            };
-            // The file may have changed since it was scanned: a file no longer the size and age
-            // it had when its chunks were recorded is not even read.
-            let Ok(meta) = file.metadata() else { continue };
-            let mtime_ns = meta.modified().map(unix_nanos).unwrap_or(0);
-            if recorded != (meta.len(), mtime_ns) {
-                continue;
-            }
+            let file = files
+                .entry((at.root.clone(), at.rel.clone()))
+                .or_insert_with(|| {
+                    // The file may have changed since it was scanned: a file no longer the
+                    // size and age it had when its chunks were recorded is not even read.
+                    let file = at.open()?;
+                    let meta = file.metadata().ok()?;
+                    let mtime_ns = meta.modified().map(unix_nanos).unwrap_or(0);
+                    (*recorded == (meta.len(), mtime_ns)).then_some(file)
+                });
+            let Some(file) = file else { continue };
             // Re-hashed before sealing (which also finds the epoch whose key made its ID): the
             // same chunk key and nonce never seal other bytes.
-            let sealed = content::seal_chunk_in(&ring, id, chunk.len as usize, |slot| {
+            let sealed = content::seal_chunk_in(ring, id, chunk.len as usize, |slot| {
                 file.read_exact_at(slot, chunk.offset)
             });
             if let Ok(Some(sealed)) = sealed {
-                return Some(sealed.into());
+                return Some(sealed);
             }
         }
-        // Not in a current file: maybe an old version's, kept sealed in the store.
-        self.store
-            .lock()
-            .ok()?
-            .get(id)
-            .ok()
-            .flatten()
-            .map(Into::into)
+        None
     }
 }
 

@@ -27,6 +27,8 @@ use crate::state::LocalFile;
 
 /// Files at least this big get their own fsync; smaller ones share one `syncfs` per batch.
 pub(super) const OWN_FSYNC: u64 = 4 << 20;
+/// At most this many temp files are held open while chunks arrive.
+const OPEN_WHILE_RECEIVING: usize = 64;
 
 /// How many chunks in a row one task copies from files here into a file being assembled.
 const COPY_RUN: usize = 64;
@@ -331,8 +333,9 @@ impl Assembly {
         bad_sources: &mut BTreeSet<PeerId>,
     ) -> anyhow::Result<()> {
         use std::os::unix::fs::FileExt;
-        // Chunks of one file mostly arrive together: keep its handle.
-        let mut last_open: Option<(usize, std::fs::File)> = None;
+        // Chunks of several files arrive interleaved: their handles are kept (a few at a
+        // time; a complete file's is let go of), not opened again for every chunk.
+        let mut open: HashMap<usize, std::fs::File> = HashMap::new();
         while let Some(chunk) = rx.blocking_recv() {
             let opened = content::open_chunk_in(keys, None, &chunk.id, chunk.data);
             let plain = match opened {
@@ -356,14 +359,19 @@ impl Assembly {
                         slot.copy_from_slice(&plain);
                     }
                 } else {
-                    if last_open.as_ref().is_none_or(|(at, _)| *at != i) {
-                        last_open = root.open_write(&p.tmp).ok().map(|file| (i, file));
+                    if !open.contains_key(&i) {
+                        if open.len() >= OPEN_WHILE_RECEIVING {
+                            open.clear();
+                        }
+                        if let Ok(file) = root.open_write(&p.tmp) {
+                            open.insert(i, file);
+                        }
                     }
-                    let written = match &last_open {
-                        Some((at, file)) if *at == i => file
+                    let written = match open.get(&i) {
+                        Some(file) => file
                             .write_all_at(&plain, offset)
                             .with_context(|| format!("writing into {}", p.tmp)),
-                        _ => Err(anyhow::anyhow!(
+                        None => Err(anyhow::anyhow!(
                             "its temp file {} is no longer where it was made (its folder moved or became a link)",
                             p.tmp
                         )),
@@ -376,6 +384,9 @@ impl Assembly {
                     }
                 }
                 p.left -= 1;
+                if p.left == 0 {
+                    open.remove(&i);
+                }
                 if p.left == 0 && p.link.is_none() && p.size >= OWN_FSYNC {
                     // A big file is flushed on its own as soon as it is complete, while the
                     // rest of the batch is still arriving.
