@@ -115,14 +115,19 @@ async fn setuid_and_setgid_bits_from_a_peer_are_dropped() {
     assert_eq!(seen.index.get("tool.sh").unwrap().winner.version, 1);
 }
 
+/// A chunk list travels between devices as (ID, length) pieces, whole or against the list of
+/// the version it replaces: the receiver works the offsets out itself, so a list whose
+/// offsets contradict its order cannot even be sent (`content::valid_list` still refuses one
+/// in a sealed copy). What a sender can do is serve a list that is not the one the signed
+/// record names: here m keeps big.bin's own list under the hash of its chunks reordered, and
+/// signs a record naming that hash. The list built is refused, nothing is written, and the
+/// path is reported.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_reordered_chunk_list_is_refused_and_the_old_content_kept() {
+async fn a_chunk_list_that_is_not_the_one_named_is_refused_and_the_old_content_kept() {
     let mesh = mesh().await;
     let big = common::random(8 << 20, 7);
     mesh.write_on_m("big.bin", &big).await;
     let mut mallory = Mallory::new(&mesh.m, &mesh.v, &mesh.folder).await;
-    // m serves a list of big.bin's chunks with the first two swapped, offsets and all: each
-    // chunk is genuine, but the list no longer describes one file.
     let list = {
         let d = mesh.m.lock().await;
         d.state()
@@ -133,18 +138,18 @@ async fn a_reordered_chunk_list_is_refused_and_the_old_content_kept() {
     assert!(list.len() >= 2, "big.bin has {} chunks", list.len());
     let mut permuted: Vec<ChunkRef> = list.clone();
     permuted.swap(0, 1);
-    let hash = meshsync_node::chunks::content::chunk_list_hash(&permuted);
+    let named = meshsync_node::chunks::content::chunk_list_hash(&permuted);
     mesh.m
         .lock()
         .await
         .state()
         .commit(Batch {
-            lists: vec![(hash, permuted)],
+            lists: vec![(named, list)],
             ..Batch::default()
         })
         .unwrap();
     let mut record = mallory.record("big.bin", FileKind::File, "big.bin").await;
-    record.chunks = hash;
+    record.chunks = named;
     let record = mallory.sign(record).await;
     let changes = forged(&mut mallory, &[record]);
     mallory.push(changes).await;
