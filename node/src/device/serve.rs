@@ -238,7 +238,7 @@ impl ChunkSource for Served {
                 }
                 None => {
                     let here = places.get(id).map_or(&[][..], Vec::as_slice);
-                    self.from_files(&ring, id, here, &mut files)
+                    sealed_from_files(&ring, id, here, &mut files)
                         .or_else(|| self.store.lock().ok()?.get(id).ok().flatten())
                         .map(Into::into)
                 }
@@ -247,46 +247,43 @@ impl ChunkSource for Served {
     }
 }
 
-impl Served {
-    /// Chunk `id` sealed from the first of `places` whose file is still as scanned (the
-    /// receiver re-hashes every chunk anyway). `files`: the files opened so far, each checked
-    /// once (`None`: gone, or changed since its chunks were recorded).
-    fn from_files(
-        &self,
-        ring: &KeyRing,
-        id: &ChunkId,
-        places: &[Place],
-        files: &mut HashMap<(Arc<PathBuf>, String), Option<std::fs::File>>,
-    ) -> Option<Vec<u8>> {
-        use std::os::unix::fs::FileExt;
-        for Place {
-            at,
-            chunk,
-            recorded,
-        } in places
-        {
-            let file = files
-                .entry((at.root.clone(), at.rel.clone()))
-                .or_insert_with(|| {
-                    // The file may have changed since it was scanned: a file no longer the
-                    // size and age it had when its chunks were recorded is not even read.
-                    let file = at.open()?;
-                    let meta = file.metadata().ok()?;
-                    let mtime_ns = meta.modified().map(unix_nanos).unwrap_or(0);
-                    (*recorded == (meta.len(), mtime_ns)).then_some(file)
-                });
-            let Some(file) = file else { continue };
-            // Re-hashed before sealing (which also finds the epoch whose key made its ID): the
-            // same chunk key and nonce never seal other bytes.
-            let sealed = content::seal_chunk_in(ring, id, chunk.len as usize, |slot| {
-                file.read_exact_at(slot, chunk.offset)
+/// Chunk `id` sealed from the first of `places` whose file is still as scanned (the
+/// receiver re-hashes every chunk anyway). `files`: the files opened so far, each checked
+/// once (`None`: gone, or changed since its chunks were recorded).
+fn sealed_from_files(
+    ring: &KeyRing,
+    id: &ChunkId,
+    places: &[Place],
+    files: &mut HashMap<(Arc<PathBuf>, String), Option<std::fs::File>>,
+) -> Option<Vec<u8>> {
+    use std::os::unix::fs::FileExt;
+    for Place {
+        at,
+        chunk,
+        recorded,
+    } in places
+    {
+        let file = files
+            .entry((at.root.clone(), at.rel.clone()))
+            .or_insert_with(|| {
+                // The file may have changed since it was scanned: a file no longer the
+                // size and age it had when its chunks were recorded is not even read.
+                let file = at.open()?;
+                let meta = file.metadata().ok()?;
+                let mtime_ns = meta.modified().map(unix_nanos).unwrap_or(0);
+                (*recorded == (meta.len(), mtime_ns)).then_some(file)
             });
-            if let Ok(Some(sealed)) = sealed {
-                return Some(sealed);
-            }
+        let Some(file) = file else { continue };
+        // Re-hashed before sealing (which also finds the epoch whose key made its ID): the
+        // same chunk key and nonce never seal other bytes.
+        let sealed = content::seal_chunk_in(ring, id, chunk.len as usize, |slot| {
+            file.read_exact_at(slot, chunk.offset)
+        });
+        if let Ok(Some(sealed)) = sealed {
+            return Some(sealed);
         }
-        None
     }
+    None
 }
 
 #[cfg(test)]
