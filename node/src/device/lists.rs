@@ -254,5 +254,27 @@ mod tests {
             count: 1,
         });
         assert!(received(&b_state, vec![forged, baseless, outside], &[]).is_empty());
+
+        // A push's lists are kept only when it changes a folder this device syncs.
+        let list: Vec<ChunkRef> = whole[..3].to_vec();
+        let hash = content::chunk_list_hash(&list);
+        let pushed = |folder: meshsync_crdt::FolderId| crate::protocol::SyncChanges {
+            folders: vec![(folder, Vec::new())],
+            lists: vec![SentList {
+                hash,
+                base: None,
+                pieces: vec![ListPiece::New(list.iter().map(|c| (c.id, c.len)).collect())],
+            }],
+            ..Default::default()
+        };
+        let elsewhere = meshsync_crdt::FolderId::random();
+        crate::device::sync::apply_changes(&b, a_peer, pushed(elsewhere))
+            .await
+            .unwrap();
+        assert_eq!(b_state.chunk_list(&hash).unwrap(), None);
+        crate::device::sync::apply_changes(&b, a_peer, pushed(folder.clone()))
+            .await
+            .unwrap();
+        assert_eq!(b_state.chunk_list(&hash).unwrap(), Some(list));
     }
 }

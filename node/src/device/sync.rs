@@ -265,7 +265,10 @@ impl Device {
         let kept = batch.sealed[kept_before..].iter();
         let lists = super::storage::lists_in_forwarded(self, kept.map(|(_, _, b)| &b[..]));
         batch.lists.extend(lists);
-        if !self.is_storage(peer) {
+        // The lists a push carries, if it changes a folder this device syncs (a push from a
+        // storage peer carries none; a folder not synced here gets nothing stored).
+        let synced = |(id, _): &(FolderId, _)| self.folders.contains_key(id);
+        if !self.is_storage(peer) && changes.folders.iter().any(synced) {
             let lists = super::lists::received(&self.state, changes.lists, &batch.lists);
             batch.lists.extend(lists);
         }
