@@ -383,6 +383,18 @@ pub fn open_chunk_in(
     )
 }
 
+/// `len` reproducible incompressible bytes (content-defined cuts fall as in real data), for
+/// tests.
+#[cfg(test)]
+pub(crate) fn test_bytes(len: usize, seed: u8) -> Vec<u8> {
+    let mut out = vec![0u8; len];
+    blake3::Hasher::new()
+        .update(&[seed])
+        .finalize_xof()
+        .fill(&mut out);
+    out
+}
+
 #[cfg(test)]
 mod tests {
     #[test]
@@ -458,14 +470,7 @@ mod tests {
     use super::*;
     use meshsync_crdt::MeshKey;
 
-    fn data(len: usize, seed: u8) -> Vec<u8> {
-        let mut out = vec![0u8; len];
-        blake3::Hasher::new()
-            .update(&[seed])
-            .finalize_xof()
-            .fill(&mut out);
-        out
-    }
+    use super::test_bytes as data;
 
     #[test]
     fn an_insert_in_the_middle_changes_only_nearby_chunks() {

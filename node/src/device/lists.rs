@@ -16,8 +16,11 @@ use crate::state::State;
 
 /// Lists this short go whole (a piece list would not be smaller).
 const WHOLE_BELOW: usize = 16;
-/// About how many bytes of chunk lists one push carries; lists past it are asked for.
-pub(super) const PUSH_BUDGET: usize = 4 * 1024 * 1024;
+/// About how many bytes of chunk lists one push carries (a few thousand small files' lists,
+/// or a big file's delta or whole list); lists past it are asked for. A slice of a first scan
+/// (50,000 files) would otherwise carry ~2 MB of lists to devices that may not even sync the
+/// folder, and hold them in memory until sent.
+pub(super) const PUSH_BUDGET: usize = 256 * 1024;
 /// The bytes one chunk takes in a list on the wire, about.
 const CHUNK_BYTES: usize = 40;
 
@@ -133,29 +136,8 @@ mod tests {
 
     use super::*;
     use crate::device::scan::{scan, ScanOptions};
-    use crate::device::Shared;
-    use crate::home::Home;
-    use crate::net::Network;
+    use crate::device::{test_device as device, Shared};
     use crate::protocol::{self, SyncReply, SyncRequest};
-
-    async fn device(dir: &std::path::Path, name: &str) -> Shared {
-        let home = Home::locate(Some(dir.join(name))).unwrap();
-        home.init(name, Role::Device).unwrap();
-        crate::device::start(home, Network::memory()).await.unwrap()
-    }
-
-    /// Incompressible bytes (xorshift), so content-defined cuts fall where they would in real data.
-    fn random(len: usize, seed: u64) -> Vec<u8> {
-        let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
-        (0..len)
-            .map(|_| {
-                x ^= x << 13;
-                x ^= x >> 7;
-                x ^= x << 17;
-                (x >> 24) as u8
-            })
-            .collect()
-    }
 
     async fn list_at(d: &Shared, folder: &meshsync_crdt::FolderId) -> Option<ChunkListHash> {
         let d = d.lock().await;
@@ -177,7 +159,7 @@ mod tests {
         let (fa, fb) = (dir.path().join("A"), dir.path().join("B"));
         std::fs::create_dir_all(&fa).unwrap();
         std::fs::create_dir_all(&fb).unwrap();
-        let mut data = random(8 << 20, 1);
+        let mut data = content::test_bytes(8 << 20, 1);
         std::fs::write(fa.join("big.bin"), &data).unwrap();
         let folder = a.lock().await.add_folder(&fa, None).unwrap();
         b.lock()
@@ -204,7 +186,7 @@ mod tests {
         assert!(arrived(data.clone()).await, "the first version reached b");
         let old = list_at(&a, &folder).await.unwrap();
 
-        data[4 << 20..(4 << 20) + 100_000].copy_from_slice(&random(100_000, 9));
+        data[4 << 20..(4 << 20) + 100_000].copy_from_slice(&content::test_bytes(100_000, 9));
         std::fs::write(fa.join("big.bin"), &data).unwrap();
         scan(&a, &folder, asked).await.unwrap();
         assert!(arrived(data.clone()).await, "the edit reached b");

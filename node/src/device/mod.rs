@@ -138,6 +138,14 @@ async fn watch_all(device: &Shared) {
     });
 }
 
+/// A device named `name` with a fresh home under `dir`, started on the in-memory network.
+#[cfg(test)]
+pub(crate) async fn test_device(dir: &std::path::Path, name: &str) -> Shared {
+    let home = Home::locate(Some(dir.join(name))).unwrap();
+    home.init(name, meshsync_crdt::Role::Device).unwrap();
+    start(home, Network::memory()).await.unwrap()
+}
+
 /// Starts a device on `home`: state, transport, protocol handlers, background tasks.
 pub async fn start(home: Home, network: Network) -> anyhow::Result<Shared> {
     let keys = Arc::new(home.open_for_daemon()?);

@@ -449,15 +449,8 @@ mod tests {
 
     use meshsync_crdt::Role;
 
+    use super::super::test_device as device;
     use super::*;
-    use crate::home::Home;
-    use crate::net::Network;
-
-    async fn device(dir: &std::path::Path, name: &str) -> Shared {
-        let home = Home::locate(Some(dir.join(name))).unwrap();
-        home.init(name, Role::Device).unwrap();
-        super::super::start(home, Network::memory()).await.unwrap()
-    }
 
     /// The sealed copies a member pushes along with its changes carry the chunk lists those
     /// changes name: a member that syncs the folder takes them (checked against their

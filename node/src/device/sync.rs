@@ -54,12 +54,9 @@ async fn handle(device: &Shared, peer: PeerId, request: SyncRequest) -> SyncRepl
             }
         },
         SyncRequest::ChunkLists(hashes) => {
-            let state = {
-                let d = device.lock().await;
-                if d.is_storage(&peer) {
-                    return SyncReply::Refused("chunk lists are not for storage peers".into());
-                }
-                d.state.clone()
+            let state = match lists_state(device, &peer).await {
+                Ok(state) => state,
+                Err(refused) => return refused,
             };
             // Read without the device lock (thousands at a time during a first sync).
             let unique: BTreeSet<_> = hashes.into_iter().take(MAX_LISTS_PER_REQUEST).collect();
@@ -69,12 +66,9 @@ async fn handle(device: &Shared, peer: PeerId, request: SyncRequest) -> SyncRepl
             }
         }
         SyncRequest::ListsSince(asked) => {
-            let state = {
-                let d = device.lock().await;
-                if d.is_storage(&peer) {
-                    return SyncReply::Refused("chunk lists are not for storage peers".into());
-                }
-                d.state.clone()
+            let state = match lists_state(device, &peer).await {
+                Ok(state) => state,
+                Err(refused) => return refused,
             };
             let asked = asked.into_iter().take(MAX_LISTS_PER_REQUEST).collect();
             // Blocking reads and diffs, thousands at a time during a first sync.
@@ -86,6 +80,18 @@ async fn handle(device: &Shared, peer: PeerId, request: SyncRequest) -> SyncRepl
             }
         }
     }
+}
+
+/// The state to read chunk lists from for `peer`, read without the device lock; refused to a
+/// storage peer.
+async fn lists_state(device: &Shared, peer: &PeerId) -> Result<crate::state::State, SyncReply> {
+    let d = device.lock().await;
+    if d.is_storage(peer) {
+        return Err(SyncReply::Refused(
+            "chunk lists are not for storage peers".into(),
+        ));
+    }
+    Ok(d.state.clone())
 }
 
 impl Device {
