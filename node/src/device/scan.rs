@@ -14,7 +14,7 @@ use std::collections::{BTreeSet, HashMap};
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
-use meshsync_crdt::index::{shard_of, FileUpdate};
+use meshsync_crdt::index::{shard_of, FileUpdate, ShardChange};
 use meshsync_crdt::{ChunkListHash, FileKind, FileRecord, FolderId, MeshKey};
 
 use super::conflict::conflict_name_for;
@@ -454,10 +454,23 @@ impl Device {
         let lists = batch.lists.clone();
         self.sealing
             .seal(&self.keys, key, mesh, id, &changes, lists, &mut batch)?;
-        // Sent along with the push for the other devices to forward to storage peers, unless
-        // the mesh has none or that makes it big (they would get it from a storage peer, or
-        // never need it). Without it, the push carries the chunk lists itself, a changed
-        // file's as the pieces that differ from its last version.
+        let push = self.push_of(id, changes, &batch, &bases);
+        self.commit(batch)?;
+        Ok(Some(push))
+    }
+
+    /// The push of `changes`, just sealed into `batch`: with the sealed copies for the other
+    /// devices to forward to storage peers, unless the mesh has none or that makes it big
+    /// (they would get them from a storage peer, or never need them); without them, with the
+    /// chunk lists themselves, a changed file's as the pieces that differ from the list of
+    /// the version it replaces (`bases`).
+    fn push_of(
+        &self,
+        id: &FolderId,
+        changes: Vec<ShardChange>,
+        batch: &Batch,
+        bases: &HashMap<ChunkListHash, ChunkListHash>,
+    ) -> SyncRequest {
         let sealed_size: usize = batch.sealed.iter().map(|(_, _, b)| b.len()).sum();
         let forward =
             !self.storage_peers().is_empty() && sealed_size <= crate::storage_client::SEAL_BUDGET;
@@ -467,20 +480,17 @@ impl Device {
                 .collect();
             (sealed, Vec::new())
         } else {
-            (
-                Vec::new(),
-                super::lists::to_send(&self.state, &batch.lists, &bases),
-            )
+            let lists = super::lists::to_send(&self.state, &batch.lists, bases);
+            (Vec::new(), lists)
         };
-        self.commit(batch)?;
-        Ok(Some(SyncRequest::Push(SyncChanges {
+        SyncRequest::Push(SyncChanges {
             membership: vec![],
             folders: vec![(id.clone(), changes)],
             heads: self.sealing.heads(),
             sealed,
             more: false,
             lists,
-        })))
+        })
     }
 }
 
