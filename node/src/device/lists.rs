@@ -20,7 +20,7 @@ const WHOLE_BELOW: usize = 16;
 /// or a big file's delta or whole list); lists past it are asked for. A slice of a first scan
 /// (50,000 files) would otherwise carry ~2 MB of lists to devices that may not even sync the
 /// folder, and hold them in memory until sent.
-pub(super) const PUSH_BUDGET: usize = 256 * 1024;
+const PUSH_BUDGET: usize = 256 * 1024;
 /// The bytes one chunk takes in a list on the wire, about.
 const CHUNK_BYTES: usize = 40;
 
@@ -132,11 +132,9 @@ pub(super) fn received(
 mod tests {
     use std::time::Duration;
 
-    use meshsync_crdt::Role;
-
     use super::*;
     use crate::device::scan::{scan, ScanOptions};
-    use crate::device::{test_device as device, Shared};
+    use crate::device::{test_pair, Shared};
     use crate::protocol::{self, SyncReply, SyncRequest};
 
     async fn list_at(d: &Shared, folder: &meshsync_crdt::FolderId) -> Option<ChunkListHash> {
@@ -151,14 +149,7 @@ mod tests {
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_changed_files_list_travels_as_the_pieces_that_differ() {
         let dir = tempfile::tempdir().unwrap();
-        let (a, b) = (device(dir.path(), "a").await, device(dir.path(), "b").await);
-        let code = crate::device::mesh::invite(&a, Role::Device, Duration::from_secs(60))
-            .await
-            .unwrap();
-        crate::device::mesh::join(&b, &code).await.unwrap();
-        let (fa, fb) = (dir.path().join("A"), dir.path().join("B"));
-        std::fs::create_dir_all(&fa).unwrap();
-        std::fs::create_dir_all(&fb).unwrap();
+        let (a, b, fa, fb) = test_pair(dir.path()).await;
         let mut data = content::test_bytes(8 << 20, 1);
         std::fs::write(fa.join("big.bin"), &data).unwrap();
         let folder = a.lock().await.add_folder(&fa, None).unwrap();

@@ -146,6 +146,24 @@ pub(crate) async fn test_device(dir: &std::path::Path, name: &str) -> Shared {
     start(home, Network::memory()).await.unwrap()
 }
 
+/// Devices `a` and `b` in one mesh (b joined with a's invite), each with an empty folder
+/// (`dir/A`, `dir/B`) to sync, not yet added.
+#[cfg(test)]
+pub(crate) async fn test_pair(
+    dir: &std::path::Path,
+) -> (Shared, Shared, std::path::PathBuf, std::path::PathBuf) {
+    let (a, b) = (test_device(dir, "a").await, test_device(dir, "b").await);
+    let role = meshsync_crdt::Role::Device;
+    let code = mesh::invite(&a, role, std::time::Duration::from_secs(60))
+        .await
+        .unwrap();
+    mesh::join(&b, &code).await.unwrap();
+    let (fa, fb) = (dir.join("A"), dir.join("B"));
+    std::fs::create_dir_all(&fa).unwrap();
+    std::fs::create_dir_all(&fb).unwrap();
+    (a, b, fa, fb)
+}
+
 /// Starts a device on `home`: state, transport, protocol handlers, background tasks.
 pub async fn start(home: Home, network: Network) -> anyhow::Result<Shared> {
     let keys = Arc::new(home.open_for_daemon()?);

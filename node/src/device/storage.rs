@@ -340,7 +340,7 @@ fn admit(
 /// The chunk lists of folders this device syncs in sealed changes a member pushed along with
 /// the same changes in the clear (`SyncChanges::sealed`, kept to pass on to storage peers,
 /// checked by `Sealing::keep_forwarded`). Stored with the changes, they spare the catch-up
-/// asking that member for the same lists again (a 256 MiB file's list is ~130 KB). Each must
+/// asking that member for the same lists again (a 256 MiB file's list is ~250 KB). Each must
 /// match its hash (a record names a list by hash, so no other list is ever used); a blob that
 /// does not open or decode is skipped, and its lists are asked for as before.
 pub(super) fn lists_in_forwarded<'b>(
@@ -445,11 +445,7 @@ impl Device {
 
 #[cfg(test)]
 mod tests {
-    use std::time::Duration;
-
-    use meshsync_crdt::Role;
-
-    use super::super::test_device as device;
+    use super::super::test_pair;
     use super::*;
 
     /// The sealed copies a member pushes along with its changes carry the chunk lists those
@@ -459,14 +455,7 @@ mod tests {
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn chunk_lists_come_out_of_the_sealed_copies_pushed_along_with_changes() {
         let dir = tempfile::tempdir().unwrap();
-        let (a, b) = (device(dir.path(), "a").await, device(dir.path(), "b").await);
-        let code = super::super::mesh::invite(&a, Role::Device, Duration::from_secs(60))
-            .await
-            .unwrap();
-        super::super::mesh::join(&b, &code).await.unwrap();
-        let (fa, fb) = (dir.path().join("A"), dir.path().join("B"));
-        std::fs::create_dir_all(&fa).unwrap();
-        std::fs::create_dir_all(&fb).unwrap();
+        let (a, b, fa, fb) = test_pair(dir.path()).await;
         // Incompressible, several chunks.
         let data: Vec<u8> = (0..600_000u32)
             .map(|i| (i.wrapping_mul(2_654_435_761) >> 13) as u8)

@@ -298,7 +298,7 @@ impl Assembly {
                     })
                     .collect::<std::io::Result<Vec<bool>>>()?;
                 if let (Some(first), Some(last)) = (run.first(), run.last()) {
-                    if size >= OWN_FSYNC {
+                    if size >= OWN_FSYNC && copied.contains(&true) {
                         let end = last.range().end;
                         crate::disk::start_writeback(&file, first.offset, end - first.offset);
                     }
