@@ -457,9 +457,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let (a, b, fa, fb) = test_pair(dir.path()).await;
         // Incompressible, several chunks.
-        let data: Vec<u8> = (0..600_000u32)
-            .map(|i| (i.wrapping_mul(2_654_435_761) >> 13) as u8)
-            .collect();
+        let data = crate::chunks::content::test_bytes(600_000, 3);
         std::fs::write(fa.join("big.bin"), &data).unwrap();
         let folder = a.lock().await.add_folder(&fa, None).unwrap();
         let options = super::super::scan::ScanOptions {
