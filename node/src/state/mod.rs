@@ -389,34 +389,33 @@ impl State {
             (summaries.get(folder))
                 .is_some_and(|s| s.binary_search_by_key(&shard, |(id, _)| *id).is_ok())
         };
+        // Each unsummarised shard is read by its key: walking the tables would read every
+        // shard's save (at a million files, most of the start's reads were of saves it
+        // then skipped).
+        let whole = txn.open_table(SHARDS).map_err(|x| e(&x))?;
+        let pieces = txn.open_table(SHARD_PIECES).map_err(|x| e(&x))?;
         let mut shards: BTreeMap<FolderId, Vec<(u16, Vec<u8>)>> = BTreeMap::new();
-        for row in txn
-            .open_table(SHARDS)
-            .map_err(|x| e(&x))?
-            .iter()
-            .map_err(|x| e(&x))?
-        {
-            let (key, bytes) = row.map_err(|x| e(&x))?;
-            let (folder, shard) = key.value();
-            let folder = FolderId::new(folder).map_err(|x| e(&x))?;
-            if !summarised(&folder, shard) {
-                let save = (shard, bytes.value().to_vec());
-                shards.entry(folder).or_default().push(save);
+        for folder in folders.keys() {
+            let mut saves = Vec::new();
+            for shard in 0..meshsync_crdt::index::SHARDS {
+                if summarised(folder, shard) {
+                    continue;
+                }
+                let key = (folder.as_str(), shard);
+                if let Some(bytes) = whole.get(key).map_err(|x| e(&x))? {
+                    saves.push((shard, bytes.value().to_vec()));
+                }
             }
-        }
-        // Pieces come after every whole save, in key order: by shard, then by number.
-        for row in txn
-            .open_table(SHARD_PIECES)
-            .map_err(|x| e(&x))?
-            .iter()
-            .map_err(|x| e(&x))?
-        {
-            let (key, bytes) = row.map_err(|x| e(&x))?;
-            let (folder, shard, _) = key.value();
-            let folder = FolderId::new(folder).map_err(|x| e(&x))?;
-            if !summarised(&folder, shard) {
-                let save = (shard, bytes.value().to_vec());
-                shards.entry(folder).or_default().push(save);
+            // Pieces come after every whole save, in key order: by shard, then by number.
+            let shards_read: Vec<u16> = saves.iter().map(|(shard, _)| *shard).collect();
+            for shard in shards_read {
+                let key = |n| (folder.as_str(), shard, n);
+                for row in pieces.range(key(0)..=key(u32::MAX)).map_err(|x| e(&x))? {
+                    saves.push((shard, row.map_err(|x| e(&x))?.1.value().to_vec()));
+                }
+            }
+            if !saves.is_empty() {
+                shards.insert(folder.clone(), saves);
             }
         }
         // Rows come in key order; collected, not inserted one by one, each folder's map is

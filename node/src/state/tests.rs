@@ -51,6 +51,7 @@ fn a_summarised_shard_is_not_read_at_start_until_a_later_save_takes_its_summary_
         len: 12,
     };
     let mut batch = Batch::default();
+    batch.folders.push((folder.clone(), PathBuf::from("/docs")));
     for shard in [3, 4] {
         let whole = SavedShard::Whole(format!("whole {shard}").into_bytes());
         batch.shards.push((folder.clone(), shard, whole));
