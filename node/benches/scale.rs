@@ -10,7 +10,10 @@
 //! the watcher sees it), and the state database's size per file. `SCALE_BENCH_CHANGES` sets
 //! how many changes (default 50); `SCALE_BENCH_DIR` where the folders go (default /tmp; N
 //! files need about N × 17 KiB there); `BENCH_DAEMON_LOG=debug` (any `RUST_LOG` filter) logs
-//! the daemons at that level and keeps their logs in the temp directory.
+//! the daemons at that level and keeps their logs in the temp directory. `SCALE_BENCH_KEEP=DIR`
+//! keeps the folders and homes in `DIR/N` (listening on fixed loopback ports) instead of a
+//! temporary directory; a later run with the same `DIR` starts the kept pair and goes straight
+//! to the restart and the changes (at a million files, minutes instead of half an hour).
 //!
 //! The initial sync creates N files, so it is printed next to the rate at which this disk
 //! creates the same files with no daemon, measured just before it. That rate is not a
@@ -23,7 +26,7 @@ mod common;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use common::{run, start, Daemon};
+use common::{run, start_on, Daemon};
 
 /// A file's path in a tree like a source checkout: 1,000 folders of up to 100 files, two deep.
 fn tree_path(i: usize) -> String {
@@ -154,18 +157,17 @@ fn main() {
     }
 }
 
-fn bench(n: usize, changes: usize) {
-    let base = PathBuf::from(std::env::var("SCALE_BENCH_DIR").unwrap_or_else(|_| "/tmp".into()));
-    let dir = tempfile::tempdir_in(base).unwrap();
-    let (ha, hb) = (dir.path().join("a"), dir.path().join("b"));
-    let (fa, fb) = (dir.path().join("A"), dir.path().join("B"));
+/// Writes the tree into `dir`'s folder A, scans it on a first device, pairs a second and
+/// syncs the tree to it, printing the first scan, the initial sync and the memory figures.
+fn first_sync(n: usize, dir: &Path, listen: [&str; 2]) -> (Daemon, Daemon) {
+    let (ha, hb) = (dir.join("a"), dir.join("b"));
+    let (fa, fb) = (dir.join("A"), dir.join("B"));
     std::fs::create_dir_all(&fb).unwrap();
-    println!("== {n} files");
     let bytes = write_tree(&fa, n);
     println!("  tree written: {:.1} MB", bytes as f64 / 1e6);
     run(&ha, &["init", "--name", "a"]);
     run(&hb, &["init", "--name", "b"]);
-    let a = start(&ha);
+    let a = start_on(&ha, listen[0]);
     let t = Instant::now();
     run(&ha, &["folder", "add", fa.to_str().unwrap(), "--id", "big"]);
     let scan = t.elapsed().as_secs_f64();
@@ -180,11 +182,11 @@ fn bench(n: usize, changes: usize) {
         .trim()
         .to_string();
     run(&hb, &["join", &code]);
-    let reference = create_rate(&dir.path().join("reference"), n.min(20_000));
+    let reference = create_rate(&dir.join("reference"), n.min(20_000));
     println!(
         "  this disk, same run:    {reference:>9.0} files/s  creating files of these sizes with no daemon (the limit for a sync)"
     );
-    let b = start(&hb);
+    let b = start_on(&hb, listen[1]);
     let t = Instant::now();
     run(&hb, &["folder", "add", fb.to_str().unwrap(), "--id", "big"]);
     let mut latencies = Vec::new();
@@ -231,19 +233,60 @@ fn bench(n: usize, changes: usize) {
         rss_mb(&a),
         rss_mb(&b)
     );
+    (a, b)
+}
+
+/// Where a kept run's daemons listen (a kept pair finds each other again at the same
+/// addresses).
+const KEPT_LISTEN: [&str; 2] = ["/ip4/127.0.0.1/tcp/47611", "/ip4/127.0.0.1/tcp/47612"];
+
+fn bench(n: usize, changes: usize) {
+    let base = PathBuf::from(std::env::var("SCALE_BENCH_DIR").unwrap_or_else(|_| "/tmp".into()));
+    let keep = std::env::var_os("SCALE_BENCH_KEEP").map(|k| PathBuf::from(k).join(n.to_string()));
+    let temp = keep.is_none().then(|| tempfile::tempdir_in(base).unwrap());
+    let dir = keep
+        .clone()
+        .unwrap_or_else(|| temp.as_ref().unwrap().path().to_path_buf());
+    let (ha, hb) = (dir.join("a"), dir.join("b"));
+    let (fa, fb) = (dir.join("A"), dir.join("B"));
+    let listen = if keep.is_some() {
+        KEPT_LISTEN
+    } else {
+        ["/ip4/127.0.0.1/tcp/0"; 2]
+    };
+    println!("== {n} files");
+    let synced_mark = dir.join("synced");
+    let (_a, b) = if synced_mark.exists() {
+        println!("  kept from an earlier run in {}", dir.display());
+        let (a, b) = (start_on(&ha, listen[0]), start_on(&hb, listen[1]));
+        wait_for(Duration::from_secs(600), || in_sync_with(&hb, n)).expect("the kept pair syncs");
+        (a, b)
+    } else {
+        let pair = first_sync(n, &dir, listen);
+        if keep.is_some() {
+            std::fs::write(&synced_mark, b"").unwrap();
+        }
+        pair
+    };
     drop(b);
     let t = Instant::now();
-    let b = start(&hb);
+    let b = start_on(&hb, listen[1]);
     let first_answer = t.elapsed().as_secs_f64();
     let in_sync = wait_for(Duration::from_secs(600), || in_sync_with(&hb, n))
         .map_or(f64::NAN, |d| d.as_secs_f64() + first_answer);
     println!(
         "  restart, nothing changed: first status {first_answer:.2} s, in sync {in_sync:.2} s   goal < 5 s"
     );
+    // Each run's versions are new (a kept tree holds an earlier run's).
+    let stamp = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs()
+        * 1000;
     let mut times = Vec::new();
     let mut rss = Vec::new();
     for round in 0..changes {
-        let version = round as u64 + 1;
+        let version = stamp + round as u64 + 1;
         let first = (round * 1000) % n.saturating_sub(1000).max(1);
         for i in first..first + 1000.min(n) {
             std::fs::write(fa.join(tree_path(i)), content(i, version)).unwrap();

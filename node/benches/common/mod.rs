@@ -66,17 +66,16 @@ impl Daemon {
 }
 
 pub fn start(home: &Path) -> Daemon {
+    start_on(home, "/ip4/127.0.0.1/tcp/0")
+}
+
+/// A daemon on `home` listening on `listen`.
+pub fn start_on(home: &Path, listen: &str) -> Daemon {
     let log = std::fs::File::create(home.join("daemon.log")).unwrap();
     let child = Command::new(bin())
         .arg("--home")
         .arg(home)
-        .args([
-            "up",
-            "--listen",
-            "/ip4/127.0.0.1/tcp/0",
-            "--no-mdns",
-            "--no-web",
-        ])
+        .args(["up", "--listen", listen, "--no-mdns", "--no-web"])
         .env(
             "RUST_LOG",
             std::env::var("BENCH_DAEMON_LOG").unwrap_or("warn".into()),
