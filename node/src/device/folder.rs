@@ -83,6 +83,10 @@ pub(crate) struct Folder {
     pub(super) surveyed: Option<Surveyed>,
     /// Paths whose local state changed since the last survey.
     pub(super) touched: Touched,
+    /// Whether the state holds the survey as it is (see [`Folder::save_survey`]).
+    pub(super) survey_saved: bool,
+    /// Whether the index took no change over the last compaction round (a second).
+    was_quiet: bool,
     /// The index heads at the last round of [`compact_quiet_indexes`]: a shard whose
     /// heads are the same at the next was quiet in between.
     quiet_heads: Option<BTreeMap<u16, Vec<automerge::ChangeHash>>>,
@@ -114,6 +118,8 @@ impl Folder {
             files,
             surveyed: None,
             touched: Touched::default(),
+            survey_saved: false,
+            was_quiet: false,
             quiet_heads: None,
             changed_last_round: 0,
         }
@@ -163,6 +169,8 @@ impl Folder {
         if self.surveyed.is_some() {
             self.touched.add(&path);
         }
+        // The commit of `batch` drops the saved survey.
+        self.survey_saved = false;
         batch.local.push((id.clone(), path, file));
     }
 
@@ -238,7 +246,10 @@ pub(crate) fn load_all(
             }
         }
         let local = loaded.local.remove(&id).unwrap_or_default();
-        let folder = Folder::new(path, index, local);
+        let mut folder = Folder::new(path, index, local);
+        if let Some(saved) = loaded.surveys.remove(&id) {
+            folder.resume_survey(&saved);
+        }
         // Link targets are served from memory; where files' chunks lie is in the state,
         // except in a state from before it was: filled in once from the local files.
         let mut map = chunk_map.lock().expect("chunk map lock");
@@ -346,6 +357,7 @@ impl Device {
         let mut round = CompactionRound::default();
         for (id, f) in self.folders.iter_mut() {
             let heads = f.index.heads();
+            f.was_quiet = f.quiet_heads.as_ref() == Some(&heads);
             if let Some(quiet) = f.quiet_heads.take() {
                 // While changes stream in, as many as took changes the round before (quiet
                 // now, most of them): the index keeps pace with the stream without holding the
@@ -430,6 +442,16 @@ impl Device {
     /// used since the last round, and once every index is compact again, gives freed pages
     /// back to the system.
     pub(crate) fn finish_compaction(&mut self, compacted: usize) {
+        // A folder quiet for a round has its survey saved for the next start.
+        let mut batch = Batch::default();
+        for (id, f) in self.folders.iter_mut() {
+            if !f.survey_saved && f.was_quiet && f.quiet_heads == Some(f.index.heads()) {
+                f.save_survey(id, &mut batch);
+            }
+        }
+        if let Err(error) = self.commit(batch) {
+            tracing::warn!(error = format!("{error:#}"), "saving the survey failed");
+        }
         let mut unloaded = 0;
         for f in self.folders.values_mut() {
             unloaded += f.index.unload_unused();

@@ -8,19 +8,32 @@
 //! cannot tell what changed (a shard rebuilt without a revoked device's changes), or when too
 //! many local paths changed to list.
 //!
+//! Once a folder is quiet its survey is saved in the state ([`Folder::save_survey`]), and the
+//! next start takes it up from there ([`Folder::resume_survey`]) and counts only what changed
+//! since: the first survey of a start no longer reads every shard of the index (at a million
+//! files, seconds of a restart). The state drops a saved survey in the same commit as any
+//! change to what the device holds in that folder, so one is never read beside local files
+//! it did not count; index changes since are found from the heads it names, as above.
+//!
 //! [`FolderIndex::paths_changed_since`]: meshsync_crdt::FolderIndex::paths_changed_since
 
 use std::collections::{BTreeMap, BTreeSet};
 
 use meshsync_crdt::index::PathState;
+use meshsync_crdt::FolderId;
+use serde::{Deserialize, Serialize};
 
 use super::folder::Folder;
 use super::ignore::{Rules, IGNORE_FILE, LOCAL_IGNORE_FILE};
-use crate::state::{in_sync, LocalFile};
+use crate::state::{in_sync, Batch, LocalFile};
 
 /// More local paths than this changed since the last survey: walked whole instead of listed
 /// (a new device's first sync records a million; the list would cost as much as the walk).
 const MAX_TOUCHED: usize = 100_000;
+
+/// A survey with more paths needed or conflicted than this is not saved (a first sync's: the
+/// next start walks the index, as that sync will read it all anyway).
+const MAX_SAVED: usize = 10_000;
 
 /// What a folder needs and holds, ignored paths excepted.
 #[derive(Default)]
@@ -46,6 +59,15 @@ pub(crate) struct Surveyed {
 }
 
 type RulesMark = Vec<Option<(i64, u64, u64)>>;
+
+/// A survey as the state keeps it between runs.
+#[derive(Serialize, Deserialize)]
+struct SavedSurvey {
+    heads: Vec<(u16, Vec<[u8; 32]>)>,
+    rules: RulesMark,
+    needs: Vec<(String, u64)>,
+    conflicted: Vec<String>,
+}
 
 /// Paths whose local state changed since the last survey, or "too many to list".
 #[derive(Default)]
@@ -108,10 +130,11 @@ impl Folder {
         let rules_mark = self.rules_mark();
         let heads = self.index.heads();
         let touched = std::mem::take(&mut self.touched);
+        let unchanged =
+            |s: &Surveyed| s.rules == rules_mark && s.heads == heads && touched.paths.is_empty();
+        self.survey_saved &= self.surveyed.as_ref().is_some_and(unchanged) && !touched.overflowed;
         let surveyed = match self.surveyed.take() {
-            Some(s) if s.rules == rules_mark && s.heads == heads && touched.paths.is_empty() => {
-                (!touched.overflowed).then_some(s)
-            }
+            Some(s) if unchanged(&s) => (!touched.overflowed).then_some(s),
             Some(mut s) if s.rules == rules_mark && !touched.overflowed => {
                 // Paths whose shards cannot be read: counted again by a walk.
                 self.index
@@ -137,6 +160,69 @@ impl Folder {
         });
         surveyed.survey.files = self.file_count();
         &self.surveyed.insert(surveyed).survey
+    }
+
+    /// Puts the survey, brought up to date, in `batch` to be saved for the next start (see
+    /// the module's note), unless it was saved as it is (an idle daemon writes nothing) or it
+    /// names too many paths.
+    pub(crate) fn save_survey(&mut self, id: &FolderId, batch: &mut Batch) {
+        if self.survey_saved {
+            return;
+        }
+        self.survey();
+        let Some(s) = &self.surveyed else { return };
+        if s.survey.needs.len() + s.survey.conflicted.len() > MAX_SAVED {
+            return;
+        }
+        let saved = SavedSurvey {
+            heads: (s.heads.iter())
+                .map(|(shard, heads)| (*shard, heads.iter().map(|h| h.0).collect()))
+                .collect(),
+            rules: s.rules.clone(),
+            needs: (s.survey.needs.iter())
+                .map(|(path, size)| (path.clone(), *size))
+                .collect(),
+            conflicted: s.survey.conflicted.iter().cloned().collect(),
+        };
+        match postcard::to_stdvec(&saved) {
+            Ok(bytes) => {
+                batch.surveys.push((id.clone(), bytes));
+                self.survey_saved = true;
+            }
+            Err(error) => tracing::warn!(%error, "the survey does not encode; not saved"),
+        }
+    }
+
+    /// Takes up the survey a previous run saved (see [`Folder::save_survey`]); one that does
+    /// not decode is left, and the first survey walks the index.
+    pub(crate) fn resume_survey(&mut self, bytes: &[u8]) {
+        let saved: SavedSurvey = match postcard::from_bytes(bytes) {
+            Ok(saved) => saved,
+            Err(error) => {
+                tracing::warn!(%error, "the saved survey does not decode; walking the index");
+                return;
+            }
+        };
+        let mut survey = Survey::default();
+        for (path, size) in saved.needs {
+            survey.need_bytes = survey.need_bytes.saturating_add(size);
+            survey.needs.insert(path, size);
+        }
+        survey.conflicted = saved.conflicted.into_iter().collect();
+        let heads = (saved.heads.into_iter())
+            .map(|(shard, heads)| {
+                (
+                    shard,
+                    heads.into_iter().map(automerge::ChangeHash).collect(),
+                )
+            })
+            .collect();
+        self.surveyed = Some(Surveyed {
+            survey,
+            heads,
+            rules: saved.rules,
+        });
+        self.survey_saved = true;
     }
 
     fn rules_mark(&self) -> RulesMark {
@@ -262,5 +348,37 @@ mod tests {
             kept.0.iter().all(|(p, _)| !p.starts_with("d1/")),
             "{kept:?}"
         );
+
+        // Saved, and taken up by a start (the folder's survey forgotten): the same figures,
+        // and changes of the index and of local files since are counted on top of it.
+        let mut saved = Batch::default();
+        folder.save_survey(&id, &mut saved);
+        let bytes = saved.surveys.pop().expect("saved").1;
+        let mut again = Batch::default();
+        folder.save_survey(&id, &mut again);
+        assert!(again.surveys.is_empty(), "unchanged: not saved again");
+        folder.surveyed = None;
+        folder.resume_survey(&bytes);
+        let [kept, walked] = both(&mut folder);
+        assert_eq!(kept, walked);
+        folder.surveyed = None;
+        folder.resume_survey(&bytes);
+        other
+            .write(&b, Epoch(0), vec![update("d2/new", 9, false)])
+            .unwrap();
+        folder
+            .index
+            .apply(log.view(), other.take_local_changes())
+            .unwrap();
+        folder.set_local(&id, &mut map, &mut batch, paths[2].clone(), None);
+        let [kept, walked] = both(&mut folder);
+        assert_eq!(kept, walked);
+        assert!(kept.0.iter().any(|(p, _)| p == "d2/new"), "{kept:?}");
+        folder.save_survey(&id, &mut again);
+        assert_eq!(again.surveys.len(), 1, "changed: saved again");
+        // One that does not decode is left: the next survey walks.
+        folder.surveyed = None;
+        folder.resume_survey(b"\xff\xff not a survey");
+        assert!(folder.surveyed.is_none());
     }
 }

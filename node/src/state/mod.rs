@@ -5,7 +5,7 @@
 //! Everything a batch changes is written in one transaction, so a crash leaves the state as it
 //! was before or after the batch, never between.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -49,6 +49,11 @@ const CHUNK_REFS: TableDefinition<(&[u8], &[u8]), ()> = TableDefinition::new("ch
 /// Replaced and deleted file versions a device keeps restorable: (folder, path, version) →
 /// the record and when it was replaced.
 const VERSIONS: TableDefinition<(&str, &str, u64), &[u8]> = TableDefinition::new("versions");
+/// Each folder's survey (what it needs and holds, see `device::survey`) as it was when saved:
+/// a start takes it up from there instead of reading every shard of the index. Removed by
+/// any commit that changes what the device holds in that folder, so one is only ever read
+/// beside the local files it counted.
+const SURVEYS: TableDefinition<&str, &[u8]> = TableDefinition::new("saved_surveys");
 
 /// Why the state database failed.
 #[derive(Debug, thiserror::Error)]
@@ -162,6 +167,8 @@ pub struct Batch {
     pub sealed: Vec<(DeviceId, u64, Vec<u8>)>,
     /// Old versions to keep (`Some`) or to forget (`None`), by folder, path and version.
     pub versions: Vec<(FolderId, String, u64, Option<Vec<u8>>)>,
+    /// Surveys to save, by folder, each counting the local files as this batch leaves them.
+    pub surveys: Vec<(FolderId, Vec<u8>)>,
 }
 
 impl Batch {
@@ -187,6 +194,7 @@ impl Batch {
             && self.meta.is_empty()
             && self.sealed.is_empty()
             && self.versions.is_empty()
+            && self.surveys.is_empty()
     }
 }
 
@@ -202,6 +210,8 @@ pub struct Loaded {
     /// when the index needs them).
     pub summaries: BTreeMap<FolderId, Vec<(u16, ShardSummary)>>,
     pub local: BTreeMap<FolderId, BTreeMap<String, LocalFile>>,
+    /// Each folder's saved survey, if it has one (see [`Batch::surveys`]).
+    pub surveys: BTreeMap<FolderId, Vec<u8>>,
 }
 
 /// The state database; clones share it (the chunk server reads where chunks lie).
@@ -209,6 +219,10 @@ pub struct Loaded {
 pub struct State {
     path: PathBuf,
     db: Arc<Database>,
+    /// Whether a commit that changed local files failed since the state was opened: the
+    /// device's memory then holds files the state does not, and no survey is saved (it would
+    /// count them).
+    local_lost: Arc<std::sync::atomic::AtomicBool>,
 }
 
 impl State {
@@ -224,6 +238,7 @@ impl State {
         let state = State {
             path,
             db: Arc::new(db),
+            local_lost: Default::default(),
         };
         let txn = state.db.begin_write().map_err(|e| state.err(e))?;
         {
@@ -238,6 +253,7 @@ impl State {
             txn.open_table(SEALED).map_err(|e| state.err(e))?;
             txn.open_table(VERSIONS).map_err(|e| state.err(e))?;
             txn.open_table(CHUNK_REFS).map_err(|e| state.err(e))?;
+            txn.open_table(SURVEYS).map_err(|e| state.err(e))?;
             state.check_layout(&txn)?;
         }
         txn.commit().map_err(|e| state.err(e))?;
@@ -441,6 +457,13 @@ impl State {
             .into_iter()
             .map(|(folder, files)| (folder, files.into_iter().collect()))
             .collect();
+        let mut surveys = BTreeMap::new();
+        let kept = txn.open_table(SURVEYS).map_err(|x| e(&x))?;
+        for folder in folders.keys() {
+            if let Some(bytes) = kept.get(folder.as_str()).map_err(|x| e(&x))? {
+                surveys.insert(folder.clone(), bytes.value().to_vec());
+            }
+        }
         Ok(Loaded {
             mesh,
             membership,
@@ -448,6 +471,7 @@ impl State {
             shards,
             summaries,
             local,
+            surveys,
         })
     }
 
@@ -730,6 +754,8 @@ impl State {
             summaries
                 .retain_in((id.as_str(), 0)..=(id.as_str(), u16::MAX), |_, _| false)
                 .map_err(|e| self.err(e))?;
+            let mut surveys = txn.open_table(SURVEYS).map_err(|e| self.err(e))?;
+            surveys.remove(id.as_str()).map_err(|e| self.err(e))?;
             let root = root.as_os_str().as_bytes();
             let mut places = txn.open_table(PLACES).map_err(|e| self.err(e))?;
             places
@@ -754,9 +780,19 @@ impl State {
 
     /// Writes a batch in one transaction (nothing at all for an empty one: no fsync).
     pub fn commit(&self, batch: Batch) -> Result<(), StateError> {
+        use std::sync::atomic::Ordering;
         if batch.is_empty() {
             return Ok(());
         }
+        let changes_local = !batch.local.is_empty();
+        let committed = self.commit_txn(batch);
+        if committed.is_err() && changes_local {
+            self.local_lost.store(true, Ordering::Relaxed);
+        }
+        committed
+    }
+
+    fn commit_txn(&self, batch: Batch) -> Result<(), StateError> {
         let txn = self.db.begin_write().map_err(|e| self.err(e))?;
         {
             let mut meta = txn.open_table(META).map_err(|e| self.err(e))?;
@@ -865,6 +901,20 @@ impl State {
                             .remove((folder.as_str(), path.as_str()))
                             .map_err(|e| self.err(e))?;
                     }
+                }
+            }
+            // A saved survey no longer counts what a folder holds once that changes; one this
+            // batch saves counts what the batch leaves.
+            let mut surveys = txn.open_table(SURVEYS).map_err(|e| self.err(e))?;
+            let changed: BTreeSet<&FolderId> = batch.local.iter().map(|(f, _, _)| f).collect();
+            for folder in changed {
+                surveys.remove(folder.as_str()).map_err(|e| self.err(e))?;
+            }
+            if !self.local_lost.load(std::sync::atomic::Ordering::Relaxed) {
+                for (folder, bytes) in &batch.surveys {
+                    surveys
+                        .insert(folder.as_str(), &bytes[..])
+                        .map_err(|e| self.err(e))?;
                 }
             }
         }

@@ -91,3 +91,50 @@ fn a_summarised_shard_is_not_read_at_start_until_a_later_save_takes_its_summary_
     let loaded = state.load().unwrap();
     assert!(loaded.summaries.is_empty() && loaded.shards.is_empty());
 }
+
+/// A saved survey is read back at start until a commit changes what the device holds in its
+/// folder (that commit drops it; one the same batch saves is kept); other folders' and other
+/// kinds of change leave it.
+#[test]
+fn a_saved_survey_goes_with_the_first_change_to_its_folders_local_files() {
+    let home = tempfile::tempdir().unwrap();
+    let state = State::open(home.path()).unwrap();
+    let (docs, music) = (
+        FolderId::new("docs").unwrap(),
+        FolderId::new("music").unwrap(),
+    );
+    let mut batch = Batch::default();
+    batch.folders.push((docs.clone(), PathBuf::from("/docs")));
+    batch.folders.push((music.clone(), PathBuf::from("/music")));
+    batch.surveys.push((docs.clone(), b"docs survey".to_vec()));
+    batch
+        .surveys
+        .push((music.clone(), b"music survey".to_vec()));
+    state.commit(batch).unwrap();
+    let surveys = |state: &State| state.load().unwrap().surveys;
+    assert_eq!(surveys(&state)[&docs], b"docs survey");
+
+    // A change to music's files drops music's survey only; a shard save drops none.
+    let mut batch = Batch::default();
+    batch.local.push((music.clone(), "song".into(), None));
+    batch
+        .shards
+        .push((docs.clone(), 1, SavedShard::Whole(b"s".to_vec())));
+    state.commit(batch).unwrap();
+    assert_eq!(
+        surveys(&state).into_keys().collect::<Vec<_>>(),
+        vec![docs.clone()]
+    );
+    // Saved in the batch that changes the files: kept (it counts what the batch leaves).
+    let mut batch = Batch::default();
+    batch.local.push((music.clone(), "song".into(), None));
+    batch.surveys.push((music.clone(), b"music again".to_vec()));
+    state.commit(batch).unwrap();
+    assert_eq!(surveys(&state)[&music], b"music again");
+    // Kept across a reopen; gone with its folder.
+    drop(state);
+    let state = State::open(home.path()).unwrap();
+    assert_eq!(surveys(&state).len(), 2);
+    state.remove_folder(&docs, Path::new("/docs")).unwrap();
+    assert!(!surveys(&state).contains_key(&docs));
+}
