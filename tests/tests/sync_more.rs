@@ -9,7 +9,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use meshsync_tests::{
-    alice_and_bob, meshsync, meshsync_ok, path_text, random, same, wait_until, Daemon,
+    alice_and_bob, log_of, meshsync, meshsync_ok, path_text, random, same, wait_until, Daemon,
 };
 
 const LONG: Duration = Duration::from_secs(60);
@@ -343,4 +343,47 @@ fn ignore_rules_are_shared_and_local_overrides_stay_local() {
     );
     let out = meshsync(&p.a.home, &["ignore", "docs", "{a,b"]);
     assert!(String::from_utf8_lossy(&out.stderr).contains("not a valid ignore pattern"));
+}
+
+/// A daemon saves its survey (what its folder needs and holds) once quiet; restarted, it takes
+/// it up instead of reading its whole index, and counts on top of it what changed while it was
+/// down, here and on the other device.
+#[test]
+fn a_restarted_daemon_takes_up_its_saved_survey_and_counts_what_changed_meanwhile() {
+    let mut p = pair();
+    let hb = p.b.home.clone();
+    for i in 0..10 {
+        std::fs::write(p.fa.join(format!("f{i}.txt")), format!("first {i}")).unwrap();
+    }
+    meshsync_ok(&p.a.home, &["scan"]);
+    let files_and_in_sync = |b: &Daemon, n: u64| {
+        let s = b.status();
+        s["folders"][0]["in_sync"] == true && s["folders"][0]["local_files"] == n
+    };
+    assert!(wait_until(LONG, || files_and_in_sync(&p.b, 10)));
+    // Quiet for a few compaction rounds (one a second): the survey is saved.
+    std::thread::sleep(Duration::from_secs(4));
+    p.b.kill();
+    // While B is down: A edits one file and adds one; B's own copy of another is removed.
+    std::fs::write(p.fa.join("f1.txt"), "second 1").unwrap();
+    std::fs::write(p.fa.join("late.txt"), "late").unwrap();
+    meshsync_ok(&p.a.home, &["scan"]);
+    std::fs::remove_file(p.fb.join("f2.txt")).unwrap();
+    p.b = Daemon::start(&hb);
+    assert!(
+        log_of(&hb).contains("took up the saved survey"),
+        "{}",
+        log_of(&hb)
+    );
+    assert!(wait_until(LONG, || {
+        std::fs::read(p.fb.join("late.txt")).is_ok_and(|d| d == b"late")
+            && std::fs::read(p.fb.join("f1.txt")).is_ok_and(|d| d == b"second 1")
+            && !p.fa.join("f2.txt").exists()
+            && files_and_in_sync(&p.b, 10)
+    }));
+    assert!(
+        !log_of(&hb).contains("surveyed the whole index"),
+        "{}",
+        log_of(&hb)
+    );
 }

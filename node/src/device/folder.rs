@@ -249,6 +249,9 @@ pub(crate) fn load_all(
         let mut folder = Folder::new(path, index, local);
         if let Some(saved) = loaded.surveys.remove(&id) {
             folder.resume_survey(&saved);
+            if folder.surveyed.is_some() {
+                tracing::info!(folder = %id, "took up the saved survey (the index is not read whole)");
+            }
         }
         // Link targets are served from memory; where files' chunks lie is in the state,
         // except in a state from before it was: filled in once from the local files.

@@ -237,6 +237,7 @@ impl Folder {
 
     /// Counts every path of the index.
     fn walk(&self) -> Survey {
+        let started = std::time::Instant::now();
         let rules = Rules::load_at(&self.path);
         let mut survey = Survey::default();
         for item in self.index.iter() {
@@ -250,6 +251,7 @@ impl Folder {
             let local = self.local.get(&path);
             survey.count(&rules, &path, Some(state), local);
         }
+        tracing::info!(folder = %self.path.display(), took = ?started.elapsed(), "surveyed the whole index");
         survey
     }
 }
