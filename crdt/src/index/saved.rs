@@ -236,6 +236,7 @@ impl Shard {
             compact_heads,
             used: false,
             busy_rounds: 0,
+            idle_rounds: 0,
         })
     }
 }
