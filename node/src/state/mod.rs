@@ -198,14 +198,16 @@ impl Batch {
     }
 }
 
+/// Each folder's saved shards: each shard's whole save, then its pieces in order.
+pub type ShardSaves = BTreeMap<FolderId, Vec<(u16, Vec<u8>)>>;
+
 /// Everything loaded at start.
 pub struct Loaded {
     pub mesh: Option<MeshId>,
     pub membership: Option<Vec<u8>>,
     pub folders: BTreeMap<FolderId, PathBuf>,
-    /// Each folder's saved shards: each shard's whole save, then its pieces in order; not
-    /// those in `summaries`.
-    pub shards: BTreeMap<FolderId, Vec<(u16, Vec<u8>)>>,
+    /// Each folder's saved shards, not those in `summaries`.
+    pub shards: ShardSaves,
     /// Each folder's shards whose save was not read: their summaries (their saves are read
     /// when the index needs them).
     pub summaries: BTreeMap<FolderId, Vec<(u16, ShardSummary)>>,
@@ -401,39 +403,7 @@ impl State {
         }
         // A summarised shard's saves are read when the index needs it.
         let summaries = self.summaries(&txn)?;
-        let summarised = |folder: &FolderId, shard: u16| {
-            (summaries.get(folder))
-                .is_some_and(|s| s.binary_search_by_key(&shard, |(id, _)| *id).is_ok())
-        };
-        // Each unsummarised shard is read by its key: walking the tables would read every
-        // shard's save (at a million files, most of the start's reads were of saves it
-        // then skipped).
-        let whole = txn.open_table(SHARDS).map_err(|x| e(&x))?;
-        let pieces = txn.open_table(SHARD_PIECES).map_err(|x| e(&x))?;
-        let mut shards: BTreeMap<FolderId, Vec<(u16, Vec<u8>)>> = BTreeMap::new();
-        for folder in folders.keys() {
-            let mut saves = Vec::new();
-            for shard in 0..meshsync_crdt::index::SHARDS {
-                if summarised(folder, shard) {
-                    continue;
-                }
-                let key = (folder.as_str(), shard);
-                if let Some(bytes) = whole.get(key).map_err(|x| e(&x))? {
-                    saves.push((shard, bytes.value().to_vec()));
-                }
-            }
-            // Pieces come after every whole save, in key order: by shard, then by number.
-            let shards_read: Vec<u16> = saves.iter().map(|(shard, _)| *shard).collect();
-            for shard in shards_read {
-                let key = |n| (folder.as_str(), shard, n);
-                for row in pieces.range(key(0)..=key(u32::MAX)).map_err(|x| e(&x))? {
-                    saves.push((shard, row.map_err(|x| e(&x))?.1.value().to_vec()));
-                }
-            }
-            if !saves.is_empty() {
-                shards.insert(folder.clone(), saves);
-            }
-        }
+        let shards = self.unsummarised_saves(&txn, &folders, &summaries)?;
         // Rows come in key order; collected, not inserted one by one, each folder's map is
         // built with full nodes (inserting in order leaves every node half empty: at a
         // million files, ~110 MB more).
@@ -473,6 +443,50 @@ impl State {
             local,
             surveys,
         })
+    }
+
+    /// The saves of each folder's shards that have no summary: each shard's whole save, then
+    /// its pieces in order. Each is read by its key: walking the tables would read every
+    /// shard's save (at a million files, most of a start's reads were of saves it then
+    /// skipped).
+    fn unsummarised_saves(
+        &self,
+        txn: &redb::ReadTransaction,
+        folders: &BTreeMap<FolderId, PathBuf>,
+        summaries: &BTreeMap<FolderId, Vec<(u16, ShardSummary)>>,
+    ) -> Result<ShardSaves, StateError> {
+        let e = |x: &dyn std::fmt::Display| self.err(x);
+        let summarised = |folder: &FolderId, shard: u16| {
+            (summaries.get(folder))
+                .is_some_and(|s| s.binary_search_by_key(&shard, |(id, _)| *id).is_ok())
+        };
+        let whole = txn.open_table(SHARDS).map_err(|x| e(&x))?;
+        let pieces = txn.open_table(SHARD_PIECES).map_err(|x| e(&x))?;
+        let mut shards = ShardSaves::new();
+        for folder in folders.keys() {
+            let mut saves = Vec::new();
+            for shard in 0..meshsync_crdt::index::SHARDS {
+                if summarised(folder, shard) {
+                    continue;
+                }
+                let key = (folder.as_str(), shard);
+                if let Some(bytes) = whole.get(key).map_err(|x| e(&x))? {
+                    saves.push((shard, bytes.value().to_vec()));
+                }
+            }
+            // Pieces come after every whole save, in key order: by shard, then by number.
+            let shards_read: Vec<u16> = saves.iter().map(|(shard, _)| *shard).collect();
+            for shard in shards_read {
+                let key = |n| (folder.as_str(), shard, n);
+                for row in pieces.range(key(0)..=key(u32::MAX)).map_err(|x| e(&x))? {
+                    saves.push((shard, row.map_err(|x| e(&x))?.1.value().to_vec()));
+                }
+            }
+            if !saves.is_empty() {
+                shards.insert(folder.clone(), saves);
+            }
+        }
+        Ok(shards)
     }
 
     /// The shards' summaries (each describes its shard's saves, whole and pieces), per folder,
@@ -903,22 +917,32 @@ impl State {
                     }
                 }
             }
-            // A saved survey no longer counts what a folder holds once that changes; one this
-            // batch saves counts what the batch leaves.
-            let mut surveys = txn.open_table(SURVEYS).map_err(|e| self.err(e))?;
-            let changed: BTreeSet<&FolderId> = batch.local.iter().map(|(f, _, _)| f).collect();
-            for folder in changed {
-                surveys.remove(folder.as_str()).map_err(|e| self.err(e))?;
-            }
-            if !self.local_lost.load(std::sync::atomic::Ordering::Relaxed) {
-                for (folder, bytes) in &batch.surveys {
-                    surveys
-                        .insert(folder.as_str(), &bytes[..])
-                        .map_err(|e| self.err(e))?;
-                }
-            }
+            self.drop_and_save_surveys(&txn, &batch)?;
         }
         txn.commit().map_err(|e| self.err(e))
+    }
+
+    /// A saved survey no longer counts what a folder holds once that changes: dropped by a
+    /// batch that changes the folder's local files; one the batch saves counts what the batch
+    /// leaves.
+    fn drop_and_save_surveys(
+        &self,
+        txn: &redb::WriteTransaction,
+        batch: &Batch,
+    ) -> Result<(), StateError> {
+        let mut surveys = txn.open_table(SURVEYS).map_err(|e| self.err(e))?;
+        let changed: BTreeSet<&FolderId> = batch.local.iter().map(|(f, _, _)| f).collect();
+        for folder in changed {
+            surveys.remove(folder.as_str()).map_err(|e| self.err(e))?;
+        }
+        if !self.local_lost.load(std::sync::atomic::Ordering::Relaxed) {
+            for (folder, bytes) in &batch.surveys {
+                surveys
+                    .insert(folder.as_str(), &bytes[..])
+                    .map_err(|e| self.err(e))?;
+            }
+        }
+        Ok(())
     }
 }
 
