@@ -123,9 +123,8 @@ impl FolderIndex {
     /// Unloads every shard whose saves, as it is, are persisted (see
     /// [`FolderIndex::confirm_saved`]) and cheap to read back (a whole and at most one piece;
     /// [`FolderIndex::compact`] saves the others whole), that has nothing unsent and was not
-    /// used in the last `idle_rounds` calls (this one included; 1: not since the last call);
-    /// returns how many. Does nothing without a loader.
-    pub fn unload_unused(&mut self, idle_rounds: u8) -> usize {
+    /// used since the last call; returns how many. Does nothing without a loader.
+    pub fn unload_unused(&mut self) -> usize {
         if self.loader.is_none() {
             return 0;
         }
@@ -133,13 +132,7 @@ impl FolderIndex {
         let before = cold.len();
         self.shards.retain(|&id, shard| {
             let heads = shard.doc.get_heads();
-            shard.idle_rounds = match shard.used {
-                true => 0,
-                false => shard.idle_rounds.saturating_add(1),
-            };
-            let unload = shard.idle_rounds >= idle_rounds.max(1)
-                && shard.may_go(&heads)
-                && !shard.has_unsent(actor);
+            let unload = !shard.used && shard.may_go(&heads) && !shard.has_unsent(actor);
             shard.busy_rounds = match shard.used {
                 true => shard.busy_rounds.saturating_add(1),
                 false => 0,

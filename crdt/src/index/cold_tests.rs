@@ -28,7 +28,7 @@ fn unloaded_index() -> (World, FolderIndex, Store) {
     let saves = a.compact(usize::MAX).unwrap();
     let ids: Vec<u16> = saves.iter().map(|(id, _)| *id).collect();
     assert_eq!(
-        a.unload_unused(1),
+        a.unload_unused(),
         0,
         "nothing is unloaded before its save is persisted"
     );
@@ -40,13 +40,13 @@ fn unloaded_index() -> (World, FolderIndex, Store) {
     }
     a.confirm_saved(ids);
     a.warm(["d0/0"]).unwrap();
-    assert!(a.unload_unused(1) > 100);
+    assert!(a.unload_unused() > 100);
     assert_eq!(
         a.loaded_shards(),
         1,
         "a shard used since the last round stays"
     );
-    assert_eq!(a.unload_unused(1), 1);
+    assert_eq!(a.unload_unused(), 1);
     assert_eq!(a.loaded_shards(), 0);
     (w, a, store)
 }
@@ -102,23 +102,6 @@ fn unloaded_shards_answer_as_if_loaded_and_a_change_loads_only_what_it_touches()
     assert!(marks.len() > 100, "marks in unloaded shards too");
 }
 
-/// Asked to unload what went unused for three rounds, the index keeps a shard used now for
-/// the two rounds after (a stream of changes finds it loaded) and unloads it at the third.
-#[test]
-fn a_shard_stays_loaded_until_it_went_unused_for_the_rounds_asked() {
-    let (_w, mut a, _store) = unloaded_index();
-    a.warm(["d0/0"]).unwrap();
-    assert_eq!(a.unload_unused(3), 0, "used this round");
-    assert_eq!(a.unload_unused(3), 0, "unused for one round");
-    a.warm(["d0/0"]).unwrap(); // used again: counted afresh
-    assert_eq!(a.unload_unused(3), 0);
-    assert_eq!(a.unload_unused(3), 0);
-    assert_eq!(a.unload_unused(3), 0);
-    assert_eq!(a.loaded_shards(), 1);
-    assert_eq!(a.unload_unused(3), 1, "unused for three rounds");
-    assert_eq!(a.loaded_shards(), 0);
-}
-
 #[test]
 fn a_shard_that_cannot_be_read_back_is_an_error_not_an_empty_shard() {
     let (w, mut a, store) = unloaded_index();
@@ -153,8 +136,8 @@ fn a_replica_that_only_takes_peers_changes_unloads_them_too() {
         store.lock().unwrap().insert(id, vec![bytes]);
     }
     b.confirm_saved(ids);
-    b.unload_unused(1); // the shards the changes went into were used
-    b.unload_unused(1);
+    b.unload_unused(); // the shards the changes went into were used
+    b.unload_unused();
     assert_eq!(b.loaded_shards(), 0);
     assert_eq!(b.get("d7/407").unwrap().winner.version, 1);
 }
@@ -170,7 +153,7 @@ fn a_changed_shard_nothing_uses_is_saved_whole_and_unloaded_without_being_loaded
     .unwrap();
     a.take_local_changes();
     assert!(a.loose_shards() >= 1);
-    a.unload_unused(1); // a round passes: the shards were used by the write
+    a.unload_unused(); // a round passes: the shards were used by the write
     let saves = a.compact(usize::MAX).unwrap();
     assert!(!saves.is_empty());
     assert!(a.loose_shards() >= 1, "saved only, not loaded again");
@@ -181,9 +164,9 @@ fn a_changed_shard_nothing_uses_is_saved_whole_and_unloaded_without_being_loaded
         };
         store.lock().unwrap().insert(id, vec![bytes]);
     }
-    assert_eq!(a.unload_unused(1), 0, "not before the saves are confirmed");
+    assert_eq!(a.unload_unused(), 0, "not before the saves are confirmed");
     a.confirm_saved(ids);
-    assert!(a.unload_unused(1) >= 1);
+    assert!(a.unload_unused() >= 1);
     assert_eq!(a.loaded_shards(), 0);
     assert_eq!(a.get("d3/43").unwrap().winner.version, 2);
 }
@@ -242,16 +225,16 @@ fn a_shard_saved_in_pieces_is_unloaded_as_it_is_and_a_start_leaves_it_unloaded()
     store.lock().unwrap().get_mut(&shard).unwrap().push(piece);
     let summary = a.summary(shard).expect("its saves cover it as it is");
     assert_eq!(summary.heads, a.heads()[&shard]);
-    a.unload_unused(1); // a round passes: the shard was used by the write
-    assert_eq!(a.unload_unused(1), 0, "not before its piece is confirmed");
+    a.unload_unused(); // a round passes: the shard was used by the write
+    assert_eq!(a.unload_unused(), 0, "not before its piece is confirmed");
     a.confirm_saved([shard]);
     a.warm(["d3/3"]).unwrap(); // looked at once more (what the node's survey does after a change)
     assert!(
         a.compact(usize::MAX).unwrap().is_empty(),
         "no whole save for a shard about to go"
     );
-    assert_eq!(a.unload_unused(1), 0, "used this round");
-    assert_eq!(a.unload_unused(1), 1);
+    assert_eq!(a.unload_unused(), 0, "used this round");
+    assert_eq!(a.unload_unused(), 1);
     assert_eq!(a.loaded_shards(), 0);
     assert_eq!(
         a.get("d3/3").unwrap().winner.version,
@@ -272,7 +255,7 @@ fn a_shard_saved_in_pieces_is_unloaded_as_it_is_and_a_start_leaves_it_unloaded()
     // One that stays in use round after round is compacted (saved whole, held compactly).
     for _ in 0..super::saved::HOT_ROUNDS {
         a.warm(["d3/3"]).unwrap();
-        a.unload_unused(1);
+        a.unload_unused();
     }
     a.warm(["d3/3"]).unwrap();
     let saves = a.compact(usize::MAX).unwrap();
@@ -295,8 +278,8 @@ fn a_shard_saved_in_pieces_is_unloaded_as_it_is_and_a_start_leaves_it_unloaded()
         store.lock().unwrap().get_mut(&shard).unwrap().push(piece);
         a.confirm_saved([shard]);
     }
-    a.unload_unused(1);
-    assert_eq!(a.unload_unused(1), 0, "not with two pieces to read back");
+    a.unload_unused();
+    assert_eq!(a.unload_unused(), 0, "not with two pieces to read back");
     let saves = a.compact(usize::MAX).unwrap();
     assert!(matches!(saves[..], [(s, SavedShard::Whole(_))] if s == shard));
     assert_eq!(
@@ -305,7 +288,7 @@ fn a_shard_saved_in_pieces_is_unloaded_as_it_is_and_a_start_leaves_it_unloaded()
         "saved whole, not loaded again: it is about to go"
     );
     a.confirm_saved([shard]);
-    assert_eq!(a.unload_unused(1), 1);
+    assert_eq!(a.unload_unused(), 1);
 }
 
 #[test]
@@ -332,5 +315,5 @@ fn after_a_save_that_was_not_persisted_the_next_save_is_whole() {
             ),
         }
     }
-    assert_eq!(a.unload_unused(1), 0, "not confirmed: it stays");
+    assert_eq!(a.unload_unused(), 0, "not confirmed: it stays");
 }

@@ -406,8 +406,6 @@ struct Shard {
     used: bool,
     /// How many rounds in a row (calls of [`FolderIndex::unload_unused`]) found it used.
     busy_rounds: u8,
-    /// …and how many found it unused.
-    idle_rounds: u8,
 }
 
 impl Shard {
@@ -475,7 +473,6 @@ impl FolderIndex {
             durable: None,
             used: true,
             busy_rounds: 0,
-            idle_rounds: 0,
         })
     }
 

@@ -236,7 +236,6 @@ impl Shard {
             compact_heads,
             used: false,
             busy_rounds: 0,
-            idle_rounds: 0,
         })
     }
 }

@@ -457,7 +457,7 @@ impl Device {
         }
         let mut unloaded = 0;
         for f in self.folders.values_mut() {
-            unloaded += f.index.unload_unused(UNLOAD_IDLE_ROUNDS);
+            unloaded += f.index.unload_unused();
         }
         if unloaded > 0 || compacted > 0 {
             let (loaded, loose) = (self.folders.values_mut())
@@ -556,14 +556,6 @@ pub(crate) fn watcher_for(
         }
     }
 }
-
-/// A shard of an index is unloaded once unused for this many compaction rounds (seconds).
-/// One round was too few: a stream of changes whose steps are further apart than a round (a
-/// 1,000-file change at a million files touches ~600 of the 1,024 shards; a first sync's
-/// batches of 5,000 files touch them all) read most shards back from their saves at every
-/// step, and the reads grew with the index (a first sync on a slower disk fell from 1,700 to
-/// ~100 files/s by 576,000 files).
-const UNLOAD_IDLE_ROUNDS: u8 = 3;
 
 /// How many shards of a folder's index one round compacts (at a million files ~4 ms each, on
 /// every core; the 1,024 shards of an index that took a first sync in ~16 s)…
