@@ -361,8 +361,19 @@ fn a_restarted_daemon_takes_up_its_saved_survey_and_counts_what_changed_meanwhil
         s["folders"][0]["in_sync"] == true && s["folders"][0]["local_files"] == n
     };
     assert!(wait_until(LONG, || files_and_in_sync(&p.b, 10)));
-    // Quiet for a few compaction rounds (one a second): the survey is saved.
-    std::thread::sleep(Duration::from_secs(4));
+    // Quiet for a compaction round or two (one a second), the survey is saved: a restart
+    // takes it up (and leaves it saved, nothing having changed).
+    let mut saved = false;
+    for _ in 0..20 {
+        std::thread::sleep(Duration::from_secs(2));
+        p.b.kill();
+        p.b = Daemon::start(&hb);
+        if log_of(&hb).contains("took up the saved survey") {
+            saved = true;
+            break;
+        }
+    }
+    assert!(saved, "no survey saved: {}", log_of(&hb));
     p.b.kill();
     // While B is down: A edits one file and adds one; B's own copy of another is removed.
     std::fs::write(p.fa.join("f1.txt"), "second 1").unwrap();
