@@ -428,9 +428,9 @@ impl State {
             .map(|(folder, files)| (folder, files.into_iter().collect()))
             .collect();
         let mut surveys = BTreeMap::new();
-        let kept = txn.open_table(SURVEYS).map_err(|x| e(&x))?;
+        let saved = txn.open_table(SURVEYS).map_err(|x| e(&x))?;
         for folder in folders.keys() {
-            if let Some(bytes) = kept.get(folder.as_str()).map_err(|x| e(&x))? {
+            if let Some(bytes) = saved.get(folder.as_str()).map_err(|x| e(&x))? {
                 surveys.insert(folder.clone(), bytes.value().to_vec());
             }
         }
@@ -930,6 +930,9 @@ impl State {
         txn: &redb::WriteTransaction,
         batch: &Batch,
     ) -> Result<(), StateError> {
+        if batch.local.is_empty() && batch.surveys.is_empty() {
+            return Ok(());
+        }
         let mut surveys = txn.open_table(SURVEYS).map_err(|e| self.err(e))?;
         let changed: BTreeSet<&FolderId> = batch.local.iter().map(|(f, _, _)| f).collect();
         for folder in changed {
