@@ -1,6 +1,7 @@
 //! The state database: layout checks and shard summaries.
 
 use super::*;
+use meshsync_crdt::SavedShard;
 
 #[test]
 fn a_home_whose_index_was_sharded_another_way_is_refused_with_what_to_do() {
