@@ -498,6 +498,22 @@ pub fn start_writeback(file: &File, offset: u64, len: u64) {
     }
 }
 
+/// Reserves `len` bytes of disk for `file` (Linux `fallocate`, size unchanged), so the writes
+/// that fill it find their blocks allocated. Best effort: a file system that cannot is left to
+/// allocate as it writes.
+pub fn preallocate(file: &File, len: u64) {
+    use std::os::fd::AsRawFd;
+    let Ok(len) = i64::try_from(len) else { return };
+    if len == 0 {
+        return;
+    }
+    // SAFETY: a plain syscall on a descriptor `file` owns for the duration of the call; it
+    // reads and writes no memory of this process.
+    unsafe {
+        libc::fallocate(file.as_raw_fd(), libc::FALLOC_FL_KEEP_SIZE, 0, len);
+    }
+}
+
 /// `rel`'s parent (`""` for the root).
 pub fn parent_of(rel: &str) -> &str {
     rel.rfind('/').map_or("", |i| &rel[..i])

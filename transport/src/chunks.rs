@@ -1,7 +1,9 @@
 //! `/meshsync/chunks/1`: have/want and bulk chunk transfer.
 //!
 //! The client sends `Want` frames of up to [`BATCH`] chunk IDs and keeps two batches in flight
-//! per stream, so the server always has the next batch queued while it streams the current one.
+//! per stream, so the server always has the next batch queued while it streams the current one;
+//! it opens [`STREAMS_PER_PEER`] streams to each peer, so the server reads and seals one batch
+//! while it sends another.
 //! The server answers every wanted ID in order with one frame: `[status][id][data]`, status 0
 //! for a chunk and 1 for "I don't have it".
 //!
@@ -32,6 +34,10 @@ const MAX_WANT_FRAME: usize = 16 + BATCH * 33;
 const IDLE: Duration = Duration::from_secs(60);
 const REPLY: Duration = Duration::from_secs(30);
 const RECONNECTS: usize = 5;
+/// Streams a fetch opens to each peer: while the peer reads and seals one `Want` on one, it
+/// sends what it has for another. (Bulk sync bench (f): 196–206 MB/s with one, 238–253 with
+/// two, 229–234 with four.)
+const STREAMS_PER_PEER: usize = 2;
 
 const HAVE: u8 = 0;
 const MISSING: u8 = 1;
@@ -244,7 +250,8 @@ pub async fn fetch(
     for _ in 0..RECONNECTS {
         let workers: Vec<_> = peers
             .iter()
-            .map(|&peer| {
+            .flat_map(|&peer| std::iter::repeat_n(peer, STREAMS_PER_PEER))
+            .map(|peer| {
                 tokio::spawn(worker(
                     transport.clone(),
                     peer,

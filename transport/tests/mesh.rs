@@ -399,12 +399,15 @@ async fn a_member_opening_stream_after_stream_gets_the_extra_ones_closed() {
     );
 }
 
-/// What each side of a real TCP connection on loopback negotiated: the Noise protocol name.
-/// Negotiated as libp2p's upgrade does it (multistream-select, then the chosen handshake).
-async fn noise_between(
+type NoiseSession =
+    libp2p::noise::Output<multistream_select::Negotiated<libp2p::tcp::tokio::TcpStream>>;
+
+/// Both ends of a real TCP connection on loopback after the Noise handshake, negotiated as
+/// libp2p's upgrade does it (multistream-select, then the chosen handshake).
+async fn noise_pair(
     dialer: libp2p::noise::Config,
     listener: libp2p::noise::Config,
-) -> (&'static str, &'static str) {
+) -> (NoiseSession, NoiseSession) {
     use libp2p::core::upgrade::{InboundConnectionUpgrade, OutboundConnectionUpgrade};
     use libp2p::core::UpgradeInfo;
     use libp2p::tcp::tokio::TcpStream;
@@ -416,30 +419,72 @@ async fn noise_between(
         let (name, io) = listener_select_proto(io, listener.protocol_info())
             .await
             .unwrap();
-        listener
-            .upgrade_inbound(io, name)
-            .await
-            .unwrap()
-            .1
-            .protocol()
+        listener.upgrade_inbound(io, name).await.unwrap().1
     };
     let dial = async {
         let io = TcpStream(tokio::net::TcpStream::connect(to).await.unwrap());
         let (name, io) = dialer_select_proto(io, dialer.protocol_info(), Version::V1)
             .await
             .unwrap();
-        dialer
-            .upgrade_outbound(io, name)
-            .await
-            .unwrap()
-            .1
-            .protocol()
+        dialer.upgrade_outbound(io, name).await.unwrap().1
     };
     tokio::time::timeout(Duration::from_secs(20), async {
         tokio::join!(dial, accept)
     })
     .await
     .expect("handshake in time")
+}
+
+/// What each side of a real TCP connection on loopback negotiated: the Noise protocol name.
+async fn noise_between(
+    dialer: libp2p::noise::Config,
+    listener: libp2p::noise::Config,
+) -> (&'static str, &'static str) {
+    let (dialer, listener) = noise_pair(dialer, listener).await;
+    (dialer.protocol(), listener.protocol())
+}
+
+#[tokio::test]
+async fn noise_carries_writes_of_every_size_intact_with_either_cipher() {
+    use futures::{AsyncReadExt, AsyncWriteExt};
+    use libp2p::noise::Config as Noise;
+    let key = || DeviceKeys::generate().libp2p_keypair();
+    // Small writes are gathered into a frame, long ones sealed straight from the caller's
+    // buffer (the patched path), longer than a frame split: every size around those edges,
+    // interleaved the way a muxer writes (a 12-byte header, then a body).
+    let sizes = [
+        1, 12, 2047, 12, 2048, 12, 2049, 12, 16384, 0, 64511, 64512, 65535, 200_000, 3, 12, 40_000,
+    ];
+    let data: Vec<u8> = (0..sizes.iter().sum::<usize>())
+        .map(|i| (i * 31 % 251) as u8)
+        .collect();
+    for prefer_aes in [true, false] {
+        let (mut dialer, mut listener) = noise_pair(
+            Noise::new(&key()).unwrap().with_aes_gcm(prefer_aes),
+            Noise::new(&key()).unwrap().with_aes_gcm(prefer_aes),
+        )
+        .await;
+        let write = async {
+            let mut at = 0;
+            for size in sizes {
+                dialer.write_all(&data[at..at + size]).await.unwrap();
+                at += size;
+            }
+            dialer.flush().await.unwrap();
+            dialer.close().await.unwrap();
+        };
+        let read = async {
+            let mut got = Vec::new();
+            listener.read_to_end(&mut got).await.unwrap();
+            got
+        };
+        let ((), got) =
+            tokio::time::timeout(Duration::from_secs(20), async { tokio::join!(write, read) })
+                .await
+                .expect("transfer in time");
+        assert_eq!(got.len(), data.len(), "aes {prefer_aes}");
+        assert!(got == data, "aes {prefer_aes}: the bytes differ");
+    }
 }
 
 #[tokio::test]

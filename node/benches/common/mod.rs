@@ -37,6 +37,12 @@ impl Drop for Daemon {
 impl Daemon {
     /// User + system CPU time the daemon has used so far.
     pub fn cpu_seconds(&self) -> f64 {
+        let (user, system) = self.cpu_split();
+        user + system
+    }
+
+    /// User and system CPU time the daemon has used so far, apart.
+    pub fn cpu_split(&self) -> (f64, f64) {
         let stat =
             std::fs::read_to_string(format!("/proc/{}/stat", self.0.id())).unwrap_or_default();
         // Fields after the command name (in parentheses): utime is the 12th, stime the 13th.
@@ -44,12 +50,12 @@ impl Daemon {
             .rsplit_once(')')
             .map(|(_, rest)| rest.split_whitespace().collect())
             .unwrap_or_default();
-        let ticks: f64 = [11, 12]
-            .iter()
-            .filter_map(|&i| fields.get(i).and_then(|f| f.parse::<f64>().ok()))
-            .sum();
-        // SAFETY: sysconf only reads a constant.
-        ticks / unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64
+        let seconds = |i: usize| {
+            let ticks = fields.get(i).and_then(|f| f.parse::<f64>().ok());
+            // SAFETY: sysconf only reads a constant.
+            ticks.unwrap_or(0.0) / unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64
+        };
+        (seconds(11), seconds(12))
     }
 
     pub fn peak_rss_mb(&self) -> f64 {

@@ -113,6 +113,12 @@ impl<T: AsyncRead + Unpin> AsyncRead for Output<T> {
     }
 }
 
+/// meshsync patch: a write at least this long is sealed straight from the caller's buffer as a
+/// frame of its own (after any smaller writes buffered before it), instead of being copied into
+/// the send buffer first. A muxer writes each of its frames as a small header and then a body:
+/// the headers are still gathered, the bodies are no longer copied on their way to the cipher.
+const DIRECT_WRITE: usize = 2048;
+
 impl<T: AsyncWrite + Unpin> AsyncWrite for Output<T> {
     fn poll_write(
         self: Pin<&mut Self>,
@@ -121,21 +127,34 @@ impl<T: AsyncWrite + Unpin> AsyncWrite for Output<T> {
     ) -> Poll<io::Result<usize>> {
         let this = Pin::into_inner(self);
         let mut io = Pin::new(&mut this.io);
-        let frame_buf = &mut this.send_buffer;
+
+        // meshsync patch: a long write goes out as its own frame, sealed from `buf`.
+        if buf.len() >= DIRECT_WRITE {
+            if this.send_offset > 0 {
+                ready!(io.as_mut().poll_ready(cx))?;
+                io.as_mut().start_send(&this.send_buffer[..this.send_offset])?;
+                this.send_offset = 0;
+            }
+            ready!(io.as_mut().poll_ready(cx))?;
+            let n = min(MAX_FRAME_LEN, buf.len());
+            io.as_mut().start_send(&buf[..n])?;
+            tracing::trace!(bytes=%n, "write: sent directly");
+            return Poll::Ready(Ok(n));
+        }
 
         // The MAX_FRAME_LEN is the maximum buffer size before a frame must be sent.
         if this.send_offset == MAX_FRAME_LEN {
             tracing::trace!(bytes=%MAX_FRAME_LEN, "write: sending");
             ready!(io.as_mut().poll_ready(cx))?;
-            io.as_mut().start_send(frame_buf)?;
+            io.as_mut().start_send(&this.send_buffer)?;
             this.send_offset = 0;
         }
 
         let off = this.send_offset;
-        let n = min(MAX_FRAME_LEN, off.saturating_add(buf.len()));
-        this.send_buffer.resize(n, 0u8);
         let n = min(MAX_FRAME_LEN - off, buf.len());
-        this.send_buffer[off..off + n].copy_from_slice(&buf[..n]);
+        // meshsync patch: appended, not zero-filled first and then overwritten.
+        this.send_buffer.truncate(off);
+        this.send_buffer.extend_from_slice(&buf[..n]);
         this.send_offset += n;
         tracing::trace!(bytes=%this.send_offset, "write: buffered");
 
@@ -145,13 +164,12 @@ impl<T: AsyncWrite + Unpin> AsyncWrite for Output<T> {
     fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         let this = Pin::into_inner(self);
         let mut io = Pin::new(&mut this.io);
-        let frame_buf = &mut this.send_buffer;
 
         // Check if there is still one more frame to send.
         if this.send_offset > 0 {
             ready!(io.as_mut().poll_ready(cx))?;
             tracing::trace!(bytes= %this.send_offset, "flush: sending");
-            io.as_mut().start_send(frame_buf)?;
+            io.as_mut().start_send(&this.send_buffer[..this.send_offset])?;
             this.send_offset = 0;
         }
 

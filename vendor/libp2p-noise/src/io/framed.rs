@@ -36,6 +36,8 @@ use crate::{Error, protocol::PublicKey};
 const MAX_NOISE_MSG_LEN: usize = 65535;
 /// Space given to the encryption buffer to hold key material.
 const EXTRA_ENCRYPT_SPACE: usize = 1024;
+/// meshsync patch: what a transport message adds to its payload (the AEAD tag).
+const TAG_LEN: usize = 16;
 /// Max. length for Noise protocol message payloads.
 pub(crate) const MAX_FRAME_LEN: usize = MAX_NOISE_MSG_LEN - EXTRA_ENCRYPT_SPACE;
 static_assertions::const_assert! {
@@ -47,10 +49,11 @@ static_assertions::const_assert! {
 pub(crate) struct Codec<S> {
     session: S,
 
-    // We reuse write and encryption buffers across multiple messages to avoid reallocations.
+    // We reuse the write buffer across multiple messages to avoid reallocations.
     // We cannot reuse read and decryption buffers because we cannot return borrowed data.
+    // (meshsync patch: frames are sealed straight into the outgoing buffer, so there is no
+    // encryption buffer.)
     write_buffer: BytesMut,
-    encrypt_buffer: BytesMut,
 }
 
 impl<S> Codec<S> {
@@ -58,7 +61,6 @@ impl<S> Codec<S> {
         Codec {
             session,
             write_buffer: BytesMut::default(),
-            encrypt_buffer: BytesMut::default(),
         }
     }
 }
@@ -111,7 +113,7 @@ impl Encoder for Codec<snow::HandshakeState> {
         encrypt(
             &self.write_buffer[..item_size],
             dst,
-            &mut self.encrypt_buffer,
+            EXTRA_ENCRYPT_SPACE,
             |item, buffer| self.session.write_message(item, buffer),
         )?;
 
@@ -147,7 +149,8 @@ impl Encoder for Codec<snow::TransportState> {
     type Item<'a> = &'a [u8];
 
     fn encode(&mut self, item: Self::Item<'_>, dst: &mut BytesMut) -> Result<(), Self::Error> {
-        encrypt(item, dst, &mut self.encrypt_buffer, |item, buffer| {
+        // meshsync patch: a transport message is its payload and a 16-byte tag.
+        encrypt(item, dst, TAG_LEN, |item, buffer| {
             self.session.write_message(item, buffer)
         })
     }
@@ -166,22 +169,40 @@ impl Decoder for Codec<snow::TransportState> {
 
 /// Encrypts the given cleartext to `dst`.
 ///
-/// This is a standalone function to allow us reusing the `encrypt_buffer` and to use to across
-/// different session states of the noise protocol.
+/// This is a standalone function to use it across different session states of the noise
+/// protocol.
+///
+/// meshsync patch: the frame is sealed straight into `dst` (its length prefix, then the
+/// ciphertext, in the `overhead` bytes of room it may need beyond the cleartext), not into an
+/// encryption buffer and then copied.
 fn encrypt(
     cleartext: &[u8],
     dst: &mut BytesMut,
-    encrypt_buffer: &mut BytesMut,
+    overhead: usize,
     encrypt_fn: impl FnOnce(&[u8], &mut [u8]) -> Result<usize, snow::Error>,
 ) -> io::Result<()> {
     tracing::trace!("Encrypting {} bytes", cleartext.len());
 
-    encrypt_buffer.resize(cleartext.len() + EXTRA_ENCRYPT_SPACE, 0);
-    let n = encrypt_fn(cleartext, encrypt_buffer).map_err(into_io_error)?;
+    let start = dst.len();
+    let room = cleartext.len() + overhead;
+    dst.reserve(U16_LENGTH + room);
+    dst.resize(start + U16_LENGTH + room, 0);
+    let n = match encrypt_fn(cleartext, &mut dst[start + U16_LENGTH..]) {
+        Ok(n) => n,
+        Err(e) => {
+            dst.truncate(start);
+            return Err(into_io_error(e));
+        }
+    };
+    if n > MAX_NOISE_MSG_LEN {
+        dst.truncate(start);
+        return Err(io::Error::other("noise frame too long"));
+    }
 
     tracing::trace!("Outgoing ciphertext has {n} bytes");
 
-    encode_length_prefixed(&encrypt_buffer[..n], dst);
+    dst[start..start + U16_LENGTH].copy_from_slice(&(n as u16).to_be_bytes());
+    dst.truncate(start + U16_LENGTH + n);
 
     Ok(())
 }
@@ -214,12 +235,6 @@ fn into_io_error(err: snow::Error) -> io::Error {
 }
 
 const U16_LENGTH: usize = size_of::<u16>();
-
-fn encode_length_prefixed(src: &[u8], dst: &mut BytesMut) {
-    dst.reserve(U16_LENGTH + src.len());
-    dst.extend_from_slice(&(src.len() as u16).to_be_bytes());
-    dst.extend_from_slice(src);
-}
 
 fn decode_length_prefixed(src: &mut BytesMut) -> Option<Bytes> {
     if src.len() < size_of::<u16>() {
