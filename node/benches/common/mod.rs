@@ -35,6 +35,19 @@ impl Drop for Daemon {
 }
 
 impl Daemon {
+    /// Stops the daemon as a service manager would (SIGTERM) and waits for it to exit;
+    /// returns how long it took.
+    #[allow(dead_code)] // not every bench restarts a daemon
+    pub fn stop(mut self) -> Duration {
+        let t = Instant::now();
+        // SAFETY: kill only sends a signal to the child this value owns.
+        unsafe {
+            libc::kill(self.0.id() as libc::pid_t, libc::SIGTERM);
+        }
+        let _ = self.0.wait();
+        t.elapsed()
+    }
+
     /// User + system CPU time the daemon has used so far.
     pub fn cpu_seconds(&self) -> f64 {
         let (user, system) = self.cpu_split();
@@ -91,7 +104,8 @@ pub fn start_on(home: &Path, listen: &str) -> Daemon {
         .spawn()
         .unwrap();
     let d = Daemon(child);
-    wait_every(Duration::from_millis(5), Duration::from_secs(20), || {
+    // Generous: a kept million-file home started with a cold page cache reads its state first.
+    wait_every(Duration::from_millis(5), Duration::from_secs(120), || {
         Command::new(bin())
             .arg("--home")
             .arg(home)

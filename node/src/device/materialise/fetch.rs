@@ -282,7 +282,10 @@ impl Assembly {
         let size = content::list_size(list);
         // Its folder made if missing; a leftover of this process (same PID, step) goes.
         let file = root.create_fresh(&tmp)?;
-        crate::disk::preallocate(&file, size);
+        if size >= OWN_FSYNC {
+            // A big file's blocks reserved at once: its many writes then only fill them.
+            crate::disk::preallocate(&file, size);
+        }
         file.set_len(size)?;
         // Read, checked and written on every core, a run of chunks at a time (a 1 MiB edit
         // of a 256 MiB file copies the other 255 MiB from the file it replaces). A big file's
