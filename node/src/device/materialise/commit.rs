@@ -90,51 +90,74 @@ pub(super) fn install(
     }
     let mut touched_dirs: BTreeSet<String> = BTreeSet::new();
     let mut strays = Strays::default();
-    for (i, w) in work.iter().enumerate() {
-        let prepared = assembly.pending.remove(&i);
-        let tmp = prepared.as_ref().map(|p| (p.tmp.clone(), p.ino));
-        if assembly.broken.contains(&i) {
-            // Reported with the problems above; only its temp file to remove.
-            if let Some((tmp, ino)) = tmp {
-                strays.remove(root, &tmp, ino, None);
-            }
-            continue;
-        }
-        let list = lists.get(&w.record.chunks);
-        let outcome = install_one(root, w, prepared, list, keys, me);
-        // Written: its temp file was renamed into place, nothing of it is left to look for.
-        let placed = matches!(outcome, Ok(Outcome::Holds(Some(_)) | Outcome::CopyWritten));
-        match outcome {
-            Ok(Outcome::Holds(file)) => {
-                if file.as_ref().is_some_and(|f| f.kind != FileKind::Directory) {
-                    touched_dirs.insert(parent_of(&w.path).to_string());
+    let mut start = 0;
+    while start < work.len() {
+        // A run of files that do not touch each other's paths goes in at once, on every
+        // core; anything else (folders, links, deletes, conflict copies) one step at a time,
+        // in the plan's order.
+        let end = independent_run(work, start);
+        let steps: Vec<(usize, Option<Pending>)> = (start..end)
+            .map(|i| (i, assembly.pending.remove(&i)))
+            .collect();
+        let one = |(i, prepared): (usize, Option<Pending>)| {
+            let tmp = prepared.as_ref().map(|p| (p.tmp.clone(), p.ino));
+            // A broken one is reported with the problems above; only its temp file to remove.
+            let outcome = (!assembly.broken.contains(&i)).then(|| {
+                let list = lists.get(&work[i].record.chunks);
+                install_one(root, &work[i], prepared, list, keys, me)
+            });
+            (i, tmp, outcome)
+        };
+        let done: Vec<_> = if steps.len() > 1 {
+            use rayon::prelude::*;
+            steps.into_par_iter().map(one).collect()
+        } else {
+            steps.into_iter().map(one).collect()
+        };
+        for (i, tmp, outcome) in done {
+            let w = &work[i];
+            let Some(outcome) = outcome else {
+                if let Some((tmp, ino)) = tmp {
+                    strays.remove(root, &tmp, ino, None);
                 }
-                if let (Some(file), Some(list)) = (&file, list) {
-                    if file.kind != FileKind::Directory {
+                continue;
+            };
+            let list = lists.get(&w.record.chunks);
+            // Written: its temp file was renamed into place, nothing of it is left to look for.
+            let placed = matches!(outcome, Ok(Outcome::Holds(Some(_)) | Outcome::CopyWritten));
+            match outcome {
+                Ok(Outcome::Holds(file)) => {
+                    if file.as_ref().is_some_and(|f| f.kind != FileKind::Directory) {
+                        touched_dirs.insert(parent_of(&w.path).to_string());
+                    }
+                    if let (Some(file), Some(list)) = (&file, list) {
+                        if file.kind != FileKind::Directory {
+                            installed.lists.push((w.record.chunks, list.clone()));
+                        }
+                    }
+                    installed.updates.push((w.path.clone(), file));
+                }
+                Ok(Outcome::CopyWritten) => {
+                    touched_dirs.insert(parent_of(&w.path).to_string());
+                    if let Some(list) = list {
                         installed.lists.push((w.record.chunks, list.clone()));
                     }
+                    tracing::warn!(path = %w.path, "concurrent edit kept as a conflict copy");
                 }
-                installed.updates.push((w.path.clone(), file));
-            }
-            Ok(Outcome::CopyWritten) => {
-                touched_dirs.insert(parent_of(&w.path).to_string());
-                if let Some(list) = list {
-                    installed.lists.push((w.record.chunks, list.clone()));
+                Ok(Outcome::Skipped) => installed.kept_edit |= w.step == Step::Delete,
+                Ok(Outcome::Unavailable) => installed.unavailable.push(w.path.clone()),
+                Err(error) => {
+                    tracing::warn!(path = %w.path, error = format!("{error:#}"), "not written");
+                    installed
+                        .problems
+                        .push((w.path.clone(), format!("{error:#}")));
                 }
-                tracing::warn!(path = %w.path, "concurrent edit kept as a conflict copy");
             }
-            Ok(Outcome::Skipped) => installed.kept_edit |= w.step == Step::Delete,
-            Ok(Outcome::Unavailable) => installed.unavailable.push(w.path.clone()),
-            Err(error) => {
-                tracing::warn!(path = %w.path, error = format!("{error:#}"), "not written");
-                installed
-                    .problems
-                    .push((w.path.clone(), format!("{error:#}")));
+            if let Some((tmp, ino)) = tmp.filter(|_| !placed) {
+                strays.remove(root, &tmp, ino, Some(&w.path));
             }
         }
-        if let Some((tmp, ino)) = tmp.filter(|_| !placed) {
-            strays.remove(root, &tmp, ino, Some(&w.path));
-        }
+        start = end;
     }
     for p in assembly.pending.values() {
         strays.remove(root, &p.tmp, p.ino, None);
@@ -146,6 +169,41 @@ pub(super) fn install(
         }
     }
     installed
+}
+
+/// The most steps installed at once.
+const RUN: usize = 256;
+
+/// Where the run of steps from `start` that may be installed at once ends (at least one step):
+/// files written in place, none a folder, link, delete or conflict copy, none at or under
+/// another's path — so no step of the run makes room, renames or moves aside anything another
+/// one uses.
+fn independent_run(work: &[Work], start: usize) -> usize {
+    let mut paths: std::collections::HashSet<&str> = std::collections::HashSet::new();
+    let mut parents: std::collections::HashSet<&str> = std::collections::HashSet::new();
+    let mut end = start;
+    while let Some(w) = work.get(end).filter(|_| end - start < RUN) {
+        let plain_file =
+            w.step == Step::Write && !w.record.deleted && w.record.kind == FileKind::File;
+        let mut above =
+            std::iter::successors(Some(w.path.as_str()), |p| p.rfind('/').map(|i| &p[..i])).skip(1);
+        let clash = paths.contains(w.path.as_str())
+            || parents.contains(w.path.as_str())
+            || above.any(|dir| paths.contains(dir));
+        if !plain_file || clash {
+            break;
+        }
+        paths.insert(&w.path);
+        let mut dir = w.path.as_str();
+        while let Some(i) = dir.rfind('/') {
+            dir = &dir[..i];
+            if !parents.insert(dir) {
+                break; // its own parents are in already
+            }
+        }
+        end += 1;
+    }
+    end.max(start + 1)
 }
 
 /// Removes the temp files a materialise made (path and inode each) when it fails before
@@ -438,4 +496,56 @@ fn keep_local_edit(
     root.rename_new(&w.path, &copy)?;
     tracing::warn!(path = %w.path, copy = %copy, "edited here and elsewhere at once: local version kept as a conflict copy");
     Ok(true)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::device::materialise::plan::tests::{two_devices, update};
+    use meshsync_crdt::{Epoch, FileRecord, FolderId, FolderIndex};
+
+    #[test]
+    fn files_that_do_not_touch_each_others_paths_go_in_together_anything_else_alone() {
+        let (a, _, log) = two_devices();
+        let mut index = FolderIndex::new(log.mesh(), FolderId::random());
+        let record = index
+            .write(&a, Epoch(0), vec![update("x", 1, false)])
+            .unwrap()
+            .remove(0);
+        let step = |path: &str, step: Step, kind: FileKind| Work {
+            path: path.into(),
+            record: FileRecord {
+                kind,
+                ..record.clone()
+            },
+            step,
+            before: None,
+        };
+        let file = |path: &str| step(path, Step::Write, FileKind::File);
+        let work = vec![
+            step("d", Step::Write, FileKind::Directory), // 0: a folder, alone
+            file("d/a"),                                 // 1..=3: together
+            file("d/b"),
+            file("e/f/g"),
+            file("e/f"),     // 4: a file where the run has a folder: a new run
+            file("e/f/g/h"), // 5: under a file of the run: a new run
+            file("other"),   // 6
+            step("gone", Step::Delete, FileKind::File), // 7: a delete, alone
+            step("link", Step::Write, FileKind::Symlink), // 8: a link, alone
+            step("c.sync-conflict", Step::ConflictCopy, FileKind::File), // 9: alone
+            file("d/a"),     // 10: the same path again: a run of its own
+            file("d/a"),
+        ];
+        let mut runs = Vec::new();
+        let mut start = 0;
+        while start < work.len() {
+            let end = independent_run(&work, start);
+            runs.push(start..end);
+            start = end;
+        }
+        assert_eq!(
+            runs,
+            vec![0..1, 1..4, 4..5, 5..7, 7..8, 8..9, 9..10, 10..11, 11..12]
+        );
+    }
 }
