@@ -152,6 +152,9 @@ mod tests {
         let (a, b, fa, fb) = test_pair(dir.path()).await;
         let mut data = content::test_bytes(8 << 20, 1);
         std::fs::write(fa.join("big.bin"), &data).unwrap();
+        // A folder has no content: no list goes with it (one under the zero hash was sent,
+        // and refused as not matching its hash).
+        std::fs::create_dir_all(fa.join("sub/deeper")).unwrap();
         let folder = a.lock().await.add_folder(&fa, None).unwrap();
         b.lock()
             .await
@@ -184,6 +187,10 @@ mod tests {
         let new = list_at(&a, &folder).await.unwrap();
         assert_ne!(old, new);
         assert_eq!(list_at(&b, &folder).await, Some(new));
+        for d in [&a, &b] {
+            let state = d.lock().await.state.clone();
+            assert_eq!(state.chunk_list(&ChunkListHash::default()).unwrap(), None);
+        }
 
         // Asked for against the old list: a few chunks in full, the rest as runs.
         let (transport, a_peer) = {

@@ -432,7 +432,8 @@ impl Device {
                 version: record.version,
                 ..file
             });
-            if let Some(file) = &file {
+            // A folder has no content, so no list (its list hash is the zero hash).
+            if let Some(file) = file.as_ref().filter(|f| f.kind != FileKind::Directory) {
                 batch.lists.push((file.list_hash, scan.refs));
             }
             f.set_local(id, &mut map, &mut batch, scan.path, file);
