@@ -320,6 +320,10 @@ fn bench(n: usize, changes: usize) {
             percentile(&sorted, 0.5),
             percentile(&sorted, 1.0)
         );
+        // The first changes after the restart above meet B's start-up walk of the whole
+        // folder (seconds at a million files): each is printed, in order.
+        let each: Vec<String> = times.iter().map(|s| format!("{s:.2}")).collect();
+        println!("    each (s): {}", each.join(" "));
         println!(
             "  B's RSS after each change: first {:.0} MB, last {:.0} MB, max {:.0} MB   goal: flat",
             rss[0],
