@@ -185,7 +185,6 @@ fn encrypt(
 
     let start = dst.len();
     let room = cleartext.len() + overhead;
-    dst.reserve(U16_LENGTH + room);
     dst.resize(start + U16_LENGTH + room, 0);
     let n = match encrypt_fn(cleartext, &mut dst[start + U16_LENGTH..]) {
         Ok(n) => n,
