@@ -361,6 +361,8 @@ impl Device {
             .folders
             .get_mut(id)
             .context("folder removed while scanning")?;
+        let began = Instant::now();
+        let paths = scanned.len();
         let mut same = Vec::new();
         let mut new = Vec::new();
         let mut concurrent = Vec::new();
@@ -407,7 +409,9 @@ impl Device {
             });
         }
         let (updates, new): (Vec<FileUpdate>, Vec<Scanned>) = new.into_iter().unzip();
+        let classified = began.elapsed();
         let records = f.index.write(&self.keys, epoch, updates)?;
+        let written = began.elapsed();
         let mut batch = Batch::default();
         let mut map = self.chunk_map.lock().expect("chunk map lock");
         // For each new list, the list of the version it replaces (what the others most likely
@@ -443,21 +447,35 @@ impl Device {
             f.set_local(id, &mut map, &mut batch, scan.path, file);
         }
         drop(map);
+        let kept = began.elapsed();
         let shards: BTreeSet<u16> = records.iter().map(|r| shard_of(id, &r.path)).collect();
         f.save_shards(id, shards, &mut batch);
         let changes = f.index.take_local_changes();
-        if changes.is_empty() {
-            self.commit(batch)?;
-            return Ok(None);
-        }
-        // The same changes, sealed for storage peers, with the chunk lists they name.
-        let mesh = self.log.mesh();
-        let lists = batch.lists.clone();
-        self.sealing
-            .seal(&self.keys, key, mesh, id, &changes, lists, &mut batch)?;
-        let push = self.push_of(id, changes, &batch, &bases);
+        let saved = began.elapsed();
+        let push = if changes.is_empty() {
+            None
+        } else {
+            // The same changes, sealed for storage peers, with the chunk lists they name.
+            let mesh = self.log.mesh();
+            let lists = batch.lists.clone();
+            self.sealing
+                .seal(&self.keys, key, mesh, id, &changes, lists, &mut batch)?;
+            Some(self.push_of(id, changes, &batch, &bases))
+        };
+        let sealed = began.elapsed();
         self.commit(batch)?;
-        Ok(Some(push))
+        tracing::debug!(
+            paths,
+            signed = records.len(),
+            ?classified,
+            ?written,
+            ?kept,
+            ?saved,
+            ?sealed,
+            took = ?began.elapsed(),
+            "recorded a scan's slice"
+        );
+        Ok(push)
     }
 
     /// The push of `changes`, just sealed into `batch`: with the sealed copies for the other
