@@ -235,6 +235,8 @@ async fn run_daemon(home: Home, listen: Vec<String>, mdns: bool, web: bool) -> a
     let role = config.role().map_err(|e| anyhow::anyhow!(e))?;
     let web_port = web.then_some(config.web_port);
     let stop = std::sync::Arc::new(tokio::sync::Notify::new());
+    // Set as the device stops: see `Device::stopping`.
+    let mut stopping = None;
     let control = if role == Role::Storage {
         let storage = crate::storage_peer::start(home, network).await?;
         let (transport, id) = {
@@ -260,6 +262,7 @@ async fn run_daemon(home: Home, listen: Vec<String>, mdns: bool, web: bool) -> a
         let device = crate::device::start(home, network).await?;
         let (transport, id) = {
             let d = device.lock().await;
+            stopping = Some(d.stopping());
             let stopped = d.stopped();
             let stop = stop.clone();
             tokio::spawn(async move {
@@ -289,6 +292,9 @@ async fn run_daemon(home: Home, listen: Vec<String>, mdns: bool, web: bool) -> a
         _ = term.recv() => {}
         _ = stop.notified() => {}
         result = control => { result??; }
+    }
+    if let Some(stopping) = stopping {
+        stopping.store(true, std::sync::atomic::Ordering::Relaxed);
     }
     crate::notify::stopping();
     let _ = std::fs::remove_file(control::socket_path(&path));

@@ -4,6 +4,7 @@
 
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex as StdMutex};
 use std::time::{Duration, Instant};
 
@@ -270,14 +271,18 @@ pub(crate) fn load_all(
 
 /// Removes temp files left by a daemon that was killed while writing (they never carry a
 /// final name, so nothing is lost), through the folder's door. Not this process's own (their
-/// names carry its PID): it may already be writing while this runs.
-pub(crate) fn remove_temp_files(path: &Path) {
+/// names carry its PID): it may already be writing while this runs. Gives up once `stopping`
+/// is set (the next start looks again).
+pub(crate) fn remove_temp_files(path: &Path, stopping: &AtomicBool) {
     let Ok(root) = FolderRoot::open(path) else {
         return;
     };
     let own = format!("{TEMP_PREFIX}{}-", std::process::id());
     let mut stack = vec![String::new()];
     while let Some(dir) = stack.pop() {
+        if stopping.load(Ordering::Relaxed) {
+            return;
+        }
         for (name, kind) in root.read_dir_kinds(&dir).unwrap_or_default() {
             let rel = if dir.is_empty() {
                 name.clone()

@@ -51,6 +51,7 @@ pub mod tasks;
 pub mod walk;
 
 use std::collections::BTreeMap;
+use std::sync::atomic::AtomicBool;
 use std::sync::{Arc, Mutex as StdMutex};
 
 use meshsync_crdt::{DeviceKeys, FolderId, KeyRing, MembershipLog};
@@ -101,6 +102,10 @@ pub struct Device {
     /// Told once the device must stop (it wiped itself after its removal): `meshsync up`
     /// ends.
     pub(crate) stop: Arc<tokio::sync::Notify>,
+    /// Set once `meshsync up` is stopping: a walk of a whole folder on a blocking thread
+    /// (which the runtime waits for as it shuts down) gives up at its next folder, so a stop
+    /// does not wait for a start-up walk of a million files (20 s with a cold page cache).
+    pub(crate) stopping: Arc<AtomicBool>,
 }
 
 /// The device behind its lock, as every task and handler holds it.
@@ -111,16 +116,16 @@ pub type Shared = Arc<Mutex<Device>>;
 /// up the watcher, then has the folder scanned whole: that scan sees whatever changed while the
 /// daemon was down or before its watcher was there.
 async fn watch_all(device: &Shared) {
-    let (folders, tx) = {
+    let (folders, tx, stopping) = {
         let d = device.lock().await;
-        (d.folder_list(), d.changes.clone())
+        (d.folder_list(), d.changes.clone(), d.stopping.clone())
     };
     let device = device.clone();
     tokio::spawn(async move {
         let paths: Vec<_> = folders.iter().map(|(_, path)| path.clone()).collect();
         let removed = tokio::task::spawn_blocking(move || {
             for path in paths {
-                folder::remove_temp_files(&path);
+                folder::remove_temp_files(&path, &stopping);
             }
         });
         let _ = removed.await;
@@ -203,6 +208,7 @@ pub async fn start(home: Home, network: Network) -> anyhow::Result<Shared> {
         next_full_scan: tokio::time::Instant::now()
             + scan::safety_net_wait(std::time::Duration::ZERO),
         stop: Arc::new(tokio::sync::Notify::new()),
+        stopping: Arc::new(AtomicBool::new(false)),
     }));
     watch_all(&device).await;
     chunks::start_serving(
@@ -232,6 +238,12 @@ impl Device {
     /// Told when the device must stop (see `members::wipe`).
     pub fn stopped(&self) -> Arc<tokio::sync::Notify> {
         self.stop.clone()
+    }
+
+    /// Set it when the device stops: whole-folder walks in progress give up (see
+    /// [`Device::stopping`]'s field).
+    pub fn stopping(&self) -> Arc<AtomicBool> {
+        self.stopping.clone()
     }
 
     pub fn home(&self) -> &Home {

@@ -115,14 +115,21 @@ async fn scan_scope(
     };
     // The mass-delete guard weighs deletions against the files held before this scan
     // recorded any.
-    let (root, held, key, files_here) = {
+    let (root, held, key, files_here, stopping) = {
         let d = device.lock().await;
         let f = d.folder(id)?;
         let held = HeldInTable {
             state: d.state.clone(),
             folder: id.clone(),
         };
-        (f.path.clone(), held, d.mesh_key()?, f.file_count())
+        let stopping = d.stopping();
+        (
+            f.path.clone(),
+            held,
+            d.mesh_key()?,
+            f.file_count(),
+            stopping,
+        )
     };
     if !root.join(MARKER).exists() {
         anyhow::bail!(
@@ -147,6 +154,7 @@ async fn scan_scope(
             wait_settle,
             &scope,
             RECORD_SLICE,
+            &stopping,
             &mut |slice| slices.blocking_send(slice).is_ok(),
         )
     });

@@ -5,6 +5,7 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::ops::Bound;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use meshsync_crdt::keys::ChunkIdKey;
@@ -218,6 +219,7 @@ pub fn walk(
         wait_settle,
         scope,
         usize::MAX,
+        &AtomicBool::new(false),
         &mut |_| true,
     )
 }
@@ -225,7 +227,8 @@ pub fn walk(
 /// [`walk`], handing the files it found changed to `take` whenever `slice` of them have
 /// gathered, so that they can be recorded while the walk goes on; what it returns is the rest,
 /// with every deletion (those are known only at the end: the mass-delete guard weighs them
-/// all at once). Stops with an error when `take` says no.
+/// all at once). Stops with an error when `take` says no, or at the next folder once
+/// `stopping` is set (the daemon is stopping).
 ///
 /// Each folder is compared with what is held directly in it, read when the folder is listed:
 /// what the walk keeps grows with the changes it finds, not with the folder.
@@ -236,6 +239,7 @@ pub fn walk_in_slices(
     wait_settle: bool,
     scope: &Scope,
     slice: usize,
+    stopping: &AtomicBool,
     take: &mut dyn FnMut(Vec<Scanned>) -> bool,
 ) -> anyhow::Result<Walked> {
     let rules = Rules::load(root);
@@ -247,6 +251,9 @@ pub fn walk_in_slices(
     };
     let mut done: BTreeSet<String> = BTreeSet::new();
     while let Some(dir) = stack.pop() {
+        if stopping.load(Ordering::Relaxed) {
+            anyhow::bail!("scan stopped: the daemon is stopping");
+        }
         if !done.insert(dir.clone()) {
             continue;
         }
@@ -583,11 +590,13 @@ mod tests {
         }
         let whole = changes(&walk(&door, &local, &key, false, &Scope::All).unwrap());
         let mut slices: Vec<Vec<Scanned>> = Vec::new();
+        let no = AtomicBool::new(false);
         let mut take = |slice: Vec<Scanned>| {
             slices.push(slice);
             true
         };
-        let rest = walk_in_slices(&door, &local, &key, false, &Scope::All, 7, &mut take).unwrap();
+        let rest =
+            walk_in_slices(&door, &local, &key, false, &Scope::All, 7, &no, &mut take).unwrap();
         assert!(slices.len() >= 3, "{} slices", slices.len());
         assert!(
             slices.iter().flatten().all(|s| s.file.is_some()),
@@ -601,8 +610,24 @@ mod tests {
         assert_eq!(rest.changed.iter().filter(|s| s.file.is_none()).count(), 10);
 
         // A taker that says no stops the walk with an error.
-        let refused = walk_in_slices(&door, &local, &key, false, &Scope::All, 7, &mut |_| false);
+        let refused = walk_in_slices(&door, &local, &key, false, &Scope::All, 7, &no, &mut |_| {
+            false
+        });
         assert!(refused.is_err());
+
+        // So does a daemon that is stopping, before it lists another folder.
+        let stopping = AtomicBool::new(true);
+        let stopped = walk_in_slices(
+            &door,
+            &local,
+            &key,
+            false,
+            &Scope::All,
+            7,
+            &stopping,
+            &mut |_| true,
+        );
+        assert!(stopped.is_err());
     }
 
     /// What a walk reports, as (path, still there) pairs.
