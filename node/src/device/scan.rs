@@ -20,7 +20,7 @@ use meshsync_crdt::{ChunkListHash, FileKind, FileRecord, FolderId, MeshKey};
 use super::conflict::conflict_name_for;
 use super::folder::{RecentDeletes, MARKER};
 use super::serve::unix_nanos;
-use super::walk::{held_mark, walk_in_slices, HeldInTable};
+use super::walk::{held_mark, walk_in_slices, Handover, HeldInTable};
 pub use super::walk::{walk, Scanned, Scope, Walked, SETTLE, TRUNCATE_SETTLE};
 use super::{sync, Device, Shared};
 use crate::disk::{parent_of, FolderRoot};
@@ -153,9 +153,11 @@ async fn scan_scope(
             &id_key,
             wait_settle,
             &scope,
-            RECORD_SLICE,
-            &stopping,
-            &mut |slice| slices.blocking_send(slice).is_ok(),
+            Handover {
+                slice: RECORD_SLICE,
+                stopping: &stopping,
+                take: &mut |slice| slices.blocking_send(slice).is_ok(),
+            },
         )
     });
     let began = Instant::now();

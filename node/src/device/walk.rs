@@ -218,9 +218,11 @@ pub fn walk(
         id_key,
         wait_settle,
         scope,
-        usize::MAX,
-        &AtomicBool::new(false),
-        &mut |_| true,
+        Handover {
+            slice: usize::MAX,
+            stopping: &AtomicBool::new(false),
+            take: &mut |_| true,
+        },
     )
 }
 
@@ -238,10 +240,13 @@ pub fn walk_in_slices(
     id_key: &ChunkIdKey,
     wait_settle: bool,
     scope: &Scope,
-    slice: usize,
-    stopping: &AtomicBool,
-    take: &mut dyn FnMut(Vec<Scanned>) -> bool,
+    handover: Handover,
 ) -> anyhow::Result<Walked> {
+    let Handover {
+        slice,
+        stopping,
+        take,
+    } = handover;
     let rules = Rules::load(root);
     let mut walked = Walked::default();
     let mut gone: Vec<(String, LocalFile)> = Vec::new();
@@ -330,6 +335,16 @@ pub fn walk_in_slices(
         }
     }
     Ok(walked)
+}
+
+/// Where [`walk_in_slices`] hands what it finds, and when it gives up.
+pub struct Handover<'a> {
+    /// How many changed paths make a slice.
+    pub slice: usize,
+    /// Set when the daemon stops: the walk gives up before its next folder.
+    pub stopping: &'a AtomicBool,
+    /// Takes each slice; `false` stops the walk.
+    pub take: &'a mut dyn FnMut(Vec<Scanned>) -> bool,
 }
 
 /// Which part of a folder a scan looks at.
@@ -595,8 +610,15 @@ mod tests {
             slices.push(slice);
             true
         };
-        let rest =
-            walk_in_slices(&door, &local, &key, false, &Scope::All, 7, &no, &mut take).unwrap();
+        let rest = walk_in_slices(
+            &door,
+            &local,
+            &key,
+            false,
+            &Scope::All,
+            slices_of(7, &no, &mut take),
+        )
+        .unwrap();
         assert!(slices.len() >= 3, "{} slices", slices.len());
         assert!(
             slices.iter().flatten().all(|s| s.file.is_some()),
@@ -610,9 +632,14 @@ mod tests {
         assert_eq!(rest.changed.iter().filter(|s| s.file.is_none()).count(), 10);
 
         // A taker that says no stops the walk with an error.
-        let refused = walk_in_slices(&door, &local, &key, false, &Scope::All, 7, &no, &mut |_| {
-            false
-        });
+        let refused = walk_in_slices(
+            &door,
+            &local,
+            &key,
+            false,
+            &Scope::All,
+            slices_of(7, &no, &mut |_| false),
+        );
         assert!(refused.is_err());
 
         // So does a daemon that is stopping, before it lists another folder.
@@ -623,11 +650,21 @@ mod tests {
             &key,
             false,
             &Scope::All,
-            7,
-            &stopping,
-            &mut |_| true,
+            slices_of(7, &stopping, &mut |_| true),
         );
         assert!(stopped.is_err());
+    }
+
+    fn slices_of<'a>(
+        slice: usize,
+        stopping: &'a AtomicBool,
+        take: &'a mut dyn FnMut(Vec<Scanned>) -> bool,
+    ) -> Handover<'a> {
+        Handover {
+            slice,
+            stopping,
+            take,
+        }
     }
 
     /// What a walk reports, as (path, still there) pairs.
