@@ -287,15 +287,17 @@ async fn run_daemon(home: Home, listen: Vec<String>, mdns: bool, web: bool) -> a
     };
     tokio::spawn(crate::notify::when_serving(path.clone()));
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
-    tokio::select! {
-        _ = tokio::signal::ctrl_c() => {}
-        _ = term.recv() => {}
-        _ = stop.notified() => {}
-        result = control => { result??; }
-    }
+    let ended = tokio::select! {
+        _ = tokio::signal::ctrl_c() => Ok(()),
+        _ = term.recv() => Ok(()),
+        _ = stop.notified() => Ok(()),
+        result = control => result.map_err(anyhow::Error::from).and_then(|served| served),
+    };
+    // Set however it ends: the runtime's shutdown waits for walks still running.
     if let Some(stopping) = stopping {
         stopping.store(true, std::sync::atomic::Ordering::Relaxed);
     }
+    ended?;
     crate::notify::stopping();
     let _ = std::fs::remove_file(control::socket_path(&path));
     println!("meshsync stopped");
