@@ -240,8 +240,8 @@ impl Device {
         self.stop.clone()
     }
 
-    /// Set it when the device stops: whole-folder walks in progress give up (see
-    /// [`Device::stopping`]'s field).
+    /// The flag to set when the device stops: a whole-folder walk in progress (the start-up
+    /// temp-file sweep, a scan) gives up before its next folder.
     pub fn stopping(&self) -> Arc<AtomicBool> {
         self.stopping.clone()
     }
