@@ -4,7 +4,6 @@
 
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex as StdMutex};
 use std::time::{Duration, Instant};
 
@@ -14,7 +13,7 @@ use meshsync_crdt::{DeviceKeys, FileKind, FolderId, FolderIndex, MembershipLog};
 use super::serve::{ChunkMap, FileAt};
 use super::survey::{Surveyed, Touched};
 use super::Device;
-use crate::disk::{DiskError, FolderRoot, Kind};
+use crate::disk::{DiskError, FolderRoot};
 use crate::state::{Batch, LocalFile, State};
 
 /// The marker file that proves a folder is really there (an unmounted disk has none).
@@ -22,6 +21,13 @@ pub const MARKER: &str = ".meshsync-folder";
 
 /// Prefix of the temp files a device assembles incoming files in.
 pub const TEMP_PREFIX: &str = ".meshsync-tmp-";
+
+/// Whether the file `name` is a temp file another process made: left by a daemon that was
+/// killed while writing (this process's own carry its PID; only one daemon runs on a home).
+pub fn left_by_a_killed_daemon(name: &str) -> bool {
+    name.starts_with(TEMP_PREFIX)
+        && !name.starts_with(&format!("{TEMP_PREFIX}{}-", std::process::id()))
+}
 
 /// How long deletions this device recorded count towards the mass-delete guard.
 const DELETE_WINDOW: Duration = Duration::from_secs(60);
@@ -267,35 +273,6 @@ pub(crate) fn load_all(
     }
     state.commit(batch)?;
     Ok(folders)
-}
-
-/// Removes temp files left by a daemon that was killed while writing (they never carry a
-/// final name, so nothing is lost), through the folder's door. Not this process's own (their
-/// names carry its PID): it may already be writing while this runs. Gives up once `stopping`
-/// is set (the next start looks again).
-pub(crate) fn remove_temp_files(path: &Path, stopping: &AtomicBool) {
-    let Ok(root) = FolderRoot::open(path) else {
-        return;
-    };
-    let own = format!("{TEMP_PREFIX}{}-", std::process::id());
-    let mut stack = vec![String::new()];
-    while let Some(dir) = stack.pop() {
-        if stopping.load(Ordering::Relaxed) {
-            return;
-        }
-        for (name, kind) in root.read_dir_kinds(&dir).unwrap_or_default() {
-            let rel = if dir.is_empty() {
-                name.clone()
-            } else {
-                format!("{dir}/{name}")
-            };
-            if name.starts_with(TEMP_PREFIX) && !name.starts_with(&own) && kind != Kind::Dir {
-                let _ = root.remove_file(&rel);
-            } else if kind == Kind::Dir {
-                stack.push(rel);
-            }
-        }
-    }
 }
 
 impl Device {

@@ -102,9 +102,9 @@ pub struct Device {
     /// Told once the device must stop (it wiped itself after its removal): `meshsync up`
     /// ends.
     pub(crate) stop: Arc<tokio::sync::Notify>,
-    /// Set once `meshsync up` is stopping: a walk of a whole folder on a blocking thread
-    /// (which the runtime waits for as it shuts down) gives up at its next folder, so a stop
-    /// does not wait for a start-up walk of a million files (20 s with a cold page cache).
+    /// Set once `meshsync up` is stopping: a scan's walk on a blocking thread (which the
+    /// runtime waits for as it shuts down) gives up at its next folder, so a stop does not
+    /// wait for a start-up walk of a million files (20 s with a cold page cache).
     pub(crate) stopping: Arc<AtomicBool>,
 }
 
@@ -112,23 +112,16 @@ pub struct Device {
 pub type Shared = Arc<Mutex<Device>>;
 
 /// In the background (at a million files each is a walk of seconds, which would keep the
-/// device from answering), for each folder: removes the temp files a killed daemon left, sets
-/// up the watcher, then has the folder scanned whole: that scan sees whatever changed while the
-/// daemon was down or before its watcher was there.
+/// device from answering), for each folder: sets up the watcher, then has the folder scanned
+/// whole: that scan sees whatever changed while the daemon was down or before its watcher was
+/// there, and removes the temp files a killed daemon left on the way.
 async fn watch_all(device: &Shared) {
-    let (folders, tx, stopping) = {
+    let (folders, tx) = {
         let d = device.lock().await;
-        (d.folder_list(), d.changes.clone(), d.stopping.clone())
+        (d.folder_list(), d.changes.clone())
     };
     let device = device.clone();
     tokio::spawn(async move {
-        let paths: Vec<_> = folders.iter().map(|(_, path)| path.clone()).collect();
-        let removed = tokio::task::spawn_blocking(move || {
-            for path in paths {
-                folder::remove_temp_files(&path, &stopping);
-            }
-        });
-        let _ = removed.await;
         for (folder, path) in folders {
             let (to, id) = (tx.clone(), folder.clone());
             let set_up = tokio::task::spawn_blocking(move || folder::watcher_for(to, id, &path));
@@ -240,8 +233,8 @@ impl Device {
         self.stop.clone()
     }
 
-    /// The flag to set when the device stops: a whole-folder walk in progress (the start-up
-    /// temp-file sweep, a scan) gives up before its next folder.
+    /// The flag to set when the device stops: a scan's walk in progress gives up before its
+    /// next folder.
     pub fn stopping(&self) -> Arc<AtomicBool> {
         self.stopping.clone()
     }

@@ -147,8 +147,9 @@ async fn scan_scope(
     // on every core, recording mostly on one: they overlap); deletions come at the end.
     let (slices, mut found) = tokio::sync::mpsc::channel::<Vec<Scanned>>(1);
     let walking = tokio::task::spawn_blocking(move || {
-        walk_in_slices(
-            &FolderRoot::open(&root)?,
+        let door = FolderRoot::open(&root)?;
+        let walked = walk_in_slices(
+            &door,
             &held,
             &id_key,
             wait_settle,
@@ -158,7 +159,14 @@ async fn scan_scope(
                 stopping: &stopping,
                 take: &mut |slice| slices.blocking_send(slice).is_ok(),
             },
-        )
+        )?;
+        // What a killed daemon was writing goes (the first scan after a start walks it all).
+        for temp in &walked.left_behind {
+            if let Err(error) = door.remove_file(temp) {
+                tracing::warn!(%temp, %error, "cannot remove a temp file a killed daemon left");
+            }
+        }
+        Ok::<_, anyhow::Error>(walked)
     });
     let began = Instant::now();
     let mut count = 0;
@@ -548,6 +556,38 @@ mod tests {
     use super::*;
     use meshsync_crdt::{DeviceKeys, Epoch, FolderIndex, MeshId};
     use std::time::Duration;
+
+    /// The temp files a killed daemon left go with the next scan's walk; this process's own
+    /// (a materialise under way) stay, and nothing of them is recorded.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_scan_removes_the_temp_files_a_killed_daemon_left() {
+        use crate::device::folder::TEMP_PREFIX;
+        let dir = tempfile::tempdir().unwrap();
+        let device = super::super::test_device(dir.path(), "a").await;
+        let root = dir.path().join("A");
+        std::fs::create_dir_all(root.join("d/e")).unwrap();
+        std::fs::write(root.join("d/e/kept.txt"), "a file").unwrap();
+        let killed = format!("d/e/{TEMP_PREFIX}{}-7", std::process::id() + 1);
+        let own = format!("d/{TEMP_PREFIX}{}-3", std::process::id());
+        std::fs::write(root.join(&killed), "half written").unwrap();
+        std::fs::write(root.join(&own), "being written").unwrap();
+        let id = device.lock().await.add_folder(&root, None).unwrap();
+        let asked = ScanOptions {
+            requested: true,
+            ..Default::default()
+        };
+        scan(&device, &id, asked).await.unwrap();
+        assert!(
+            !root.join(&killed).exists(),
+            "a killed daemon's temp file is gone"
+        );
+        assert!(root.join(&own).exists(), "this process's own is left");
+        assert!(root.join("d/e/kept.txt").exists());
+        let d = device.lock().await;
+        assert!(d.state.local_file(&id, "d/e/kept.txt").unwrap().is_some());
+        assert!(d.state.local_file(&id, &killed).unwrap().is_none());
+        assert!(d.state.local_file(&id, &own).unwrap().is_none());
+    }
 
     /// A commit that failed leaves memory ahead of the state, which the walk reads. A scan
     /// then trusts the state: the path is recorded again (and the state catches up), not

@@ -12,6 +12,7 @@ use meshsync_crdt::keys::ChunkIdKey;
 use meshsync_crdt::{ChunkListHash, FileKind, FolderId};
 use rayon::prelude::*;
 
+use super::folder::left_by_a_killed_daemon;
 use super::ignore::{is_own_file, Rules, IGNORE_FILE};
 use super::serve::unix_nanos;
 use crate::chunks::{content, ChunkRef};
@@ -53,6 +54,9 @@ pub struct Walked {
     pub changed: Vec<Scanned>,
     /// Some file was left for later because it is still being written: rescan after this.
     pub retry_after: Option<Duration>,
+    /// Temp files a killed daemon left, seen on the way (never a final name: removing them
+    /// loses nothing).
+    pub left_behind: Vec<String>,
 }
 
 impl Walked {
@@ -289,6 +293,8 @@ pub fn walk_in_slices(
                 // `.meshsync/` folder is entered only for the shared ignore rules.
                 if rel == ".meshsync" && entry.kind == Kind::Dir {
                     stack.push(rel);
+                } else if entry.kind == Kind::File && left_by_a_killed_daemon(&name) {
+                    walked.left_behind.push(rel);
                 }
                 continue;
             }
