@@ -3,18 +3,19 @@
 //!
 //! Two real daemons on loopback; a folder of N small files (1–16 KiB, nested like a source
 //! tree). For each N it prints: the first scan's rate (files/s, warm: the files were just
-//! written, and written back before the scan starts), the initial sync to the second device (files/s, MB/s) with `status --json`
-//! latency meanwhile, each daemon's peak and steady RSS, the time from `meshsync up` to a
-//! first `status` answer and to "in sync" after a restart with nothing changed (stopped as a
-//! service manager stops it, SIGTERM; then again after a crash, SIGKILL), a 1,000-file
-//! change on A reaching B (repeated, with B's RSS after each; timed from the last write, as
-//! the watcher sees it), and the state database's size per file. `SCALE_BENCH_CHANGES` sets
-//! how many changes (default 50); `SCALE_BENCH_DIR` where the folders go (default /tmp; N
-//! files need about N × 17 KiB there); `BENCH_DAEMON_LOG=debug` (any `RUST_LOG` filter) logs
-//! the daemons at that level and keeps their logs in the temp directory. `SCALE_BENCH_KEEP=DIR`
-//! keeps the folders and homes in `DIR/N` (listening on fixed loopback ports) instead of a
-//! temporary directory; a later run with the same `DIR` starts the kept pair and goes straight
-//! to the restart and the changes (at a million files, minutes instead of half an hour).
+//! written, and written back before the scan starts), the initial sync to the second device
+//! (files/s, MB/s) with `status --json` latency meanwhile, each daemon's peak and steady RSS,
+//! the time from `meshsync up` to a first `status` answer and to "in sync" after a restart
+//! with nothing changed (stopped as a service manager stops it, SIGTERM; then again after a
+//! crash, SIGKILL), a 1,000-file change on A reaching B (repeated, with B's RSS after each;
+//! timed from the last write, as the watcher sees it), and the state database's size per file.
+//! `SCALE_BENCH_CHANGES` sets how many changes (default 50); `SCALE_BENCH_DIR` where the
+//! folders go (default /tmp; N files need about N × 17 KiB there); `BENCH_DAEMON_LOG=debug`
+//! (any `RUST_LOG` filter) logs the daemons at that level and keeps their logs in the temp
+//! directory. `SCALE_BENCH_KEEP=DIR` keeps the folders and homes in `DIR/N` (listening on
+//! fixed loopback ports) instead of a temporary directory; a later run with the same `DIR`
+//! starts the kept pair and goes straight to the restart and the changes (at a million files,
+//! minutes instead of half an hour).
 //!
 //! The initial sync creates N files, so it is printed next to the rate at which this disk
 //! creates the same files with no daemon, measured just before it. That rate is not a

@@ -616,15 +616,7 @@ mod tests {
             slices.push(slice);
             true
         };
-        let rest = walk_in_slices(
-            &door,
-            &local,
-            &key,
-            false,
-            &Scope::All,
-            slices_of(7, &no, &mut take),
-        )
-        .unwrap();
+        let rest = in_sevens(&door, &local, &key, &no, &mut take).unwrap();
         assert!(slices.len() >= 3, "{} slices", slices.len());
         assert!(
             slices.iter().flatten().all(|s| s.file.is_some()),
@@ -638,39 +630,27 @@ mod tests {
         assert_eq!(rest.changed.iter().filter(|s| s.file.is_none()).count(), 10);
 
         // A taker that says no stops the walk with an error.
-        let refused = walk_in_slices(
-            &door,
-            &local,
-            &key,
-            false,
-            &Scope::All,
-            slices_of(7, &no, &mut |_| false),
-        );
-        assert!(refused.is_err());
+        assert!(in_sevens(&door, &local, &key, &no, &mut |_| false).is_err());
 
         // So does a daemon that is stopping, before it lists another folder.
         let stopping = AtomicBool::new(true);
-        let stopped = walk_in_slices(
-            &door,
-            &local,
-            &key,
-            false,
-            &Scope::All,
-            slices_of(7, &stopping, &mut |_| true),
-        );
-        assert!(stopped.is_err());
+        assert!(in_sevens(&door, &local, &key, &stopping, &mut |_| true).is_err());
     }
 
-    fn slices_of<'a>(
-        slice: usize,
-        stopping: &'a AtomicBool,
-        take: &'a mut dyn FnMut(Vec<Scanned>) -> bool,
-    ) -> Handover<'a> {
-        Handover {
-            slice,
+    /// A whole walk handing over 7 changed paths at a time.
+    fn in_sevens(
+        door: &FolderRoot,
+        held: &BTreeMap<String, LocalFile>,
+        key: &ChunkIdKey,
+        stopping: &AtomicBool,
+        take: &mut dyn FnMut(Vec<Scanned>) -> bool,
+    ) -> anyhow::Result<Walked> {
+        let handover = Handover {
+            slice: 7,
             stopping,
             take,
-        }
+        };
+        walk_in_slices(door, held, key, false, &Scope::All, handover)
     }
 
     /// What a walk reports, as (path, still there) pairs.
