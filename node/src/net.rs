@@ -1,7 +1,9 @@
 //! The network side shared by both kinds of node (device and storage peer): which transport to
 //! start, which peers may connect, and which addresses to dial besides what mDNS finds.
 
-use meshsync_crdt::{DeviceId, DeviceKeys, MembershipLog};
+use std::collections::HashSet;
+
+use meshsync_crdt::{DeviceId, DeviceKeys, MembershipLog, Role};
 use meshsync_transport::{Config, Multiaddr, PeerId, Transport};
 
 use crate::home::Home;
@@ -100,6 +102,15 @@ pub fn other_members(log: &MembershipLog, me: &DeviceId) -> Vec<PeerId> {
         .keys()
         .filter(|d| *d != me)
         .map(|d| d.to_peer_id())
+        .collect()
+}
+
+/// The other devices of the mesh (not storage peers): they hold the mesh key.
+pub fn key_holders(log: &MembershipLog, me: &DeviceId) -> HashSet<PeerId> {
+    let view = log.view();
+    (view.members.iter())
+        .filter(|(d, m)| *d != me && m.role == Role::Device)
+        .map(|(d, _)| d.to_peer_id())
         .collect()
 }
 

@@ -13,6 +13,7 @@ use meshsync_crdt::FileKind;
 use meshsync_node::chunks::content;
 use meshsync_node::device::members;
 use meshsync_node::protocol::{self, SyncRequest};
+use meshsync_transport::chunks::ChunkSource;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_removed_device_is_cut_off_and_reads_nothing_new() {
@@ -87,8 +88,9 @@ async fn a_removed_device_is_cut_off_and_reads_nothing_new() {
     };
     assert_eq!(v_ring.current().unwrap().epoch().0, 1);
 
-    // The new file's chunk, as m's chunk server serves it, opens with v's keys and with none
-    // of the keys the removed device holds.
+    // The new file's chunk: m's chunk server sends it to v, a device, in the clear (inside
+    // Noise); sealed, as m serves it to anyone else and pushes it to storage peers, it opens
+    // with v's keys and with none of the keys the removed device holds.
     let mallory = Mallory::new(&mesh.m, &mesh.v, &mesh.folder).await;
     let list_hash = mallory.chunks_of("after.txt");
     let list = mesh
@@ -104,6 +106,10 @@ async fn a_removed_device_is_cut_off_and_reads_nothing_new() {
     let ids: Vec<_> = list.iter().map(|c| c.id).collect();
     meshsync_transport::chunks::fetch(&v_transport, vec![m_peer], ids, sink).await;
     let fetched = got.recv().await.expect("m serves the chunk");
+    assert!(!fetched.sealed, "a device is sent chunks in the clear");
+    let sealed = mesh.m.lock().await.served().get(&fetched.id).unwrap();
+    let plain = content::accept_received(&v_ring, &fetched.id, fetched.data, false).unwrap();
+    assert_eq!(&*plain, &secret[..]);
     let r_ring = {
         let t = thief.lock().await;
         t.log().key_ring(t.keys())
@@ -116,11 +122,11 @@ async fn a_removed_device_is_cut_off_and_reads_nothing_new() {
             &key.chunk_id_key(),
             key.epoch(),
             &fetched.id,
-            fetched.data.clone(),
+            sealed.to_vec(),
         );
         assert!(opened.is_err(), "epoch {} opens it", key.epoch());
     }
-    let plain = content::open_chunk_in(&v_ring, None, &fetched.id, fetched.data).unwrap();
+    let plain = content::open_chunk_in(&v_ring, None, &fetched.id, sealed.to_vec()).unwrap();
     assert_eq!(&*plain, &secret[..]);
     // Nor the sealed index change m made for storage peers (names, sizes, chunk lists).
     let (m_id, sealed) = {

@@ -24,6 +24,16 @@ pub enum FrameError {
     Malformed(String),
 }
 
+impl FrameError {
+    /// A failed read: the stream ending early is [`FrameError::Closed`].
+    pub(crate) fn of_read(error: std::io::Error) -> FrameError {
+        match error.kind() {
+            std::io::ErrorKind::UnexpectedEof => FrameError::Closed,
+            _ => FrameError::Io(error),
+        }
+    }
+}
+
 /// Writes one frame and flushes.
 pub async fn write_frame<S: AsyncWrite + Unpin>(
     stream: &mut S,
@@ -73,13 +83,10 @@ async fn read_frame_untimed<S: AsyncRead + Unpin>(
         return Err(FrameError::TooLarge { len, limit });
     }
     let mut payload = vec![0u8; len];
-    stream.read_exact(&mut payload).await.map_err(|e| {
-        if e.kind() == std::io::ErrorKind::UnexpectedEof {
-            FrameError::Closed
-        } else {
-            FrameError::Io(e)
-        }
-    })?;
+    stream
+        .read_exact(&mut payload)
+        .await
+        .map_err(FrameError::of_read)?;
     Ok(Some(payload))
 }
 

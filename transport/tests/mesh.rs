@@ -221,6 +221,94 @@ async fn a_transfer_from_two_peers_resumes_after_its_connection_is_killed() {
     assert!(got.values().any(|p| *p == peer(&ka)) && got.values().any(|p| *p == peer(&kb)));
 }
 
+/// Answers every chunk of `MemorySource` in the clear to `reader` alone (its sealed form here:
+/// the bytes reversed).
+struct ReaderSource {
+    plain: HashMap<ChunkId, bytes::Bytes>,
+    reader: PeerId,
+}
+
+impl ChunkSource for ReaderSource {
+    fn get(&self, id: &ChunkId) -> Option<bytes::Bytes> {
+        let plain = self.plain.get(id)?;
+        Some(plain.iter().rev().copied().collect())
+    }
+
+    fn holds_key(&self, peer: &PeerId) -> bool {
+        *peer == self.reader
+    }
+
+    fn get_many_plain(&self, ids: &[ChunkId]) -> Vec<Option<chunks::Answer>> {
+        let plain = ids.iter().map(|id| self.plain.get(id).cloned());
+        plain.map(|p| p.map(chunks::Answer::Plain)).collect()
+    }
+}
+
+async fn fetch_all(from: &Transport, server: PeerId, wants: Vec<ChunkId>) -> Vec<Fetched> {
+    let (sink, mut received) = mpsc::channel::<Fetched>(8);
+    let fetcher = from.clone();
+    let task =
+        tokio::spawn(async move { chunks::fetch(&fetcher, vec![server], wants, sink).await });
+    let mut got = Vec::new();
+    while let Some(fetched) = received.recv().await {
+        got.push(fetched);
+    }
+    task.await.unwrap();
+    got
+}
+
+#[tokio::test]
+async fn chunks_go_in_the_clear_only_to_a_key_holder_that_asks() {
+    use futures::{AsyncReadExt, AsyncWriteExt};
+    let [(ka, a), (kb, b), (_kc, c)] = three_members().await;
+    let data = chunks(10, 1000, 2);
+    let plain: HashMap<ChunkId, bytes::Bytes> = (data.iter())
+        .map(|(k, v)| (*k, bytes::Bytes::from(v.clone())))
+        .collect();
+    let reader = peer(&kb);
+    chunks::start_serving(&a, Arc::new(ReaderSource { plain, reader })).unwrap();
+    for t in [&b, &c] {
+        t.dial(addr(&a, false).await).await.unwrap();
+        assert!(t.wait_connected(peer(&ka), Duration::from_secs(10)).await);
+    }
+    let wants: Vec<ChunkId> = data.keys().copied().collect();
+
+    // b holds the key and asks (every fetch does): in the clear, as they are.
+    let got = fetch_all(&b, peer(&ka), wants.clone()).await;
+    assert_eq!(got.len(), 10);
+    for f in &got {
+        assert!(!f.sealed);
+        assert_eq!(f.data, data[&f.id]);
+    }
+    // c asks too, but holds no key (a storage peer, say): sealed.
+    let got = fetch_all(&c, peer(&ka), wants.clone()).await;
+    assert_eq!(got.len(), 10);
+    for f in &got {
+        assert!(f.sealed);
+        assert_eq!(
+            f.data,
+            data[&f.id].iter().rev().copied().collect::<Vec<u8>>()
+        );
+    }
+    // A `Want` without the flag (a peer that does not know it): sealed, even to b.
+    let mut stream = b
+        .control()
+        .open_stream(peer(&ka), chunks::PROTOCOL)
+        .await
+        .unwrap();
+    let want = meshsync_transport::frame::encode(&chunks::Want {
+        ids: wants[..1].to_vec(),
+    });
+    meshsync_transport::frame::write_frame(&mut stream, &want)
+        .await
+        .unwrap();
+    let mut header = [0u8; 37];
+    stream.read_exact(&mut header).await.unwrap();
+    let (status, id, _) = chunks::decode_response_header(&header[4..]).unwrap();
+    assert_eq!((status, id), (0, wants[0]), "status 0: sealed");
+    stream.close().await.unwrap();
+}
+
 #[tokio::test]
 async fn an_invite_works_once_and_wrong_or_expired_codes_change_nothing() {
     let (inviter_keys, joiner_keys, other_keys) = (

@@ -37,7 +37,7 @@ const TAG: usize = 16;
 pub enum ContentError {
     #[error("chunk {0:?} failed authentication: altered, or sealed under another key")]
     Tampered(ChunkId),
-    #[error("chunk {0:?} decrypted to data with another ID: swapped content")]
+    #[error("chunk {0:?} holds data with another ID: swapped, or changed at its source")]
     WrongContent(ChunkId),
     #[error("reading {path}: {source}")]
     Read {
@@ -283,14 +283,17 @@ fn seal_if(
     Ok(Some(buf))
 }
 
-/// An opened chunk's plaintext, left in the buffer it was decrypted in (no copy).
+/// A chunk's checked plaintext, left in the buffer it came in (no copy): from `start` on.
 #[derive(Debug, PartialEq, Eq)]
-pub struct Plain(Vec<u8>);
+pub struct Plain {
+    buf: Vec<u8>,
+    start: usize,
+}
 
 impl std::ops::Deref for Plain {
     type Target = [u8];
     fn deref(&self) -> &[u8] {
-        &self.0[4..]
+        &self.buf[self.start..]
     }
 }
 
@@ -315,7 +318,10 @@ pub fn open_chunk(
         return Err(ContentError::Tampered(*id));
     }
     sealed.truncate(4 + len);
-    let plain = Plain(sealed);
+    let plain = Plain {
+        buf: sealed,
+        start: 4,
+    };
     if chunk_id(id_key, &plain) != *id {
         return Err(ContentError::WrongContent(*id));
     }
@@ -383,6 +389,27 @@ pub fn open_chunk_in(
     )
 }
 
+/// A chunk as a peer sent it — sealed, or in the clear (between devices, inside the Noise
+/// channel) — checked: opened with `ring` (see [`open_chunk_in`]), or its plaintext hashed to
+/// `id` under the chunk-ID key of some epoch of `ring`.
+pub fn accept_received(
+    ring: &KeyRing,
+    id: &ChunkId,
+    data: Vec<u8>,
+    sealed: bool,
+) -> Result<Plain, ContentError> {
+    if sealed {
+        return open_chunk_in(ring, None, id, data);
+    }
+    match key_of(ring, id, &data) {
+        Some(_) => Ok(Plain {
+            buf: data,
+            start: 0,
+        }),
+        None => Err(ContentError::WrongContent(*id)),
+    }
+}
+
 /// `len` reproducible incompressible bytes (content-defined cuts fall as in real data), for
 /// tests.
 #[cfg(test)]
@@ -397,6 +424,38 @@ pub(crate) fn test_bytes(len: usize, seed: u8) -> Vec<u8> {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn a_chunk_sent_in_the_clear_is_taken_only_if_it_hashes_to_its_id() {
+        use super::*;
+        use meshsync_crdt::MeshKey;
+        let (old, new) = (MeshKey::generate(Epoch(0)), MeshKey::generate(Epoch(1)));
+        let ring = KeyRing::of([old.clone(), new.clone()]);
+        let plain = test_bytes(40_000, 3);
+        let id = chunk_id(&old.chunk_id_key(), &plain);
+        // As sent: taken, without a copy, whichever epoch's ID it is.
+        let taken = accept_received(&ring, &id, plain.clone(), false).unwrap();
+        assert_eq!(&*taken, &plain[..]);
+        // One byte changed (a hostile member, or a file edited since its sender scanned it).
+        let mut altered = plain.clone();
+        altered[20_000] ^= 1;
+        assert!(matches!(
+            accept_received(&ring, &id, altered, false),
+            Err(ContentError::WrongContent(_))
+        ));
+        // Another chunk's bytes under this ID; the right bytes to a ring without their epoch.
+        let other = test_bytes(40_000, 4);
+        assert!(accept_received(&ring, &id, other, false).is_err());
+        let without = KeyRing::of([new.clone()]);
+        assert!(accept_received(&without, &id, plain.clone(), false).is_err());
+        // The sealed form of the same chunk is opened, not taken as plaintext.
+        let sealed = seal_chunk(&old.chunk_key(), old.epoch(), &id, &plain);
+        assert!(accept_received(&ring, &id, sealed.clone(), false).is_err());
+        assert_eq!(
+            &*accept_received(&ring, &id, sealed, true).unwrap(),
+            &plain[..]
+        );
+    }
+
     #[test]
     fn a_ring_seals_a_chunk_in_its_own_epoch_and_opens_it_from_any() {
         use super::*;

@@ -9,7 +9,7 @@ use std::sync::Arc;
 
 use anyhow::Context;
 use meshsync_crdt::{ChunkId, ChunkListHash, DeviceId, FolderId, KeyRing};
-use meshsync_transport::chunks::{self, ChunkSource, Fetched};
+use meshsync_transport::chunks::{self, Answer, ChunkSource, Fetched};
 use meshsync_transport::{PeerId, Transport};
 
 use super::folder::TEMP_PREFIX;
@@ -177,14 +177,6 @@ pub async fn restore(
     })
 }
 
-fn open(
-    keys: &KeyRing,
-    id: &ChunkId,
-    sealed: Vec<u8>,
-) -> Result<content::Plain, content::ContentError> {
-    content::open_chunk_in(keys, None, id, sealed)
-}
-
 /// Starts the temp file beside `rel` and fills what this device holds (its store, then its
 /// current files). Blocking.
 fn assemble_here(
@@ -214,7 +206,14 @@ fn assemble_here(
         from_peers: 0,
     };
     for c in list {
-        let local = served.get(&c.id).map(|b| open(keys, &c.id, b.to_vec()));
+        let local = served
+            .get_many_plain(std::slice::from_ref(&c.id))
+            .pop()
+            .flatten();
+        let local = local.map(|answer| match answer {
+            Answer::Plain(plain) => content::accept_received(keys, &c.id, plain.into(), false),
+            Answer::Sealed(sealed) => content::accept_received(keys, &c.id, sealed.into(), true),
+        });
         match local {
             Some(Ok(plain)) => {
                 assembling.file.write_all_at(&plain, c.offset)?;
@@ -235,7 +234,7 @@ fn fill_fetched(
 ) -> anyhow::Result<()> {
     use std::os::unix::fs::FileExt;
     while let Some(chunk) = rx.blocking_recv() {
-        let Ok(plain) = open(keys, &chunk.id, chunk.data) else {
+        let Ok(plain) = content::accept_received(keys, &chunk.id, chunk.data, chunk.sealed) else {
             tracing::warn!(peer = %chunk.peer, "bad chunk refused during restore");
             continue;
         };

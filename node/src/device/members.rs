@@ -94,6 +94,7 @@ pub async fn leave(device: &Shared) -> anyhow::Result<Left> {
     }
     let d = device.lock().await;
     *d.keys_ring.lock().expect("key lock") = meshsync_crdt::KeyRing::default();
+    d.readers.lock().expect("readers lock").clear();
     let home = d.home.path().to_path_buf();
     let _ = std::fs::remove_dir_all(home.join("chunks"));
     std::fs::remove_file(home.join("state.redb"))

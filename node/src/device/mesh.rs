@@ -42,6 +42,8 @@ impl Device {
     /// in, for the caller to hand the transport once the device lock is released.
     pub(crate) fn membership_changed(&mut self) -> Vec<PeerId> {
         *self.keys_ring.lock().expect("key lock") = self.log.key_ring(&self.keys);
+        *self.readers.lock().expect("readers lock") =
+            net::key_holders(&self.log, &self.keys.device_id());
         self.transport
             .allowed()
             .set_notice(net::notice_peers(&self.log));

@@ -50,12 +50,12 @@ pub mod sync;
 pub mod tasks;
 pub mod walk;
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashSet};
 use std::sync::atomic::AtomicBool;
 use std::sync::{Arc, Mutex as StdMutex};
 
 use meshsync_crdt::{DeviceKeys, FolderId, KeyRing, MembershipLog};
-use meshsync_transport::{chunks, Transport};
+use meshsync_transport::{chunks, PeerId, Transport};
 use tokio::sync::Mutex;
 
 use crate::chunks::ChunkStore;
@@ -75,6 +75,9 @@ pub struct Device {
     /// Every mesh key this device holds, by epoch (empty until it holds one), shared with the
     /// chunk server.
     pub(crate) keys_ring: Arc<StdMutex<KeyRing>>,
+    /// The other devices of the mesh (they hold the key: the chunk server sends them chunks
+    /// in the clear), shared with the chunk server.
+    pub(crate) readers: Arc<StdMutex<HashSet<PeerId>>>,
     pub(crate) folders: BTreeMap<FolderId, Folder>,
     /// Where each chunk of each current file lies (the chunk server reads it without the
     /// device lock).
@@ -167,6 +170,7 @@ pub async fn start(home: Home, network: Network) -> anyhow::Result<Shared> {
     let keys = Arc::new(home.open_for_daemon()?);
     let (state, log) = mesh::open_state(&home, &keys)?;
     let ring = Arc::new(StdMutex::new(log.key_ring(&keys)));
+    let readers = Arc::new(StdMutex::new(net::key_holders(&log, &keys.device_id())));
     let chunk_map = Arc::new(StdMutex::new(ChunkMap::new(state.clone())));
     let folders = folder::load_all(&state, &log, &keys, &chunk_map)?;
     let transport = net::start_transport(&keys, &network)?;
@@ -187,6 +191,7 @@ pub async fn start(home: Home, network: Network) -> anyhow::Result<Shared> {
         state,
         log,
         keys_ring: ring.clone(),
+        readers: readers.clone(),
         folders,
         chunk_map: chunk_map.clone(),
         transport: transport.clone(),
@@ -210,6 +215,7 @@ pub async fn start(home: Home, network: Network) -> anyhow::Result<Shared> {
             map: chunk_map,
             state: device.lock().await.state.clone(),
             keys: ring,
+            readers,
             store,
         }),
     )?;
@@ -274,11 +280,12 @@ impl Device {
 
     /// Reads and seals chunks of current local files and kept versions (what this device
     /// serves).
-    pub(crate) fn served(&self) -> Served {
+    pub fn served(&self) -> Served {
         Served {
             map: self.chunk_map.clone(),
             state: self.state.clone(),
             keys: self.keys_ring.clone(),
+            readers: self.readers.clone(),
             store: self.store.clone(),
         }
     }

@@ -10,12 +10,13 @@
 //! device lock.
 
 use std::borrow::Cow;
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex as StdMutex};
 
 use meshsync_crdt::{ChunkId, FileKind, KeyRing};
-use meshsync_transport::chunks::ChunkSource;
+use meshsync_transport::chunks::{Answer, ChunkSource};
+use meshsync_transport::PeerId;
 
 use crate::chunks::{content, ChunkRef, ChunkStore};
 use crate::disk::FolderRoot;
@@ -202,24 +203,26 @@ pub(crate) fn unix_nanos(time: std::time::SystemTime) -> i64 {
 
 /// The chunk source a device serves: its current files, then its chunk store.
 #[derive(Clone)]
-pub(crate) struct Served {
+pub struct Served {
     pub(crate) map: Arc<StdMutex<ChunkMap>>,
     /// The state, which records where the chunks of current files lie.
     pub(crate) state: State,
     /// Every mesh key this device holds (a chunk is sealed with its own epoch's).
     pub(crate) keys: Arc<StdMutex<KeyRing>>,
+    /// The other devices of the mesh: they hold the mesh key, so are sent chunks in the clear
+    /// when they ask (inside the Noise channel; see `meshsync_transport::chunks`).
+    pub(crate) readers: Arc<StdMutex<HashSet<PeerId>>>,
     /// Old versions' chunks, already sealed.
     pub(crate) store: Arc<StdMutex<ChunkStore>>,
 }
 
-impl ChunkSource for Served {
-    fn get(&self, id: &ChunkId) -> Option<bytes::Bytes> {
-        self.get_many(std::slice::from_ref(id)).pop().flatten()
-    }
-
-    /// One read of where the chunks lie for the whole `Want`, and each file opened (and its
-    /// size and age checked) once for all of its chunks in it.
-    fn get_many(&self, ids: &[ChunkId]) -> Vec<Option<bytes::Bytes>> {
+impl Served {
+    /// The chunks of one `Want`, each from a link target, a current file still as scanned, or
+    /// the chunk store (which holds them sealed). `plain`: links and files are read in the
+    /// clear (not sealed, and not hashed again: the reader checks every chunk against its ID);
+    /// else sealed. One read of where the chunks lie for the whole `Want`, and each file
+    /// opened (and its size and age checked) once for all of its chunks in it.
+    fn answer(&self, ids: &[ChunkId], plain: bool) -> Vec<Option<Answer>> {
         let Ok(ring) = self.keys.lock().map(|k| k.clone()) else {
             return vec![None; ids.len()];
         };
@@ -231,31 +234,58 @@ impl ChunkSource for Served {
         let mut files: HashMap<(Arc<PathBuf>, String), Option<std::fs::File>> = HashMap::new();
         (ids.iter().zip(links))
             .map(|(id, link)| match link {
+                Some(target) if plain => Some(Answer::Plain(target.into())),
                 Some(target) => {
                     let key = content::key_of(&ring, id, &target)?;
                     let sealed = content::seal_chunk(&key.chunk_key(), key.epoch(), id, &target);
-                    Some(sealed.into())
+                    Some(Answer::Sealed(sealed.into()))
                 }
                 None => {
                     let here = places.get(id).map_or(&[][..], Vec::as_slice);
-                    sealed_from_files(&ring, id, here, &mut files)
-                        .or_else(|| self.store.lock().ok()?.get(id).ok().flatten())
-                        .map(Into::into)
+                    from_files(&ring, id, here, &mut files, plain).or_else(|| {
+                        let sealed = self.store.lock().ok()?.get(id).ok().flatten()?;
+                        Some(Answer::Sealed(sealed.into()))
+                    })
                 }
             })
             .collect()
     }
 }
 
-/// Chunk `id` sealed from the first of `places` whose file is still as scanned (the
-/// receiver re-hashes every chunk anyway). `files`: the files opened so far, each checked
-/// once (`None`: gone, or changed since its chunks were recorded).
-fn sealed_from_files(
+impl ChunkSource for Served {
+    fn get(&self, id: &ChunkId) -> Option<bytes::Bytes> {
+        self.get_many(std::slice::from_ref(id)).pop().flatten()
+    }
+
+    fn get_many(&self, ids: &[ChunkId]) -> Vec<Option<bytes::Bytes>> {
+        let answers = self.answer(ids, false).into_iter();
+        answers
+            .map(|answer| match answer? {
+                Answer::Sealed(sealed) => Some(sealed),
+                Answer::Plain(_) => None, // never: asked for sealed
+            })
+            .collect()
+    }
+
+    fn holds_key(&self, peer: &PeerId) -> bool {
+        self.readers.lock().is_ok_and(|r| r.contains(peer))
+    }
+
+    fn get_many_plain(&self, ids: &[ChunkId]) -> Vec<Option<Answer>> {
+        self.answer(ids, true)
+    }
+}
+
+/// Chunk `id` from the first of `places` whose file is still as scanned: in the clear
+/// (`plain`), or sealed. `files`: the files opened so far, each checked once (`None`: gone,
+/// or changed since its chunks were recorded).
+fn from_files(
     ring: &KeyRing,
     id: &ChunkId,
     places: &[Place],
     files: &mut HashMap<(Arc<PathBuf>, String), Option<std::fs::File>>,
-) -> Option<Vec<u8>> {
+    plain: bool,
+) -> Option<Answer> {
     use std::os::unix::fs::FileExt;
     for Place {
         at,
@@ -274,13 +304,21 @@ fn sealed_from_files(
                 (*recorded == (meta.len(), mtime_ns)).then_some(file)
             });
         let Some(file) = file else { continue };
+        if plain {
+            // Not hashed again: the reader does, and a changed file only fails its check.
+            let mut data = vec![0u8; chunk.len as usize];
+            if file.read_exact_at(&mut data, chunk.offset).is_ok() {
+                return Some(Answer::Plain(data.into()));
+            }
+            continue;
+        }
         // Re-hashed before sealing (which also finds the epoch whose key made its ID): the
         // same chunk key and nonce never seal other bytes.
         let sealed = content::seal_chunk_in(ring, id, chunk.len as usize, |slot| {
             file.read_exact_at(slot, chunk.offset)
         });
         if let Ok(Some(sealed)) = sealed {
-            return Some(sealed);
+            return Some(Answer::Sealed(sealed.into()));
         }
     }
     None
