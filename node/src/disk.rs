@@ -17,6 +17,20 @@ use std::path::{Path, PathBuf};
 
 use rustix::fs::{AtFlags, Mode, OFlags, ResolveFlags};
 
+/// `len` bytes of `file` from `offset`, read straight into a new buffer (not zeroed first: a
+/// chunk served in the clear is read once and sent).
+pub fn read_at(file: &File, offset: u64, len: usize) -> std::io::Result<Vec<u8>> {
+    let mut buf = Vec::with_capacity(len);
+    while buf.len() < len {
+        let at = offset + buf.len() as u64;
+        if rustix::io::pread(file, rustix::buffer::spare_capacity(&mut buf), at)? == 0 {
+            return Err(std::io::ErrorKind::UnexpectedEof.into());
+        }
+    }
+    buf.truncate(len); // the allocator may have given more room than asked, and it was read
+    Ok(buf)
+}
+
 /// Why an operation on a synced path failed.
 #[derive(Debug, thiserror::Error)]
 pub enum DiskError {
@@ -528,6 +542,20 @@ mod tests {
         std::fs::create_dir(dir.path().join("f")).unwrap();
         let root = FolderRoot::open(&dir.path().join("f")).unwrap();
         (dir, root)
+    }
+
+    #[test]
+    fn read_at_reads_exactly_the_range_and_not_past_the_end() {
+        let (_dir, root) = root();
+        let bytes: Vec<u8> = (0..200_000u32).map(|i| (i % 251) as u8).collect();
+        root.append("x", &bytes).unwrap();
+        let file = root.open_read("x").unwrap();
+        for (offset, len) in [(0, 0), (0, 1), (7, 65_536), (150_000, 50_000)] {
+            let read = read_at(&file, offset as u64, len).unwrap();
+            assert_eq!(read, &bytes[offset..offset + len]);
+        }
+        let past = read_at(&file, 150_000, 50_001).unwrap_err();
+        assert_eq!(past.kind(), std::io::ErrorKind::UnexpectedEof);
     }
 
     #[test]

@@ -169,6 +169,10 @@ pub struct Counters {
     pub bytes_out: AtomicU64,
 }
 
+/// How long a peer that a request of its own cut off keeps its connection, for the answer
+/// (see [`Transport::set_allowed_answering`]).
+pub const ANSWER_GRACE: Duration = Duration::from_secs(1);
+
 /// A running libp2p node: a handle to its swarm task.
 #[derive(Clone)]
 pub struct Transport {
@@ -234,6 +238,28 @@ impl Transport {
     pub async fn set_allowed(&self, peers: impl IntoIterator<Item = PeerId>) {
         for peer in self.allowed.set(peers) {
             self.disconnect(peer).await;
+        }
+    }
+
+    /// [`set_allowed`](Self::set_allowed) for a membership change that a request from `asking`
+    /// brought: if it cuts `asking` off (a device that left, telling this node so), the gate
+    /// shuts at once (no new stream or connection of it gets through) but its connection is
+    /// closed [`ANSWER_GRACE`] later, so the answer it waits for still reaches it.
+    pub async fn set_allowed_answering(
+        &self,
+        peers: impl IntoIterator<Item = PeerId>,
+        asking: PeerId,
+    ) {
+        for peer in self.allowed.set(peers) {
+            if peer == asking {
+                let this = self.clone();
+                tokio::spawn(async move {
+                    tokio::time::sleep(ANSWER_GRACE).await;
+                    this.disconnect(peer).await;
+                });
+            } else {
+                self.disconnect(peer).await;
+            }
         }
     }
 

@@ -231,7 +231,8 @@ pub(crate) async fn apply_changes(
         (changed, allowed, d.transport.clone())
     };
     if let Some(allowed) = allowed {
-        transport.set_allowed(allowed).await;
+        // A device that left and told this one hears the answer before it is cut off.
+        transport.set_allowed_answering(allowed, peer).await;
     }
     // Written in their own task: content may be slow to come, and neither the peer waiting
     // for this answer nor this device's next pulls (storage exchanges among them) may wait

@@ -159,7 +159,7 @@ async fn learn_membership(s: SharedStorage) {
             };
             if let Ok(SyncReply::Changes(changes)) = protocol::doc(&transport, peer, &request).await
             {
-                if let Err(error) = apply_membership(&s, changes).await {
+                if let Err(error) = apply_membership(&s, changes, None).await {
                     tracing::warn!(%peer, error = format!("{error:#}"), "refused membership changes");
                 }
             }
@@ -167,8 +167,13 @@ async fn learn_membership(s: SharedStorage) {
     }
 }
 
-/// Admits membership changes and lets in whoever may connect now.
-async fn apply_membership(s: &SharedStorage, changes: SyncChanges) -> anyhow::Result<()> {
+/// Admits membership changes and lets in whoever may connect now; a device that left and
+/// told this storage peer so itself (`asking`) hears the answer before it is cut off.
+async fn apply_membership(
+    s: &SharedStorage,
+    changes: SyncChanges,
+    asking: Option<PeerId>,
+) -> anyhow::Result<()> {
     if changes.membership.is_empty() {
         return Ok(());
     }
@@ -191,7 +196,10 @@ async fn apply_membership(s: &SharedStorage, changes: SyncChanges) -> anyhow::Re
             net::other_members(log, &st.keys.device_id()),
         )
     };
-    allowed.0.set_allowed(allowed.1).await;
+    match asking {
+        Some(asking) => allowed.0.set_allowed_answering(allowed.1, asking).await,
+        None => allowed.0.set_allowed(allowed.1).await,
+    }
     Ok(())
 }
 

@@ -56,7 +56,7 @@ async fn handle_doc(s: &SharedStorage, peer: PeerId, request: SyncRequest) -> Sy
                 membership: changes.membership,
                 ..SyncChanges::default()
             };
-            match apply_membership(s, changes).await {
+            match apply_membership(s, changes, Some(peer)).await {
                 Ok(()) => SyncReply::Ok,
                 Err(error) => {
                     tracing::warn!(%peer, error = format!("{error:#}"), "refused membership changes");
