@@ -90,9 +90,14 @@ pub trait ChunkSource: Send + Sync + 'static {
     /// them in the clear: each plain where the source can read it so, else sealed. By
     /// default, all sealed.
     fn get_many_plain(&self, ids: &[ChunkId]) -> Vec<Option<Answer>> {
-        let sealed = self.get_many(ids).into_iter();
-        sealed.map(|chunk| chunk.map(Answer::Sealed)).collect()
+        sealed(self.get_many(ids))
     }
+}
+
+/// Chunks as [`ChunkSource::get_many`] gives them, as answers.
+fn sealed(chunks: Vec<Option<bytes::Bytes>>) -> Vec<Option<Answer>> {
+    let chunks = chunks.into_iter();
+    chunks.map(|chunk| chunk.map(Answer::Sealed)).collect()
 }
 
 /// A chunk as received, not yet authenticated.
@@ -223,8 +228,7 @@ async fn serve_stream(
             let found = if plain {
                 source.get_many_plain(&want.ids)
             } else {
-                let sealed = source.get_many(&want.ids).into_iter();
-                sealed.map(|chunk| chunk.map(Answer::Sealed)).collect()
+                sealed(source.get_many(&want.ids))
             };
             (want.ids.into_iter())
                 .zip(found.into_iter().chain(std::iter::repeat(None)))

@@ -2,12 +2,16 @@
 //! second copy of its folders.
 //!
 //! The state records every current file holding each chunk, and the size and mtime each file
-//! had when its chunks were recorded ([`ChunkMap::record`], [`places`]); [`Served`] reads a chunk from a file that still matches,
-//! seals it, and falls back to the chunk store (old versions). Symlink targets are served from
-//! memory. Every chunk read from a file is hashed again before it is sealed, so a file edited
-//! since its scan never has other bytes sealed under a chunk's key and nonce. The chunk server
-//! calls [`Served::get`] on a blocking thread (the `ChunkSource` contract), never holding the
-//! device lock.
+//! had when its chunks were recorded ([`ChunkMap::record`], [`places`]); [`Served`] reads a
+//! chunk from a file that still matches and falls back to the chunk store (old versions,
+//! sealed). Symlink targets are served from memory. To another device of the mesh that asks
+//! for it so, a chunk read from a file goes in the clear, as read (inside the Noise channel;
+//! it holds the key anyway, and checks every chunk against its ID: a file edited since its
+//! scan, same size and mtime, fails that check there and is fetched elsewhere or at the next
+//! scan's version). To anyone else, and to storage peers, it is sealed — and hashed again
+//! first, so a file edited since its scan never has other bytes sealed under a chunk's key
+//! and nonce. The chunk server calls [`Served`] on a blocking thread (the `ChunkSource`
+//! contract), never holding the device lock.
 
 use std::borrow::Cow;
 use std::collections::{HashMap, HashSet};
