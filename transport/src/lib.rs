@@ -243,8 +243,9 @@ impl Transport {
 
     /// [`set_allowed`](Self::set_allowed) for a membership change that a request from `asking`
     /// brought: if it cuts `asking` off (a device that left, telling this node so), the gate
-    /// shuts at once (no new stream or connection of it gets through) but its connection is
-    /// closed [`ANSWER_GRACE`] later, so the answer it waits for still reaches it.
+    /// shuts at once (no new connection of it gets in, and every protocol handler refuses its
+    /// streams) but its connection is closed [`ANSWER_GRACE`] later, so the answer it waits
+    /// for still reaches it.
     pub async fn set_allowed_answering(
         &self,
         peers: impl IntoIterator<Item = PeerId>,
