@@ -163,7 +163,7 @@ async fn fetch_all(client: &Transport, peers: Vec<PeerId>, wants: Vec<ChunkId>) 
     let task = tokio::spawn(async move { chunks::fetch(&fetcher, peers, wants, sink).await });
     let mut bytes = 0u64;
     while let Some(fetched) = rx.recv().await {
-        bytes += fetched.data.len() as u64;
+        bytes += fetched.answer.bytes().len() as u64;
     }
     let report = task.await.unwrap();
     assert!(report.missing.is_empty(), "{report:?}");

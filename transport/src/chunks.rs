@@ -60,12 +60,30 @@ pub struct Want {
     pub ids: Vec<ChunkId>,
 }
 
-/// A chunk as a source answers it.
+/// A chunk as a source answers it (`B`: `Bytes` as a source hands it out, `Vec<u8>` as a
+/// fetch receives it).
 #[derive(Clone, Debug, PartialEq, Eq)]
-pub enum Answer {
-    Sealed(bytes::Bytes),
+pub enum Answer<B = bytes::Bytes> {
+    Sealed(B),
     /// In the clear, for a peer that holds the mesh key (see the module docs).
-    Plain(bytes::Bytes),
+    Plain(B),
+}
+
+impl<B: AsRef<[u8]>> Answer<B> {
+    /// The bytes as sent, sealed or not.
+    pub fn bytes(&self) -> &[u8] {
+        match self {
+            Answer::Sealed(b) | Answer::Plain(b) => b.as_ref(),
+        }
+    }
+
+    /// The same answer in another buffer.
+    pub fn map<C>(self, f: impl FnOnce(B) -> C) -> Answer<C> {
+        match self {
+            Answer::Sealed(b) => Answer::Sealed(f(b)),
+            Answer::Plain(b) => Answer::Plain(f(b)),
+        }
+    }
 }
 
 /// Where a node's chunks come from when it serves them. Called on a blocking thread.
@@ -100,14 +118,13 @@ fn sealed(chunks: Vec<Option<bytes::Bytes>>) -> Vec<Option<Answer>> {
     chunks.map(|chunk| chunk.map(Answer::Sealed)).collect()
 }
 
-/// A chunk as received, not yet authenticated.
+/// A chunk as received, not yet authenticated: sealed, or in the clear for the receiver to
+/// check against its ID.
 #[derive(Debug)]
 pub struct Fetched {
     pub peer: PeerId,
     pub id: ChunkId,
-    pub data: Vec<u8>,
-    /// Sealed (`false`: sent in the clear, for the receiver to check against its ID).
-    pub sealed: bool,
+    pub answer: Answer<Vec<u8>>,
 }
 
 /// What a [`fetch`] achieved.
@@ -434,13 +451,11 @@ async fn worker(
                         .counters(&peer)
                         .bytes_in
                         .fetch_add(data.len() as u64 + 37, std::sync::atomic::Ordering::Relaxed);
-                    let sealed = status == HAVE;
-                    let fetched = Fetched {
-                        peer,
-                        id,
-                        data,
-                        sealed,
+                    let answer = match status {
+                        HAVE => Answer::Sealed(data),
+                        _ => Answer::Plain(data),
                     };
+                    let fetched = Fetched { peer, id, answer };
                     if sink.send(fetched).await.is_err() {
                         return Ok(()); // the consumer is gone: nothing more to do
                     }

@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use libp2p::{Multiaddr, PeerId};
 use meshsync_crdt::{ChunkId, DeviceKeys, MeshId, Role};
-use meshsync_transport::chunks::{self, ChunkSource, Fetched};
+use meshsync_transport::chunks::{self, Answer, ChunkSource, Fetched};
 use meshsync_transport::pair::{self, Inviter, PairError};
 use meshsync_transport::{rpc, Config, Event, Transport};
 use tokio::sync::mpsc;
@@ -201,7 +201,7 @@ async fn a_transfer_from_two_peers_resumes_after_its_connection_is_killed() {
     let mut killed = false;
     while let Some(fetched) = received.recv().await {
         assert_eq!(
-            blake3::hash(&fetched.data).as_bytes(),
+            blake3::hash(fetched.answer.bytes()).as_bytes(),
             &fetched.id.0,
             "chunk intact"
         );
@@ -277,18 +277,14 @@ async fn chunks_go_in_the_clear_only_to_a_key_holder_that_asks() {
     let got = fetch_all(&b, peer(&ka), wants.clone()).await;
     assert_eq!(got.len(), 10);
     for f in &got {
-        assert!(!f.sealed);
-        assert_eq!(f.data, data[&f.id]);
+        assert_eq!(f.answer, Answer::Plain(data[&f.id].clone()));
     }
     // c asks too, but holds no key (a storage peer, say): sealed.
     let got = fetch_all(&c, peer(&ka), wants.clone()).await;
     assert_eq!(got.len(), 10);
     for f in &got {
-        assert!(f.sealed);
-        assert_eq!(
-            f.data,
-            data[&f.id].iter().rev().copied().collect::<Vec<u8>>()
-        );
+        let reversed = data[&f.id].iter().rev().copied().collect::<Vec<u8>>();
+        assert_eq!(f.answer, Answer::Sealed(reversed));
     }
     // A `Want` without the flag (a peer that does not know it): sealed, even to b.
     let mut stream = b

@@ -22,6 +22,7 @@ use std::io::Read;
 use meshsync_crdt::keys::{ChunkIdKey, ChunkKey};
 use meshsync_crdt::sealed::padme;
 use meshsync_crdt::{ChunkId, ChunkListHash, Epoch, KeyRing, MeshKey};
+use meshsync_transport::chunks::Answer;
 use ring::aead::{Aad, LessSafeKey, Nonce, UnboundKey, AES_256_GCM};
 
 pub const MIN_CHUNK: usize = 16 * 1024;
@@ -395,12 +396,12 @@ pub fn open_chunk_in(
 pub fn accept_received(
     ring: &KeyRing,
     id: &ChunkId,
-    data: Vec<u8>,
-    sealed: bool,
+    answer: Answer<Vec<u8>>,
 ) -> Result<Plain, ContentError> {
-    if sealed {
-        return open_chunk_in(ring, None, id, data);
-    }
+    let data = match answer {
+        Answer::Sealed(sealed) => return open_chunk_in(ring, None, id, sealed),
+        Answer::Plain(data) => data,
+    };
     match key_of(ring, id, &data) {
         Some(_) => Ok(Plain {
             buf: data,
@@ -433,25 +434,25 @@ mod tests {
         let plain = test_bytes(40_000, 3);
         let id = chunk_id(&old.chunk_id_key(), &plain);
         // As sent: taken, without a copy, whichever epoch's ID it is.
-        let taken = accept_received(&ring, &id, plain.clone(), false).unwrap();
+        let taken = accept_received(&ring, &id, Answer::Plain(plain.clone())).unwrap();
         assert_eq!(&*taken, &plain[..]);
         // One byte changed (a hostile member, or a file edited since its sender scanned it).
         let mut altered = plain.clone();
         altered[20_000] ^= 1;
         assert!(matches!(
-            accept_received(&ring, &id, altered, false),
+            accept_received(&ring, &id, Answer::Plain(altered)),
             Err(ContentError::WrongContent(_))
         ));
         // Another chunk's bytes under this ID; the right bytes to a ring without their epoch.
         let other = test_bytes(40_000, 4);
-        assert!(accept_received(&ring, &id, other, false).is_err());
+        assert!(accept_received(&ring, &id, Answer::Plain(other)).is_err());
         let without = KeyRing::of([new.clone()]);
-        assert!(accept_received(&without, &id, plain.clone(), false).is_err());
+        assert!(accept_received(&without, &id, Answer::Plain(plain.clone())).is_err());
         // The sealed form of the same chunk is opened, not taken as plaintext.
         let sealed = seal_chunk(&old.chunk_key(), old.epoch(), &id, &plain);
-        assert!(accept_received(&ring, &id, sealed.clone(), false).is_err());
+        assert!(accept_received(&ring, &id, Answer::Plain(sealed.clone())).is_err());
         assert_eq!(
-            &*accept_received(&ring, &id, sealed, true).unwrap(),
+            &*accept_received(&ring, &id, Answer::Sealed(sealed)).unwrap(),
             &plain[..]
         );
     }

@@ -9,7 +9,7 @@ use std::sync::Arc;
 
 use anyhow::Context;
 use meshsync_crdt::{ChunkId, ChunkListHash, DeviceId, FolderId, KeyRing};
-use meshsync_transport::chunks::{self, Answer, ChunkSource, Fetched};
+use meshsync_transport::chunks::{self, ChunkSource, Fetched};
 use meshsync_transport::{PeerId, Transport};
 
 use super::folder::TEMP_PREFIX;
@@ -205,21 +205,20 @@ fn assemble_here(
         from_here: 0,
         from_peers: 0,
     };
-    for c in list {
-        let local = served
-            .get_many_plain(std::slice::from_ref(&c.id))
-            .pop()
-            .flatten();
-        let local = local.map(|answer| match answer {
-            Answer::Plain(plain) => content::accept_received(keys, &c.id, plain.into(), false),
-            Answer::Sealed(sealed) => content::accept_received(keys, &c.id, sealed.into(), true),
-        });
-        match local {
-            Some(Ok(plain)) => {
-                assembling.file.write_all_at(&plain, c.offset)?;
-                assembling.from_here += 1;
+    // A batch at a time, as a peer asks: one lookup of places and one open of each file per
+    // batch, and never the whole version in memory.
+    for batch in list.chunks(chunks::BATCH) {
+        let ids: Vec<ChunkId> = batch.iter().map(|c| c.id).collect();
+        for (c, answer) in batch.iter().zip(served.get_many_plain(&ids)) {
+            let local =
+                answer.map(|answer| content::accept_received(keys, &c.id, answer.map(Vec::from)));
+            match local {
+                Some(Ok(plain)) => {
+                    assembling.file.write_all_at(&plain, c.offset)?;
+                    assembling.from_here += 1;
+                }
+                _ => assembling.wanted.entry(c.id).or_default().push(c.offset),
             }
-            _ => assembling.wanted.entry(c.id).or_default().push(c.offset),
         }
     }
     Ok(assembling)
@@ -234,7 +233,7 @@ fn fill_fetched(
 ) -> anyhow::Result<()> {
     use std::os::unix::fs::FileExt;
     while let Some(chunk) = rx.blocking_recv() {
-        let Ok(plain) = content::accept_received(keys, &chunk.id, chunk.data, chunk.sealed) else {
+        let Ok(plain) = content::accept_received(keys, &chunk.id, chunk.answer) else {
             tracing::warn!(peer = %chunk.peer, "bad chunk refused during restore");
             continue;
         };

@@ -341,7 +341,7 @@ impl Assembly {
         // time; a complete file's is let go of), not opened again for every chunk.
         let mut open: HashMap<usize, std::fs::File> = HashMap::new();
         while let Some(chunk) = rx.blocking_recv() {
-            let opened = content::accept_received(keys, &chunk.id, chunk.data, chunk.sealed);
+            let opened = content::accept_received(keys, &chunk.id, chunk.answer);
             let plain = match opened {
                 Ok(plain) => plain,
                 Err(error) => {
