@@ -105,6 +105,13 @@ fn overwritten_and_deleted_files_can_be_listed_restored_and_finally_forgotten() 
     );
     assert!(out.contains("restored"), "{out}");
     assert_eq!(std::fs::read(fb.join("notes.txt")).unwrap(), notes);
+    // …and the big file as it was (3 MiB: more chunks than one batch of its store asks for).
+    let out = meshsync_ok(
+        &home("b"),
+        &["restore", fb.join("big.bin").to_str().unwrap()],
+    );
+    assert!(out.contains("restored"), "{out}");
+    assert_eq!(std::fs::read(fb.join("big.bin")).unwrap(), big1);
     let bad = meshsync(
         &home("b"),
         &["restore", fb.join("never-existed.txt").to_str().unwrap()],
