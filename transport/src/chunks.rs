@@ -452,8 +452,8 @@ async fn worker(
                         .bytes_in
                         .fetch_add(data.len() as u64 + 37, std::sync::atomic::Ordering::Relaxed);
                     let answer = match status {
-                        HAVE => Answer::Sealed(data),
-                        _ => Answer::Plain(data),
+                        HAVE_PLAIN => Answer::Plain(data),
+                        _ => Answer::Sealed(data), // HAVE: MISSING was handled above
                     };
                     let fetched = Fetched { peer, id, answer };
                     if sink.send(fetched).await.is_err() {
