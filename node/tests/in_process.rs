@@ -6,7 +6,7 @@
 use std::time::{Duration, Instant};
 
 use meshsync_crdt::Role;
-use meshsync_node::device::{self, mesh, scan, Shared};
+use meshsync_node::device::{self, folder, mesh, scan, Shared};
 use meshsync_node::home::Home;
 use meshsync_node::net::Network;
 
@@ -32,8 +32,8 @@ async fn pair_and_share(
     fb: &std::path::Path,
 ) -> meshsync_crdt::FolderId {
     pair(a, b).await;
-    let folder = a.lock().await.add_folder(fa, None).unwrap();
-    b.lock().await.add_folder(fb, Some(folder.clone())).unwrap();
+    let folder = folder::add(a, fa, None).await.unwrap();
+    folder::add(b, fb, Some(folder.clone())).await.unwrap();
     folder
 }
 
@@ -116,10 +116,7 @@ async fn unloaded_index_shards_serve_a_late_joiner_and_take_new_edits() {
 
     let c = device(dir.path(), "c").await;
     pair(&a, &c).await;
-    c.lock()
-        .await
-        .add_folder(&fc, Some(folder.clone()))
-        .unwrap();
+    folder::add(&c, &fc, Some(folder.clone())).await.unwrap();
     eventually("c, joining late, has every file", || {
         (0..300).all(|i| has(&fc, i, &format!("file {i}")))
     })

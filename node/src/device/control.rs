@@ -5,7 +5,7 @@ use std::time::Duration;
 use meshsync_crdt::{FolderId, Role};
 
 use super::scan::{self, ScanOptions};
-use super::{history, members, mesh, resolve, status, Shared};
+use super::{folder, history, members, mesh, resolve, status, Shared};
 use crate::control::{self, FolderAdded, FolderInfo, InviteCode, Joined, Request, ScanDone};
 
 /// Answers one CLI request.
@@ -27,7 +27,9 @@ pub async fn handle(device: &Shared, request: Request) -> anyhow::Result<serde_j
         }
         Request::FolderAdd { path, id } => {
             let id = id.map(|i| FolderId::new(&i)).transpose()?;
-            let id = device.lock().await.add_folder(&path, id)?;
+            // Its watcher is set up first, without the lock (at a million files that takes
+            // seconds), so the scan misses nothing that changes meanwhile.
+            let id = folder::add(device, &path, id).await?;
             scan::scan(device, &id, ScanOptions::default()).await?;
             control::reply(FolderAdded { id: id.to_string() })
         }

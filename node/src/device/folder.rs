@@ -225,7 +225,8 @@ fn is_file(local: Option<&LocalFile>) -> bool {
 }
 
 /// Loads every folder of the state and fills the chunk map from what each holds (the temp
-/// files a killed daemon left are removed by `watch_all`, in the background).
+/// files a killed daemon left are removed by the whole scan that follows each folder's watcher,
+/// see [`Device::watch`]).
 pub(crate) fn load_all(
     state: &State,
     log: &MembershipLog,
@@ -277,7 +278,14 @@ pub(crate) fn load_all(
 
 impl Device {
     /// Adds a folder: `id` joins an existing mesh folder or creates a new one.
-    pub fn add_folder(&mut self, path: &Path, id: Option<FolderId>) -> anyhow::Result<FolderId> {
+    /// Its watcher is set up in the background: what a caller scans should wait for
+    /// [`Watching::ready`] first, or a change made meanwhile may go unseen until the next
+    /// safety-net walk.
+    pub fn add_folder(
+        &mut self,
+        path: &Path,
+        id: Option<FolderId>,
+    ) -> anyhow::Result<(FolderId, Watching)> {
         let path = std::fs::canonicalize(path).with_context(|| {
             format!(
                 "{} does not exist; create it, or check the path",
@@ -312,12 +320,12 @@ impl Device {
             folders: vec![(id.clone(), path.clone())],
             ..Batch::default()
         })?;
-        self.watch(&id, &path);
+        let watching = self.watch(&id, &path);
         self.folders
             .insert(id.clone(), Folder::new(path, index, BTreeMap::new()));
         // Changes to this folder that came through storage peers before it was added here.
         super::storage::replay(self, &id)?;
-        Ok(id)
+        Ok((id, watching))
     }
 
     /// Stops syncing a folder on this device (its files stay where they are).
@@ -327,11 +335,29 @@ impl Device {
         Ok(folder.path)
     }
 
-    /// Watches a folder; changes outside `.meshsync*` files trigger a debounced rescan of the
-    /// folders they were in (of everything when the watcher lost track: its queue overflowed).
-    pub(crate) fn watch(&mut self, id: &FolderId, path: &Path) {
-        self.watchers
-            .extend(watcher_for(self.changes.clone(), id.clone(), path));
+    /// Watches a folder: sets its watcher up (changes outside `.meshsync*` files then trigger
+    /// a debounced rescan of the folders they were in, of everything when the watcher lost
+    /// track) on a thread of its own, and returns at once; [`Watching::ready`] says when it is
+    /// there. The set-up walks the whole folder (at a million files, seconds), so it runs
+    /// neither under the device lock, which every `status` and sync waits for, nor on the
+    /// runtime's blocking pool, which a stopping daemon waits for (notify's walk cannot be
+    /// interrupted).
+    pub(crate) fn watch(&self, id: &FolderId, path: &Path) -> Watching {
+        let (tx, watchers) = (self.changes.clone(), self.watchers.clone());
+        let (id, path) = (id.clone(), path.to_path_buf());
+        let (done, ready) = tokio::sync::oneshot::channel();
+        let thread = std::thread::Builder::new().name("watch set-up".into());
+        let spawned = thread.spawn(move || {
+            if let Some(watcher) = watcher_for(tx, id, &path) {
+                watchers.lock().expect("watchers lock").push(watcher);
+            }
+            let _ = done.send(());
+        });
+        if let Err(error) = spawned {
+            // `done` went with the closure: `ready` says "there" at once.
+            tracing::warn!(%error, "cannot set up a watcher; relying on periodic scans");
+        }
+        Watching(ready)
     }
 
     /// Starts a round of compaction (see [`compact_quiet_indexes`]): for each folder, how
@@ -479,6 +505,28 @@ impl Device {
     /// The folder `id`, or an error that says how to list them.
     pub(crate) fn folder(&self, id: &FolderId) -> anyhow::Result<&Folder> {
         self.folders.get(id).with_context(|| no_folder(id))
+    }
+}
+
+/// Adds a folder (see [`Device::add_folder`]) and returns once its watcher is set up, which
+/// it waits for without the device lock: what is scanned from then on misses no change.
+pub async fn add(
+    device: &super::Shared,
+    path: &Path,
+    id: Option<FolderId>,
+) -> anyhow::Result<FolderId> {
+    let (id, watching) = device.lock().await.add_folder(path, id)?;
+    watching.ready().await;
+    Ok(id)
+}
+
+/// A folder's watcher being set up (see [`Device::watch`]).
+pub struct Watching(tokio::sync::oneshot::Receiver<()>);
+
+impl Watching {
+    /// Returns once the watcher is there (or could not be set up: periodic scans stand in).
+    pub async fn ready(self) {
+        let _ = self.0.await;
     }
 }
 

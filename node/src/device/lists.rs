@@ -155,11 +155,8 @@ mod tests {
         // A folder has no content: no list goes with it (one under the zero hash was sent,
         // and refused as not matching its hash).
         std::fs::create_dir_all(fa.join("sub/deeper")).unwrap();
-        let folder = a.lock().await.add_folder(&fa, None).unwrap();
-        b.lock()
-            .await
-            .add_folder(&fb, Some(folder.clone()))
-            .unwrap();
+        let folder = crate::device::folder::add(&a, &fa, None).await.unwrap();
+        (crate::device::folder::add(&b, &fb, Some(folder.clone())).await).unwrap();
         let asked = ScanOptions {
             requested: true,
             ..Default::default()

@@ -83,8 +83,9 @@ pub struct Device {
     /// device lock).
     pub(crate) chunk_map: Arc<StdMutex<ChunkMap>>,
     pub(crate) transport: Transport,
-    /// Folder watchers (kept alive) and where they report.
-    watchers: Vec<notify::RecommendedWatcher>,
+    /// Folder watchers (kept alive; each is set up on a thread of its own, see
+    /// [`Device::watch`]) and where they report.
+    watchers: Arc<StdMutex<Vec<notify::RecommendedWatcher>>>,
     pub(crate) changes: tokio::sync::mpsc::UnboundedSender<scan::Rescan>,
     /// One materialise at a time, so a catch-up never fetches what a pull is fetching.
     pub(crate) materialising: Arc<Mutex<()>>,
@@ -114,10 +115,9 @@ pub struct Device {
 /// The device behind its lock, as every task and handler holds it.
 pub type Shared = Arc<Mutex<Device>>;
 
-/// In the background (at a million files each is a walk of seconds, which would keep the
-/// device from answering), for each folder: sets up the watcher, then has the folder scanned
-/// whole: that scan sees whatever changed while the daemon was down or before its watcher was
-/// there, and removes the temp files a killed daemon left on the way.
+/// In the background, for each folder: sets up the watcher (see [`Device::watch`]), then has
+/// the folder scanned whole: that scan sees whatever changed while the daemon was down or
+/// before its watcher was there, and removes the temp files a killed daemon left on the way.
 async fn watch_all(device: &Shared) {
     let (folders, tx) = {
         let d = device.lock().await;
@@ -126,18 +126,8 @@ async fn watch_all(device: &Shared) {
     let device = device.clone();
     tokio::spawn(async move {
         for (folder, path) in folders {
-            let (to, id) = (tx.clone(), folder.clone());
-            // On a thread of its own, not the runtime's blocking pool, which a stopping daemon
-            // waits for: notify walks the whole folder inside, and cannot be interrupted (at a
-            // million files a stop waited 3 s for it). Nothing of the state is touched there.
-            let (done, set_up) = tokio::sync::oneshot::channel();
-            let thread = std::thread::Builder::new().name("watch set-up".into());
-            let spawned = thread.spawn(move || done.send(folder::watcher_for(to, id, &path)));
-            if spawned.is_ok() {
-                if let Ok(Some(watcher)) = set_up.await {
-                    device.lock().await.watchers.push(watcher);
-                }
-            }
+            let watching = device.lock().await.watch(&folder, &path);
+            watching.ready().await;
             let _ = tx.send(scan::Rescan {
                 folder,
                 scope: scan::Scope::All,
@@ -202,7 +192,7 @@ pub async fn start(home: Home, network: Network) -> anyhow::Result<Shared> {
         folders,
         chunk_map: chunk_map.clone(),
         transport: transport.clone(),
-        watchers: Vec::new(),
+        watchers: Arc::default(),
         changes,
         materialising: Arc::new(Mutex::new(())),
         pair_ip: network.pair_ip(),

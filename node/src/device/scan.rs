@@ -571,7 +571,9 @@ mod tests {
         let own = format!("d/{TEMP_PREFIX}{}-3", std::process::id());
         std::fs::write(root.join(&killed), "half written").unwrap();
         std::fs::write(root.join(&own), "being written").unwrap();
-        let id = device.lock().await.add_folder(&root, None).unwrap();
+        let id = crate::device::folder::add(&device, &root, None)
+            .await
+            .unwrap();
         let asked = ScanOptions {
             requested: true,
             ..Default::default()
@@ -603,7 +605,9 @@ mod tests {
         let root = dir.path().join("A");
         std::fs::create_dir_all(&root).unwrap();
         std::fs::write(root.join("a.txt"), "first").unwrap();
-        let id = device.lock().await.add_folder(&root, None).unwrap();
+        let id = crate::device::folder::add(&device, &root, None)
+            .await
+            .unwrap();
         let asked = ScanOptions {
             requested: true,
             ..Default::default()

@@ -459,7 +459,7 @@ mod tests {
         // Incompressible, several chunks.
         let data = crate::chunks::content::test_bytes(600_000, 3);
         std::fs::write(fa.join("big.bin"), &data).unwrap();
-        let folder = a.lock().await.add_folder(&fa, None).unwrap();
+        let folder = crate::device::folder::add(&a, &fa, None).await.unwrap();
         let options = super::super::scan::ScanOptions {
             requested: true,
             ..Default::default()
@@ -478,7 +478,9 @@ mod tests {
 
         // b does not sync the folder yet: nothing is taken.
         assert!(lists_in_forwarded(&*b.lock().await, blobs.iter().map(|b| &b[..])).is_empty());
-        b.lock().await.add_folder(&fb, Some(folder)).unwrap();
+        crate::device::folder::add(&b, &fb, Some(folder))
+            .await
+            .unwrap();
         let lists = lists_in_forwarded(&*b.lock().await, blobs.iter().map(|b| &b[..]));
         let whole: Vec<_> = (lists.iter())
             .filter(|(_, list)| content::list_size(list) == data.len() as u64)

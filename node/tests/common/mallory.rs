@@ -16,7 +16,7 @@ use meshsync_crdt::{
     Signature,
 };
 use meshsync_node::control::DeviceStatus;
-use meshsync_node::device::{self, mesh, scan, Shared};
+use meshsync_node::device::{self, folder, mesh, scan, Shared};
 use meshsync_node::home::Home;
 use meshsync_node::net::Network;
 use meshsync_node::protocol::{self, SyncChanges, SyncReply, SyncRequest};
@@ -92,12 +92,10 @@ pub async fn mesh() -> Mesh {
     for path in [&fv, &fm, &fr, &outside] {
         std::fs::create_dir_all(path).unwrap();
     }
-    let folder = v.lock().await.add_folder(&fv, None).unwrap();
+    let folder = folder::add(&v, &fv, None).await.unwrap();
     for (device, path) in [(&m, &fm), (&r, &fr)] {
-        device
-            .lock()
+        folder::add(device, path, Some(folder.clone()))
             .await
-            .add_folder(path, Some(folder.clone()))
             .unwrap();
     }
     let mesh = Mesh {
@@ -126,10 +124,8 @@ impl Mesh {
         mesh::join(&device, &code).await.unwrap();
         let path = self.dir.path().join(folder);
         std::fs::create_dir_all(&path).unwrap();
-        device
-            .lock()
+        folder::add(&device, &path, Some(self.folder.clone()))
             .await
-            .add_folder(&path, Some(self.folder.clone()))
             .unwrap();
         (device, path)
     }

@@ -8,7 +8,7 @@ use std::sync::Weak;
 use std::time::{Duration, Instant};
 
 use meshsync_crdt::{FolderId, Role};
-use meshsync_node::device::{self, members, mesh, scan, Shared};
+use meshsync_node::device::{self, folder, members, mesh, scan, Shared};
 use meshsync_node::home::Home;
 use meshsync_node::net::Network;
 use meshsync_transport::shape::LinkShape;
@@ -133,8 +133,7 @@ impl Node {
             if !code.is_empty() {
                 mesh::join(&device, &code).await?;
             }
-            let id = device.lock().await.add_folder(&path, id)?;
-            Ok(id)
+            folder::add(&device, &path, id).await
         })
         .await
     }
