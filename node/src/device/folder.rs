@@ -348,9 +348,11 @@ impl Device {
         let (done, ready) = tokio::sync::oneshot::channel();
         let thread = std::thread::Builder::new().name("watch set-up".into());
         let spawned = thread.spawn(move || {
+            let began = std::time::Instant::now();
             if let Some(watcher) = watcher_for(tx, id, &path) {
                 watchers.lock().expect("watchers lock").push(watcher);
             }
+            tracing::debug!(path = %path.display(), took = ?began.elapsed(), "watcher set up");
             let _ = done.send(());
         });
         if let Err(error) = spawned {
