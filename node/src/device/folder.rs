@@ -281,7 +281,7 @@ impl Device {
     /// Its watcher is set up in the background: what a caller scans should wait for
     /// [`Watching::ready`] first, or a change made meanwhile may go unseen until the next
     /// safety-net walk.
-    pub fn add_folder(
+    pub(crate) fn add_folder(
         &mut self,
         path: &Path,
         id: Option<FolderId>,
@@ -523,11 +523,11 @@ pub async fn add(
 }
 
 /// A folder's watcher being set up (see [`Device::watch`]).
-pub struct Watching(tokio::sync::oneshot::Receiver<()>);
+pub(crate) struct Watching(tokio::sync::oneshot::Receiver<()>);
 
 impl Watching {
     /// Returns once the watcher is there (or could not be set up: periodic scans stand in).
-    pub async fn ready(self) {
+    pub(crate) async fn ready(self) {
         let _ = self.0.await;
     }
 }
