@@ -1,11 +1,11 @@
 //! The reports a device gives the CLI: `status`, `devices`, `conflicts` (typed, in
-//! [`crate::control`]). Each is computed from the device's state under its lock; the
-//! transport's view (connected peers, listen addresses, traffic) is asked before.
+//! [`crate::control`]). Each is computed from the device's state under its lock, taken once;
+//! the transport's view (connected peers, listen addresses) is asked after, without it.
 
 use std::collections::{BTreeMap, BTreeSet};
 
 use meshsync_crdt::FolderId;
-use meshsync_transport::PeerId;
+use meshsync_transport::{PeerId, Transport};
 
 use super::conflict::{conflict_name, original_of_conflict};
 use super::folder::Folder;
@@ -19,46 +19,75 @@ use crate::state::{in_sync, MetaKey};
 pub(crate) const LAST_SEEN: MetaKey<BTreeMap<meshsync_crdt::DeviceId, u64>> =
     MetaKey::new("last_seen");
 
-/// What the transport says, asked without holding the device lock.
+/// What the transport says, asked without holding the device lock; peers by device ID, as
+/// the reports name them.
 struct NetView {
-    connected: BTreeSet<PeerId>,
+    connected: BTreeSet<String>,
     /// The addresses each connected peer is reached at.
-    addrs: BTreeMap<PeerId, Vec<String>>,
+    addrs: BTreeMap<String, Vec<String>>,
     listen: Vec<String>,
 }
 
-async fn net_view(device: &Shared) -> NetView {
-    let transport = device.lock().await.transport.clone();
-    let connected = transport.connected().await;
+async fn net_view(transport: &Transport) -> NetView {
+    let connected: Vec<(String, Vec<String>)> = (transport.connected().await.into_iter())
+        .filter_map(|(peer, addrs)| {
+            let device = meshsync_crdt::DeviceId::from_peer_id(&peer)?;
+            Some((
+                device.to_string(),
+                addrs.iter().map(|a| a.to_string()).collect(),
+            ))
+        })
+        .collect();
     NetView {
-        connected: connected.iter().map(|(p, _)| *p).collect(),
-        addrs: connected
-            .into_iter()
-            .map(|(p, a)| (p, a.iter().map(|a| a.to_string()).collect()))
-            .collect(),
-        listen: transport
-            .listen_addrs()
-            .await
-            .iter()
+        connected: connected.iter().map(|(device, _)| device.clone()).collect(),
+        addrs: connected.into_iter().collect(),
+        listen: (transport.listen_addrs().await.iter())
             .map(|a| a.to_string())
             .collect(),
     }
 }
 
-/// `meshsync status`.
+/// `meshsync status`. The device lock is taken once: while a big folder's first scan runs,
+/// each turn of it waits for a slice of the scan to be recorded (seconds at 50,000 files).
 pub async fn status(device: &Shared) -> DeviceStatus {
-    let net = net_view(device).await;
-    device.lock().await.status(&net.connected, net.listen)
+    let (transport, mut status) = {
+        let mut d = device.lock().await;
+        (d.transport.clone(), d.status())
+    };
+    let net = net_view(&transport).await;
+    status.listen = net.listen;
+    for peer in &mut status.peers {
+        peer.connected = net.connected.contains(&peer.id);
+    }
+    for report in &mut status.storage {
+        report.connected = net.connected.contains(&report.id);
+    }
+    status
 }
 
-/// `meshsync devices`.
+/// `meshsync devices` (the lock taken once, as for [`status`]).
 pub async fn devices(device: &Shared) -> Vec<DeviceInfo> {
-    let net = net_view(device).await;
-    device.lock().await.devices(&net)
+    let (transport, mut list) = {
+        let d = device.lock().await;
+        (d.transport.clone(), d.devices())
+    };
+    let net = net_view(&transport).await;
+    for info in list.iter_mut().filter(|info| info.role != REMOVED) {
+        info.connected = info.this_device || net.connected.contains(&info.id);
+        info.addresses = match info.this_device {
+            true => net.listen.clone(),
+            false => net.addrs.get(&info.id).cloned().unwrap_or_default(),
+        };
+    }
+    list
 }
+
+/// The role `meshsync devices` gives a removed device.
+const REMOVED: &str = "removed";
 
 impl Device {
-    fn status(&mut self, connected: &BTreeSet<PeerId>, listen: Vec<String>) -> DeviceStatus {
+    /// The report, but for what the transport says (see [`status`]).
+    fn status(&mut self) -> DeviceStatus {
         let traffic = self.transport.traffic();
         let me = self.keys.device_id();
         let peers = self
@@ -74,7 +103,7 @@ impl Device {
                     id: m.device.to_string(),
                     name: self.member_name(m),
                     role: m.role.to_string(),
-                    connected: connected.contains(&peer),
+                    connected: false,
                     bytes_in,
                     bytes_out,
                 }
@@ -83,47 +112,42 @@ impl Device {
         DeviceStatus {
             device_id: me.to_string(),
             mesh_id: self.log.mesh().to_string(),
-            listen,
+            listen: Vec::new(),
             peers,
             folders: self
                 .folders
                 .iter_mut()
                 .map(|(id, f)| folder_status(id, f))
                 .collect(),
-            storage: self.storage_reports(connected),
+            storage: self.storage_reports(),
         }
     }
 
-    fn devices(&self, net: &NetView) -> Vec<DeviceInfo> {
+    /// The list, but for what the transport says (see [`devices`]).
+    fn devices(&self) -> Vec<DeviceInfo> {
         let me = self.keys.device_id();
         let view = self.log.view();
         let mut list: Vec<DeviceInfo> = view
             .members
             .values()
-            .map(|m| {
-                let peer = m.device.to_peer_id();
-                DeviceInfo {
-                    id: m.device.to_string(),
-                    name: self.member_name(m),
-                    role: m.role.to_string(),
-                    admin: m.admin,
-                    this_device: m.device == me,
-                    connected: m.device == me || net.connected.contains(&peer),
-                    last_seen: self.last_seen.get(&m.device).copied(),
-                    addresses: match m.device == me {
-                        true => net.listen.clone(),
-                        false => net.addrs.get(&peer).cloned().unwrap_or_default(),
-                    },
-                    epoch: view.wraps_for(&m.device).last().map(|w| w.epoch.0),
-                    removed_in: None,
-                    remote_wipe: view.accepts_wipe.contains(&m.device),
-                }
+            .map(|m| DeviceInfo {
+                id: m.device.to_string(),
+                name: self.member_name(m),
+                role: m.role.to_string(),
+                admin: m.admin,
+                this_device: m.device == me,
+                connected: false,
+                last_seen: self.last_seen.get(&m.device).copied(),
+                addresses: Vec::new(),
+                epoch: view.wraps_for(&m.device).last().map(|w| w.epoch.0),
+                removed_in: None,
+                remote_wipe: view.accepts_wipe.contains(&m.device),
             })
             .collect();
         list.extend(view.removed.iter().map(|(device, epoch)| DeviceInfo {
             id: device.to_string(),
             name: String::new(),
-            role: "removed".into(),
+            role: REMOVED.into(),
             admin: false,
             this_device: *device == me,
             connected: false,

@@ -414,7 +414,9 @@ pub(crate) fn replay(d: &mut Device, folder: &FolderId) -> anyhow::Result<()> {
 
 impl Device {
     /// This device's view of the storage peers, for `meshsync status`.
-    pub(crate) fn storage_reports(&self, connected: &BTreeSet<PeerId>) -> Vec<StorageReport> {
+    /// The storage peers' reports, each `connected: false` until the transport is asked (see
+    /// `status::status`).
+    pub(crate) fn storage_reports(&self) -> Vec<StorageReport> {
         let me = self.keys.device_id();
         self.log
             .view()
@@ -431,7 +433,7 @@ impl Device {
                 let held = view.held.get(&me).copied().unwrap_or(0);
                 StorageReport {
                     id: m.device.to_string(),
-                    connected: connected.contains(&m.device.to_peer_id()),
+                    connected: false,
                     holds_my_changes: held,
                     holds: view.held.iter().map(|(a, n)| (a.to_string(), *n)).collect(),
                     my_changes: self.sealing.seq,
