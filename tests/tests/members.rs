@@ -132,6 +132,19 @@ fn admins_manage_members_and_a_removed_device_is_cut_off() {
     let bobby = member(&listed, "bobby").unwrap();
     assert_eq!(bobby["epoch"], 1, "{bobby}");
     assert!(bobby["connected"] == true, "{bobby}");
+    // Where a connected member is reached, and where this device listens (both on loopback).
+    let on_loopback = |d: &serde_json::Value| {
+        (d["addresses"].as_array()).is_some_and(|a| {
+            !a.is_empty()
+                && a.iter()
+                    .all(|a| a.as_str().unwrap().starts_with("/ip4/127.0.0.1/"))
+        })
+    };
+    assert!(on_loopback(bobby), "{bobby}");
+    let me = listed.iter().find(|d| d["this_device"] == true).unwrap();
+    assert!(me["connected"] == true && on_loopback(me), "{me}");
+    let carol = listed.iter().find(|d| d["role"] == "removed").unwrap();
+    assert!(carol["connected"] == false, "{carol}");
 
     // Bob leaves: alice hears it at once, his daemon stops, his state (and every key the mesh
     // wrapped to him) is gone, his files stay.
