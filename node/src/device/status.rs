@@ -72,7 +72,7 @@ pub async fn devices(device: &Shared) -> Vec<DeviceInfo> {
         (d.transport.clone(), d.devices())
     };
     let net = net_view(&transport).await;
-    for info in list.iter_mut().filter(|info| info.role != REMOVED) {
+    for info in list.iter_mut().filter(|info| info.removed_in.is_none()) {
         info.connected = info.this_device || net.connected.contains(&info.id);
         info.addresses = match info.this_device {
             true => net.listen.clone(),
@@ -81,9 +81,6 @@ pub async fn devices(device: &Shared) -> Vec<DeviceInfo> {
     }
     list
 }
-
-/// The role `meshsync devices` gives a removed device.
-const REMOVED: &str = "removed";
 
 impl Device {
     /// The report, but for what the transport says (see [`status`]).
@@ -147,7 +144,7 @@ impl Device {
         list.extend(view.removed.iter().map(|(device, epoch)| DeviceInfo {
             id: device.to_string(),
             name: String::new(),
-            role: REMOVED.into(),
+            role: "removed".into(),
             admin: false,
             this_device: *device == me,
             connected: false,
