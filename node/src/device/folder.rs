@@ -332,6 +332,8 @@ impl Device {
     pub fn remove_folder(&mut self, id: &FolderId) -> anyhow::Result<PathBuf> {
         let folder = self.folders.remove(id).with_context(|| no_folder(id))?;
         self.state.remove_folder(id, &folder.path)?;
+        // Its watcher goes with it (or, still being set up, is dropped once it is).
+        self.watchers.lock().expect("watchers lock").remove(id);
         Ok(folder.path)
     }
 
@@ -344,13 +346,19 @@ impl Device {
     /// interrupted).
     pub(crate) fn watch(&self, id: &FolderId, path: &Path) -> Watching {
         let (tx, watchers) = (self.changes.clone(), self.watchers.clone());
+        watchers
+            .lock()
+            .expect("watchers lock")
+            .insert(id.clone(), None);
         let (id, path) = (id.clone(), path.to_path_buf());
         let (done, ready) = tokio::sync::oneshot::channel();
         let thread = std::thread::Builder::new().name("watch set-up".into());
         let spawned = thread.spawn(move || {
             let began = std::time::Instant::now();
-            if let Some(watcher) = watcher_for(tx, id, &path) {
-                watchers.lock().expect("watchers lock").push(watcher);
+            let watcher = watcher_for(tx, id.clone(), &path);
+            // Kept only while the folder is: `remove_folder` may have come meanwhile.
+            if let Some(slot) = watchers.lock().expect("watchers lock").get_mut(&id) {
+                *slot = watcher;
             }
             tracing::debug!(path = %path.display(), took = ?began.elapsed(), "watcher set up");
             let _ = done.send(());
@@ -648,4 +656,37 @@ fn give_back_memory() {
 /// The error for a folder ID this device does not sync.
 pub(crate) fn no_folder(id: &FolderId) -> String {
     format!("no folder {id} on this device (see `meshsync folder list`)")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn watched(device: &Device, id: &FolderId) -> Option<bool> {
+        let watchers = device.watchers.lock().unwrap();
+        watchers.get(id).map(|watcher| watcher.is_some())
+    }
+
+    /// A folder is watched once `folder::add` returns, and no more once it is removed — also
+    /// when the removal comes while its watcher is still being set up.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_removed_folder_is_watched_no_more() {
+        let dir = tempfile::tempdir().unwrap();
+        let device = super::super::test_device(dir.path(), "a").await;
+        let root = dir.path().join("F");
+        std::fs::create_dir_all(root.join("sub")).unwrap();
+        let id = add(&device, &root, None).await.unwrap();
+        assert_eq!(watched(&*device.lock().await, &id), Some(true));
+        device.lock().await.remove_folder(&id).unwrap();
+        assert_eq!(watched(&*device.lock().await, &id), None);
+
+        let watching = {
+            let mut d = device.lock().await;
+            let (id, watching) = d.add_folder(&root, Some(id.clone())).unwrap();
+            d.remove_folder(&id).unwrap();
+            watching
+        };
+        watching.ready().await;
+        assert_eq!(watched(&*device.lock().await, &id), None);
+    }
 }

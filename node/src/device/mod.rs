@@ -83,9 +83,9 @@ pub struct Device {
     /// device lock).
     pub(crate) chunk_map: Arc<StdMutex<ChunkMap>>,
     pub(crate) transport: Transport,
-    /// Folder watchers (kept alive; each is set up on a thread of its own, see
-    /// [`Device::watch`]) and where they report.
-    watchers: Arc<StdMutex<Vec<notify::RecommendedWatcher>>>,
+    /// Each folder's watcher, kept alive while the folder is synced (`None` while it is set up
+    /// on a thread of its own, or if it could not be: see [`Device::watch`]).
+    watchers: Arc<StdMutex<BTreeMap<FolderId, Option<notify::RecommendedWatcher>>>>,
     pub(crate) changes: tokio::sync::mpsc::UnboundedSender<scan::Rescan>,
     /// One materialise at a time, so a catch-up never fetches what a pull is fetching.
     pub(crate) materialising: Arc<Mutex<()>>,
