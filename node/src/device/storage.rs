@@ -413,9 +413,8 @@ pub(crate) fn replay(d: &mut Device, folder: &FolderId) -> anyhow::Result<()> {
 }
 
 impl Device {
-    /// This device's view of the storage peers, for `meshsync status`.
-    /// The storage peers' reports, each `connected: false` until the transport is asked (see
-    /// `status::status`).
+    /// This device's view of the storage peers, for `meshsync status`: each `connected: false`
+    /// until the transport is asked (see `status::status`).
     pub(crate) fn storage_reports(&self) -> Vec<StorageReport> {
         let me = self.keys.device_id();
         self.log
