@@ -268,6 +268,8 @@ impl Assembly {
         }
     }
 
+    /// Makes the temp file `tmp` and fills it with the chunks of `list` held here; if that
+    /// fails part way (a full disk), the temp file goes again.
     fn prepare_file(
         &mut self,
         root: &FolderRoot,
@@ -277,41 +279,23 @@ impl Assembly {
         held: &Held,
         keys: &KeyRing,
     ) -> anyhow::Result<Pending> {
-        use rayon::prelude::*;
-        use std::os::unix::fs::FileExt;
-        let size = content::list_size(list);
         // Its folder made if missing; a leftover of this process (same PID, step) goes.
         let file = root.create_fresh(&tmp)?;
-        if size >= OWN_FSYNC {
-            // A big file's blocks reserved at once: its many writes then only fill them.
-            crate::disk::preallocate(&file, size);
-        }
-        file.set_len(size)?;
-        // Read, checked and written on every core, a run of chunks at a time (a 1 MiB edit
-        // of a 256 MiB file copies the other 255 MiB from the file it replaces). A big file's
-        // runs start going to disk as they are written: its flush then waits for little.
-        let copied: Vec<Vec<bool>> = list
-            .par_chunks(COPY_RUN)
-            .map(|run| {
-                let mut open = None;
-                let copied = run
-                    .iter()
-                    .map(|c| match held.chunk(c, keys, &mut open) {
-                        Some(data) => file.write_all_at(&data, c.offset).map(|()| true),
-                        None => Ok(false),
-                    })
-                    .collect::<std::io::Result<Vec<bool>>>()?;
-                if let (Some(first), Some(last)) = (run.first(), run.last()) {
-                    if size >= OWN_FSYNC && copied.contains(&true) {
-                        let end = last.range().end;
-                        crate::disk::start_writeback(&file, first.offset, end - first.offset);
-                    }
-                }
-                Ok(copied)
-            })
-            .collect::<std::io::Result<_>>()?;
+        let size = content::list_size(list);
+        let filled = fill(&file, size, list, held, keys).and_then(|copied| {
+            let ino = std::os::unix::fs::MetadataExt::ino(&file.metadata()?);
+            Ok((copied, ino))
+        });
+        let (copied, ino) = match filled {
+            Ok(filled) => filled,
+            Err(error) => {
+                drop(file);
+                let _ = root.remove_file(&tmp);
+                return Err(error).with_context(|| format!("filling its temp file {tmp}"));
+            }
+        };
         let mut left = 0usize;
-        for (c, copied) in list.iter().zip(copied.into_iter().flatten()) {
+        for (c, copied) in list.iter().zip(copied) {
             if !copied {
                 self.want(c.id, i, c.offset);
                 left += 1;
@@ -319,7 +303,7 @@ impl Assembly {
         }
         Ok(Pending {
             tmp,
-            ino: std::os::unix::fs::MetadataExt::ino(&file.metadata()?),
+            ino,
             size,
             left,
             link: None,
@@ -405,6 +389,48 @@ impl Assembly {
     }
 }
 
+/// Sizes `file` (a fresh temp file) to `size` and writes into it every chunk of `list` this
+/// device holds; which ones it wrote, in list order.
+fn fill(
+    file: &std::fs::File,
+    size: u64,
+    list: &[ChunkRef],
+    held: &Held,
+    keys: &KeyRing,
+) -> std::io::Result<Vec<bool>> {
+    use rayon::prelude::*;
+    use std::os::unix::fs::FileExt;
+    if size >= OWN_FSYNC {
+        // A big file's blocks reserved at once: its many writes then only fill them.
+        crate::disk::preallocate(file, size);
+    }
+    file.set_len(size)?;
+    // Read, checked and written on every core, a run of chunks at a time (a 1 MiB edit
+    // of a 256 MiB file copies the other 255 MiB from the file it replaces). A big file's
+    // runs start going to disk as they are written: its flush then waits for little.
+    let copied: Vec<Vec<bool>> = list
+        .par_chunks(COPY_RUN)
+        .map(|run| {
+            let mut open = None;
+            let copied = run
+                .iter()
+                .map(|c| match held.chunk(c, keys, &mut open) {
+                    Some(data) => file.write_all_at(&data, c.offset).map(|()| true),
+                    None => Ok(false),
+                })
+                .collect::<std::io::Result<Vec<bool>>>()?;
+            if let (Some(first), Some(last)) = (run.first(), run.last()) {
+                if size >= OWN_FSYNC && copied.contains(&true) {
+                    let end = last.range().end;
+                    crate::disk::start_writeback(file, first.offset, end - first.offset);
+                }
+            }
+            Ok(copied)
+        })
+        .collect::<std::io::Result<_>>()?;
+    Ok(copied.into_iter().flatten().collect())
+}
+
 /// Fetches every chunk `assembly` still lacks from the connected peers, in up to three rounds
 /// (a round that refused no bad chunk ends it: what is missing has no source now).
 pub(super) async fn fetch(
@@ -453,4 +479,62 @@ pub(super) async fn fetch(
         }
     }
     Ok(assembly)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::device::materialise::plan::tests::{two_devices, update};
+    use crate::device::materialise::plan::Step;
+    use meshsync_crdt::{Epoch, FolderId, FolderIndex, MeshKey};
+
+    #[test]
+    fn a_temp_file_that_cannot_be_filled_goes_again() {
+        let (a, _, log) = two_devices();
+        let mut record = FolderIndex::new(log.mesh(), FolderId::random())
+            .write(&a, Epoch(0), vec![update("dir/x", 1, false)])
+            .unwrap()
+            .remove(0);
+        let dir = tempfile::tempdir().unwrap();
+        let data = b"a chunk this device holds";
+        std::fs::write(dir.path().join("held"), data).unwrap();
+        let key = MeshKey::generate(Epoch(0));
+        let keys = KeyRing::of([key.clone()]);
+        let id = content::chunk_id(&key.chunk_id_key(), data);
+        let len = data.len() as u32;
+        // Written where no file can reach (past the largest offset a write takes): the write
+        // fails after the temp file is made, as on a full disk.
+        let list = vec![ChunkRef {
+            id,
+            offset: 1 << 63,
+            len,
+        }];
+        record.size = u64::from(len);
+        let lists: Lists = [(record.chunks, list)].into_iter().collect();
+        let at = FileAt {
+            root: Arc::new(dir.path().to_path_buf()),
+            rel: "held".into(),
+        };
+        let held = Held {
+            files: [(id, vec![(at, ChunkRef { id, offset: 0, len })])].into(),
+            ..Held::default()
+        };
+        let work = [Work {
+            path: "dir/x".into(),
+            record,
+            step: Step::Write,
+            before: None,
+        }];
+        let root = FolderRoot::open(dir.path()).unwrap();
+        let assembly = prepare(&root, &work, &lists, &held, &keys).unwrap();
+
+        assert!(assembly.pending.is_empty());
+        assert_eq!(assembly.problems.len(), 1, "{:?}", assembly.problems);
+        assert!(assembly.problems[0].1.contains("temp file"));
+        let left: Vec<_> = std::fs::read_dir(dir.path().join("dir"))
+            .unwrap()
+            .map(|e| e.unwrap().file_name())
+            .collect();
+        assert!(left.is_empty(), "left behind: {left:?}");
+    }
 }
