@@ -107,6 +107,39 @@ fn rss_mb(d: &Daemon) -> f64 {
         .map_or(f64::NAN, |kb| kb / 1024.0)
 }
 
+/// CPU time (user + system) the daemon has used so far, in seconds.
+fn cpu_secs(d: &Daemon) -> f64 {
+    let stat = std::fs::read_to_string(format!("/proc/{}/stat", d.0.id())).unwrap_or_default();
+    // The fields after the command name (in parentheses, which may hold spaces).
+    let rest = stat.rsplit_once(')').map_or("", |(_, rest)| rest);
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    let ticks = |i: usize| {
+        fields
+            .get(i)
+            .and_then(|f| f.parse::<f64>().ok())
+            .unwrap_or(0.0)
+    };
+    // utime and stime are fields 14 and 15 of the line, 12 and 13 after the name.
+    (ticks(11) + ticks(12)) / 100.0
+}
+
+/// Waits until both daemons are quiet (under 3 % of a core over 0.5 s: the background work
+/// of the last change, and a start-up walk, done), at most `timeout`; returns how long.
+fn wait_quiet(daemons: [&Daemon; 2], timeout: Duration) -> Duration {
+    let start = Instant::now();
+    let used = || daemons.iter().map(|d| cpu_secs(d)).sum::<f64>();
+    let mut before = used();
+    while start.elapsed() < timeout {
+        std::thread::sleep(Duration::from_millis(500));
+        let now = used();
+        if now - before < 0.015 {
+            break;
+        }
+        before = now;
+    }
+    start.elapsed()
+}
+
 fn dir_size(path: &Path) -> u64 {
     std::fs::read_dir(path)
         .map(|entries| {
@@ -273,7 +306,7 @@ fn bench(n: usize, changes: usize) {
     };
     println!("== {n} files");
     let synced_mark = dir.join("synced");
-    let (_a, b) = if synced_mark.exists() {
+    let (a, b) = if synced_mark.exists() {
         println!("  kept from an earlier run in {}", dir.display());
         let (a, b) = (start_on(&ha, listen[0]), start_on(&hb, listen[1]));
         wait_for(Duration::from_secs(600), || in_sync_with(&hb, n)).expect("the kept pair syncs");
@@ -300,7 +333,12 @@ fn bench(n: usize, changes: usize) {
         * 1000;
     let mut times = Vec::new();
     let mut rss = Vec::new();
+    // Each change is made on a quiet pair, as a user's edit mostly is: not during B's
+    // start-up walk (seconds at a million files) or the last change's background work (its
+    // shards compacted about a second later). How long each wait took is printed.
+    let mut quiet = Vec::new();
     for round in 0..changes {
+        quiet.push(wait_quiet([&a, &b], Duration::from_secs(60)).as_secs_f64());
         let version = stamp + round as u64 + 1;
         let first = (round * 1000) % n.saturating_sub(1000).max(1);
         for i in first..first + 1000.min(n) {
@@ -325,10 +363,15 @@ fn bench(n: usize, changes: usize) {
             percentile(&sorted, 0.5),
             percentile(&sorted, 1.0)
         );
-        // The first changes after the restart above meet B's start-up walk of the whole
-        // folder (seconds at a million files): each is printed, in order.
         let each: Vec<String> = times.iter().map(|s| format!("{s:.2}")).collect();
         println!("    each (s): {}", each.join(" "));
+        // The first wait is B's start-up walk; the others, the background work each change
+        // left (compaction of the shards it touched).
+        let each: Vec<String> = quiet.iter().map(|s| format!("{s:.1}")).collect();
+        println!(
+            "    the pair went quiet before each change after (s): {}",
+            each.join(" ")
+        );
         println!(
             "  B's RSS after each change: first {:.0} MB, last {:.0} MB, max {:.0} MB   goal: flat",
             rss[0],

@@ -385,6 +385,7 @@ impl Device {
         let mut new = Vec::new();
         let mut concurrent = Vec::new();
         f.index.warm(scanned.iter().map(|s| s.path.as_str()))?;
+        let warmed = began.elapsed();
         let mut stale_dirs = BTreeSet::new();
         for scan in scanned {
             // The walk read what the state holds; memory can only differ from it after a
@@ -485,6 +486,7 @@ impl Device {
         tracing::debug!(
             paths,
             signed = records.len(),
+            ?warmed,
             ?classified,
             ?written,
             ?kept,

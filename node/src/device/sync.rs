@@ -14,6 +14,7 @@ use meshsync_crdt::FolderId;
 use meshsync_transport::{rpc, PeerId, Transport};
 use tracing::Instrument;
 
+use super::phases::Phases;
 use super::{materialise, Device, Shared};
 use crate::protocol::{self, from_heads, to_heads, SyncChanges, SyncReply, SyncRequest};
 use crate::state::Batch;
@@ -254,6 +255,7 @@ impl Device {
         peer: &PeerId,
         changes: SyncChanges,
     ) -> anyhow::Result<(Changed, Option<Vec<PeerId>>)> {
+        let mut took = Phases::default();
         let mut batch = Batch::default();
         let mut allowed = None;
         if !changes.membership.is_empty() && self.log.apply(&changes.membership)? > 0 {
@@ -279,6 +281,7 @@ impl Device {
             let lists = super::lists::received(&self.state, changes.lists, &batch.lists);
             batch.lists.extend(lists);
         }
+        took.mark("lists");
         let mut changed = Vec::new();
         if allowed.is_some() {
             self.drop_past_cutoffs(&view, &mut batch, &mut changed)?;
@@ -298,6 +301,7 @@ impl Device {
                 continue;
             }
             let report = folder.index.apply(&view, folder_changes)?;
+            took.mark("apply");
             note_refused(&id, *peer, &report.refused);
             if report.dropped.changes > 0 {
                 let mut map = self.chunk_map.lock().expect("chunk map lock");
@@ -314,9 +318,12 @@ impl Device {
             }
             let shards: BTreeSet<u16> = report.paths.iter().map(|p| shard_of(&id, p)).collect();
             folder.save_shards(&id, shards, &mut batch);
+            took.mark("save");
             changed.push((id, report.paths));
         }
         self.commit(batch)?;
+        took.mark("commit");
+        tracing::debug!(took = %took, "admit's phases");
         Ok((changed, allowed))
     }
 }

@@ -134,6 +134,14 @@ async fn rounds(device: Shared) {
         if let Err(error) = super::folder::compact_quiet_indexes(&device).await {
             tracing::warn!(error = format!("{error:#}"), "compacting an index failed");
         }
+        let state = device.lock().await.state.clone();
+        match tokio::task::spawn_blocking(move || state.fold_places_when_quiet()).await {
+            Ok(Ok(0)) | Err(_) => {}
+            Ok(Ok(places)) => tracing::debug!(places, "folded the journal of chunk places"),
+            Ok(Err(error)) => {
+                tracing::warn!(%error, "folding the journal of chunk places failed");
+            }
+        }
         if tick.is_multiple_of(600) {
             if let Err(error) = history::gc(&device).await {
                 tracing::warn!(

@@ -74,6 +74,10 @@ impl State {
     }
 
     fn commit_txn(&self, batch: Batch) -> Result<(), StateError> {
+        // A batch with places writes the journal (or the table): held across the transaction.
+        let mut writer = (!batch.places.is_empty()).then(|| self.places_writer());
+        let mut next = writer.as_deref().copied().unwrap_or_default();
+        let written;
         let txn = self.db.begin_write().map_err(|e| self.err(e))?;
         {
             let mut meta = txn.open_table(META).map_err(|e| self.err(e))?;
@@ -155,19 +159,7 @@ impl State {
                     }
                 }
             }
-            let mut places = txn.open_table(PLACES).map_err(|e| self.err(e))?;
-            for (id, root, path, placed) in &batch.places {
-                let key = (&id.0[..], root.as_os_str().as_bytes(), path.as_str());
-                match placed {
-                    Some(placed) => {
-                        let bytes = postcard::to_stdvec(placed).map_err(|e| self.err(e))?;
-                        places.insert(key, &bytes[..]).map_err(|e| self.err(e))?;
-                    }
-                    None => {
-                        places.remove(key).map_err(|e| self.err(e))?;
-                    }
-                }
-            }
+            written = self.write_places(&txn, &mut next, &batch.places)?;
             let mut local = txn.open_table(LOCAL).map_err(|e| self.err(e))?;
             for (folder, path, file) in &batch.local {
                 match file {
@@ -186,7 +178,12 @@ impl State {
             }
             self.drop_and_save_surveys(&txn, &batch)?;
         }
-        txn.commit().map_err(|e| self.err(e))
+        txn.commit().map_err(|e| self.err(e))?;
+        if let Some(writer) = writer.as_deref_mut() {
+            *writer = next;
+        }
+        self.note_places(written);
+        Ok(())
     }
 
     /// A saved survey no longer counts what a folder holds once that changes: dropped by a

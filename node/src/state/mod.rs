@@ -173,6 +173,8 @@ pub struct State {
     /// device's memory then holds files the state does not, and no survey is saved (it would
     /// count them).
     local_lost: Arc<std::sync::atomic::AtomicBool>,
+    /// Chunk places committed and not yet folded into their table (see [`places`]).
+    journal: Arc<places::Journal>,
 }
 
 impl State {
@@ -185,10 +187,11 @@ impl State {
                 path: path.clone(),
                 reason: format!("{e} (is another `meshsync up` running on this home?)"),
             })?;
-        let state = State {
+        let mut state = State {
             path,
             db: Arc::new(db),
             local_lost: Default::default(),
+            journal: Default::default(),
         };
         let txn = state.db.begin_write().map_err(|e| state.err(e))?;
         {
@@ -205,6 +208,7 @@ impl State {
             txn.open_table(CHUNK_REFS).map_err(|e| state.err(e))?;
             txn.open_table(SURVEYS).map_err(|e| state.err(e))?;
             state.check_layout(&txn)?;
+            state.journal = Arc::new(places::Journal::load(&txn).map_err(|e| state.err(e))?);
         }
         txn.commit().map_err(|e| state.err(e))?;
         Ok(state)
@@ -465,48 +469,6 @@ impl State {
         Ok(summaries)
     }
 
-    /// Where the chunks `ids` lie in current files, for each that lies somewhere (one read).
-    pub fn places<'a>(
-        &self,
-        ids: impl IntoIterator<Item = &'a ChunkId>,
-    ) -> Result<std::collections::HashMap<ChunkId, Vec<Place>>, StateError> {
-        let txn = self.db.begin_read().map_err(|e| self.err(e))?;
-        let table = txn.open_table(PLACES).map_err(|e| self.err(e))?;
-        let mut out: std::collections::HashMap<ChunkId, Vec<Place>> = Default::default();
-        for id in ids {
-            if out.contains_key(id) {
-                continue;
-            }
-            let from: PlaceKey = (&id.0[..], &[], "");
-            let mut found = Vec::new();
-            for row in table.range(from..).map_err(|e| self.err(e))? {
-                let (key, value) = row.map_err(|e| self.err(e))?;
-                let (chunk, root, rel) = key.value();
-                if chunk != &id.0[..] {
-                    break;
-                }
-                let Ok(placed) = postcard::from_bytes::<Placed>(value.value()) else {
-                    continue;
-                };
-                let root = PathBuf::from(std::ffi::OsStr::from_bytes(root));
-                found.push((root, rel.to_string(), placed));
-            }
-            if !found.is_empty() {
-                out.insert(*id, found);
-            }
-        }
-        Ok(out)
-    }
-
-    /// Whether any chunk's place is recorded (a state from before they were kept here has
-    /// none: the device fills them in from its local files once).
-    pub fn has_places(&self) -> Result<bool, StateError> {
-        let txn = self.db.begin_read().map_err(|e| self.err(e))?;
-        let table = txn.open_table(PLACES).map_err(|e| self.err(e))?;
-        let first = table.first().map_err(|e| self.err(e))?;
-        Ok(first.is_some())
-    }
-
     /// The synced folders and their paths, without loading their index (for
     /// `meshsync service install`, which must name every folder the daemon may write).
     pub fn folders(&self) -> Result<BTreeMap<FolderId, PathBuf>, StateError> {
@@ -697,7 +659,9 @@ impl State {
     /// Forgets a folder at `root`: its path, shards, local file states and where its files'
     /// chunks lie.
     pub fn remove_folder(&self, id: &FolderId, root: &Path) -> Result<(), StateError> {
+        let _writer = self.places_writer();
         let txn = self.db.begin_write().map_err(|e| self.err(e))?;
+        self.fold_in(&txn)?;
         {
             let mut folders = txn.open_table(FOLDERS).map_err(|e| self.err(e))?;
             folders.remove(id.as_str()).map_err(|e| self.err(e))?;
@@ -737,11 +701,14 @@ impl State {
                     .map_err(|e| self.err(e))?;
             }
         }
-        txn.commit().map_err(|e| self.err(e))
+        txn.commit().map_err(|e| self.err(e))?;
+        self.note_places(places::Written::Folded);
+        Ok(())
     }
 }
 
 mod commit;
+mod places;
 #[cfg(test)]
 mod tests;
 

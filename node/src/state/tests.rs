@@ -139,3 +139,104 @@ fn a_saved_survey_goes_with_the_first_change_to_its_folders_local_files() {
     state.remove_folder(&docs, Path::new("/docs")).unwrap();
     assert!(!surveys(&state).contains_key(&docs));
 }
+
+fn placed(offset: u64) -> Option<Placed> {
+    Some(Placed {
+        offset,
+        len: 10,
+        size: 100,
+        mtime_ns: 1,
+    })
+}
+
+fn found(state: &State, chunk: u8) -> Vec<(String, u64)> {
+    let id = ChunkId([chunk; 32]);
+    let mut out: Vec<(String, u64)> = state
+        .places([&id])
+        .unwrap()
+        .remove(&id)
+        .unwrap_or_default()
+        .into_iter()
+        .map(|(_, rel, p)| (rel, p.offset))
+        .collect();
+    out.sort();
+    out
+}
+
+#[test]
+fn chunk_places_are_journaled_seen_at_once_kept_across_a_restart_and_folded_in_order() {
+    let home = tempfile::tempdir().unwrap();
+    let root = Arc::new(home.path().join("folder"));
+    let place = |chunk: u8, rel: &str, p: Option<Placed>| {
+        (ChunkId([chunk; 32]), root.clone(), rel.to_string(), p)
+    };
+    let state = State::open(home.path()).unwrap();
+    // A first batch, folded into the table; then a change journaled on top of it.
+    let mut batch = Batch::default();
+    batch.places = vec![
+        place(1, "a", placed(0)),
+        place(1, "b", placed(5)),
+        place(2, "c", placed(0)),
+    ];
+    state.commit(batch).unwrap();
+    assert_eq!(state.fold_places().unwrap(), 3);
+    let mut batch = Batch::default();
+    batch.places = vec![
+        place(1, "a", None),
+        place(1, "d", placed(7)),
+        place(2, "c", None),
+        place(2, "c", placed(9)),
+    ];
+    state.commit(batch).unwrap();
+    let expected = |state: &State| {
+        assert_eq!(
+            found(state, 1),
+            [("b".to_string(), 5), ("d".to_string(), 7)]
+        );
+        assert_eq!(found(state, 2), [("c".to_string(), 9)]);
+        assert!(state.has_places().unwrap());
+    };
+    expected(&state);
+    // The journal is read back at the next start.
+    drop(state);
+    let state = State::open(home.path()).unwrap();
+    expected(&state);
+    // Folded: the table holds the same, the journal nothing.
+    assert_eq!(state.fold_places().unwrap(), 4);
+    expected(&state);
+    let txn = state.db.begin_read().unwrap();
+    assert!(txn
+        .open_table(places::PLACE_LOG)
+        .unwrap()
+        .first()
+        .unwrap()
+        .is_none());
+    drop(txn);
+    // A batch too big for the journal goes into the table after what the journal holds.
+    let mut batch = Batch::default();
+    batch.places = vec![place(1, "b", None)];
+    state.commit(batch).unwrap();
+    let mut batch = Batch::default();
+    batch.places = (0..10_001u64)
+        .map(|i| place(3, &format!("many/{i}"), placed(i)))
+        .collect();
+    batch.places.push(place(1, "b", placed(11)));
+    state.commit(batch).unwrap();
+    assert_eq!(
+        found(&state, 1),
+        [("b".to_string(), 11), ("d".to_string(), 7)]
+    );
+    assert_eq!(found(&state, 3).len(), 10_001);
+    assert_eq!(state.fold_places().unwrap(), 0, "nothing left unfolded");
+    // Forgetting the folder forgets its places, journaled or not.
+    let mut batch = Batch::default();
+    batch.places = vec![place(4, "e", placed(0))];
+    state.commit(batch).unwrap();
+    state
+        .remove_folder(&FolderId::new("docs").unwrap(), &root)
+        .unwrap();
+    for chunk in 1..=4 {
+        assert!(found(&state, chunk).is_empty());
+    }
+    assert!(!state.has_places().unwrap());
+}

@@ -26,6 +26,7 @@ use meshsync_transport::{PeerId, Transport};
 use tracing::Instrument;
 
 use super::ignore::Rules;
+use super::phases::Phases;
 use super::{Device, Shared};
 use crate::chunks::ChunkStore;
 use crate::disk::FolderRoot;
@@ -170,39 +171,6 @@ async fn write_batch(
     took.mark("record");
     tracing::debug!(files = work.len(), took = %took, "materialised");
     recorded
-}
-
-/// How long each phase of a materialise took, for the debug log.
-struct Phases {
-    last: std::time::Instant,
-    each: Vec<(&'static str, std::time::Duration)>,
-}
-
-impl Default for Phases {
-    fn default() -> Phases {
-        Phases {
-            last: std::time::Instant::now(),
-            each: Vec::new(),
-        }
-    }
-}
-
-impl Phases {
-    fn mark(&mut self, phase: &'static str) {
-        let now = std::time::Instant::now();
-        self.each.push((phase, now - self.last));
-        self.last = now;
-    }
-}
-
-impl std::fmt::Display for Phases {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        for (i, (phase, took)) in self.each.iter().enumerate() {
-            let sep = if i == 0 { "" } else { " " };
-            write!(f, "{sep}{phase} {:.1} ms", took.as_secs_f64() * 1e3)?;
-        }
-        Ok(())
-    }
 }
 
 /// [`materialise`] in a task of its own, for a caller that must not wait for content (a
