@@ -136,6 +136,11 @@ impl State {
             }
             let mut lists = txn.open_table(LISTS).map_err(|e| self.err(e))?;
             for (hash, list) in &batch.lists {
+                // Named by their content: one held already is the same (rewriting it would
+                // still rewrite its page, at a random spot of a big table).
+                if lists.get(&hash.0[..]).map_err(|e| self.err(e))?.is_some() {
+                    continue;
+                }
                 let bytes = postcard::to_stdvec(list).map_err(|e| self.err(e))?;
                 lists
                     .insert(&hash.0[..], &bytes[..])
