@@ -91,6 +91,7 @@ async fn write_batch(
     let lists = Arc::new(fetch::chunk_lists(device, &job.transport, from, &work, &olds).await?);
     took.mark("lists");
     let held = device.lock().await.held_chunks(&lists);
+    took.mark("held");
     // The versions about to be replaced are kept while the new ones are put together and the
     // missing chunks arrive: it reads only the files still in place, which nothing here
     // touches before the install.
