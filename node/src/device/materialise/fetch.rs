@@ -201,127 +201,115 @@ pub(super) fn prepare(
     held: &Held,
     keys: &KeyRing,
 ) -> anyhow::Result<Assembly> {
-    use rayon::prelude::*;
-    // On every core, a file at a time: making a file is some 100 µs (a 1,000-file change
-    // spent 0.1 s here, one after the other). Merged in the plan's order.
-    let prepared: Vec<(usize, Result<Prepared, String>)> = work
-        .par_iter()
-        .enumerate()
-        .filter(|(_, w)| w.needs_content())
-        .map(|(i, w)| (i, prepare_one(root, i, w, lists, held, keys)))
-        .collect();
     let mut assembly = Assembly::default();
-    for (i, prepared) in prepared {
-        match prepared {
-            Ok(Prepared { pending, lacks }) => {
-                for (id, offset) in lacks {
-                    assembly.wanted_at.entry(id).or_default().push((i, offset));
-                }
+    for (i, w) in work.iter().enumerate() {
+        if !w.needs_content() {
+            continue;
+        }
+        let Some(list) = lists.get(&w.record.chunks) else {
+            // Asked again on the next pull, of whichever peer that is.
+            let why = "no peer has given an intact chunk list for it yet".to_string();
+            assembly.problems.push((i, why));
+            continue;
+        };
+        let size = content::list_size(list);
+        if size != w.record.size || (w.record.kind == FileKind::Symlink && size > MAX_LINK) {
+            // The signed record and its list disagree (or a link target no system allows).
+            let why = format!(
+                "its chunk list holds {size} bytes, the signed record {}",
+                w.record.size
+            );
+            assembly.problems.push((i, why));
+            continue;
+        }
+        let tmp = temp_rel(&w.path, i);
+        let pending = if w.record.kind == FileKind::Symlink {
+            Ok(assembly.prepare_link(i, tmp, list, held))
+        } else {
+            assembly.prepare_file(root, i, tmp, list, held, keys)
+        };
+        match pending {
+            Ok(pending) => {
                 assembly.pending.insert(i, pending);
             }
-            Err(why) => assembly.problems.push((i, why)),
+            // This path cannot be written here (its parent is a link or a file, the disk is
+            // full, …): reported, and the rest of the batch goes on.
+            Err(error) => assembly.problems.push((i, format!("{error:#}"))),
         }
     }
     Ok(assembly)
 }
 
-/// A file or link of the plan put together as far as this device can: what it still lacks
-/// (chunk, offset).
-struct Prepared {
-    pending: Pending,
-    lacks: Vec<(ChunkId, u64)>,
-}
-
-/// [`prepare`] of step `i`, `w`; why not, if it cannot be written here.
-fn prepare_one(
-    root: &FolderRoot,
-    i: usize,
-    w: &Work,
-    lists: &Lists,
-    held: &Held,
-    keys: &KeyRing,
-) -> Result<Prepared, String> {
-    let Some(list) = lists.get(&w.record.chunks) else {
-        // Asked again on the next pull, of whichever peer that is.
-        return Err("no peer has given an intact chunk list for it yet".to_string());
-    };
-    let size = content::list_size(list);
-    if size != w.record.size || (w.record.kind == FileKind::Symlink && size > MAX_LINK) {
-        // The signed record and its list disagree (or a link target no system allows).
-        return Err(format!(
-            "its chunk list holds {size} bytes, the signed record {}",
-            w.record.size
-        ));
-    }
-    let tmp = temp_rel(&w.path, i);
-    if w.record.kind == FileKind::Symlink {
-        return Ok(prepare_link(tmp, list, held));
-    }
-    // This path cannot be written here (its parent is a link or a file, the disk is full,
-    // …): reported, and the rest of the batch goes on.
-    prepare_file(root, tmp, list, held, keys).map_err(|error| format!("{error:#}"))
-}
-
-fn prepare_link(tmp: String, list: &[ChunkRef], held: &Held) -> Prepared {
-    let size = content::list_size(list);
-    let mut link = vec![0u8; size as usize];
-    let mut lacks = Vec::new();
-    for c in list {
-        let at = c.range().start as usize..c.range().end as usize;
-        match (held.links.get(&c.id), link.get_mut(at)) {
-            (Some(data), Some(slot)) if data.len() == slot.len() => slot.copy_from_slice(data),
-            _ => lacks.push((c.id, c.offset)),
-        }
-    }
-    let pending = Pending {
-        tmp,
-        ino: 0,
-        size,
-        left: lacks.len(),
-        link: Some(link),
-    };
-    Prepared { pending, lacks }
-}
-
-/// Makes the temp file `tmp` and fills it with the chunks of `list` held here; if that fails
-/// part way (a full disk), the temp file goes again.
-fn prepare_file(
-    root: &FolderRoot,
-    tmp: String,
-    list: &[ChunkRef],
-    held: &Held,
-    keys: &KeyRing,
-) -> anyhow::Result<Prepared> {
-    // Its folder made if missing; a leftover of this process (same PID, step) goes.
-    let file = root.create_fresh(&tmp)?;
-    let size = content::list_size(list);
-    let filled = fill(&file, size, list, held, keys).and_then(|copied| {
-        let ino = std::os::unix::fs::MetadataExt::ino(&file.metadata()?);
-        Ok((copied, ino))
-    });
-    let (copied, ino) = match filled {
-        Ok(filled) => filled,
-        Err(error) => {
-            drop(file);
-            let _ = root.remove_file(&tmp);
-            return Err(error).with_context(|| format!("filling its temp file {tmp}"));
-        }
-    };
-    let lacks: Vec<(ChunkId, u64)> = (list.iter().zip(copied))
-        .filter(|(_, copied)| !copied)
-        .map(|(c, _)| (c.id, c.offset))
-        .collect();
-    let pending = Pending {
-        tmp,
-        ino,
-        size,
-        left: lacks.len(),
-        link: None,
-    };
-    Ok(Prepared { pending, lacks })
-}
-
 impl Assembly {
+    fn want(&mut self, id: ChunkId, i: usize, offset: u64) {
+        self.wanted_at.entry(id).or_default().push((i, offset));
+    }
+
+    fn prepare_link(&mut self, i: usize, tmp: String, list: &[ChunkRef], held: &Held) -> Pending {
+        let size = content::list_size(list);
+        let mut link = vec![0u8; size as usize];
+        let mut left = 0;
+        for c in list {
+            let at = c.range().start as usize..c.range().end as usize;
+            match (held.links.get(&c.id), link.get_mut(at)) {
+                (Some(data), Some(slot)) if data.len() == slot.len() => slot.copy_from_slice(data),
+                _ => {
+                    self.want(c.id, i, c.offset);
+                    left += 1;
+                }
+            }
+        }
+        Pending {
+            tmp,
+            ino: 0,
+            size,
+            left,
+            link: Some(link),
+        }
+    }
+
+    /// Makes the temp file `tmp` and fills it with the chunks of `list` held here; if that
+    /// fails part way (a full disk), the temp file goes again.
+    fn prepare_file(
+        &mut self,
+        root: &FolderRoot,
+        i: usize,
+        tmp: String,
+        list: &[ChunkRef],
+        held: &Held,
+        keys: &KeyRing,
+    ) -> anyhow::Result<Pending> {
+        // Its folder made if missing; a leftover of this process (same PID, step) goes.
+        let file = root.create_fresh(&tmp)?;
+        let size = content::list_size(list);
+        let filled = fill(&file, size, list, held, keys).and_then(|copied| {
+            let ino = std::os::unix::fs::MetadataExt::ino(&file.metadata()?);
+            Ok((copied, ino))
+        });
+        let (copied, ino) = match filled {
+            Ok(filled) => filled,
+            Err(error) => {
+                drop(file);
+                let _ = root.remove_file(&tmp);
+                return Err(error).with_context(|| format!("filling its temp file {tmp}"));
+            }
+        };
+        let mut left = 0usize;
+        for (c, copied) in list.iter().zip(copied) {
+            if !copied {
+                self.want(c.id, i, c.offset);
+                left += 1;
+            }
+        }
+        Ok(Pending {
+            tmp,
+            ino,
+            size,
+            left,
+            link: None,
+        })
+    }
+
     /// Opens each fetched chunk and writes it wherever it is wanted; a big file that becomes
     /// complete starts its own flush. A chunk that fails its check marks its sender bad.
     /// Blocking (runs until the fetch ends).
