@@ -172,21 +172,25 @@ fn chunk_places_are_journaled_seen_at_once_kept_across_a_restart_and_folded_in_o
     };
     let state = State::open(home.path()).unwrap();
     // A first batch, folded into the table; then a change journaled on top of it.
-    let mut batch = Batch::default();
-    batch.places = vec![
-        place(1, "a", placed(0)),
-        place(1, "b", placed(5)),
-        place(2, "c", placed(0)),
-    ];
+    let batch = Batch {
+        places: vec![
+            place(1, "a", placed(0)),
+            place(1, "b", placed(5)),
+            place(2, "c", placed(0)),
+        ],
+        ..Batch::default()
+    };
     state.commit(batch).unwrap();
     assert_eq!(state.fold_places().unwrap(), 3);
-    let mut batch = Batch::default();
-    batch.places = vec![
-        place(1, "a", None),
-        place(1, "d", placed(7)),
-        place(2, "c", None),
-        place(2, "c", placed(9)),
-    ];
+    let batch = Batch {
+        places: vec![
+            place(1, "a", None),
+            place(1, "d", placed(7)),
+            place(2, "c", None),
+            place(2, "c", placed(9)),
+        ],
+        ..Batch::default()
+    };
     state.commit(batch).unwrap();
     let expected = |state: &State| {
         assert_eq!(
@@ -213,14 +217,18 @@ fn chunk_places_are_journaled_seen_at_once_kept_across_a_restart_and_folded_in_o
         .is_none());
     drop(txn);
     // A batch too big for the journal goes into the table after what the journal holds.
-    let mut batch = Batch::default();
-    batch.places = vec![place(1, "b", None)];
+    let batch = Batch {
+        places: vec![place(1, "b", None)],
+        ..Batch::default()
+    };
     state.commit(batch).unwrap();
-    let mut batch = Batch::default();
-    batch.places = (0..10_001u64)
-        .map(|i| place(3, &format!("many/{i}"), placed(i)))
-        .collect();
-    batch.places.push(place(1, "b", placed(11)));
+    let batch = Batch {
+        places: (0..10_001u64)
+            .map(|i| place(3, &format!("many/{i}"), placed(i)))
+            .chain([place(1, "b", placed(11))])
+            .collect(),
+        ..Batch::default()
+    };
     state.commit(batch).unwrap();
     assert_eq!(
         found(&state, 1),
@@ -229,8 +237,10 @@ fn chunk_places_are_journaled_seen_at_once_kept_across_a_restart_and_folded_in_o
     assert_eq!(found(&state, 3).len(), 10_001);
     assert_eq!(state.fold_places().unwrap(), 0, "nothing left unfolded");
     // Forgetting the folder forgets its places, journaled or not.
-    let mut batch = Batch::default();
-    batch.places = vec![place(4, "e", placed(0))];
+    let batch = Batch {
+        places: vec![place(4, "e", placed(0))],
+        ..Batch::default()
+    };
     state.commit(batch).unwrap();
     state
         .remove_folder(&FolderId::new("docs").unwrap(), &root)
