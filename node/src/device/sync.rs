@@ -323,7 +323,9 @@ impl Device {
         }
         self.commit(batch)?;
         took.mark("commit");
-        tracing::debug!(took = %took, "admit's phases");
+        if !changed.is_empty() {
+            tracing::debug!(took = %took, "admit's phases");
+        }
         Ok((changed, allowed))
     }
 }
