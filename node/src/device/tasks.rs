@@ -110,6 +110,7 @@ async fn pull_on_connect(device: Shared) {
 async fn rounds(device: Shared) {
     let mut tick = 0u64;
     let catching_up = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let state = device.lock().await.state.clone();
     loop {
         tokio::time::sleep(ROUND).await;
         tick += 1;
@@ -134,8 +135,8 @@ async fn rounds(device: Shared) {
         if let Err(error) = super::folder::compact_quiet_indexes(&device).await {
             tracing::warn!(error = format!("{error:#}"), "compacting an index failed");
         }
-        let state = device.lock().await.state.clone();
-        match tokio::task::spawn_blocking(move || state.fold_places_when_quiet()).await {
+        let journal = state.clone();
+        match tokio::task::spawn_blocking(move || journal.fold_places_when_quiet()).await {
             Ok(Ok(0)) | Err(_) => {}
             Ok(Ok(places)) => tracing::debug!(places, "folded the journal of chunk places"),
             Ok(Err(error)) => {

@@ -5,8 +5,8 @@
 //! 1,000-file change (the old places removed, the new ones set) rewrote ~17 MB of its pages,
 //! ~130 ms of the commit that a peer waits for before it hears of the change. So a commit
 //! appends a change's places to a journal instead (one row, a few pages), and they are
-//! folded into the table later, off the path a change takes ([`State::fold_places`], from the
-//! daemon's background rounds). What the journal holds is also kept in memory, latest per
+//! folded into the table later, off the path a change takes
+//! ([`State::fold_places_when_quiet`], from the daemon's background rounds). What the journal holds is also kept in memory, latest per
 //! place, and every lookup sees it. A batch with many places (a first scan's or a first sync's
 //! slice), or one that comes while much is unfolded, folds the journal and writes its own
 //! places straight into the table, in the same commit: memory stays bounded.
@@ -111,6 +111,9 @@ impl State {
 
     /// Notes in memory what [`State::write_places`] wrote, once its commit is durable.
     pub(super) fn note_places(&self, written: Written) {
+        if let Written::None = written {
+            return; // most commits: the lookups' lock is not taken
+        }
         let mut unfolded = self.journal.unfolded.write().expect("journal lock");
         match written {
             Written::None => {}
@@ -181,12 +184,14 @@ impl State {
     }
 
     /// Folds the journal into the table, if it holds anything; returns how many places.
-    pub fn fold_places(&self) -> Result<usize, StateError> {
+    #[cfg(test)]
+    pub(super) fn fold_places(&self) -> Result<usize, StateError> {
         let _writer = self.places_writer();
         self.fold_places_held()
     }
 
-    /// [`State::fold_places`], the writer's guard held by the caller.
+    /// Folds the journal into the table, if it holds anything, the writer's guard held by
+    /// the caller; returns how many places.
     fn fold_places_held(&self) -> Result<usize, StateError> {
         if self
             .journal
