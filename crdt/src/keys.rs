@@ -159,6 +159,17 @@ pub fn verify(
     signature: &Signature,
 ) -> Result<(), KeyError> {
     let key = device.verifying_key().map_err(|_| KeyError::BadDeviceKey)?;
+    verify_by(&key, context, message, signature)
+}
+
+/// [`verify`] with the device's key already decompressed ([`DeviceId::verifying_key`]): for
+/// many signatures of one device, that work is done once.
+pub fn verify_by(
+    key: &ed25519_dalek::VerifyingKey,
+    context: &str,
+    message: &[u8],
+    signature: &Signature,
+) -> Result<(), KeyError> {
     key.verify_strict(&signed_bytes(context, message), signature)
         .map_err(|_| KeyError::BadSignature)
 }

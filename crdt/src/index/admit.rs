@@ -245,8 +245,11 @@ impl FolderIndex {
             change,
             signature,
         } = d;
-        let (signer, incarnation) =
-            signed::verify_change(&self.mesh, &self.folder, shard, &change, &signature)?;
+        let signed::Signer {
+            device: signer,
+            incarnation,
+            key,
+        } = signed::verify_change(&self.mesh, &self.folder, shard, &change, &signature)?;
         if let Some(cutoff) = self.cutoff_of(view, &signer) {
             if !cutoff.admits(shard, incarnation, change.seq(), &change.hash()) {
                 return Err(IndexError::PastCutoff {
@@ -269,14 +272,15 @@ impl FolderIndex {
                 unreachable!("admit_op accepts only byte puts");
             };
             let record = FileRecord::decode(&path, bytes)?;
-            record.verify(&self.mesh, &self.folder)?;
             if record.author != signer {
+                record.verify(&self.mesh, &self.folder)?;
                 return Err(IndexError::NotTheSigner {
                     path,
                     author: record.author,
                     signer,
                 });
             }
+            record.verify_by(&key, &self.mesh, &self.folder)?;
             if path == SHARED_RULES_PATH && !record.deleted && record.kind != FileKind::File {
                 return Err(IndexError::ForbiddenOp(format!(
                     "{path:?} may only be a regular file"

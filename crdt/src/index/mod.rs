@@ -37,7 +37,7 @@ use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
 
 use crate::id::{DeviceId, Epoch, FolderId, MeshId};
-use crate::keys::{verify, DeviceKeys, Signature};
+use crate::keys::{verify_by, DeviceKeys, Signature};
 use crate::membership::MembershipView;
 
 /// Shards per folder. Fixed, so every replica puts a path in the same shard.
@@ -138,16 +138,36 @@ impl FileRecord {
 
     /// Checks the author's signature over this record in `mesh` and `folder`.
     pub fn verify(&self, mesh: &MeshId, folder: &FolderId) -> Result<(), IndexError> {
-        verify(
-            &self.author,
+        let key = self
+            .author
+            .verifying_key()
+            .map_err(|_| self.bad_signature())?;
+        self.verify_by(&key, mesh, folder)
+    }
+
+    /// [`FileRecord::verify`] with the author's key already decompressed (`key` must be
+    /// `self.author`'s): a change's records are all its signer's.
+    pub(crate) fn verify_by(
+        &self,
+        key: &ed25519_dalek::VerifyingKey,
+        mesh: &MeshId,
+        folder: &FolderId,
+    ) -> Result<(), IndexError> {
+        debug_assert_eq!(key.as_bytes(), self.author.as_bytes());
+        verify_by(
+            key,
             SIGNING_CONTEXT,
             &signed_bytes(mesh, folder, &self.path, &self.stored_fields()),
             &self.signature,
         )
-        .map_err(|_| IndexError::BadSignature {
+        .map_err(|_| self.bad_signature())
+    }
+
+    fn bad_signature(&self) -> IndexError {
+        IndexError::BadSignature {
             path: self.path.clone(),
             author: self.author,
-        })
+        }
     }
 
     fn stored_fields(&self) -> Fields {
@@ -230,6 +250,7 @@ pub struct PathState {
 #[derive(Clone, PartialEq, Eq, Serialize, Deserialize, Debug)]
 pub struct ShardChange {
     pub shard: u16,
+    #[serde(with = "serde_bytes")]
     pub change: Vec<u8>,
     /// The signature of the device the change's actor names (see [`signed`]).
     pub signature: Signature,

@@ -64,31 +64,45 @@ pub(super) fn sign_change(
     keys.sign(CHANGE_CONTEXT, &signed_change(mesh, folder, shard, hash))
 }
 
-/// Checks that `change` is signed by the device its actor names; returns that device and the
-/// actor's incarnation.
+/// A change's signer, as [`verify_change`] found it.
+pub(super) struct Signer {
+    pub(super) device: DeviceId,
+    /// The incarnation of the device the change's actor names.
+    pub(super) incarnation: u32,
+    /// The device's key, decompressed: it checks the change's records too.
+    pub(super) key: ed25519_dalek::VerifyingKey,
+}
+
+/// Checks that `change` is signed by the device its actor names.
 pub(super) fn verify_change(
     mesh: &MeshId,
     folder: &FolderId,
     shard: u16,
     change: &automerge::Change,
     signature: &Signature,
-) -> Result<(DeviceId, u32), IndexError> {
+) -> Result<Signer, IndexError> {
     let bad = || IndexError::BadChangeSignature {
         change: change.hash().to_string(),
     };
     let (device, incarnation) = actor_device(change.actor_id()).ok_or_else(bad)?;
-    verify(
-        &device,
+    let key = device.verifying_key().map_err(|_| bad())?;
+    verify_by(
+        &key,
         CHANGE_CONTEXT,
         &signed_change(mesh, folder, shard, &change.hash()),
         signature,
     )
     .map_err(|_| bad())?;
-    Ok((device, incarnation))
+    Ok(Signer {
+        device,
+        incarnation,
+        key,
+    })
 }
 
 #[derive(Serialize, Deserialize)]
 struct Saved {
+    #[serde(with = "serde_bytes")]
     doc: Vec<u8>,
     signatures: Vec<([u8; 32], Signature)>,
 }
@@ -131,6 +145,7 @@ pub(super) fn decode_saved(
 #[derive(Serialize, Deserialize)]
 struct Piece {
     /// The changes' raw bytes, one after another.
+    #[serde(with = "serde_bytes")]
     changes: Vec<u8>,
     signatures: Vec<([u8; 32], Signature)>,
 }

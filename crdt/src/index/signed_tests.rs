@@ -118,6 +118,75 @@ fn signatures_are_saved_with_the_shard_and_relayed_from_it() {
     );
 }
 
+#[test]
+fn saves_and_pieces_read_as_bytes_are_the_ones_written_as_sequences_before() {
+    // Earlier saves wrote their byte fields as sequences of `u8`; read as bytes now (one copy
+    // instead of a byte at a time), the encoding must be the same.
+    #[derive(Serialize)]
+    struct OldSaved {
+        doc: Vec<u8>,
+        signatures: Vec<([u8; 32], Signature)>,
+    }
+    #[derive(Serialize)]
+    struct OldPiece {
+        changes: Vec<u8>,
+        signatures: Vec<([u8; 32], Signature)>,
+    }
+    let w = world();
+    let mut a = as_device(&w, &w.laptop);
+    a.write(&w.laptop, Epoch(0), vec![update("f", 1)]).unwrap();
+    let first = a.take_local_changes();
+    a.write(&w.laptop, Epoch(0), vec![update("f", 2)]).unwrap();
+    let second = a.take_local_changes();
+    let mut b = as_device(&w, &w.admin);
+    b.apply(w.log.view(), first).unwrap();
+    let id = second[0].shard;
+    let shard = b.shards.get_mut(&id).unwrap();
+    let signatures: Vec<([u8; 32], Signature)> =
+        shard.signatures.iter().map(|(h, s)| (h.0, *s)).collect();
+    let doc = shard.doc.save();
+    let saved = signed::encode_saved(doc.clone(), &shard.signatures);
+    let mut old_saved = saved[..4].to_vec(); // the magic
+    let old = OldSaved {
+        doc,
+        signatures: signatures.clone(),
+    };
+    postcard::to_io(&old, &mut old_saved).unwrap();
+    assert_eq!(old_saved, saved);
+    let (mut doc, mut read) = signed::decode_saved(&old_saved).unwrap();
+    let change = automerge::Change::try_from(&second[0].change[..]).unwrap();
+    let mut signed = std::collections::HashMap::new();
+    signed.insert(change.hash(), second[0].signature);
+    let new_piece = signed::encode_piece(std::slice::from_ref(&change), &signed);
+    let mut old_piece = new_piece[..4].to_vec(); // the magic
+    let piece = OldPiece {
+        changes: change.raw_bytes().to_vec(),
+        signatures: vec![(change.hash().0, second[0].signature)],
+    };
+    postcard::to_io(&piece, &mut old_piece).unwrap();
+    assert_eq!(old_piece, new_piece);
+    signed::load_piece(&mut doc, &mut read, &old_piece).unwrap();
+    assert_eq!(doc.get_heads(), vec![change.hash()]);
+    assert_eq!(read.len(), signatures.len() + 1);
+    let mut old_change = Vec::new();
+    #[derive(Serialize)]
+    struct OldShardChange {
+        shard: u16,
+        change: Vec<u8>,
+        signature: Signature,
+    }
+    let old = OldShardChange {
+        shard: id,
+        change: second[0].change.clone(),
+        signature: second[0].signature,
+    };
+    postcard::to_io(&old, &mut old_change).unwrap();
+    assert_eq!(
+        postcard::from_bytes::<ShardChange>(&old_change).unwrap(),
+        second[0]
+    );
+}
+
 /// The laptop's changes: `before` (the admin saw it), then `late` (made after its removal, or
 /// at least never seen by the admin).
 struct Removal {
