@@ -213,7 +213,7 @@ fn an_index_started_from_summaries_loads_nothing_and_answers_as_the_index_it_was
 }
 
 #[test]
-fn a_shard_saved_in_pieces_is_unloaded_as_it_is_and_a_start_leaves_it_unloaded() {
+fn a_shard_saved_in_pieces_is_saved_whole_before_it_goes_and_a_start_leaves_it_unloaded() {
     let (w, mut a, store) = unloaded_index();
     a.write(&w.admin, Epoch(0), vec![update("d3/3", 2)])
         .unwrap();
@@ -228,21 +228,9 @@ fn a_shard_saved_in_pieces_is_unloaded_as_it_is_and_a_start_leaves_it_unloaded()
     a.unload_unused(); // a round passes: the shard was used by the write
     assert_eq!(a.unload_unused(), 0, "not before its piece is confirmed");
     a.confirm_saved([shard]);
-    a.warm(["d3/3"]).unwrap(); // looked at once more (what the node's survey does after a change)
-    assert!(
-        a.compact(usize::MAX).unwrap().is_empty(),
-        "no whole save for a shard about to go"
-    );
-    assert_eq!(a.unload_unused(), 0, "used this round");
-    assert_eq!(a.unload_unused(), 1);
-    assert_eq!(a.loaded_shards(), 0);
-    assert_eq!(
-        a.get("d3/3").unwrap().winner.version,
-        2,
-        "read back whole and piece"
-    );
 
-    // A start from the summaries (the piece's included) loads nothing until asked.
+    // A start from the summaries (the piece's included: a daemon stopped before the shard
+    // was saved whole) loads nothing until asked, then reads whole and piece back.
     let summaries: Vec<(u16, ShardSummary)> = (store.lock().unwrap().keys())
         .map(|&id| (id, a.summary(id).unwrap()))
         .collect();
@@ -252,7 +240,39 @@ fn a_shard_saved_in_pieces_is_unloaded_as_it_is_and_a_start_leaves_it_unloaded()
     assert_eq!(b.heads(), a.heads());
     assert_eq!(b.get("d3/3").unwrap().winner.version, 2);
 
+    a.warm(["d3/3"]).unwrap(); // looked at once more (what the node's survey does after a change)
+    assert_eq!(a.unload_unused(), 0, "used this round");
+    assert_eq!(a.unload_unused(), 0, "not with a piece to read back");
+    let saves = a.compact(usize::MAX).unwrap();
+    assert!(matches!(saves[..], [(s, SavedShard::Whole(_))] if s == shard));
+    assert_eq!(
+        a.loose_shards(),
+        1,
+        "saved whole, not loaded again: it is about to go"
+    );
+    assert_eq!(
+        a.unload_unused(),
+        0,
+        "not before its whole save is confirmed"
+    );
+    let SavedShard::Whole(whole) = &saves[0].1 else {
+        unreachable!()
+    };
+    *store.lock().unwrap().get_mut(&shard).unwrap() = vec![whole.clone()];
+    a.confirm_saved([shard]);
+    assert_eq!(a.unload_unused(), 1);
+    assert_eq!(a.loaded_shards(), 0);
+    assert_eq!(a.get("d3/3").unwrap().winner.version, 2, "read back whole");
+
     // One that stays in use round after round is compacted (saved whole, held compactly).
+    a.write(&w.admin, Epoch(0), vec![update("d3/3", 3)])
+        .unwrap();
+    a.take_local_changes();
+    let Some(SavedShard::Piece(1, piece)) = a.save_shard(shard) else {
+        panic!("a piece")
+    };
+    store.lock().unwrap().get_mut(&shard).unwrap().push(piece);
+    a.confirm_saved([shard]);
     for _ in 0..super::saved::HOT_ROUNDS {
         a.warm(["d3/3"]).unwrap();
         a.unload_unused();
@@ -268,7 +288,7 @@ fn a_shard_saved_in_pieces_is_unloaded_as_it_is_and_a_start_leaves_it_unloaded()
     a.confirm_saved([shard]);
 
     // Two pieces: read back change by change, they would cost more than a whole save does.
-    for version in 3..5 {
+    for version in 4..6 {
         a.write(&w.admin, Epoch(0), vec![update("d3/3", version)])
             .unwrap();
         a.take_local_changes();
@@ -279,7 +299,7 @@ fn a_shard_saved_in_pieces_is_unloaded_as_it_is_and_a_start_leaves_it_unloaded()
         a.confirm_saved([shard]);
     }
     a.unload_unused();
-    assert_eq!(a.unload_unused(), 0, "not with two pieces to read back");
+    assert_eq!(a.unload_unused(), 0, "not with pieces to read back");
     let saves = a.compact(usize::MAX).unwrap();
     assert!(matches!(saves[..], [(s, SavedShard::Whole(_))] if s == shard));
     assert_eq!(
