@@ -118,7 +118,10 @@ fn cpu_ticks() -> (u64, u64) {
         .filter_map(|f| f.parse().ok())
         .collect();
     // user nice system idle iowait irq softirq steal (guest time is counted in user).
-    (fields.get(7).copied().unwrap_or(0), fields.iter().take(8).sum())
+    (
+        fields.get(7).copied().unwrap_or(0),
+        fields.iter().take(8).sum(),
+    )
 }
 
 /// The share of the machine's CPU the hypervisor took since `since` (a [`cpu_ticks`]).

@@ -617,8 +617,12 @@ impl FolderIndex {
                 .or_default()
                 .push(record);
         }
-        for shard in by_shard.keys() {
+        for (shard, records) in by_shard.iter_mut() {
             self.shard_mut(*shard);
+            // In key order, as Automerge keeps a map's keys: each put lands next to the last
+            // one instead of anywhere in the shard's columns (a first scan's puts, in the
+            // order a directory lists its files, took 15–30 % longer).
+            records.sort_by(|a, b| a.path.cmp(&b.path));
         }
         let (mesh, folder) = (self.mesh, &self.folder);
         self.shards
