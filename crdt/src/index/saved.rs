@@ -22,14 +22,6 @@ pub(super) struct SaveMark {
     pub(super) whole_bytes: usize,
 }
 
-/// A shard about to be unloaded is saved whole first if more pieces than this follow its
-/// whole save: a piece is read back change by change, some twenty times slower than the same
-/// records in a whole save. Measured on the shards of a million-file folder after a few
-/// dozen 1,000-file changes (~1,000 records, 20–80 changes each): a whole loads in 3.2–3.7
-/// ms, one piece of a 25-record change adds 1.2–1.9 ms, and the same shard saved whole again
-/// loads in 3.1–3.7 ms. Such a shard is read back by the next change that touches it, on the
-/// path that change waits for; the whole save is background work once the shard is quiet.
-const UNLOAD_PIECES: u32 = 0;
 
 /// A shard used this many rounds in a row (and in this one) stays in memory, and is held
 /// compactly: one change keeps its shards in use for two or three rounds (admitted, written,
@@ -114,9 +106,9 @@ impl FolderIndex {
 
     /// Compacts up to `max` loose shards that `pick` (given a shard and its heads) takes, on
     /// every core. With a loader to read shards back:
-    /// - one whose saves are persisted as it is, and are a whole and at most
-    ///   [`UNLOAD_PIECES`] pieces, is left alone unless it stays in use (see
-    ///   [`HOT_ROUNDS`]): it is about to be unloaded as it is;
+    /// - one whose saves are persisted as it is, and are a whole alone (see
+    ///   [`Shard::may_go`]), is left alone unless it stays in use (see [`HOT_ROUNDS`]): it
+    ///   is about to be unloaded as it is;
     /// - one that does not stay in use is only saved whole: loading it again from that save
     ///   would be work thrown away (it is about to be unloaded).
     fn compact_where(
@@ -251,11 +243,16 @@ impl Shard {
     }
 
     /// Whether it may be unloaded as it is, with `heads`: its saves are persisted as it is
-    /// (see [`FolderIndex::confirm_saved`]), and are cheap to read back (a whole and at most
-    /// [`UNLOAD_PIECES`] pieces).
+    /// (see [`FolderIndex::confirm_saved`]), and are a whole alone. A piece is read back
+    /// change by change, some twenty times slower per record than a whole save: measured on
+    /// the shards of a million-file folder after a few dozen 1,000-file changes (~1,000
+    /// records, 20–80 changes each), a whole loads in 3.2–3.7 ms, one piece of a 25-record
+    /// change adds 1.2–1.9 ms, and the same shard saved whole again loads in 3.1–3.7 ms. The
+    /// next change that touches the shard reads it back on the path that change waits for;
+    /// the whole save is background work once the shard is quiet.
     pub(super) fn may_go(&self, heads: &Vec<ChangeHash>) -> bool {
         self.durable.as_ref() == Some(heads)
-            && (self.saved.as_ref()).is_some_and(|mark| mark.pieces <= UNLOAD_PIECES)
+            && (self.saved.as_ref()).is_some_and(|mark| mark.pieces == 0)
     }
 
     fn is_loose(&mut self) -> bool {
