@@ -22,7 +22,6 @@ pub(super) struct SaveMark {
     pub(super) whole_bytes: usize,
 }
 
-
 /// A shard used this many rounds in a row (and in this one) stays in memory, and is held
 /// compactly: one change keeps its shards in use for two or three rounds (admitted, written,
 /// rescanned, surveyed), and they are unloaded after it.
