@@ -142,8 +142,9 @@ fn saves_and_pieces_read_as_bytes_are_the_ones_written_as_sequences_before() {
     b.apply(w.log.view(), first).unwrap();
     let id = second[0].shard;
     let shard = b.shards.get_mut(&id).unwrap();
-    let signatures: Vec<([u8; 32], Signature)> =
+    let mut signatures: Vec<([u8; 32], Signature)> =
         shard.signatures.iter().map(|(h, s)| (h.0, *s)).collect();
+    signatures.sort_by_key(|(h, _)| *h); // as saves order them
     let doc = shard.doc.save();
     let saved = signed::encode_saved(doc.clone(), &shard.signatures);
     let mut old_saved = saved[..4].to_vec(); // the magic
