@@ -403,8 +403,8 @@ fn bench(n: usize, changes: usize) {
             "    the pair went quiet before each change after (s): {}",
             each.join(" ")
         );
-        // Timed from the last write: a write slower than the watcher's longest wait (0.5 s)
-        // reaches B in more than one scan.
+        // Each change is timed from its last write; writes that take longer than the
+        // watcher's longest wait (0.5 s) reach B in more than one scan.
         let each: Vec<String> = writes.iter().map(|s| format!("{s:.2}")).collect();
         println!("    writing the 1,000 files took (s): {}", each.join(" "));
         println!(

@@ -6,8 +6,8 @@
 //! ~130 ms of the commit that a peer waits for before it hears of the change. So a commit
 //! appends a change's places to a journal instead (one row, a few pages), and they are
 //! folded into the table later, off the path a change takes
-//! ([`State::fold_places_when_quiet`], from the daemon's background rounds). What the journal holds is also kept in memory, latest per
-//! place, and every lookup sees it. A batch with many places (a first scan's or a first sync's
+//! ([`State::fold_places_when_quiet`], from the daemon's background rounds). What the journal
+//! holds is also kept in memory, latest per place, and every lookup sees it. A batch with many places (a first scan's or a first sync's
 //! slice), or one that comes while much is unfolded, folds the journal and writes its own
 //! places straight into the table, in the same commit: memory stays bounded.
 
@@ -111,18 +111,16 @@ impl State {
 
     /// Notes in memory what [`State::write_places`] wrote, once its commit is durable.
     pub(super) fn note_places(&self, written: Written) {
-        if let Written::None = written {
-            return; // most commits: the lookups' lock is not taken
-        }
-        let mut unfolded = self.journal.unfolded.write().expect("journal lock");
+        let unfolded = || self.journal.unfolded.write().expect("journal lock");
         match written {
-            Written::None => {}
+            Written::None => {} // most commits: the lookups' lock is not taken
             Written::Journal(entries) => {
+                let mut unfolded = unfolded();
                 for (chunk, root, path, placed) in entries {
                     unfolded.insert((chunk, root, path), placed);
                 }
             }
-            Written::Folded => unfolded.clear(),
+            Written::Folded => unfolded().clear(),
         }
     }
 
