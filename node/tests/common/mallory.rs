@@ -255,11 +255,23 @@ impl Mallory {
         self.index.forge_put(&self.keys, records)
     }
 
+    /// Sends `request` to the victim. A connection closed under the request (the mesh may
+    /// redial, and a duplicate connection goes) is no answer: it is sent again, a few times,
+    /// so a refusal is never mistaken for a failure to deliver, nor the other way round.
     pub async fn request(&self, request: &SyncRequest) -> SyncReply {
         let transport = self.via.lock().await.transport().clone();
-        protocol::doc(&transport, self.victim, request)
-            .await
-            .expect("the victim answers")
+        let mut tries = 0;
+        loop {
+            match protocol::doc(&transport, self.victim, request).await {
+                Ok(reply) => return reply,
+                Err(error) if tries < 3 => {
+                    tries += 1;
+                    eprintln!("the victim did not answer ({error:#}); again");
+                    tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+                }
+                Err(error) => panic!("the victim answers: {error:#}"),
+            }
+        }
     }
 
     /// Pushes index changes of the folder.
