@@ -420,11 +420,19 @@ fn aes_in_hardware() -> bool {
     }
 }
 
+/// The largest body of a Yamux data frame: the most one Noise frame carries (65,535 bytes less
+/// libp2p-noise's 1,024 reserved), so a bulk write goes out as few frames as the channel
+/// allows. Yamux's default is 16 KiB: a 40 KB chunk was three frames, each its own wake-up of
+/// the connection task, Noise frame and window accounting. (Bulk sync bench (f): see
+/// `vendor/libp2p-yamux/PATCHES.md`.)
+const YAMUX_SPLIT: usize = 65_535 - 1_024;
+
 fn build_swarm(config: &Config) -> Result<Swarm<Behaviour>, TransportError> {
     let setup = |e: &dyn std::fmt::Display| TransportError::Setup(e.to_string());
     // Yamux 0.13 tunes each stream's receive window itself (up to the connection's budget),
     // so there is no window to set here; see the transport benchmark for what it achieves.
-    let yamux_config = yamux::Config::default();
+    let mut yamux_config = yamux::Config::default();
+    yamux_config.set_split_send_size(YAMUX_SPLIT);
     let behaviour = |key: &libp2p::identity::Keypair| -> Result<Behaviour, Box<dyn std::error::Error + Send + Sync>> {
         let limits = libp2p::connection_limits::ConnectionLimits::default()
             .with_max_established_per_peer(Some(config.max_connections_per_peer))
