@@ -5,7 +5,8 @@
 //! rounds each): seconds from the write on A (which takes part of it) and bytes on the wire; (d) latency from a small file's write on A to it being complete on
 //! B, p50 and p99; (f) 1 GiB in 4 files already on disk, timed from `folder add` on A until B
 //! has every byte, with each daemon's CPU-seconds per GiB; (e) peak RSS of each daemon; and,
-//! measured in the same run on one core, raw BLAKE3 and AES-256-GCM rates for comparison.
+//! measured in the same run on one core, raw BLAKE3 and AES-256-GCM rates and the chunker's
+//! (the `fastcdc` crate's cut and meshsync's own, same cut points) for comparison.
 //! `SYNC_BENCH_SCALE=0.25` shrinks (a)–(c) and (f); `SYNC_BENCH_ONLY=ac` runs only the parts
 //! named; `BENCH_DAEMON_LOG=debug` (any `RUST_LOG` filter) logs the daemons at that level and
 //! keeps their logs in the temp directory.
@@ -76,6 +77,10 @@ fn main() {
     // Same-run single-core references.
     let (blake, aead) = (common::blake3_mb_s(), common::aes_gcm_mb_s());
     println!("  reference: BLAKE3 {blake:.0} MB/s, AES-256-GCM {aead:.0} MB/s (one core)");
+    let (cdc_crate, cdc_lanes) = common::cdc_mb_s();
+    println!(
+        "  reference: FastCDC cut points, fastcdc crate {cdc_crate:.0} MB/s, meshsync's four lanes {cdc_lanes:.0} MB/s (one core)"
+    );
 
     // (a) 1 GiB in 4 files.
     if only.contains('a') {

@@ -157,6 +157,26 @@ pub fn aes_gcm_mb_s() -> f64 {
     256.0 * 1.048576 / t.elapsed().as_secs_f64()
 }
 
+/// One core's rate finding FastCDC cut points through 256 MiB of random bytes, MB/s: the
+/// `fastcdc` crate's `cut` and meshsync's four-lane cutter (the same cut points).
+pub fn cdc_mb_s() -> (f64, f64) {
+    use meshsync_node::chunks::content::{AVG_CHUNK, MAX_CHUNK, MIN_CHUNK};
+    use std::hint::black_box;
+    let data = random(256 << 20, 3);
+    let through = |cut: &dyn Fn(&[u8]) -> usize| {
+        let (t, mut at) = (Instant::now(), 0);
+        while at < data.len() {
+            at += black_box(cut(&data[at..data.len().min(at + MAX_CHUNK)]));
+        }
+        256.0 * 1.048576 / t.elapsed().as_secs_f64()
+    };
+    let (s, l) = fastcdc::v2020::select_masks(AVG_CHUNK, fastcdc::v2020::Normalization::Level1);
+    let crate_cut =
+        |w: &[u8]| fastcdc::v2020::cut(w, MIN_CHUNK, AVG_CHUNK, MAX_CHUNK, s, l, s << 1, l << 1).1;
+    let cutter = meshsync_node::chunks::cdc::Cutter::new(MIN_CHUNK, AVG_CHUNK, MAX_CHUNK);
+    (through(&crate_cut), through(&|w: &[u8]| cutter.cut(w)))
+}
+
 /// One core's BLAKE3 rate over 256 MiB, MB/s.
 pub fn blake3_mb_s() -> f64 {
     let data = random(256 << 20, 2);

@@ -127,7 +127,8 @@ pub fn chunk_file(
 
 /// The chunker: reads `BLOCK`s into one buffer, cuts with FastCDC (2020, normalisation level
 /// 1 — the same cut points as `fastcdc::v2020::StreamCDC`, without its copy of every chunk and
-/// shift of its buffer), and hashes the chunks of a block on all cores.
+/// shift of its buffer, and found four lanes at a time: [`super::cdc`]), and hashes the chunks
+/// of a block on all cores.
 fn chunk_blocks<R: Read>(
     mut reader: R,
     size_hint: usize,
@@ -135,9 +136,8 @@ fn chunk_blocks<R: Read>(
     mut each: impl FnMut(ChunkRef, &[u8]),
     mut settled: impl FnMut() -> bool,
 ) -> Result<Option<Vec<ChunkRef>>, std::io::Error> {
-    use fastcdc::v2020::{cut, select_masks, Normalization};
     use rayon::prelude::*;
-    let (mask_s, mask_l) = select_masks(AVG_CHUNK, Normalization::Level1);
+    let cutter = super::cdc::Cutter::new(MIN_CHUNK, AVG_CHUNK, MAX_CHUNK);
     let mut buf = vec![0u8; size_hint.clamp(MIN_CHUNK, BLOCK)];
     let (mut len, mut base, mut eof) = (0usize, 0u64, false);
     let mut refs = Vec::new();
@@ -162,16 +162,7 @@ fn chunk_blocks<R: Read>(
         let mut start = 0;
         while start < len && (eof || len - start >= MAX_CHUNK) {
             let window = &buf[start..len.min(start + MAX_CHUNK)];
-            let (_, n) = cut(
-                window,
-                MIN_CHUNK,
-                AVG_CHUNK,
-                MAX_CHUNK,
-                mask_s,
-                mask_l,
-                mask_s << 1,
-                mask_l << 1,
-            );
+            let n = cutter.cut(window);
             if n == 0 {
                 break;
             }
