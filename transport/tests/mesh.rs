@@ -277,14 +277,14 @@ async fn chunks_go_in_the_clear_only_to_a_key_holder_that_asks() {
     let got = fetch_all(&b, peer(&ka), wants.clone()).await;
     assert_eq!(got.len(), 10);
     for f in &got {
-        assert_eq!(f.answer, Answer::Plain(data[&f.id].clone()));
+        assert_eq!(f.answer, Answer::Plain(data[&f.id].clone().into()));
     }
     // c asks too, but holds no key (a storage peer, say): sealed.
     let got = fetch_all(&c, peer(&ka), wants.clone()).await;
     assert_eq!(got.len(), 10);
     for f in &got {
         let reversed = data[&f.id].iter().rev().copied().collect::<Vec<u8>>();
-        assert_eq!(f.answer, Answer::Sealed(reversed));
+        assert_eq!(f.answer, Answer::Sealed(reversed.into()));
     }
     // A `Want` without the flag (a peer that does not know it): sealed, even to b.
     let mut stream = b

@@ -22,7 +22,7 @@ use std::io::Read;
 use meshsync_crdt::keys::{ChunkIdKey, ChunkKey};
 use meshsync_crdt::sealed::padme;
 use meshsync_crdt::{ChunkId, ChunkListHash, Epoch, KeyRing, MeshKey};
-use meshsync_transport::chunks::Answer;
+use meshsync_transport::chunks::{Answer, Received};
 use ring::aead::{Aad, LessSafeKey, Nonce, UnboundKey, AES_256_GCM};
 
 pub const MIN_CHUNK: usize = 16 * 1024;
@@ -275,10 +275,11 @@ fn seal_if(
     Ok(Some(buf))
 }
 
-/// A chunk's checked plaintext, left in the buffer it came in (no copy): from `start` on.
+/// A chunk's checked plaintext, left in the buffer it came in (no copy; a fetched chunk's
+/// buffer goes back to its fetch when this is dropped): from `start` on.
 #[derive(Debug, PartialEq, Eq)]
 pub struct Plain {
-    buf: Vec<u8>,
+    buf: Received,
     start: usize,
 }
 
@@ -311,7 +312,7 @@ pub fn open_chunk(
     }
     sealed.truncate(4 + len);
     let plain = Plain {
-        buf: sealed,
+        buf: sealed.into(),
         start: 4,
     };
     if chunk_id(id_key, &plain) != *id {
@@ -387,10 +388,10 @@ pub fn open_chunk_in(
 pub fn accept_received(
     ring: &KeyRing,
     id: &ChunkId,
-    answer: Answer<Vec<u8>>,
+    answer: Answer<Received>,
 ) -> Result<Plain, ContentError> {
     let data = match answer {
-        Answer::Sealed(sealed) => return open_chunk_in(ring, None, id, sealed),
+        Answer::Sealed(sealed) => return open_chunk_in(ring, None, id, sealed.into_vec()),
         Answer::Plain(data) => data,
     };
     match key_of(ring, id, &data) {
@@ -425,25 +426,25 @@ mod tests {
         let plain = test_bytes(40_000, 3);
         let id = chunk_id(&old.chunk_id_key(), &plain);
         // As sent: taken, without a copy, whichever epoch's ID it is.
-        let taken = accept_received(&ring, &id, Answer::Plain(plain.clone())).unwrap();
+        let taken = accept_received(&ring, &id, Answer::Plain(plain.clone().into())).unwrap();
         assert_eq!(&*taken, &plain[..]);
         // One byte changed (a hostile member, or a file edited since its sender scanned it).
         let mut altered = plain.clone();
         altered[20_000] ^= 1;
         assert!(matches!(
-            accept_received(&ring, &id, Answer::Plain(altered)),
+            accept_received(&ring, &id, Answer::Plain(altered.into())),
             Err(ContentError::WrongContent(_))
         ));
         // Another chunk's bytes under this ID; the right bytes to a ring without their epoch.
         let other = test_bytes(40_000, 4);
-        assert!(accept_received(&ring, &id, Answer::Plain(other)).is_err());
+        assert!(accept_received(&ring, &id, Answer::Plain(other.into())).is_err());
         let without = KeyRing::of([new.clone()]);
-        assert!(accept_received(&without, &id, Answer::Plain(plain.clone())).is_err());
+        assert!(accept_received(&without, &id, Answer::Plain(plain.clone().into())).is_err());
         // The sealed form of the same chunk is opened, not taken as plaintext.
         let sealed = seal_chunk(&old.chunk_key(), old.epoch(), &id, &plain);
-        assert!(accept_received(&ring, &id, Answer::Plain(sealed.clone())).is_err());
+        assert!(accept_received(&ring, &id, Answer::Plain(sealed.clone().into())).is_err());
         assert_eq!(
-            &*accept_received(&ring, &id, Answer::Sealed(sealed)).unwrap(),
+            &*accept_received(&ring, &id, Answer::Sealed(sealed.into())).unwrap(),
             &plain[..]
         );
     }

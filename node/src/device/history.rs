@@ -210,8 +210,9 @@ fn assemble_here(
     for batch in list.chunks(chunks::BATCH) {
         let ids: Vec<ChunkId> = batch.iter().map(|c| c.id).collect();
         for (c, answer) in batch.iter().zip(served.get_many_plain(&ids)) {
-            let local =
-                answer.map(|answer| content::accept_received(keys, &c.id, answer.map(Vec::from)));
+            let local = answer.map(|answer| {
+                content::accept_received(keys, &c.id, answer.map(|b| Vec::from(b).into()))
+            });
             match local {
                 Some(Ok(plain)) => {
                     assembling.file.write_all_at(&plain, c.offset)?;
