@@ -557,9 +557,17 @@ async fn noise_carries_writes_of_every_size_intact_with_either_cipher() {
             dialer.flush().await.unwrap();
             dialer.close().await.unwrap();
         };
+        // Read in pieces of odd sizes, smaller and larger than a frame (a frame's cleartext
+        // is kept and read out across several reads, into a buffer reused for every frame).
         let read = async {
             let mut got = Vec::new();
-            listener.read_to_end(&mut got).await.unwrap();
+            let mut piece = vec![0u8; 70_001];
+            for len in [1usize, 7, 4_093, 70_001].iter().cycle() {
+                match listener.read(&mut piece[..*len]).await.unwrap() {
+                    0 => break,
+                    n => got.extend_from_slice(&piece[..n]),
+                }
+            }
             got
         };
         let ((), got) =

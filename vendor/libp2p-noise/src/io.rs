@@ -30,7 +30,6 @@ use std::{
 };
 
 use asynchronous_codec::Framed;
-use bytes::Bytes;
 use framed::{Codec, MAX_FRAME_LEN};
 use futures::{prelude::*, ready};
 
@@ -39,7 +38,11 @@ use futures::{prelude::*, ready};
 /// `T` is the type of the underlying I/O resource.
 pub struct Output<T> {
     io: Framed<T, Codec<snow::TransportState>>,
-    recv_buffer: Bytes,
+    /// meshsync patch: the last frame's cleartext, `recv_buffer[recv_offset..recv_len]` still
+    /// to read. Frames are decrypted into this one buffer (it grows to the largest frame and
+    /// keeps that length), not into a zero-filled new one each.
+    recv_buffer: Vec<u8>,
+    recv_len: usize,
     recv_offset: usize,
     send_buffer: Vec<u8>,
     send_offset: usize,
@@ -57,7 +60,8 @@ impl<T> Output<T> {
     fn new(io: Framed<T, Codec<snow::TransportState>>) -> Self {
         Output {
             io,
-            recv_buffer: Bytes::new(),
+            recv_buffer: Vec::new(),
+            recv_len: 0,
             recv_offset: 0,
             send_buffer: Vec::new(),
             send_offset: 0,
@@ -77,26 +81,20 @@ impl<T> Output<T> {
     }
 }
 
-impl<T: AsyncRead + Unpin> AsyncRead for Output<T> {
+impl<T: AsyncRead + AsyncWrite + Unpin> AsyncRead for Output<T> {
     fn poll_read(
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
         buf: &mut [u8],
     ) -> Poll<io::Result<usize>> {
         loop {
-            let len = self.recv_buffer.len();
+            let len = self.recv_len;
             let off = self.recv_offset;
-            if len > 0 {
+            if off < len {
                 let n = min(len - off, buf.len());
                 buf[..n].copy_from_slice(&self.recv_buffer[off..off + n]);
                 tracing::trace!(copied_bytes=%(off + n), total_bytes=%len, "read: copied");
                 self.recv_offset += n;
-                if len == self.recv_offset {
-                    tracing::trace!("read: frame consumed");
-                    // Drop the existing view so `NoiseFramed` can reuse
-                    // the buffer when polling for the next frame below.
-                    self.recv_buffer = Bytes::new();
-                }
                 return Poll::Ready(Ok(n));
             }
 
@@ -104,9 +102,19 @@ impl<T: AsyncRead + Unpin> AsyncRead for Output<T> {
                 Poll::Pending => return Poll::Pending,
                 Poll::Ready(None) => return Poll::Ready(Ok(0)),
                 Poll::Ready(Some(Err(e))) => return Poll::Ready(Err(e)),
-                Poll::Ready(Some(Ok(frame))) => {
-                    self.recv_buffer = frame;
-                    self.recv_offset = 0;
+                Poll::Ready(Some(Ok(ciphertext))) => {
+                    // meshsync patch: the codec hands over the frame as sent; it is decrypted
+                    // here, in order, into the kept buffer.
+                    let this = &mut *self;
+                    if this.recv_buffer.len() < ciphertext.len() {
+                        this.recv_buffer.resize(ciphertext.len(), 0);
+                    }
+                    let n = this
+                        .io
+                        .codec_mut()
+                        .decrypt_into(&ciphertext, &mut this.recv_buffer)?;
+                    this.recv_len = n;
+                    this.recv_offset = 0;
                 }
             }
         }

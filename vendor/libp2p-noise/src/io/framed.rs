@@ -156,14 +156,32 @@ impl Encoder for Codec<snow::TransportState> {
     }
 }
 
+/// meshsync patch: a transport frame is decoded as its ciphertext; [`super::Output`] decrypts
+/// it with [`Codec::decrypt_into`] into a buffer it keeps (no zero-filled buffer per frame).
 impl Decoder for Codec<snow::TransportState> {
     type Error = io::Error;
     type Item = Bytes;
 
     fn decode(&mut self, src: &mut BytesMut) -> Result<Option<Self::Item>, Self::Error> {
-        decrypt(src, |ciphertext, decrypt_buffer| {
-            self.session.read_message(ciphertext, decrypt_buffer)
-        })
+        Ok(decode_length_prefixed(src))
+    }
+}
+
+impl Codec<snow::TransportState> {
+    /// meshsync patch: decrypts the next frame's `ciphertext` into `cleartext` (at least as long
+    /// as the ciphertext); the cleartext's length.
+    pub(crate) fn decrypt_into(
+        &mut self,
+        ciphertext: &[u8],
+        cleartext: &mut [u8],
+    ) -> io::Result<usize> {
+        tracing::trace!("Incoming ciphertext has {} bytes", ciphertext.len());
+        let n = self
+            .session
+            .read_message(ciphertext, cleartext)
+            .map_err(into_io_error)?;
+        tracing::trace!("Decrypted cleartext has {n} bytes");
+        Ok(n)
     }
 }
 
