@@ -599,7 +599,11 @@ mod tests {
         drop(big); // back to the pool, 100,000 bytes written
         let mut small = pool.take(40_000);
         assert_eq!(small.len(), 40_000);
-        assert_eq!(small.buf.len(), 100_000, "the same buffer, not zero-filled again");
+        assert_eq!(
+            small.buf.len(),
+            100_000,
+            "the same buffer, not zero-filled again"
+        );
         small.buf[..40_000].fill(1);
         assert!(small.iter().all(|&b| b == 1));
         assert_eq!(small.into_vec(), vec![1; 40_000]);
