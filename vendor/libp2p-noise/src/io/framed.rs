@@ -156,8 +156,9 @@ impl Encoder for Codec<snow::TransportState> {
     }
 }
 
-/// meshsync patch: a transport frame is decoded as its ciphertext; [`super::Output`] decrypts
-/// it with [`Codec::decrypt_into`] into a buffer it keeps (no zero-filled buffer per frame).
+/// meshsync patch: a transport frame is decoded as its ciphertext. [`super::Output`] does not
+/// read through this (it frames the stream itself and decrypts with [`Codec::decrypt_into`]
+/// into a buffer it keeps); the impl is what `Framed` requires of the codec it hands over.
 impl Decoder for Codec<snow::TransportState> {
     type Error = io::Error;
     type Item = Bytes;
