@@ -204,7 +204,7 @@ const POOL_LARGEST: usize = 1 << 20;
 impl Pool {
     /// A buffer of at least `len` written bytes (zero-filling only what it lacks).
     fn take(&self, len: usize) -> Received {
-        let spare = self.0.lock().expect("chunk buffers lock").pop();
+        let spare = self.0.lock().ok().and_then(|mut spare| spare.pop());
         let mut buf = spare.unwrap_or_default();
         if buf.len() < len {
             buf.resize(len, 0);
@@ -216,8 +216,12 @@ impl Pool {
         }
     }
 
+    /// Keeps `buf` for a later chunk, if there is room. Called from `Received`'s drop: never
+    /// panics (a poisoned lock only loses the buffer).
     fn give(&self, buf: Vec<u8>) {
-        let mut spare = self.0.lock().expect("chunk buffers lock");
+        let Ok(mut spare) = self.0.lock() else {
+            return;
+        };
         if spare.len() < POOL_KEEPS && buf.len() <= POOL_LARGEST {
             spare.push(buf);
         }
