@@ -12,9 +12,9 @@
 //!
 //! Measured on this machine, one core, the same random bytes back to back (the sync bench's
 //! reference line, `cargo bench -p meshsync-node --bench sync`): the crate's `cut` 1,355–2,277
-//! MB/s, these lanes 1,555–3,307 MB/s, 1.12–1.53× in the same run in 26 runs of 27 and 0.96×
-//! in one (a minute when the host was busy: the lanes live on execution units a single chain
-//! leaves idle). Lanes of 1,024–4,096 bytes gained only 1.04–1.15× (more scanned past the
+//! MB/s, these lanes 1,555–3,307 MB/s: 1.12–1.53× in the same run in all but one of some 40
+//! runs, 0.96× in that one (a minute when the host was busy: the lanes live on execution units
+//! a single chain leaves idle). Lanes of 1,024–4,096 bytes gained only 1.04–1.15× (more scanned past the
 //! cut); the hashes kept in an array instead of four locals, 1.1–1.3×.
 
 use fastcdc::v2020::{get_gear_with_seed, select_masks, Normalization};
