@@ -101,6 +101,10 @@ pub fn chunk_list_hash(chunks: &[ChunkRef]) -> ChunkListHash {
 /// How much of a file the chunker reads at a time.
 const BLOCK: usize = 4 << 20;
 
+/// The cut points of these chunk sizes: made once, not for every file a scan reads.
+static CUTTER: std::sync::LazyLock<super::cdc::Cutter> =
+    std::sync::LazyLock::new(|| super::cdc::Cutter::new(MIN_CHUNK, AVG_CHUNK, MAX_CHUNK));
+
 /// Splits everything `reader` yields into chunks, calling `each` with the reference and the
 /// plaintext of every chunk in order.
 pub fn chunk_stream<R: Read>(
@@ -137,7 +141,7 @@ fn chunk_blocks<R: Read>(
     mut settled: impl FnMut() -> bool,
 ) -> Result<Option<Vec<ChunkRef>>, std::io::Error> {
     use rayon::prelude::*;
-    let cutter = super::cdc::Cutter::new(MIN_CHUNK, AVG_CHUNK, MAX_CHUNK);
+    let cutter = &*CUTTER;
     let mut buf = vec![0u8; size_hint.clamp(MIN_CHUNK, BLOCK)];
     let (mut len, mut base, mut eof) = (0usize, 0u64, false);
     let mut refs = Vec::new();

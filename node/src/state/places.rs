@@ -7,9 +7,10 @@
 //! appends a change's places to a journal instead (one row, a few pages), and they are
 //! folded into the table later, off the path a change takes
 //! ([`State::fold_places_when_quiet`], from the daemon's background rounds). What the journal
-//! holds is also kept in memory, latest per place, and every lookup sees it. A batch with many places (a first scan's or a first sync's
-//! slice), or one that comes while much is unfolded, folds the journal and writes its own
-//! places straight into the table, in the same commit: memory stays bounded.
+//! holds is also kept in memory, latest per place, and every lookup sees it. A batch with many
+//! places (a first scan's or a first sync's slice), or one that comes while much is unfolded,
+//! folds the journal and writes its own places straight into the table, in the same commit:
+//! memory stays bounded.
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::{Mutex, RwLock};
