@@ -95,8 +95,9 @@ fn status(home: &Path) -> Option<serde_json::Value> {
 /// Whether `home`'s folder holds `n` files and is in sync.
 /// The share of `root`'s tree (as [`tree_path`] names it) in the page cache, from up to
 /// 1,000 files spread over it: a "warm" scan is warm only if the tree stayed there. This
-/// machine's sandbox keeps about 9–10 GB of file pages, whatever is free: at a million
-/// files (8.7 GB a tree, two trees and two state databases) most of the tree is read from disk.
+/// project's virtual machines drop file pages with 12–16 GB free (7.5–11.5 GB cached was
+/// seen): at a million files (8.7 GB a tree, two trees and two state databases) most of the
+/// tree is read from disk.
 fn resident_share(root: &Path, n: usize) -> f64 {
     let step = (n / 1000).max(1);
     let (mut resident, mut pages) = (0usize, 0usize);
