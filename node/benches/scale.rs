@@ -1,24 +1,23 @@
 //! The whole daemon at the size of a photo library or a source tree: `cargo bench -p
 //! meshsync-node --bench scale [-- N ...]` (default 100000 files; `-- 1000000` for a million).
 //!
-//! Two real daemons on loopback; a folder of N small files (1–16 KiB, nested like a source
-//! tree). For each N it prints: the first scan's rate (files/s, warm: the files were just
-//! written, and written back before the scan starts; with how much of the tree the page cache
-//! still holds, sampled, before the scan and before the sync), the initial sync to the second device
-//! (files/s, MB/s) with `status --json` latency meanwhile, each daemon's peak and steady RSS,
-//! the time from `meshsync up` to a first `status` answer and to "in sync" after a restart
-//! with nothing changed (stopped as a service manager stops it, SIGTERM; then again after a
-//! crash, SIGKILL), a 1,000-file change on A reaching B (repeated, with B's RSS after each;
-//! timed from the last write, as the watcher sees it; each made once both daemons are quiet;
-//! with how long the writes took), and the state database's size per file. Beside the scan,
-//! the sync and the changes, the share of the CPU the hypervisor took (a shared VM's noise).
-//! `SCALE_BENCH_CHANGES` sets how many changes (default 50); `SCALE_BENCH_DIR` where the
-//! folders go (default /tmp; N files need about N × 17 KiB there); `BENCH_DAEMON_LOG=debug`
-//! (any `RUST_LOG` filter) logs the daemons at that level and keeps their logs in the temp
-//! directory. `SCALE_BENCH_KEEP=DIR` keeps the folders and homes in `DIR/N` (listening on
-//! fixed loopback ports) instead of a temporary directory; a later run with the same `DIR`
-//! starts the kept pair and goes straight to the restart and the changes (at a million files,
-//! minutes instead of half an hour).
+//! Two real daemons on loopback; a folder of N small files (1–16 KiB, nested like a source tree).
+//! For each N it prints: the first scan's rate (files/s, warm: the files were just written, and
+//! written back before the scan starts; with how much of the tree the page cache still holds,
+//! sampled, before the scan and before the sync), the initial sync to the second device (files/s,
+//! MB/s) with `status --json` latency meanwhile, each daemon's peak and steady RSS, the time from
+//! `meshsync up` to a first `status` answer and to "in sync" after a restart with nothing changed
+//! (stopped as a service manager stops it, SIGTERM; then again after a crash, SIGKILL), a
+//! 1,000-file change on A reaching B (repeated, with B's RSS after each; timed from the last write,
+//! as the watcher sees it; each made once both daemons are quiet; with how long the writes took),
+//! and the state database's size per file. Beside the scan, the sync and the changes, the share of
+//! the CPU the hypervisor took (a shared VM's noise). `SCALE_BENCH_CHANGES` sets how many changes
+//! (default 50); `SCALE_BENCH_DIR` where the folders go (default /tmp; N files need about N × 17
+//! KiB there); `BENCH_DAEMON_LOG=debug` (any `RUST_LOG` filter) logs the daemons at that level and
+//! keeps their logs in the temp directory. `SCALE_BENCH_KEEP=DIR` keeps the folders and homes in
+//! `DIR/N` (listening on fixed loopback ports) instead of a temporary directory; a later run with
+//! the same `DIR` starts the kept pair and goes straight to the restart and the changes (at a
+//! million files, minutes instead of half an hour).
 //!
 //! The initial sync creates N files, so it is printed next to the rate at which this disk
 //! creates the same files with no daemon, measured just before it. That rate is not a
@@ -92,7 +91,6 @@ fn status(home: &Path) -> Option<serde_json::Value> {
         .flatten()
 }
 
-/// Whether `home`'s folder holds `n` files and is in sync.
 /// The share of `root`'s tree (as [`tree_path`] names it) in the page cache, from up to
 /// 1,000 files spread over it: a "warm" scan is warm only if the tree stayed there. This
 /// project's virtual machines drop file pages with 12–16 GB free (7.5–11.5 GB cached was
@@ -118,11 +116,12 @@ fn resident_pages(path: &Path) -> Option<(usize, usize)> {
     if len == 0 {
         return None;
     }
-    let page = 4096;
-    let mut vec = vec![0u8; len.div_ceil(page)];
-    // SAFETY: a read-only shared mapping of an open file, never read through, unmapped
-    // before return; `vec` has one byte for each of its pages, as mincore writes.
+    // SAFETY: sysconf reads a constant; then a read-only shared mapping of an open file,
+    // never read through, unmapped before return; `vec` has one byte for each of its pages,
+    // as mincore writes.
     unsafe {
+        let page = usize::try_from(libc::sysconf(libc::_SC_PAGESIZE)).ok()?;
+        let mut vec = vec![0u8; len.div_ceil(page)];
         let at = libc::mmap(
             std::ptr::null_mut(),
             len,
@@ -136,11 +135,11 @@ fn resident_pages(path: &Path) -> Option<(usize, usize)> {
         }
         let ok = libc::mincore(at, len, vec.as_mut_ptr()) == 0;
         libc::munmap(at, len);
-        ok.then_some(())?;
+        ok.then(|| (vec.iter().filter(|b| *b & 1 == 1).count(), vec.len()))
     }
-    Some((vec.iter().filter(|b| *b & 1 == 1).count(), vec.len()))
 }
 
+/// Whether `home`'s folder holds `n` files and is in sync.
 fn in_sync_with(home: &Path, n: usize) -> bool {
     status(home).is_some_and(|s| {
         s["folders"][0]["in_sync"] == true
