@@ -40,7 +40,7 @@ mod lists;
 pub mod materialise;
 pub mod members;
 pub mod mesh;
-mod phases;
+pub(crate) mod phases;
 pub mod resolve;
 pub mod scan;
 pub mod serve;

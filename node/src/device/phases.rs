@@ -22,6 +22,11 @@ impl Phases {
         self.each.push((phase, now - self.last));
         self.last = now;
     }
+
+    /// The phases' time so far.
+    pub(crate) fn total(&self) -> std::time::Duration {
+        self.each.iter().map(|(_, took)| *took).sum()
+    }
 }
 
 impl std::fmt::Display for Phases {

@@ -58,6 +58,10 @@ impl Batch {
     }
 }
 
+/// A commit that takes this long logs its phases (at debug level): where a big one's time
+/// goes, table by table.
+const SLOW_COMMIT: std::time::Duration = std::time::Duration::from_millis(100);
+
 impl State {
     /// Writes a batch in one transaction (nothing at all for an empty one: no fsync).
     pub fn commit(&self, batch: Batch) -> Result<(), StateError> {
@@ -78,6 +82,9 @@ impl State {
         let mut writer = (!batch.places.is_empty()).then(|| self.places_writer());
         let mut next = writer.as_deref().copied().unwrap_or_default();
         let written;
+        let mut took = crate::device::phases::Phases::default();
+        let counts = (batch.shards.len(), batch.lists.len(), batch.places.len());
+        let local_count = batch.local.len();
         let txn = self.db.begin_write().map_err(|e| self.err(e))?;
         {
             let mut meta = txn.open_table(META).map_err(|e| self.err(e))?;
@@ -134,6 +141,7 @@ impl State {
                     .insert((folder.as_str(), *shard), &bytes[..])
                     .map_err(|e| self.err(e))?;
             }
+            took.mark("shards");
             let mut lists = txn.open_table(LISTS).map_err(|e| self.err(e))?;
             for (hash, list) in &batch.lists {
                 // Named by their content: one held already is the same (rewriting it would
@@ -146,6 +154,7 @@ impl State {
                     .insert(&hash.0[..], &bytes[..])
                     .map_err(|e| self.err(e))?;
             }
+            took.mark("lists");
             let mut sealed = txn.open_table(SEALED).map_err(|e| self.err(e))?;
             for (author, seq, blob) in &batch.sealed {
                 sealed
@@ -164,7 +173,9 @@ impl State {
                     }
                 }
             }
+            took.mark("sealed, versions");
             written = self.write_places(&txn, &mut next, &batch.places)?;
+            took.mark("places");
             let mut local = txn.open_table(LOCAL).map_err(|e| self.err(e))?;
             for (folder, path, file) in &batch.local {
                 match file {
@@ -182,8 +193,14 @@ impl State {
                 }
             }
             self.drop_and_save_surveys(&txn, &batch)?;
+            took.mark("local");
         }
         txn.commit().map_err(|e| self.err(e))?;
+        took.mark("commit");
+        if took.total() >= SLOW_COMMIT {
+            let (shards, lists, places) = counts;
+            tracing::debug!(shards, lists, places, local = local_count, took = %took, "state commit's phases");
+        }
         if let Some(writer) = writer.as_deref_mut() {
             *writer = next;
         }
