@@ -31,6 +31,7 @@ pub mod home;
 pub mod net;
 pub mod notify;
 pub mod pairing;
+pub(crate) mod phases;
 pub mod protocol;
 pub mod state;
 pub mod storage_client;

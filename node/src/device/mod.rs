@@ -40,7 +40,6 @@ mod lists;
 pub mod materialise;
 pub mod members;
 pub mod mesh;
-pub(crate) mod phases;
 pub mod resolve;
 pub mod scan;
 pub mod serve;

@@ -14,8 +14,8 @@ use meshsync_crdt::FolderId;
 use meshsync_transport::{rpc, PeerId, Transport};
 use tracing::Instrument;
 
-use super::phases::Phases;
 use super::{materialise, Device, Shared};
+use crate::phases::Phases;
 use crate::protocol::{self, from_heads, to_heads, SyncChanges, SyncReply, SyncRequest};
 use crate::state::Batch;
 

@@ -82,7 +82,7 @@ impl State {
         let mut writer = (!batch.places.is_empty()).then(|| self.places_writer());
         let mut next = writer.as_deref().copied().unwrap_or_default();
         let written;
-        let mut took = crate::device::phases::Phases::default();
+        let mut took = crate::phases::Phases::default();
         let counts = (batch.shards.len(), batch.lists.len(), batch.places.len());
         let local_count = batch.local.len();
         let txn = self.db.begin_write().map_err(|e| self.err(e))?;

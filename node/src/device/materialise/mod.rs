@@ -26,10 +26,10 @@ use meshsync_transport::{PeerId, Transport};
 use tracing::Instrument;
 
 use super::ignore::Rules;
-use super::phases::Phases;
 use super::{Device, Shared};
 use crate::chunks::ChunkStore;
 use crate::disk::FolderRoot;
+use crate::phases::Phases;
 use crate::state::{in_sync, Batch, LocalFile};
 use commit::Installed;
 use fetch::Lists;

@@ -1,4 +1,5 @@
-//! Timing the phases of a piece of work (a materialise, an admit) for the debug log.
+//! Timing the phases of a piece of work (a materialise, an admit, a state commit) for the debug
+//! log.
 
 /// How long each phase of a piece of work took, for its debug log line.
 pub(crate) struct Phases {
