@@ -116,12 +116,12 @@ fn resident_pages(path: &Path) -> Option<(usize, usize)> {
     if len == 0 {
         return None;
     }
-    // SAFETY: sysconf reads a constant; then a read-only shared mapping of an open file,
-    // never read through, unmapped before return; `vec` has one byte for each of its pages,
-    // as mincore writes.
+    // SAFETY: sysconf only reads a system constant.
+    let page = usize::try_from(unsafe { libc::sysconf(libc::_SC_PAGESIZE) }).ok()?;
+    let mut vec = vec![0u8; len.div_ceil(page)];
+    // SAFETY: a read-only shared mapping of an open file, never read through, unmapped before
+    // return; `vec` has one byte for each of its pages, as mincore writes.
     unsafe {
-        let page = usize::try_from(libc::sysconf(libc::_SC_PAGESIZE)).ok()?;
-        let mut vec = vec![0u8; len.div_ceil(page)];
         let at = libc::mmap(
             std::ptr::null_mut(),
             len,

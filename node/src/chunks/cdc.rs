@@ -14,8 +14,8 @@
 //! reference line, `cargo bench -p meshsync-node --bench sync`): the crate's `cut` 1,355–2,277
 //! MB/s, these lanes 1,555–3,307 MB/s: 1.12–1.53× in the same run in all but one of some 40
 //! runs, 0.96× in that one (a minute when the host was busy: the lanes live on execution units
-//! a single chain leaves idle). Lanes of 1,024–4,096 bytes gained only 1.04–1.15× (more scanned past the
-//! cut); the hashes kept in an array instead of four locals, 1.1–1.3×.
+//! a single chain leaves idle). Lanes of 1,024–4,096 bytes gained only 1.04–1.15× (more
+//! scanned past the cut); the hashes kept in an array instead of four locals, 1.1–1.3×.
 
 use fastcdc::v2020::{get_gear_with_seed, select_masks, Normalization};
 
@@ -198,7 +198,11 @@ mod tests {
     proptest! {
         #![proptest_config(ProptestConfig::with_cases(64))]
         #[test]
-        fn any_window_cuts_where_fastcdc_cuts(seed in any::<u8>(), len in 0..MAX + 100, zero_every in 1usize..5) {
+        fn any_window_cuts_where_fastcdc_cuts(
+            seed in any::<u8>(),
+            len in 0..MAX + 100,
+            zero_every in 1usize..5,
+        ) {
             // Low-entropy data too: every `zero_every`-th byte kept, the others zero.
             let input: Vec<u8> = (noise(len, seed).iter().enumerate())
                 .map(|(i, &b)| if i % zero_every == 0 { b } else { 0 })

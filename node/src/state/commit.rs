@@ -83,8 +83,12 @@ impl State {
         let mut next = writer.as_deref().copied().unwrap_or_default();
         let written;
         let mut took = crate::phases::Phases::default();
-        let counts = (batch.shards.len(), batch.lists.len(), batch.places.len());
-        let local_count = batch.local.len();
+        let (shards, lists, places, local) = (
+            batch.shards.len(),
+            batch.lists.len(),
+            batch.places.len(),
+            batch.local.len(),
+        );
         let txn = self.db.begin_write().map_err(|e| self.err(e))?;
         {
             let mut meta = txn.open_table(META).map_err(|e| self.err(e))?;
@@ -141,7 +145,7 @@ impl State {
                     .insert((folder.as_str(), *shard), &bytes[..])
                     .map_err(|e| self.err(e))?;
             }
-            took.mark("shards");
+            took.mark("meta, shards");
             let mut lists = txn.open_table(LISTS).map_err(|e| self.err(e))?;
             for (hash, list) in &batch.lists {
                 // Named by their content: one held already is the same (rewriting it would
@@ -198,8 +202,7 @@ impl State {
         txn.commit().map_err(|e| self.err(e))?;
         took.mark("commit");
         if took.total() >= SLOW_COMMIT {
-            let (shards, lists, places) = counts;
-            tracing::debug!(shards, lists, places, local = local_count, took = %took, "state commit's phases");
+            tracing::debug!(shards, lists, places, local, took = %took, "state commit's phases");
         }
         if let Some(writer) = writer.as_deref_mut() {
             *writer = next;
