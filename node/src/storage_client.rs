@@ -25,6 +25,7 @@ use meshsync_crdt::{
 };
 use meshsync_transport::chunks::ChunkSource;
 use meshsync_transport::{PeerId, Transport};
+use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
 
 use crate::chunks::ChunkRef;
@@ -175,18 +176,24 @@ impl Sealing {
             payloads.push((group, part));
         }
         self.have = None;
-        for (lists, changes) in payloads {
-            let payload = postcard::to_stdvec(&SealedPayload {
-                folder: folder.clone(),
-                changes,
-                lists,
-            })?;
-            self.seq += 1;
-            let sealed = SealedChange::seal(mesh, key, keys, self.seq, &payload);
-            self.heads.insert(keys.device_id(), sealed.head());
-            batch
-                .sealed
-                .push((keys.device_id(), self.seq, sealed.encode()));
+        // Numbered in order, then encoded, padded, encrypted and signed on every core.
+        let first = self.seq + 1;
+        let sealed: Vec<_> = (payloads.into_par_iter().enumerate())
+            .map(|(n, (lists, changes))| {
+                let payload = postcard::to_stdvec(&SealedPayload {
+                    folder: folder.clone(),
+                    changes,
+                    lists,
+                })?;
+                let seq = first + n as u64;
+                let sealed = SealedChange::seal(mesh, key, keys, seq, &payload);
+                Ok((seq, sealed.head(), sealed.encode()))
+            })
+            .collect::<anyhow::Result<_>>()?;
+        for (seq, head, encoded) in sealed {
+            self.seq = seq;
+            self.heads.insert(keys.device_id(), head);
+            batch.sealed.push((keys.device_id(), seq, encoded));
         }
         batch.put(&SEALED_SEQ, &self.seq);
         batch.put(&SEEN_HEADS, &self.heads);

@@ -2,7 +2,7 @@
 //! since), loaded whole then piece by piece; and compacting in memory a shard that took
 //! changes since it was loaded.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 
 use automerge::{ActorId, AutoCommit, ChangeHash};
 use rayon::prelude::*;
@@ -54,24 +54,18 @@ impl FolderIndex {
     /// the change: at a million files a 1,000-file change touches most shards, and saving each
     /// whole cost more than the change itself.
     pub fn save_shard(&mut self, shard: u16) -> Option<SavedShard> {
-        let s = self.shards.get_mut(&shard)?;
-        let heads = s.doc.get_heads();
-        if let Some(mark) = &mut s.saved {
-            if mark.heads == heads {
-                return None;
-            }
-            if mark.pieces < MAX_PIECES {
-                let changes = s.doc.get_changes(&mark.heads);
-                let piece = signed::encode_piece(&changes, &s.signatures);
-                if mark.piece_bytes + piece.len() <= mark.whole_bytes.max(PIECE_BYTES_FLOOR) {
-                    mark.pieces += 1;
-                    mark.piece_bytes += piece.len();
-                    mark.heads = heads;
-                    return Some(SavedShard::Piece(mark.pieces, piece));
-                }
-            }
-        }
-        Some(SavedShard::Whole(s.save_whole()))
+        self.shards.get_mut(&shard)?.save()
+    }
+
+    /// [`FolderIndex::save_shard`] of each of `ids`, on every core: what to persist of those
+    /// that changed since their last save, by shard. (A first scan's slice touches most of the
+    /// 1,024 shards: saved one after the other, that was 0.1–0.5 s of the slice.)
+    pub fn save_shards(&mut self, ids: &BTreeSet<u16>) -> Vec<(u16, SavedShard)> {
+        self.shards
+            .par_iter_mut()
+            .filter(|(id, _)| ids.contains(id))
+            .filter_map(|(id, shard)| Some((*id, shard.save()?)))
+            .collect()
     }
 
     /// Shards changed since they were loaded: each change applied to an Automerge document
@@ -259,6 +253,27 @@ impl Shard {
     }
 
     /// The whole shard, saved; what follows it is saved as pieces.
+    /// See [`FolderIndex::save_shard`].
+    fn save(&mut self) -> Option<SavedShard> {
+        let heads = self.doc.get_heads();
+        if let Some(mark) = &mut self.saved {
+            if mark.heads == heads {
+                return None;
+            }
+            if mark.pieces < MAX_PIECES {
+                let changes = self.doc.get_changes(&mark.heads);
+                let piece = signed::encode_piece(&changes, &self.signatures);
+                if mark.piece_bytes + piece.len() <= mark.whole_bytes.max(PIECE_BYTES_FLOOR) {
+                    mark.pieces += 1;
+                    mark.piece_bytes += piece.len();
+                    mark.heads = heads;
+                    return Some(SavedShard::Piece(mark.pieces, piece));
+                }
+            }
+        }
+        Some(SavedShard::Whole(self.save_whole()))
+    }
+
     fn save_whole(&mut self) -> Vec<u8> {
         let bytes = signed::encode_saved(self.doc.save(), &self.signatures);
         self.saved_whole(bytes.len());

@@ -551,19 +551,49 @@ fn save_and_load_keep_everything() {
 /// What a device persists of each shard as it saves: a whole save replaces the shard's
 /// earlier saves, a piece follows them (as the node's state keeps them).
 fn persist(store: &mut BTreeMap<u16, Vec<Vec<u8>>>, index: &mut FolderIndex) {
-    for shard in 0..SHARDS {
-        match index.save_shard(shard) {
-            Some(SavedShard::Whole(bytes)) => {
+    for (shard, saved) in index.save_shards(&(0..SHARDS).collect()) {
+        match saved {
+            SavedShard::Whole(bytes) => {
                 store.insert(shard, vec![bytes]);
             }
-            Some(SavedShard::Piece(n, bytes)) => {
+            SavedShard::Piece(n, bytes) => {
                 let saves = store.get_mut(&shard).expect("a piece follows a whole");
                 assert_eq!(saves.len(), n as usize, "pieces are numbered in order");
                 saves.push(bytes);
             }
-            None => {}
         }
     }
+}
+
+/// Saving several shards at once (on every core) gives what each shard's own save would:
+/// only the shards asked for, only those with something new.
+#[test]
+fn shards_saved_together_are_those_asked_for_with_changes() {
+    let (w, mut a, _) = saved_index(300);
+    let s7 = shard_of(&w.folder, "d/7");
+    // Another path of the index, in another shard (the folder ID places paths).
+    let elsewhere = (0..300)
+        .map(|i| format!("d/{i}"))
+        .find(|p| shard_of(&w.folder, p) != s7)
+        .unwrap();
+    let s8 = shard_of(&w.folder, &elsewhere);
+    let other = (0..SHARDS).find(|s| ![s7, s8].contains(s)).unwrap();
+    a.write(
+        &w.admin,
+        Epoch(0),
+        vec![update("d/7", 2), update(&elsewhere, 2)],
+    )
+    .unwrap();
+    let saved = a.save_shards(&[s7, other].into_iter().collect());
+    let shards: Vec<u16> = saved.iter().map(|(s, _)| *s).collect();
+    assert_eq!(
+        shards,
+        vec![s7],
+        "the second path's shard was not asked for; the other has nothing new"
+    );
+    assert!(matches!(saved[0].1, SavedShard::Piece(1, _)));
+    assert!(a.save_shards(&[s7].into_iter().collect()).is_empty());
+    assert!(matches!(a.save_shard(s8), Some(SavedShard::Piece(1, _))));
 }
 
 fn stored(store: &BTreeMap<u16, Vec<Vec<u8>>>) -> Vec<(u16, Vec<u8>)> {

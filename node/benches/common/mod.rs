@@ -90,7 +90,10 @@ pub fn start(home: &Path) -> Daemon {
 
 /// A daemon on `home` listening on `listen`.
 pub fn start_on(home: &Path, listen: &str) -> Daemon {
-    let log = std::fs::File::create(home.join("daemon.log")).unwrap();
+    // Appended to: a restarted daemon's log follows what it logged before.
+    let log = (std::fs::OpenOptions::new().create(true).append(true))
+        .open(home.join("daemon.log"))
+        .unwrap();
     let child = Command::new(bin())
         .arg("--home")
         .arg(home)

@@ -4,6 +4,7 @@
 
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex as StdMutex};
 use std::time::{Duration, Instant};
 
@@ -100,6 +101,27 @@ pub(crate) struct Folder {
     /// How many shards took changes in the last compaction round's second (see
     /// [`compact_quiet_indexes`]).
     changed_last_round: usize,
+    /// How many scans of the folder are under way (see [`ScanUnderWay`]).
+    pub(crate) scans: Arc<AtomicUsize>,
+}
+
+/// Held by a scan of a folder while it runs: the folder's index shards are not unloaded
+/// meanwhile. A whole scan's slices each touch nearly every shard; at a million files the
+/// walk stalled on files read from disk, the index went quiet, a compaction round unloaded
+/// ~1,000 shards and the next slice loaded ~900 of them again (0.5–0.8 s a slice).
+pub(crate) struct ScanUnderWay(Arc<AtomicUsize>);
+
+impl ScanUnderWay {
+    pub(crate) fn new(folder: &Folder) -> ScanUnderWay {
+        folder.scans.fetch_add(1, Ordering::Relaxed);
+        ScanUnderWay(folder.scans.clone())
+    }
+}
+
+impl Drop for ScanUnderWay {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
+    }
 }
 
 impl Folder {
@@ -129,6 +151,7 @@ impl Folder {
             was_quiet: false,
             quiet_heads: None,
             changed_last_round: 0,
+            scans: Arc::default(),
         }
     }
 
@@ -141,13 +164,12 @@ impl Folder {
         shards: impl IntoIterator<Item = u16>,
         batch: &mut Batch,
     ) {
-        for shard in shards {
-            if let Some(saved) = self.index.save_shard(shard) {
-                if let Some(summary) = self.index.summary(shard) {
-                    batch.summaries.push((id.clone(), shard, summary));
-                }
-                batch.shards.push((id.clone(), shard, saved));
+        let shards: BTreeSet<u16> = shards.into_iter().collect();
+        for (shard, saved) in self.index.save_shards(&shards) {
+            if let Some(summary) = self.index.summary(shard) {
+                batch.summaries.push((id.clone(), shard, summary));
             }
+            batch.shards.push((id.clone(), shard, saved));
         }
     }
 
@@ -475,7 +497,9 @@ impl Device {
         }
         let mut unloaded = 0;
         for f in self.folders.values_mut() {
-            unloaded += f.index.unload_unused();
+            if f.scans.load(Ordering::Relaxed) == 0 {
+                unloaded += f.index.unload_unused();
+            }
         }
         if unloaded > 0 || compacted > 0 {
             let (loaded, loose) = (self.folders.values_mut())
@@ -665,6 +689,40 @@ mod tests {
     fn watched(device: &Device, id: &FolderId) -> Option<bool> {
         let watchers = device.watchers.lock().unwrap();
         watchers.get(id).map(|watcher| watcher.is_some())
+    }
+
+    /// While a scan of a folder is under way, its index shards stay in memory (a whole scan's
+    /// slices each touch nearly all of them); once it ends, quiet rounds unload them.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_scan_under_way_keeps_its_index_loaded() {
+        let dir = tempfile::tempdir().unwrap();
+        let device = super::super::test_device(dir.path(), "a").await;
+        let root = dir.path().join("F");
+        for i in 0..200 {
+            let sub = root.join(format!("d{}", i % 20));
+            std::fs::create_dir_all(&sub).unwrap();
+            std::fs::write(sub.join(format!("f{i}")), format!("file {i}")).unwrap();
+        }
+        let id = add(&device, &root, None).await.unwrap();
+        let options = super::super::scan::ScanOptions {
+            requested: true,
+            ..Default::default()
+        };
+        let under_way = ScanUnderWay::new(device.lock().await.folder(&id).unwrap());
+        super::super::scan::scan(&device, &id, options)
+            .await
+            .unwrap();
+        let loaded = device.lock().await.index_shards_in_memory();
+        assert!(loaded > 0, "no shard loaded after the scan");
+        for _ in 0..4 {
+            compact_quiet_indexes(&device).await.unwrap();
+        }
+        assert_eq!(device.lock().await.index_shards_in_memory(), loaded);
+        drop(under_way);
+        for _ in 0..4 {
+            compact_quiet_indexes(&device).await.unwrap();
+        }
+        assert_eq!(device.lock().await.index_shards_in_memory(), 0);
     }
 
     /// A folder is watched once `folder::add` returns, and no more once it is removed — also
