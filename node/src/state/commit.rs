@@ -147,7 +147,10 @@ impl State {
             }
             took.mark("meta, shards");
             let mut lists = txn.open_table(LISTS).map_err(|e| self.err(e))?;
-            for (hash, list) in &batch.lists {
+            // In key order: each lookup and insert lands next to the last.
+            let mut sorted: Vec<&(ChunkListHash, Vec<ChunkRef>)> = batch.lists.iter().collect();
+            sorted.sort_by(|a, b| a.0 .0.cmp(&b.0 .0));
+            for (hash, list) in sorted {
                 // Named by their content: one held already is the same (rewriting it would
                 // still rewrite its page, at a random spot of a big table).
                 if lists.get(&hash.0[..]).map_err(|e| self.err(e))?.is_some() {

@@ -103,6 +103,10 @@ impl State {
             return Ok(Written::Journal(entries));
         }
         self.fold_in(txn)?;
+        // In key order (stable: a place taken away then set again stays in that order), each
+        // insert lands next to the last instead of anywhere in the table.
+        let mut entries = entries;
+        entries.sort_by(|a, b| (&a.0, &a.1, &a.2).cmp(&(&b.0, &b.1, &b.2)));
         let mut table = txn.open_table(PLACES).map_err(|e| self.err(e))?;
         for entry in &entries {
             self.put_place(&mut table, entry)?;
