@@ -252,7 +252,6 @@ impl Shard {
         self.doc.get_heads() != self.compact_heads
     }
 
-    /// The whole shard, saved; what follows it is saved as pieces.
     /// See [`FolderIndex::save_shard`].
     fn save(&mut self) -> Option<SavedShard> {
         let heads = self.doc.get_heads();
@@ -274,6 +273,7 @@ impl Shard {
         Some(SavedShard::Whole(self.save_whole()))
     }
 
+    /// The whole shard, saved; what follows it is saved as pieces.
     fn save_whole(&mut self) -> Vec<u8> {
         let bytes = signed::encode_saved(self.doc.save(), &self.signatures);
         self.saved_whole(bytes.len());

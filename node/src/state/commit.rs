@@ -149,7 +149,7 @@ impl State {
             let mut lists = txn.open_table(LISTS).map_err(|e| self.err(e))?;
             // In key order: each lookup and insert lands next to the last.
             let mut sorted: Vec<&(ChunkListHash, Vec<ChunkRef>)> = batch.lists.iter().collect();
-            sorted.sort_by(|a, b| a.0 .0.cmp(&b.0 .0));
+            sorted.sort_by_key(|(hash, _)| hash.0);
             for (hash, list) in sorted {
                 // Named by their content: one held already is the same (rewriting it would
                 // still rewrite its page, at a random spot of a big table).
