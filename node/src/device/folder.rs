@@ -105,8 +105,8 @@ pub(crate) struct Folder {
     pub(crate) scans: Arc<AtomicUsize>,
 }
 
-/// Held by a scan of a folder while it runs: the folder's index is neither compacted nor
-/// unloaded meanwhile. A whole scan's slices each touch nearly every shard; at a million files
+/// Held by a whole scan of a folder while it runs: the folder's index is neither compacted
+/// nor unloaded meanwhile. A whole scan's slices each touch nearly every shard; at a million files
 /// the walk stalled on files read from disk, the index went quiet, and the compaction rounds
 /// saved its 1,024 shards whole (4,397 whole saves, ~4 per shard, in a 181 s scan, ~18 s of
 /// a core and their writes beside the walk's reads) or unloaded them, only for the next
