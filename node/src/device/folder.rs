@@ -106,12 +106,15 @@ pub(crate) struct Folder {
 }
 
 /// Held by a whole scan of a folder while it runs: the folder's index is neither compacted
-/// nor unloaded meanwhile. A whole scan's slices each touch nearly every shard; at a million files
-/// the walk stalled on files read from disk, the index went quiet, and the compaction rounds
-/// saved its 1,024 shards whole (4,397 whole saves, ~4 per shard, in a 181 s scan, ~18 s of
-/// a core and their writes beside the walk's reads) or unloaded them, only for the next
-/// slice to make them loose again or load ~900 of them back (0.5–0.8 s a slice). The index
-/// holds more memory until the scan ends (a loose shard ~3× a compact one).
+/// nor unloaded meanwhile. Its slices each touch nearly every shard; at a million files the
+/// walk stalled on files read from disk, the index went quiet, and the compaction rounds saved
+/// its 1,024 shards whole (4,397 whole saves, ~4 per shard, in a 181 s scan, ~18 s of a core
+/// and their writes beside the walk's reads) or unloaded them, only for the next slice to make
+/// them loose again or load ~900 of them back (0.5–0.8 s a slice). The index holds more memory
+/// until the scan ends (a loose shard ~3× a compact one). Not held by the watcher's targeted
+/// rescans: they come often (one for each batch a first sync writes) and touch few shards;
+/// holding the rounds off for them left a receiver's shards in pieces (its state 2,264 B a file
+/// at 100k against ~1,350–1,620).
 pub(crate) struct ScanUnderWay(Arc<AtomicUsize>);
 
 impl ScanUnderWay {
@@ -700,9 +703,9 @@ mod tests {
         watchers.get(id).map(|watcher| watcher.is_some())
     }
 
-    /// While a scan of a folder is under way, its index shards stay in memory and are not
-    /// compacted (a whole scan's slices each touch nearly all of them); once it ends, quiet
-    /// rounds compact and unload them.
+    /// While a whole scan of a folder is under way, its index shards stay in memory and are
+    /// not compacted (its slices each touch nearly all of them); once it ends, quiet rounds
+    /// compact and unload them.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_scan_under_way_keeps_its_index_loaded_and_uncompacted() {
         let dir = tempfile::tempdir().unwrap();
@@ -752,7 +755,8 @@ mod tests {
             "compacted (saved whole) while the scan ran"
         );
         drop(under_way);
-        // (The watcher's own rescans of the edits hold compaction off while they run.)
+        // A few rounds: one to see the index quiet, then up to 64 shards each (the daemon's
+        // own rounds run too).
         for _ in 0..50 {
             if in_pieces() == 0 && device.lock().await.index_shards_in_memory() == 0 {
                 return;

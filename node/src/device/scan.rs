@@ -129,10 +129,6 @@ async fn scan_scope(
             d.mesh_key()?,
             f.file_count(),
             stopping,
-            // Only a whole walk: the watcher's targeted rescans come often (one while a
-            // first sync writes each batch) and touch few shards; holding the rounds off for
-            // them left a receiver's shards in pieces (its state 2,264 B a file at 100k
-            // against ~1,350).
             matches!(scope, Scope::All).then(|| ScanUnderWay::new(f)),
         )
     };
