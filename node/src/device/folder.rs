@@ -101,8 +101,8 @@ pub(crate) struct Folder {
     /// How many shards took changes in the last compaction round's second (see
     /// [`compact_quiet_indexes`]).
     changed_last_round: usize,
-    /// How many scans of the folder are under way (see [`ScanUnderWay`]).
-    pub(crate) scans: Arc<AtomicUsize>,
+    /// How many whole scans of the folder are under way (see [`ScanUnderWay`]).
+    scans: Arc<AtomicUsize>,
 }
 
 /// Held by a whole scan of a folder while it runs: the folder's index is neither compacted
@@ -121,6 +121,13 @@ impl ScanUnderWay {
     pub(crate) fn new(folder: &Folder) -> ScanUnderWay {
         folder.scans.fetch_add(1, Ordering::Relaxed);
         ScanUnderWay(folder.scans.clone())
+    }
+}
+
+impl Folder {
+    /// Whether a whole scan of the folder is under way (see [`ScanUnderWay`]).
+    fn scan_under_way(&self) -> bool {
+        self.scans.load(Ordering::Relaxed) > 0
     }
 }
 
@@ -405,7 +412,7 @@ impl Device {
     pub(crate) fn compaction_round(&mut self) -> CompactionRound {
         let mut round = CompactionRound::default();
         for (id, f) in self.folders.iter_mut() {
-            if f.scans.load(Ordering::Relaxed) > 0 {
+            if f.scan_under_way() {
                 // Its next slice would make every shard loose again (see [`ScanUnderWay`]);
                 // quiet is counted afresh once the scan is done.
                 f.quiet_heads = None;
@@ -509,7 +516,7 @@ impl Device {
         }
         let mut unloaded = 0;
         for f in self.folders.values_mut() {
-            if f.scans.load(Ordering::Relaxed) == 0 {
+            if !f.scan_under_way() {
                 unloaded += f.index.unload_unused();
             }
         }

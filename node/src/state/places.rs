@@ -87,7 +87,7 @@ impl State {
         if places.is_empty() {
             return Ok(Written::None);
         }
-        let entries: Vec<Entry> = places
+        let mut entries: Vec<Entry> = places
             .iter()
             .map(|(id, root, path, placed)| {
                 let root = root.as_os_str().as_bytes().to_vec();
@@ -105,7 +105,6 @@ impl State {
         self.fold_in(txn)?;
         // In key order (stable: a place taken away then set again stays in that order), each
         // insert lands next to the last instead of anywhere in the table.
-        let mut entries = entries;
         entries.sort_by(|a, b| (&a.0, &a.1, &a.2).cmp(&(&b.0, &b.1, &b.2)));
         let mut table = txn.open_table(PLACES).map_err(|e| self.err(e))?;
         for entry in &entries {
