@@ -226,6 +226,19 @@ async fn a_transfer_from_two_peers_resumes_after_its_connection_is_killed() {
 struct ReaderSource {
     plain: HashMap<ChunkId, bytes::Bytes>,
     reader: PeerId,
+    /// Each `Want`'s IDs and hints, as `get_many_near` got them.
+    nears: std::sync::Mutex<Vec<(Vec<ChunkId>, chunks::Near)>>,
+}
+
+impl ReaderSource {
+    fn new(plain: HashMap<ChunkId, bytes::Bytes>, reader: PeerId) -> ReaderSource {
+        let nears = Default::default();
+        ReaderSource {
+            plain,
+            reader,
+            nears,
+        }
+    }
 }
 
 impl ChunkSource for ReaderSource {
@@ -241,6 +254,14 @@ impl ChunkSource for ReaderSource {
     fn get_many_plain(&self, ids: &[ChunkId]) -> Vec<Option<chunks::Answer>> {
         let plain = ids.iter().map(|id| self.plain.get(id).cloned());
         plain.map(|p| p.map(chunks::Answer::Plain)).collect()
+    }
+
+    fn get_many_near(&self, ids: &[ChunkId], near: &chunks::Near) -> Vec<Option<chunks::Answer>> {
+        self.nears
+            .lock()
+            .unwrap()
+            .push((ids.to_vec(), near.clone()));
+        self.get_many_plain(ids)
     }
 }
 
@@ -266,7 +287,7 @@ async fn chunks_go_in_the_clear_only_to_a_key_holder_that_asks() {
         .map(|(k, v)| (*k, bytes::Bytes::from(v.clone())))
         .collect();
     let reader = peer(&kb);
-    chunks::start_serving(&a, Arc::new(ReaderSource { plain, reader })).unwrap();
+    chunks::start_serving(&a, Arc::new(ReaderSource::new(plain, reader))).unwrap();
     for t in [&b, &c] {
         t.dial(addr(&a, false).await).await.unwrap();
         assert!(t.wait_connected(peer(&ka), Duration::from_secs(10)).await);
@@ -303,6 +324,101 @@ async fn chunks_go_in_the_clear_only_to_a_key_holder_that_asks() {
     let (status, id, _) = chunks::decode_response_header(&header[4..]).unwrap();
     assert_eq!((status, id), (0, wants[0]), "status 0: sealed");
     stream.close().await.unwrap();
+}
+
+#[tokio::test]
+async fn hints_reach_the_source_with_each_want_and_a_malformed_one_closes_the_stream() {
+    use futures::AsyncReadExt;
+    let [(ka, a), (kb, b), (_kc, c)] = three_members().await;
+    let data = chunks(150, 100, 3);
+    let plain: HashMap<ChunkId, bytes::Bytes> = (data.iter())
+        .map(|(k, v)| (*k, bytes::Bytes::from(v.clone())))
+        .collect();
+    let source = Arc::new(ReaderSource::new(plain, peer(&kb)));
+    chunks::start_serving(&a, source.clone()).unwrap();
+    for t in [&b, &c] {
+        t.dial(addr(&a, false).await).await.unwrap();
+        assert!(t.wait_connected(peer(&ka), Duration::from_secs(10)).await);
+    }
+    let wants: Vec<ChunkId> = data.keys().copied().collect();
+    // Every other chunk named, with a path no hint may carry among them.
+    let mut paths: HashMap<ChunkId, String> = (wants.iter().step_by(2))
+        .enumerate()
+        .map(|(i, id)| (*id, format!("dir/file-{i}")))
+        .collect();
+    paths.insert(wants[2], "x".repeat(chunks::MAX_NEAR_PATH + 1));
+    let hints = chunks::Hints {
+        folder: "photos".into(),
+        paths: paths.clone(),
+    };
+    let fetch = |t: &Transport, hints: chunks::Hints| {
+        let (sink, mut received) = mpsc::channel::<Fetched>(8);
+        let (fetcher, wants) = (t.clone(), wants.clone());
+        let server = peer(&ka);
+        async move {
+            let task = tokio::spawn(async move {
+                chunks::fetch_near(&fetcher, vec![server], wants, hints, sink).await
+            });
+            let mut got = Vec::new();
+            while let Some(fetched) = received.recv().await {
+                got.push(fetched);
+            }
+            task.await.unwrap();
+            got
+        }
+    };
+
+    let got = fetch(&b, hints.clone()).await;
+    assert_eq!(got.len(), 150);
+    assert!(got.iter().all(|f| matches!(f.answer, Answer::Plain(_))));
+    let nears = std::mem::take(&mut *source.nears.lock().unwrap());
+    assert_eq!(nears.len(), 3, "150 IDs, in three `Want`s");
+    let mut named = 0;
+    for (ids, near) in &nears {
+        assert_eq!(near.folder, "photos");
+        assert_eq!(near.paths.len(), ids.len());
+        for (id, path) in ids.iter().zip(&near.paths) {
+            match path {
+                Some(path) => {
+                    assert_eq!(Some(path), paths.get(id));
+                    named += 1;
+                }
+                None => assert!(!paths.contains_key(id) || *id == wants[2]),
+            }
+        }
+    }
+    assert_eq!(
+        named, 74,
+        "every named chunk but the one whose path is too long"
+    );
+
+    // Hints to a source that will not answer in the clear (c holds no key): not passed on.
+    let got = fetch(&c, hints).await;
+    assert_eq!(got.len(), 150);
+    assert!(got.iter().all(|f| matches!(f.answer, Answer::Sealed(_))));
+    assert!(source.nears.lock().unwrap().is_empty());
+
+    // Hints that do not fit their `Want` (two paths for one ID): the stream is closed.
+    let mut stream = b
+        .control()
+        .open_stream(peer(&ka), chunks::PROTOCOL)
+        .await
+        .unwrap();
+    let mut want = meshsync_transport::frame::encode(&chunks::Want {
+        ids: wants[..1].to_vec(),
+    });
+    want.push(chunks::PLAIN_OK);
+    want.extend(meshsync_transport::frame::encode(&chunks::Near {
+        folder: "photos".into(),
+        paths: vec![Some("a".into()), Some("b".into())],
+    }));
+    meshsync_transport::frame::write_frame(&mut stream, &want)
+        .await
+        .unwrap();
+    let mut header = [0u8; 37];
+    let read = tokio::time::timeout(Duration::from_secs(10), stream.read_exact(&mut header));
+    assert!(read.await.unwrap().is_err(), "no answer: closed");
+    assert!(source.nears.lock().unwrap().is_empty());
 }
 
 #[tokio::test]

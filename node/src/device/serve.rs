@@ -19,7 +19,7 @@ use std::path::PathBuf;
 use std::sync::{Arc, Mutex as StdMutex};
 
 use meshsync_crdt::{ChunkId, FileKind, KeyRing};
-use meshsync_transport::chunks::{Answer, ChunkSource};
+use meshsync_transport::chunks::{Answer, ChunkSource, Near};
 use meshsync_transport::PeerId;
 
 use crate::chunks::{content, ChunkRef, ChunkStore};
@@ -164,7 +164,7 @@ pub(crate) struct Place {
 }
 
 /// Where each of `ids` lies in current files, by the state's record.
-pub(crate) fn places<'a>(
+pub(crate) fn places_of<'a>(
     state: &State,
     ids: impl IntoIterator<Item = &'a ChunkId>,
 ) -> HashMap<ChunkId, Vec<Place>> {
@@ -177,23 +177,24 @@ pub(crate) fn places<'a>(
     };
     found
         .into_iter()
-        .map(|(id, rows)| {
-            let places = rows
-                .into_iter()
-                .map(|(root, rel, placed)| Place {
-                    at: FileAt {
-                        root: Arc::new(root),
-                        rel,
-                    },
-                    chunk: ChunkRef {
-                        id,
-                        offset: placed.offset,
-                        len: placed.len,
-                    },
-                    recorded: (placed.size, placed.mtime_ns),
-                })
-                .collect();
-            (id, places)
+        .map(|(id, rows)| (id, to_places(id, rows)))
+        .collect()
+}
+
+/// Chunk `id`'s places as the state gives them.
+fn to_places(id: ChunkId, rows: Vec<crate::state::Place>) -> Vec<Place> {
+    rows.into_iter()
+        .map(|(root, rel, placed)| Place {
+            at: FileAt {
+                root: Arc::new(root),
+                rel,
+            },
+            chunk: ChunkRef {
+                id,
+                offset: placed.offset,
+                len: placed.len,
+            },
+            recorded: (placed.size, placed.mtime_ns),
         })
         .collect()
 }
@@ -224,9 +225,10 @@ impl Served {
     /// The chunks of one `Want`, each from a link target, a current file still as scanned, or
     /// the chunk store (which holds them sealed). `plain`: links and files are read in the
     /// clear (not sealed, and not hashed again: the reader checks every chunk against its ID);
-    /// else sealed. One read of where the chunks lie for the whole `Want`, and each file
+    /// else sealed. One read of where the chunks lie for the whole `Want` (first in the
+    /// records of the files `near` names, see [`State::places_in_files`]), and each file
     /// opened (and its size and age checked) once for all of its chunks in it.
-    fn answer(&self, ids: &[ChunkId], plain: bool) -> Vec<Option<Answer>> {
+    fn answer(&self, ids: &[ChunkId], plain: bool, near: Option<&Near>) -> Vec<Option<Answer>> {
         let Ok(ring) = self.keys.lock().map(|k| k.clone()) else {
             return vec![None; ids.len()];
         };
@@ -234,7 +236,7 @@ impl Served {
             Ok(map) => ids.iter().map(|id| map.links.get(id).cloned()).collect(),
             Err(_) => return vec![None; ids.len()],
         };
-        let places = places(&self.state, ids);
+        let places = self.places(ids, near);
         let mut files: HashMap<(Arc<PathBuf>, String), Option<std::fs::File>> = HashMap::new();
         (ids.iter().zip(links))
             .map(|(id, link)| match link {
@@ -245,14 +247,56 @@ impl Served {
                     Some(Answer::Sealed(sealed.into()))
                 }
                 None => {
-                    let here = places.get(id).map_or(&[][..], Vec::as_slice);
-                    from_files(&ring, id, here, &mut files, plain).or_else(|| {
-                        let sealed = self.store.lock().ok()?.get(id).ok().flatten()?;
-                        Some(Answer::Sealed(sealed.into()))
-                    })
+                    let (here, named) =
+                        places.get(id).map_or((&[][..], false), |(places, named)| {
+                            (places.as_slice(), *named)
+                        });
+                    from_files(&ring, id, here, &mut files, plain)
+                        .or_else(|| {
+                            // A named file that no longer holds it: wherever else it lies.
+                            if !named {
+                                return None;
+                            }
+                            let elsewhere = places_of(&self.state, [id]).remove(id)?;
+                            from_files(&ring, id, &elsewhere, &mut files, plain)
+                        })
+                        .or_else(|| {
+                            let sealed = self.store.lock().ok()?.get(id).ok().flatten()?;
+                            Some(Answer::Sealed(sealed.into()))
+                        })
                 }
             })
             .collect()
+    }
+
+    /// Where each of `ids` lies: in the file `near` names with it if that file's record holds
+    /// it (`true`: so found), else by the state's record of chunks' places.
+    fn places(&self, ids: &[ChunkId], near: Option<&Near>) -> HashMap<ChunkId, (Vec<Place>, bool)> {
+        let named: Vec<(ChunkId, &str)> = near.map_or_else(Vec::new, |near| {
+            let paths = near.paths.iter().map(Option::as_deref);
+            let named = ids
+                .iter()
+                .zip(paths)
+                .filter_map(|(id, path)| Some((*id, path?)));
+            named.collect()
+        });
+        let mut found: HashMap<ChunkId, (Vec<Place>, bool)> = HashMap::new();
+        if let Some(near) = near.filter(|_| !named.is_empty()) {
+            match self.state.places_in_files(&near.folder, &named) {
+                Ok(in_files) => {
+                    let in_files = in_files.into_iter();
+                    found.extend(in_files.map(|(id, rows)| (id, (to_places(id, rows), true))));
+                }
+                Err(error) => tracing::warn!(%error, "cannot read the named files' records"),
+            }
+        }
+        let rest = ids.iter().filter(|id| !found.contains_key(id));
+        found.extend(
+            places_of(&self.state, rest)
+                .into_iter()
+                .map(|(id, p)| (id, (p, false))),
+        );
+        found
     }
 }
 
@@ -262,7 +306,7 @@ impl ChunkSource for Served {
     }
 
     fn get_many(&self, ids: &[ChunkId]) -> Vec<Option<bytes::Bytes>> {
-        let answers = self.answer(ids, false).into_iter();
+        let answers = self.answer(ids, false, None).into_iter();
         answers
             .map(|answer| match answer? {
                 Answer::Sealed(sealed) => Some(sealed),
@@ -276,7 +320,11 @@ impl ChunkSource for Served {
     }
 
     fn get_many_plain(&self, ids: &[ChunkId]) -> Vec<Option<Answer>> {
-        self.answer(ids, true)
+        self.answer(ids, true, None)
+    }
+
+    fn get_many_near(&self, ids: &[ChunkId], near: &Near) -> Vec<Option<Answer>> {
+        self.answer(ids, true, Some(near))
     }
 }
 
@@ -369,7 +417,7 @@ mod tests {
         map.record(&at("y"), None, Some(&other), &mut batch);
         state.commit(batch).unwrap();
         assert!(state.has_places().unwrap());
-        let found = places(&state, &[ChunkId([1; 32]), ChunkId([2; 32])]);
+        let found = places_of(&state, &[ChunkId([1; 32]), ChunkId([2; 32])]);
         let one = &found[&ChunkId([1; 32])];
         assert_eq!(one.len(), 1);
         assert_eq!((one[0].at.rel.as_str(), one[0].chunk.offset), ("a/x", 0));
@@ -387,7 +435,7 @@ mod tests {
         map.record(&at("a/x"), Some(&v1), Some(&v2), &mut batch);
         map.record(&at("y"), Some(&other), None, &mut batch);
         state.commit(batch).unwrap();
-        let found = places(&state, &[ChunkId([1; 32]), ChunkId([2; 32])]);
+        let found = places_of(&state, &[ChunkId([1; 32]), ChunkId([2; 32])]);
         assert!(!found.contains_key(&ChunkId([1; 32])), "chunk 1 is gone");
         let two = &found[&ChunkId([2; 32])];
         assert_eq!(two.len(), 1);
@@ -415,7 +463,7 @@ mod tests {
         let (old, new) = (v2.without_chunks(), v3.without_chunks());
         map.record(&at("a/x"), Some(&old), Some(&new), &mut batch);
         state.commit(batch).unwrap();
-        let found = places(&state, &[2, 3, 4, 5].map(|i| ChunkId([i; 32])));
+        let found = places_of(&state, &[2, 3, 4, 5].map(|i| ChunkId([i; 32])));
         let mut ids: Vec<u8> = found.keys().map(|id| id.0[0]).collect();
         ids.sort();
         assert_eq!(ids, [4, 5], "v2's chunks gone, v3's placed");
@@ -424,5 +472,77 @@ mod tests {
         let id = FolderId::new("f").unwrap();
         state.remove_folder(&id, &root).unwrap();
         assert!(!state.has_places().unwrap());
+    }
+
+    #[test]
+    fn a_named_file_serves_a_chunk_only_if_its_own_record_holds_it() {
+        use meshsync_crdt::{Epoch, MeshKey};
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::create_dir(dir.path().join("home")).unwrap();
+        let state = State::open(&dir.path().join("home")).unwrap();
+        let root = dir.path().join("folder");
+        std::fs::create_dir(&root).unwrap();
+        let key = MeshKey::generate(Epoch(0));
+        let data = b"a chunk of a synced file";
+        let id = content::chunk_id(&key.chunk_id_key(), data);
+        let secret = b"an ignored file, never synced";
+        let secret_id = content::chunk_id(&key.chunk_id_key(), secret);
+        std::fs::write(root.join("secret"), secret).unwrap();
+        // "a" and "b" hold the same chunk; only b's place is recorded by chunk.
+        let record = |rel: &str| {
+            std::fs::write(root.join(rel), data).unwrap();
+            let meta = std::fs::metadata(root.join(rel)).unwrap();
+            let chunk = (0, 0, data.len() as u32);
+            let mut f = file(&[chunk], meta.len(), unix_nanos(meta.modified().unwrap()));
+            f.chunks[0].id = id;
+            f
+        };
+        let (a, b) = (record("a"), record("b"));
+        let folder = FolderId::new("f").unwrap();
+        let mut map = ChunkMap::new(state.clone());
+        let mut batch = Batch::default();
+        batch.folders.push((folder.clone(), root.clone()));
+        batch.local.push((folder.clone(), "a".into(), Some(a)));
+        let at_b = FileAt {
+            root: Arc::new(root.clone()),
+            rel: "b".into(),
+        };
+        map.record(&at_b, None, Some(&b), &mut batch);
+        state.commit(batch).unwrap();
+        let served = Served {
+            map: Arc::new(StdMutex::new(map)),
+            state: state.clone(),
+            keys: Arc::new(StdMutex::new(KeyRing::of([key]))),
+            readers: Default::default(),
+            store: Arc::new(StdMutex::new(
+                ChunkStore::open(&dir.path().join("store")).unwrap(),
+            )),
+        };
+        let near = |folder: &str, path: &str| Near {
+            folder: folder.into(),
+            paths: vec![Some(path.into())],
+        };
+        let plain = |bytes: &[u8]| vec![Some(Answer::Plain(bytes.to_vec().into()))];
+
+        // Read where its record says, b's place aside: b gone, the named file still serves.
+        std::fs::rename(root.join("b"), dir.path().join("b moved")).unwrap();
+        assert_eq!(served.get_many_plain(&[id]), vec![None]);
+        assert_eq!(served.get_many_near(&[id], &near("f", "a")), plain(data));
+        // Named where no record of this device holds it: an ignored file, a path out of the
+        // folder, another folder, a file whose record holds other chunks.
+        for (folder, path, id) in [
+            ("f", "secret", secret_id),
+            ("f", "../folder/secret", secret_id),
+            ("g", "a", id),
+            ("f", "a", secret_id),
+        ] {
+            let answer = served.get_many_near(&[id], &near(folder, path));
+            assert_eq!(answer, vec![None], "{folder}/{path}");
+        }
+        // The named file changed since its record: not read; the chunk comes from where else
+        // it lies (b, back in place).
+        std::fs::rename(dir.path().join("b moved"), root.join("b")).unwrap();
+        std::fs::write(root.join("a"), b"the same length, other bytes!!!").unwrap();
+        assert_eq!(served.get_many_near(&[id], &near("f", "a")), plain(data));
     }
 }

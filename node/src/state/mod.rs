@@ -709,6 +709,7 @@ impl State {
 
 mod commit;
 mod places;
+pub use places::MAX_NAMED_RECORD;
 #[cfg(test)]
 mod tests;
 

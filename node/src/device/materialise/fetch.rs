@@ -12,7 +12,7 @@ use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::Arc;
 
 use anyhow::Context;
-use meshsync_crdt::{ChunkId, ChunkListHash, FileKind, KeyRing};
+use meshsync_crdt::{ChunkId, ChunkListHash, FileKind, FolderId, KeyRing};
 use meshsync_transport::chunks::{self, Fetched};
 use meshsync_transport::{PeerId, Transport};
 
@@ -33,6 +33,10 @@ const OPEN_WHILE_RECEIVING: usize = 64;
 /// How many chunks in a row one task copies from files here into a file being assembled.
 const COPY_RUN: usize = 64;
 
+/// A file of up to this many chunks is named to the peers with each of its missing chunks
+/// (see [`Assembly::missing`]).
+const NAMED_UP_TO: usize = 128;
+
 /// The longest symlink target written (Linux's `PATH_MAX` less its terminator).
 const MAX_LINK: u64 = 4095;
 
@@ -47,6 +51,8 @@ pub(super) struct Pending {
     /// is found again if its folder moves meanwhile.
     pub(super) ino: u64,
     pub(super) size: u64,
+    /// How many chunks its list holds, and how many of them it still lacks.
+    chunks: usize,
     pub(super) left: usize,
     /// For a symlink: its target, assembled in memory (it is never a file on disk).
     pub(super) link: Option<Vec<u8>>,
@@ -117,7 +123,7 @@ impl Device {
             ..Held::default()
         };
         let ids = lists.values().flatten().map(|c| &c.id);
-        for (id, places) in crate::device::serve::places(&self.state, ids) {
+        for (id, places) in crate::device::serve::places_of(&self.state, ids) {
             let places = places.into_iter().map(|p| (p.at, p.chunk));
             held.files.insert(id, places.collect());
         }
@@ -241,6 +247,27 @@ pub(super) fn prepare(
 }
 
 impl Assembly {
+    /// The chunks still missing, in the order of the first file each goes in (the plan's,
+    /// by path), with the path of that file for a peer to read it from if its own record of
+    /// the file holds it (see `chunks::Near`; only for files of a few chunks, whose records
+    /// the peer reads: [`MAX_NAMED_RECORD`](crate::state::MAX_NAMED_RECORD)).
+    fn missing(&self, folder: &FolderId, work: &[Work]) -> (Vec<ChunkId>, chunks::Hints) {
+        let mut first: Vec<(usize, u64, ChunkId)> = (self.wanted_at.iter())
+            .filter_map(|(id, at)| at.iter().min().map(|&(i, offset)| (i, offset, *id)))
+            .collect();
+        first.sort_unstable();
+        let few = |i: &usize| self.pending.get(i).is_some_and(|p| p.chunks <= NAMED_UP_TO);
+        let paths = (first.iter())
+            .filter(|(i, _, _)| few(i))
+            .filter_map(|(i, _, id)| Some((*id, work.get(*i)?.path.clone())))
+            .collect();
+        let hints = chunks::Hints {
+            folder: folder.as_str().to_string(),
+            paths,
+        };
+        (first.into_iter().map(|(_, _, id)| id).collect(), hints)
+    }
+
     fn want(&mut self, id: ChunkId, i: usize, offset: u64) {
         self.wanted_at.entry(id).or_default().push((i, offset));
     }
@@ -263,6 +290,7 @@ impl Assembly {
             tmp,
             ino: 0,
             size,
+            chunks: list.len(),
             left,
             link: Some(link),
         }
@@ -305,6 +333,7 @@ impl Assembly {
             tmp,
             ino,
             size,
+            chunks: list.len(),
             left,
             link: None,
         })
@@ -431,17 +460,18 @@ fn fill(
     Ok(copied.into_iter().flatten().collect())
 }
 
-/// Fetches every chunk `assembly` still lacks from the connected peers, in up to three rounds
-/// (a round that refused no bad chunk ends it: what is missing has no source now).
+/// Fetches every chunk `assembly` still lacks (for `work`, in `folder`) from the connected
+/// peers, in up to three rounds (a round that refused no bad chunk ends it: what is missing
+/// has no source now).
 pub(super) async fn fetch(
     transport: &Transport,
     keys: &KeyRing,
-    root: Arc<FolderRoot>,
+    (root, folder, work): (Arc<FolderRoot>, &FolderId, &[Work]),
     mut assembly: Assembly,
 ) -> anyhow::Result<Assembly> {
     let mut bad_sources: BTreeSet<PeerId> = BTreeSet::new();
     for _round in 0..3 {
-        let missing: Vec<ChunkId> = assembly.wanted_at.keys().copied().collect();
+        let (missing, hints) = assembly.missing(folder, work);
         if missing.is_empty() {
             break;
         }
@@ -457,7 +487,10 @@ pub(super) async fn fetch(
         let bad_before = bad_sources.len();
         let (sink, rx) = tokio::sync::mpsc::channel::<Fetched>(64);
         let fetcher = transport.clone();
-        let task = tokio::spawn(async move { chunks::fetch(&fetcher, peers, missing, sink).await });
+        let task =
+            tokio::spawn(
+                async move { chunks::fetch_near(&fetcher, peers, missing, hints, sink).await },
+            );
         let (keys, root) = (Arc::new(keys.clone()), root.clone());
         let (back, bad, received) = tokio::task::spawn_blocking(move || {
             let mut bad = bad_sources;

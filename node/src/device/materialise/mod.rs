@@ -112,7 +112,8 @@ async fn write_batch(
         .values()
         .map(|p| (p.tmp.clone(), p.ino))
         .collect();
-    let fetched = fetch::fetch(&job.transport, &job.keys, job.root.clone(), assembly).await;
+    let to = (job.root.clone(), folder, &work[..]);
+    let fetched = fetch::fetch(&job.transport, &job.keys, to, assembly).await;
     let mut assembly = match fetched {
         Ok(assembly) => assembly,
         Err(error) => {
