@@ -17,7 +17,9 @@
 //! keeps their logs in the temp directory. `SCALE_BENCH_KEEP=DIR` keeps the folders and homes in
 //! `DIR/N` (listening on fixed loopback ports) instead of a temporary directory; a later run with
 //! the same `DIR` starts the kept pair and goes straight to the restart and the changes (at a
-//! million files, minutes instead of half an hour).
+//! million files, minutes instead of half an hour); with `SCALE_BENCH_RESYNC=1` as well, it
+//! first deletes the kept B and pairs and syncs a new one with the kept A (the initial sync
+//! again, without writing and scanning the tree).
 //!
 //! The initial sync creates N files, so it is printed next to the rate at which this disk
 //! creates the same files with no daemon, measured just before it. That rate is not a
@@ -41,9 +43,14 @@ fn tree_path(i: usize) -> String {
     )
 }
 
+/// File `i`'s length, whatever its version.
+fn content_len(i: usize) -> usize {
+    1024 + (i * 7919) % (15 * 1024)
+}
+
 /// Deterministic incompressible-ish content of 1–16 KiB for file `i`, version `v`.
 fn content(i: usize, v: u64) -> Vec<u8> {
-    let len = 1024 + (i * 7919) % (15 * 1024);
+    let len = content_len(i);
     let mut x = (i as u64 + 1).wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ v.wrapping_mul(31) | 1;
     (0..len)
         .map(|_| {
@@ -268,9 +275,7 @@ fn main() {
 /// Writes the tree into `dir`'s folder A, scans it on a first device, pairs a second and
 /// syncs the tree to it, printing the first scan, the initial sync and the memory figures.
 fn first_sync(n: usize, dir: &Path, listen: [&str; 2]) -> (Daemon, Daemon) {
-    let (ha, hb) = (dir.join("a"), dir.join("b"));
-    let (fa, fb) = (dir.join("A"), dir.join("B"));
-    std::fs::create_dir_all(&fb).unwrap();
+    let (ha, fa) = (dir.join("a"), dir.join("A"));
     let bytes = write_tree(&fa, n);
     // Written back before the scan is timed: the tree stays in the page cache (warm), and the
     // kernel's writeback of what the writer just wrote (a GB at a million files) is not
@@ -278,7 +283,6 @@ fn first_sync(n: usize, dir: &Path, listen: [&str; 2]) -> (Daemon, Daemon) {
     rustix::fs::sync();
     println!("  tree written: {:.1} MB", bytes as f64 / 1e6);
     run(&ha, &["init", "--name", "a"]);
-    run(&hb, &["init", "--name", "b"]);
     let a = start_on(&ha, listen[0]);
     println!(
         "  the tree in the page cache before the scan: {:.0} % (a sample of its files)",
@@ -292,6 +296,18 @@ fn first_sync(n: usize, dir: &Path, listen: [&str; 2]) -> (Daemon, Daemon) {
         n as f64 / scan,
         stolen_since(ticks)
     );
+    let b = join_and_sync(&a, dir, n, bytes, listen[1]);
+    (a, b)
+}
+
+/// Pairs a second device (a fresh home `dir/b`, an empty folder `dir/B`) with the running `a`
+/// and syncs the tree of `n` files (`bytes` in all) to it, printing the initial sync and the
+/// memory figures.
+fn join_and_sync(a: &Daemon, dir: &Path, n: usize, bytes: u64, listen: &str) -> Daemon {
+    let (ha, hb) = (dir.join("a"), dir.join("b"));
+    let (fa, fb) = (dir.join("A"), dir.join("B"));
+    std::fs::create_dir_all(&fb).unwrap();
+    run(&hb, &["init", "--name", "b"]);
     let code = run(&ha, &["invite"])
         .lines()
         .last()
@@ -303,11 +319,13 @@ fn first_sync(n: usize, dir: &Path, listen: [&str; 2]) -> (Daemon, Daemon) {
     println!(
         "  this disk, same run:    {reference:>9.0} files/s  creating files of these sizes with no daemon (the limit for a sync)"
     );
+    let state = resident_pages(&ha.join("state.redb")).unwrap_or_default();
     println!(
-        "  A's tree in the page cache before the sync: {:.0} % (what A serves from)",
-        resident_share(&fa, n)
+        "  A's tree in the page cache before the sync: {:.0} % (what A serves from), its state {:.0} %",
+        resident_share(&fa, n),
+        100.0 * state.0 as f64 / state.1.max(1) as f64
     );
-    let b = start_on(&hb, listen[1]);
+    let b = start_on(&hb, listen);
     let (t, ticks) = (Instant::now(), cpu_ticks());
     run(&hb, &["folder", "add", fb.to_str().unwrap(), "--id", "big"]);
     let mut latencies = Vec::new();
@@ -345,17 +363,17 @@ fn first_sync(n: usize, dir: &Path, listen: [&str; 2]) -> (Daemon, Daemon) {
     std::thread::sleep(Duration::from_secs(5));
     println!(
         "  RSS idle 5 s:           A {:.0} MB, B {:.0} MB",
-        rss_mb(&a),
+        rss_mb(a),
         rss_mb(&b)
     );
     // The index is compacted a few dozen shards a second once quiet (~16 s at a million).
     std::thread::sleep(Duration::from_secs(25));
     println!(
         "  steady RSS (idle 30 s): A {:.0} MB, B {:.0} MB   goal < 500 MB at 1M",
-        rss_mb(&a),
+        rss_mb(a),
         rss_mb(&b)
     );
-    (a, b)
+    b
 }
 
 /// Where a kept run's daemons listen (a kept pair finds each other again at the same
@@ -389,7 +407,24 @@ fn bench(n: usize, changes: usize) {
     };
     println!("== {n} files");
     let synced_mark = dir.join("synced");
-    let (a, b) = if synced_mark.exists() {
+    let resync = std::env::var_os("SCALE_BENCH_RESYNC").is_some();
+    let (a, b) = if synced_mark.exists() && resync {
+        println!(
+            "  kept from an earlier run in {}; B made again from nothing",
+            dir.display()
+        );
+        let t = Instant::now();
+        for gone in [&hb, &fb, &dir.join("reference")] {
+            let _ = std::fs::remove_dir_all(gone);
+        }
+        println!("  B's home and folder deleted in {:.0} s", t.elapsed().as_secs_f64());
+        let a = start_on(&ha, listen[0]);
+        let up = wait_for(Duration::from_secs(600), || status(&ha).is_some());
+        up.expect("the kept A answers");
+        let bytes = (0..n).map(|i| content_len(i) as u64).sum();
+        let b = join_and_sync(&a, &dir, n, bytes, listen[1]);
+        (a, b)
+    } else if synced_mark.exists() {
         println!("  kept from an earlier run in {}", dir.display());
         let (a, b) = (start_on(&ha, listen[0]), start_on(&hb, listen[1]));
         wait_for(Duration::from_secs(600), || in_sync_with(&hb, n)).expect("the kept pair syncs");
