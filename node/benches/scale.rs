@@ -417,7 +417,10 @@ fn bench(n: usize, changes: usize) {
         for gone in [&hb, &fb, &dir.join("reference")] {
             let _ = std::fs::remove_dir_all(gone);
         }
-        println!("  B's home and folder deleted in {:.0} s", t.elapsed().as_secs_f64());
+        println!(
+            "  B's home and folder deleted in {:.0} s",
+            t.elapsed().as_secs_f64()
+        );
         let a = start_on(&ha, listen[0]);
         let up = wait_for(Duration::from_secs(600), || status(&ha).is_some());
         up.expect("the kept A answers");

@@ -63,6 +63,14 @@ pub enum SyncRequest {
     /// The chunk lists with these hashes, each as pieces against the list named beside it
     /// where the answerer holds that one (the list of the version the asker replaces).
     ListsSince(Vec<(ChunkListHash, Option<ChunkListHash>)>),
+    /// As `ListsSince`, each list with the path of a file of `folder` that has it in the
+    /// index: the answerer takes it from its own record of that file where that record holds
+    /// it (keyed by path: an asker's files in order are neighbouring rows), and looks the
+    /// others up by hash.
+    ListsIn {
+        folder: FolderId,
+        asked: Vec<(ChunkListHash, Option<ChunkListHash>, String)>,
+    },
 }
 
 /// Changes between devices: admitted by the receiver's `meshsync-crdt` gate before use.

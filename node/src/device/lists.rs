@@ -1,13 +1,13 @@
 //! Chunk lists between devices: a changed file's list goes out as the pieces that differ from
 //! the list of the version it replaces ([`chunks::delta`](crate::chunks::delta)), with a push
-//! ([`to_send`]) or in answer to `ListsSince` ([`answer`]); what arrives is put together
+//! ([`to_send`]) or in answer to `ListsSince` or `ListsIn` ([`answer`]); what arrives is put together
 //! against the receiver's own copy of that list and kept only if it hashes to the hash asked
 //! for or named ([`received`]). A receiver without the base simply asks for the list again,
 //! naming no base.
 
 use std::collections::{BTreeMap, HashMap};
 
-use meshsync_crdt::ChunkListHash;
+use meshsync_crdt::{ChunkListHash, FolderId};
 
 use crate::chunks::delta::{self, ListPiece};
 use crate::chunks::{content, ChunkRef};
@@ -81,16 +81,34 @@ fn sent_chunks(sent: &SentList) -> usize {
         .sum()
 }
 
-/// The answer to `ListsSince`: each list this device holds, against the base named beside
-/// it where this device holds that one too.
+/// The answer to `ListsSince` or `ListsIn`: each list this device holds, against the base
+/// named beside it where this device holds that one too. A list is taken from this device's
+/// record of the file named beside it (in `folder`) where that record holds it, else looked
+/// up by its hash.
 pub(super) fn answer(
     state: &State,
-    asked: &BTreeMap<ChunkListHash, Option<ChunkListHash>>,
+    folder: Option<&FolderId>,
+    asked: &[(ChunkListHash, Option<ChunkListHash>, String)],
 ) -> Result<Vec<SentList>, crate::state::StateError> {
-    let held = state.chunk_lists(asked.keys())?;
+    let mut held: BTreeMap<ChunkListHash, Vec<ChunkRef>> = BTreeMap::new();
+    if let Some(folder) = folder {
+        let records = state.named_records(folder.as_str(), asked.iter().map(|a| a.2.as_str()))?;
+        for ((hash, _, _), file) in asked.iter().zip(records) {
+            // Checked here: the record's list is sent only if it is the one asked for.
+            if let Some(file) = file.filter(|f| content::valid_list(hash, &f.chunks)) {
+                held.insert(*hash, file.chunks);
+            }
+        }
+    }
+    let rest: Vec<&ChunkListHash> = (asked.iter().map(|a| &a.0))
+        .filter(|hash| !held.contains_key(hash))
+        .collect();
+    held.extend(state.chunk_lists(rest)?);
+    let bases: HashMap<ChunkListHash, Option<ChunkListHash>> =
+        asked.iter().map(|(hash, base, _)| (*hash, *base)).collect();
     Ok(held
         .into_iter()
-        .map(|(hash, list)| encode(state, hash, &list, asked[&hash]))
+        .map(|(hash, list)| encode(state, hash, &list, bases[&hash]))
         .collect())
 }
 
@@ -136,10 +154,63 @@ mod tests {
     use crate::device::scan::{scan, ScanOptions};
     use crate::device::{test_pair, Shared};
     use crate::protocol::{self, SyncReply, SyncRequest};
+    use crate::state::LocalFile;
 
     async fn list_at(d: &Shared, folder: &meshsync_crdt::FolderId) -> Option<ChunkListHash> {
         let d = d.lock().await;
         (d.state.local_file(folder, "big.bin").ok().flatten()).map(|f| f.list_hash)
+    }
+
+    /// `ListsIn` names a file for each list: the list comes from this device's record of that
+    /// file if it is the list asked for, else from the table of lists by hash, else nothing.
+    #[test]
+    fn a_list_asked_in_a_named_file_comes_from_that_files_record_if_it_is_that_list() {
+        use meshsync_crdt::{ChunkId, FileKind};
+        let dir = tempfile::tempdir().unwrap();
+        let state = State::open(dir.path()).unwrap();
+        let folder = FolderId::new("f").unwrap();
+        let chunk = |i: u8, offset: u64, len: u32| ChunkRef {
+            id: ChunkId([i; 32]),
+            offset,
+            len,
+        };
+        let list = vec![chunk(1, 0, 10), chunk(2, 10, 5)];
+        let other = vec![chunk(3, 0, 7)];
+        let (hash, other_hash) = (
+            content::chunk_list_hash(&list),
+            content::chunk_list_hash(&other),
+        );
+        let file = LocalFile {
+            kind: FileKind::File,
+            size: 15,
+            mtime_ns: 1,
+            mode: 0o644,
+            chunks: list.clone(),
+            version: 1,
+            list_hash: hash,
+        };
+        // The file's record holds `list`; the table of lists only `other`.
+        let mut batch = crate::state::Batch::default();
+        batch.local.push((folder.clone(), "a".into(), Some(file)));
+        batch.lists.push((other_hash, other.clone()));
+        state.commit(batch).unwrap();
+        let ask = |folder: Option<&FolderId>, hash: ChunkListHash, path: &str| {
+            let sent = answer(&state, folder, &[(hash, None, path.into())]).unwrap();
+            received(&state, sent, &[])
+        };
+
+        assert_eq!(ask(Some(&folder), hash, "a"), vec![(hash, list)]);
+        assert_eq!(ask(None, hash, ""), vec![], "by hash alone: not held");
+        assert_eq!(
+            ask(Some(&folder), other_hash, "a"),
+            vec![(other_hash, other)]
+        );
+        for path in ["b", "../a", ""] {
+            assert_eq!(ask(Some(&folder), hash, path), vec![], "{path}");
+        }
+        let elsewhere = FolderId::new("g").unwrap();
+        assert_eq!(ask(Some(&elsewhere), hash, "a"), vec![]);
+        assert_eq!(ask(Some(&folder), ChunkListHash([9; 32]), "a"), vec![]);
     }
 
     /// Two devices, no storage peer: an edit in the middle of a big file reaches the other

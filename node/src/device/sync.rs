@@ -10,7 +10,7 @@
 use std::collections::BTreeSet;
 
 use meshsync_crdt::index::{shard_of, ShardChange};
-use meshsync_crdt::FolderId;
+use meshsync_crdt::{ChunkListHash, FolderId};
 use meshsync_transport::{rpc, PeerId, Transport};
 use tracing::Instrument;
 
@@ -67,19 +67,36 @@ async fn handle(device: &Shared, peer: PeerId, request: SyncRequest) -> SyncRepl
             }
         }
         SyncRequest::ListsSince(asked) => {
-            let state = match lists_state(device, &peer).await {
-                Ok(state) => state,
-                Err(refused) => return refused,
-            };
-            let asked = asked.into_iter().take(MAX_LISTS_PER_REQUEST).collect();
-            // Blocking reads and diffs, thousands at a time during a first sync.
-            let answer = tokio::task::spawn_blocking(move || super::lists::answer(&state, &asked));
-            match answer.await {
-                Ok(Ok(lists)) => SyncReply::Lists(lists),
-                Ok(Err(error)) => SyncReply::Refused(format!("cannot read chunk lists: {error}")),
-                Err(error) => SyncReply::Refused(format!("cannot answer: {error}")),
-            }
+            let asked = asked
+                .into_iter()
+                .map(|(hash, base)| (hash, base, String::new()));
+            answer_lists(device, &peer, None, asked.collect()).await
         }
+        SyncRequest::ListsIn { folder, asked } => {
+            answer_lists(device, &peer, Some(folder), asked).await
+        }
+    }
+}
+
+/// The answer to `ListsSince` or `ListsIn` (`folder`: the folder of the paths named).
+async fn answer_lists(
+    device: &Shared,
+    peer: &PeerId,
+    folder: Option<FolderId>,
+    mut asked: Vec<(ChunkListHash, Option<ChunkListHash>, String)>,
+) -> SyncReply {
+    let state = match lists_state(device, peer).await {
+        Ok(state) => state,
+        Err(refused) => return refused,
+    };
+    asked.truncate(MAX_LISTS_PER_REQUEST);
+    // Blocking reads and diffs, thousands at a time during a first sync.
+    let answer =
+        tokio::task::spawn_blocking(move || super::lists::answer(&state, folder.as_ref(), &asked));
+    match answer.await {
+        Ok(Ok(lists)) => SyncReply::Lists(lists),
+        Ok(Err(error)) => SyncReply::Refused(format!("cannot read chunk lists: {error}")),
+        Err(error) => SyncReply::Refused(format!("cannot answer: {error}")),
     }
 }
 

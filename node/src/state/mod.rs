@@ -34,6 +34,9 @@ const SHARD_SUMMARIES: TableDefinition<(&str, u16), &[u8]> =
     TableDefinition::new("shard_summaries");
 const LISTS: TableDefinition<&[u8], &[u8]> = TableDefinition::new("chunk_lists");
 const LOCAL: TableDefinition<(&str, &str), &[u8]> = TableDefinition::new("local_files");
+/// The largest record of a local file [`State::named_records`] reads (a file of about two
+/// hundred chunks): a bigger one is not decoded for an asker that names it.
+pub const MAX_NAMED_RECORD: usize = 8 * 1024;
 /// Where each chunk of each current file lies, for serving it and for reusing it when another
 /// file is written: (chunk ID, folder root, path in the folder) → [`Placed`]. Kept here, not in
 /// memory: at a million files the map in memory took ~600 bytes per file.
@@ -285,6 +288,34 @@ impl State {
         Ok(Some(
             postcard::from_bytes(bytes.value()).map_err(|e| self.err(e))?,
         ))
+    }
+
+    /// What this device holds at each of `paths` in `folder`, as last committed, in one read
+    /// (in the order given: neighbouring paths, neighbouring rows). A record larger than
+    /// [`MAX_NAMED_RECORD`] bytes is not read (`None`): a big file's chunk list, decoded for
+    /// an asker that may name it again and again.
+    pub fn named_records<'a>(
+        &self,
+        folder: &str,
+        paths: impl IntoIterator<Item = &'a str>,
+    ) -> Result<Vec<Option<LocalFile>>, StateError> {
+        let txn = self.db.begin_read().map_err(|e| self.err(e))?;
+        let table = txn.open_table(LOCAL).map_err(|e| self.err(e))?;
+        let mut out: Vec<Option<LocalFile>> = Vec::new();
+        let mut last = None;
+        for path in paths {
+            if last != Some(path) {
+                let row = table.get((folder, path)).map_err(|e| self.err(e))?;
+                let file = row
+                    .filter(|row| row.value().len() <= MAX_NAMED_RECORD)
+                    .and_then(|row| postcard::from_bytes::<LocalFile>(row.value()).ok());
+                out.push(file);
+            } else {
+                out.push(out.last().cloned().flatten());
+            }
+            last = Some(path);
+        }
+        Ok(out)
     }
 
     /// What this device holds in `folder`, in path order from `from` on, handed to `each`
@@ -709,7 +740,6 @@ impl State {
 
 mod commit;
 mod places;
-pub use places::MAX_NAMED_RECORD;
 #[cfg(test)]
 mod tests;
 

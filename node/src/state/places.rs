@@ -25,11 +25,6 @@ const JOURNAL_BATCH: usize = 10_000;
 /// …as does any batch while the journal holds more places than this (memory: ~150 bytes each).
 const JOURNAL_MAX: usize = 50_000;
 
-/// The largest file record [`State::places_in_files`] reads for a chunk's place (a file of
-/// about a hundred chunks): a bigger one is not decoded for the sake of one chunk (an asker
-/// could name it for every chunk of its `Want`).
-pub const MAX_NAMED_RECORD: usize = 8 * 1024;
-
 /// One place as a journal row keeps it: chunk, folder root, path, and where (`None`: gone).
 type Entry = ([u8; 32], Vec<u8>, String, Option<Placed>);
 /// A place: chunk, folder root, path.
@@ -286,37 +281,26 @@ impl State {
     /// [`PLACES`] is written from, in the same commits. Keyed by path, the records are read
     /// in the order given (an asker's files in order take neighbouring rows), where a chunk's
     /// place in [`PLACES`] is anywhere in the table. A record held without its chunk list, or
-    /// with a list longer than [`MAX_NAMED_RECORD`] bytes, places nothing: its chunks are
-    /// looked up as usual.
+    /// not read ([`State::named_records`]), places nothing: its chunks are looked up as usual.
     pub fn places_in_files(
         &self,
         folder: &str,
         wanted: &[(ChunkId, &str)],
     ) -> Result<HashMap<ChunkId, Vec<Place>>, StateError> {
-        let txn = self.db.begin_read().map_err(|e| self.err(e))?;
-        let folders = txn.open_table(FOLDERS).map_err(|e| self.err(e))?;
-        let Some(root) = folders.get(folder).map_err(|e| self.err(e))? else {
-            return Ok(HashMap::new());
+        let root = {
+            let txn = self.db.begin_read().map_err(|e| self.err(e))?;
+            let folders = txn.open_table(FOLDERS).map_err(|e| self.err(e))?;
+            let Some(root) = folders.get(folder).map_err(|e| self.err(e))? else {
+                return Ok(HashMap::new());
+            };
+            PathBuf::from(root.value())
         };
-        let root = PathBuf::from(root.value());
-        let local = txn.open_table(LOCAL).map_err(|e| self.err(e))?;
+        let records = self.named_records(folder, wanted.iter().map(|(_, path)| *path))?;
         let mut out: HashMap<ChunkId, Vec<Place>> = HashMap::new();
-        // The record read last: a Want names a file once for each of its chunks.
-        let mut last: Option<(&str, Option<LocalFile>)> = None;
-        for (id, path) in wanted {
-            if last.as_ref().is_none_or(|(p, _)| p != path) {
-                let row = local.get((folder, *path)).map_err(|e| self.err(e))?;
-                let file = row
-                    .filter(|row| row.value().len() <= MAX_NAMED_RECORD)
-                    .and_then(|row| postcard::from_bytes::<LocalFile>(row.value()).ok());
-                last = Some((path, file));
-            }
-            let Some((_, Some(file))) = &last else {
+        for ((id, path), file) in wanted.iter().zip(records) {
+            let Some(file) = file.filter(|f| f.kind == meshsync_crdt::FileKind::File) else {
                 continue;
             };
-            if file.kind != meshsync_crdt::FileKind::File {
-                continue;
-            }
             if let Some(c) = file.chunks.iter().find(|c| c.id == *id) {
                 let placed = Placed {
                     offset: c.offset,

@@ -64,7 +64,7 @@ async fn handle_doc(s: &SharedStorage, peer: PeerId, request: SyncRequest) -> Sy
                 }
             }
         }
-        SyncRequest::ChunkLists(_) | SyncRequest::ListsSince(_) => {
+        SyncRequest::ChunkLists(_) | SyncRequest::ListsSince(_) | SyncRequest::ListsIn { .. } => {
             SyncReply::Refused("a storage peer holds no chunk lists".into())
         }
     }

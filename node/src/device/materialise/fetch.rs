@@ -137,23 +137,23 @@ impl Device {
     }
 }
 
-/// The chunk lists of the files `work` writes: from this device's state, else asked of `from`,
-/// then of the other connected members (each checked against its hash; a list that does not
-/// match is ignored).
+/// The chunk lists of the files `work` writes (in `folder`): from this device's state, else
+/// asked of `from`, then of the other connected members (each checked against its hash; a
+/// list that does not match is ignored), naming a file that has each in the index.
 pub(super) async fn chunk_lists(
     device: &Shared,
     transport: &Transport,
-    from: PeerId,
+    (from, folder): (PeerId, &FolderId),
     work: &[Work],
     olds: &HashMap<String, LocalFile>,
 ) -> anyhow::Result<Lists> {
     // Each wanted list, with the list of the version it replaces here (the answer can then
-    // be the pieces that differ from it).
-    let wanted: BTreeMap<ChunkListHash, Option<ChunkListHash>> = work
-        .iter()
-        .filter(|w| w.needs_content())
-        .map(|w| (w.record.chunks, olds.get(&w.path).map(|old| old.list_hash)))
-        .collect();
+    // be the pieces that differ from it) and the path of the first file to have it.
+    let mut wanted: BTreeMap<ChunkListHash, (Option<ChunkListHash>, &str)> = BTreeMap::new();
+    for w in work.iter().filter(|w| w.needs_content()) {
+        let base = olds.get(&w.path).map(|old| old.list_hash);
+        wanted.entry(w.record.chunks).or_insert((base, &w.path));
+    }
     let state = device.lock().await.state.clone();
     let mut lists: Lists = state
         .chunk_lists(wanted.keys())
@@ -165,17 +165,21 @@ pub(super) async fn chunk_lists(
     let mut others = transport.connected_peers().await;
     others.retain(|p| *p != from);
     for peer in std::iter::once(from).chain(others) {
-        let ask: Vec<(ChunkListHash, Option<ChunkListHash>)> = wanted
+        // In the order of the files (the plan's, by path): the peer reads its records so.
+        let mut asked: Vec<(ChunkListHash, Option<ChunkListHash>, String)> = wanted
             .iter()
             .filter(|(h, _)| !lists.contains_key(h))
-            .map(|(h, base)| (*h, *base))
+            .map(|(h, (base, path))| (*h, *base, path.to_string()))
             .collect();
-        if ask.is_empty() {
+        if asked.is_empty() {
             break;
         }
-        let Ok(SyncReply::Lists(got)) =
-            protocol::doc(transport, peer, &SyncRequest::ListsSince(ask)).await
-        else {
+        asked.sort_by(|a, b| a.2.cmp(&b.2));
+        let ask = SyncRequest::ListsIn {
+            folder: folder.clone(),
+            asked,
+        };
+        let Ok(SyncReply::Lists(got)) = protocol::doc(transport, peer, &ask).await else {
             continue; // unreachable, refused (a storage peer), or not a list: ask the next
         };
         let asked = |s: &SentList| wanted.contains_key(&s.hash);

@@ -88,7 +88,8 @@ async fn write_batch(
 ) -> anyhow::Result<()> {
     let mut took = Phases::default();
     let work = Arc::new(work);
-    let lists = Arc::new(fetch::chunk_lists(device, &job.transport, from, &work, &olds).await?);
+    let lists =
+        Arc::new(fetch::chunk_lists(device, &job.transport, (from, folder), &work, &olds).await?);
     took.mark("lists");
     let held = device.lock().await.held_chunks(&lists);
     took.mark("held");
