@@ -22,7 +22,8 @@
 //! a big table: at a million files, ~2 ms of disk a chunk. A file's own record, keyed by its
 //! path, is read in the order the asker writes its files. A hint spares only that lookup: the
 //! server reads the chunk there if its own record of that file says the chunk is in it, and
-//! looks it up as usual otherwise.
+//! looks it up as usual otherwise. Hints go only to the peers the asker names as readers
+//! (the other devices): a storage peer must not learn a file's name.
 //!
 //! [`fetch`] spreads the wanted chunks over several peers at once (one worker and stream per
 //! peer, drawing batches from a shared queue), hands each received chunk to a bounded channel
@@ -97,11 +98,13 @@ impl Near {
 }
 
 /// Where the asker of a fetch expects each chunk to lie, by ID: sent with each `Want` as a
-/// [`Near`].
+/// [`Near`], to the peers in `readers` only. The names are the mesh's secret: a peer left out
+/// (a storage peer) gets no hints, since it would read them even if its answer ignores them.
 #[derive(Debug, Clone, Default)]
 pub struct Hints {
     pub folder: String,
     pub paths: std::collections::HashMap<ChunkId, String>,
+    pub readers: std::collections::HashSet<PeerId>,
 }
 
 impl Hints {
@@ -590,6 +593,7 @@ async fn worker(
     let mut failures = 0;
     let mut control = transport.control();
     let hints = shared.lock().expect("fetch state lock").hints.clone();
+    let hints = hints.readers.contains(&peer).then_some(hints);
     loop {
         // After a dropped connection, redial at the addresses that worked before.
         transport.dial_peer(peer, Vec::new()).await;
@@ -625,7 +629,7 @@ async fn worker(
                     }
                     let mut frame = frame::encode(&Want { ids: batch.clone() });
                     frame.push(PLAIN_OK);
-                    if let Some(near) = hints.near(&batch) {
+                    if let Some(near) = hints.as_ref().and_then(|h| h.near(&batch)) {
                         frame.extend(frame::encode(&near));
                     }
                     in_flight.push_back(batch);

@@ -350,6 +350,7 @@ async fn hints_reach_the_source_with_each_want_and_a_malformed_one_closes_the_st
     let hints = chunks::Hints {
         folder: "photos".into(),
         paths: paths.clone(),
+        readers: [peer(&ka)].into(),
     };
     let fetch = |t: &Transport, hints: chunks::Hints| {
         let (sink, mut received) = mpsc::channel::<Fetched>(8);
@@ -391,6 +392,15 @@ async fn hints_reach_the_source_with_each_want_and_a_malformed_one_closes_the_st
         named, 74,
         "every named chunk but the one whose path is too long"
     );
+
+    // Hints for other readers than this source: not sent (it would pass them on).
+    let elsewhere = chunks::Hints {
+        readers: [peer(&kb)].into(),
+        ..hints.clone()
+    };
+    let got = fetch(&b, elsewhere).await;
+    assert_eq!(got.len(), 150);
+    assert!(source.nears.lock().unwrap().is_empty());
 
     // Hints to a source that will not answer in the clear (c holds no key): not passed on.
     let got = fetch(&c, hints).await;

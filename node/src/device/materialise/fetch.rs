@@ -8,7 +8,7 @@
 //! logged, and asked again from the other sources, up to three rounds. File I/O and chunk
 //! opening run on blocking threads.
 
-use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::sync::Arc;
 
 use anyhow::Context;
@@ -154,17 +154,25 @@ pub(super) async fn chunk_lists(
         let base = olds.get(&w.path).map(|old| old.list_hash);
         wanted.entry(w.record.chunks).or_insert((base, &w.path));
     }
-    let state = device.lock().await.state.clone();
+    let (state, readers) = {
+        let d = device.lock().await;
+        let readers = d.readers.lock().expect("readers lock").clone();
+        (d.state.clone(), readers)
+    };
     let mut lists: Lists = state
         .chunk_lists(wanted.keys())
         .unwrap_or_default()
         .into_iter()
         .collect();
-    // From `from` first, then from the other members: the peer a catch-up asks may lack a
-    // list that a third device has (it may be waiting for it too).
+    // From `from` first, then from the other devices: the peer a catch-up asks may lack a
+    // list that a third device has (it may be waiting for it too). Never a storage peer: it
+    // holds no lists, and a request names files.
     let mut others = transport.connected_peers().await;
     others.retain(|p| *p != from);
-    for peer in std::iter::once(from).chain(others) {
+    let devices = std::iter::once(from)
+        .chain(others)
+        .filter(|p| readers.contains(p));
+    for peer in devices {
         // In the order of the files (the plan's, by path): the peer reads its records so.
         let mut asked: Vec<(ChunkListHash, Option<ChunkListHash>, String)> = wanted
             .iter()
@@ -180,7 +188,7 @@ pub(super) async fn chunk_lists(
             asked,
         };
         let Ok(SyncReply::Lists(got)) = protocol::doc(transport, peer, &ask).await else {
-            continue; // unreachable, refused (a storage peer), or not a list: ask the next
+            continue; // unreachable, refused, or not a list: ask the next
         };
         let asked = |s: &SentList| wanted.contains_key(&s.hash);
         let got = got.into_iter().filter(asked).collect();
@@ -268,6 +276,7 @@ impl Assembly {
         let hints = chunks::Hints {
             folder: folder.as_str().to_string(),
             paths,
+            readers: HashSet::new(),
         };
         (first.into_iter().map(|(_, _, id)| id).collect(), hints)
     }
@@ -466,16 +475,16 @@ fn fill(
 
 /// Fetches every chunk `assembly` still lacks (for `work`, in `folder`) from the connected
 /// peers, in up to three rounds (a round that refused no bad chunk ends it: what is missing
-/// has no source now).
+/// has no source now). Where each chunk lies is told to the other devices (`readers`) only.
 pub(super) async fn fetch(
-    transport: &Transport,
-    keys: &KeyRing,
+    (transport, keys, readers): (&Transport, &KeyRing, &HashSet<PeerId>),
     (root, folder, work): (Arc<FolderRoot>, &FolderId, &[Work]),
     mut assembly: Assembly,
 ) -> anyhow::Result<Assembly> {
     let mut bad_sources: BTreeSet<PeerId> = BTreeSet::new();
     for _round in 0..3 {
-        let (missing, hints) = assembly.missing(folder, work);
+        let (missing, mut hints) = assembly.missing(folder, work);
+        hints.readers = readers.clone();
         if missing.is_empty() {
             break;
         }

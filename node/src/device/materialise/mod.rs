@@ -42,6 +42,8 @@ struct Job {
     keys: KeyRing,
     store: Arc<StdMutex<ChunkStore>>,
     me: DeviceId,
+    /// The other devices (told where chunks lie; see `fetch::fetch`).
+    readers: Arc<StdMutex<std::collections::HashSet<PeerId>>>,
     plan: Plan,
 }
 
@@ -114,7 +116,9 @@ async fn write_batch(
         .map(|p| (p.tmp.clone(), p.ino))
         .collect();
     let to = (job.root.clone(), folder, &work[..]);
-    let fetched = fetch::fetch(&job.transport, &job.keys, to, assembly).await;
+    let readers = job.readers.lock().expect("readers lock").clone();
+    let from = (&job.transport, &job.keys, &readers);
+    let fetched = fetch::fetch(from, to, assembly).await;
     let mut assembly = match fetched {
         Ok(assembly) => assembly,
         Err(error) => {
@@ -296,6 +300,7 @@ impl Device {
             keys: self.key_ring(),
             store: self.store.clone(),
             me: self.keys.device_id(),
+            readers: self.readers.clone(),
             plan,
         }))
     }
