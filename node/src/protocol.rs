@@ -226,14 +226,32 @@ pub async fn request<Q: Serialize, R: DeserializeOwned>(
     postcard::from_bytes(&bytes).with_context(|| format!("unreadable reply on {protocol}"))
 }
 
-/// A request on `/meshsync/doc/2`.
+/// A request on `/meshsync/doc/2`. One that fails within [`QUICK_FAILURE`] is tried again,
+/// twice: the peer's libp2p-stream drops an inbound stream as it arrives while its accept
+/// loop has one waiting already (at a million files, a batch's chunk lists were lost so, and
+/// its 5,000 files left to the catch-up). Every doc request can be repeated: changes merge,
+/// and the rest are reads.
 pub async fn doc(
     transport: &Transport,
     peer: PeerId,
     message: &SyncRequest,
 ) -> anyhow::Result<SyncReply> {
-    request(transport, peer, rpc::DOC, message).await
+    let mut tries = 1;
+    loop {
+        let began = std::time::Instant::now();
+        match request(transport, peer, rpc::DOC, message).await {
+            Err(error) if tries < 3 && began.elapsed() < QUICK_FAILURE => {
+                tracing::debug!(%peer, %error, "doc request failed at once; again");
+                tokio::time::sleep(std::time::Duration::from_millis(50 * tries)).await;
+                tries += 1;
+            }
+            answer => return answer,
+        }
+    }
 }
+
+/// A doc request that fails sooner than this was most likely never read (see [`doc`]).
+const QUICK_FAILURE: std::time::Duration = std::time::Duration::from_secs(1);
 
 /// A request on `/meshsync/sealed/1`; a refusal is an error.
 pub async fn sealed(

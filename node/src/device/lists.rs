@@ -325,4 +325,35 @@ mod tests {
             .unwrap();
         assert_eq!(b_state.chunk_list(&hash).unwrap(), Some(list));
     }
+
+    /// Doc requests to one peer, twice as many at once as it takes streams from one peer
+    /// (`MAX_STREAMS_PER_PEER`), all get their answer: a stream closed at once is tried
+    /// again by `protocol::doc` (as one libp2p-stream drops while the accept loop is busy,
+    /// which a test on an idle machine does not bring about reliably).
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn doc_requests_at_once_are_all_answered() {
+        let dir = tempfile::tempdir().unwrap();
+        let (a, b, _, _) = test_pair(dir.path()).await;
+        let (transport, a_peer) = {
+            let (a, b) = (a.lock().await, b.lock().await);
+            (b.transport.clone(), a.keys.device_id().to_peer_id())
+        };
+        assert!(
+            transport
+                .wait_connected(a_peer, Duration::from_secs(10))
+                .await
+        );
+        for _round in 0..5 {
+            let asks = (0..64u8).map(|i| {
+                let transport = transport.clone();
+                async move {
+                    let ask = SyncRequest::ListsSince(vec![(ChunkListHash([i; 32]), None)]);
+                    protocol::doc(&transport, a_peer, &ask).await
+                }
+            });
+            for answer in futures::future::join_all(asks).await {
+                assert!(matches!(answer, Ok(SyncReply::Lists(_))), "{answer:?}");
+            }
+        }
+    }
 }

@@ -13,7 +13,7 @@ use super::{Device, Shared};
 use crate::control::{
     ConflictCopy, DeviceInfo, DeviceStatus, FolderStatus, NotWritten, PeerStatus,
 };
-use crate::state::{in_sync, MetaKey};
+use crate::state::MetaKey;
 
 /// When each member was last connected (Unix seconds).
 pub(crate) const LAST_SEEN: MetaKey<BTreeMap<meshsync_crdt::DeviceId, u64>> =
@@ -217,7 +217,8 @@ impl Device {
 
 /// One folder's line of `status`: in sync or what it still needs (ignored paths excepted).
 fn folder_status(id: &FolderId, f: &mut Folder) -> FolderStatus {
-    let survey = f.survey();
+    f.survey();
+    let survey = f.last_survey().expect("just surveyed");
     let (need_files, need_bytes, conflicts) = (
         survey.needs.len() as u64,
         survey.need_bytes,
@@ -235,14 +236,13 @@ fn folder_status(id: &FolderId, f: &mut Folder) -> FolderStatus {
         held_deletes: f.held_deletes,
         unavailable: f.unavailable.iter().cloned().collect(),
         waiting_for_peers: !f.heard && f.index.is_empty(),
+        // Only the paths still needed (the survey's): looking each up in the index read a
+        // whole cold shard per path, under the device lock (a first sync's failed batch of
+        // 5,000 held it for seconds at every `status`).
         not_written: f
             .problems
             .iter()
-            .filter(|(path, _)| {
-                f.index
-                    .get(path)
-                    .is_some_and(|state| !in_sync(f.local.get(path.as_str()), &state.winner))
-            })
+            .filter(|(path, _)| survey.needs.contains_key(path.as_str()))
             .map(|(path, why)| NotWritten {
                 path: path.clone(),
                 why: why.clone(),

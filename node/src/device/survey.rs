@@ -162,6 +162,11 @@ impl Folder {
         &self.surveyed.insert(surveyed).survey
     }
 
+    /// The survey as last brought up to date (by [`Folder::survey`]), if any.
+    pub(crate) fn last_survey(&self) -> Option<&Survey> {
+        self.surveyed.as_ref().map(|s| &s.survey)
+    }
+
     /// Puts the survey, brought up to date, in `batch` to be saved for the next start (see
     /// the module's note), unless it was saved as it is (an idle daemon writes nothing) or it
     /// names too many paths.
