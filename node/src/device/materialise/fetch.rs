@@ -183,11 +183,18 @@ pub(super) async fn chunk_lists(
             break;
         }
         asked.sort_by(|a, b| a.2.cmp(&b.2));
+        // Without the paths where the peer does not know `ListsIn` (an older version refuses
+        // what it cannot read).
+        let by_hash = SyncRequest::ListsSince(asked.iter().map(|a| (a.0, a.1)).collect());
         let ask = SyncRequest::ListsIn {
             folder: folder.clone(),
             asked,
         };
-        let Ok(SyncReply::Lists(got)) = protocol::doc(transport, peer, &ask).await else {
+        let got = match protocol::doc(transport, peer, &ask).await {
+            Ok(SyncReply::Refused(_)) => protocol::doc(transport, peer, &by_hash).await,
+            answer => answer,
+        };
+        let Ok(SyncReply::Lists(got)) = got else {
             continue; // unreachable, refused, or not a list: ask the next
         };
         let asked = |s: &SentList| wanted.contains_key(&s.hash);
