@@ -232,6 +232,16 @@ impl FolderRoot {
         Ok(File::from(fd))
     }
 
+    /// Like [`FolderRoot::open_write`], for writes that bypass the page cache (`O_DIRECT`:
+    /// block-aligned offsets, lengths and memory). A file system without it refuses.
+    pub fn open_write_direct(&self, rel: &str) -> Result<File, DiskError> {
+        split(rel)?;
+        let flags = OFlags::WRONLY | OFlags::NOFOLLOW | OFlags::CLOEXEC | OFlags::DIRECT;
+        let fd = rustix::fs::openat2(&self.dir, rel, flags, Mode::empty(), RESOLVE)
+            .map_err(|e| io(rel, e))?;
+        Ok(File::from(fd))
+    }
+
     /// Creates the new file `rel` for writing, exclusively (fails if anything is there), mode
     /// 0600 until its owner sets the record's mode.
     pub fn create_new(&self, rel: &str) -> Result<File, DiskError> {

@@ -16,6 +16,7 @@ use meshsync_crdt::{ChunkId, ChunkListHash, FileKind, FolderId, KeyRing};
 use meshsync_transport::chunks::{self, Fetched};
 use meshsync_transport::{PeerId, Transport};
 
+use super::direct::{Ring, Sink};
 use super::plan::Work;
 use crate::chunks::{content, ChunkRef};
 use crate::device::folder::TEMP_PREFIX;
@@ -29,6 +30,8 @@ use crate::state::LocalFile;
 pub(super) const OWN_FSYNC: u64 = 4 << 20;
 /// At most this many temp files are held open while chunks arrive.
 const OPEN_WHILE_RECEIVING: usize = 64;
+/// At most this many of them are written direct at once (each gathers in an 8 MiB ring).
+const DIRECT_AT_ONCE: usize = 2;
 
 /// How many chunks in a row one task copies from files here into a file being assembled.
 const COPY_RUN: usize = 64;
@@ -56,6 +59,9 @@ pub(super) struct Pending {
     pub(super) left: usize,
     /// For a symlink: its target, assembled in memory (it is never a file on disk).
     pub(super) link: Option<Vec<u8>>,
+    /// Written around the page cache as its chunks arrive (see [`super::direct`]): a big file none
+    /// of whose chunks were found here, until it is put aside.
+    direct: bool,
 }
 
 /// Every file being assembled (by its step's position in the plan) and where each missing
@@ -313,6 +319,7 @@ impl Assembly {
             chunks: list.len(),
             left,
             link: Some(link),
+            direct: false,
         }
     }
 
@@ -356,6 +363,7 @@ impl Assembly {
             chunks: list.len(),
             left,
             link: None,
+            direct: size >= OWN_FSYNC && left == list.len(),
         })
     }
 
@@ -369,10 +377,10 @@ impl Assembly {
         keys: &KeyRing,
         bad_sources: &mut BTreeSet<PeerId>,
     ) -> anyhow::Result<()> {
-        use std::os::unix::fs::FileExt;
         // Chunks of several files arrive interleaved: their handles are kept (a few at a
         // time; a complete file's is let go of), not opened again for every chunk.
-        let mut open: HashMap<usize, std::fs::File> = HashMap::new();
+        let mut open: HashMap<usize, Sink> = HashMap::new();
+        let mut rings: Vec<Ring> = Vec::new();
         while let Some(chunk) = rx.blocking_recv() {
             let opened = content::accept_received(keys, &chunk.id, chunk.answer);
             let plain = match opened {
@@ -387,6 +395,15 @@ impl Assembly {
                 if self.broken.contains(&i) {
                     continue;
                 }
+                let Some(p) = self.pending.get(&i) else {
+                    continue;
+                };
+                if p.link.is_none() && !open.contains_key(&i) {
+                    if open.len() >= OPEN_WHILE_RECEIVING {
+                        self.put_aside(&mut open, &mut rings);
+                    }
+                    self.open_sink(root, i, &mut open, &mut rings);
+                }
                 let Some(p) = self.pending.get_mut(&i) else {
                     continue;
                 };
@@ -396,17 +413,9 @@ impl Assembly {
                         slot.copy_from_slice(&plain);
                     }
                 } else {
-                    if !open.contains_key(&i) {
-                        if open.len() >= OPEN_WHILE_RECEIVING {
-                            open.clear();
-                        }
-                        if let Ok(file) = root.open_write(&p.tmp) {
-                            open.insert(i, file);
-                        }
-                    }
-                    let written = match open.get(&i) {
-                        Some(file) => file
-                            .write_all_at(&plain, offset)
+                    let written = match open.get_mut(&i) {
+                        Some(sink) => sink
+                            .write_at(&plain, offset)
                             .with_context(|| format!("writing into {}", p.tmp)),
                         None => Err(anyhow::anyhow!(
                             "its temp file {} is no longer where it was made (its folder moved or became a link)",
@@ -415,6 +424,7 @@ impl Assembly {
                     };
                     if let Err(error) = written {
                         // This file only: the rest of the batch goes on.
+                        open.remove(&i);
                         self.problems.push((i, format!("{error:#}")));
                         self.broken.insert(i);
                         continue;
@@ -422,7 +432,20 @@ impl Assembly {
                 }
                 p.left -= 1;
                 if p.left == 0 {
-                    open.remove(&i);
+                    let finished = open.remove(&i).map(Sink::finish);
+                    let finished = finished
+                        .transpose()
+                        .with_context(|| format!("writing into {}", p.tmp));
+                    match finished {
+                        Ok(ring) => {
+                            rings.extend(ring.flatten().filter(|_| rings.len() < DIRECT_AT_ONCE))
+                        }
+                        Err(error) => {
+                            self.problems.push((i, format!("{error:#}")));
+                            self.broken.insert(i);
+                            continue;
+                        }
+                    }
                 }
                 if p.left == 0 && p.link.is_none() && p.size >= OWN_FSYNC {
                     // A big file is flushed on its own as soon as it is complete, while the
@@ -434,7 +457,51 @@ impl Assembly {
                 }
             }
         }
+        // What is still gathered is written: a later round or pull goes on from it.
+        self.put_aside(&mut open, &mut rings);
         Ok(())
+    }
+
+    /// Opens step `i`'s temp file to receive chunks: direct if it is to be and few others
+    /// are, else as usual (from then on).
+    fn open_sink(
+        &mut self,
+        root: &FolderRoot,
+        i: usize,
+        open: &mut HashMap<usize, Sink>,
+        rings: &mut Vec<Ring>,
+    ) {
+        let Some(p) = self.pending.get_mut(&i) else {
+            return;
+        };
+        let Ok(file) = root.open_write(&p.tmp) else {
+            return; // reported at its write
+        };
+        let direct_now = open.values().filter(|s| s.is_direct()).count();
+        let direct = (p.direct && direct_now < DIRECT_AT_ONCE)
+            .then(|| root.open_write_direct(&p.tmp).ok())
+            .flatten();
+        p.direct = false;
+        let sink = match direct {
+            Some(direct) => Sink::direct(file, direct, rings.pop().unwrap_or_else(Ring::new)),
+            None => Sink::plain(file),
+        };
+        open.insert(i, sink);
+    }
+
+    /// Writes out and closes every open temp file; those that were direct go on as usual.
+    fn put_aside(&mut self, open: &mut HashMap<usize, Sink>, rings: &mut Vec<Ring>) {
+        for (i, sink) in open.drain() {
+            match sink.finish() {
+                Ok(ring) => rings.extend(ring.filter(|_| rings.len() < DIRECT_AT_ONCE)),
+                Err(error) => {
+                    let tmp = self.pending.get(&i).map_or("", |p| p.tmp.as_str());
+                    self.problems
+                        .push((i, format!("writing into {tmp}: {error}")));
+                    self.broken.insert(i);
+                }
+            }
+        }
     }
 }
 

@@ -14,6 +14,7 @@
 //! network or the disk work.
 
 pub mod commit;
+mod direct;
 pub mod fetch;
 pub mod plan;
 
