@@ -16,7 +16,7 @@ use meshsync_crdt::{ChunkId, ChunkListHash, FileKind, FolderId, KeyRing};
 use meshsync_transport::chunks::{self, Fetched};
 use meshsync_transport::{PeerId, Transport};
 
-use super::direct::{Ring, Sink};
+use super::direct::{Sink, Spare};
 use super::plan::Work;
 use crate::chunks::{content, ChunkRef};
 use crate::device::folder::TEMP_PREFIX;
@@ -30,8 +30,9 @@ use crate::state::LocalFile;
 pub(super) const OWN_FSYNC: u64 = 4 << 20;
 /// At most this many temp files are held open while chunks arrive.
 const OPEN_WHILE_RECEIVING: usize = 64;
-/// At most this many of them are written direct at once (each gathers in an 8 MiB ring).
-const DIRECT_AT_ONCE: usize = 2;
+/// At most this many of them are written direct at once (each gathers what lands up to 32
+/// MiB ahead of the point it has written, in memory taken as chunks land).
+const DIRECT_AT_ONCE: usize = 4;
 
 /// How many chunks in a row one task copies from files here into a file being assembled.
 const COPY_RUN: usize = 64;
@@ -380,7 +381,7 @@ impl Assembly {
         // Chunks of several files arrive interleaved: their handles are kept (a few at a
         // time; a complete file's is let go of), not opened again for every chunk.
         let mut open: HashMap<usize, Sink> = HashMap::new();
-        let mut rings: Vec<Ring> = Vec::new();
+        let mut spare = Spare::default();
         while let Some(chunk) = rx.blocking_recv() {
             let opened = content::accept_received(keys, &chunk.id, chunk.answer);
             let plain = match opened {
@@ -400,9 +401,9 @@ impl Assembly {
                 };
                 if p.link.is_none() && !open.contains_key(&i) {
                     if open.len() >= OPEN_WHILE_RECEIVING {
-                        self.put_aside(&mut open, &mut rings);
+                        self.put_aside(&mut open, &mut spare);
                     }
-                    self.open_sink(root, i, &mut open, &mut rings);
+                    self.open_sink(root, i, &mut open);
                 }
                 let Some(p) = self.pending.get_mut(&i) else {
                     continue;
@@ -415,7 +416,7 @@ impl Assembly {
                 } else {
                     let written = match open.get_mut(&i) {
                         Some(sink) => sink
-                            .write_at(&plain, offset)
+                            .write_at(&plain, offset, &mut spare)
                             .with_context(|| format!("writing into {}", p.tmp)),
                         None => Err(anyhow::anyhow!(
                             "its temp file {} is no longer where it was made (its folder moved or became a link)",
@@ -432,19 +433,13 @@ impl Assembly {
                 }
                 p.left -= 1;
                 if p.left == 0 {
-                    let finished = open.remove(&i).map(Sink::finish);
-                    let finished = finished
-                        .transpose()
-                        .with_context(|| format!("writing into {}", p.tmp));
-                    match finished {
-                        Ok(ring) => {
-                            rings.extend(ring.flatten().filter(|_| rings.len() < DIRECT_AT_ONCE))
-                        }
-                        Err(error) => {
-                            self.problems.push((i, format!("{error:#}")));
-                            self.broken.insert(i);
-                            continue;
-                        }
+                    let finished = open.remove(&i).map(|sink| sink.finish(&mut spare));
+                    let finished = finished.unwrap_or(Ok(()));
+                    if let Err(error) = finished {
+                        let why = format!("writing into {}: {error}", p.tmp);
+                        self.problems.push((i, why));
+                        self.broken.insert(i);
+                        continue;
                     }
                 }
                 if p.left == 0 && p.link.is_none() && p.size >= OWN_FSYNC {
@@ -458,19 +453,13 @@ impl Assembly {
             }
         }
         // What is still gathered is written: a later round or pull goes on from it.
-        self.put_aside(&mut open, &mut rings);
+        self.put_aside(&mut open, &mut spare);
         Ok(())
     }
 
     /// Opens step `i`'s temp file to receive chunks: direct if it is to be and few others
     /// are, else as usual (from then on).
-    fn open_sink(
-        &mut self,
-        root: &FolderRoot,
-        i: usize,
-        open: &mut HashMap<usize, Sink>,
-        rings: &mut Vec<Ring>,
-    ) {
+    fn open_sink(&mut self, root: &FolderRoot, i: usize, open: &mut HashMap<usize, Sink>) {
         let Some(p) = self.pending.get_mut(&i) else {
             return;
         };
@@ -481,25 +470,25 @@ impl Assembly {
         let direct = (p.direct && direct_now < DIRECT_AT_ONCE)
             .then(|| root.open_write_direct(&p.tmp).ok())
             .flatten();
+        if p.direct && direct.is_none() {
+            tracing::debug!(tmp = %p.tmp, direct_now, "not direct");
+        }
         p.direct = false;
         let sink = match direct {
-            Some(direct) => Sink::direct(file, direct, rings.pop().unwrap_or_else(Ring::new)),
+            Some(direct) => Sink::direct(file, direct),
             None => Sink::plain(file),
         };
         open.insert(i, sink);
     }
 
     /// Writes out and closes every open temp file; those that were direct go on as usual.
-    fn put_aside(&mut self, open: &mut HashMap<usize, Sink>, rings: &mut Vec<Ring>) {
+    fn put_aside(&mut self, open: &mut HashMap<usize, Sink>, spare: &mut Spare) {
         for (i, sink) in open.drain() {
-            match sink.finish() {
-                Ok(ring) => rings.extend(ring.filter(|_| rings.len() < DIRECT_AT_ONCE)),
-                Err(error) => {
-                    let tmp = self.pending.get(&i).map_or("", |p| p.tmp.as_str());
-                    self.problems
-                        .push((i, format!("writing into {tmp}: {error}")));
-                    self.broken.insert(i);
-                }
+            if let Err(error) = sink.finish(spare) {
+                let tmp = self.pending.get(&i).map_or("", |p| p.tmp.as_str());
+                self.problems
+                    .push((i, format!("writing into {tmp}: {error}")));
+                self.broken.insert(i);
             }
         }
     }
