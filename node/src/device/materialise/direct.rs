@@ -104,7 +104,9 @@ impl Gather {
     /// Copies `data` (the file's bytes at `offset`) into the segments; false if it does not
     /// lie between the written point and [`SPAN`] past it.
     fn take(&mut self, data: &[u8], offset: u64, spare: &mut Spare) -> bool {
-        let end = offset + data.len() as u64;
+        let Some(end) = offset.checked_add(data.len() as u64) else {
+            return false;
+        };
         if offset < self.done || end > self.done + SPAN || data.is_empty() {
             return false;
         }
