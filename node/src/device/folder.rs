@@ -586,7 +586,8 @@ impl Watching {
 /// A watcher of the folder `id` at `path` (`None`: it cannot be watched; periodic scans still
 /// see its changes): changes outside `.meshsync*` files send a rescan of the folders they were
 /// in to `tx` (of everything when the watcher lost track: its queue overflowed). Setting it up
-/// visits every entry of the folder (a `stat` each, at a million files a second or two).
+/// lists every folder in it (the vendored notify: no `stat` of each file, and no event for
+/// each file opened; see `vendor/notify/PATCHES.md`).
 pub(crate) fn watcher_for(
     tx: tokio::sync::mpsc::UnboundedSender<super::scan::Rescan>,
     id: FolderId,
