@@ -173,7 +173,13 @@ fn a_link_that_replaces_a_folder_while_a_file_is_on_its_way_into_it_writes_nothi
             })
             .unwrap_or(false)
     });
-    assert!(in_flight, "the transfer was never seen in flight");
+    assert!(
+        in_flight,
+        "the transfer was never seen in flight; B has {:?}\nA log:\n{}\nB log:\n{}",
+        tree(&t.fb).keys().collect::<Vec<_>>(),
+        meshsync_tests::log_of(&t.a.home),
+        meshsync_tests::log_of(&b.home)
+    );
     std::fs::rename(t.fb.join("d"), t.fb.join("d.moved")).unwrap();
     std::os::unix::fs::symlink(&outside, t.fb.join("d")).unwrap();
     meshsync_ok(&b.home, &["scan"]);
