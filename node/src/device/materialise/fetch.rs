@@ -60,8 +60,9 @@ pub(super) struct Pending {
     pub(super) left: usize,
     /// For a symlink: its target, assembled in memory (it is never a file on disk).
     pub(super) link: Option<Vec<u8>>,
-    /// Written around the page cache as its chunks arrive (see [`super::direct`]): a big file none
-    /// of whose chunks were found here, until it is put aside.
+    /// To be opened for writes around the page cache when its first chunk arrives (see
+    /// [`super::direct`]): a big file none of whose chunks were found here. Cleared once it is
+    /// opened, so a file put aside and opened again goes on as usual.
     direct: bool,
 }
 
