@@ -402,7 +402,9 @@ impl Assembly {
                 };
                 if p.link.is_none() && !open.contains_key(&i) {
                     if open.len() >= OPEN_WHILE_RECEIVING {
-                        self.put_aside(&mut open, &mut spare);
+                        // The few direct files stay open (put aside, they would go on as
+                        // usual): the many small ones make the crowd.
+                        self.put_aside(&mut open, &mut spare, |sink| !sink.is_direct());
                     }
                     self.open_sink(root, i, &mut open);
                 }
@@ -454,7 +456,7 @@ impl Assembly {
             }
         }
         // What is still gathered is written: a later round or pull goes on from it.
-        self.put_aside(&mut open, &mut spare);
+        self.put_aside(&mut open, &mut spare, |_| true);
         Ok(())
     }
 
@@ -482,9 +484,19 @@ impl Assembly {
         open.insert(i, sink);
     }
 
-    /// Writes out and closes every open temp file; those that were direct go on as usual.
-    fn put_aside(&mut self, open: &mut HashMap<usize, Sink>, spare: &mut Spare) {
-        for (i, sink) in open.drain() {
+    /// Writes out and closes the open temp files `which` picks; those that were direct go on
+    /// as usual.
+    fn put_aside(
+        &mut self,
+        open: &mut HashMap<usize, Sink>,
+        spare: &mut Spare,
+        which: impl Fn(&Sink) -> bool,
+    ) {
+        let picked: Vec<usize> = (open.iter())
+            .filter(|(_, sink)| which(sink))
+            .map(|(i, _)| *i)
+            .collect();
+        for (i, sink) in picked.into_iter().filter_map(|i| open.remove_entry(&i)) {
             if let Err(error) = sink.finish(spare) {
                 let tmp = self.pending.get(&i).map_or("", |p| p.tmp.as_str());
                 self.problems
