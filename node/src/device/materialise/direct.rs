@@ -223,13 +223,11 @@ impl Sink {
     /// Writes everything gathered (the whole blocks of the run at the written point direct,
     /// the rest as usual).
     pub(super) fn finish(mut self, spare: &mut Spare) -> io::Result<()> {
-        if let Some(g) = &mut self.gather {
-            match g.write_run(0, spare) {
-                Err(e) if !refused(&e) => return Err(e),
-                _ => {}
-            }
+        // A refused direct write leaves the run gathered: it goes as usual below.
+        match self.gather.as_mut().map(|g| g.write_run(0, spare)) {
+            Some(Err(e)) if !refused(&e) => Err(e),
+            _ => self.plain_from_now(spare),
         }
-        self.plain_from_now(spare)
     }
 
     /// Writes what is gathered as usual and turns ordinary.
