@@ -8,7 +8,8 @@
 //! MB/s) with `status --json` latency meanwhile, each daemon's peak and steady RSS, the time from
 //! `meshsync up` to a first `status` answer and to "in sync" after a restart with nothing changed
 //! (stopped as a service manager stops it, SIGTERM; then again after a crash, SIGKILL), a
-//! 1,000-file change on A reaching B (repeated, with B's RSS after each; timed from the last write,
+//! 1,000-file change on A reaching B (repeated, with B's RSS after each and its trend over the
+//! second half, in MB per change; timed from the last write,
 //! as the watcher sees it; each made once both daemons are quiet; with how long the writes took),
 //! and the state database's size per file. Beside the scan, the sync and the changes, the share of
 //! the CPU the hypervisor took (a shared VM's noise). `SCALE_BENCH_CHANGES` sets how many changes
@@ -513,6 +514,12 @@ fn bench(n: usize, changes: usize) {
         );
         let each: Vec<String> = rss.iter().map(|mb| format!("{mb:.0}")).collect();
         println!("    each (MB): {}", each.join(" "));
+        let half = &rss[rss.len() / 2..];
+        println!(
+            "    trend over the last {} changes: {:+.2} MB per change (least squares)",
+            half.len(),
+            slope(half)
+        );
         std::thread::sleep(Duration::from_secs(30));
         println!(
             "  B's RSS 30 s after the last change: {:.0} MB (given back once quiet)",
@@ -533,4 +540,21 @@ fn bench(n: usize, changes: usize) {
         state_a / 1e6,
         dir_size(&hb) as f64 / n as f64
     );
+}
+
+/// The least-squares slope of `ys` against their index (0 for fewer than two points).
+fn slope(ys: &[f64]) -> f64 {
+    let n = ys.len() as f64;
+    if ys.len() < 2 {
+        return 0.0;
+    }
+    let mean_x = (n - 1.0) / 2.0;
+    let mean_y = ys.iter().sum::<f64>() / n;
+    let (mut cov, mut var) = (0.0, 0.0);
+    for (i, y) in ys.iter().enumerate() {
+        let dx = i as f64 - mean_x;
+        cov += dx * (y - mean_y);
+        var += dx * dx;
+    }
+    cov / var
 }
