@@ -12,18 +12,23 @@ impl MembershipView {
     pub fn evaluate(mesh: &MeshId, entries: &BTreeMap<EntryHash, Entry>) -> MembershipView {
         let graph = Graph::new(entries);
         let mut excluded: BTreeMap<usize, Ignored> = BTreeMap::new();
-        // Exclusions depend on which removals count, which depends on exclusions: iterate to a
-        // fixed point. The bound keeps a pathological log from looping; the result stays a
-        // pure function of the entries either way.
-        let mut view = MembershipView::default();
-        for _ in 0..(8 + entries.len()) {
+        // Exclusions depend on which removals count, which depends on exclusions: iterate
+        // until no new exclusion appears. Exclusions only accumulate, so this ends within one
+        // pass per entry. (Recomputing them from scratch each pass can cycle: a removal
+        // excludes the grant that let its signer remove, and so stops counting, and so on;
+        // a bound on the passes then picked one side of the cycle by the number of entries,
+        // so any new entry, even one that changes nothing, flipped the view of the past.)
+        let mut view;
+        loop {
             let (next_view, revocations) = graph.run(mesh, &excluded);
             view = next_view;
-            let next_excluded = graph.exclusions(&revocations);
-            if next_excluded == excluded {
+            let before = excluded.len();
+            for (i, why) in graph.exclusions(&revocations) {
+                excluded.entry(i).or_insert(why);
+            }
+            if excluded.len() == before {
                 break;
             }
-            excluded = next_excluded;
         }
         for (i, why) in excluded {
             view.ignored.insert(graph.hashes[i], why);

@@ -582,3 +582,49 @@ fn a_removal_notice_verifies_against_the_removed_devices_own_log() {
     assert!(log.view().is_member(&gone.device_id()));
     assert!(log.removal_notice(&gone.device_id()).is_empty());
 }
+
+#[test]
+fn a_new_entry_on_top_does_not_change_how_the_past_counts() {
+    // Three concurrent entries that exclude one another in a ring: admin X makes Y an admin
+    // (g) and Y then removes admin Z (rY), while Z removes X (r). Whether this settled
+    // depended on the order the hashes give (one in four here), so try many meshes.
+    let remove = |device: &DeviceKeys| Action::Remove {
+        device: device.device_id(),
+        wraps: vec![],
+        chain: vec![],
+        wipe: false,
+    };
+    let admin = |device: &DeviceKeys| Action::SetAdmin {
+        device: device.device_id(),
+        admin: true,
+    };
+    for _ in 0..32 {
+        let Mesh { admin: x, log } = mesh();
+        let mut xs = log;
+        let (y, z) = (DeviceKeys::generate(), DeviceKeys::generate());
+        xs.append(&x, add(&y, Role::Device)).unwrap();
+        xs.append(&x, add(&z, Role::Device)).unwrap();
+        xs.append(&x, admin(&z)).unwrap();
+        let mut zs = fork(&mut xs);
+        xs.append(&x, admin(&y)).unwrap();
+        let mut ys = fork(&mut xs);
+        ys.append(&y, remove(&z)).unwrap();
+        zs.append(&z, remove(&x)).unwrap();
+        sync(&mut xs, &mut ys);
+        sync(&mut xs, &mut zs);
+        sync(&mut xs, &mut ys);
+        let past = xs.view().clone();
+        // Entries that change nothing of the above, one and then two more.
+        for _ in 0..3 {
+            let own = Action::WipePolicy {
+                device: x.device_id(),
+                accepts: true,
+            };
+            xs.append_unchecked(&x, own);
+            let now = xs.view();
+            assert_eq!(past.members, now.members, "members changed");
+            assert_eq!(past.removed, now.removed, "removed devices changed");
+            assert_eq!(past.epoch, now.epoch, "the epoch changed");
+        }
+    }
+}
