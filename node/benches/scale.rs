@@ -9,10 +9,10 @@
 //! `meshsync up` to a first `status` answer and to "in sync" after a restart with nothing changed
 //! (stopped as a service manager stops it, SIGTERM; then again after a crash, SIGKILL), a
 //! 1,000-file change on A reaching B (repeated, with B's RSS after each and its trend over the
-//! second half, in MB per change; timed from the last write,
-//! as the watcher sees it; each made once both daemons are quiet; with how long the writes took),
-//! and the state database's size per file. Beside the scan, the sync and the changes, the share of
-//! the CPU the hypervisor took (a shared VM's noise). `SCALE_BENCH_CHANGES` sets how many changes
+//! second half, in MB per change; timed from the last write, as the watcher sees it; each made
+//! once both daemons are quiet; with how long the writes took), and the state database's size
+//! per file. Beside the scan, the sync and the changes, the share of the CPU the hypervisor
+//! took (a shared VM's noise). `SCALE_BENCH_CHANGES` sets how many changes
 //! (default 50); `SCALE_BENCH_DIR` where the folders go (default /tmp; N files need about N × 17
 //! KiB there); `BENCH_DAEMON_LOG=debug` (any `RUST_LOG` filter) logs the daemons at that level and
 //! keeps their logs in the temp directory. `SCALE_BENCH_KEEP=DIR` keeps the folders and homes in

@@ -492,11 +492,7 @@ impl Assembly {
         spare: &mut Spare,
         which: impl Fn(&Sink) -> bool,
     ) {
-        let picked: Vec<usize> = (open.iter())
-            .filter(|(_, sink)| which(sink))
-            .map(|(i, _)| *i)
-            .collect();
-        for (i, sink) in picked.into_iter().filter_map(|i| open.remove_entry(&i)) {
+        for (i, sink) in open.extract_if(|_, sink| which(sink)) {
             if let Err(error) = sink.finish(spare) {
                 let tmp = self.pending.get(&i).map_or("", |p| p.tmp.as_str());
                 self.problems
